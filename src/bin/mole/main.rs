@@ -1,0 +1,74 @@
+//! The `mole` command line: `info`, `run` (the main job), `eval`.
+
+mod info;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "mole", version, about = "Kernels for sparse Mixture-of-LoRA-Experts layers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What this machine has: GPUs through the driver, NVRTC, CPU threads.
+    Info,
+    /// Run a realistic MoLE layer through the best available backend, check it against the
+    /// f64 reference, and print time and throughput.
+    Run(run::RunArgs),
+    /// Run one layer spec through the f64 reference on tensors from a safetensors file and write
+    /// `y`, the routing ids and weights, the router statistics and `h`.
+    Eval {
+        /// Layer spec (JSON; see the README).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Input tensors (safetensors).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output tensors (safetensors, f64 and i32).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn eval(spec: &PathBuf, inputs: &PathBuf, out: &PathBuf) -> mole::Result<()> {
+    let text = std::fs::read_to_string(spec).map_err(|e| mole::MoleError::Io {
+        context: format!("reading {}", spec.display()),
+        message: e.to_string(),
+    })?;
+    let spec: mole::model::LayerSpec = serde_json::from_str(&text).map_err(|e| mole::MoleError::Io {
+        context: format!("parsing layer spec {}", spec.display()),
+        message: e.to_string(),
+    })?;
+    let tensors = mole::tensors::load(inputs)?;
+    let outputs = mole::tensors::eval(&spec, &tensors)?;
+    mole::tensors::save(out, &outputs)?;
+    for (name, t) in &outputs {
+        println!("{name:>18} {:?}", t.shape);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Info => {
+            info::print();
+            Ok(())
+        }
+        Command::Run(args) => run::run(args),
+        Command::Eval { spec, inputs, out } => eval(spec, inputs, out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The crate's one error type. Every public entry point validates its inputs and returns one of
+//! these instead of panicking.
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = MoleError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `mole`, as a typed value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MoleError {
+    /// A tensor has the wrong number of elements for the shape the problem implies.
+    #[error("{what}: expected shape {expected:?} ({} elements), got {got} elements", expected.iter().product::<usize>())]
+    ShapeMismatch {
+        /// Which tensor.
+        what: &'static str,
+        /// The shape the problem descriptor implies.
+        expected: Vec<usize>,
+        /// The number of elements supplied.
+        got: usize,
+    },
+    /// A named tensor in a file has the wrong shape.
+    #[error("tensor `{name}`: expected shape {expected:?}, got {got:?}")]
+    WrongShape {
+        /// Tensor name.
+        name: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Shape found.
+        got: Vec<usize>,
+    },
+    /// A tensor the chosen method needs was not supplied.
+    #[error("missing input `{name}`: {needed_by} needs it")]
+    MissingInput {
+        /// Tensor name (as in the `mole eval` safetensors file).
+        name: &'static str,
+        /// What needs it.
+        needed_by: &'static str,
+    },
+    /// A tensor was supplied that the chosen method does not use (almost always a spec mistake).
+    #[error("unexpected input `{name}`: {reason}")]
+    UnexpectedInput {
+        /// Tensor name.
+        name: &'static str,
+        /// Why it is not used.
+        reason: &'static str,
+    },
+    /// An expert (or adapter) id is outside `0..experts` (and is not the empty-slot marker -1).
+    #[error("expert id {id} at token {token}, slot {slot} is out of range for {experts} experts")]
+    ExpertIdOutOfRange {
+        /// Token index.
+        token: usize,
+        /// Slot index within the token.
+        slot: usize,
+        /// The offending id.
+        id: i64,
+        /// Number of experts.
+        experts: usize,
+    },
+    /// The same expert appears twice among one token's slots.
+    #[error("expert {id} appears twice among the slots of token {token}")]
+    DuplicateExpert {
+        /// Token index.
+        token: usize,
+        /// The repeated id.
+        id: i64,
+    },
+    /// `k` is zero or larger than the number of experts.
+    #[error("k = {k} is invalid for {experts} experts (need 1 <= k <= E)")]
+    InvalidK {
+        /// Requested k.
+        k: usize,
+        /// Number of experts.
+        experts: usize,
+    },
+    /// `rank_offsets` is not `0 = o[0] <= o[1] <= ... <= o[E] = R` with `E >= 1`.
+    #[error("invalid rank_offsets: {reason}")]
+    InvalidRankOffsets {
+        /// What is wrong, with the index.
+        reason: String,
+    },
+    /// A scalar parameter is out of its domain.
+    #[error("invalid {name} = {value}: {reason}")]
+    InvalidParameter {
+        /// Parameter name.
+        name: &'static str,
+        /// The value given, formatted.
+        value: String,
+        /// The allowed domain.
+        reason: &'static str,
+    },
+    /// A dimension that must be positive is zero.
+    #[error("{name} must be positive")]
+    ZeroDimension {
+        /// Dimension name.
+        name: &'static str,
+    },
+    /// The combination of router, rule and mix is not meaningful.
+    #[error("unsupported combination: {0}")]
+    Unsupported(String),
+    /// A layer spec or a tensor file could not be read or written.
+    #[error("{context}: {message}")]
+    Io {
+        /// What was being read or written.
+        context: String,
+        /// The underlying error.
+        message: String,
+    },
+    /// The CUDA driver library (libcuda) could not be loaded.
+    #[error(
+        "the CUDA driver (libcuda.so / nvcuda.dll) was not found: install an NVIDIA driver \
+         (https://www.nvidia.com/Download/index.aspx) or use the CPU path ({detail})"
+    )]
+    CudaDriverNotFound {
+        /// What was tried.
+        detail: String,
+    },
+    /// NVRTC (libnvrtc) could not be loaded.
+    #[error(
+        "NVRTC (libnvrtc.so) was not found: `pip install nvidia-cuda-nvrtc-cu12` and add its \
+         `nvidia/cuda_nvrtc/lib` folder to LD_LIBRARY_PATH, or install the CUDA toolkit ({detail})"
+    )]
+    NvrtcNotFound {
+        /// What was tried.
+        detail: String,
+    },
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error in {call}: {message}")]
+    Cuda {
+        /// The driver call.
+        call: &'static str,
+        /// The driver's message.
+        message: String,
+    },
+}
+
+impl MoleError {
+    /// Shorthand for [`MoleError::InvalidParameter`].
+    pub(crate) fn param(name: &'static str, value: impl std::fmt::Display, reason: &'static str) -> Self {
+        MoleError::InvalidParameter { name, value: value.to_string(), reason }
+    }
+
+    /// Shorthand for [`MoleError::Io`].
+    pub(crate) fn io(context: impl Into<String>, err: impl std::fmt::Display) -> Self {
+        MoleError::Io { context: context.into(), message: err.to_string() }
+    }
+}
+
+/// Checks that `data` holds exactly `shape.iter().product()` elements.
+pub fn check_len<T>(what: &'static str, data: &[T], shape: &[usize]) -> Result<()> {
+    let expected: usize = shape.iter().product();
+    if data.len() != expected {
+        return Err(MoleError::ShapeMismatch { what, expected: shape.to_vec(), got: data.len() });
+    }
+    Ok(())
+}

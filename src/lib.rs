@@ -1,0 +1,48 @@
+//! # mole: kernels for sparse Mixture-of-LoRA-Experts layers
+//!
+//! Every MoLE variant is `shrink → mix → expand` on a frozen base layer's output `y`:
+//!
+//! ```text
+//! h  = x · A                      shrink   x [T, d_in], A [d_in, R]
+//! h' = mix(h; gating weights)     mix      in the low-rank space
+//! y += scale · h' · B             expand   B [R, d_out]
+//! ```
+//!
+//! The methods differ only in the mix: top-k softmax over LoRA experts (MixLoRA, LLaVA-MoLE,
+//! MeteoRA), dense soft weights (X-LoRA, LoRAMoE), dynamic-k (DynMoLE), rank-wise experts
+//! (SMoRA, FlyLoRA) and soft-merged cores (CoMoL). [`model`] describes a layer,
+//! [`reference`] computes it in f64 on the CPU (the oracle for every kernel), and [`plan`]
+//! groups routed tokens per expert.
+//!
+//! ```
+//! use mole::model::{LayerInputs, Method, MethodShape};
+//!
+//! let shape = MethodShape { d_in: 8, d_out: 4, experts: 4, rank: 2, k: 2, alpha: 4.0 };
+//! let spec = Method::MixLora.spec(shape)?;
+//! let t = 3;
+//! let x: Vec<f32> = (0..t * 8).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let a: Vec<f32> = (0..8 * 8).map(|i| (i as f32 * 0.11).cos()).collect();
+//! let b: Vec<f32> = (0..8 * 4).map(|i| (i as f32 * 0.23).sin()).collect();
+//! let y = vec![1.0f32; t * 4];
+//! let w_g: Vec<f32> = (0..8 * 4).map(|i| (i as f32 * 0.7).cos()).collect();
+//! let mut inputs = LayerInputs::new(t, &x, &a, &b, &y);
+//! inputs.router_weight = Some(&w_g);
+//! let out = mole::reference::forward(&spec, &inputs)?;
+//! assert_eq!(out.y.len(), t * 4);
+//! assert!(out.routing.weights.chunks(2).all(|w| (w[0] + w[1] - 1.0).abs() < 1e-12));
+//! # Ok::<(), mole::MoleError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod cuda;
+pub mod dtype;
+pub mod error;
+pub mod model;
+pub mod plan;
+pub mod reference;
+pub mod synth;
+pub mod tensors;
+
+pub use dtype::{DType, KernelElement, Scalar};
+pub use error::{MoleError, Result};

@@ -1,0 +1,184 @@
+//! Presets: the published MoLE methods expressed as [`LayerSpec`]s.
+
+use super::{Gating, LayerSpec, Mix, RankLayout, Router, RoutingRule, TopKWeights};
+use crate::{MoleError, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A published MoLE method. [`Method::spec`] builds its layer; every field of the result can be
+/// changed afterwards (or written as JSON) for settings the preset does not expose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// MixLoRA / MoLA: router on x, softmax top-k, renormalised.
+    MixLora,
+    /// MixLoRA dynamic: top-p (p = 0.8) over softmax probabilities.
+    MixLoraDynamic,
+    /// DynMoLE: Tsallis-entropy switch (q = 1.1, threshold 0.9) between all experts and top-p
+    /// (0.75) with keep-top-2.
+    DynMole,
+    /// LLaVA-MoLE sparse mode: top-1, weight 1.
+    LlavaMoleSparse,
+    /// LLaVA-MoLE dense mode: softmax over all experts.
+    LlavaMoleDense,
+    /// LoRAMoE: dense softmax router.
+    LoraMoe,
+    /// HydraLoRA: dense softmax over B heads; the shared A is stored once per expert in the bank.
+    HydraLora,
+    /// X-LoRA: caller-given scalings, dense (or top-k when k < E).
+    XLora,
+    /// MeteoRA: softmax top-k with temperature (1 by default), renormalised.
+    MeteoRa,
+    /// FlexOlmo-style: softmax top-k without renormalisation.
+    FlexOlmo,
+    /// SMoRA: rank-wise (or rank-group) experts, sigmoid gates with a load-balancing selection
+    /// bias, top-k, weights normalised to sum k; scale alpha / k.
+    Smora,
+    /// FlyLoRA: rank-1 experts selected by |h + bias| (implicit router), weight 1; scale alpha / R.
+    FlyLora,
+    /// CoMoL: shared A/B of rank r, `experts` r x r cores merged by a softmax top-k router on h.
+    Comol,
+    /// Multi-adapter serving: one adapter id per token.
+    AdapterServing,
+}
+
+/// The dimensions a preset is instantiated with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MethodShape {
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Experts (adapters, rank groups, or CoMoL cores).
+    pub experts: usize,
+    /// Rank per expert (rank-group size for SMoRA; must be 1 for FlyLoRA; shared rank for CoMoL).
+    pub rank: usize,
+    /// Experts per token for top-k methods.
+    pub k: usize,
+    /// LoRA alpha; the preset derives the scale from it.
+    pub alpha: f64,
+}
+
+impl Method {
+    /// Every preset, in a fixed order.
+    pub const ALL: [Method; 14] = [
+        Method::MixLora,
+        Method::MixLoraDynamic,
+        Method::DynMole,
+        Method::LlavaMoleSparse,
+        Method::LlavaMoleDense,
+        Method::LoraMoe,
+        Method::HydraLora,
+        Method::XLora,
+        Method::MeteoRa,
+        Method::FlexOlmo,
+        Method::Smora,
+        Method::FlyLora,
+        Method::Comol,
+        Method::AdapterServing,
+    ];
+
+    /// Builds and validates the layer spec of this method.
+    pub fn spec(self, s: MethodShape) -> Result<LayerSpec> {
+        let x_router = Router::X { bias: false };
+        let routed = |rule| Gating::Routed { router: x_router, rule };
+        let topk = |weights| RoutingRule::SoftmaxTopK { k: s.k, temperature: 1.0, weights };
+        let dense = RoutingRule::DenseSoftmax { temperature: 1.0 };
+        let per_rank = s.alpha / s.rank as f64;
+        let (ranks, scale, gating, mix) = match self {
+            Method::MixLora | Method::MeteoRa => (None, per_rank, routed(topk(TopKWeights::Renormalized)), None),
+            Method::FlexOlmo => (None, per_rank, routed(topk(TopKWeights::Softmax)), None),
+            Method::MixLoraDynamic => (None, per_rank, routed(RoutingRule::TopP { p: 0.8, temperature: 1.0 }), None),
+            Method::DynMole => {
+                let rule = RoutingRule::DynMole { q: 1.1, top_p: 0.75, keep_top_k: 2, entropy_threshold: 0.9 };
+                (None, per_rank, routed(rule), None)
+            }
+            Method::LlavaMoleSparse => {
+                let rule = RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Unit };
+                (None, per_rank, routed(rule), None)
+            }
+            Method::LlavaMoleDense | Method::LoraMoe | Method::HydraLora => (None, per_rank, routed(dense), None),
+            Method::XLora => {
+                let top_k = (s.k < s.experts).then_some(s.k);
+                (None, per_rank, Gating::Given { top_k, softmax_topk: false }, None)
+            }
+            Method::Smora => {
+                let rule = RoutingRule::SigmoidTopK { k: s.k, bias: true };
+                (None, s.alpha / s.k as f64, routed(rule), None)
+            }
+            Method::FlyLora => {
+                if s.rank != 1 {
+                    return Err(MoleError::param("rank", s.rank, "FlyLoRA experts are single ranks (rank 1)"));
+                }
+                let rule = RoutingRule::MagnitudeTopK { k: s.k, bias: true };
+                let gating = Gating::Routed { router: Router::LowRank, rule };
+                (None, s.alpha / s.experts as f64, gating, None)
+            }
+            Method::Comol => {
+                let rule = RoutingRule::SoftmaxTopK { k: s.k, temperature: 1.0, weights: TopKWeights::Renormalized };
+                let gating = Gating::Routed { router: Router::H { bias: false }, rule };
+                (Some(RankLayout::uniform(1, s.rank)?), per_rank, gating, Some(Mix::CoreMerge { cores: s.experts }))
+            }
+            Method::AdapterServing => (None, per_rank, Gating::AdapterIds, None),
+        };
+        let spec = LayerSpec {
+            d_in: s.d_in,
+            d_out: s.d_out,
+            ranks: match ranks {
+                Some(r) => r,
+                None => RankLayout::uniform(s.experts, s.rank)?,
+            },
+            scale,
+            gating,
+            mix: mix.unwrap_or_default(),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The kebab-case name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::MixLora => "mix-lora",
+            Method::MixLoraDynamic => "mix-lora-dynamic",
+            Method::DynMole => "dyn-mole",
+            Method::LlavaMoleSparse => "llava-mole-sparse",
+            Method::LlavaMoleDense => "llava-mole-dense",
+            Method::LoraMoe => "lora-moe",
+            Method::HydraLora => "hydra-lora",
+            Method::XLora => "x-lora",
+            Method::MeteoRa => "meteo-ra",
+            Method::FlexOlmo => "flex-olmo",
+            Method::Smora => "smora",
+            Method::FlyLora => "fly-lora",
+            Method::Comol => "comol",
+            Method::AdapterServing => "adapter-serving",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_builds_a_valid_spec() {
+        for m in Method::ALL {
+            let rank = if m == Method::FlyLora { 1 } else { 8 };
+            let s = MethodShape { d_in: 64, d_out: 48, experts: 8, rank, k: 2, alpha: 16.0 };
+            let spec = m.spec(s).unwrap_or_else(|e| panic!("{m}: {e}"));
+            assert_eq!(spec.routed_experts(), 8, "{m}");
+            let name = serde_json::to_string(&m).unwrap();
+            assert_eq!(name, format!("\"{}\"", m.name()));
+        }
+        let bad = MethodShape { d_in: 64, d_out: 48, experts: 8, rank: 4, k: 2, alpha: 16.0 };
+        assert!(Method::FlyLora.spec(bad).is_err());
+        assert!(Method::MixLora.spec(MethodShape { k: 9, ..bad }).is_err());
+    }
+}

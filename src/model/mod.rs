@@ -1,0 +1,17 @@
+//! Problem descriptors: what a MoLE layer computes, independent of how or where.
+//!
+//! Every layer is `h = x · A` (shrink), `h' = mix(h)` with weights from [`Gating`] (mix), and
+//! `y += scale · h' · B` (expand), over one LoRA bank whose [`RankLayout`] says which rank
+//! columns belong to which expert.
+
+mod gating;
+mod inputs;
+mod layer;
+mod method;
+mod ranks;
+
+pub use gating::{Gating, Router, RoutingRule, TopKWeights};
+pub use inputs::LayerInputs;
+pub use layer::{LayerSpec, Mix};
+pub use method::{Method, MethodShape};
+pub use ranks::RankLayout;

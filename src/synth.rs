@@ -1,0 +1,123 @@
+//! Deterministic synthetic layer data: random non-zero inputs of the right shapes for any spec,
+//! for the main job, tests and benchmarks (never all-zero data).
+
+use crate::dtype::Scalar;
+use crate::model::{Gating, LayerInputs, LayerSpec, Mix, Router};
+
+/// SplitMix64: small, fast, deterministic, good enough for test data.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * f64::powi(2.0, -53)
+    }
+
+    /// Uniform in `[lo, hi)`.
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+
+    /// Uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.uniform() * n as f64) as usize % n.max(1)
+    }
+
+    /// `n` values uniform in `[-amp, amp)`, rounded to `T`.
+    pub fn fill<T: Scalar>(&mut self, n: usize, amp: f64) -> Vec<T> {
+        (0..n).map(|_| T::from_f64(self.range(-amp, amp))).collect()
+    }
+}
+
+/// Owned random inputs for one layer call.
+#[derive(Clone, Debug)]
+pub struct SyntheticLayer<T> {
+    /// Number of tokens.
+    pub tokens: usize,
+    /// `x [T, d_in]`.
+    pub x: Vec<T>,
+    /// `A [d_in, R]`.
+    pub a: Vec<T>,
+    /// `B [R, d_out]`.
+    pub b: Vec<T>,
+    /// `y [T, d_out]`.
+    pub y: Vec<T>,
+    /// Router weight when the spec has an x or h router.
+    pub router_weight: Option<Vec<T>>,
+    /// Router bias when the spec asks for one.
+    pub router_bias: Option<Vec<T>>,
+    /// Logits for the logits router.
+    pub logits: Option<Vec<T>>,
+    /// Given weights for given gating.
+    pub weights: Option<Vec<T>>,
+    /// Adapter ids for adapter gating (about one token in eight has none).
+    pub adapter_ids: Option<Vec<i32>>,
+    /// Selection bias when the rule asks for one.
+    pub selection_bias: Option<Vec<T>>,
+    /// CoMoL cores.
+    pub cores: Option<Vec<T>>,
+}
+
+impl<T: Scalar> SyntheticLayer<T> {
+    /// Random inputs with the magnitudes of a trained layer: unit-scale activations, weights
+    /// scaled by `1/sqrt(fan_in)`, router logits spread over a few units.
+    pub fn new(spec: &LayerSpec, tokens: usize, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let (r, e) = (spec.total_rank(), spec.routed_experts());
+        let inv_sqrt = |n: usize| 1.0 / (n.max(1) as f64).sqrt();
+        let x = rng.fill(tokens * spec.d_in, 1.0);
+        let a = rng.fill(spec.d_in * r, 3f64.sqrt() * inv_sqrt(spec.d_in));
+        let b = rng.fill(r * spec.d_out, 3f64.sqrt() * inv_sqrt(r));
+        let y = rng.fill(tokens * spec.d_out, 1.0);
+        let router = spec.router();
+        let router_weight = match router {
+            Some(Router::X { .. }) => Some(rng.fill(spec.d_in * e, 4.0 * inv_sqrt(spec.d_in))),
+            Some(Router::H { .. }) => Some(rng.fill(r * e, 4.0 * inv_sqrt(r))),
+            _ => None,
+        };
+        let router_bias =
+            matches!(router, Some(Router::X { bias: true } | Router::H { bias: true })).then(|| rng.fill(e, 0.5));
+        let logits = (router == Some(Router::Logits)).then(|| rng.fill(tokens * e, 3.0));
+        let weights = matches!(spec.gating, Gating::Given { .. })
+            .then(|| (0..tokens * e).map(|_| T::from_f64(rng.range(0.0, 1.0))).collect());
+        let adapter_ids = (spec.gating == Gating::AdapterIds).then(|| {
+            (0..tokens).map(|_| if rng.below(8) == 0 { -1 } else { rng.below(e) as i32 }).collect()
+        });
+        let selection_bias = spec.rule().filter(|r| r.uses_selection_bias()).map(|_| rng.fill(e, 0.1));
+        let cores = matches!(spec.mix, Mix::CoreMerge { .. }).then(|| rng.fill(e * r * r, 3f64.sqrt() * inv_sqrt(r)));
+        Self { tokens, x, a, b, y, router_weight, router_bias, logits, weights, adapter_ids, selection_bias, cores }
+    }
+
+    /// Borrowed view for the layer API.
+    pub fn inputs(&self) -> LayerInputs<'_, T> {
+        LayerInputs {
+            tokens: self.tokens,
+            x: &self.x,
+            a: &self.a,
+            b: &self.b,
+            y: &self.y,
+            router_weight: self.router_weight.as_deref(),
+            router_bias: self.router_bias.as_deref(),
+            logits: self.logits.as_deref(),
+            weights: self.weights.as_deref(),
+            adapter_ids: self.adapter_ids.as_deref(),
+            selection_bias: self.selection_bias.as_deref(),
+            cores: self.cores.as_deref(),
+        }
+    }
+}

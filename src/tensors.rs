@@ -1,0 +1,193 @@
+//! Named host tensors and their safetensors files, and `eval`: one layer spec run by the
+//! reference on named tensors, so any framework can cross-check its numbers against ours.
+//!
+//! Input names: `x [T, d_in]`, `A [d_in, R]`, `B [R, d_out]`, optional `y [T, d_out]` (zeros if
+//! absent), and what the spec needs of `router_weight`, `router_bias`, `logits`, `weights`,
+//! `adapter_ids` (integer), `selection_bias`, `cores`. Float inputs may be f16, bf16, f32 or f64.
+//! Output names: `y`, `h`, `h_mixed`, `scores`, `ids` (i32), `weights`, `probs`,
+//! `selected_fraction`, `mean_prob`, `z_loss`, `entropy`, all f64 except `ids`.
+
+use crate::model::{LayerInputs, LayerSpec};
+use crate::reference;
+use crate::{MoleError, Result};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The values of a host tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Values {
+    /// Floating point, widened exactly to f64.
+    Float(Vec<f64>),
+    /// Integer (i32 or i64 in the file).
+    Int(Vec<i64>),
+}
+
+/// A named tensor on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape, row-major.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub values: Values,
+}
+
+impl HostTensor {
+    /// A float tensor.
+    pub fn float(shape: Vec<usize>, v: Vec<f64>) -> Self {
+        Self { shape, values: Values::Float(v) }
+    }
+
+    /// An integer tensor.
+    pub fn int(shape: Vec<usize>, v: Vec<i64>) -> Self {
+        Self { shape, values: Values::Int(v) }
+    }
+}
+
+/// Tensors by name, sorted.
+pub type TensorMap = BTreeMap<String, HostTensor>;
+
+fn widen(dtype: StDtype, bytes: &[u8], name: &str) -> Result<Values> {
+    let chunks = |n: usize| bytes.chunks_exact(n);
+    Ok(match dtype {
+        StDtype::F64 => Values::Float(chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()),
+        StDtype::F32 => {
+            Values::Float(chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as f64).collect())
+        }
+        StDtype::F16 => Values::Float(chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
+        StDtype::BF16 => Values::Float(chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
+        StDtype::I32 => Values::Int(chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect()),
+        StDtype::I64 => Values::Int(chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()),
+        other => {
+            return Err(MoleError::io(format!("tensor `{name}`"), format!("unsupported dtype {other:?}")));
+        }
+    })
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn load(path: &Path) -> Result<TensorMap> {
+    let ctx = || format!("reading {}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| MoleError::io(ctx(), e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| MoleError::io(ctx(), e))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = widen(view.dtype(), view.data(), &name)?;
+            Ok((name, HostTensor { shape: view.shape().to_vec(), values }))
+        })
+        .collect()
+}
+
+/// Writes tensors to a safetensors file: floats as f64, integers as i32 when they fit, else i64.
+pub fn save(path: &Path, tensors: &TensorMap) -> Result<()> {
+    let encoded: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let (dtype, bytes) = match &t.values {
+                Values::Float(v) => (StDtype::F64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                Values::Int(v) if v.iter().all(|&x| i32::try_from(x).is_ok()) => {
+                    (StDtype::I32, v.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect())
+                }
+                Values::Int(v) => (StDtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            };
+            (name.clone(), dtype, t.shape.clone(), bytes)
+        })
+        .collect();
+    let ctx = || format!("writing {}", path.display());
+    let views = encoded
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| MoleError::io(ctx(), e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| MoleError::io(ctx(), e))
+}
+
+fn float<'a>(m: &'a TensorMap, name: &str, shape: &[usize]) -> Result<Option<&'a [f64]>> {
+    let Some(t) = m.get(name) else { return Ok(None) };
+    if t.shape != shape {
+        return Err(MoleError::WrongShape { name: name.into(), expected: shape.to_vec(), got: t.shape.clone() });
+    }
+    match &t.values {
+        Values::Float(v) => Ok(Some(v)),
+        Values::Int(_) => Err(MoleError::io(format!("tensor `{name}`"), "expected a float tensor, found integers")),
+    }
+}
+
+/// Runs `spec` through the f64 reference on named tensors and returns the named outputs.
+pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
+    spec.validate()?;
+    let x_t = inputs.get("x").ok_or(MoleError::MissingInput { name: "x", needed_by: "every layer" })?;
+    let tokens = match x_t.shape.as_slice() {
+        [t, d] if *d == spec.d_in => *t,
+        _ => {
+            return Err(MoleError::WrongShape { name: "x".into(), expected: vec![0, spec.d_in], got: x_t.shape.clone() })
+        }
+    };
+    let (r, e, d_in, d_out) = (spec.total_rank(), spec.routed_experts(), spec.d_in, spec.d_out);
+    let required = |name: &'static str, shape: &[usize]| {
+        float(inputs, name, shape)?.ok_or(MoleError::MissingInput { name, needed_by: "every layer" })
+    };
+    let x = required("x", &[tokens, d_in])?;
+    let a = required("A", &[d_in, r])?;
+    let b = required("B", &[r, d_out])?;
+    let zeros = vec![0.0; tokens * d_out];
+    let y = float(inputs, "y", &[tokens, d_out])?.unwrap_or(&zeros);
+    let mut li = LayerInputs::new(tokens, x, a, b, y);
+    let w_rows = match spec.router() {
+        Some(crate::model::Router::H { .. }) => r,
+        _ => d_in,
+    };
+    li.router_weight = float(inputs, "router_weight", &[w_rows, e])?;
+    li.router_bias = float(inputs, "router_bias", &[e])?;
+    li.logits = float(inputs, "logits", &[tokens, e])?;
+    li.weights = float(inputs, "weights", &[tokens, e])?;
+    li.selection_bias = float(inputs, "selection_bias", &[e])?;
+    li.cores = float(inputs, "cores", &[e, r, r])?;
+    let ids: Option<Vec<i32>> = match inputs.get("adapter_ids") {
+        None => None,
+        Some(t) => match &t.values {
+            Values::Int(v) if t.shape == [tokens] => {
+                Some(v.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MIN)).collect())
+            }
+            Values::Int(_) => {
+                return Err(MoleError::WrongShape { name: "adapter_ids".into(), expected: vec![tokens], got: t.shape.clone() })
+            }
+            Values::Float(_) => return Err(MoleError::io("tensor `adapter_ids`", "expected integers (i32 or i64)")),
+        },
+    };
+    li.adapter_ids = ids.as_deref();
+    if let Some(extra) = inputs.keys().find(|k| !INPUT_NAMES.contains(&k.as_str())) {
+        return Err(MoleError::io(format!("tensor `{extra}`"), format!("unknown input name; expected one of {INPUT_NAMES:?}")));
+    }
+
+    let out = reference::forward(spec, &li)?;
+    let slots = out.routing.slots;
+    let mut m = TensorMap::new();
+    m.insert("y".into(), HostTensor::float(vec![tokens, d_out], out.y));
+    m.insert("h".into(), HostTensor::float(vec![tokens, r], out.h));
+    m.insert("h_mixed".into(), HostTensor::float(vec![tokens, r], out.h_mixed));
+    if let Some(z) = out.scores {
+        m.insert("scores".into(), HostTensor::float(vec![tokens, e], z));
+    }
+    m.insert("ids".into(), HostTensor::int(vec![tokens, slots], out.routing.ids.iter().map(|&i| i as i64).collect()));
+    m.insert("weights".into(), HostTensor::float(vec![tokens, slots], out.routing.weights));
+    if let Some(p) = out.routing.probs {
+        m.insert("probs".into(), HostTensor::float(vec![tokens, e], p));
+    }
+    m.insert("selected_fraction".into(), HostTensor::float(vec![e], out.stats.selected_fraction));
+    if let Some(p) = out.stats.mean_prob {
+        m.insert("mean_prob".into(), HostTensor::float(vec![e], p));
+    }
+    if let Some(z) = out.stats.z_loss {
+        m.insert("z_loss".into(), HostTensor::float(vec![], vec![z]));
+    }
+    if let Some(h) = out.stats.entropy {
+        m.insert("entropy".into(), HostTensor::float(vec![], vec![h]));
+    }
+    Ok(m)
+}
+
+/// Every input name `eval` accepts.
+pub const INPUT_NAMES: [&str; 11] =
+    ["x", "y", "A", "B", "router_weight", "router_bias", "logits", "weights", "adapter_ids", "selection_bias", "cores"];
