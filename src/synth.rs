@@ -95,9 +95,8 @@ impl<T: Scalar> SyntheticLayer<T> {
         let logits = (router == Some(Router::Logits)).then(|| rng.fill(tokens * e, 3.0));
         let weights = matches!(spec.gating, Gating::Given { .. })
             .then(|| (0..tokens * e).map(|_| T::from_f64(rng.range(0.0, 1.0))).collect());
-        let adapter_ids = (spec.gating == Gating::AdapterIds).then(|| {
-            (0..tokens).map(|_| if rng.below(8) == 0 { -1 } else { rng.below(e) as i32 }).collect()
-        });
+        let adapter_ids = (spec.gating == Gating::AdapterIds)
+            .then(|| (0..tokens).map(|_| if rng.below(8) == 0 { -1 } else { rng.below(e) as i32 }).collect());
         let selection_bias = spec.rule().filter(|r| r.uses_selection_bias()).map(|_| rng.fill(e, 0.1));
         let cores = matches!(spec.mix, Mix::CoreMerge { .. }).then(|| rng.fill(e * r * r, 3f64.sqrt() * inv_sqrt(r)));
         Self { tokens, x, a, b, y, router_weight, router_bias, logits, weights, adapter_ids, selection_bias, cores }

@@ -56,7 +56,9 @@ fn widen(dtype: StDtype, bytes: &[u8], name: &str) -> Result<Values> {
         }
         StDtype::F16 => Values::Float(chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
         StDtype::BF16 => Values::Float(chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
-        StDtype::I32 => Values::Int(chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect()),
+        StDtype::I32 => {
+            Values::Int(chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect())
+        }
         StDtype::I64 => Values::Int(chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()),
         other => {
             return Err(MoleError::io(format!("tensor `{name}`"), format!("unsupported dtype {other:?}")));
@@ -97,7 +99,9 @@ pub fn save(path: &Path, tensors: &TensorMap) -> Result<()> {
     let views = encoded
         .iter()
         .map(|(n, d, s, b)| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| MoleError::io(ctx(), e))
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| MoleError::io(ctx(), e))
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, path).map_err(|e| MoleError::io(ctx(), e))
@@ -121,7 +125,11 @@ pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
     let tokens = match x_t.shape.as_slice() {
         [t, d] if *d == spec.d_in => *t,
         _ => {
-            return Err(MoleError::WrongShape { name: "x".into(), expected: vec![0, spec.d_in], got: x_t.shape.clone() })
+            return Err(MoleError::WrongShape {
+                name: "x".into(),
+                expected: vec![0, spec.d_in],
+                got: x_t.shape.clone(),
+            })
         }
     };
     let (r, e, d_in, d_out) = (spec.total_rank(), spec.routed_experts(), spec.d_in, spec.d_out);
@@ -151,14 +159,21 @@ pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
                 Some(v.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MIN)).collect())
             }
             Values::Int(_) => {
-                return Err(MoleError::WrongShape { name: "adapter_ids".into(), expected: vec![tokens], got: t.shape.clone() })
+                return Err(MoleError::WrongShape {
+                    name: "adapter_ids".into(),
+                    expected: vec![tokens],
+                    got: t.shape.clone(),
+                })
             }
             Values::Float(_) => return Err(MoleError::io("tensor `adapter_ids`", "expected integers (i32 or i64)")),
         },
     };
     li.adapter_ids = ids.as_deref();
     if let Some(extra) = inputs.keys().find(|k| !INPUT_NAMES.contains(&k.as_str())) {
-        return Err(MoleError::io(format!("tensor `{extra}`"), format!("unknown input name; expected one of {INPUT_NAMES:?}")));
+        return Err(MoleError::io(
+            format!("tensor `{extra}`"),
+            format!("unknown input name; expected one of {INPUT_NAMES:?}"),
+        ));
     }
 
     let out = reference::forward(spec, &li)?;

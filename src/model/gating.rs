@@ -122,18 +122,13 @@ impl RoutingRule {
             RoutingRule::SoftmaxTopK { k, .. }
             | RoutingRule::SigmoidTopK { k, .. }
             | RoutingRule::MagnitudeTopK { k, .. } => k,
-            RoutingRule::TopP { .. } | RoutingRule::DynMole { .. } | RoutingRule::DenseSoftmax { .. } => {
-                experts
-            }
+            RoutingRule::TopP { .. } | RoutingRule::DynMole { .. } | RoutingRule::DenseSoftmax { .. } => experts,
         }
     }
 
     /// Whether the `selection_bias` input is used.
     pub fn uses_selection_bias(&self) -> bool {
-        matches!(
-            self,
-            RoutingRule::SigmoidTopK { bias: true, .. } | RoutingRule::MagnitudeTopK { bias: true, .. }
-        )
+        matches!(self, RoutingRule::SigmoidTopK { bias: true, .. } | RoutingRule::MagnitudeTopK { bias: true, .. })
     }
 
     /// Validates the rule's parameters for `experts` experts.
@@ -227,9 +222,9 @@ impl Gating {
             Gating::Given { top_k: Some(k), .. } if *k == 0 || *k > experts => {
                 Err(MoleError::InvalidK { k: *k, experts })
             }
-            Gating::Given { top_k: None, softmax_topk: true } => Err(MoleError::Unsupported(
-                "given weights: softmax_topk needs top_k".into(),
-            )),
+            Gating::Given { top_k: None, softmax_topk: true } => {
+                Err(MoleError::Unsupported("given weights: softmax_topk needs top_k".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -260,10 +255,9 @@ mod tests {
 
     #[test]
     fn json_round_trip_and_defaults() {
-        let g: Gating = serde_json::from_str(
-            r#"{"type":"routed","router":{"type":"x"},"rule":{"type":"softmax_topk","k":2}}"#,
-        )
-        .unwrap();
+        let g: Gating =
+            serde_json::from_str(r#"{"type":"routed","router":{"type":"x"},"rule":{"type":"softmax_topk","k":2}}"#)
+                .unwrap();
         assert_eq!(
             g,
             Gating::Routed {

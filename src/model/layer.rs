@@ -103,8 +103,7 @@ impl LayerSpec {
             }
         }
         if self.router() == Some(Router::LowRank) {
-            let ok = self.mix == Mix::ExpertScale
-                && (0..self.ranks.num_experts()).all(|e| self.ranks.rank(e) == 1);
+            let ok = self.mix == Mix::ExpertScale && (0..self.ranks.num_experts()).all(|e| self.ranks.rank(e) == 1);
             if !ok {
                 return Err(MoleError::Unsupported(
                     "the low_rank router scores each expert by its own activation: every expert must have rank 1"

@@ -31,7 +31,12 @@ fn opt<T: Scalar>(v: Option<&[T]>) -> Option<Vec<f64>> {
 }
 
 /// Router scores `z [T, E]`: `x · W_g (+ b)`, `h · W_r (+ b)`, `h` itself, or given logits.
-pub fn router_scores<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>, x: &[f64], h: &[f64]) -> Option<Vec<f64>> {
+pub fn router_scores<T: Scalar>(
+    spec: &LayerSpec,
+    inputs: &LayerInputs<'_, T>,
+    x: &[f64],
+    h: &[f64],
+) -> Option<Vec<f64>> {
     let (t, e) = (inputs.tokens, spec.routed_experts());
     let add_bias = |mut z: Vec<f64>| {
         if let Some(b) = inputs.router_bias {
@@ -72,7 +77,9 @@ pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Resu
     let routing = route(&spec.gating, gate_input, t, e);
     let entropy_q = match spec.rule() {
         Some(RoutingRule::DynMole { q, .. }) => Some(q),
-        Some(RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. }) => Some(1.0),
+        Some(RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. }) => {
+            Some(1.0)
+        }
         _ => None,
     };
     let z_scores = match spec.rule() {

@@ -43,7 +43,7 @@ pub fn router_stats(routing: &Routing, scores: Option<&[f64]>, entropy_q: Option
     });
     let z_loss = scores.map(|z| {
         z.chunks(e.max(1))
-            .map(|row| logsumexp(row))
+            .map(logsumexp)
             .map(|l| if l.is_finite() || l == f64::INFINITY { l * l } else { 0.0 })
             .sum::<f64>()
             * inv_t

@@ -37,10 +37,8 @@ enum Command {
 }
 
 fn eval(spec: &PathBuf, inputs: &PathBuf, out: &PathBuf) -> mole::Result<()> {
-    let text = std::fs::read_to_string(spec).map_err(|e| mole::MoleError::Io {
-        context: format!("reading {}", spec.display()),
-        message: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(spec)
+        .map_err(|e| mole::MoleError::Io { context: format!("reading {}", spec.display()), message: e.to_string() })?;
     let spec: mole::model::LayerSpec = serde_json::from_str(&text).map_err(|e| mole::MoleError::Io {
         context: format!("parsing layer spec {}", spec.display()),
         message: e.to_string(),

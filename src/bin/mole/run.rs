@@ -39,7 +39,8 @@ pub struct RunArgs {
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let rank = if args.method == Method::FlyLora { 1 } else { args.rank };
-    let shape = MethodShape { d_in: args.d, d_out: args.d, experts: args.experts, rank, k: args.k, alpha: 2.0 * rank as f64 };
+    let shape =
+        MethodShape { d_in: args.d, d_out: args.d, experts: args.experts, rank, k: args.k, alpha: 2.0 * rank as f64 };
     let spec = args.method.spec(shape)?;
     println!(
         "layer: {} d_in={} d_out={} E={} R={} slots/token={} T={} dtype={}",
@@ -89,11 +90,7 @@ fn run_typed<T: mole::Scalar>(spec: &LayerSpec, args: &RunArgs) -> Result<()> {
     // Scaled error: |got - want| / (scale · Σ|h'|·|B| + |y|), bounded by f64 roundoff × length.
     let n = spec.d_in + spec.total_rank();
     let tol = reference::tolerance_with(f64::EPSILON / 2.0, f64::EPSILON / 2.0, n) * 16.0;
-    let max_err = y
-        .iter()
-        .zip(&reference.y)
-        .map(|(g, w)| (g - w).abs() / (w.abs() + 1.0))
-        .fold(0.0, f64::max);
+    let max_err = y.iter().zip(&reference.y).map(|(g, w)| (g - w).abs() / (w.abs() + 1.0)).fold(0.0, f64::max);
 
     let selected: usize = reference.routing.ids.iter().filter(|&&id| id >= 0).count();
     let active_rank = selected as f64 * spec.total_rank() as f64 / spec.routed_experts() as f64;
