@@ -4,7 +4,7 @@ mod info;
 mod run;
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -36,7 +36,7 @@ enum Command {
     },
 }
 
-fn eval(spec: &PathBuf, inputs: &PathBuf, out: &PathBuf) -> mole::Result<()> {
+fn eval(spec: &Path, inputs: &Path, out: &Path) -> mole::Result<()> {
     let text = std::fs::read_to_string(spec)
         .map_err(|e| mole::MoleError::Io { context: format!("reading {}", spec.display()), message: e.to_string() })?;
     let spec: mole::model::LayerSpec = serde_json::from_str(&text).map_err(|e| mole::MoleError::Io {
