@@ -57,6 +57,7 @@ fn one() -> f64 {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RoutingRule {
     /// `p = softmax(z / temperature)`; the k largest; weighted per [`TopKWeights`].
+    #[serde(rename = "softmax_topk")]
     SoftmaxTopK {
         /// Experts per token.
         k: usize,
@@ -80,6 +81,7 @@ pub enum RoutingRule {
     /// exceeds `entropy_threshold`, every expert is active; otherwise keep the experts (in
     /// descending order) whose cumulative sum is `<= top_p` or whose position is `< keep_top_k`.
     /// Weights are `p` on the kept experts, not renormalised. `q = 1` is Shannon entropy.
+    #[serde(rename = "dynmole")]
     DynMole {
         /// Tsallis entropic index `q > 0`.
         q: f64,
@@ -98,6 +100,7 @@ pub enum RoutingRule {
     },
     /// SMoRA: `s = sigmoid(z)`; the k largest of `s + selection_bias` are selected (the bias
     /// balances load and only steers selection); `w = k · s / Σ_selected s`.
+    #[serde(rename = "sigmoid_topk")]
     SigmoidTopK {
         /// Experts (ranks or rank groups) per token.
         k: usize,
@@ -106,6 +109,7 @@ pub enum RoutingRule {
         bias: bool,
     },
     /// FlyLoRA: the k largest `|z + selection_bias|`, weight 1.
+    #[serde(rename = "magnitude_topk")]
     MagnitudeTopK {
         /// Ranks per token.
         k: usize,

@@ -1,0 +1,90 @@
+//! `mole eval` end to end: a spec file and a safetensors file in, the hand-computed layer out.
+
+use mole::tensors::{load, save, HostTensor, TensorMap, Values};
+use std::process::Command;
+
+fn floats(m: &TensorMap, name: &str) -> Vec<f64> {
+    match &m[name].values {
+        Values::Float(v) => v.clone(),
+        Values::Int(_) => panic!("{name} is not float"),
+    }
+}
+
+#[test]
+fn eval_reproduces_the_hand_computed_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("layer.json");
+    std::fs::write(
+        &spec,
+        r#"{
+            "d_in": 2, "d_out": 2, "ranks": {"experts": 2, "rank": 1}, "scale": 0.5,
+            "gating": {"type": "routed", "router": {"type": "logits"},
+                       "rule": {"type": "softmax_topk", "k": 2, "weights": "renormalized"}}
+        }"#,
+    )
+    .unwrap();
+    // Two tokens: the hand case [2, 4] with z = [0, ln 3] (y = [5.75, 7.5]) and a token with
+    // x = [1, 0], z = [ln 3, 0]: weights [0.75, 0.25], h' = [0.75, 0], y = 1 + 0.5·[0.75, 1.5].
+    let mut inputs = TensorMap::new();
+    inputs.insert("x".into(), HostTensor::float(vec![2, 2], vec![2.0, 4.0, 1.0, 0.0]));
+    inputs.insert("A".into(), HostTensor::float(vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]));
+    inputs.insert("B".into(), HostTensor::float(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]));
+    inputs.insert("y".into(), HostTensor::float(vec![2, 2], vec![1.0; 4]));
+    inputs.insert("logits".into(), HostTensor::float(vec![2, 2], vec![0.0, 3f64.ln(), 3f64.ln(), 0.0]));
+    let in_path = dir.path().join("in.safetensors");
+    save(&in_path, &inputs).unwrap();
+    let out_path = dir.path().join("out.safetensors");
+
+    let status = Command::new(env!("CARGO_BIN_EXE_mole"))
+        .args(["eval", "--spec"])
+        .arg(&spec)
+        .arg("--inputs")
+        .arg(&in_path)
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+
+    let out = load(&out_path).unwrap();
+    let y = floats(&out, "y");
+    let want = [5.75, 7.5, 1.375, 1.75];
+    assert!(y.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12), "{y:?}");
+    assert_eq!(out["ids"].values, Values::Int(vec![1, 0, 0, 1]));
+    assert_eq!(out["ids"].shape, vec![2, 2]);
+    let w = floats(&out, "weights");
+    assert!(w.iter().zip([0.75, 0.25, 0.75, 0.25]).all(|(g, e)| (g - e).abs() < 1e-12), "{w:?}");
+    assert_eq!(floats(&out, "h"), vec![2.0, 4.0, 1.0, 0.0]);
+    assert_eq!(floats(&out, "selected_fraction"), vec![1.0, 1.0]);
+    assert!(out.contains_key("z_loss") && out.contains_key("entropy") && out.contains_key("mean_prob"));
+}
+
+#[test]
+fn eval_reports_bad_inputs_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("layer.json");
+    std::fs::write(
+        &spec,
+        r#"{"d_in": 2, "d_out": 2, "ranks": [0, 1, 2], "scale": 1.0, "gating": {"type": "adapter_ids"}}"#,
+    )
+    .unwrap();
+    let mut inputs = TensorMap::new();
+    inputs.insert("x".into(), HostTensor::float(vec![1, 2], vec![1.0, 2.0]));
+    inputs.insert("A".into(), HostTensor::float(vec![2, 2], vec![1.0; 4]));
+    inputs.insert("B".into(), HostTensor::float(vec![2, 3], vec![1.0; 6]));
+    inputs.insert("adapter_ids".into(), HostTensor::int(vec![1], vec![0]));
+    let in_path = dir.path().join("in.safetensors");
+    save(&in_path, &inputs).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mole"))
+        .args(["eval", "--spec"])
+        .arg(&spec)
+        .arg("--inputs")
+        .arg(&in_path)
+        .arg("--out")
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tensor `B`: expected shape [2, 2], got [2, 3]"), "{err}");
+}
