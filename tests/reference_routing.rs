@@ -60,7 +60,7 @@ fn tsallis_entropy_hand_values() {
 #[test]
 fn dynmole_switches_on_entropy() {
     let z = [0.7f64.ln(), 0.2f64.ln(), 0.1f64.ln()]; // p = [0.7, 0.2, 0.1], H_2 = 0.69
-    // Below the threshold: cumsum 0.7 <= 0.75 keeps expert 0; 0.9 and 1.0 exceed it.
+                                                     // Below the threshold: cumsum 0.7 <= 0.75 keeps expert 0; 0.9 and 1.0 exceed it.
     assert_sel(&dynmole(&z, 2.0, 0.75, 1, 0.9).0, &[(0, 0.7)]);
     // keep_top_k = 2 keeps the second one too.
     assert_sel(&dynmole(&z, 2.0, 0.75, 2, 0.9).0, &[(0, 0.7), (1, 0.2)]);
@@ -201,8 +201,12 @@ fn comol_forward_hand_computed() {
 #[test]
 fn zero_tokens_is_a_no_op() {
     let rule = RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Unit };
-    let spec =
-        tiny_spec(Gating::Routed { router: Router::Logits, rule }, Mix::ExpertScale, RankLayout::uniform(2, 1).unwrap(), 1.0);
+    let spec = tiny_spec(
+        Gating::Routed { router: Router::Logits, rule },
+        Mix::ExpertScale,
+        RankLayout::uniform(2, 1).unwrap(),
+        1.0,
+    );
     let (a, b) = ([1.0, 0.0, 0.0, 1.0], [1.0, 2.0, 3.0, 4.0]);
     let mut inputs = LayerInputs::new(0, &[][..], &a[..], &b[..], &[][..]);
     inputs.logits = Some(&[]);
