@@ -131,6 +131,24 @@ pub enum MoleError {
         /// The driver's message.
         message: String,
     },
+    /// NVRTC rejected a kernel source or its options; `log` is NVRTC's own log.
+    #[error("NVRTC could not compile {what} ({status}):\n{log}")]
+    NvrtcCompile {
+        /// The kernel configuration, e.g. `gating.cu f16 [TOPK=2] for sm_90`.
+        what: String,
+        /// NVRTC's status code.
+        status: String,
+        /// The compiler log (errors and warnings).
+        log: String,
+    },
+    /// A release gate (`mole check-kernels`, `mole gen-ptx --check`) found problems.
+    #[error("{gate} failed: {detail}")]
+    GateFailed {
+        /// Which gate.
+        gate: &'static str,
+        /// What failed, and how to fix it.
+        detail: String,
+    },
 }
 
 impl MoleError {

@@ -38,6 +38,7 @@
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod kernels;
 pub mod model;
 pub mod plan;
 pub mod reference;

@@ -1,6 +1,26 @@
 //! The CUDA side: finding the driver and NVRTC at run time (dynamic loading, so the crate builds
-//! and runs its CPU path with no CUDA installed) and describing the GPUs.
+//! and runs its CPU path with no CUDA installed), describing the GPUs, compiling the embedded
+//! kernel sources with NVRTC, caching the results, and loading them on a [`Device`].
+//!
+//! NVRTC is found through the usual library search (`LD_LIBRARY_PATH`, the linker cache) or, first,
+//! at the absolute path in the environment variable `MOLE_NVRTC_PATH` ([`NVRTC_PATH_ENV`]).
+//! Compiled cubins are cached in `MOLE_CACHE_DIR`, else `$XDG_CACHE_HOME/mole`, else
+//! `$HOME/.cache/mole` ([`default_cache_dir`]).
 
+mod arch;
+mod compile;
+mod device;
+mod module_cache;
 mod probe;
+mod ptxas;
+pub mod shipped;
+pub mod sources;
 
-pub use probe::{driver_present, list_gpus, nvrtc_present, nvrtc_version, GpuInfo};
+pub use arch::{Arch, ArchLimits, Violation};
+pub use compile::{compile, compile_options, compile_source, Compiled, Output};
+pub use device::Device;
+pub use module_cache::{
+    cache_dir_from, cubin_cached, default_cache_dir, CacheKey, CacheOutcome, DiskCache, CACHE_DIR_ENV,
+};
+pub use probe::{driver_present, list_gpus, nvrtc_present, nvrtc_status, nvrtc_version, GpuInfo, NVRTC_PATH_ENV};
+pub use ptxas::{parse_ptxas_log, EntryResources, FunctionFrame, PtxasReport};

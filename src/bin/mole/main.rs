@@ -1,5 +1,8 @@
-//! The `mole` command line: `info`, `run` (the main job), `eval`.
+//! The `mole` command line: `info`, `run` (the main job), `eval`, and the kernel gates
+//! `check-kernels` and `gen-ptx`.
 
+mod check_kernels;
+mod gen_ptx;
 mod info;
 mod run;
 
@@ -34,6 +37,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Compile every kernel configuration with NVRTC for each architecture and fail on compile
+    /// errors, register spills, or resource use over the architecture's limits.
+    CheckKernels(check_kernels::CheckKernelsArgs),
+    /// Write the PTX shipped for machines without NVRTC into ptx/ (or check it is up to date).
+    GenPtx(gen_ptx::GenPtxArgs),
 }
 
 fn eval(spec: &Path, inputs: &Path, out: &Path) -> mole::Result<()> {
@@ -61,6 +69,8 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => run::run(args),
         Command::Eval { spec, inputs, out } => eval(spec, inputs, out),
+        Command::CheckKernels(args) => check_kernels::run(args),
+        Command::GenPtx(args) => gen_ptx::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,682 @@
+// Gating: router scores z [T, E] to per-token slots ids [T, slots] (int32, -1 = empty) and
+// weights [T, slots] (f32), plus optional probabilities probs [T, E] (f32) for router statistics.
+// The semantics are those of src/model/gating.rs and src/reference/routing.rs:
+// - slots are filled in descending score order, ties toward the lower expert index;
+// - NaN scores rank as -inf; an all -inf/NaN row has probability 0 everywhere; +inf scores
+//   share probability 1;
+// - empty slots hold (-1, 0).
+//
+// One warp routes one token (grid-stride over tokens). The warp stages the token's order keys
+// in its slice of dynamic shared memory, lane l owning experts l, l + 32, ...; every pass reads
+// only the lane's own experts, so no synchronisation is needed. Picks are made one at a time:
+// each is the warp argmax over the experts after the previous pick in the order, so no
+// "taken" marks are needed and the loop stops as soon as a dynamic rule stops keeping experts.
+// Mirrored by src/kernels/gating.rs.
+#include "common/arch.cuh"
+#include "common/dtype.cuh"
+#include "common/warp.cuh"
+
+// Threads per block of every kernel in this file (a multiple of 32, at most 1024).
+#ifndef MOLE_BLOCK_THREADS
+#define MOLE_BLOCK_THREADS 128
+#endif
+#if MOLE_BLOCK_THREADS % 32 != 0 || MOLE_BLOCK_THREADS < 32 || MOLE_BLOCK_THREADS > 1024
+#error "MOLE_BLOCK_THREADS must be a multiple of 32 in 32..1024"
+#endif
+#define MOLE_GATING_MAX_EXPERTS 1024
+#define MOLE_GATING_MAX_K 8
+// Each warp owns E words of dynamic shared memory; a declared budget must cover E = 1024.
+#if defined(MOLE_DYNAMIC_SMEM_BYTES) && MOLE_DYNAMIC_SMEM_BYTES < MOLE_BLOCK_THREADS / 32 * MOLE_GATING_MAX_EXPERTS * 4
+#error "MOLE_DYNAMIC_SMEM_BYTES is below (MOLE_BLOCK_THREADS / 32) * 1024 * 4"
+#endif
+
+// Which rule a launch applies (Rust: RuleKind).
+enum mole_rule : mole_u32 {
+    MOLE_RULE_SOFTMAX_TOPK = 0,
+    MOLE_RULE_TOP_P = 1,
+    MOLE_RULE_DYNMOLE = 2,
+    MOLE_RULE_DENSE_SOFTMAX = 3,
+    MOLE_RULE_SIGMOID_TOPK = 4,
+    MOLE_RULE_MAGNITUDE_TOPK = 5,
+    MOLE_RULE_GIVEN = 6,
+    MOLE_RULE_ADAPTER_IDS = 7,
+};
+
+// Weighting of softmax top-k picks (Rust: WeightMode, from model::TopKWeights).
+enum mole_weight_mode : mole_u32 {
+    MOLE_WEIGHTS_SOFTMAX = 0,
+    MOLE_WEIGHTS_RENORMALIZED = 1,
+    MOLE_WEIGHTS_UNIT = 2,
+};
+
+// Which entropy a kernel computes (Rust: EntropyKind).
+enum mole_entropy_kind : mole_u32 {
+    MOLE_ENTROPY_NONE = 0,
+    MOLE_ENTROPY_SHANNON = 1,
+    MOLE_ENTROPY_TSALLIS = 2,
+};
+
+// Parameters of every gating kernel, by value (Rust: GatingParams).
+struct mole_gating_params {
+    mole_u32 tokens;              // T
+    mole_u32 experts;             // E (row length of scores and probs)
+    mole_u32 slots;               // row length of ids and weights
+    mole_u32 k;                   // picks (top-k, given top_k) or DynMoLE keep_top_k
+    mole_rule rule;               // the rule; picks the branch of the prefix kernel
+    mole_weight_mode weights;     // softmax top-k weighting
+    mole_entropy_kind entropy;    // DynMoLE: Shannon (q == 1) or Tsallis
+    mole_u32 use_bias;            // 1: add selection_bias [E] to the selection score
+    mole_u32 softmax_kept;        // given weights: softmax over the kept values
+    float temperature;            // softmax temperature (1 for DynMoLE)
+    float threshold;              // top-p p, DynMoLE top_p
+    float q;                      // Tsallis index
+    float entropy_threshold;      // DynMoLE: all experts above this normalised entropy
+    float entropy_scale;          // 1 / entropy of the uniform distribution (ln E or 1 - E^(1-q))
+};
+static_assert(sizeof(mole_gating_params) == 56, "mole_gating_params layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, tokens) == 0, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, experts) == 4, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, slots) == 8, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, k) == 12, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, rule) == 16, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, weights) == 20, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, entropy) == 24, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, use_bias) == 28, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, softmax_kept) == 32, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, temperature) == 36, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, threshold) == 40, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, q) == 44, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, entropy_threshold) == 48, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, entropy_scale) == 52, "layout");
+
+// ---------------------------------------------------------------------------------------------
+// Per-token building blocks. `row` is the warp's staged keys; lane l touches row[l + 32 i] only.
+// ---------------------------------------------------------------------------------------------
+
+// NaN ranks as -inf (-0.0 already compares equal to 0.0).
+MOLE_DEVICE float order_key(float v) { return mole_isnan(v) ? -mole_inf() : v; }
+
+MOLE_DEVICE float sigmoid(float z) { return 1.0f / (1.0f + mole_expf(-order_key(z))); }
+
+struct pick {
+    float key;
+    int idx;  // 0x7fffffff when nothing is left
+};
+
+// The order starts before every pair: (+inf, -1).
+MOLE_DEVICE pick first_pick() { return pick{mole_inf(), -1}; }
+
+// The next expert after `prev` in descending key order, ties toward the lower index.
+MOLE_DEVICE pick next_pick(const float* row, int n, pick prev) {
+    pick best{-mole_inf(), 0x7fffffff};
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+        const float key = row[e];
+        if (mole_before(prev.key, prev.idx, key, e) && mole_before(key, e, best.key, best.idx)) best = pick{key, e};
+    }
+    mole_warp_argmax(best.key, best.idx);
+    return best;
+}
+
+// softmax(key / t) of one token: the maximum, and the normaliser (the count of +inf entries when
+// the maximum is +inf).
+struct softmax_ctx {
+    float t, max, sum;
+};
+
+MOLE_DEVICE softmax_ctx softmax_prepare(const float* row, int n, float t) {
+    float m = -mole_inf();
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) m = row[e] / t > m ? row[e] / t : m;
+    m = mole_warp_max(m);
+    float sum = 0.0f;
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+        const float s = row[e] / t;
+        if (m == mole_inf()) sum += s == m ? 1.0f : 0.0f;
+        else if (m != -mole_inf()) sum += mole_expf(s - m);
+    }
+    return softmax_ctx{t, m, mole_warp_sum(sum)};
+}
+
+MOLE_DEVICE float softmax_prob(const softmax_ctx& c, float key) {
+    const float s = key / c.t;
+    if (c.max == -mole_inf()) return 0.0f;
+    if (c.max == mole_inf()) return s == c.max ? 1.0f / c.sum : 0.0f;
+    return mole_expf(s - c.max) / c.sum;
+}
+
+// Normalised entropy, in two steps: each lane sums entropy_term over its experts, then
+// entropy_finish scales the warp total by 1 / (the uniform distribution's entropy), precomputed
+// on the host in f64. The Tsallis term p - p^q is written p * -expm1((q - 1) ln p): summed over a
+// distribution it is 1 - sum p^q, and it stays accurate as q approaches 1.
+MOLE_DEVICE float entropy_term(float p, mole_entropy_kind kind, float q) {
+    if (!(p > 0.0f)) return 0.0f;
+    const float l = mole_logf(p);
+    return kind == MOLE_ENTROPY_SHANNON ? -p * l : -p * mole_expm1f((q - 1.0f) * l);
+}
+
+// Zero for a single expert and for an all-zero row (a fully masked token).
+MOLE_DEVICE float entropy_finish(float lane_sum, bool lane_nonzero, int n, float scale) {
+    const float total = mole_warp_sum(lane_sum);
+    const bool any = mole_warp_any(lane_nonzero);
+    return (n <= 1 || !any) ? 0.0f : total * scale;
+}
+
+// The block's dynamic shared memory (the only shared memory this file uses), and the warp's
+// `len` words of it.
+MOLE_DEVICE mole_u32* block_smem() {
+    extern __shared__ mole_u32 mole_smem[];
+    return mole_smem;
+}
+MOLE_DEVICE mole_u32* warp_smem(mole_u32 len) { return block_smem() + (mole_u64)mole_warp_id() * len; }
+MOLE_DEVICE float* as_floats(mole_u32* words) { return reinterpret_cast<float*>(words); }
+
+// Warp-granular grid-stride loops (over tokens, or over chunks).
+MOLE_DEVICE mole_u64 first_warp_item() { return (mole_u64)blockIdx.x * mole_warps_per_block() + mole_warp_id(); }
+MOLE_DEVICE mole_u64 warp_item_stride() { return (mole_u64)gridDim.x * mole_warps_per_block(); }
+
+// Slot j of a token is written by lane j % 32, which is also the lane that rereads it.
+MOLE_DEVICE bool owns_slot(int j) { return mole_lane() == j % MOLE_WARP_SIZE; }
+
+MOLE_DEVICE void fill_empty(int* ids, float* w, int from, int slots) {
+    for (int j = from + mole_lane(); j < slots; j += MOLE_WARP_SIZE) {
+        ids[j] = -1;
+        w[j] = 0.0f;
+    }
+}
+
+// Rescales the weights of the picks: w[j] <- w[j] * num / sum, or 0 when sum is not positive.
+MOLE_DEVICE void renormalize(float* w, int picks, float num, float sum) {
+    for (int j = mole_lane(); j < picks; j += MOLE_WARP_SIZE) w[j] = sum > 0.0f ? num * w[j] / sum : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One token per rule family.
+// ---------------------------------------------------------------------------------------------
+
+// Softmax top-k: p = softmax(z / t); the k largest z; w = p, p / sum(top-k p), or 1.
+MOLE_DEVICE void token_softmax_topk(const mole_gating_params& p, float* row, const elem_t* z, int* ids, float* w,
+                                    float* probs) {
+    const int n = (int)p.experts, k = (int)p.k;
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) row[e] = order_key(load_f32(z + e));
+    const softmax_ctx sm = softmax_prepare(row, n, p.temperature);
+    if (probs)
+        for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) probs[e] = softmax_prob(sm, row[e]);
+    pick cur = first_pick();
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        cur = next_pick(row, n, cur);
+        const float pj = softmax_prob(sm, cur.key);
+        sum += pj;  // in pick order, as the reference sums
+        if (owns_slot(j)) {
+            ids[j] = cur.idx;
+            w[j] = p.weights == MOLE_WEIGHTS_UNIT ? 1.0f : pj;
+        }
+    }
+    if (p.weights == MOLE_WEIGHTS_RENORMALIZED) renormalize(w, k, 1.0f, sum);
+    fill_empty(ids, w, k, (int)p.slots);
+}
+
+// Top-p, DynMoLE and dense softmax: the kept experts are a prefix of the descending order, so
+// picking stops at the first expert not kept. Weights are the raw probabilities.
+MOLE_DEVICE void token_softmax_prefix(const mole_gating_params& p, float* row, const elem_t* z, int* ids, float* w,
+                                      float* probs) {
+    const int n = (int)p.experts;
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) row[e] = order_key(load_f32(z + e));
+    const softmax_ctx sm = softmax_prepare(row, n, p.temperature);
+    float h = 0.0f;
+    bool nonzero = false;
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+        const float pe = softmax_prob(sm, row[e]);
+        if (probs) probs[e] = pe;
+        if (p.entropy != MOLE_ENTROPY_NONE) h += entropy_term(pe, p.entropy, p.q);  // DynMoLE only
+        nonzero = nonzero || pe != 0.0f;
+    }
+    bool all = p.rule == MOLE_RULE_DENSE_SOFTMAX;
+    if (p.rule == MOLE_RULE_DYNMOLE) all = entropy_finish(h, nonzero, n, p.entropy_scale) > p.entropy_threshold;
+    pick cur = first_pick();
+    float cum = 0.0f;
+    int kept = 0;
+    for (; kept < n; ++kept) {
+        cur = next_pick(row, n, cur);
+        const float pj = softmax_prob(sm, cur.key);
+        const float before = cum;
+        cum += pj;
+        const bool keep = p.rule == MOLE_RULE_TOP_P ? !(before > p.threshold)  // up to the first crossing
+                                                    : all || cum <= p.threshold || kept < (int)p.k;
+        if (!keep) break;
+        if (owns_slot(kept)) {
+            ids[kept] = cur.idx;
+            w[kept] = pj;
+        }
+    }
+    fill_empty(ids, w, kept, (int)p.slots);
+}
+
+// SMoRA: s = sigmoid(z); the k largest s + bias; w = k * s / sum(selected s); probs = s.
+MOLE_DEVICE void token_sigmoid_topk(const mole_gating_params& p, float* row, const elem_t* z, const elem_t* bias,
+                                    int* ids, float* w, float* probs) {
+    const int n = (int)p.experts, k = (int)p.k;
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+        const float s = sigmoid(load_f32(z + e));
+        row[e] = order_key(s + (p.use_bias ? load_f32(bias + e) : 0.0f));
+        if (probs) probs[e] = s;
+    }
+    pick cur = first_pick();
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        cur = next_pick(row, n, cur);
+        const float s = sigmoid(load_f32(z + cur.idx));
+        sum += s;
+        if (owns_slot(j)) {
+            ids[j] = cur.idx;
+            w[j] = s;
+        }
+    }
+    renormalize(w, k, (float)k, sum);
+    fill_empty(ids, w, k, (int)p.slots);
+}
+
+// FlyLoRA: the k largest |z + bias|, weight 1. No probabilities.
+MOLE_DEVICE void token_magnitude_topk(const mole_gating_params& p, float* row, const elem_t* z, const elem_t* bias,
+                                      int* ids, float* w) {
+    const int n = (int)p.experts, k = (int)p.k;
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE)
+        row[e] = order_key(mole_fabsf(load_f32(z + e) + (p.use_bias ? load_f32(bias + e) : 0.0f)));
+    pick cur = first_pick();
+    for (int j = 0; j < k; ++j) {
+        cur = next_pick(row, n, cur);
+        if (owns_slot(j)) {
+            ids[j] = cur.idx;
+            w[j] = 1.0f;
+        }
+    }
+    fill_empty(ids, w, k, (int)p.slots);
+}
+
+// Given weights: the k largest (k = E without top_k) with their raw values, or the softmax of
+// the kept values. probs = the raw weights.
+MOLE_DEVICE void token_given(const mole_gating_params& p, float* row, const elem_t* g, int* ids, float* w,
+                             float* probs) {
+    const int n = (int)p.experts, k = (int)p.k;
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+        const float v = load_f32(g + e);
+        row[e] = order_key(v);
+        if (probs) probs[e] = v;
+    }
+    pick cur = first_pick();
+    float max = 0.0f, sum = 0.0f;
+    for (int j = 0; j < k; ++j) {
+        cur = next_pick(row, n, cur);
+        if (j == 0) max = cur.key;  // the kept values arrive in descending order
+        // softmax over the kept values; the three cases of the softmax contract
+        float e = 0.0f;
+        if (max == mole_inf()) e = cur.key == max ? 1.0f : 0.0f;
+        else if (max != -mole_inf()) e = mole_expf(cur.key - max);
+        sum += e;
+        if (owns_slot(j)) {
+            ids[j] = cur.idx;
+            w[j] = p.softmax_kept ? e : load_f32(g + cur.idx);
+        }
+    }
+    if (p.softmax_kept) renormalize(w, k, 1.0f, sum);
+    fill_empty(ids, w, k, (int)p.slots);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing entry points. The scores kernels share one signature:
+//   (params, scores [T, E], selection_bias [E] or null, ids [T, slots], weights [T, slots],
+//    probs [T, E] or null)
+// Launch: warps = tokens in flight per block, dynamic shared memory (threads / 32) * E * 4 bytes.
+// ---------------------------------------------------------------------------------------------
+
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_softmax_topk)(const mole_gating_params p, const elem_t* __restrict__ scores,
+                                    const elem_t* __restrict__ /* selection_bias: unused */, int* __restrict__ ids,
+                                    float* __restrict__ weights, float* __restrict__ probs) {
+    float* row = as_floats(warp_smem(p.experts));
+    for (mole_u64 t = first_warp_item(); t < p.tokens; t += warp_item_stride())
+        token_softmax_topk(p, row, scores + t * p.experts, ids + t * p.slots, weights + t * p.slots,
+                           probs ? probs + t * p.experts : nullptr);
+}
+
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_softmax_prefix)(const mole_gating_params p, const elem_t* __restrict__ scores,
+                                      const elem_t* __restrict__ /* selection_bias: unused */, int* __restrict__ ids,
+                                      float* __restrict__ weights, float* __restrict__ probs) {
+    float* row = as_floats(warp_smem(p.experts));
+    for (mole_u64 t = first_warp_item(); t < p.tokens; t += warp_item_stride())
+        token_softmax_prefix(p, row, scores + t * p.experts, ids + t * p.slots, weights + t * p.slots,
+                             probs ? probs + t * p.experts : nullptr);
+}
+
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_sigmoid_topk)(const mole_gating_params p, const elem_t* __restrict__ scores,
+                                    const elem_t* __restrict__ bias, int* __restrict__ ids,
+                                    float* __restrict__ weights, float* __restrict__ probs) {
+    float* row = as_floats(warp_smem(p.experts));
+    for (mole_u64 t = first_warp_item(); t < p.tokens; t += warp_item_stride())
+        token_sigmoid_topk(p, row, scores + t * p.experts, bias, ids + t * p.slots, weights + t * p.slots,
+                           probs ? probs + t * p.experts : nullptr);
+}
+
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_magnitude_topk)(const mole_gating_params p, const elem_t* __restrict__ scores,
+                                      const elem_t* __restrict__ bias, int* __restrict__ ids,
+                                      float* __restrict__ weights, float* __restrict__ /* probs: none */) {
+    float* row = as_floats(warp_smem(p.experts));
+    for (mole_u64 t = first_warp_item(); t < p.tokens; t += warp_item_stride())
+        token_magnitude_topk(p, row, scores + t * p.experts, bias, ids + t * p.slots, weights + t * p.slots);
+}
+
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_given)(const mole_gating_params p, const elem_t* __restrict__ scores,
+                             const elem_t* __restrict__ /* selection_bias: unused */, int* __restrict__ ids,
+                             float* __restrict__ weights, float* __restrict__ probs) {
+    float* row = as_floats(warp_smem(p.experts));
+    for (mole_u64 t = first_warp_item(); t < p.tokens; t += warp_item_stride())
+        token_given(p, row, scores + t * p.experts, ids + t * p.slots, weights + t * p.slots,
+                    probs ? probs + t * p.experts : nullptr);
+}
+
+// Adapter ids [T] to slots: (id, 1), or (-1, 0) for id -1; one thread per token, no shared memory.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_adapter_ids)(const mole_gating_params p, const int* __restrict__ adapter_ids,
+                                   int* __restrict__ ids, float* __restrict__ weights) {
+    const mole_u64 stride = (mole_u64)gridDim.x * blockDim.x;
+    for (mole_u64 t = (mole_u64)blockIdx.x * blockDim.x + threadIdx.x; t < p.tokens; t += stride) {
+        const int id = adapter_ids[t];
+        for (mole_u32 j = 0; j < p.slots; ++j) {
+            ids[t * p.slots + j] = j == 0 ? id : -1;
+            weights[t * p.slots + j] = j == 0 && id != -1 ? 1.0f : 0.0f;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counting experts 32 entries at a time: lanes holding the same expert form a group (match_any);
+// the group's first lane updates the expert's counter, so no two lanes write one counter and no
+// atomics are needed. Ids outside 0..E are skipped (-1 is an empty slot, anything else invalid).
+// ---------------------------------------------------------------------------------------------
+
+struct mole_group {
+    bool valid;      // the lane holds an expert id in 0..E
+    int id;          // the id (-1 when not valid)
+    int rank;        // lanes of the same group below this one
+    int size;        // lanes in the group
+    bool invalid;    // the lane holds an id that is neither -1 nor in 0..E
+};
+
+MOLE_DEVICE mole_group group_entry(const int* ids, mole_u64 i, mole_u64 end, int experts) {
+    const int raw = i < end ? ids[i] : -1;
+    const bool valid = raw >= 0 && raw < experts;
+    const mole_u32 peers = mole_match_any(valid ? raw : -1);
+    return mole_group{valid, valid ? raw : -1, mole_popc(peers & mole_lanes_below()), mole_popc(peers),
+                      !valid && raw != -1};
+}
+
+// Per-expert counts of ids[begin, end) into cnt[E]; returns whether any lane saw an invalid id.
+MOLE_DEVICE bool count_experts(mole_u32* cnt, const int* ids, mole_u64 begin, mole_u64 end, int experts) {
+    for (int e = mole_lane(); e < experts; e += MOLE_WARP_SIZE) cnt[e] = 0;
+    mole_syncwarp();
+    bool invalid = false;
+    for (mole_u64 base = begin; base < end; base += MOLE_WARP_SIZE) {
+        const mole_group g = group_entry(ids, base + mole_lane(), end, experts);
+        invalid = invalid || g.invalid;
+        if (g.valid && g.rank == 0) cnt[g.id] += g.size;
+        mole_syncwarp();
+    }
+    return mole_warp_any(invalid);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Router statistics (src/reference/stats.rs), reduced deterministically without atomics: warp c
+// reduces token chunk c into row c of the workspace in a fixed order, then one block sums the
+// rows in chunk order.
+//   workspace: counts u32 [chunks][E], then sums f32 [chunks][E + 2] (per-expert probability
+//   sums, z-loss sum, entropy sum).
+//   out f32 [2E + 2]: selected_fraction [E], mean_prob [E], z_loss, entropy (0 where absent).
+// ---------------------------------------------------------------------------------------------
+
+struct mole_stats_params {
+    mole_u32 tokens;              // T
+    mole_u32 experts;             // E
+    mole_u32 slots;               // row length of ids
+    mole_u32 chunk_tokens;        // tokens per chunk (one warp each)
+    mole_u32 chunks;              // ceil(T / chunk_tokens)
+    mole_u32 has_probs;           // 1: probs [T, E] given (mean_prob, entropy)
+    mole_u32 has_scores;          // 1: scores [T, E] given (z-loss)
+    mole_entropy_kind entropy;    // entropy of the probabilities, or none
+    float q;                      // Tsallis index
+    float entropy_scale;          // 1 / entropy of the uniform distribution (ln E or 1 - E^(1-q))
+};
+static_assert(sizeof(mole_stats_params) == 40, "mole_stats_params layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, tokens) == 0, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, experts) == 4, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, slots) == 8, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, chunk_tokens) == 12, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, chunks) == 16, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, has_probs) == 20, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, has_scores) == 24, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, entropy) == 28, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, q) == 32, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, entropy_scale) == 36, "layout");
+
+// logsumexp(z)^2 of one token, NaN as -inf: a fully masked token adds 0, a +inf one inf.
+MOLE_DEVICE float token_z_loss(const elem_t* z, int n) {
+    float m = -mole_inf();
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+        const float v = order_key(load_f32(z + e));
+        m = v > m ? v : m;
+    }
+    m = mole_warp_max(m);
+    if (m == -mole_inf()) return 0.0f;
+    if (m == mole_inf()) return m;
+    float s = 0.0f;
+    MOLE_NO_UNROLL  // unrolled, this loop makes ptxas spill in the f16 build
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) s += mole_expf(order_key(load_f32(z + e)) - m);
+    const float lse = m + mole_logf(mole_warp_sum(s));
+    return lse * lse;
+}
+
+// Normalised entropy of one token's probability row.
+MOLE_DEVICE float token_entropy(const float* probs, int n, mole_entropy_kind kind, float q, float scale) {
+    float h = 0.0f;
+    bool nonzero = false;
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+        h += entropy_term(probs[e], kind, q);
+        nonzero = nonzero || probs[e] != 0.0f;
+    }
+    return entropy_finish(h, nonzero, n, scale);
+}
+
+// Grid: one warp per chunk; dynamic shared memory (threads / 32) * E * 4 bytes.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_stats_partial)(const mole_stats_params p, const int* __restrict__ ids,
+                                     const float* __restrict__ probs, const elem_t* __restrict__ scores,
+                                     mole_u32* __restrict__ workspace) {
+    const int n = (int)p.experts;
+    mole_u32* cnt = warp_smem(p.experts);
+    for (mole_u64 c = first_warp_item(); c < p.chunks; c += warp_item_stride()) {
+        const mole_u64 t0 = c * p.chunk_tokens;
+        const mole_u32 len = (mole_u32)(p.tokens - t0 < p.chunk_tokens ? p.tokens - t0 : p.chunk_tokens);
+        count_experts(cnt, ids, t0 * p.slots, (t0 + len) * p.slots, n);
+        mole_u32* ws_cnt = workspace + c * p.experts;
+        float* ws_sum = as_floats(workspace + (mole_u64)p.chunks * p.experts) + c * (p.experts + 2);
+        // Per expert, tokens in order (lanes read neighbouring experts: coalesced).
+        for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+            ws_cnt[e] = cnt[e];
+            float acc = 0.0f;
+            if (p.has_probs) {
+                const float* col = probs + t0 * p.experts + e;
+                for (mole_u32 i = 0; i < len; ++i, col += p.experts) acc += *col;
+            }
+            ws_sum[e] = acc;
+        }
+        // Per token, in order; every lane holds the same sums.
+        float z_loss = 0.0f, entropy = 0.0f;
+        if (p.has_scores)
+            for (mole_u32 i = 0; i < len; ++i) z_loss += token_z_loss(scores + (t0 + i) * p.experts, n);
+        if (p.has_probs && p.entropy != MOLE_ENTROPY_NONE)
+            for (mole_u32 i = 0; i < len; ++i)
+                entropy += token_entropy(probs + (t0 + i) * p.experts, n, p.entropy, p.q, p.entropy_scale);
+        if (mole_lane() == 0) {
+            ws_sum[n] = z_loss;
+            ws_sum[n + 1] = entropy;
+        }
+        mole_syncwarp();  // cnt is reused by the next chunk
+    }
+}
+
+// Grid: one block. Sums the chunk rows in chunk order and divides by T (zeros when T = 0).
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_stats_finalize)(const mole_stats_params p, const mole_u32* __restrict__ workspace,
+                                      float* __restrict__ out) {
+    const mole_u64 n = p.experts, row = n + 2;
+    const float* sums = reinterpret_cast<const float*>(workspace + (mole_u64)p.chunks * n);
+    const float inv_t = p.tokens == 0 ? 0.0f : 1.0f / (float)p.tokens;
+    for (mole_u64 e = threadIdx.x; e < row; e += blockDim.x) {
+        mole_u64 count = 0;
+        float sum = 0.0f;
+        for (mole_u64 c = 0; c < p.chunks; ++c) {
+            if (e < n) count += workspace[c * n + e];
+            sum += sums[c * row + e];
+        }
+        if (e < n) out[e] = (float)count * inv_t;
+        out[n + e] = sum * inv_t;  // mean_prob [E], then z_loss and entropy
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing plan (src/plan.rs) as a three-phase counting sort, deterministic by construction:
+//   1. plan_count: warp c counts the experts of entry chunk c -> workspace [chunks][E] (+ flags);
+//   2. plan_scan (one block): per expert, exclusive prefix over chunks; counts; padded offsets;
+//      padding entries; status;
+//   3. plan_scatter: warp c writes its chunk's entries in order from its per-expert bases.
+// Entry i = t * slots + s is (token t, slot s). Tokens are ascending inside each segment because
+// chunks and the entries inside a chunk are visited in order. Ids outside 0..E other than -1 are
+// skipped and reported in status (1); duplicate experts within a token are not detected here.
+//   workspace: chunk counts u32 [chunks][E], then an invalid-id flag u32 [chunks].
+// ---------------------------------------------------------------------------------------------
+
+struct mole_plan_params {
+    mole_u32 tokens;          // T
+    mole_u32 slots;           // row length of ids
+    mole_u32 experts;         // E
+    mole_u32 block;           // segment granularity (1 = no padding)
+    mole_u32 chunk_entries;   // entries per chunk (one warp each)
+    mole_u32 chunks;          // ceil(T * slots / chunk_entries)
+};
+static_assert(sizeof(mole_plan_params) == 24, "mole_plan_params layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, tokens) == 0, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, slots) == 4, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, experts) == 8, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, block) == 12, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, chunk_entries) == 16, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, chunks) == 20, "layout");
+
+// plan::TokenSlot.
+struct mole_token_slot {
+    mole_u32 token, slot;
+};
+static_assert(sizeof(mole_token_slot) == 8 && MOLE_OFFSET_OF(mole_token_slot, slot) == 4, "TokenSlot");
+
+MOLE_DEVICE mole_u64 chunk_end(const mole_plan_params& p, mole_u64 c) {
+    const mole_u64 total = (mole_u64)p.tokens * p.slots, end = (c + 1) * p.chunk_entries;
+    return end < total ? end : total;
+}
+
+// Grid: one warp per chunk; dynamic shared memory (threads / 32) * E * 4 bytes.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_plan_count)(const mole_plan_params p, const int* __restrict__ ids,
+                                  mole_u32* __restrict__ workspace) {
+    mole_u32* cnt = warp_smem(p.experts);
+    for (mole_u64 c = first_warp_item(); c < p.chunks; c += warp_item_stride()) {
+        const bool invalid = count_experts(cnt, ids, c * p.chunk_entries, chunk_end(p, c), (int)p.experts);
+        for (mole_u32 e = mole_lane(); e < p.experts; e += MOLE_WARP_SIZE) workspace[c * p.experts + e] = cnt[e];
+        if (mole_lane() == 0) workspace[(mole_u64)p.chunks * p.experts + c] = invalid ? 1u : 0u;
+        mole_syncwarp();  // cnt is reused by the next chunk
+    }
+}
+
+// Exclusive prefix sum over the block of one value per thread; `total` gets the sum of all.
+// Uses the first 32 words of dynamic shared memory.
+MOLE_DEVICE mole_u32 block_exclusive_scan(mole_u32 v, mole_u32& total) {
+    mole_u32* warp_sums = block_smem();
+    const mole_u32 incl = mole_warp_inclusive_scan(v);
+    if (mole_lane() == MOLE_WARP_SIZE - 1) warp_sums[mole_warp_id()] = incl;
+    __syncthreads();
+    mole_u32 before = 0;
+    total = 0;
+    for (int w = 0; w < mole_warps_per_block(); ++w) {
+        if (w < mole_warp_id()) before += warp_sums[w];
+        total += warp_sums[w];
+    }
+    __syncthreads();  // warp_sums may be reused by a later call
+    return before + incl - v;
+}
+
+MOLE_DEVICE mole_u32 padded(mole_u32 count, mole_u32 block) { return (count + block - 1) / block * block; }
+
+// Grid: one block; dynamic shared memory 128 bytes. Writes counts [E], offsets [E + 1], the
+// padding entries and status [1] (1 when an invalid id was skipped).
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_plan_scan)(const mole_plan_params p, mole_u32* __restrict__ workspace,
+                                 mole_u32* __restrict__ counts, mole_u32* __restrict__ offsets,
+                                 mole_token_slot* __restrict__ entries, mole_u32* __restrict__ status) {
+    const mole_u32 n = p.experts, tid = threadIdx.x;
+    // Per expert: exclusive prefix of its chunk counts (in chunk order) and its total.
+    for (mole_u32 e = tid; e < n; e += blockDim.x) {
+        mole_u32 run = 0;
+        for (mole_u64 c = 0; c < p.chunks; ++c) {
+            const mole_u32 v = workspace[c * n + e];
+            workspace[c * n + e] = run;
+            run += v;
+        }
+        counts[e] = run;
+    }
+    __syncthreads();
+    // Padded segment starts: each thread scans a contiguous range of experts.
+    const mole_u32 per = (n + blockDim.x - 1) / blockDim.x;
+    const mole_u32 lo = tid * per < n ? tid * per : n, hi = lo + per < n ? lo + per : n;
+    mole_u32 sum = 0, total = 0;
+    for (mole_u32 e = lo; e < hi; ++e) sum += padded(counts[e], p.block);
+    mole_u32 start = block_exclusive_scan(sum, total);
+    for (mole_u32 e = lo; e < hi; ++e) {
+        offsets[e] = start;
+        start += padded(counts[e], p.block);
+    }
+    if (tid == 0) {
+        offsets[n] = total;
+        mole_u32 invalid = 0;
+        for (mole_u64 c = 0; c < p.chunks; ++c) invalid |= workspace[(mole_u64)p.chunks * n + c];
+        status[0] = invalid;
+    }
+    __syncthreads();
+    // Chunk bases become absolute; padding fills each segment's tail.
+    for (mole_u32 e = tid; e < n; e += blockDim.x) {
+        const mole_u32 o = offsets[e];
+        for (mole_u64 c = 0; c < p.chunks; ++c) workspace[c * n + e] += o;
+        const mole_token_slot padding{0xffffffffu, 0xffffffffu};  // TokenSlot::PADDING
+        for (mole_u32 i = o + counts[e]; i < offsets[e + 1]; ++i) entries[i] = padding;
+    }
+}
+
+// Grid: one warp per chunk; dynamic shared memory (threads / 32) * E * 4 bytes.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(gating_plan_scatter)(const mole_plan_params p, const int* __restrict__ ids,
+                                    const mole_u32* __restrict__ workspace, mole_token_slot* __restrict__ entries) {
+    mole_u32* cursor = warp_smem(p.experts);
+    for (mole_u64 c = first_warp_item(); c < p.chunks; c += warp_item_stride()) {
+        for (mole_u32 e = mole_lane(); e < p.experts; e += MOLE_WARP_SIZE) cursor[e] = workspace[c * p.experts + e];
+        mole_syncwarp();
+        const mole_u64 end = chunk_end(p, c);
+        for (mole_u64 base = c * p.chunk_entries; base < end; base += MOLE_WARP_SIZE) {
+            const mole_u64 i = base + mole_lane();
+            const mole_group g = group_entry(ids, i, end, (int)p.experts);
+            const mole_token_slot entry{(mole_u32)(i / p.slots), (mole_u32)(i % p.slots)};
+            if (g.valid) entries[cursor[g.id] + g.rank] = entry;
+            mole_syncwarp();  // every lane has read its cursor before the group's first lane moves it
+            if (g.valid && g.rank == 0) cursor[g.id] += g.size;
+            mole_syncwarp();
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! A GPU with its context, a stream, and the kernel modules loaded on it.
+
+use super::arch::Arch;
+use super::module_cache::{cubin_cached, CacheKey, DiskCache};
+use super::probe::{driver_present, nvrtc_present};
+use super::shipped::shipped_ptx;
+use crate::kernels::KernelBuild;
+use crate::{MoleError, Result};
+use cudarc::driver::{sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+fn cuda_err(call: &'static str) -> impl Fn(DriverError) -> MoleError {
+    move |e| MoleError::Cuda { call, message: e.to_string() }
+}
+
+/// Where a module's code comes from on this machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ModuleSource {
+    /// Compiled by NVRTC for the device's own architecture (through the disk cache).
+    Cubin(CacheKey),
+    /// The shipped PTX, JIT-compiled by the driver (no NVRTC).
+    ShippedPtx,
+}
+
+impl ModuleSource {
+    /// The in-process cache key: modules are per build and per source of code.
+    fn memo_key(&self, build: &KernelBuild) -> String {
+        match self {
+            ModuleSource::Cubin(key) => key.canonical().to_string(),
+            ModuleSource::ShippedPtx => format!("shipped-ptx {}", serde_json::to_string(build).unwrap_or_default()),
+        }
+    }
+}
+
+/// One GPU: a CUDA context, a stream to launch on, and a cache of loaded kernel modules.
+///
+/// Creating one needs only the driver. Kernels are compiled with NVRTC for the device's exact
+/// architecture (cubin, cached on disk across processes); without NVRTC the PTX shipped in
+/// `ptx/` is used, which covers the default builds only.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    name: String,
+    compute_capability: (i32, i32),
+    arch: Arch,
+    sm_count: u32,
+    disk: Option<DiskCache>,
+    use_nvrtc: bool,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("ordinal", &self.ordinal)
+            .field("name", &self.name)
+            .field("arch", &self.arch)
+            .field("sm_count", &self.sm_count)
+            .field("disk_cache", &self.disk)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Opens GPU `ordinal` with the disk cache of [`DiskCache::from_env`]. Errors with
+    /// [`MoleError::CudaDriverNotFound`] when libcuda is missing, [`MoleError::Cuda`] when the
+    /// driver fails (e.g. no such GPU), [`MoleError::Unsupported`] for an architecture the
+    /// kernels do not target.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // cudarc panics on the first driver call when libcuda cannot be loaded.
+        if !driver_present() {
+            return Err(MoleError::CudaDriverNotFound { detail: "dlopen of libcuda.so / libcuda.so.1 failed".into() });
+        }
+        let count = CudaContext::device_count().map_err(cuda_err("cuDeviceGetCount"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(MoleError::Cuda {
+                call: "cuDeviceGet",
+                message: format!("no GPU {ordinal}: the driver sees {count}"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("cuCtxCreate"))?;
+        let (major, minor) = ctx.compute_capability().map_err(cuda_err("cuDeviceGetAttribute"))?;
+        let arch = Arch::from_compute_capability(major, minor)?;
+        let name = ctx.name().map_err(cuda_err("cuDeviceGetName"))?;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err("cuDeviceGetAttribute"))?;
+        let stream = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
+        Ok(Device {
+            ctx,
+            stream,
+            ordinal,
+            name,
+            compute_capability: (major, minor),
+            arch,
+            sm_count: sm_count.max(0) as u32,
+            disk: DiskCache::from_env(),
+            use_nvrtc: nvrtc_present(),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Uses `cache` (or none) for compiled kernels instead of the environment's.
+    pub fn with_disk_cache(mut self, cache: Option<DiskCache>) -> Self {
+        self.disk = cache;
+        self
+    }
+
+    /// Loads only the shipped PTX from now on, as on a machine without NVRTC (to exercise that
+    /// path where NVRTC is installed).
+    pub fn without_nvrtc(mut self) -> Self {
+        self.use_nvrtc = false;
+        self
+    }
+
+    /// Device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Marketing name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// The architecture kernels are compiled for.
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// Streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream kernels are launched on (not the legacy default stream).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The disk cache in use, if any.
+    pub fn disk_cache(&self) -> Option<&DiskCache> {
+        self.disk.as_ref()
+    }
+
+    /// The module of `build`, loaded once per device and build.
+    pub fn module(&self, build: &KernelBuild) -> Result<Arc<CudaModule>> {
+        build.validate()?;
+        let source = if self.use_nvrtc {
+            ModuleSource::Cubin(CacheKey::for_cubin(build, self.arch)?)
+        } else {
+            ModuleSource::ShippedPtx
+        };
+        let memo = source.memo_key(build);
+        // A poisoned lock only means another thread panicked while inserting; the map is
+        // still a valid map of loaded modules.
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(module) = modules.get(&memo) {
+            return Ok(module.clone());
+        }
+        let code = match source {
+            ModuleSource::Cubin(_) => Ptx::from_binary(cubin_cached(build, self.arch, self.disk.as_ref())?.0),
+            ModuleSource::ShippedPtx => Ptx::from_src(shipped_ptx(build)?),
+        };
+        let module = self.ctx.load_module(code).map_err(cuda_err("cuModuleLoadData"))?;
+        modules.insert(memo, module.clone());
+        Ok(module)
+    }
+
+    /// Kernel `entry` of `build`, ready to launch on [`Device::stream`]. `entry` must be one of
+    /// the build's entry points.
+    pub fn function(&self, build: &KernelBuild, entry: &str) -> Result<CudaFunction> {
+        if !build.entry_points.iter().any(|e| e == entry) {
+            return Err(MoleError::param("entry", entry, "is not one of the build's entry points"));
+        }
+        let module = self.module(build)?;
+        module.load_function(entry).map_err(cuda_err("cuModuleGetFunction"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Family;
+    use crate::DType;
+
+    #[test]
+    fn no_driver_is_a_typed_error() {
+        match Device::new(0) {
+            Err(MoleError::CudaDriverNotFound { .. }) => assert!(!driver_present()),
+            // With a driver: either a GPU that opens, or a typed driver/architecture error.
+            Ok(dev) => assert!(driver_present() && dev.sm_count() > 0),
+            Err(e) => {
+                assert!(driver_present() && matches!(e, MoleError::Cuda { .. } | MoleError::Unsupported(_)), "{e}")
+            }
+        }
+        if driver_present() {
+            assert!(matches!(Device::new(usize::MAX), Err(MoleError::Cuda { .. })));
+        }
+    }
+
+    #[test]
+    fn module_sources_have_distinct_memo_keys() {
+        let b = KernelBuild::new(Family::Gating, DType::F32, &["k"]);
+        let key = CacheKey::new(&b, Arch::Sm90, crate::cuda::Output::Cubin, &[], (12, 4), 1);
+        let cubin = ModuleSource::Cubin(key).memo_key(&b);
+        let ptx = ModuleSource::ShippedPtx.memo_key(&b);
+        assert_ne!(cubin, ptx);
+        assert_ne!(ptx, ModuleSource::ShippedPtx.memo_key(&b.clone().define("X", 1)));
+    }
+}

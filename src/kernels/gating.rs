@@ -1,0 +1,641 @@
+//! The gating kernels (`kernels/gating.cu`): routing rules, router statistics and the routing plan
+//! on the GPU, with the semantics of [`crate::reference::routing`], [`crate::reference::stats`]
+//! and [`crate::plan::RoutingPlan`].
+//!
+//! This module mirrors the `.cu` file: the `#[repr(C)]` parameter structs and `#[repr(u32)]`
+//! enums match their C twins (both sides assert every size and offset), and the pure planning
+//! functions ([`plan`], [`plan_stats`], [`plan_grouping`]) validate a call and compute its grid,
+//! block, shared memory and workspace without touching a GPU. [`route`], [`router_stats`] and
+//! [`group`] launch them on a [`crate::cuda::Device`]; the `*_raw` variants take raw pointers.
+
+mod launch;
+
+pub use launch::{
+    group, group_raw, route, route_raw, router_stats, router_stats_raw, DeviceGateInput, GroupOutputs,
+    RawGroupPointers, RawRoutePointers, RawStatsPointers, RouteOutputs, StatsInputs,
+};
+
+use super::{Family, KernelBuild, BLOCK_THREADS_DEFINE, DYNAMIC_SMEM_DEFINE};
+use crate::model::{Gating, RoutingRule, TopKWeights};
+use crate::reference::RouterStats;
+use crate::{DType, MoleError, Result};
+use bytemuck::{Pod, Zeroable};
+
+/// Most experts a gating kernel takes (`MOLE_GATING_MAX_EXPERTS`).
+pub const MAX_EXPERTS: usize = 1024;
+/// Largest `k` of the top-k rules (`MOLE_GATING_MAX_K`).
+pub const MAX_K: usize = 8;
+/// Threads per block when a build does not say (the `.cu` default of `MOLE_BLOCK_THREADS`).
+pub const DEFAULT_BLOCK_THREADS: u32 = 128;
+/// The block sizes [`candidates`] offers, the default first.
+pub const BLOCK_THREADS_CANDIDATES: [u32; 4] = [128, 32, 64, 256];
+/// Grid-stride loops cover any token count; more blocks than this add nothing.
+const MAX_GRID_BLOCKS: u64 = 1 << 16;
+/// Statistics and grouping split their input into at most this many chunks (one warp each), so
+/// workspaces stay small and the final in-order passes short.
+const MAX_CHUNKS: u64 = 1024;
+
+/// Base names of the entry points; each build appends its dtype suffix (`_f32`, `_f16`, `_bf16`).
+pub mod entry {
+    /// Softmax top-k.
+    pub const SOFTMAX_TOPK: &str = "gating_softmax_topk";
+    /// Top-p, DynMoLE and dense softmax (a prefix of the descending order).
+    pub const SOFTMAX_PREFIX: &str = "gating_softmax_prefix";
+    /// SMoRA sigmoid top-k.
+    pub const SIGMOID_TOPK: &str = "gating_sigmoid_topk";
+    /// FlyLoRA magnitude top-k.
+    pub const MAGNITUDE_TOPK: &str = "gating_magnitude_topk";
+    /// Given weights.
+    pub const GIVEN: &str = "gating_given";
+    /// Adapter ids.
+    pub const ADAPTER_IDS: &str = "gating_adapter_ids";
+    /// Router statistics, per-chunk partials.
+    pub const STATS_PARTIAL: &str = "gating_stats_partial";
+    /// Router statistics, the in-order final sum.
+    pub const STATS_FINALIZE: &str = "gating_stats_finalize";
+    /// Routing plan phase 1: per-chunk expert counts.
+    pub const PLAN_COUNT: &str = "gating_plan_count";
+    /// Routing plan phase 2: scan, offsets, padding.
+    pub const PLAN_SCAN: &str = "gating_plan_scan";
+    /// Routing plan phase 3: in-order scatter.
+    pub const PLAN_SCATTER: &str = "gating_plan_scatter";
+    /// Every entry point, in file order.
+    pub const ALL: [&str; 11] = [
+        SOFTMAX_TOPK,
+        SOFTMAX_PREFIX,
+        SIGMOID_TOPK,
+        MAGNITUDE_TOPK,
+        GIVEN,
+        ADAPTER_IDS,
+        STATS_PARTIAL,
+        STATS_FINALIZE,
+        PLAN_COUNT,
+        PLAN_SCAN,
+        PLAN_SCATTER,
+    ];
+}
+
+/// The full entry-point name of `base` in a `dtype` build, e.g. `gating_given_bf16`.
+pub fn entry_name(base: &str, dtype: DType) -> String {
+    format!("{base}_{}", dtype.name())
+}
+
+/// Every configuration worth compiling: each dtype at each of [`BLOCK_THREADS_CANDIDATES`]. The
+/// first build of each dtype is its default.
+pub fn candidates() -> Vec<KernelBuild> {
+    DType::ALL.iter().flat_map(|&d| BLOCK_THREADS_CANDIDATES.iter().map(move |&t| build(d, t))).collect()
+}
+
+/// One build per dtype, at [`DEFAULT_BLOCK_THREADS`].
+pub fn default_builds() -> Vec<KernelBuild> {
+    DType::ALL.iter().map(|&d| build(d, DEFAULT_BLOCK_THREADS)).collect()
+}
+
+/// The build of `dtype` with `block_threads` threads per block. It declares the dynamic shared
+/// memory of its largest launch: one word per expert per warp at [`MAX_EXPERTS`].
+pub fn build(dtype: DType, block_threads: u32) -> KernelBuild {
+    let entries: Vec<String> = entry::ALL.iter().map(|e| entry_name(e, dtype)).collect();
+    let refs: Vec<&str> = entries.iter().map(String::as_str).collect();
+    KernelBuild::new(Family::Gating, dtype, &refs)
+        .define(BLOCK_THREADS_DEFINE, block_threads)
+        .define(DYNAMIC_SMEM_DEFINE, block_threads / 32 * MAX_EXPERTS as u32 * 4)
+}
+
+/// Which rule a launch applies (C: `mole_rule`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum RuleKind {
+    /// [`RoutingRule::SoftmaxTopK`].
+    SoftmaxTopK = 0,
+    /// [`RoutingRule::TopP`].
+    TopP = 1,
+    /// [`RoutingRule::DynMole`].
+    DynMole = 2,
+    /// [`RoutingRule::DenseSoftmax`].
+    DenseSoftmax = 3,
+    /// [`RoutingRule::SigmoidTopK`].
+    SigmoidTopK = 4,
+    /// [`RoutingRule::MagnitudeTopK`].
+    MagnitudeTopK = 5,
+    /// [`Gating::Given`].
+    Given = 6,
+    /// [`Gating::AdapterIds`].
+    AdapterIds = 7,
+}
+
+/// Weighting of softmax top-k picks (C: `mole_weight_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum WeightMode {
+    /// [`TopKWeights::Softmax`].
+    Softmax = 0,
+    /// [`TopKWeights::Renormalized`].
+    Renormalized = 1,
+    /// [`TopKWeights::Unit`].
+    Unit = 2,
+}
+
+impl From<TopKWeights> for WeightMode {
+    fn from(w: TopKWeights) -> Self {
+        match w {
+            TopKWeights::Softmax => WeightMode::Softmax,
+            TopKWeights::Renormalized => WeightMode::Renormalized,
+            TopKWeights::Unit => WeightMode::Unit,
+        }
+    }
+}
+
+/// Which entropy a kernel computes (C: `mole_entropy_kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum EntropyKind {
+    /// No entropy.
+    None = 0,
+    /// Shannon (`q = 1`).
+    Shannon = 1,
+    /// Tsallis with index `q != 1`.
+    Tsallis = 2,
+}
+
+impl EntropyKind {
+    /// The kind for index `q`, deciding `q = 1` exactly as the reference does.
+    pub fn for_q(q: f64) -> Self {
+        if (q - 1.0).abs() < 1e-12 {
+            EntropyKind::Shannon
+        } else {
+            EntropyKind::Tsallis
+        }
+    }
+
+    /// `1 / S(uniform over experts)` in f64, rounded once: `1 / ln E` or `1 / (1 - E^(1-q))`
+    /// (via `expm1`, accurate for `q` near 1); 0 for a single expert or no entropy.
+    pub fn scale(self, q: f64, experts: usize) -> f32 {
+        let ln_n = (experts as f64).ln();
+        let s = match self {
+            _ if experts <= 1 => return 0.0,
+            EntropyKind::None => return 0.0,
+            EntropyKind::Shannon => ln_n,
+            EntropyKind::Tsallis => -((1.0 - q) * ln_n).exp_m1(),
+        };
+        (1.0 / s) as f32
+    }
+}
+
+/// Parameters of every routing kernel, passed by value (C: `mole_gating_params`, 56 bytes).
+/// Enum fields hold the `as u32` of [`RuleKind`], [`WeightMode`] and [`EntropyKind`]; booleans
+/// are 0 or 1. Built by [`plan`].
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct GatingParams {
+    /// Tokens `T`.
+    pub tokens: u32,
+    /// Experts `E`: the row length of scores and probabilities.
+    pub experts: u32,
+    /// Row length of ids and weights.
+    pub slots: u32,
+    /// Picks (top-k, given `top_k`, `E` for given weights without it) or DynMoLE `keep_top_k`.
+    pub k: u32,
+    /// [`RuleKind`].
+    pub rule: u32,
+    /// [`WeightMode`] (softmax top-k).
+    pub weights: u32,
+    /// [`EntropyKind`] (DynMoLE).
+    pub entropy: u32,
+    /// 1: the selection bias `[E]` is added to the selection score.
+    pub use_bias: u32,
+    /// 1: given weights are replaced by the softmax of the kept values.
+    pub softmax_kept: u32,
+    /// Softmax temperature (1 for DynMoLE).
+    pub temperature: f32,
+    /// Top-p `p` or DynMoLE `top_p`.
+    pub threshold: f32,
+    /// Tsallis index `q`.
+    pub q: f32,
+    /// DynMoLE: every expert is used above this normalised entropy.
+    pub entropy_threshold: f32,
+    /// [`EntropyKind::scale`].
+    pub entropy_scale: f32,
+}
+
+/// Parameters of the statistics kernels (C: `mole_stats_params`, 40 bytes). Built by
+/// [`plan_stats`].
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct StatsParams {
+    /// Tokens `T`.
+    pub tokens: u32,
+    /// Experts `E`.
+    pub experts: u32,
+    /// Row length of ids.
+    pub slots: u32,
+    /// Tokens per chunk (one warp each).
+    pub chunk_tokens: u32,
+    /// `ceil(T / chunk_tokens)`.
+    pub chunks: u32,
+    /// 1: probabilities `[T, E]` are given.
+    pub has_probs: u32,
+    /// 1: scores `[T, E]` are given.
+    pub has_scores: u32,
+    /// [`EntropyKind`].
+    pub entropy: u32,
+    /// Tsallis index `q`.
+    pub q: f32,
+    /// [`EntropyKind::scale`].
+    pub entropy_scale: f32,
+}
+
+/// Parameters of the routing-plan kernels (C: `mole_plan_params`, 24 bytes). Built by
+/// [`plan_grouping`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub struct PlanParams {
+    /// Tokens `T`.
+    pub tokens: u32,
+    /// Row length of ids.
+    pub slots: u32,
+    /// Experts `E`.
+    pub experts: u32,
+    /// Segment granularity (1 = no padding).
+    pub block: u32,
+    /// Entries per chunk (one warp each).
+    pub chunk_entries: u32,
+    /// `ceil(T * slots / chunk_entries)`.
+    pub chunks: u32,
+}
+
+// SAFETY: plain `#[repr(C)]` structs of 4-byte scalars with no padding (Pod), laid out exactly as
+// their C twins in kernels/gating.cu (sizes and offsets asserted on both sides), so passing a
+// pointer to one as a kernel parameter is what the kernel expects.
+unsafe impl cudarc::driver::DeviceRepr for GatingParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for StatsParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for PlanParams {}
+
+/// Grid, block and dynamic shared memory of one kernel launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLaunch {
+    /// Base entry name (see [`entry`]).
+    pub entry: &'static str,
+    /// Blocks (x only).
+    pub grid: u32,
+    /// Threads per block (x only).
+    pub block: u32,
+    /// Dynamic shared memory, bytes.
+    pub shared_bytes: u32,
+}
+
+impl KernelLaunch {
+    /// As cudarc's launch configuration.
+    pub fn config(&self) -> cudarc::driver::LaunchConfig {
+        cudarc::driver::LaunchConfig {
+            grid_dim: (self.grid, 1, 1),
+            block_dim: (self.block, 1, 1),
+            shared_mem_bytes: self.shared_bytes,
+        }
+    }
+}
+
+/// What a routing kernel reads per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    /// Router scores `[T, E]` (plus `selection_bias [E]` when [`RoutePlan::uses_bias`]).
+    Scores,
+    /// Given weights `[T, E]`.
+    Weights,
+    /// Adapter ids `[T]` (i32).
+    AdapterIds,
+}
+
+/// A validated routing launch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoutePlan {
+    /// The kernel's parameters.
+    pub params: GatingParams,
+    /// The launch; `None` when there are no tokens (nothing is launched).
+    pub launch: Option<KernelLaunch>,
+    /// The kernel (also set when `launch` is `None`).
+    pub entry: &'static str,
+    /// What the kernel reads.
+    pub input: InputKind,
+    /// Whether `selection_bias [E]` is read.
+    pub uses_bias: bool,
+    /// Whether the kernel can write probabilities `[T, E]` (softmax, sigmoid, given weights).
+    pub writes_probs: bool,
+    /// Slots per token.
+    pub slots: usize,
+}
+
+fn check_block_threads(threads: u32) -> Result<()> {
+    if threads == 0 || threads % 32 != 0 || threads > 1024 {
+        return Err(MoleError::param("block threads", threads, "must be a multiple of 32 in 32..=1024"));
+    }
+    Ok(())
+}
+
+/// The threads per block of `build` ([`DEFAULT_BLOCK_THREADS`] when it does not say), checked.
+fn build_threads_of(build: &KernelBuild) -> Result<u32> {
+    let threads = build.block_threads()?.unwrap_or(DEFAULT_BLOCK_THREADS);
+    check_block_threads(threads)?;
+    Ok(threads)
+}
+
+fn check_experts(experts: usize) -> Result<()> {
+    if experts == 0 {
+        return Err(MoleError::ZeroDimension { name: "experts" });
+    }
+    if experts > MAX_EXPERTS {
+        return Err(MoleError::param("experts", experts, "the gating kernels take at most 1024 experts"));
+    }
+    Ok(())
+}
+
+fn check_tokens(tokens: usize) -> Result<u32> {
+    u32::try_from(tokens).map_err(|_| MoleError::param("tokens", tokens, "must fit in 32 bits"))
+}
+
+fn check_top_k(k: usize) -> Result<()> {
+    if k > MAX_K {
+        return Err(MoleError::param("k", k, "the gating kernels take k <= 8"));
+    }
+    Ok(())
+}
+
+/// A positive, finite f64 parameter that must stay positive and finite as f32.
+fn positive_f32(name: &'static str, v: f64) -> Result<f32> {
+    let f = v as f32;
+    if !(f.is_finite() && f > 0.0) {
+        return Err(MoleError::param(name, v, "must be a positive finite f32"));
+    }
+    Ok(f)
+}
+
+/// Blocks for `items` work items at `per_block` items per block, capped (the kernels grid-stride).
+fn grid_for(items: u64, per_block: u64) -> u32 {
+    items.div_ceil(per_block).clamp(1, MAX_GRID_BLOCKS) as u32
+}
+
+/// Validates a routing call and plans its launch: `tokens` tokens, `experts` routed experts,
+/// `block_threads` threads per block (the build's [`BLOCK_THREADS_DEFINE`]). The rule must pass
+/// [`Gating::validate`], with at most [`MAX_EXPERTS`] experts and `k <= MAX_K` for the top-k rules.
+pub fn plan(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) -> Result<RoutePlan> {
+    check_block_threads(block_threads)?;
+    check_experts(experts)?;
+    gating.validate(experts)?;
+    let t = check_tokens(tokens)?;
+    let slots = gating.slots(experts);
+    let mut p = GatingParams {
+        tokens: t,
+        experts: experts as u32,
+        slots: slots as u32,
+        k: 0,
+        rule: 0,
+        weights: WeightMode::Renormalized as u32,
+        entropy: EntropyKind::None as u32,
+        use_bias: 0,
+        softmax_kept: 0,
+        temperature: 1.0,
+        threshold: 0.0,
+        q: 1.0,
+        entropy_threshold: 0.0,
+        entropy_scale: 0.0,
+    };
+    let (kind, entry, input, writes_probs) = match *gating {
+        Gating::Routed { rule, .. } => match rule {
+            RoutingRule::SoftmaxTopK { k, temperature, weights } => {
+                check_top_k(k)?;
+                p.k = k as u32;
+                p.temperature = positive_f32("temperature", temperature)?;
+                p.weights = WeightMode::from(weights) as u32;
+                (RuleKind::SoftmaxTopK, entry::SOFTMAX_TOPK, InputKind::Scores, true)
+            }
+            RoutingRule::TopP { p: threshold, temperature } => {
+                p.temperature = positive_f32("temperature", temperature)?;
+                p.threshold = threshold as f32;
+                (RuleKind::TopP, entry::SOFTMAX_PREFIX, InputKind::Scores, true)
+            }
+            RoutingRule::DynMole { q, top_p, keep_top_k, entropy_threshold } => {
+                let kind = EntropyKind::for_q(q);
+                p.k = keep_top_k as u32;
+                p.q = positive_f32("q", q)?;
+                p.threshold = top_p as f32;
+                p.entropy = kind as u32;
+                p.entropy_threshold = entropy_threshold as f32;
+                p.entropy_scale = kind.scale(q, experts);
+                (RuleKind::DynMole, entry::SOFTMAX_PREFIX, InputKind::Scores, true)
+            }
+            RoutingRule::DenseSoftmax { temperature } => {
+                p.temperature = positive_f32("temperature", temperature)?;
+                (RuleKind::DenseSoftmax, entry::SOFTMAX_PREFIX, InputKind::Scores, true)
+            }
+            RoutingRule::SigmoidTopK { k, bias } => {
+                check_top_k(k)?;
+                p.k = k as u32;
+                p.use_bias = bias as u32;
+                (RuleKind::SigmoidTopK, entry::SIGMOID_TOPK, InputKind::Scores, true)
+            }
+            RoutingRule::MagnitudeTopK { k, bias } => {
+                check_top_k(k)?;
+                p.k = k as u32;
+                p.use_bias = bias as u32;
+                (RuleKind::MagnitudeTopK, entry::MAGNITUDE_TOPK, InputKind::Scores, false)
+            }
+        },
+        Gating::Given { top_k, softmax_topk } => {
+            if let Some(k) = top_k {
+                check_top_k(k)?;
+            }
+            p.k = top_k.unwrap_or(experts) as u32;
+            p.softmax_kept = softmax_topk as u32;
+            (RuleKind::Given, entry::GIVEN, InputKind::Weights, true)
+        }
+        Gating::AdapterIds => (RuleKind::AdapterIds, entry::ADAPTER_IDS, InputKind::AdapterIds, false),
+    };
+    p.rule = kind as u32;
+    let launch = (tokens > 0).then(|| match kind {
+        // One thread per token, no shared memory.
+        RuleKind::AdapterIds => KernelLaunch {
+            entry,
+            grid: grid_for(tokens as u64, block_threads as u64),
+            block: block_threads,
+            shared_bytes: 0,
+        },
+        // One warp per token, E staged floats per warp.
+        _ => KernelLaunch {
+            entry,
+            grid: grid_for(tokens as u64, (block_threads / 32) as u64),
+            block: block_threads,
+            shared_bytes: block_threads / 32 * experts as u32 * 4,
+        },
+    });
+    Ok(RoutePlan { params: p, launch, entry, input, uses_bias: p.use_bias != 0, writes_probs, slots })
+}
+
+/// A validated router-statistics launch: per-chunk partials into a workspace, then one block sums
+/// the chunks in order into `out [2E + 2]` (see [`StatsPlan::decode`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StatsPlan {
+    /// The kernels' parameters.
+    pub params: StatsParams,
+    /// The partials; `None` when there are no tokens.
+    pub partial: Option<KernelLaunch>,
+    /// The final sum (always launched: with no tokens it writes zeros, as the reference defines).
+    pub finalize: KernelLaunch,
+    /// Workspace size in 4-byte words.
+    pub workspace_words: usize,
+    /// Output length in f32: `2E + 2`.
+    pub out_len: usize,
+    /// What the reference would report: `mean_prob`, `z_loss`, `entropy` present or not.
+    pub entropy_q: Option<f64>,
+}
+
+/// Plans [`router_stats`] for `ids [T, slots]`, optional `probs [T, E]` (f32) and optional raw
+/// `scores [T, E]`, with the entropy of index `entropy_q` (as [`crate::reference::router_stats`]).
+pub fn plan_stats(
+    tokens: usize,
+    experts: usize,
+    slots: usize,
+    has_probs: bool,
+    has_scores: bool,
+    entropy_q: Option<f64>,
+    block_threads: u32,
+) -> Result<StatsPlan> {
+    check_block_threads(block_threads)?;
+    check_experts(experts)?;
+    let t = check_tokens(tokens)?;
+    if tokens.checked_mul(slots).is_none_or(|n| n > u32::MAX as usize) {
+        return Err(MoleError::param("tokens", tokens, "tokens * slots must fit in 32 bits"));
+    }
+    let (kind, q) = match entropy_q {
+        Some(q) if has_probs => (EntropyKind::for_q(q), positive_f32("q", q)?),
+        _ => (EntropyKind::None, 1.0),
+    };
+    let chunk_tokens = (tokens as u64).div_ceil(MAX_CHUNKS).max(32);
+    let chunks = (tokens as u64).div_ceil(chunk_tokens);
+    let params = StatsParams {
+        tokens: t,
+        experts: experts as u32,
+        slots: slots as u32,
+        chunk_tokens: chunk_tokens as u32,
+        chunks: chunks as u32,
+        has_probs: has_probs as u32,
+        has_scores: has_scores as u32,
+        entropy: kind as u32,
+        q,
+        entropy_scale: kind.scale(entropy_q.unwrap_or(1.0), experts),
+    };
+    let warps = (block_threads / 32) as u64;
+    let partial = (chunks > 0).then(|| KernelLaunch {
+        entry: entry::STATS_PARTIAL,
+        grid: grid_for(chunks, warps),
+        block: block_threads,
+        shared_bytes: block_threads / 32 * experts as u32 * 4,
+    });
+    let finalize = KernelLaunch { entry: entry::STATS_FINALIZE, grid: 1, block: block_threads, shared_bytes: 0 };
+    let workspace_words = (chunks as usize * (2 * experts + 2)).max(1);
+    Ok(StatsPlan { params, partial, finalize, workspace_words, out_len: 2 * experts + 2, entropy_q })
+}
+
+impl StatsPlan {
+    /// Plans the statistics of a routing call exactly as the reference layer does: probabilities
+    /// when the rule has them, scores for every routed rule but magnitude top-k, and the entropy
+    /// of softmax rules (`q` for DynMoLE, Shannon otherwise).
+    pub fn for_gating(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) -> Result<Self> {
+        let route = plan(gating, tokens, experts, block_threads)?;
+        let (has_scores, entropy_q) = match *gating {
+            Gating::Routed { rule, .. } => match rule {
+                RoutingRule::DynMole { q, .. } => (true, Some(q)),
+                RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. } => {
+                    (true, Some(1.0))
+                }
+                RoutingRule::SigmoidTopK { .. } => (true, None),
+                RoutingRule::MagnitudeTopK { .. } => (false, None),
+            },
+            _ => (false, None),
+        };
+        plan_stats(tokens, experts, route.slots, route.writes_probs, has_scores, entropy_q, block_threads)
+    }
+
+    /// Turns the kernel output `out [2E + 2]` into [`RouterStats`] with the reference's
+    /// `Option`s: `mean_prob` with probabilities (and tokens: with none, the reference has no
+    /// probability rows), `z_loss` with scores, `entropy` when an entropy was asked for.
+    pub fn decode(&self, out: &[f32]) -> Result<RouterStats> {
+        crate::error::check_len("router stats output", out, &[self.out_len])?;
+        let e = self.params.experts as usize;
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        Ok(RouterStats {
+            selected_fraction: f(&out[..e]),
+            mean_prob: (self.params.has_probs != 0 && self.params.tokens > 0).then(|| f(&out[e..2 * e])),
+            z_loss: (self.params.has_scores != 0).then_some(out[2 * e] as f64),
+            entropy: self.entropy_q.map(|_| out[2 * e + 1] as f64),
+        })
+    }
+}
+
+/// A validated routing-plan launch (the GPU version of [`crate::plan::RoutingPlan::build`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupingPlan {
+    /// The kernels' parameters.
+    pub params: PlanParams,
+    /// Phase 1 (per-chunk counts); `None` when there are no entries.
+    pub count: Option<KernelLaunch>,
+    /// Phase 2 (always launched: it writes counts, offsets and status even for no entries).
+    pub scan: KernelLaunch,
+    /// Phase 3 (in-order scatter); `None` when there are no entries.
+    pub scatter: Option<KernelLaunch>,
+    /// Workspace size in 4-byte words.
+    pub workspace_words: usize,
+    /// Capacity the entries buffer needs: `T * slots + min(E, T * slots) * (block - 1)`. The
+    /// plan's real length is `offsets[E]`; entries past it are left untouched.
+    pub max_entries: usize,
+}
+
+/// Plans the routing plan of `ids [T, slots]` over `experts` experts with segments padded to a
+/// multiple of `block`.
+pub fn plan_grouping(
+    tokens: usize,
+    slots: usize,
+    experts: usize,
+    block: usize,
+    block_threads: u32,
+) -> Result<GroupingPlan> {
+    check_block_threads(block_threads)?;
+    check_experts(experts)?;
+    if block == 0 {
+        return Err(MoleError::ZeroDimension { name: "block" });
+    }
+    let t = check_tokens(tokens)?;
+    let n = tokens as u128 * slots as u128;
+    let max_entries = n + n.min(experts as u128) * (block as u128 - 1);
+    if max_entries > u32::MAX as u128 || block > u32::MAX as usize {
+        return Err(MoleError::param("tokens", tokens, "routing plan exceeds 2^32 entries"));
+    }
+    let n = n as u64;
+    let chunk_entries = n.div_ceil(MAX_CHUNKS).next_multiple_of(32).max(1024);
+    let chunks = n.div_ceil(chunk_entries);
+    let params = PlanParams {
+        tokens: t,
+        slots: slots as u32,
+        experts: experts as u32,
+        block: block as u32,
+        chunk_entries: chunk_entries as u32,
+        chunks: chunks as u32,
+    };
+    let warp_launch = |entry| KernelLaunch {
+        entry,
+        grid: grid_for(chunks, (block_threads / 32) as u64),
+        block: block_threads,
+        shared_bytes: block_threads / 32 * experts as u32 * 4,
+    };
+    Ok(GroupingPlan {
+        params,
+        count: (chunks > 0).then(|| warp_launch(entry::PLAN_COUNT)),
+        scan: KernelLaunch { entry: entry::PLAN_SCAN, grid: 1, block: block_threads, shared_bytes: 32 * 4 },
+        scatter: (chunks > 0).then(|| warp_launch(entry::PLAN_SCATTER)),
+        workspace_words: (chunks as usize * (experts + 1)).max(1),
+        max_entries: max_entries as usize,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! The NVRTC pipeline end to end: compiling real sources (inline smoke kernels and the embedded
+//! kernel files), the ptxas report, compile errors, the disk cache, and finding NVRTC through
+//! `MOLE_NVRTC_PATH`. Tests that need NVRTC print a note and pass when it is absent, unless
+//! `MOLE_REQUIRE_NVRTC=1` (set by scripts/test.sh), where its absence is a failure.
+
+use mole::cuda::{self, compile_source, Arch, CacheOutcome, Device, DiskCache, Output};
+use mole::kernels::{default_builds, Family, KernelBuild};
+use mole::{DType, MoleError};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn nvrtc_required() -> bool {
+    std::env::var("MOLE_REQUIRE_NVRTC").is_ok_and(|v| v == "1")
+}
+
+/// Whether NVRTC is usable; prints why a test is skipped when it is not.
+fn have_nvrtc(test: &str) -> bool {
+    match cuda::nvrtc_status() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(!nvrtc_required(), "MOLE_REQUIRE_NVRTC=1 but {e}");
+            eprintln!("note: {test} skipped: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn nvrtc_is_present_when_required() {
+    if nvrtc_required() {
+        let version = cuda::nvrtc_version().unwrap_or_else(|e| panic!("MOLE_REQUIRE_NVRTC=1 but {e}"));
+        assert!(version.0 >= 12, "NVRTC {version:?} is older than the pinned 12.x");
+    }
+}
+
+const HEADER: &str = r#"#pragma once
+__device__ inline float smoke_square(float x) { return x * x; }
+"#;
+
+const SMOKE: &str = r#"#include "common/smoke.cuh"
+#if !defined(MOLE_DTYPE_F32)
+#error "the dtype define is missing"
+#endif
+#ifndef SMOKE_SCALE
+#define SMOKE_SCALE 1
+#endif
+extern "C" __global__ void mole_smoke_f32(float* out, const float* in, int n) {
+    __shared__ float tile[256];
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    tile[threadIdx.x] = i < n ? smoke_square(in[i]) * SMOKE_SCALE : 0.0f;
+    __syncthreads();
+    if (i < n) out[i] = tile[blockDim.x - 1 - threadIdx.x];
+}
+"#;
+
+fn smoke_options(target: &str, verbose: bool) -> Vec<String> {
+    let mut o = vec![
+        "-std=c++17".to_string(),
+        format!("--gpu-architecture={target}"),
+        "-default-device".to_string(),
+        "-DMOLE_DTYPE_F32".to_string(),
+        "-DSMOKE_SCALE=3".to_string(),
+    ];
+    if verbose {
+        o.push("--ptxas-options=-v".to_string());
+    }
+    o
+}
+
+#[test]
+fn smoke_kernel_compiles_to_cubin_with_a_resource_report() {
+    if !have_nvrtc("smoke_kernel_compiles_to_cubin_with_a_resource_report") {
+        return;
+    }
+    let headers = [("common/smoke.cuh", HEADER)];
+    for arch in [Arch::Sm80, Arch::Sm90] {
+        let c = compile_source("smoke.cu", SMOKE, &headers, &smoke_options(arch.name(), true), Output::Cubin).unwrap();
+        assert_eq!(&c.image[..4], b"\x7fELF", "a cubin is an ELF file");
+        let r = c.entry("mole_smoke_f32").unwrap_or_else(|| panic!("no report in log:\n{}", c.log));
+        assert_eq!(r.shared_bytes, 1024, "{}", c.log);
+        assert!(r.registers > 0 && r.registers <= 32, "{r:?}");
+        assert_eq!((r.spill_stores, r.spill_loads), (0, 0));
+        assert!(c.log.contains(&format!("for '{}'", arch.name())), "{}", c.log);
+        assert!(arch.limits().check(r, Some(256), 0).is_empty());
+    }
+    // Without -v there is no report, and nothing is parsed.
+    let quiet = compile_source("smoke.cu", SMOKE, &headers, &smoke_options("sm_86", false), Output::Cubin).unwrap();
+    assert!(quiet.resources.is_empty());
+}
+
+#[test]
+fn smoke_kernel_compiles_to_ptx() {
+    if !have_nvrtc("smoke_kernel_compiles_to_ptx") {
+        return;
+    }
+    let headers = [("common/smoke.cuh", HEADER)];
+    let c = compile_source("smoke.cu", SMOKE, &headers, &smoke_options("compute_80", false), Output::Ptx).unwrap();
+    let ptx = String::from_utf8(c.image).unwrap();
+    assert!(ptx.contains(".target sm_80"), "{ptx}");
+    assert!(ptx.contains(".entry mole_smoke_f32"), "{ptx}");
+    assert!(!ptx.ends_with('\0'));
+}
+
+#[test]
+fn compile_errors_carry_the_nvrtc_log() {
+    if !have_nvrtc("compile_errors_carry_the_nvrtc_log") {
+        return;
+    }
+    let bad = "extern \"C\" __global__ void k(float* o) { o[0] = undefined_thing; }";
+    match compile_source("bad.cu", bad, &[], &smoke_options("sm_80", false), Output::Cubin) {
+        Err(MoleError::NvrtcCompile { what, status, log }) => {
+            assert_eq!(what, "bad.cu");
+            assert!(status.contains("COMPILATION"), "{status}");
+            assert!(log.contains("undefined_thing"), "{log}");
+        }
+        other => panic!("expected a compile error, got {other:?}"),
+    }
+    // A missing define trips the source's own #error.
+    let no_dtype: Vec<String> = smoke_options("sm_80", false).into_iter().filter(|o| o != "-DMOLE_DTYPE_F32").collect();
+    let err = compile_source("smoke.cu", SMOKE, &[("common/smoke.cuh", HEADER)], &no_dtype, Output::Cubin).unwrap_err();
+    assert!(err.to_string().contains("the dtype define is missing"), "{err}");
+    // A header that is not supplied is a compile error, not a crash.
+    let err = compile_source("smoke.cu", SMOKE, &[], &smoke_options("sm_80", false), Output::Cubin).unwrap_err();
+    assert!(matches!(err, MoleError::NvrtcCompile { .. }), "{err}");
+    // An option NVRTC does not know is reported with its log.
+    let mut opts = smoke_options("sm_80", false);
+    opts.push("--no-such-option".into());
+    let err = compile_source("smoke.cu", SMOKE, &[("common/smoke.cuh", HEADER)], &opts, Output::Cubin).unwrap_err();
+    assert!(matches!(err, MoleError::NvrtcCompile { .. }), "{err}");
+    // NUL bytes are refused before NVRTC sees them.
+    let err = compile_source("smoke.cu", "\0", &[], &[], Output::Cubin).unwrap_err();
+    assert!(matches!(err, MoleError::InvalidParameter { .. }), "{err}");
+}
+
+#[test]
+fn registered_default_builds_compile_and_hit_the_disk_cache() {
+    let Some(build) = default_builds().into_iter().next() else {
+        eprintln!("note: no kernel builds are registered yet");
+        return;
+    };
+    if !have_nvrtc("registered_default_builds_compile_and_hit_the_disk_cache") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = DiskCache::at(dir.path());
+    let (first, outcome) = cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap();
+    assert_eq!(outcome, CacheOutcome::Compiled);
+    let (second, outcome) = cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap();
+    assert_eq!((outcome, &second), (CacheOutcome::Hit, &first));
+    // Damage the entry: it is recompiled and rewritten, not trusted and not a crash.
+    let key = cuda::CacheKey::for_cubin(&build, Arch::Sm90).unwrap();
+    let path = cache.path(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+    let (third, outcome) = cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap();
+    assert_eq!((outcome, &third), (CacheOutcome::Compiled, &first));
+    assert_eq!(cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap().1, CacheOutcome::Hit);
+    // Every entry point the build names is in the cubin.
+    let c = cuda::compile(&build, Arch::Sm90, Output::Cubin, true).unwrap();
+    for e in &build.entry_points {
+        assert!(c.entry(e).is_some(), "{e} missing from:\n{}", c.log);
+    }
+}
+
+#[test]
+fn builds_are_validated_before_compiling() {
+    let bad = KernelBuild::new(Family::Gating, DType::F32, &["k"]).define("BAD NAME", 1);
+    // Fails the same way with or without NVRTC: validation comes first.
+    assert!(matches!(cuda::compile(&bad, Arch::Sm80, Output::Cubin, false), Err(MoleError::InvalidParameter { .. })));
+}
+
+/// The folder of the `libnvrtc.so.12` the test process would load, if any.
+fn nvrtc_lib() -> Option<PathBuf> {
+    let dirs = std::env::var_os("LD_LIBRARY_PATH")?;
+    std::env::split_paths(&dirs).map(|d| d.join("libnvrtc.so.12")).find(|p| p.is_file())
+}
+
+fn mole_info(env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mole"));
+    cmd.arg("info").env_remove("LD_LIBRARY_PATH").env_remove(cuda::NVRTC_PATH_ENV);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run mole info");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn mole_nvrtc_path_loads_nvrtc_by_absolute_path() {
+    let Some(lib) = nvrtc_lib() else {
+        assert!(!nvrtc_required(), "MOLE_REQUIRE_NVRTC=1 but no libnvrtc.so.12 on LD_LIBRARY_PATH");
+        eprintln!("note: no libnvrtc.so.12 on LD_LIBRARY_PATH; MOLE_NVRTC_PATH test skipped");
+        return;
+    };
+    let lib = lib.canonicalize().unwrap();
+    // Only found through the variable: LD_LIBRARY_PATH is cleared for the child.
+    let found = mole_info(&[(cuda::NVRTC_PATH_ENV, lib.to_str().unwrap())]);
+    assert!(found.contains("NVRTC: 12."), "{found}");
+    let wrong = mole_info(&[(cuda::NVRTC_PATH_ENV, "/no/such/libnvrtc.so.12")]);
+    assert!(wrong.contains("NVRTC: not available") && wrong.contains("MOLE_NVRTC_PATH"), "{wrong}");
+    let relative = mole_info(&[(cuda::NVRTC_PATH_ENV, "libnvrtc.so.12")]);
+    assert!(relative.contains("not an absolute path"), "{relative}");
+
+    // A real compile, which also needs libnvrtc-builtins next to the library, in a child run of
+    // this test binary.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["compile_in_child_process", "--exact", "--nocapture", "--test-threads=1"])
+        .env_remove("LD_LIBRARY_PATH")
+        .env(cuda::NVRTC_PATH_ENV, &lib)
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("child compiled"), "{text}");
+}
+
+const CHILD_ENV: &str = "MOLE_PIPELINE_TEST_CHILD";
+
+/// Does its work only when started by `mole_nvrtc_path_loads_nvrtc_by_absolute_path`.
+#[test]
+fn compile_in_child_process() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let c = compile_source(
+        "smoke.cu",
+        SMOKE,
+        &[("common/smoke.cuh", HEADER)],
+        &smoke_options("sm_90", true),
+        Output::Cubin,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.entry("mole_smoke_f32").is_some());
+    println!("child compiled");
+}
+
+#[test]
+fn device_loads_every_default_build_from_cubin_and_from_shipped_ptx() {
+    if !cuda::driver_present() {
+        assert!(matches!(Device::new(0), Err(MoleError::CudaDriverNotFound { .. })));
+        eprintln!("note: no CUDA driver; module loading not exercised");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Device::new(0).unwrap().with_disk_cache(Some(DiskCache::at(dir.path())));
+    eprintln!("{} ({}, {} SMs)", dev.name(), dev.arch(), dev.sm_count());
+    let without = Device::new(0).unwrap().without_nvrtc();
+    for build in default_builds() {
+        for entry in &build.entry_points {
+            if cuda::nvrtc_present() {
+                dev.function(&build, entry).unwrap_or_else(|e| panic!("{build} {entry}: {e}"));
+            }
+            without.function(&build, entry).unwrap_or_else(|e| panic!("shipped PTX {build} {entry}: {e}"));
+        }
+        // The module is loaded once per build.
+        assert!(std::sync::Arc::ptr_eq(&without.module(&build).unwrap(), &without.module(&build).unwrap()));
+        assert!(matches!(without.function(&build, "not_an_entry"), Err(MoleError::InvalidParameter { .. })));
+    }
+}

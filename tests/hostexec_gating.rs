@@ -1,0 +1,153 @@
+//! The routing kernels of `kernels/gating.cu`, run on the CPU through `mole-hostexec` (the real
+//! sources, unmodified), against the f64 reference: every routing rule on one small input with
+//! ties, NaN, all-masked and +inf tokens, each under three thread schedules.
+
+use half::{bf16, f16};
+use mole::kernels::gating::{entry_name, plan, RoutePlan};
+use mole::model::{Gating, Router, RoutingRule, TopKWeights};
+use mole::reference::routing::{route, GateInput, Routing};
+use mole::DType;
+use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+
+const TOKENS: usize = 37; // more tokens than warps in a block: several blocks, grid-stride loops
+const EXPERTS: usize = 40; // more experts than lanes: a lane owns several
+const BLOCK_THREADS: u32 = 128;
+
+/// Scores with the contract's corner cases: token 3 holds a NaN, token 5 is all NaN (fully
+/// masked), token 7 has two +inf, token 9 ties experts 2, 17 and 33 for the maximum.
+fn scores() -> Vec<f32> {
+    let mut z: Vec<f32> = (0..TOKENS * EXPERTS).map(|i| ((i * 7919) % 101) as f32 / 16.0 - 3.0).collect();
+    z[3 * EXPERTS + 4] = f32::NAN;
+    z[5 * EXPERTS..6 * EXPERTS].fill(f32::NAN);
+    z[7 * EXPERTS + 1] = f32::INFINITY;
+    z[7 * EXPERTS + 30] = f32::INFINITY;
+    for e in [2, 17, 33] {
+        z[9 * EXPERTS + e] = 10.0;
+    }
+    z
+}
+
+/// A buffer of the build's element type, and the values it holds (what the reference sees).
+enum Input {
+    F32(Buffer<f32>),
+    F16(Buffer<f16>),
+    Bf16(Buffer<bf16>),
+}
+
+impl Input {
+    fn new(name: &str, dtype: DType, v: &[f32]) -> (Input, Vec<f64>) {
+        match dtype {
+            DType::F32 => (Input::F32(Buffer::from_slice(name, v)), v.iter().map(|&x| x as f64).collect()),
+            DType::F16 => {
+                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                let seen = h.iter().map(|x| x.to_f64()).collect();
+                (Input::F16(Buffer::from_slice(name, &h)), seen)
+            }
+            DType::BF16 => {
+                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                let seen = h.iter().map(|x| x.to_f64()).collect();
+                (Input::Bf16(Buffer::from_slice(name, &h)), seen)
+            }
+        }
+    }
+
+    fn arg(&self) -> Arg<'_> {
+        match self {
+            Input::F32(b) => Arg::buffer(b),
+            Input::F16(b) => Arg::buffer(b),
+            Input::Bf16(b) => Arg::buffer(b),
+        }
+    }
+}
+
+fn close(got: f32, want: f64) -> bool {
+    got as f64 == want || (got as f64 - want).abs() <= 2e-6 * want.abs().max(1.0) || (got.is_nan() && want.is_nan())
+}
+
+/// Runs the plan's kernel on the CPU and compares ids, weights and probabilities with `want`.
+fn check(gating: &Gating, dtype: DType, input: &Input, bias: Option<&Input>, want: &Routing, schedule: Schedule) {
+    let p: RoutePlan = plan(gating, TOKENS, EXPERTS, BLOCK_THREADS).unwrap();
+    let launch = p.launch.unwrap();
+    let kernel = Kernel::get(&entry_name(launch.entry, dtype)).unwrap_or_else(|e| panic!("{e}"));
+    let ids = Buffer::<i32>::poisoned("ids", TOKENS * p.slots);
+    let weights = Buffer::<f32>::poisoned("weights", TOKENS * p.slots);
+    let probs = Buffer::<f32>::poisoned("probs", TOKENS * EXPERTS);
+    let args = [
+        Arg::value(p.params),
+        input.arg(),
+        bias.map_or(Arg::null(), Input::arg),
+        Arg::buffer(&ids),
+        Arg::buffer(&weights),
+        if p.writes_probs { Arg::buffer(&probs) } else { Arg::null() },
+    ];
+    let cfg = LaunchConfig::new(launch.grid, launch.block).shared(launch.shared_bytes).schedule(schedule);
+    kernel.launch(&cfg, &args).unwrap_or_else(|e| panic!("{gating:?} {dtype:?} {schedule:?}: {e}"));
+    let what = format!("{gating:?} {dtype:?} {schedule:?}");
+    assert_eq!(ids.read(), want.ids, "ids of {what}");
+    let w = weights.read();
+    for (i, (&g, &r)) in w.iter().zip(&want.weights).enumerate() {
+        assert!(close(g, r), "weight {i} of {what}: {g} vs {r}");
+    }
+    if let (true, Some(wp)) = (p.writes_probs, &want.probs) {
+        for (i, (&g, &r)) in probs.read().iter().zip(wp).enumerate() {
+            assert!(close(g, r), "prob {i} of {what}: {g} vs {r}");
+        }
+    }
+}
+
+fn routed(rule: RoutingRule) -> Gating {
+    Gating::Routed { router: Router::Logits, rule }
+}
+
+#[test]
+fn softmax_top_k_matches_the_reference_in_every_dtype() {
+    let gating = routed(RoutingRule::SoftmaxTopK { k: 2, temperature: 1.0, weights: TopKWeights::Renormalized });
+    for dtype in DType::ALL {
+        let (input, z) = Input::new("scores", dtype, &scores());
+        let want = route(&gating, GateInput::Scores(&z, None), TOKENS, EXPERTS);
+        for schedule in Schedule::sweep([1]) {
+            check(&gating, dtype, &input, None, &want, schedule);
+        }
+    }
+}
+
+#[test]
+fn every_routing_rule_matches_the_reference() {
+    let dtype = DType::F32;
+    let (input, z) = Input::new("scores", dtype, &scores());
+    let bias_values: Vec<f32> = (0..EXPERTS).map(|e| (e % 5) as f32 * 0.25 - 0.5).collect();
+    let (bias, b) = Input::new("selection_bias", dtype, &bias_values);
+    let rules = [
+        RoutingRule::SoftmaxTopK { k: 3, temperature: 0.7, weights: TopKWeights::Softmax },
+        RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Unit },
+        RoutingRule::TopP { p: 0.6, temperature: 1.0 },
+        RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 2, entropy_threshold: 0.9 },
+        RoutingRule::DynMole { q: 1.0, top_p: 0.3, keep_top_k: 1, entropy_threshold: 0.99 },
+        RoutingRule::DenseSoftmax { temperature: 2.0 },
+        RoutingRule::SigmoidTopK { k: 2, bias: true },
+        RoutingRule::MagnitudeTopK { k: 4, bias: true },
+    ];
+    for rule in rules {
+        let gating = routed(rule);
+        let bias_used = rule.uses_selection_bias();
+        let want = route(&gating, GateInput::Scores(&z, bias_used.then_some(&b[..])), TOKENS, EXPERTS);
+        for schedule in [Schedule::Reverse, Schedule::Seeded(2)] {
+            check(&gating, dtype, &input, bias_used.then_some(&bias), &want, schedule);
+        }
+    }
+    let given = Gating::Given { top_k: Some(3), softmax_topk: true };
+    let want = route(&given, GateInput::Weights(&z), TOKENS, EXPERTS);
+    check(&given, dtype, &input, None, &want, Schedule::Forward);
+
+    let adapter_ids: Vec<i32> = (0..TOKENS as i32).map(|t| if t % 4 == 3 { -1 } else { t % EXPERTS as i32 }).collect();
+    let ids = Buffer::from_slice("adapter_ids", &adapter_ids);
+    let want = route(&Gating::AdapterIds, GateInput::AdapterIds(&adapter_ids), TOKENS, EXPERTS);
+    let p = plan(&Gating::AdapterIds, TOKENS, EXPERTS, BLOCK_THREADS).unwrap();
+    let launch = p.launch.unwrap();
+    let kernel = Kernel::get(&entry_name(launch.entry, dtype)).unwrap();
+    let (out_ids, out_w) = (Buffer::<i32>::poisoned("ids", TOKENS), Buffer::<f32>::poisoned("weights", TOKENS));
+    let args = [Arg::value(p.params), Arg::buffer(&ids), Arg::buffer(&out_ids), Arg::buffer(&out_w)];
+    kernel.launch(&LaunchConfig::new(launch.grid, launch.block), &args).unwrap();
+    assert_eq!(out_ids.read(), want.ids);
+    assert_eq!(out_w.read(), want.weights.iter().map(|&w| w as f32).collect::<Vec<_>>());
+}
