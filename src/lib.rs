@@ -10,9 +10,10 @@
 //!
 //! The methods differ only in the mix: top-k softmax over LoRA experts (MixLoRA, LLaVA-MoLE,
 //! MeteoRA), dense soft weights (X-LoRA, LoRAMoE), dynamic-k (DynMoLE), rank-wise experts
-//! (SMoRA, FlyLoRA) and soft-merged cores (CoMoL). [`model`] describes a layer,
-//! [`reference`] computes it in f64 on the CPU (the oracle for every kernel), and [`plan`]
-//! groups routed tokens per expert.
+//! (SMoRA, FlyLoRA) and soft-merged cores (CoMoL). [`model`](mod@model) describes a layer,
+//! [`reference`](mod@reference) computes it in f64 on the CPU (the oracle for every kernel),
+//! [`plan`](mod@plan) groups routed tokens per expert, [`kernels`](mod@kernels) holds the typed
+//! launch layer of each CUDA op family and [`cuda`](mod@cuda) compiles and loads them.
 //!
 //! ```
 //! use mole::model::{LayerInputs, Method, MethodShape};

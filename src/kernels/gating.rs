@@ -557,15 +557,15 @@ impl StatsPlan {
     }
 
     /// Turns the kernel output `out [2E + 2]` into [`RouterStats`] with the reference's
-    /// `Option`s: `mean_prob` with probabilities (and tokens: with none, the reference has no
-    /// probability rows), `z_loss` with scores, `entropy` when an entropy was asked for.
+    /// `Option`s: `mean_prob` with probabilities, `z_loss` with scores, `entropy` when an entropy
+    /// was asked for.
     pub fn decode(&self, out: &[f32]) -> Result<RouterStats> {
         crate::error::check_len("router stats output", out, &[self.out_len])?;
         let e = self.params.experts as usize;
         let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
         Ok(RouterStats {
             selected_fraction: f(&out[..e]),
-            mean_prob: (self.params.has_probs != 0 && self.params.tokens > 0).then(|| f(&out[e..2 * e])),
+            mean_prob: (self.params.has_probs != 0).then(|| f(&out[e..2 * e])),
             z_loss: (self.params.has_scores != 0).then_some(out[2 * e] as f64),
             entropy: self.entropy_q.map(|_| out[2 * e + 1] as f64),
         })

@@ -226,7 +226,12 @@ pub fn route(gating: &Gating, input: GateInput<'_>, tokens: usize, experts: usiz
         .collect();
     let mut ids = vec![EMPTY_SLOT; tokens * slots];
     let mut weights = vec![0.0; tokens * slots];
-    let has_probs = per_token.first().is_some_and(|(_, p)| p.is_some());
+    // Known from the gating, so that zero tokens still report (empty) probabilities.
+    let has_probs = match gating {
+        Gating::Routed { rule, .. } => !matches!(rule, RoutingRule::MagnitudeTopK { .. }),
+        Gating::Given { .. } => true,
+        Gating::AdapterIds => false,
+    };
     let mut probs = has_probs.then(|| Vec::with_capacity(tokens * experts));
     for (t, (sel, p)) in per_token.into_iter().enumerate() {
         for (s, (e, w)) in sel.into_iter().enumerate() {

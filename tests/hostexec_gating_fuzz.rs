@@ -1,0 +1,346 @@
+//! Fuzzing of every kernel of `kernels/gating.cu` (routing rules, router statistics, routing plan)
+//! through the host execution layer against the f64 reference: random shapes (T from 0 to a few
+//! thousand, E from 1 to 256, k up to 8, odd sizes), every dtype, tie-heavy scores with NaN and
+//! infinities, random thread schedules, outputs poisoned before every launch.
+//!
+//! Ids must match the reference exactly. The one exception is a token whose routing decision sits
+//! within f32 rounding of a threshold in the f64 reference (a cumulative sum against `p`, the
+//! entropy against its threshold, two distinct biased scores closer than f32 can tell apart):
+//! there f32 and f64 may legitimately decide differently, so such tokens are checked for shape
+//! only and counted; the test requires them to be rare.
+
+use half::{bf16, f16};
+use mole::kernels::gating::{entry_name, plan, plan_grouping, StatsPlan};
+use mole::model::{Gating, Router, RoutingRule, TopKWeights};
+use mole::plan::{RoutingPlan, TokenSlot};
+use mole::reference::routing::{descending_order, normalized_tsallis_entropy, route, sigmoid, softmax, GateInput};
+use mole::reference::{router_stats, tolerance_with, Routing};
+use mole::synth::Rng;
+use mole::DType;
+use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use proptest::prelude::*;
+
+const BLOCK_THREADS: u32 = 128;
+/// A decision closer than this to its threshold (in f64) may go either way in f32.
+const BOUNDARY: f64 = 1e-5;
+
+/// One fuzz case.
+#[derive(Clone, Debug)]
+struct Case {
+    tokens: usize,
+    experts: usize,
+    gating: Gating,
+    dtype: DType,
+    seed: u64,
+    schedule: Schedule,
+}
+
+fn rule_strategy() -> impl Strategy<Value = (u8, usize, f64, f64)> {
+    (0u8..10, 1usize..=8, 0.05f64..1.0, 0.3f64..2.5)
+}
+
+fn make_gating(kind: u8, k: usize, a: f64, b: f64, experts: usize) -> Gating {
+    let k = k.min(experts);
+    let routed = |rule| Gating::Routed { router: Router::Logits, rule };
+    match kind {
+        0 => routed(RoutingRule::SoftmaxTopK { k, temperature: b, weights: TopKWeights::Renormalized }),
+        1 => routed(RoutingRule::SoftmaxTopK { k, temperature: 1.0, weights: TopKWeights::Softmax }),
+        2 => routed(RoutingRule::SoftmaxTopK { k, temperature: 1.0, weights: TopKWeights::Unit }),
+        3 => routed(RoutingRule::TopP { p: a, temperature: b }),
+        4 => routed(RoutingRule::DynMole { q: b, top_p: a, keep_top_k: k.min(2), entropy_threshold: 0.7 }),
+        5 => routed(RoutingRule::DenseSoftmax { temperature: b }),
+        6 => routed(RoutingRule::SigmoidTopK { k, bias: a > 0.5 }),
+        7 => routed(RoutingRule::MagnitudeTopK { k, bias: a > 0.5 }),
+        8 => Gating::Given { top_k: (a > 0.3).then_some(k), softmax_topk: a > 0.6 },
+        _ => Gating::AdapterIds,
+    }
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    let tokens = prop_oneof![4 => 0usize..80, 2 => 80usize..400, 1 => 400usize..2500];
+    let experts = prop_oneof![3 => 1usize..=40, 1 => 41usize..=256];
+    (tokens, experts, rule_strategy(), 0usize..3, any::<u64>(), 0u8..3).prop_map(
+        |(tokens, experts, (kind, k, a, b), d, seed, s)| {
+            // Large shapes go through a fast schedule; dense rules on many experts stay small.
+            let tokens = if experts > 64 { tokens.min(300) } else { tokens };
+            Case {
+                tokens,
+                experts,
+                gating: make_gating(kind, k, a, b, experts),
+                dtype: DType::ALL[d],
+                seed,
+                schedule: match s {
+                    0 => Schedule::Forward,
+                    1 => Schedule::Reverse,
+                    _ => Schedule::Seeded(seed),
+                },
+            }
+        },
+    )
+}
+
+/// Tie-heavy values on a grid of quarters (exact in every dtype), with NaN and infinities.
+fn scores(rng: &mut Rng, n: usize, specials: bool) -> Vec<f32> {
+    (0..n)
+        .map(|_| match rng.below(100) {
+            0 if specials => f32::NAN,
+            1 if specials => f32::NEG_INFINITY,
+            2 if specials && rng.below(4) == 0 => f32::INFINITY,
+            _ => (rng.below(17) as f32 - 8.0) / 4.0,
+        })
+        .collect()
+}
+
+/// A device-like buffer of the case's dtype and the exact values the reference sees.
+enum Input {
+    F32(Buffer<f32>),
+    F16(Buffer<f16>),
+    Bf16(Buffer<bf16>),
+}
+
+impl Input {
+    fn new(name: &str, dtype: DType, v: &[f32]) -> (Input, Vec<f64>) {
+        match dtype {
+            DType::F32 => (Input::F32(Buffer::from_slice(name, v)), v.iter().map(|&x| x as f64).collect()),
+            DType::F16 => {
+                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                (Input::F16(Buffer::from_slice(name, &h)), h.iter().map(|x| x.to_f64()).collect())
+            }
+            DType::BF16 => {
+                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                (Input::Bf16(Buffer::from_slice(name, &h)), h.iter().map(|x| x.to_f64()).collect())
+            }
+        }
+    }
+
+    fn arg(&self) -> Arg<'_> {
+        match self {
+            Input::F32(b) => Arg::buffer(b),
+            Input::F16(b) => Arg::buffer(b),
+            Input::Bf16(b) => Arg::buffer(b),
+        }
+    }
+}
+
+/// Whether the f64 reference decision for this token sits within [`BOUNDARY`] of a threshold.
+fn near_boundary(gating: &Gating, z: &[f64], bias: Option<&[f64]>) -> bool {
+    let cum_near = |p: &[f64], order: &[usize], thr: f64| {
+        let mut cum = 0.0;
+        order.iter().any(|&e| {
+            cum += p[e];
+            (cum - thr).abs() < BOUNDARY
+        })
+    };
+    let distinct_close = |s: &[f64]| {
+        let mut v: Vec<f64> = s.iter().copied().filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        v.windows(2).any(|w| w[0] != w[1] && w[1] - w[0] < BOUNDARY)
+    };
+    match gating {
+        Gating::Routed { rule: RoutingRule::TopP { p, temperature }, .. } => {
+            cum_near(&softmax(z, *temperature), &descending_order(z), *p)
+        }
+        Gating::Routed { rule: RoutingRule::DynMole { q, top_p, entropy_threshold, .. }, .. } => {
+            let p = softmax(z, 1.0);
+            (normalized_tsallis_entropy(&p, *q) - entropy_threshold).abs() < BOUNDARY
+                || cum_near(&p, &descending_order(z), *top_p)
+        }
+        Gating::Routed { rule: RoutingRule::SigmoidTopK { .. }, .. } => {
+            let s: Vec<f64> = z.iter().enumerate().map(|(e, &v)| sigmoid(v) + bias.map_or(0.0, |b| b[e])).collect();
+            distinct_close(&s)
+        }
+        _ => false,
+    }
+}
+
+fn run_case(c: &Case) -> Result<usize, TestCaseError> {
+    let (t, e) = (c.tokens, c.experts);
+    let mut rng = Rng::new(c.seed);
+    let rp = plan(&c.gating, t, e, BLOCK_THREADS).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let slots = rp.slots;
+    let specials = !matches!(c.gating, Gating::Given { .. });
+    let raw = scores(&mut rng, t * e, specials);
+    let given: Vec<f32> = raw.iter().map(|v| v.abs() / 2.0).collect();
+    let (input, z) = Input::new("scores", c.dtype, if specials { &raw } else { &given });
+    let bias_vals: Vec<f32> = (0..e).map(|_| (rng.below(9) as f32 - 4.0) / 8.0).collect();
+    let (bias, b) = Input::new("selection_bias", c.dtype, &bias_vals);
+    let adapter: Vec<i32> = (0..t).map(|_| rng.below(e + 1) as i32 - 1).collect();
+    let adapter_buf = Buffer::from_slice("adapter_ids", &adapter);
+
+    let bias_used = rp.uses_bias;
+    let gate_input = match c.gating {
+        Gating::Routed { .. } => GateInput::Scores(&z, bias_used.then_some(&b[..])),
+        Gating::Given { .. } => GateInput::Weights(&z),
+        Gating::AdapterIds => GateInput::AdapterIds(&adapter),
+    };
+    let want: Routing = route(&c.gating, gate_input, t, e);
+
+    // Routing kernel.
+    let ids = Buffer::<i32>::poisoned("ids", t * slots);
+    let weights = Buffer::<f32>::poisoned("weights", t * slots);
+    let probs = Buffer::<f32>::poisoned("probs", t * e);
+    if let Some(launch) = rp.launch {
+        let kernel =
+            Kernel::get(&entry_name(launch.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
+        let cfg = LaunchConfig::new(launch.grid, launch.block).shared(launch.shared_bytes).schedule(c.schedule);
+        let args: Vec<Arg<'_>> = if c.gating == Gating::AdapterIds {
+            vec![Arg::value(rp.params), Arg::buffer(&adapter_buf), Arg::buffer(&ids), Arg::buffer(&weights)]
+        } else {
+            vec![
+                Arg::value(rp.params),
+                input.arg(),
+                if bias_used { bias.arg() } else { Arg::null() },
+                Arg::buffer(&ids),
+                Arg::buffer(&weights),
+                if rp.writes_probs { Arg::buffer(&probs) } else { Arg::null() },
+            ]
+        };
+        kernel.launch(&cfg, &args).map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
+    }
+    let (got_ids, got_w) = (ids.read(), weights.read());
+    let tol = 4.0 * tolerance_with(f64::powi(2.0, -24), f64::powi(2.0, -24), e + 8);
+    let close = |g: f32, w: f64| (g as f64 - w).abs() <= tol * w.abs().max(1.0);
+    let mut boundary_tokens = 0;
+    for tok in 0..t {
+        let (gi, wi) = (&got_ids[tok * slots..(tok + 1) * slots], &want.ids[tok * slots..(tok + 1) * slots]);
+        if gi != wi {
+            prop_assert!(
+                near_boundary(&c.gating, &z[tok * e..(tok + 1) * e], bias_used.then_some(&b[..])),
+                "{c:?}: token {tok}: ids {gi:?} vs reference {wi:?}"
+            );
+            boundary_tokens += 1;
+            // Shape only: filled slots first, then empty ones.
+            let filled = gi.iter().take_while(|&&id| id >= 0).count();
+            prop_assert!(gi[filled..].iter().all(|&id| id == -1), "{c:?}: token {tok}: {gi:?}");
+            continue;
+        }
+        for s in 0..slots {
+            let (g, w) = (got_w[tok * slots + s], want.weights[tok * slots + s]);
+            prop_assert!(close(g, w), "{c:?}: token {tok} slot {s}: weight {g} vs {w}");
+        }
+    }
+    if let (true, Some(wp)) = (rp.writes_probs, &want.probs) {
+        for (i, (&g, &w)) in probs.read().iter().zip(wp).enumerate() {
+            prop_assert!(close(g, w), "{c:?}: prob {i}: {g} vs {w}");
+        }
+    }
+    if boundary_tokens == 0 {
+        check_stats(c, &want, &input, &z)?;
+    }
+    check_plan(c, &want)?;
+    Ok(boundary_tokens)
+}
+
+/// The statistics kernels on the reference routing (ids, probabilities as f32, raw scores).
+fn check_stats(c: &Case, want: &Routing, scores: &Input, z: &[f64]) -> Result<(), TestCaseError> {
+    let (t, e) = (c.tokens, c.experts);
+    let sp =
+        StatsPlan::for_gating(&c.gating, t, e, BLOCK_THREADS).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let has_scores = sp.params.has_scores != 0;
+    let reference = router_stats(want, has_scores.then_some(z), sp.entropy_q);
+    let ids = Buffer::from_slice("ids", &want.ids);
+    let probs_f32: Vec<f32> = want.probs.as_ref().map_or(vec![], |p| p.iter().map(|&v| v as f32).collect());
+    let probs = Buffer::from_slice("probs", &probs_f32);
+    let workspace = Buffer::<u32>::poisoned("workspace", sp.workspace_words);
+    let out = Buffer::<f32>::poisoned("stats", sp.out_len);
+    let probs_arg = if sp.params.has_probs != 0 { Arg::buffer(&probs) } else { Arg::null() };
+    if let Some(l) = sp.partial {
+        let k = Kernel::get(&entry_name(l.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
+        let args = [Arg::value(sp.params), Arg::buffer(&ids), probs_arg, scores.arg(), Arg::buffer(&workspace)];
+        let cfg = LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(c.schedule);
+        k.launch(&cfg, &args).map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
+    }
+    let l = sp.finalize;
+    let k = Kernel::get(&entry_name(l.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let cfg = LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(c.schedule);
+    k.launch(&cfg, &[Arg::value(sp.params), Arg::buffer(&workspace), Arg::buffer(&out)])
+        .map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
+    let got = sp.decode(&out.read()).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    // Sums over T tokens of f32 values: the reduction length is T (and E inside each term).
+    let tol = 4.0 * tolerance_with(f64::powi(2.0, -24), f64::powi(2.0, -24), t + e + 8);
+    let close = |g: f64, w: f64| (g - w).abs() <= tol * w.abs().max(1.0);
+    for (i, (&g, &w)) in got.selected_fraction.iter().zip(&reference.selected_fraction).enumerate() {
+        prop_assert!(close(g, w), "{c:?}: selected_fraction[{i}] {g} vs {w}");
+    }
+    prop_assert_eq!(got.mean_prob.is_some(), reference.mean_prob.is_some(), "{:?}", c);
+    if let (Some(g), Some(w)) = (&got.mean_prob, &reference.mean_prob) {
+        for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+            prop_assert!(close(g, w), "{c:?}: mean_prob[{i}] {g} vs {w}");
+        }
+    }
+    for (name, g, w) in [("z_loss", got.z_loss, reference.z_loss), ("entropy", got.entropy, reference.entropy)] {
+        prop_assert_eq!(g.is_some(), w.is_some(), "{:?}: {}", c, name);
+        if let (Some(g), Some(w)) = (g, w) {
+            prop_assert!(close(g, w) || (g.is_infinite() && g == w), "{c:?}: {name} {g} vs {w}");
+        }
+    }
+    Ok(())
+}
+
+/// The routing-plan kernels on the reference ids, against `RoutingPlan::build`.
+fn check_plan(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
+    let (t, e, slots) = (c.tokens, c.experts, want.slots);
+    let block = 1 + (c.seed % 5) as usize * 3;
+    let expected =
+        RoutingPlan::build(&want.ids, t, slots, e, block).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let gp = plan_grouping(t, slots, e, block, BLOCK_THREADS).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let ids = Buffer::from_slice("ids", &want.ids);
+    let workspace = Buffer::<u32>::poisoned("workspace", gp.workspace_words);
+    let counts = Buffer::<u32>::poisoned("counts", e);
+    let offsets = Buffer::<u32>::poisoned("offsets", e + 1);
+    let entries = Buffer::<TokenSlot>::poisoned("entries", gp.max_entries.max(1));
+    let status = Buffer::<u32>::poisoned("status", 1);
+    let launch = |l: mole::kernels::gating::KernelLaunch, args: &[Arg<'_>]| -> Result<(), TestCaseError> {
+        let k = Kernel::get(&entry_name(l.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
+        let cfg = LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(c.schedule);
+        k.launch(&cfg, args).map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))
+    };
+    if let Some(l) = gp.count {
+        launch(l, &[Arg::value(gp.params), Arg::buffer(&ids), Arg::buffer(&workspace)])?;
+    }
+    let scan_args = [
+        Arg::value(gp.params),
+        Arg::buffer(&workspace),
+        Arg::buffer(&counts),
+        Arg::buffer(&offsets),
+        Arg::buffer(&entries),
+        Arg::buffer(&status),
+    ];
+    launch(gp.scan, &scan_args)?;
+    if let Some(l) = gp.scatter {
+        launch(l, &[Arg::value(gp.params), Arg::buffer(&ids), Arg::buffer(&workspace), Arg::buffer(&entries)])?;
+    }
+    prop_assert_eq!(status.read(), vec![0], "{:?}", c);
+    prop_assert_eq!(counts.read(), expected.counts.clone(), "{:?}", c);
+    prop_assert_eq!(offsets.read(), expected.offsets.clone(), "{:?}", c);
+    let got_entries = entries.read();
+    prop_assert_eq!(&got_entries[..expected.entries.len()], &expected.entries[..], "{:?}", c);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gating_kernels_match_the_reference(c in case_strategy()) {
+        let boundary = run_case(&c)?;
+        // Boundary tokens need an f64 decision within 1e-5 of its threshold: rare by construction.
+        prop_assert!(boundary * 20 <= c.tokens.max(1), "{:?}: {} boundary tokens", c, boundary);
+    }
+}
+
+#[test]
+fn a_few_thousand_tokens_in_every_dtype() {
+    for (i, dtype) in DType::ALL.into_iter().enumerate() {
+        let experts = [7, 64, 256][i];
+        let c = Case {
+            tokens: [3001, 1500, 257][i],
+            experts,
+            gating: make_gating(0, 8, 0.5, 1.0, experts),
+            dtype,
+            seed: 17 + i as u64,
+            schedule: Schedule::Seeded(5),
+        };
+        run_case(&c).unwrap();
+    }
+}
