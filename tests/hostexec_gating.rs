@@ -2,7 +2,9 @@
 //! sources, unmodified), against the f64 reference: every routing rule on one small input with
 //! ties, NaN, all-masked and +inf tokens, each under three thread schedules.
 
-use half::{bf16, f16};
+mod common;
+
+use common::Input;
 use mole::kernels::gating::{entry_name, plan, RoutePlan};
 use mole::model::{Gating, Router, RoutingRule, TopKWeights};
 use mole::reference::routing::{route, GateInput, Routing};
@@ -25,39 +27,6 @@ fn scores() -> Vec<f32> {
         z[9 * EXPERTS + e] = 10.0;
     }
     z
-}
-
-/// A buffer of the build's element type, and the values it holds (what the reference sees).
-enum Input {
-    F32(Buffer<f32>),
-    F16(Buffer<f16>),
-    Bf16(Buffer<bf16>),
-}
-
-impl Input {
-    fn new(name: &str, dtype: DType, v: &[f32]) -> (Input, Vec<f64>) {
-        match dtype {
-            DType::F32 => (Input::F32(Buffer::from_slice(name, v)), v.iter().map(|&x| x as f64).collect()),
-            DType::F16 => {
-                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-                let seen = h.iter().map(|x| x.to_f64()).collect();
-                (Input::F16(Buffer::from_slice(name, &h)), seen)
-            }
-            DType::BF16 => {
-                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-                let seen = h.iter().map(|x| x.to_f64()).collect();
-                (Input::Bf16(Buffer::from_slice(name, &h)), seen)
-            }
-        }
-    }
-
-    fn arg(&self) -> Arg<'_> {
-        match self {
-            Input::F32(b) => Arg::buffer(b),
-            Input::F16(b) => Arg::buffer(b),
-            Input::Bf16(b) => Arg::buffer(b),
-        }
-    }
 }
 
 fn close(got: f32, want: f64) -> bool {

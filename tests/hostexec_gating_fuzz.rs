@@ -9,7 +9,9 @@
 //! there f32 and f64 may legitimately decide differently, so such tokens are checked for shape
 //! only and counted; the test requires them to be rare.
 
-use half::{bf16, f16};
+mod common;
+
+use common::Input;
 use mole::kernels::gating::{entry_name, plan, plan_grouping, StatsPlan};
 use mole::model::{Gating, Router, RoutingRule, TopKWeights};
 use mole::plan::{RoutingPlan, TokenSlot};
@@ -89,37 +91,6 @@ fn scores(rng: &mut Rng, n: usize, specials: bool) -> Vec<f32> {
             _ => (rng.below(17) as f32 - 8.0) / 4.0,
         })
         .collect()
-}
-
-/// A device-like buffer of the case's dtype and the exact values the reference sees.
-enum Input {
-    F32(Buffer<f32>),
-    F16(Buffer<f16>),
-    Bf16(Buffer<bf16>),
-}
-
-impl Input {
-    fn new(name: &str, dtype: DType, v: &[f32]) -> (Input, Vec<f64>) {
-        match dtype {
-            DType::F32 => (Input::F32(Buffer::from_slice(name, v)), v.iter().map(|&x| x as f64).collect()),
-            DType::F16 => {
-                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-                (Input::F16(Buffer::from_slice(name, &h)), h.iter().map(|x| x.to_f64()).collect())
-            }
-            DType::BF16 => {
-                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-                (Input::Bf16(Buffer::from_slice(name, &h)), h.iter().map(|x| x.to_f64()).collect())
-            }
-        }
-    }
-
-    fn arg(&self) -> Arg<'_> {
-        match self {
-            Input::F32(b) => Arg::buffer(b),
-            Input::F16(b) => Arg::buffer(b),
-            Input::Bf16(b) => Arg::buffer(b),
-        }
-    }
 }
 
 /// Whether the f64 reference decision for this token sits within [`BOUNDARY`] of a threshold.
