@@ -1,19 +1,16 @@
 //! A GPU with its context, a stream, and the kernel modules loaded on it.
 
 use super::arch::Arch;
+use super::cuda_err;
 use super::module_cache::{cubin_cached, CacheKey, DiskCache};
 use super::probe::{driver_present, nvrtc_present};
 use super::shipped::shipped_ptx;
 use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};
-use cudarc::driver::{sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-fn cuda_err(call: &'static str) -> impl Fn(DriverError) -> MoleError {
-    move |e| MoleError::Cuda { call, message: e.to_string() }
-}
 
 /// Where a module's code comes from on this machine.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,6 +15,7 @@ mod probe;
 mod ptxas;
 pub mod shipped;
 pub mod sources;
+mod timing;
 
 pub use arch::{Arch, ArchLimits, Violation};
 pub use compile::{compile, compile_options, compile_source, Compiled, Output};
@@ -24,3 +25,9 @@ pub use module_cache::{
 };
 pub use probe::{driver_present, list_gpus, nvrtc_present, nvrtc_status, nvrtc_version, GpuInfo, NVRTC_PATH_ENV};
 pub use ptxas::{parse_ptxas_log, EntryResources, FunctionFrame, PtxasReport};
+pub use timing::{copy_bandwidth_gbs, time_on_device, Timing};
+
+/// Maps a driver error of `call` to [`crate::MoleError::Cuda`].
+pub(crate) fn cuda_err(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> crate::MoleError {
+    move |e| crate::MoleError::Cuda { call, message: e.to_string() }
+}

@@ -1,6 +1,7 @@
 //! Discovery of libcuda, libnvrtc and the GPUs. Every function checks that the library is
 //! present before touching it, because cudarc panics when asked to load a missing library.
 
+use super::cuda_err;
 use crate::{MoleError, Result};
 use cudarc::driver::{result as drv, sys as drv_sys};
 use std::sync::OnceLock;
@@ -93,10 +94,6 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
         return Err(MoleError::Cuda { call: "nvrtcVersion", message: format!("{status:?}") });
     }
     Ok((major, minor))
-}
-
-fn cuda_err(call: &'static str) -> impl Fn(drv::DriverError) -> MoleError {
-    move |e| MoleError::Cuda { call, message: e.to_string() }
 }
 
 /// Every GPU the driver sees. Errors (not panics) when libcuda is missing or fails to init.

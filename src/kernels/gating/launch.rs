@@ -3,6 +3,7 @@
 //! pure functions before anything touches the GPU.
 
 use super::{build_threads_of, entry_name, plan, GroupingPlan, InputKind, KernelLaunch, RoutePlan, StatsPlan};
+use crate::cuda::cuda_err;
 use crate::cuda::Device;
 use crate::kernels::{Family, KernelBuild};
 use crate::model::Gating;
@@ -16,10 +17,6 @@ use std::ffi::c_void;
 unsafe impl DeviceRepr for TokenSlot {}
 // SAFETY: all-zero bits are a valid `TokenSlot` (token 0, slot 0).
 unsafe impl ValidAsZeroBits for TokenSlot {}
-
-fn cuda_err(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> MoleError {
-    move |e| MoleError::Cuda { call, message: e.to_string() }
-}
 
 /// The block size of a gating build, after checking that it is one and has the wanted dtype.
 pub(super) fn check_build(build: &KernelBuild, dtype: DType) -> Result<u32> {
