@@ -9,6 +9,7 @@
 //!   [`DYNAMIC_SMEM_DEFINE`] (bytes); `mole check-kernels` checks both against the architecture.
 
 pub mod gating;
+pub mod sgmv;
 
 use crate::cuda::sources;
 use crate::{DType, MoleError, Result};
@@ -26,16 +27,19 @@ pub const DYNAMIC_SMEM_DEFINE: &str = "MOLE_DYNAMIC_SMEM_BYTES";
 pub enum Family {
     /// Router logits, top-k selection and normalisation (`kernels/gating.cu`).
     Gating,
+    /// Segmented grouped LoRA shrink and expand (`kernels/sgmv.cu`).
+    Sgmv,
 }
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 1] = [Family::Gating];
+    pub const ALL: [Family; 2] = [Family::Gating, Family::Sgmv];
 
     /// The source file, relative to `kernels/`.
     pub fn source_file(self) -> &'static str {
         match self {
             Family::Gating => "gating.cu",
+            Family::Sgmv => "sgmv.cu",
         }
     }
 
@@ -43,6 +47,7 @@ impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Family::Gating => "gating",
+            Family::Sgmv => "sgmv",
         }
     }
 
@@ -50,6 +55,7 @@ impl Family {
     pub fn candidates(self) -> Vec<KernelBuild> {
         match self {
             Family::Gating => gating::candidates(),
+            Family::Sgmv => sgmv::candidates(),
         }
     }
 
@@ -57,6 +63,7 @@ impl Family {
     pub fn default_builds(self) -> Vec<KernelBuild> {
         match self {
             Family::Gating => gating::default_builds(),
+            Family::Sgmv => sgmv::default_builds(),
         }
     }
 }

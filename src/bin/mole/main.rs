@@ -1,6 +1,7 @@
-//! The `mole` command line: `info`, `run` (the main job), `eval`, and the kernel gates
+//! The `mole` command line: `info`, `run` (the main job), `eval`, `bench`, and the kernel gates
 //! `check-kernels` and `gen-ptx`.
 
+mod bench;
 mod check_kernels;
 mod gen_ptx;
 mod info;
@@ -42,6 +43,10 @@ enum Command {
     CheckKernels(check_kernels::CheckKernelsArgs),
     /// Write the PTX shipped for machines without NVRTC into ptx/ (or check it is up to date).
     GenPtx(gen_ptx::GenPtxArgs),
+    /// Time kernels on the GPU at the standard shapes (time, GB/s, fraction of the measured copy
+    /// bandwidth, TFLOP/s); says so and exits cleanly without a GPU.
+    #[command(subcommand)]
+    Bench(bench::BenchKind),
 }
 
 fn eval(spec: &Path, inputs: &Path, out: &Path) -> mole::Result<()> {
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Command::Eval { spec, inputs, out } => eval(spec, inputs, out),
         Command::CheckKernels(args) => check_kernels::run(args),
         Command::GenPtx(args) => gen_ptx::run(args),
+        Command::Bench(kind) => bench::run(kind),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

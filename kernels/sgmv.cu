@@ -1,0 +1,376 @@
+// Segmented grouped LoRA (SGMV): the expert-scale layer's shrink and expand over per-slot routing
+// plans, with the semantics of src/reference/grouped.rs:
+//   y[t] += scale * sum_s w[t,s] * (x[t] . A[:, cols(e)]) . B[cols(e), :],  e = ids[t,s].
+//
+// Plans: one per slot, plan s built from column s of ids (src/plan.rs with slots = 1, block =
+// MOLE_SGMV_BM): offsets [slots, E+1] and entries [slots, entry_stride] (token; padding =
+// 0xffffffff). Segments are padded to multiples of BM, so tile i of slot s holds entries
+// [i*BM, (i+1)*BM) of one expert, found by binary search; tiles at or past offsets[E] exit.
+//
+// shrink (one launch, grid = tiles x splits x slots): h_part[split, t*slots+s, c] =
+//   sum over the split's slice of d_in of x[t,k] * A[k, lo_e + c], in f32, c < r_e. Each split
+//   writes its own slice: no atomics.
+// expand (one launch per slot, in slot order, grid = tiles x d_out/BN): acc[t,n] = sum_c
+//   (sum_split h_part[split, t*slots+s, c]) * B[lo_e + c, n], splits summed in order, then
+//   y[t,n] = round(y[t,n] + (scale * w[t,s]) * acc). In pass s each token appears at most once,
+//   so rows of y are updated without conflicts and the sum over slots has a fixed order: the
+//   result is deterministic. y is rounded to elem_t after every pass (slots roundings).
+//
+// This is the FMA path (f32 math for every dtype): x/A (shrink) and h/B (expand) are staged in
+// shared memory in chunks of KC along the reduction; every index into a tensor is 64-bit.
+// Mirrored by src/kernels/sgmv.rs.
+#include "common/arch.cuh"
+#include "common/dtype.cuh"
+
+// Threads per block of both kernels.
+#ifndef MOLE_BLOCK_THREADS
+#define MOLE_BLOCK_THREADS 128
+#endif
+// Entries per tile (the plan's block): rows of x, h and y a block works on.
+#ifndef MOLE_SGMV_BM
+#define MOLE_SGMV_BM 32
+#endif
+// Output columns per expand block.
+#ifndef MOLE_SGMV_BN
+#define MOLE_SGMV_BN 32
+#endif
+// Rank columns per shrink pass over the tile.
+#ifndef MOLE_SGMV_RC
+#define MOLE_SGMV_RC 32
+#endif
+// Reduction chunk staged in shared memory (d_in for the shrink, rank for the expand).
+#ifndef MOLE_SGMV_KC
+#define MOLE_SGMV_KC 16
+#endif
+// Split-K factor of the shrink over d_in (read by the host planner; the kernels take it from
+// the params so that a plan may lower it for short d_in).
+#ifndef MOLE_SGMV_SPLITS
+#define MOLE_SGMV_SPLITS 2
+#endif
+
+#define MOLE_SGMV_MAX_RANK 256
+#define MOLE_SGMV_MAX_EXPERTS 4096
+#define MOLE_SGMV_PADDING 0xffffffffu
+
+static_assert(MOLE_BLOCK_THREADS % 32 == 0 && MOLE_BLOCK_THREADS >= 32 && MOLE_BLOCK_THREADS <= 1024,
+              "MOLE_BLOCK_THREADS must be a multiple of 32 in 32..1024");
+static_assert(MOLE_BLOCK_THREADS % MOLE_SGMV_BN == 0 && (MOLE_SGMV_BM * MOLE_SGMV_BN) % MOLE_BLOCK_THREADS == 0,
+              "expand: threads must tile BM x BN exactly");
+static_assert(MOLE_BLOCK_THREADS % MOLE_SGMV_RC == 0 && (MOLE_SGMV_BM * MOLE_SGMV_RC) % MOLE_BLOCK_THREADS == 0,
+              "shrink: threads must tile BM x RC exactly");
+static_assert(MOLE_SGMV_BM >= 1 && MOLE_SGMV_KC >= 1 && MOLE_SGMV_SPLITS >= 1, "positive tile sizes");
+
+// Parameters of both kernels, by value (Rust: SgmvParams).
+struct mole_sgmv_params {
+    mole_u32 tokens;        // T
+    mole_u32 slots;         // row length of ids / weights; plans per launch
+    mole_u32 experts;       // E
+    mole_u32 d_in;          // row length of x, rows of A
+    mole_u32 d_out;         // row length of y and B
+    mole_u32 r_total;       // R: row length of A, rows of B
+    mole_u32 r_max;         // max rank: row length of h_part
+    mole_u32 splits;        // split-K slices of d_in
+    mole_u32 k_per_split;   // d_in per split (a multiple of KC)
+    mole_u32 entry_stride;  // entries per slot plan
+    mole_u32 slot;          // expand: the slot of this pass
+    float scale;            // delta scale
+};
+static_assert(sizeof(mole_sgmv_params) == 48, "mole_sgmv_params layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, tokens) == 0, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, slots) == 4, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, experts) == 8, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, d_in) == 12, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, d_out) == 16, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, r_total) == 20, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, r_max) == 24, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, splits) == 28, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, k_per_split) == 32, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, entry_stride) == 36, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, slot) == 40, "layout");
+static_assert(MOLE_OFFSET_OF(mole_sgmv_params, scale) == 44, "layout");
+
+// A plan entry (Rust: plan::TokenSlot); only the token is read, the pass gives the slot.
+struct mole_sgmv_entry {
+    mole_u32 token;
+    mole_u32 slot;
+};
+static_assert(sizeof(mole_sgmv_entry) == 8 && MOLE_OFFSET_OF(mole_sgmv_entry, slot) == 4, "TokenSlot");
+
+// The tile a block works on: its expert's rank columns and its entries.
+struct sgmv_tile {
+    bool live;         // false: past the plan's end (the whole block exits)
+    mole_u32 begin;    // first entry
+    mole_u32 end;      // one past the expert's last entry (padding included)
+    mole_u32 col_lo;   // the expert's first column in A / B
+    mole_u32 rank;     // r_e (<= r_max)
+};
+
+// Expert of tile `tile` in plan `offs` [E+1]: the last e with offs[e] <= start (empty experts
+// share their successor's offset and are skipped by taking the last).
+MOLE_DEVICE sgmv_tile sgmv_find_tile(const mole_sgmv_params& p, const mole_u32* __restrict__ offs,
+                                     const mole_u32* __restrict__ rank_offsets, mole_u32 tile) {
+    sgmv_tile r = {false, 0u, 0u, 0u, 0u};
+    const mole_u64 start = (mole_u64)tile * MOLE_SGMV_BM;
+    if (start >= (mole_u64)offs[p.experts]) return r;
+    mole_u32 lo = 0u, hi = p.experts;  // invariant: offs[lo] <= start < offs[hi]
+    while (hi - lo > 1u) {
+        const mole_u32 mid = lo + (hi - lo) / 2u;
+        if ((mole_u64)offs[mid] <= start) lo = mid;
+        else hi = mid;
+    }
+    r.live = true;
+    r.begin = (mole_u32)start;
+    r.end = offs[lo + 1u];
+    r.col_lo = rank_offsets[lo];
+    const mole_u32 rank = rank_offsets[lo + 1u] - rank_offsets[lo];
+    // The host validated rank_offsets; the clamp keeps a corrupted copy from writing past h.
+    r.rank = rank < p.r_max ? rank : p.r_max;
+    return r;
+}
+
+// Loads the tile's tokens into `rows` (-1 for padding and for entries past the expert's end).
+MOLE_DEVICE void sgmv_load_rows(const sgmv_tile& tile, const mole_sgmv_entry* __restrict__ entries, mole_u32 tokens,
+                                int* rows) {
+    for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM; i += (int)blockDim.x) {
+        const mole_u32 e = tile.begin + (mole_u32)i;
+        int t = -1;
+        if (e < tile.end) {
+            const mole_u32 tok = entries[e].token;
+            if (tok != MOLE_SGMV_PADDING && tok < tokens) t = (int)tok;
+        }
+        rows[i] = t;
+    }
+}
+
+// h_part[split, t*slots + s, c] = x[t, k range of split] . A[k range, col_lo + c], c < r_e.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(sgmv_shrink)(const mole_sgmv_params p, const elem_t* __restrict__ x, const elem_t* __restrict__ a,
+                            const mole_u32* __restrict__ rank_offsets, const mole_u32* __restrict__ plan_offsets,
+                            const mole_sgmv_entry* __restrict__ plan_entries, float* __restrict__ h_part) {
+    __shared__ int rows[MOLE_SGMV_BM];
+    __shared__ float xs[MOLE_SGMV_BM][MOLE_SGMV_KC];
+    __shared__ float as[MOLE_SGMV_KC][MOLE_SGMV_RC];
+    const mole_u32 s = blockIdx.z;
+    const mole_u32 split = blockIdx.y;
+    const mole_u32* offs = plan_offsets + (mole_u64)s * (p.experts + 1u);
+    const mole_sgmv_entry* entries = plan_entries + (mole_u64)s * p.entry_stride;
+    const sgmv_tile tile = sgmv_find_tile(p, offs, rank_offsets, blockIdx.x);
+    if (!tile.live || tile.rank == 0u) return;  // uniform over the block
+    sgmv_load_rows(tile, entries, p.tokens, rows);
+    __syncthreads();  // rows are read before any chunk barrier when the split's range is empty
+    const mole_u64 k_begin = (mole_u64)split * p.k_per_split;
+    const mole_u64 k_end_raw = k_begin + p.k_per_split;
+    const mole_u64 k_end = k_end_raw < p.d_in ? k_end_raw : (mole_u64)p.d_in;
+    const mole_u64 rows_total = (mole_u64)p.tokens * p.slots;
+    constexpr int ROW_STEP = MOLE_BLOCK_THREADS / MOLE_SGMV_RC;
+    constexpr int PER_THREAD = MOLE_SGMV_BM * MOLE_SGMV_RC / MOLE_BLOCK_THREADS;
+    const int col = (int)threadIdx.x % MOLE_SGMV_RC;
+    const int row0 = (int)threadIdx.x / MOLE_SGMV_RC;
+    MOLE_NO_UNROLL
+    for (mole_u32 c0 = 0u; c0 < tile.rank; c0 += MOLE_SGMV_RC) {
+        float acc[PER_THREAD];
+        for (int j = 0; j < PER_THREAD; ++j) acc[j] = 0.0f;
+        MOLE_NO_UNROLL
+        for (mole_u64 k0 = k_begin; k0 < k_end; k0 += MOLE_SGMV_KC) {
+            __syncthreads();  // rows written / the previous chunk consumed
+            for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM * MOLE_SGMV_KC; i += (int)blockDim.x) {
+                const int r = i / MOLE_SGMV_KC, kk = i % MOLE_SGMV_KC;
+                const int t = rows[r];
+                const mole_u64 k = k0 + (mole_u64)kk;
+                xs[r][kk] = (t >= 0 && k < k_end) ? load_f32(x + (mole_u64)t * p.d_in + k) : 0.0f;
+            }
+            for (int i = (int)threadIdx.x; i < MOLE_SGMV_KC * MOLE_SGMV_RC; i += (int)blockDim.x) {
+                const int kk = i / MOLE_SGMV_RC, c = i % MOLE_SGMV_RC;
+                const mole_u64 k = k0 + (mole_u64)kk;
+                const mole_u32 cc = c0 + (mole_u32)c;
+                as[kk][c] = (k < k_end && cc < tile.rank)
+                                ? load_f32(a + k * p.r_total + tile.col_lo + cc)
+                                : 0.0f;
+            }
+            __syncthreads();
+            for (int kk = 0; kk < MOLE_SGMV_KC; ++kk) {
+                const float av = as[kk][col];
+                for (int j = 0; j < PER_THREAD; ++j) acc[j] += xs[row0 + j * ROW_STEP][kk] * av;
+            }
+        }
+        const mole_u32 cc = c0 + (mole_u32)col;
+        if (cc < tile.rank) {
+            for (int j = 0; j < PER_THREAD; ++j) {
+                const int t = rows[row0 + j * ROW_STEP];
+                if (t < 0) continue;
+                const mole_u64 ts = (mole_u64)t * p.slots + s;
+                h_part[((mole_u64)split * rows_total + ts) * p.r_max + cc] = acc[j];
+            }
+        }
+    }
+}
+
+// Pass `p.slot`: y[t, n] = round(y[t, n] + (scale * w[t, s]) * sum_c h[t, s, c] * B[col_lo + c, n]).
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(sgmv_expand)(const mole_sgmv_params p, const float* __restrict__ h_part, const elem_t* __restrict__ b,
+                            const mole_u32* __restrict__ rank_offsets, const mole_u32* __restrict__ plan_offsets,
+                            const mole_sgmv_entry* __restrict__ plan_entries, const float* __restrict__ weights,
+                            elem_t* __restrict__ y) {
+    __shared__ int rows[MOLE_SGMV_BM];
+    __shared__ float hs[MOLE_SGMV_BM][MOLE_SGMV_KC];
+    __shared__ float bs[MOLE_SGMV_KC][MOLE_SGMV_BN];
+    const mole_u32 s = p.slot;
+    const mole_u32* offs = plan_offsets + (mole_u64)s * (p.experts + 1u);
+    const mole_sgmv_entry* entries = plan_entries + (mole_u64)s * p.entry_stride;
+    const sgmv_tile tile = sgmv_find_tile(p, offs, rank_offsets, blockIdx.x);
+    // Rank 0: the delta is exactly zero and y is left untouched (no rounding pass either).
+    if (!tile.live || tile.rank == 0u) return;
+    sgmv_load_rows(tile, entries, p.tokens, rows);
+    __syncthreads();
+    const mole_u64 n0 = (mole_u64)blockIdx.y * MOLE_SGMV_BN;
+    const mole_u64 rows_total = (mole_u64)p.tokens * p.slots;
+    constexpr int ROW_STEP = MOLE_BLOCK_THREADS / MOLE_SGMV_BN;
+    constexpr int PER_THREAD = MOLE_SGMV_BM * MOLE_SGMV_BN / MOLE_BLOCK_THREADS;
+    const int col = (int)threadIdx.x % MOLE_SGMV_BN;
+    const int row0 = (int)threadIdx.x / MOLE_SGMV_BN;
+    float acc[PER_THREAD];
+    for (int j = 0; j < PER_THREAD; ++j) acc[j] = 0.0f;
+    MOLE_NO_UNROLL
+    for (mole_u32 c0 = 0u; c0 < tile.rank; c0 += MOLE_SGMV_KC) {
+        __syncthreads();  // rows written / the previous chunk consumed
+        for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM * MOLE_SGMV_KC; i += (int)blockDim.x) {
+            const int r = i / MOLE_SGMV_KC, kk = i % MOLE_SGMV_KC;
+            const int t = rows[r];
+            const mole_u32 c = c0 + (mole_u32)kk;
+            float v = 0.0f;
+            if (t >= 0 && c < tile.rank) {
+                // Split-K partials summed in split order: deterministic.
+                const mole_u64 base = ((mole_u64)t * p.slots + s) * p.r_max + c;
+                MOLE_NO_UNROLL
+                for (mole_u32 sp = 0u; sp < p.splits; ++sp) v += h_part[(mole_u64)sp * rows_total * p.r_max + base];
+            }
+            hs[r][kk] = v;
+        }
+        for (int i = (int)threadIdx.x; i < MOLE_SGMV_KC * MOLE_SGMV_BN; i += (int)blockDim.x) {
+            const int kk = i / MOLE_SGMV_BN, n = i % MOLE_SGMV_BN;
+            const mole_u32 c = c0 + (mole_u32)kk;
+            const mole_u64 nn = n0 + (mole_u64)n;
+            bs[kk][n] = (c < tile.rank && nn < p.d_out) ? load_f32(b + (mole_u64)(tile.col_lo + c) * p.d_out + nn)
+                                                         : 0.0f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < MOLE_SGMV_KC; ++kk) {
+            const float bv = bs[kk][col];
+            for (int j = 0; j < PER_THREAD; ++j) acc[j] += hs[row0 + j * ROW_STEP][kk] * bv;
+        }
+    }
+    const mole_u64 n = n0 + (mole_u64)col;
+    if (n >= p.d_out) return;
+    for (int j = 0; j < PER_THREAD; ++j) {
+        const int t = rows[row0 + j * ROW_STEP];
+        if (t < 0) continue;
+        const float w = weights[(mole_u64)t * p.slots + s];
+        elem_t* out = y + (mole_u64)t * p.d_out + n;
+        store_from_f32(out, load_f32(out) + (p.scale * w) * acc[j]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core shrink (f16 / bf16 builds): the same contract as sgmv_shrink, with the x tile
+// staged by cp.async (16-byte rows: needs d_in % 8 == 0 and x 16-byte aligned, which the host
+// planner checks) and A staged by plain loads (ragged rank offsets are not 16-byte aligned), then
+// mma.sync m16n8k16 on fragments read by ldmatrix. Warp w computes rows 16*(w / WN) .. +16 and
+// rank columns 16*(w % WN) .. +16 of each MMA_RC-column chunk; KM = 32 of d_in per step.
+// ---------------------------------------------------------------------------------------------
+#if !defined(MOLE_DTYPE_F32)
+#include "common/mma.cuh"
+
+#define MOLE_SGMV_MMA_WARPS (MOLE_BLOCK_THREADS / 32)
+#define MOLE_SGMV_MMA_WM (MOLE_SGMV_BM / 16)
+#define MOLE_SGMV_MMA_WN (MOLE_SGMV_MMA_WARPS / MOLE_SGMV_MMA_WM)
+#define MOLE_SGMV_MMA_RC (16 * MOLE_SGMV_MMA_WN)
+#define MOLE_SGMV_MMA_KM 32
+// Shared rows padded by 8 elements (16 bytes): rows stay 16-byte aligned for ldmatrix and
+// consecutive rows fall in different banks.
+#define MOLE_SGMV_MMA_XS (MOLE_SGMV_MMA_KM + 8)
+#define MOLE_SGMV_MMA_AS (MOLE_SGMV_MMA_RC + 8)
+static_assert(MOLE_SGMV_BM % 16 == 0 && MOLE_SGMV_MMA_WARPS % MOLE_SGMV_MMA_WM == 0,
+              "mma shrink: BM must be a multiple of 16 and the warps a multiple of BM / 16");
+static_assert(MOLE_SGMV_KC % 8 == 0, "mma shrink: split boundaries must stay 8-element aligned");
+
+MOLE_DEVICE void sgmv_mma(float* d, const mole_u32* a, const mole_u32* b) {
+#if defined(MOLE_DTYPE_BF16)
+    mole_mma_m16n8k16_bf16(d, a, b, d);
+#else
+    mole_mma_m16n8k16_f16(d, a, b, d);
+#endif
+}
+
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(sgmv_shrink_mma)(const mole_sgmv_params p, const elem_t* __restrict__ x,
+                                const elem_t* __restrict__ a, const mole_u32* __restrict__ rank_offsets,
+                                const mole_u32* __restrict__ plan_offsets,
+                                const mole_sgmv_entry* __restrict__ plan_entries, float* __restrict__ h_part) {
+    __shared__ int rows[MOLE_SGMV_BM];
+    __shared__ __align__(16) elem_t xs[MOLE_SGMV_BM][MOLE_SGMV_MMA_XS];
+    __shared__ __align__(16) elem_t as[MOLE_SGMV_MMA_KM][MOLE_SGMV_MMA_AS];
+    const mole_u32 s = blockIdx.z;
+    const mole_u32 split = blockIdx.y;
+    const mole_u32* offs = plan_offsets + (mole_u64)s * (p.experts + 1u);
+    const mole_sgmv_entry* entries = plan_entries + (mole_u64)s * p.entry_stride;
+    const sgmv_tile tile = sgmv_find_tile(p, offs, rank_offsets, blockIdx.x);
+    if (!tile.live || tile.rank == 0u) return;  // uniform over the block
+    sgmv_load_rows(tile, entries, p.tokens, rows);
+    __syncthreads();
+    const mole_u64 k_begin = (mole_u64)split * p.k_per_split;
+    const mole_u64 k_end_raw = k_begin + p.k_per_split;
+    const mole_u64 k_end = k_end_raw < p.d_in ? k_end_raw : (mole_u64)p.d_in;
+    const mole_u64 rows_total = (mole_u64)p.tokens * p.slots;
+    const int lane = mole_lane();
+    const int m0 = 16 * (mole_warp_id() / MOLE_SGMV_MMA_WN);
+    const int n0 = 16 * (mole_warp_id() % MOLE_SGMV_MMA_WN);
+    const int g = lane / 4, tq = lane % 4;
+    MOLE_NO_UNROLL
+    for (mole_u32 c0 = 0u; c0 < tile.rank; c0 += MOLE_SGMV_MMA_RC) {
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        MOLE_NO_UNROLL
+        for (mole_u64 k0 = k_begin; k0 < k_end; k0 += MOLE_SGMV_MMA_KM) {
+            __syncthreads();  // the previous step's fragments are read
+            // x: 16-byte segments of 8 elements; padding rows and k past the split read nothing
+            // (zero fill). Segments are whole because k_end and k0 are multiples of 8.
+            for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM * (MOLE_SGMV_MMA_KM / 8); i += (int)blockDim.x) {
+                const int r = i / (MOLE_SGMV_MMA_KM / 8), seg = i % (MOLE_SGMV_MMA_KM / 8);
+                const int t = rows[r];
+                const mole_u64 k = k0 + (mole_u64)seg * 8u;
+                const bool live = t >= 0 && k < k_end;
+                const elem_t* src = live ? x + (mole_u64)t * p.d_in + k : x;
+                mole_cp_async_16_zfill(&xs[r][seg * 8], src, live ? 16 : 0);
+            }
+            mole_cp_async_commit();
+            for (int i = (int)threadIdx.x; i < MOLE_SGMV_MMA_KM * MOLE_SGMV_MMA_RC; i += (int)blockDim.x) {
+                const int kk = i / MOLE_SGMV_MMA_RC, c = i % MOLE_SGMV_MMA_RC;
+                const mole_u64 k = k0 + (mole_u64)kk;
+                const mole_u32 cc = c0 + (mole_u32)c;
+                float v = 0.0f;
+                if (k < k_end && cc < tile.rank) v = load_f32(a + k * p.r_total + tile.col_lo + cc);
+                store_from_f32(&as[kk][c], v);  // exact: v is an elem_t value
+            }
+            mole_cp_async_wait_all();
+            __syncthreads();
+            for (int kk = 0; kk < MOLE_SGMV_MMA_KM; kk += 16) {
+                mole_u32 af[4], bf[4];
+                mole_ldmatrix_x4(af, &xs[m0 + (lane % 16)][kk + (lane / 16) * 8]);
+                mole_ldmatrix_x4_trans(bf, &as[kk + (lane % 16)][n0 + (lane / 16) * 8]);
+                sgmv_mma(acc[0], af, bf);
+                sgmv_mma(acc[1], af, bf + 2);
+            }
+        }
+        // c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1] of each n8 tile.
+        for (int j = 0; j < 2; ++j) {
+            for (int q = 0; q < 4; ++q) {
+                const int r = m0 + g + (q / 2) * 8;
+                const mole_u32 cc = c0 + (mole_u32)(n0 + j * 8 + 2 * tq + (q % 2));
+                const int t = rows[r];
+                if (t < 0 || cc >= tile.rank) continue;
+                const mole_u64 ts = (mole_u64)t * p.slots + s;
+                h_part[((mole_u64)split * rows_total + ts) * p.r_max + cc] = acc[j][q];
+            }
+        }
+    }
+}
+#endif

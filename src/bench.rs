@@ -1,0 +1,273 @@
+//! Benchmark drivers shared by `mole bench` and the criterion benches: the standard shapes, the
+//! bytes each must move, and one timed run on the device with a correctness check against the
+//! reference for the shapes small enough to check on the CPU.
+
+use crate::cuda::{cuda_err, time_on_device, Device};
+use crate::kernels::sgmv::{self, SgmvBuffers, SgmvPlan, SgmvShape, SlotPlans};
+use crate::kernels::KernelBuild;
+use crate::model::RankLayout;
+use crate::plan::{RoutingPlan, TokenSlot};
+use crate::reference::{self, Bank, Routing};
+use crate::synth::Rng;
+use crate::{DType, KernelElement, MoleError, Result};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+
+/// One grouped (SGMV) benchmark shape: uniform rank, `k` distinct random experts per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupedCase {
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Rank per expert.
+    pub rank: usize,
+    /// Experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub k: usize,
+    /// Tokens.
+    pub tokens: usize,
+}
+
+/// `(d_in, d_out)` of the standard shapes: a square projection and the MLP projections of
+/// Llama-2-7B (11008) and Llama-3-8B (14336).
+pub const STANDARD_DIMS: [(usize, usize); 5] =
+    [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)];
+
+impl GroupedCase {
+    /// The standard shapes: every combination of [`STANDARD_DIMS`], r in {8, 16, 64},
+    /// E in {8, 64, 512}, k in {1, 2}, T in {1, 16, 256, 4096, 16384} when `all`; otherwise the
+    /// square projection at r = 16 over every E, k and T.
+    pub fn standard(all: bool) -> Vec<GroupedCase> {
+        let dims: &[(usize, usize)] = if all { &STANDARD_DIMS } else { &STANDARD_DIMS[..1] };
+        let ranks: &[usize] = if all { &[8, 16, 64] } else { &[16] };
+        let mut out = Vec::new();
+        for &(d_in, d_out) in dims {
+            for &rank in ranks {
+                for experts in [8, 64, 512] {
+                    for k in [1, 2] {
+                        for tokens in [1, 16, 256, 4096, 16384] {
+                            out.push(GroupedCase { d_in, d_out, rank, experts, k, tokens });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Bytes that must move: `x` read once per selected slot, `A` and `B` of each expert that
+    /// received a token read once, `y` read and written once.
+    pub fn bytes(&self, dtype: DType, touched_experts: usize) -> f64 {
+        let el = dtype.size_bytes() as f64;
+        let x = (self.tokens * self.k * self.d_in) as f64;
+        let ab = (touched_experts * self.rank * (self.d_in + self.d_out)) as f64;
+        let y = 2.0 * (self.tokens * self.d_out) as f64;
+        el * (x + ab + y)
+    }
+
+    /// Useful floating-point operations: `2 · T · k · r · (d_in + d_out)`.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.tokens * self.k * self.rank * (self.d_in + self.d_out)) as f64
+    }
+}
+
+/// One measured shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupedResult {
+    /// The shape.
+    pub case: GroupedCase,
+    /// Median time of a forward (shrink + one expand per slot), ms.
+    pub median_ms: f64,
+    /// Effective bandwidth over [`GroupedCase::bytes`], GB/s.
+    pub gbs: f64,
+    /// Useful TFLOP/s.
+    pub tflops: f64,
+    /// `Some(max scaled error)` when the shape was checked against the reference.
+    pub checked_error: Option<f64>,
+}
+
+/// Random distinct experts per token (uniform), weights in `(0, 1)`.
+pub fn random_routing(tokens: usize, experts: usize, k: usize, rng: &mut Rng) -> Routing {
+    let mut ids = Vec::with_capacity(tokens * k);
+    for _ in 0..tokens {
+        let mut row: Vec<i32> = Vec::with_capacity(k);
+        while row.len() < k {
+            let e = rng.below(experts) as i32;
+            if !row.contains(&e) {
+                row.push(e);
+            }
+        }
+        ids.extend(row);
+    }
+    let weights = (0..tokens * k).map(|_| rng.range(0.05, 1.0)).collect();
+    Routing { tokens, slots: k, experts, ids, weights, probs: None }
+}
+
+/// One grouped forward of a [`GroupedCase`], prepared on the device: random inputs, random
+/// routing, the per-slot plans and the default build of the storage type `T`.
+pub struct GroupedRun<'d, T: DeviceRepr> {
+    device: &'d Device,
+    case: GroupedCase,
+    build: KernelBuild,
+    plan: SgmvPlan,
+    host: GroupedHost<T>,
+    routing: Routing,
+    x: CudaSlice<T>,
+    a: CudaSlice<T>,
+    b: CudaSlice<T>,
+    rank_offsets: CudaSlice<u32>,
+    plan_offsets: CudaSlice<u32>,
+    plan_entries: CudaSlice<TokenSlot>,
+    weights: CudaSlice<f32>,
+    h_part: CudaSlice<f32>,
+    y: CudaSlice<T>,
+}
+
+/// The host copies a check needs.
+struct GroupedHost<T> {
+    x: Vec<T>,
+    a: Vec<T>,
+    b: Vec<T>,
+    y: Vec<T>,
+}
+
+impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
+    /// Generates and uploads everything; validates the shape through [`sgmv::plan`].
+    pub fn new(device: &'d Device, case: &GroupedCase) -> Result<Self> {
+        let c = *case;
+        if c.k == 0 || c.k > c.experts {
+            return Err(MoleError::InvalidK { k: c.k, experts: c.experts });
+        }
+        let mut rng = Rng::new(0x5EED ^ c.tokens as u64);
+        let ranks = RankLayout::uniform(c.experts, c.rank)?;
+        let r = ranks.total_rank();
+        let host = GroupedHost {
+            x: rng.fill(c.tokens * c.d_in, 1.0),
+            a: rng.fill(c.d_in * r, (3.0 / c.d_in as f64).sqrt()),
+            b: rng.fill(r * c.d_out, (3.0 / c.rank as f64).sqrt()),
+            y: rng.fill(c.tokens * c.d_out, 1.0),
+        };
+        let routing = random_routing(c.tokens, c.experts, c.k, &mut rng);
+        let build = sgmv::default_builds()
+            .into_iter()
+            .find(|b| b.dtype == T::DTYPE)
+            .ok_or_else(|| MoleError::Unsupported(format!("no default sgmv build for {}", T::DTYPE)))?;
+        let config = sgmv::SgmvConfig::of(&build)?;
+        let plans = SlotPlans::build(&routing.ids, c.tokens, c.k, c.experts, config.bm as usize)?;
+        let offsets: Vec<u32> = ranks.offsets().iter().map(|&o| o as u32).collect();
+        let shape = SgmvShape { tokens: c.tokens, slots: c.k, d_in: c.d_in, d_out: c.d_out, scale: 1.0 };
+        let plan = sgmv::plan(&build, shape, &offsets, plans.entry_stride)?;
+        let stream = device.stream();
+        let up = cuda_err("cuMemcpyHtoD");
+        let w32: Vec<f32> = routing.weights.iter().map(|&w| w as f32).collect();
+        Ok(Self {
+            device,
+            case: c,
+            x: stream.clone_htod(&host.x).map_err(&up)?,
+            a: stream.clone_htod(&host.a).map_err(&up)?,
+            b: stream.clone_htod(&host.b).map_err(&up)?,
+            y: stream.clone_htod(&host.y).map_err(&up)?,
+            rank_offsets: stream.clone_htod(&offsets).map_err(&up)?,
+            plan_offsets: stream.clone_htod(&plans.offsets).map_err(&up)?,
+            plan_entries: stream.clone_htod(&plans.entries).map_err(&up)?,
+            weights: stream.clone_htod(&w32).map_err(&up)?,
+            h_part: stream.alloc_zeros::<f32>(plan.lens.h_part.max(1)).map_err(cuda_err("cuMemAlloc"))?,
+            build,
+            plan,
+            host,
+            routing,
+        })
+    }
+
+    /// Enqueues one forward on the device's stream (y accumulates; the traffic is the same).
+    pub fn forward(&mut self) -> Result<()> {
+        let bufs = SgmvBuffers {
+            x: &self.x,
+            a: &self.a,
+            b: &self.b,
+            rank_offsets: &self.rank_offsets,
+            plan_offsets: &self.plan_offsets,
+            plan_entries: &self.plan_entries,
+            weights: &self.weights,
+            h_part: &mut self.h_part,
+            y: &mut self.y,
+        };
+        sgmv::forward(self.device, &self.build, &self.plan, bufs)
+    }
+
+    /// Resets y, runs one forward and returns the max scaled error `|got - want| / (1 + |want|)`
+    /// against the f64 reference.
+    pub fn check(&mut self) -> Result<f64> {
+        let stream = self.device.stream();
+        stream.memcpy_htod(&self.host.y, &mut self.y).map_err(cuda_err("cuMemcpyHtoD"))?;
+        self.forward()?;
+        let got = stream.clone_dtoh(&self.y).map_err(cuda_err("cuMemcpyDtoH"))?;
+        let c = self.case;
+        let f = crate::dtype::to_f64_vec;
+        let (x, a, b, y) = (f(&self.host.x), f(&self.host.a), f(&self.host.b), f(&self.host.y));
+        let ranks = RankLayout::uniform(c.experts, c.rank)?;
+        let rp = RoutingPlan::build(&self.routing.ids, c.tokens, c.k, c.experts, 1)?;
+        let bank = Bank { a: &a, b: &b, ranks: &ranks, scale: 1.0, d_in: c.d_in, d_out: c.d_out };
+        let want = reference::grouped_forward(&x, &y, bank, &self.routing, &rp);
+        Ok(got.iter().zip(&want).map(|(g, w)| (g.to_f64() - w).abs() / (1.0 + w.abs())).fold(0.0, f64::max))
+    }
+
+    /// Experts that received at least one token.
+    pub fn touched_experts(&self) -> usize {
+        let mut seen = vec![false; self.case.experts];
+        self.routing.ids.iter().filter(|&&id| id >= 0).for_each(|&id| seen[id as usize] = true);
+        seen.iter().filter(|&&s| s).count()
+    }
+}
+
+/// Times `case` (median of `runs` after warm-up) and, with `check`, compares it with the reference.
+pub fn bench_grouped<T: KernelElement + DeviceRepr>(
+    device: &Device,
+    case: &GroupedCase,
+    runs: usize,
+    check: bool,
+) -> Result<GroupedResult> {
+    let mut run = GroupedRun::<T>::new(device, case)?;
+    let checked_error = if check { Some(run.check()?) } else { None };
+    let timing = time_on_device(device, 3, runs, || run.forward())?;
+    let median_ms = timing.median_ms();
+    let secs = median_ms * 1e-3;
+    Ok(GroupedResult {
+        case: *case,
+        median_ms,
+        gbs: case.bytes(T::DTYPE, run.touched_experts()) / secs / 1e9,
+        tflops: case.flops() / secs / 1e12,
+        checked_error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_shapes_cover_the_issue_grid() {
+        assert_eq!(GroupedCase::standard(true).len(), 5 * 3 * 3 * 2 * 5);
+        let quick = GroupedCase::standard(false);
+        assert_eq!(quick.len(), 3 * 2 * 5);
+        assert!(quick.iter().all(|c| c.d_in == 4096 && c.rank == 16));
+    }
+
+    #[test]
+    fn bytes_and_flops_by_hand() {
+        let c = GroupedCase { d_in: 4, d_out: 2, rank: 3, experts: 5, k: 2, tokens: 10 };
+        // bf16: x 10*2*4 + A/B 2*3*(4+2) + y 2*10*2 = 80 + 36 + 40 = 156 elements of 2 bytes.
+        assert_eq!(c.bytes(DType::BF16, 2), 312.0);
+        assert_eq!(c.flops(), 2.0 * 10.0 * 2.0 * 3.0 * 6.0);
+    }
+
+    #[test]
+    fn random_routing_has_distinct_experts() {
+        let r = random_routing(100, 8, 3, &mut Rng::new(1));
+        for row in r.ids.chunks(3) {
+            assert!(row[0] != row[1] && row[0] != row[2] && row[1] != row[2]);
+        }
+        assert!(RoutingPlan::build(&r.ids, 100, 3, 8, 1).is_ok());
+    }
+}

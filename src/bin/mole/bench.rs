@@ -1,0 +1,77 @@
+//! `mole bench`: kernels timed on the GPU at the standard shapes, with effective bandwidth as a
+//! fraction of the device's measured copy bandwidth. Without a GPU it says so and exits cleanly.
+
+use clap::{Args, Subcommand};
+use mole::bench::{bench_grouped, GroupedCase, GroupedResult};
+use mole::cuda::{copy_bandwidth_gbs, Device};
+use mole::{DType, Result};
+
+#[derive(Subcommand)]
+pub enum BenchKind {
+    /// The segmented grouped (SGMV) shrink + expand.
+    Grouped(GroupedArgs),
+}
+
+#[derive(Args)]
+pub struct GroupedArgs {
+    /// Storage dtype.
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    /// Every standard shape (5 projections x 3 ranks x 3 expert counts x 2 k x 5 token counts);
+    /// by default the square projection at r = 16.
+    #[arg(long)]
+    all: bool,
+    /// Timed runs per shape (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+}
+
+pub fn run(kind: &BenchKind) -> Result<()> {
+    let device = match Device::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("mole bench: no usable GPU ({e}); benchmarks measure kernels on a CUDA GPU, nothing was measured");
+            return Ok(());
+        }
+    };
+    let (major, minor) = device.compute_capability();
+    println!("device: {} (sm_{major}{minor}, {} SMs)", device.name(), device.sm_count());
+    let copy = copy_bandwidth_gbs(&device, 1 << 30)?;
+    println!("measured device-to-device copy bandwidth: {copy:.0} GB/s (read + write)");
+    match kind {
+        BenchKind::Grouped(args) => grouped(&device, args, copy),
+    }
+}
+
+fn grouped(device: &Device, args: &GroupedArgs, copy_gbs: f64) -> Result<()> {
+    println!(
+        "{:>6} {:>6} {:>4} {:>4} {:>2} {:>6} | {:>9} {:>8} {:>7} {:>8} | check",
+        "d_in", "d_out", "r", "E", "k", "T", "time ms", "GB/s", "% copy", "TFLOP/s"
+    );
+    for case in GroupedCase::standard(args.all) {
+        // The CPU reference stays cheap up to a few thousand tokens.
+        let check = case.tokens <= 4096;
+        let result = match args.dtype {
+            DType::F32 => bench_grouped::<f32>(device, &case, args.runs, check),
+            DType::F16 => bench_grouped::<half::f16>(device, &case, args.runs, check),
+            DType::BF16 => bench_grouped::<half::bf16>(device, &case, args.runs, check),
+        };
+        let c = case;
+        print!("{:>6} {:>6} {:>4} {:>4} {:>2} {:>6} | ", c.d_in, c.d_out, c.rank, c.experts, c.k, c.tokens);
+        match result {
+            Ok(r) => println!("{}", row(&r, args.dtype, copy_gbs)),
+            Err(e) => println!("error: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn row(r: &GroupedResult, dtype: DType, copy_gbs: f64) -> String {
+    let tol = mole::reference::tolerance(dtype, r.case.d_in + r.case.rank) * (r.case.k as f64 + 1.0);
+    let check = match r.checked_error {
+        Some(e) if e <= tol => format!("ok ({e:.1e})"),
+        Some(e) => format!("FAIL ({e:.1e} > {tol:.1e})"),
+        None => "-".into(),
+    };
+    format!("{:>9.4} {:>8.1} {:>6.1}% {:>8.2} | {check}", r.median_ms, r.gbs, 100.0 * r.gbs / copy_gbs, r.tflops)
+}

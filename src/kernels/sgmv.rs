@@ -1,0 +1,459 @@
+//! The segmented grouped LoRA kernels (`kernels/sgmv.cu`): the expert-scale layer's shrink and
+//! expand over per-slot routing plans, with the semantics of
+//! [`crate::reference::grouped_forward`]:
+//! `y[t] += scale · Σ_s w[t,s] · (x[t] · A[:, cols(e)]) · B[cols(e), :]`, `e = ids[t,s]`.
+//!
+//! How a forward runs:
+//! 1. **Plans**, one per slot: plan `s` is [`RoutingPlan::build`] over column `s` of `ids` with
+//!    `block = BM` (the build's tile height), so that every tile of `BM` entries belongs to one
+//!    expert. [`SlotPlans::build`] builds them on the host. On the device, the gating plan kernels
+//!    ([`super::gating::group`], `E <= 1024`) produce the same plan from a `[T, 1]` copy of
+//!    column `s` with `block = bm`; its offsets and entries go to `s · (E + 1)` and
+//!    `s · entry_stride` of the packed buffers, and `entry_stride = `[`entry_capacity`] fits any
+//!    routing. (A strided variant of the plan kernels that reads column `s` in place would save
+//!    the copies; it is not written yet.)
+//! 2. **Shrink**, one launch for all slots: `h_part [splits, T·slots, r_max]` (f32), each split-K
+//!    slice of `d_in` in its own slice (no atomics).
+//! 3. **Expand**, one launch per slot, in slot order: the splits are summed in order as `h` is
+//!    loaded, and `y` is updated in place. A token appears at most once per slot plan, so there
+//!    are no write conflicts and the sum over slots has a fixed order: results are deterministic.
+//!    `y` is rounded to the element type after every pass (up to `slots` roundings).
+//!
+//! [`plan`] validates a call and computes grids, blocks and workspace without a GPU; the
+//! `launch` child module runs it on a [`crate::cuda::Device`] ([`forward`], [`forward_raw`]).
+
+mod launch;
+
+pub use launch::{forward, forward_raw, RawSgmvPointers, SgmvBuffers};
+
+use super::{Family, KernelBuild, BLOCK_THREADS_DEFINE};
+use crate::plan::{RoutingPlan, TokenSlot};
+use crate::{DType, MoleError, Result};
+use bytemuck::{Pod, Zeroable};
+
+/// Largest rank of one expert (`MOLE_SGMV_MAX_RANK`).
+pub const MAX_RANK: usize = 256;
+/// Most experts (`MOLE_SGMV_MAX_EXPERTS`).
+pub const MAX_EXPERTS: usize = 4096;
+/// Most slots per token (the shrink grid's `z` extent stays far below the 65535 limit).
+pub const MAX_SLOTS: usize = 4096;
+/// Largest grid `y` / `z` extent.
+const MAX_GRID_YZ: u64 = 65_535;
+
+/// Base names of the entry points; each build appends its dtype suffix.
+pub mod entry {
+    /// The split-K shrink of every slot.
+    pub const SHRINK: &str = "sgmv_shrink";
+    /// The expand of one slot.
+    pub const EXPAND: &str = "sgmv_expand";
+    /// The tensor-core shrink (f16 / bf16 builds only; `d_in % 8 == 0`, `x` 16-byte aligned).
+    pub const SHRINK_MMA: &str = "sgmv_shrink_mma";
+    /// The entry points of a `dtype` build, in file order.
+    pub fn for_dtype(dtype: crate::DType) -> &'static [&'static str] {
+        match dtype {
+            crate::DType::F32 => &[SHRINK, EXPAND],
+            _ => &[SHRINK, EXPAND, SHRINK_MMA],
+        }
+    }
+}
+
+/// The full entry-point name of `base` in a `dtype` build, e.g. `sgmv_shrink_bf16`.
+pub fn entry_name(base: &str, dtype: DType) -> String {
+    format!("{base}_{}", dtype.name())
+}
+
+/// The compile-time tiling of a build (the defines of `kernels/sgmv.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SgmvConfig {
+    /// Threads per block (`MOLE_BLOCK_THREADS`).
+    pub block_threads: u32,
+    /// Entries per tile, the plans' block (`MOLE_SGMV_BM`).
+    pub bm: u32,
+    /// Output columns per expand block (`MOLE_SGMV_BN`).
+    pub bn: u32,
+    /// Rank columns per shrink pass (`MOLE_SGMV_RC`).
+    pub rc: u32,
+    /// Reduction chunk staged in shared memory (`MOLE_SGMV_KC`).
+    pub kc: u32,
+    /// Split-K factor of the shrink (`MOLE_SGMV_SPLITS`), an upper bound: [`plan`] lowers it
+    /// so that no split is empty.
+    pub splits: u32,
+}
+
+impl SgmvConfig {
+    /// The `.cu` defaults (what the host execution layer compiles).
+    pub const DEFAULT: SgmvConfig = SgmvConfig { block_threads: 128, bm: 32, bn: 32, rc: 32, kc: 16, splits: 2 };
+
+    /// The defines of this configuration, as `(name, value)`.
+    fn defines(self) -> [(&'static str, u32); 6] {
+        [
+            (BLOCK_THREADS_DEFINE, self.block_threads),
+            ("MOLE_SGMV_BM", self.bm),
+            ("MOLE_SGMV_BN", self.bn),
+            ("MOLE_SGMV_RC", self.rc),
+            ("MOLE_SGMV_KC", self.kc),
+            ("MOLE_SGMV_SPLITS", self.splits),
+        ]
+    }
+
+    /// Checks the constraints the `.cu` file asserts, plus shared memory under the 48 KiB static
+    /// limit.
+    pub fn validate(self) -> Result<()> {
+        let t = self.block_threads;
+        if t % 32 != 0 || !(32..=1024).contains(&t) {
+            return Err(MoleError::param("block_threads", t, "must be a multiple of 32 in 32..=1024"));
+        }
+        for (name, v) in [("bm", self.bm), ("bn", self.bn), ("rc", self.rc), ("kc", self.kc), ("splits", self.splits)] {
+            if v == 0 {
+                return Err(MoleError::ZeroDimension { name });
+            }
+        }
+        if t % self.bn != 0 || (self.bm * self.bn) % t != 0 || t % self.rc != 0 || (self.bm * self.rc) % t != 0 {
+            return Err(MoleError::param("block_threads", t, "must tile BM x BN and BM x RC exactly"));
+        }
+        let smem = 4 * (self.bm + self.bm * self.kc + self.kc * self.bn.max(self.rc)) as u64;
+        if smem > 48 * 1024 {
+            return Err(MoleError::param("bm", self.bm, "tiles exceed 48 KiB of static shared memory"));
+        }
+        Ok(())
+    }
+
+    /// The configuration a build declares (defaults for absent defines).
+    pub fn of(build: &KernelBuild) -> Result<SgmvConfig> {
+        if build.family != Family::Sgmv {
+            return Err(MoleError::param("build", build, "is not an sgmv build"));
+        }
+        let mut c = SgmvConfig::DEFAULT;
+        let fields = [
+            (BLOCK_THREADS_DEFINE, &mut c.block_threads),
+            ("MOLE_SGMV_BM", &mut c.bm),
+            ("MOLE_SGMV_BN", &mut c.bn),
+            ("MOLE_SGMV_RC", &mut c.rc),
+            ("MOLE_SGMV_KC", &mut c.kc),
+            ("MOLE_SGMV_SPLITS", &mut c.splits),
+        ];
+        for (name, field) in fields {
+            if let Some(v) = build.define_value(name) {
+                *field = v.trim().parse().map_err(|_| MoleError::param(name, v, "expected an unsigned integer"))?;
+            }
+        }
+        c.validate()?;
+        // The tensor-core shrink of 16-bit builds: whole m16 tiles, warps covering them, and
+        // split boundaries on 16-byte segments.
+        let warps = c.block_threads / 32;
+        if build.dtype != DType::F32 && (c.bm % 16 != 0 || warps % (c.bm / 16).max(1) != 0 || c.kc % 8 != 0) {
+            return Err(MoleError::param(
+                "bm",
+                c.bm,
+                "16-bit builds need BM % 16 == 0, warps % (BM / 16) == 0, KC % 8 == 0",
+            ));
+        }
+        Ok(c)
+    }
+}
+
+/// The build of `dtype` with tiling `config`.
+pub fn build(dtype: DType, config: SgmvConfig) -> KernelBuild {
+    let entries: Vec<String> = entry::for_dtype(dtype).iter().map(|e| entry_name(e, dtype)).collect();
+    let refs: Vec<&str> = entries.iter().map(String::as_str).collect();
+    config.defines().into_iter().fold(KernelBuild::new(Family::Sgmv, dtype, &refs), |b, (n, v)| b.define(n, v))
+}
+
+/// The tilings [`candidates`] offers, the default first.
+pub const CONFIG_CANDIDATES: [SgmvConfig; 4] = [
+    SgmvConfig::DEFAULT,
+    SgmvConfig { block_threads: 64, bm: 16, bn: 32, rc: 32, kc: 16, splits: 1 },
+    SgmvConfig { block_threads: 256, bm: 64, bn: 32, rc: 32, kc: 16, splits: 4 },
+    SgmvConfig { block_threads: 128, bm: 16, bn: 64, rc: 16, kc: 32, splits: 8 },
+];
+
+/// Every configuration worth compiling: each dtype at each of [`CONFIG_CANDIDATES`]; the first
+/// of each dtype is its default.
+pub fn candidates() -> Vec<KernelBuild> {
+    DType::ALL.iter().flat_map(|&d| CONFIG_CANDIDATES.iter().map(move |&c| build(d, c))).collect()
+}
+
+/// One build per dtype, at [`SgmvConfig::DEFAULT`].
+pub fn default_builds() -> Vec<KernelBuild> {
+    DType::ALL.iter().map(|&d| build(d, SgmvConfig::DEFAULT)).collect()
+}
+
+/// Parameters of both kernels, by value (C: `mole_sgmv_params`, 48 bytes). Built by [`plan`];
+/// `slot` is set per expand pass.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct SgmvParams {
+    /// Tokens `T`.
+    pub tokens: u32,
+    /// Slots per token.
+    pub slots: u32,
+    /// Experts `E`.
+    pub experts: u32,
+    /// Input features.
+    pub d_in: u32,
+    /// Output features.
+    pub d_out: u32,
+    /// Total rank `R`.
+    pub r_total: u32,
+    /// Largest expert rank: the row length of `h_part`.
+    pub r_max: u32,
+    /// Split-K slices of `d_in`.
+    pub splits: u32,
+    /// `d_in` per split (a multiple of the build's `kc`).
+    pub k_per_split: u32,
+    /// Entries per slot plan.
+    pub entry_stride: u32,
+    /// The slot of an expand pass.
+    pub slot: u32,
+    /// Delta scale.
+    pub scale: f32,
+}
+
+// SAFETY: `SgmvParams` is `#[repr(C)]`, Pod, and matches `mole_sgmv_params` (sizes and offsets
+// asserted on both sides), so passing a pointer to one as a kernel parameter is what the kernel
+// expects.
+unsafe impl cudarc::driver::DeviceRepr for SgmvParams {}
+
+/// Grid, block and static shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SgmvLaunch {
+    /// Base entry name (see [`entry`]).
+    pub entry: &'static str,
+    /// Blocks `(x, y, z)`.
+    pub grid: (u32, u32, u32),
+    /// Threads per block.
+    pub block: u32,
+}
+
+impl SgmvLaunch {
+    /// As cudarc's launch configuration (the kernels use static shared memory only).
+    pub fn config(&self) -> cudarc::driver::LaunchConfig {
+        cudarc::driver::LaunchConfig { grid_dim: self.grid, block_dim: (self.block, 1, 1), shared_mem_bytes: 0 }
+    }
+}
+
+/// The problem a forward solves (everything but the buffers and the rank layout).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgmvShape {
+    /// Tokens `T`.
+    pub tokens: usize,
+    /// Slots per token (row length of `ids` / `weights`).
+    pub slots: usize,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Delta scale.
+    pub scale: f32,
+}
+
+/// A validated forward: parameters, launches and the element count of every buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SgmvPlan {
+    /// Parameters (`slot` = 0; each expand pass sets its own).
+    pub params: SgmvParams,
+    /// The tiling of the build.
+    pub config: SgmvConfig,
+    /// The shrink launch (`None` when there is no work: zero tokens or all ranks 0).
+    pub shrink: Option<SgmvLaunch>,
+    /// The expand launch of one slot, run `slots` times (`None` as for `shrink`).
+    pub expand: Option<SgmvLaunch>,
+    /// Element counts: `x [T·d_in]`, `a [d_in·R]`, `b [R·d_out]`, `rank_offsets [E+1]`,
+    /// `plan_offsets [slots·(E+1)]`, `plan_entries [slots·entry_stride]`, `weights [T·slots]`,
+    /// `h_part [splits·T·slots·r_max]` (f32 workspace, need not be initialised), `y [T·d_out]`.
+    pub lens: SgmvLens,
+}
+
+/// Element counts of the buffers of a forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SgmvLens {
+    /// `x [T, d_in]`.
+    pub x: usize,
+    /// `A [d_in, R]`.
+    pub a: usize,
+    /// `B [R, d_out]`.
+    pub b: usize,
+    /// `rank_offsets [E + 1]` (u32).
+    pub rank_offsets: usize,
+    /// `plan_offsets [slots, E + 1]` (u32).
+    pub plan_offsets: usize,
+    /// `plan_entries [slots, entry_stride]` ([`TokenSlot`]).
+    pub plan_entries: usize,
+    /// `weights [T, slots]` (f32).
+    pub weights: usize,
+    /// `h_part [splits, T·slots, r_max]` (f32 workspace).
+    pub h_part: usize,
+    /// `y [T, d_out]`.
+    pub y: usize,
+}
+
+impl SgmvPlan {
+    /// The parameters of expand pass `slot`.
+    pub fn expand_params(&self, slot: usize) -> SgmvParams {
+        SgmvParams { slot: slot as u32, ..self.params }
+    }
+}
+
+/// Most entries a slot plan of `tokens` tokens over `experts` experts can hold with segment
+/// padding `block`: `tokens + experts · (block - 1)`. The `entry_stride` that fits any routing.
+pub fn entry_capacity(tokens: usize, experts: usize, block: usize) -> usize {
+    tokens.saturating_add(experts.saturating_mul(block.saturating_sub(1)))
+}
+
+fn fits_u32(name: &'static str, v: u64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| MoleError::param(name, v, "must fit in 32 bits"))
+}
+
+/// Validates a forward of `build` over the rank layout `rank_offsets [E+1]` (host copy of what
+/// the kernels read) with slot plans `entry_stride` entries apart, and computes its launches.
+///
+/// Errors: wrong family, bad tiling defines, `rank_offsets` not starting at 0 or decreasing, a
+/// rank above [`MAX_RANK`], `E` outside `1..=`[`MAX_EXPERTS`], `slots` outside
+/// `1..=`[`MAX_SLOTS`], zero `d_in`/`d_out`, a non-finite scale, sizes past the kernels' 32-bit
+/// parameters (`T < 2^31`, `d_in`, `d_out`, `R`, `entry_stride < 2^32`) or the grid limits.
+/// f16 / bf16 builds with `d_in % 8 == 0` shrink on tensor cores ([`entry::SHRINK_MMA`]), which
+/// reads `x` in 16-byte segments: `x` must then be 16-byte aligned (device allocations are;
+/// [`forward_raw`] falls back to the FMA shrink otherwise). Every other buffer needs only the
+/// alignment of its element type.
+pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_stride: usize) -> Result<SgmvPlan> {
+    let config = SgmvConfig::of(build)?;
+    let SgmvShape { tokens, slots, d_in, d_out, scale } = shape;
+    let experts = rank_offsets.len().saturating_sub(1);
+    if experts == 0 {
+        return Err(MoleError::ZeroDimension { name: "experts" });
+    }
+    if experts > MAX_EXPERTS {
+        return Err(MoleError::param("experts", experts, "at most 4096"));
+    }
+    if rank_offsets[0] != 0 {
+        return Err(MoleError::param("rank_offsets", rank_offsets[0], "must start at 0"));
+    }
+    let mut r_max = 0u32;
+    for w in rank_offsets.windows(2) {
+        let r = w[1].checked_sub(w[0]).ok_or_else(|| MoleError::param("rank_offsets", w[1], "must not decrease"))?;
+        if r as usize > MAX_RANK {
+            return Err(MoleError::param("rank", r, "an expert's rank is at most 256"));
+        }
+        r_max = r_max.max(r);
+    }
+    let r_total = rank_offsets[experts];
+    if slots == 0 {
+        return Err(MoleError::ZeroDimension { name: "slots" });
+    }
+    if slots > MAX_SLOTS {
+        return Err(MoleError::param("slots", slots, "at most 4096"));
+    }
+    if d_in == 0 {
+        return Err(MoleError::ZeroDimension { name: "d_in" });
+    }
+    if d_out == 0 {
+        return Err(MoleError::ZeroDimension { name: "d_out" });
+    }
+    if !scale.is_finite() {
+        return Err(MoleError::param("scale", scale, "must be finite"));
+    }
+    // The kernels keep tokens in `int` (-1 marks padding rows).
+    if tokens > i32::MAX as usize {
+        return Err(MoleError::param("tokens", tokens, "must be below 2^31"));
+    }
+    let d_in32 = fits_u32("d_in", d_in as u64)?;
+    let d_out32 = fits_u32("d_out", d_out as u64)?;
+    let stride32 = fits_u32("entry_stride", entry_stride as u64)?;
+    let (bm, kc) = (config.bm as u64, config.kc as u64);
+    // No empty split: at most one per KC chunk, and the last split takes the remainder.
+    let chunks = (d_in as u64).div_ceil(kc);
+    let per = chunks.div_ceil((config.splits as u64).min(chunks)) * kc;
+    let splits = (d_in as u64).div_ceil(per);
+    let k_per_split = fits_u32("d_in", per)?;
+    let rows = (tokens as u64) * slots as u64;
+    let lens = SgmvLens {
+        x: tokens * d_in,
+        a: d_in * r_total as usize,
+        b: r_total as usize * d_out,
+        rank_offsets: experts + 1,
+        plan_offsets: slots * (experts + 1),
+        plan_entries: slots * entry_stride,
+        weights: tokens * slots,
+        h_part: usize::try_from(splits * rows * r_max as u64)
+            .map_err(|_| MoleError::param("tokens", tokens, "h workspace exceeds the address space"))?,
+        y: tokens * d_out,
+    };
+    let params = SgmvParams {
+        tokens: tokens as u32,
+        slots: slots as u32,
+        experts: experts as u32,
+        d_in: d_in32,
+        d_out: d_out32,
+        r_total,
+        r_max,
+        splits: splits as u32,
+        k_per_split,
+        entry_stride: stride32,
+        slot: 0,
+        scale,
+    };
+    let tiles = (entry_stride as u64).div_ceil(bm);
+    let col_blocks = (d_out as u64).div_ceil(config.bn as u64);
+    if tiles > i32::MAX as u64 {
+        return Err(MoleError::param("entry_stride", entry_stride, "more tiles than a grid holds"));
+    }
+    if col_blocks > MAX_GRID_YZ {
+        return Err(MoleError::param("d_out", d_out, "more column blocks than a grid holds"));
+    }
+    let work = tokens > 0 && tiles > 0 && r_max > 0;
+    let shrink_entry = if build.dtype != DType::F32 && d_in % 8 == 0 { entry::SHRINK_MMA } else { entry::SHRINK };
+    let shrink = work.then_some(SgmvLaunch {
+        entry: shrink_entry,
+        grid: (tiles as u32, splits as u32, slots as u32),
+        block: config.block_threads,
+    });
+    let expand = work.then_some(SgmvLaunch {
+        entry: entry::EXPAND,
+        grid: (tiles as u32, col_blocks as u32, 1),
+        block: config.block_threads,
+    });
+    Ok(SgmvPlan { params, config, shrink, expand, lens })
+}
+
+/// Per-slot routing plans, packed as the kernels read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotPlans {
+    /// Slots (plans).
+    pub slots: usize,
+    /// Experts.
+    pub experts: usize,
+    /// Entries between two plans (the largest plan's length).
+    pub entry_stride: usize,
+    /// `[slots, E + 1]`: plan `s`'s segment offsets.
+    pub offsets: Vec<u32>,
+    /// `[slots, entry_stride]`: plan `s`'s entries (token; slot 0), padded with
+    /// [`TokenSlot::PADDING`].
+    pub entries: Vec<TokenSlot>,
+}
+
+impl SlotPlans {
+    /// Builds plan `s` from column `s` of `ids [tokens, slots]` with segments padded to `block`
+    /// (the build's `bm`). Errors as [`RoutingPlan::build`].
+    pub fn build(ids: &[i32], tokens: usize, slots: usize, experts: usize, block: usize) -> Result<Self> {
+        crate::error::check_len("ids", ids, &[tokens, slots])?;
+        // Duplicates across slots of one token are an error of the routing, as in the reference.
+        RoutingPlan::build(ids, tokens, slots, experts, 1)?;
+        let plans: Vec<RoutingPlan> = (0..slots)
+            .map(|s| {
+                let column: Vec<i32> = (0..tokens).map(|t| ids[t * slots + s]).collect();
+                RoutingPlan::build(&column, tokens, 1, experts, block)
+            })
+            .collect::<Result<_>>()?;
+        let entry_stride = plans.iter().map(|p| p.entries.len()).max().unwrap_or(0);
+        let mut offsets = Vec::with_capacity(slots * (experts + 1));
+        let mut entries = vec![TokenSlot::PADDING; slots * entry_stride];
+        for (s, p) in plans.iter().enumerate() {
+            offsets.extend_from_slice(&p.offsets);
+            entries[s * entry_stride..s * entry_stride + p.entries.len()].copy_from_slice(&p.entries);
+        }
+        Ok(SlotPlans { slots, experts, entry_stride, offsets, entries })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+use super::*;
+use crate::cuda::sources;
+use std::mem::{offset_of, size_of};
+
+fn sgmv_cu() -> &'static str {
+    sources::source("sgmv.cu").expect("kernels/sgmv.cu is embedded")
+}
+
+#[test]
+fn params_layout_matches_the_c_struct() {
+    assert_eq!(size_of::<SgmvParams>(), 48);
+    assert!(sgmv_cu().contains("sizeof(mole_sgmv_params) == 48"));
+    let fields = [
+        ("tokens", offset_of!(SgmvParams, tokens)),
+        ("slots", offset_of!(SgmvParams, slots)),
+        ("experts", offset_of!(SgmvParams, experts)),
+        ("d_in", offset_of!(SgmvParams, d_in)),
+        ("d_out", offset_of!(SgmvParams, d_out)),
+        ("r_total", offset_of!(SgmvParams, r_total)),
+        ("r_max", offset_of!(SgmvParams, r_max)),
+        ("splits", offset_of!(SgmvParams, splits)),
+        ("k_per_split", offset_of!(SgmvParams, k_per_split)),
+        ("entry_stride", offset_of!(SgmvParams, entry_stride)),
+        ("slot", offset_of!(SgmvParams, slot)),
+        ("scale", offset_of!(SgmvParams, scale)),
+    ];
+    for (field, offset) in fields {
+        let line = format!("MOLE_OFFSET_OF(mole_sgmv_params, {field}) == {offset}");
+        assert!(sgmv_cu().contains(&line), "sgmv.cu lacks `{line}`");
+    }
+    assert_eq!(size_of::<TokenSlot>(), 8);
+}
+
+#[test]
+fn defaults_match_the_cu_file() {
+    let c = SgmvConfig::DEFAULT;
+    for (name, v) in c.defines() {
+        let line = format!("#define {name} {v}");
+        assert!(sgmv_cu().contains(&line), "sgmv.cu lacks `{line}`");
+    }
+    for b in candidates() {
+        assert_eq!(SgmvConfig::of(&b).unwrap().defines().map(|d| d.1), {
+            let c = CONFIG_CANDIDATES.iter().find(|c| build(b.dtype, **c) == b).unwrap();
+            c.defines().map(|d| d.1)
+        });
+        b.validate().unwrap();
+    }
+    assert_eq!(default_builds().len(), 3);
+}
+
+fn shape(tokens: usize, slots: usize, d_in: usize, d_out: usize) -> SgmvShape {
+    SgmvShape { tokens, slots, d_in, d_out, scale: 2.0 }
+}
+
+#[test]
+fn plan_computes_grids_splits_and_lengths() {
+    let b = build(DType::BF16, SgmvConfig::DEFAULT);
+    let offs = [0u32, 4, 4, 12];
+    let p = plan(&b, shape(10, 2, 70, 33), &offs, 96).unwrap();
+    // 70 = 5 chunks of 16, at most 2 splits: 48 + 22.
+    assert_eq!((p.params.splits, p.params.k_per_split), (2, 48));
+    assert_eq!(p.params.r_max, 8);
+    assert_eq!(p.params.r_total, 12);
+    assert_eq!(p.shrink.unwrap().grid, (3, 2, 2));
+    assert_eq!(p.expand.unwrap().grid, (3, 2, 1));
+    assert_eq!(p.lens.h_part, 2 * 10 * 2 * 8);
+    assert_eq!(p.lens.plan_offsets, 2 * 4);
+    assert_eq!(p.lens.plan_entries, 2 * 96);
+    assert_eq!(p.expand_params(1).slot, 1);
+    // 16-bit builds shrink on tensor cores when d_in is a multiple of 8.
+    assert_eq!(p.shrink.unwrap().entry, entry::SHRINK);
+    assert_eq!(plan(&b, shape(10, 2, 64, 33), &offs, 96).unwrap().shrink.unwrap().entry, entry::SHRINK_MMA);
+    let f32_build = build(DType::F32, SgmvConfig::DEFAULT);
+    assert_eq!(plan(&f32_build, shape(10, 2, 64, 33), &offs, 96).unwrap().shrink.unwrap().entry, entry::SHRINK);
+    // Short d_in: one split.
+    let p = plan(&b, shape(10, 1, 5, 8), &offs, 32).unwrap();
+    assert_eq!((p.params.splits, p.params.k_per_split), (1, 16));
+    // No work: zero tokens, all ranks zero.
+    assert!(plan(&b, shape(0, 1, 5, 8), &offs, 0).unwrap().shrink.is_none());
+    assert!(plan(&b, shape(3, 1, 5, 8), &[0, 0, 0], 64).unwrap().expand.is_none());
+}
+
+#[test]
+fn plan_rejects_bad_arguments() {
+    let b = build(DType::F32, SgmvConfig::DEFAULT);
+    let ok = [0u32, 4, 8];
+    assert!(plan(&b, shape(4, 1, 8, 8), &ok, 64).is_ok());
+    let bad: Vec<Result<SgmvPlan>> = vec![
+        plan(&b, shape(4, 1, 8, 8), &[0], 64),
+        plan(&b, shape(4, 1, 8, 8), &[1, 4], 64),
+        plan(&b, shape(4, 1, 8, 8), &[0, 4, 3], 64),
+        plan(&b, shape(4, 1, 8, 8), &[0, 257], 64),
+        plan(&b, shape(4, 1, 8, 8), &vec![0u32; MAX_EXPERTS + 2], 64),
+        plan(&b, shape(4, 0, 8, 8), &ok, 64),
+        plan(&b, shape(4, MAX_SLOTS + 1, 8, 8), &ok, 64),
+        plan(&b, shape(4, 1, 0, 8), &ok, 64),
+        plan(&b, shape(4, 1, 8, 0), &ok, 64),
+        plan(&b, SgmvShape { scale: f32::NAN, ..shape(4, 1, 8, 8) }, &ok, 64),
+        plan(&b, shape(1 << 31, 1, 8, 8), &ok, 64),
+        plan(&b, shape(4, 1, 1 << 32, 8), &ok, 64),
+        plan(&b, shape(4, 1, 8, 32 * 65_536), &ok, 64),
+        plan(&b, shape(4, 1, 8, 8), &ok, 1 << 32),
+        plan(&crate::kernels::gating::default_builds()[0], shape(4, 1, 8, 8), &ok, 64),
+        plan(&KernelBuild::new(Family::Sgmv, DType::F32, &["k"]).define("MOLE_SGMV_BM", 3), shape(4, 1, 8, 8), &ok, 64),
+    ];
+    for (i, r) in bad.into_iter().enumerate() {
+        assert!(r.is_err(), "case {i} should fail");
+    }
+}
+
+#[test]
+fn slot_plans_split_ids_by_column() {
+    // 3 tokens, 2 slots, 3 experts.
+    let ids = [2, 0, 0, -1, 2, 1];
+    let p = SlotPlans::build(&ids, 3, 2, 3, 2).unwrap();
+    // Slot 0: experts 2, 0, 2 -> counts [1, 0, 2]; slot 1: 0, -, 1 -> [1, 1, 0].
+    assert_eq!(p.offsets, vec![0, 2, 2, 4, 0, 2, 4, 4]);
+    assert_eq!(p.entry_stride, 4);
+    let tok: Vec<u32> = p.entries.iter().map(|e| e.token).collect();
+    let pad = u32::MAX;
+    assert_eq!(tok, vec![1, pad, 0, 2, 0, pad, 2, pad]);
+    assert!(p.entry_stride <= entry_capacity(3, 3, 2));
+    assert!(SlotPlans::build(&[1, 1], 1, 2, 3, 2).is_err());
+    assert!(SlotPlans::build(&[1], 2, 1, 3, 2).is_err());
+}

@@ -1,0 +1,327 @@
+//! The SGMV kernels (`kernels/sgmv.cu`) through the host execution layer against the f64
+//! reference [`mole::reference::grouped_forward`]: random shapes (odd `d_in`/`d_out`, ragged
+//! ranks including rank 0, several split-K slices), segment-length distributions that stress the
+//! plans (identical, uniform, zipf, one expert taking every token, many empty experts), every
+//! dtype, random thread schedules, `y` filled with random non-zero data and the `h` workspace
+//! poisoned before the launch.
+//!
+//! Tolerance, per output element: with `P = |y| + |scale| Σ_s |w_s| Σ_c (Σ_k |x_k A_kc|) |B_cn|`
+//! (the sum of absolute terms), `|got - exact| <= tolerance_with(slots · u, 2^-24, n) · P`, where
+//! `n = d_in + r_max + splits + 8` covers the f32 operations on one path (shrink over the split,
+//! the in-order split sum, the expand over the rank, the weight and the add) and `slots · u`
+//! the rounding of `y` to the dtype after each slot pass. Inputs are rounded to the dtype before
+//! the reference sees them. An element no slot touches must come back bit-exact.
+
+use half::{bf16, f16};
+use mole::kernels::sgmv::{self, entry_name, SgmvConfig, SgmvShape, SlotPlans};
+use mole::model::RankLayout;
+use mole::plan::{RoutingPlan, TokenSlot};
+use mole::reference::{grouped_forward, tolerance_with, Bank, Routing};
+use mole::synth::Rng;
+use mole::{DType, Scalar};
+use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use proptest::prelude::*;
+
+/// How tokens spread over experts.
+#[derive(Clone, Copy, Debug)]
+enum Spread {
+    /// Every token picks the same experts.
+    Identical,
+    Uniform,
+    /// P(e) ∝ 1 / (e + 1).
+    Zipf,
+    /// Slot 0 of every token goes to one expert.
+    OneHot,
+    /// Only a handful of many experts are ever picked.
+    ManyEmpty,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    tokens: usize,
+    slots: usize,
+    d_in: usize,
+    d_out: usize,
+    ranks: Vec<usize>,
+    spread: Spread,
+    dtype: DType,
+    scale: f32,
+    /// Shrink with the FMA kernel even where the plan picks the tensor-core one.
+    force_fma: bool,
+    seed: u64,
+    schedule: Schedule,
+}
+
+fn pick(rng: &mut Rng, spread: Spread, e: usize, t: usize, s: usize, hot: &[usize]) -> usize {
+    match spread {
+        Spread::Identical => s % e,
+        Spread::Uniform => rng.below(e),
+        Spread::Zipf => {
+            let h: f64 = (1..=e).map(|i| 1.0 / i as f64).sum();
+            let mut u = rng.uniform() * h;
+            (0..e)
+                .find(|&i| {
+                    u -= 1.0 / (i + 1) as f64;
+                    u <= 0.0
+                })
+                .unwrap_or(e - 1)
+        }
+        Spread::OneHot if s == 0 => hot[0],
+        Spread::OneHot => rng.below(e),
+        Spread::ManyEmpty => hot[(t + rng.below(hot.len())) % hot.len()],
+    }
+}
+
+/// Routing ids (no expert twice in a token, about 10% empty slots) and f32-exact weights.
+fn routing(c: &Case, rng: &mut Rng) -> (Vec<i32>, Vec<f64>) {
+    let e = c.ranks.len();
+    // Hot experts: up to three ranked ones and one at random (which may have rank 0).
+    let ranked: Vec<usize> = (0..e).filter(|&i| c.ranks[i] > 0).collect();
+    let mut hot: Vec<usize> = (0..3).map(|_| ranked[rng.below(ranked.len())]).collect();
+    hot.push(rng.below(e));
+    let mut ids = vec![-1i32; c.tokens * c.slots];
+    let mut w = vec![0.0f64; c.tokens * c.slots];
+    for t in 0..c.tokens {
+        for s in 0..c.slots {
+            if rng.below(10) == 0 {
+                continue;
+            }
+            let row = &ids[t * c.slots..t * c.slots + s];
+            let first = pick(rng, c.spread, e, t, s, &hot);
+            // The next free expert after the pick keeps the token's experts distinct.
+            if let Some(id) = (0..e).map(|i| ((first + i) % e) as i32).find(|id| !row.contains(id)) {
+                ids[t * c.slots + s] = id;
+                w[t * c.slots + s] = rng.range(-1.0, 1.0) as f32 as f64;
+            }
+        }
+    }
+    (ids, w)
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    let spread = prop_oneof![
+        Just(Spread::Identical),
+        Just(Spread::Uniform),
+        Just(Spread::Zipf),
+        Just(Spread::OneHot),
+        Just(Spread::ManyEmpty)
+    ];
+    (0usize..=96, 1usize..=4, 1usize..=130, 1usize..=130, 1usize..=10, spread, 0usize..3, any::<u64>(), 0u8..4)
+        .prop_map(|(tokens, slots, d_in, d_out, experts, spread, d, seed, sch)| {
+            // Half the shapes take the tensor-core shrink in 16-bit dtypes (d_in % 8 == 0).
+            let d_in = if seed % 2 == 0 { d_in.div_ceil(8) * 8 } else { d_in };
+            let mut rng = Rng::new(seed ^ 0x5eed);
+            let experts = if matches!(spread, Spread::ManyEmpty) { 40 + experts * 30 } else { experts };
+            // Ragged ranks with zeros, R <= 64; many-empty layouts keep a few ranked experts.
+            let mut ranks: Vec<usize> =
+                (0..experts)
+                    .map(|_| {
+                        if experts > 10 && rng.below(8) != 0 {
+                            0
+                        } else {
+                            [0, 1, 2, 3, 5, 8, 13, 24, 40][rng.below(9)]
+                        }
+                    })
+                    .collect();
+            while ranks.iter().sum::<usize>() > 64 {
+                let i = ranks.iter().position(|&r| r > 0).unwrap();
+                ranks[i] = 0;
+            }
+            if ranks.iter().all(|&r| r == 0) {
+                ranks[rng.below(experts)] = 7;
+            }
+            Case {
+                tokens,
+                slots: slots.min(experts),
+                d_in,
+                d_out,
+                ranks,
+                spread,
+                dtype: DType::ALL[d],
+                scale: [0.5, 1.0, 2.0, -1.5][rng.below(4)],
+                force_fma: rng.below(4) == 0,
+                seed,
+                schedule: match sch {
+                    0 => Schedule::Forward,
+                    1 => Schedule::Reverse,
+                    _ => Schedule::Seeded(seed),
+                },
+            }
+        })
+}
+
+/// A buffer of `T` from f64 values, and the values as the kernel sees them.
+fn rounded<T: Scalar + bytemuck::Pod>(name: &str, v: &[f64]) -> (Buffer<T>, Vec<f64>) {
+    let t: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
+    let back = t.iter().map(|x| x.to_f64()).collect();
+    let buf = if t.is_empty() { Buffer::poisoned(name, 1) } else { Buffer::from_slice(name, &t) };
+    (buf, back)
+}
+
+/// Runs `c` through the kernels, checks it against the reference, and returns `y` as computed.
+fn run_case(c: &Case) -> Result<Vec<f64>, TestCaseError> {
+    match c.dtype {
+        DType::F32 => run_typed::<f32>(c),
+        DType::F16 => run_typed::<f16>(c),
+        DType::BF16 => run_typed::<bf16>(c),
+    }
+}
+
+fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseError> {
+    let fail = |e: String| TestCaseError::fail(format!("{e}\n{c:?}"));
+    let mut rng = Rng::new(c.seed);
+    let (t_n, e_n, slots) = (c.tokens, c.ranks.len(), c.slots);
+    let mut offs = vec![0usize];
+    for r in &c.ranks {
+        offs.push(offs.last().unwrap() + r);
+    }
+    let r_total = *offs.last().unwrap();
+    let layout = RankLayout::from_offsets(offs.clone()).map_err(|e| fail(e.to_string()))?;
+    let offs32: Vec<u32> = offs.iter().map(|&o| o as u32).collect();
+    let (ids, w) = routing(c, &mut rng);
+    let gen = |rng: &mut Rng, n: usize| -> Vec<f64> { (0..n).map(|_| rng.range(-1.0, 1.0)).collect() };
+    let (x_buf, x) = rounded::<T>("x", &gen(&mut rng, t_n * c.d_in));
+    let (a_buf, a) = rounded::<T>("a", &gen(&mut rng, c.d_in * r_total));
+    let (b_buf, b) = rounded::<T>("b", &gen(&mut rng, r_total * c.d_out));
+    // y is in/out: random, non-zero.
+    let y_init: Vec<f64> =
+        (0..t_n * c.d_out).map(|_| rng.range(0.25, 2.0) * if rng.below(2) == 0 { 1.0 } else { -1.0 }).collect();
+    let (y_buf, y0) = rounded::<T>("y", &y_init);
+
+    let build = sgmv::build(c.dtype, SgmvConfig::DEFAULT);
+    let bm = SgmvConfig::DEFAULT.bm as usize;
+    let plans = SlotPlans::build(&ids, t_n, slots, e_n, bm).map_err(|e| fail(e.to_string()))?;
+    let shape = SgmvShape { tokens: t_n, slots, d_in: c.d_in, d_out: c.d_out, scale: c.scale };
+    let p = sgmv::plan(&build, shape, &offs32, plans.entry_stride).map_err(|e| fail(e.to_string()))?;
+
+    let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+    let nonempty = |n: usize| n.max(1);
+    let ro_buf = Buffer::from_slice("rank_offsets", &offs32);
+    let po_buf = Buffer::from_slice("plan_offsets", &plans.offsets);
+    let pe_buf = if plans.entries.is_empty() {
+        Buffer::<TokenSlot>::poisoned("plan_entries", 1)
+    } else {
+        Buffer::from_slice("plan_entries", &plans.entries)
+    };
+    let w_buf = if w32.is_empty() { Buffer::poisoned("weights", 1) } else { Buffer::from_slice("weights", &w32) };
+    let h_buf = Buffer::<f32>::poisoned("h_part", nonempty(p.lens.h_part));
+    if let (Some(shrink), Some(expand)) = (p.shrink, p.expand) {
+        let name = if c.force_fma { sgmv::entry::SHRINK } else { shrink.entry };
+        let k = Kernel::get(&entry_name(name, c.dtype)).map_err(|e| fail(e.to_string()))?;
+        let cfg = LaunchConfig::new(shrink.grid, shrink.block).schedule(c.schedule);
+        let args = [
+            Arg::value(p.params),
+            Arg::buffer(&x_buf),
+            Arg::buffer(&a_buf),
+            Arg::buffer(&ro_buf),
+            Arg::buffer(&po_buf),
+            Arg::buffer(&pe_buf),
+            Arg::buffer(&h_buf),
+        ];
+        k.launch(&cfg, &args).map_err(|e| fail(e.to_string()))?;
+        let k = Kernel::get(&entry_name(sgmv::entry::EXPAND, c.dtype)).map_err(|e| fail(e.to_string()))?;
+        let cfg = LaunchConfig::new(expand.grid, expand.block).schedule(c.schedule);
+        for s in 0..slots {
+            let args = [
+                Arg::value(p.expand_params(s)),
+                Arg::buffer(&h_buf),
+                Arg::buffer(&b_buf),
+                Arg::buffer(&ro_buf),
+                Arg::buffer(&po_buf),
+                Arg::buffer(&pe_buf),
+                Arg::buffer(&w_buf),
+                Arg::buffer(&y_buf),
+            ];
+            k.launch(&cfg, &args).map_err(|e| fail(e.to_string()))?;
+        }
+    }
+    let got: Vec<f64> = y_buf.read().iter().take(t_n * c.d_out).map(|v| v.to_f64()).collect();
+
+    let routing = Routing { tokens: t_n, slots, experts: e_n, ids: ids.clone(), weights: w.clone(), probs: None };
+    let rplan = RoutingPlan::build(&ids, t_n, slots, e_n, 1).map_err(|e| fail(e.to_string()))?;
+    let bank = Bank { a: &a, b: &b, ranks: &layout, scale: c.scale as f64, d_in: c.d_in, d_out: c.d_out };
+    let want = grouped_forward(&x, &y0, bank, &routing, &rplan);
+
+    let r_max = c.ranks.iter().copied().max().unwrap_or(0);
+    let n = c.d_in + r_max + p.params.splits as usize + 8;
+    let tol = tolerance_with(slots as f64 * c.dtype.unit_roundoff(), f64::powi(2.0, -24), n);
+    for t in 0..t_n {
+        let mut bound = vec![0.0f64; c.d_out];
+        for s in 0..slots {
+            let id = ids[t * slots + s];
+            if id < 0 || c.ranks[id as usize] == 0 {
+                continue;
+            }
+            for col in layout.cols(id as usize) {
+                let habs: f64 = (0..c.d_in).map(|k| (x[t * c.d_in + k] * a[k * r_total + col]).abs()).sum();
+                for (nn, bnd) in bound.iter_mut().enumerate() {
+                    *bnd += (c.scale as f64 * w[t * slots + s]).abs() * habs * b[col * c.d_out + nn].abs();
+                }
+            }
+        }
+        for (nn, &bnd) in bound.iter().enumerate() {
+            let i = t * c.d_out + nn;
+            let (g, ex) = (got[i], want[i]);
+            if bnd == 0.0 {
+                prop_assert!(g.to_bits() == y0[i].to_bits(), "untouched y[{t},{nn}] changed: {g} vs {}\n{c:?}", y0[i]);
+                continue;
+            }
+            let lim = tol * (bnd + y0[i].abs());
+            prop_assert!(
+                (g - ex).abs() <= lim,
+                "y[{t},{nn}] = {g}, want {ex} (|err| {} > {lim})\n{c:?}",
+                (g - ex).abs()
+            );
+        }
+    }
+    Ok(got)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sgmv_matches_the_grouped_reference(c in case_strategy()) {
+        run_case(&c)?;
+    }
+
+    /// No atomics, one writer per element and pass, splits and slots summed in a fixed order: the
+    /// result does not depend on the thread schedule, bit for bit.
+    #[test]
+    fn sgmv_is_deterministic_across_schedules(c in case_strategy()) {
+        let first = run_case(&Case { schedule: Schedule::Forward, ..c.clone() })?;
+        for schedule in [Schedule::Reverse, Schedule::Seeded(c.seed.wrapping_add(1))] {
+            let again = run_case(&Case { schedule, ..c.clone() })?;
+            prop_assert!(
+                first.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "results differ under {schedule:?}\n{c:?}"
+            );
+        }
+    }
+}
+
+/// One bigger fixed case: E = 4096 (mostly rank 0) with ranks up to 256, several split-K slices,
+/// odd d_out, two slots, every dtype.
+#[test]
+fn many_experts_and_full_rank() {
+    for (i, &dtype) in DType::ALL.iter().enumerate() {
+        let mut ranks = vec![0usize; 4096];
+        for (e, r) in [(0, 1), (17, 256), (1000, 33), (4095, 16), (2048, 3)] {
+            ranks[e] = r;
+        }
+        let c = Case {
+            tokens: 40,
+            slots: 2,
+            d_in: 104,
+            d_out: 45,
+            ranks,
+            spread: Spread::ManyEmpty,
+            dtype,
+            scale: 2.0,
+            force_fma: false,
+            seed: 7 + i as u64,
+            schedule: Schedule::Seeded(11),
+        };
+        run_case(&c).unwrap();
+    }
+}
