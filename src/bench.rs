@@ -104,15 +104,61 @@ pub fn random_routing(tokens: usize, experts: usize, k: usize, rng: &mut Rng) ->
     Routing { tokens, slots: k, experts, ids, weights, probs: None }
 }
 
-/// One grouped forward of a [`GroupedCase`], prepared on the device: random inputs, random
-/// routing, the per-slot plans and the default build of the storage type `T`.
+/// Host inputs of one grouped forward: the bank, the routing, and `x`, `y` in storage type `T`.
+#[derive(Clone, Debug)]
+pub struct GroupedData<T> {
+    /// `x [T, d_in]`.
+    pub x: Vec<T>,
+    /// `A [d_in, R]`.
+    pub a: Vec<T>,
+    /// `B [R, d_out]`.
+    pub b: Vec<T>,
+    /// `y [T, d_out]` before the update.
+    pub y: Vec<T>,
+    /// The bank's rank layout.
+    pub ranks: RankLayout,
+    /// Per-token expert ids and weights.
+    pub routing: Routing,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Delta scale.
+    pub scale: f64,
+}
+
+impl<T: KernelElement> GroupedData<T> {
+    /// Random inputs and routing for `case`: unit-scale activations, weights scaled by
+    /// `1/sqrt(fan_in)`, `k` distinct uniform experts per token.
+    pub fn random(case: &GroupedCase) -> Result<Self> {
+        let c = *case;
+        if c.k == 0 || c.k > c.experts {
+            return Err(MoleError::InvalidK { k: c.k, experts: c.experts });
+        }
+        let mut rng = Rng::new(0x5EED ^ c.tokens as u64);
+        let ranks = RankLayout::uniform(c.experts, c.rank)?;
+        let r = ranks.total_rank();
+        Ok(Self {
+            x: rng.fill(c.tokens * c.d_in, 1.0),
+            a: rng.fill(c.d_in * r, (3.0 / c.d_in as f64).sqrt()),
+            b: rng.fill(r * c.d_out, (3.0 / c.rank as f64).sqrt()),
+            y: rng.fill(c.tokens * c.d_out, 1.0),
+            routing: random_routing(c.tokens, c.experts, c.k, &mut rng),
+            ranks,
+            d_in: c.d_in,
+            d_out: c.d_out,
+            scale: 1.0,
+        })
+    }
+}
+
+/// One grouped forward prepared on the device: the data uploaded, the per-slot plans built on
+/// the host, and the default build of the storage type `T`.
 pub struct GroupedRun<'d, T: DeviceRepr> {
     device: &'d Device,
-    case: GroupedCase,
     build: KernelBuild,
     plan: SgmvPlan,
-    host: GroupedHost<T>,
-    routing: Routing,
+    data: GroupedData<T>,
     x: CudaSlice<T>,
     a: CudaSlice<T>,
     b: CudaSlice<T>,
@@ -124,50 +170,39 @@ pub struct GroupedRun<'d, T: DeviceRepr> {
     y: CudaSlice<T>,
 }
 
-/// The host copies a check needs.
-struct GroupedHost<T> {
-    x: Vec<T>,
-    a: Vec<T>,
-    b: Vec<T>,
-    y: Vec<T>,
-}
-
 impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
-    /// Generates and uploads everything; validates the shape through [`sgmv::plan`].
+    /// Random data for `case` (see [`GroupedData::random`]), uploaded.
     pub fn new(device: &'d Device, case: &GroupedCase) -> Result<Self> {
-        let c = *case;
-        if c.k == 0 || c.k > c.experts {
-            return Err(MoleError::InvalidK { k: c.k, experts: c.experts });
-        }
-        let mut rng = Rng::new(0x5EED ^ c.tokens as u64);
-        let ranks = RankLayout::uniform(c.experts, c.rank)?;
-        let r = ranks.total_rank();
-        let host = GroupedHost {
-            x: rng.fill(c.tokens * c.d_in, 1.0),
-            a: rng.fill(c.d_in * r, (3.0 / c.d_in as f64).sqrt()),
-            b: rng.fill(r * c.d_out, (3.0 / c.rank as f64).sqrt()),
-            y: rng.fill(c.tokens * c.d_out, 1.0),
-        };
-        let routing = random_routing(c.tokens, c.experts, c.k, &mut rng);
+        Self::with_data(device, GroupedData::random(case)?)
+    }
+
+    /// Uploads `data`; validates the call through [`SlotPlans::build`] and [`sgmv::plan`].
+    pub fn with_data(device: &'d Device, data: GroupedData<T>) -> Result<Self> {
+        let r = &data.routing;
         let build = sgmv::default_builds()
             .into_iter()
             .find(|b| b.dtype == T::DTYPE)
             .ok_or_else(|| MoleError::Unsupported(format!("no default sgmv build for {}", T::DTYPE)))?;
         let config = sgmv::SgmvConfig::of(&build)?;
-        let plans = SlotPlans::build(&routing.ids, c.tokens, c.k, c.experts, config.bm as usize)?;
-        let offsets: Vec<u32> = ranks.offsets().iter().map(|&o| o as u32).collect();
-        let shape = SgmvShape { tokens: c.tokens, slots: c.k, d_in: c.d_in, d_out: c.d_out, scale: 1.0 };
+        let plans = SlotPlans::build(&r.ids, r.tokens, r.slots, r.experts, config.bm as usize)?;
+        let offsets: Vec<u32> = data.ranks.offsets().iter().map(|&o| o as u32).collect();
+        let shape = SgmvShape {
+            tokens: r.tokens,
+            slots: r.slots,
+            d_in: data.d_in,
+            d_out: data.d_out,
+            scale: data.scale as f32,
+        };
         let plan = sgmv::plan(&build, shape, &offsets, plans.entry_stride)?;
         let stream = device.stream();
         let up = cuda_err("cuMemcpyHtoD");
-        let w32: Vec<f32> = routing.weights.iter().map(|&w| w as f32).collect();
+        let w32: Vec<f32> = r.weights.iter().map(|&w| w as f32).collect();
         Ok(Self {
             device,
-            case: c,
-            x: stream.clone_htod(&host.x).map_err(&up)?,
-            a: stream.clone_htod(&host.a).map_err(&up)?,
-            b: stream.clone_htod(&host.b).map_err(&up)?,
-            y: stream.clone_htod(&host.y).map_err(&up)?,
+            x: stream.clone_htod(&data.x).map_err(&up)?,
+            a: stream.clone_htod(&data.a).map_err(&up)?,
+            b: stream.clone_htod(&data.b).map_err(&up)?,
+            y: stream.clone_htod(&data.y).map_err(&up)?,
             rank_offsets: stream.clone_htod(&offsets).map_err(&up)?,
             plan_offsets: stream.clone_htod(&plans.offsets).map_err(&up)?,
             plan_entries: stream.clone_htod(&plans.entries).map_err(&up)?,
@@ -175,8 +210,7 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
             h_part: stream.alloc_zeros::<f32>(plan.lens.h_part.max(1)).map_err(cuda_err("cuMemAlloc"))?,
             build,
             plan,
-            host,
-            routing,
+            data,
         })
     }
 
@@ -196,29 +230,33 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
         sgmv::forward(self.device, &self.build, &self.plan, bufs)
     }
 
-    /// Resets y, runs one forward and returns the max scaled error `|got - want| / (1 + |want|)`
-    /// against the f64 reference.
-    pub fn check(&mut self) -> Result<f64> {
+    /// Resets y, runs one forward and returns y (widened to f64) and the f64 reference's y.
+    pub fn check(&mut self) -> Result<(Vec<f64>, Vec<f64>)> {
         let stream = self.device.stream();
-        stream.memcpy_htod(&self.host.y, &mut self.y).map_err(cuda_err("cuMemcpyHtoD"))?;
+        stream.memcpy_htod(&self.data.y, &mut self.y).map_err(cuda_err("cuMemcpyHtoD"))?;
         self.forward()?;
         let got = stream.clone_dtoh(&self.y).map_err(cuda_err("cuMemcpyDtoH"))?;
-        let c = self.case;
+        let d = &self.data;
+        let r = &d.routing;
         let f = crate::dtype::to_f64_vec;
-        let (x, a, b, y) = (f(&self.host.x), f(&self.host.a), f(&self.host.b), f(&self.host.y));
-        let ranks = RankLayout::uniform(c.experts, c.rank)?;
-        let rp = RoutingPlan::build(&self.routing.ids, c.tokens, c.k, c.experts, 1)?;
-        let bank = Bank { a: &a, b: &b, ranks: &ranks, scale: 1.0, d_in: c.d_in, d_out: c.d_out };
-        let want = reference::grouped_forward(&x, &y, bank, &self.routing, &rp);
-        Ok(got.iter().zip(&want).map(|(g, w)| (g.to_f64() - w).abs() / (1.0 + w.abs())).fold(0.0, f64::max))
+        let (x, a, b, y) = (f(&d.x), f(&d.a), f(&d.b), f(&d.y));
+        let rp = RoutingPlan::build(&r.ids, r.tokens, r.slots, r.experts, 1)?;
+        let bank = Bank { a: &a, b: &b, ranks: &d.ranks, scale: d.scale, d_in: d.d_in, d_out: d.d_out };
+        Ok((f(&got), reference::grouped_forward(&x, &y, bank, r, &rp)))
     }
 
     /// Experts that received at least one token.
     pub fn touched_experts(&self) -> usize {
-        let mut seen = vec![false; self.case.experts];
-        self.routing.ids.iter().filter(|&&id| id >= 0).for_each(|&id| seen[id as usize] = true);
+        let r = &self.data.routing;
+        let mut seen = vec![false; r.experts];
+        r.ids.iter().filter(|&&id| id >= 0).for_each(|&id| seen[id as usize] = true);
         seen.iter().filter(|&&s| s).count()
     }
+}
+
+/// Max of `|got - want| / (1 + |want|)`.
+pub fn max_scaled_error(got: &[f64], want: &[f64]) -> f64 {
+    got.iter().zip(want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0.0, f64::max)
 }
 
 /// Times `case` (median of `runs` after warm-up) and, with `check`, compares it with the reference.
@@ -229,7 +267,12 @@ pub fn bench_grouped<T: KernelElement + DeviceRepr>(
     check: bool,
 ) -> Result<GroupedResult> {
     let mut run = GroupedRun::<T>::new(device, case)?;
-    let checked_error = if check { Some(run.check()?) } else { None };
+    let checked_error = if check {
+        let (got, want) = run.check()?;
+        Some(max_scaled_error(&got, &want))
+    } else {
+        None
+    };
     let timing = time_on_device(device, 3, runs, || run.forward())?;
     let median_ms = timing.median_ms();
     let secs = median_ms * 1e-3;

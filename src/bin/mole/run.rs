@@ -2,11 +2,14 @@
 //! against the f64 reference, with time and throughput.
 
 use clap::Args;
+use cudarc::driver::DeviceRepr;
+use mole::bench::{max_scaled_error, GroupedData, GroupedRun};
 use mole::model::{LayerSpec, Method, MethodShape, Mix};
 use mole::plan::RoutingPlan;
+use mole::reference::LayerOutput;
 use mole::reference::{self, Bank};
 use mole::synth::SyntheticLayer;
-use mole::{DType, MoleError, Result};
+use mole::{DType, KernelElement, MoleError, Result};
 use std::time::Instant;
 
 #[derive(Args)]
@@ -53,9 +56,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         args.tokens,
         args.dtype
     );
-    match mole::cuda::list_gpus() {
-        Ok(g) if !g.is_empty() => println!("backend: CPU (GPU {} found; the GPU kernels are not built yet)", g[0].name),
-        _ => println!("backend: CPU (no GPU found)"),
+    match mole::cuda::Device::new(0) {
+        Ok(d) if spec.mix == Mix::ExpertScale => println!("backend: GPU {} (grouped SGMV kernels)", d.name()),
+        Ok(d) => println!("backend: CPU (GPU {} found; the GPU kernels for this mix are not built yet)", d.name()),
+        Err(e) => println!("backend: CPU ({e})"),
     }
     match args.dtype {
         DType::F32 => run_typed::<f32>(&spec, args),
@@ -64,7 +68,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
 }
 
-fn run_typed<T: mole::Scalar>(spec: &LayerSpec, args: &RunArgs) -> Result<()> {
+fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) -> Result<()> {
     let data = SyntheticLayer::<T>::new(spec, args.tokens, args.seed);
     let inputs = data.inputs();
 
@@ -72,25 +76,12 @@ fn run_typed<T: mole::Scalar>(spec: &LayerSpec, args: &RunArgs) -> Result<()> {
     let reference = reference::forward(spec, &inputs)?;
     let ref_time = start.elapsed().as_secs_f64();
 
-    // The CPU path is the grouped formulation (per-expert segments of the routing plan), the
-    // strategy the GPU kernels use for many experts; the check is against the dense reference.
-    let (path, y, time) = if spec.mix == Mix::ExpertScale {
-        let f = |v: &[T]| mole::dtype::to_f64_vec(v);
-        let (x, a, b, y0) = (f(&data.x), f(&data.a), f(&data.b), f(&data.y));
-        let start = Instant::now();
-        let routing = &reference.routing;
-        let plan = RoutingPlan::build(&routing.ids, routing.tokens, routing.slots, routing.experts, 1)?;
-        let bank = Bank { a: &a, b: &b, ranks: &spec.ranks, scale: spec.scale, d_in: spec.d_in, d_out: spec.d_out };
-        let y = reference::grouped_forward(&x, &y0, bank, routing, &plan);
-        ("CPU grouped (f64)", y, start.elapsed().as_secs_f64())
-    } else {
-        ("CPU dense (f64)", reference.y.clone(), ref_time)
+    let device = mole::cuda::Device::new(0).ok();
+    let (path, y, time, tol) = match (&device, spec.mix) {
+        (Some(device), Mix::ExpertScale) => gpu_grouped(device, spec, &data, &reference.routing)?,
+        _ => cpu_path(spec, &data, &reference, ref_time)?,
     };
-
-    // Scaled error: |got - want| / (scale · Σ|h'|·|B| + |y|), bounded by f64 roundoff × length.
-    let n = spec.d_in + spec.total_rank();
-    let tol = reference::tolerance_with(f64::EPSILON / 2.0, f64::EPSILON / 2.0, n) * 16.0;
-    let max_err = y.iter().zip(&reference.y).map(|(g, w)| (g - w).abs() / (w.abs() + 1.0)).fold(0.0, f64::max);
+    let max_err = max_scaled_error(&y, &reference.y);
 
     let selected: usize = reference.routing.ids.iter().filter(|&&id| id >= 0).count();
     let active_rank = selected as f64 * spec.total_rank() as f64 / spec.routed_experts() as f64;
@@ -113,4 +104,54 @@ fn run_typed<T: mole::Scalar>(spec: &LayerSpec, args: &RunArgs) -> Result<()> {
     }
     println!("check: PASS");
     Ok(())
+}
+
+/// The CPU path: the grouped formulation (per-expert segments of the routing plan, the strategy
+/// of the SGMV kernels) in f64; the mixes it does not cover fall back to the dense reference.
+fn cpu_path<T: KernelElement>(
+    spec: &LayerSpec,
+    data: &SyntheticLayer<T>,
+    reference: &LayerOutput,
+    ref_time: f64,
+) -> Result<(&'static str, Vec<f64>, f64, f64)> {
+    // Both sides are f64: the bound is f64 roundoff over the reduction length.
+    let tol = reference::tolerance_with(f64::EPSILON / 2.0, f64::EPSILON / 2.0, spec.d_in + spec.total_rank()) * 16.0;
+    if spec.mix != Mix::ExpertScale {
+        return Ok(("CPU dense reference (f64)", reference.y.clone(), ref_time, tol));
+    }
+    let f = |v: &[T]| mole::dtype::to_f64_vec(v);
+    let (x, a, b, y0) = (f(&data.x), f(&data.a), f(&data.b), f(&data.y));
+    let start = Instant::now();
+    let routing = &reference.routing;
+    let plan = RoutingPlan::build(&routing.ids, routing.tokens, routing.slots, routing.experts, 1)?;
+    let bank = Bank { a: &a, b: &b, ranks: &spec.ranks, scale: spec.scale, d_in: spec.d_in, d_out: spec.d_out };
+    let y = reference::grouped_forward(&x, &y0, bank, routing, &plan);
+    Ok(("CPU grouped (f64)", y, start.elapsed().as_secs_f64(), tol))
+}
+
+/// The GPU path: the SGMV shrink and per-slot expand kernels on the reference's routing (the
+/// routing itself is computed on the host for now). Time is the median of 20 event-timed runs.
+fn gpu_grouped<T: KernelElement + DeviceRepr>(
+    device: &mole::cuda::Device,
+    spec: &LayerSpec,
+    data: &SyntheticLayer<T>,
+    routing: &mole::reference::Routing,
+) -> Result<(&'static str, Vec<f64>, f64, f64)> {
+    let grouped = GroupedData {
+        x: data.x.clone(),
+        a: data.a.clone(),
+        b: data.b.clone(),
+        y: data.y.clone(),
+        ranks: spec.ranks.clone(),
+        routing: routing.clone(),
+        d_in: spec.d_in,
+        d_out: spec.d_out,
+        scale: spec.scale,
+    };
+    let mut run = GroupedRun::with_data(device, grouped)?;
+    let (y, _) = run.check()?;
+    let timing = mole::cuda::time_on_device(device, 3, 20, || run.forward())?;
+    // Storage rounding of y once per slot pass, f32 accumulation over d_in + R.
+    let tol = reference::tolerance(T::DTYPE, spec.d_in + spec.total_rank()) * (routing.slots as f64 + 1.0);
+    Ok(("GPU grouped SGMV kernels (routing on the host)", y, timing.median_ms() * 1e-3, tol))
 }
