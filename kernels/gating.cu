@@ -405,8 +405,8 @@ struct mole_group {
     bool invalid;    // the lane holds an id that is neither -1 nor in 0..E
 };
 
-MOLE_DEVICE mole_group group_entry(const int* ids, mole_u64 i, mole_u64 end, int experts) {
-    const int raw = i < end ? ids[i] : -1;
+MOLE_DEVICE mole_group group_entry(const int* ids, mole_u64 i, mole_u64 end, int experts, mole_u64 stride = 1) {
+    const int raw = i < end ? ids[i * stride] : -1;
     const bool valid = raw >= 0 && raw < experts;
     const mole_u32 peers = mole_match_any(valid ? raw : -1);
     return mole_group{valid, valid ? raw : -1, mole_popc(peers & mole_lanes_below()), mole_popc(peers),
@@ -414,12 +414,13 @@ MOLE_DEVICE mole_group group_entry(const int* ids, mole_u64 i, mole_u64 end, int
 }
 
 // Per-expert counts of ids[begin, end) into cnt[E]; returns whether any lane saw an invalid id.
-MOLE_DEVICE bool count_experts(mole_u32* cnt, const int* ids, mole_u64 begin, mole_u64 end, int experts) {
+MOLE_DEVICE bool count_experts(mole_u32* cnt, const int* ids, mole_u64 begin, mole_u64 end, int experts,
+                               mole_u64 stride = 1) {
     for (int e = mole_lane(); e < experts; e += MOLE_WARP_SIZE) cnt[e] = 0;
     mole_syncwarp();
     bool invalid = false;
     for (mole_u64 base = begin; base < end; base += MOLE_WARP_SIZE) {
-        const mole_group g = group_entry(ids, base + mole_lane(), end, experts);
+        const mole_group g = group_entry(ids, base + mole_lane(), end, experts, stride);
         invalid = invalid || g.invalid;
         if (g.valid && g.rank == 0) cnt[g.id] += g.size;
         mole_syncwarp();
@@ -555,6 +556,10 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 // chunks and the entries inside a chunk are visited in order. Ids outside 0..E other than -1 are
 // skipped and reported in status (1); duplicate experts within a token are not detected here.
 //   workspace: chunk counts u32 [chunks][E], then an invalid-id flag u32 [chunks].
+// Column mode (slots = 1, ids_stride = row length): entry i = (token i, slot 0) reads
+// ids[i * ids_stride + column]; counts, offsets, entries and status go to column * E,
+// column * (E + 1), column * entry_stride and column, and entries [offsets[E], entry_stride) of
+// the plan are filled with padding. The full plan is ids_stride = 1, column = entry_stride = 0.
 // ---------------------------------------------------------------------------------------------
 
 struct mole_plan_params {
@@ -564,14 +569,20 @@ struct mole_plan_params {
     mole_u32 block;           // segment granularity (1 = no padding)
     mole_u32 chunk_entries;   // entries per chunk (one warp each)
     mole_u32 chunks;          // ceil(T * slots / chunk_entries)
+    mole_u32 ids_stride;      // ids element distance between entries (1: the full plan)
+    mole_u32 column;          // column of ids read, and the index of the plan written
+    mole_u32 entry_stride;    // entries between two plans, all written (0: the full plan)
 };
-static_assert(sizeof(mole_plan_params) == 24, "mole_plan_params layout");
+static_assert(sizeof(mole_plan_params) == 36, "mole_plan_params layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, tokens) == 0, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, slots) == 4, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, experts) == 8, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, block) == 12, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, chunk_entries) == 16, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, chunks) == 20, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, ids_stride) == 24, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, column) == 28, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, entry_stride) == 32, "layout");
 
 // plan::TokenSlot.
 struct mole_token_slot {
@@ -589,8 +600,10 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     MOLE_ENTRY(gating_plan_count)(const mole_plan_params p, const int* __restrict__ ids,
                                   mole_u32* __restrict__ workspace) {
     mole_u32* cnt = warp_smem(p.experts);
+    ids += p.column;
     for (mole_u64 c = first_warp_item(); c < p.chunks; c += warp_item_stride()) {
-        const bool invalid = count_experts(cnt, ids, c * p.chunk_entries, chunk_end(p, c), (int)p.experts);
+        const bool invalid =
+            count_experts(cnt, ids, c * p.chunk_entries, chunk_end(p, c), (int)p.experts, p.ids_stride);
         for (mole_u32 e = mole_lane(); e < p.experts; e += MOLE_WARP_SIZE) workspace[c * p.experts + e] = cnt[e];
         if (mole_lane() == 0) workspace[(mole_u64)p.chunks * p.experts + c] = invalid ? 1u : 0u;
         mole_syncwarp();  // cnt is reused by the next chunk
@@ -623,6 +636,10 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
                                  mole_u32* __restrict__ counts, mole_u32* __restrict__ offsets,
                                  mole_token_slot* __restrict__ entries, mole_u32* __restrict__ status) {
     const mole_u32 n = p.experts, tid = threadIdx.x;
+    counts += (mole_u64)p.column * n;
+    offsets += (mole_u64)p.column * (n + 1);
+    entries += (mole_u64)p.column * p.entry_stride;
+    status += p.column;
     // Per expert: exclusive prefix of its chunk counts (in chunk order) and its total.
     for (mole_u32 e = tid; e < n; e += blockDim.x) {
         mole_u32 run = 0;
@@ -651,13 +668,14 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
         status[0] = invalid;
     }
     __syncthreads();
-    // Chunk bases become absolute; padding fills each segment's tail.
+    // Chunk bases become absolute; padding fills each segment's tail (and a column plan's tail).
+    const mole_token_slot padding{0xffffffffu, 0xffffffffu};  // TokenSlot::PADDING
     for (mole_u32 e = tid; e < n; e += blockDim.x) {
         const mole_u32 o = offsets[e];
         for (mole_u64 c = 0; c < p.chunks; ++c) workspace[c * n + e] += o;
-        const mole_token_slot padding{0xffffffffu, 0xffffffffu};  // TokenSlot::PADDING
         for (mole_u32 i = o + counts[e]; i < offsets[e + 1]; ++i) entries[i] = padding;
     }
+    for (mole_u32 i = offsets[n] + tid; i < p.entry_stride; i += blockDim.x) entries[i] = padding;
 }
 
 // Grid: one warp per chunk; dynamic shared memory (threads / 32) * E * 4 bytes.
@@ -665,13 +683,15 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     MOLE_ENTRY(gating_plan_scatter)(const mole_plan_params p, const int* __restrict__ ids,
                                     const mole_u32* __restrict__ workspace, mole_token_slot* __restrict__ entries) {
     mole_u32* cursor = warp_smem(p.experts);
+    ids += p.column;
+    entries += (mole_u64)p.column * p.entry_stride;
     for (mole_u64 c = first_warp_item(); c < p.chunks; c += warp_item_stride()) {
         for (mole_u32 e = mole_lane(); e < p.experts; e += MOLE_WARP_SIZE) cursor[e] = workspace[c * p.experts + e];
         mole_syncwarp();
         const mole_u64 end = chunk_end(p, c);
         for (mole_u64 base = c * p.chunk_entries; base < end; base += MOLE_WARP_SIZE) {
             const mole_u64 i = base + mole_lane();
-            const mole_group g = group_entry(ids, i, end, (int)p.experts);
+            const mole_group g = group_entry(ids, i, end, (int)p.experts, p.ids_stride);
             const mole_token_slot entry{(mole_u32)(i / p.slots), (mole_u32)(i % p.slots)};
             if (g.valid) entries[cursor[g.id] + g.rank] = entry;
             mole_syncwarp();  // every lane has read its cursor before the group's first lane moves it

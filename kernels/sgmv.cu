@@ -48,6 +48,12 @@
 #define MOLE_SGMV_SPLITS 2
 #endif
 
+// Pipeline stages of the tensor-core shrink's x tile: 1 (load, wait, compute) or 2 (cp.async
+// double buffering: the next step's x tile is in flight while the current one is consumed).
+#ifndef MOLE_SGMV_STAGES
+#define MOLE_SGMV_STAGES 2
+#endif
+
 #define MOLE_SGMV_MAX_RANK 256
 #define MOLE_SGMV_MAX_EXPERTS 4096
 #define MOLE_SGMV_PADDING 0xffffffffu
@@ -59,6 +65,7 @@ static_assert(MOLE_BLOCK_THREADS % MOLE_SGMV_BN == 0 && (MOLE_SGMV_BM * MOLE_SGM
 static_assert(MOLE_BLOCK_THREADS % MOLE_SGMV_RC == 0 && (MOLE_SGMV_BM * MOLE_SGMV_RC) % MOLE_BLOCK_THREADS == 0,
               "shrink: threads must tile BM x RC exactly");
 static_assert(MOLE_SGMV_BM >= 1 && MOLE_SGMV_KC >= 1 && MOLE_SGMV_SPLITS >= 1, "positive tile sizes");
+static_assert(MOLE_SGMV_STAGES == 1 || MOLE_SGMV_STAGES == 2, "MOLE_SGMV_STAGES must be 1 or 2");
 
 // Parameters of both kernels, by value (Rust: SgmvParams).
 struct mole_sgmv_params {
@@ -274,7 +281,8 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 // Tensor-core shrink (f16 / bf16 builds): the same contract as sgmv_shrink, with the x tile
 // staged by cp.async (16-byte rows: needs d_in % 8 == 0 and x 16-byte aligned, which the host
 // planner checks) and A staged by plain loads (ragged rank offsets are not 16-byte aligned), then
-// mma.sync m16n8k16 on fragments read by ldmatrix. Warp w computes rows 16*(w / WN) .. +16 and
+// mma.sync m16n8k16 on fragments read by ldmatrix. With MOLE_SGMV_STAGES == 2 the x tile is
+// double buffered: step i+1's copies are committed before step i waits (cp.async.wait_group 1). Warp w computes rows 16*(w / WN) .. +16 and
 // rank columns 16*(w % WN) .. +16 of each MMA_RC-column chunk; KM = 32 of d_in per step.
 // ---------------------------------------------------------------------------------------------
 #if !defined(MOLE_DTYPE_F32)
@@ -301,13 +309,29 @@ MOLE_DEVICE void sgmv_mma(float* d, const mole_u32* a, const mole_u32* b) {
 #endif
 }
 
+// Issues (and commits, as one group) the cp.async copies of x[rows, k0 .. k0 + KM) into `xs`:
+// 16-byte segments of 8 elements; padding rows and k past the split read nothing (zero fill).
+// Segments are whole because k_end and k0 are multiples of 8.
+MOLE_DEVICE void sgmv_stage_x(elem_t (*xs)[MOLE_SGMV_MMA_XS], const int* rows, const elem_t* __restrict__ x,
+                              mole_u32 d_in, mole_u64 k0, mole_u64 k_end) {
+    for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM * (MOLE_SGMV_MMA_KM / 8); i += (int)blockDim.x) {
+        const int r = i / (MOLE_SGMV_MMA_KM / 8), seg = i % (MOLE_SGMV_MMA_KM / 8);
+        const int t = rows[r];
+        const mole_u64 k = k0 + (mole_u64)seg * 8u;
+        const bool live = t >= 0 && k < k_end;
+        const elem_t* src = live ? x + (mole_u64)t * d_in + k : x;
+        mole_cp_async_16_zfill(&xs[r][seg * 8], src, live ? 16 : 0);
+    }
+    mole_cp_async_commit();
+}
+
 MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     MOLE_ENTRY(sgmv_shrink_mma)(const mole_sgmv_params p, const elem_t* __restrict__ x,
                                 const elem_t* __restrict__ a, const mole_u32* __restrict__ rank_offsets,
                                 const mole_u32* __restrict__ plan_offsets,
                                 const mole_sgmv_entry* __restrict__ plan_entries, float* __restrict__ h_part) {
     __shared__ int rows[MOLE_SGMV_BM];
-    __shared__ __align__(16) elem_t xs[MOLE_SGMV_BM][MOLE_SGMV_MMA_XS];
+    __shared__ __align__(16) elem_t xs[MOLE_SGMV_STAGES][MOLE_SGMV_BM][MOLE_SGMV_MMA_XS];
     __shared__ __align__(16) elem_t as[MOLE_SGMV_MMA_KM][MOLE_SGMV_MMA_AS];
     const mole_u32 s = blockIdx.z;
     const mole_u32 split = blockIdx.y;
@@ -328,20 +352,24 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     MOLE_NO_UNROLL
     for (mole_u32 c0 = 0u; c0 < tile.rank; c0 += MOLE_SGMV_MMA_RC) {
         float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        int st = 0;  // the stage holding this step's x tile
+#if MOLE_SGMV_STAGES == 2
+        __syncthreads();  // the previous rank chunk's fragments are read
+        sgmv_stage_x(xs[0], rows, x, p.d_in, k_begin, k_end);
+#endif
         MOLE_NO_UNROLL
         for (mole_u64 k0 = k_begin; k0 < k_end; k0 += MOLE_SGMV_MMA_KM) {
             __syncthreads();  // the previous step's fragments are read
-            // x: 16-byte segments of 8 elements; padding rows and k past the split read nothing
-            // (zero fill). Segments are whole because k_end and k0 are multiples of 8.
-            for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM * (MOLE_SGMV_MMA_KM / 8); i += (int)blockDim.x) {
-                const int r = i / (MOLE_SGMV_MMA_KM / 8), seg = i % (MOLE_SGMV_MMA_KM / 8);
-                const int t = rows[r];
-                const mole_u64 k = k0 + (mole_u64)seg * 8u;
-                const bool live = t >= 0 && k < k_end;
-                const elem_t* src = live ? x + (mole_u64)t * p.d_in + k : x;
-                mole_cp_async_16_zfill(&xs[r][seg * 8], src, live ? 16 : 0);
-            }
-            mole_cp_async_commit();
+#if MOLE_SGMV_STAGES == 2
+            // Prefetch the next step into the other stage (an empty group after the last step,
+            // so that the wait below always leaves exactly the newest group in flight).
+            if (k0 + MOLE_SGMV_MMA_KM < k_end)
+                sgmv_stage_x(xs[st ^ 1], rows, x, p.d_in, k0 + MOLE_SGMV_MMA_KM, k_end);
+            else
+                mole_cp_async_commit();
+#else
+            sgmv_stage_x(xs[0], rows, x, p.d_in, k0, k_end);
+#endif
             for (int i = (int)threadIdx.x; i < MOLE_SGMV_MMA_KM * MOLE_SGMV_MMA_RC; i += (int)blockDim.x) {
                 const int kk = i / MOLE_SGMV_MMA_RC, c = i % MOLE_SGMV_MMA_RC;
                 const mole_u64 k = k0 + (mole_u64)kk;
@@ -350,15 +378,16 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
                 if (k < k_end && cc < tile.rank) v = load_f32(a + k * p.r_total + tile.col_lo + cc);
                 store_from_f32(&as[kk][c], v);  // exact: v is an elem_t value
             }
-            mole_cp_async_wait_all();
+            mole_cp_async_wait<MOLE_SGMV_STAGES - 1>();  // this step's x tile has landed
             __syncthreads();
             for (int kk = 0; kk < MOLE_SGMV_MMA_KM; kk += 16) {
                 mole_u32 af[4], bf[4];
-                mole_ldmatrix_x4(af, &xs[m0 + (lane % 16)][kk + (lane / 16) * 8]);
+                mole_ldmatrix_x4(af, &xs[st][m0 + (lane % 16)][kk + (lane / 16) * 8]);
                 mole_ldmatrix_x4_trans(bf, &as[kk + (lane % 16)][n0 + (lane / 16) * 8]);
                 sgmv_mma(acc[0], af, bf);
                 sgmv_mma(acc[1], af, bf + 2);
             }
+            st = (st + 1) % MOLE_SGMV_STAGES;
         }
         // c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1] of each n8 tile.
         for (int j = 0; j < 2; ++j) {
@@ -370,6 +399,123 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
                 const mole_u64 ts = (mole_u64)t * p.slots + s;
                 h_part[((mole_u64)split * rows_total + ts) * p.r_max + cc] = acc[j][q];
             }
+        }
+    }
+}
+// ---------------------------------------------------------------------------------------------
+// Tensor-core expand (f16 / bf16 builds): the same contract as sgmv_expand. Per 16-rank chunk,
+// each row's h values (split sums, f32) are scaled by a power of two that brings the row's
+// largest |h| of the chunk into [1, 2) (exact; keeps f16 clear of overflow and of subnormal lo
+// parts), then split as h = hi + lo with hi = round(h), lo = round(h - hi) in elem_t, so that
+// hi + lo carries about twice the dtype's precision. Two mma.sync m16n8k16 (hi, lo) against the
+// same B fragment accumulate the chunk in f32; the chunk is unscaled per row into the running
+// f32 sum. B is staged by cp.async in 16-byte segments (needs d_out % 8 == 0 and b 16-byte
+// aligned, checked by the host planner) and read by ldmatrix.trans. Ranks past r_e and columns
+// past d_out are zero filled; warp w computes rows 16*(w / WN) .. +16 and columns
+// 16*(w % WN) .. +16 of the block's MMA_BN = 16 * WN columns.
+// ---------------------------------------------------------------------------------------------
+#define MOLE_SGMV_MMA_BN (16 * MOLE_SGMV_MMA_WN)
+#define MOLE_SGMV_MMA_HS (16 + 8)
+#define MOLE_SGMV_MMA_BS (MOLE_SGMV_MMA_BN + 8)
+
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(sgmv_expand_mma)(const mole_sgmv_params p, const float* __restrict__ h_part,
+                                const elem_t* __restrict__ b, const mole_u32* __restrict__ rank_offsets,
+                                const mole_u32* __restrict__ plan_offsets,
+                                const mole_sgmv_entry* __restrict__ plan_entries, const float* __restrict__ weights,
+                                elem_t* __restrict__ y) {
+    __shared__ int rows[MOLE_SGMV_BM];
+    __shared__ float rinv[MOLE_SGMV_BM];  // the inverse of each row's chunk scale
+    __shared__ __align__(16) elem_t hhi[MOLE_SGMV_BM][MOLE_SGMV_MMA_HS];
+    __shared__ __align__(16) elem_t hlo[MOLE_SGMV_BM][MOLE_SGMV_MMA_HS];
+    __shared__ __align__(16) elem_t bs[16][MOLE_SGMV_MMA_BS];
+    const mole_u32 s = p.slot;
+    const mole_u32* offs = plan_offsets + (mole_u64)s * (p.experts + 1u);
+    const mole_sgmv_entry* entries = plan_entries + (mole_u64)s * p.entry_stride;
+    const sgmv_tile tile = sgmv_find_tile(p, offs, rank_offsets, blockIdx.x);
+    if (!tile.live || tile.rank == 0u) return;  // as sgmv_expand: rank 0 leaves y untouched
+    sgmv_load_rows(tile, entries, p.tokens, rows);
+    __syncthreads();
+    const mole_u64 nb = (mole_u64)blockIdx.y * MOLE_SGMV_MMA_BN;
+    const mole_u64 rows_total = (mole_u64)p.tokens * p.slots;
+    const int lane = mole_lane();
+    const int m0 = 16 * (mole_warp_id() / MOLE_SGMV_MMA_WN);
+    const int n0 = 16 * (mole_warp_id() % MOLE_SGMV_MMA_WN);
+    const int g = lane / 4, tq = lane % 4;
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    MOLE_NO_UNROLL
+    for (mole_u32 c0 = 0u; c0 < tile.rank; c0 += 16u) {
+        __syncthreads();  // the previous chunk's fragments and scales are read
+        for (int i = (int)threadIdx.x; i < 16 * (MOLE_SGMV_MMA_BN / 8); i += (int)blockDim.x) {
+            const int kk = i / (MOLE_SGMV_MMA_BN / 8), seg = i % (MOLE_SGMV_MMA_BN / 8);
+            const mole_u32 c = c0 + (mole_u32)kk;
+            const mole_u64 n = nb + (mole_u64)seg * 8u;
+            const bool live = c < tile.rank && n < p.d_out;  // whole segments: d_out % 8 == 0
+            const elem_t* src = live ? b + (mole_u64)(tile.col_lo + c) * p.d_out + n : b;
+            mole_cp_async_16_zfill(&bs[kk][seg * 8], src, live ? 16 : 0);
+        }
+        mole_cp_async_commit();
+        // Four threads per row, four ranks each (whole warps: BM * 4 is a multiple of 64).
+        for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM * 4; i += (int)blockDim.x) {
+            const int r = i / 4, q = i % 4;
+            const int t = rows[r];
+            float v[4];
+            float m = 0.0f;
+            for (int j = 0; j < 4; ++j) {
+                const mole_u32 c = c0 + (mole_u32)(4 * q + j);
+                v[j] = 0.0f;
+                if (t >= 0 && c < tile.rank) {
+                    // Split-K partials summed in split order: deterministic.
+                    const mole_u64 base = ((mole_u64)t * p.slots + s) * p.r_max + c;
+                    MOLE_NO_UNROLL
+                    for (mole_u32 sp = 0u; sp < p.splits; ++sp)
+                        v[j] += h_part[(mole_u64)sp * rows_total * p.r_max + base];
+                }
+                const float a = mole_fabsf(v[j]);
+                m = a > m ? a : m;
+            }
+            for (int d = 1; d < 4; d *= 2) {
+                const float o = mole_shfl_xor(m, d);
+                m = o > m ? o : m;
+            }
+            // scale = 2^-E (E = m's exponent), biased exponent kept in [1, 253] so that both
+            // the scale and its inverse are normal; m = 0 gives scale 1.
+            int be = m > 0.0f ? 254 - (int)((mole_float_bits(m) >> 23) & 0xffu) : 127;
+            be = be < 1 ? 1 : (be > 253 ? 253 : be);
+            const float sc = mole_bits_float((mole_u32)be << 23);
+            if (q == 0) rinv[r] = mole_bits_float((mole_u32)(254 - be) << 23);
+            for (int j = 0; j < 4; ++j) {
+                const float hv = v[j] * sc;
+                store_from_f32(&hhi[r][4 * q + j], hv);
+                store_from_f32(&hlo[r][4 * q + j], hv - load_f32(&hhi[r][4 * q + j]));
+            }
+        }
+        mole_cp_async_wait_all();
+        __syncthreads();
+        mole_u32 ah[4], al[4], bf[4];
+        mole_ldmatrix_x4(ah, &hhi[m0 + (lane % 16)][(lane / 16) * 8]);
+        mole_ldmatrix_x4(al, &hlo[m0 + (lane % 16)][(lane / 16) * 8]);
+        mole_ldmatrix_x4_trans(bf, &bs[lane % 16][n0 + (lane / 16) * 8]);
+        float part[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        for (int j = 0; j < 2; ++j) {
+            sgmv_mma(part[j], al, bf + 2 * j);
+            sgmv_mma(part[j], ah, bf + 2 * j);
+        }
+        const float inv_lo = rinv[m0 + g], inv_hi = rinv[m0 + g + 8];
+        for (int j = 0; j < 2; ++j) {
+            for (int q = 0; q < 4; ++q) acc[j][q] += part[j][q] * (q < 2 ? inv_lo : inv_hi);
+        }
+    }
+    // c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1] of each n8 tile.
+    for (int j = 0; j < 2; ++j) {
+        for (int q = 0; q < 4; ++q) {
+            const int r = m0 + g + (q / 2) * 8;
+            const mole_u64 n = nb + (mole_u64)(n0 + j * 8 + 2 * tq + (q % 2));
+            const int t = rows[r];
+            if (t < 0 || n >= p.d_out) continue;
+            const float w = weights[(mole_u64)t * p.slots + s];
+            elem_t* out = y + (mole_u64)t * p.d_out + n;
+            store_from_f32(out, load_f32(out) + (p.scale * w) * acc[j][q]);
         }
     }
 }

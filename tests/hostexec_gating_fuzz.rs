@@ -1,5 +1,5 @@
-//! Fuzzing of every kernel of `kernels/gating.cu` (routing rules, router statistics, routing plan)
-//! through the host execution layer against the f64 reference: random shapes (T from 0 to a few
+//! Fuzzing of every kernel of `kernels/gating.cu` (routing rules, router statistics, routing plan
+//! in full and column mode) through the host execution layer against the f64 reference: random shapes (T from 0 to a few
 //! thousand, E from 1 to 256, k up to 8, odd sizes), every dtype, tie-heavy scores with NaN and
 //! infinities, random thread schedules, outputs poisoned before every launch.
 //!
@@ -12,7 +12,8 @@
 mod common;
 
 use common::Input;
-use mole::kernels::gating::{entry_name, plan, plan_grouping, StatsPlan};
+use mole::kernels::gating::{entry_name, plan, plan_grouping, plan_slot_grouping, KernelLaunch, StatsPlan};
+use mole::kernels::sgmv::SlotPlans;
 use mole::model::{Gating, Router, RoutingRule, TopKWeights};
 use mole::plan::{RoutingPlan, TokenSlot};
 use mole::reference::routing::{descending_order, normalized_tsallis_entropy, route, sigmoid, softmax, GateInput};
@@ -199,6 +200,7 @@ fn run_case(c: &Case) -> Result<usize, TestCaseError> {
         check_stats(c, &want, &input, &z)?;
     }
     check_plan(c, &want)?;
+    check_slot_plans(c, &want)?;
     Ok(boundary_tokens)
 }
 
@@ -261,11 +263,7 @@ fn check_plan(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
     let offsets = Buffer::<u32>::poisoned("offsets", e + 1);
     let entries = Buffer::<TokenSlot>::poisoned("entries", gp.max_entries.max(1));
     let status = Buffer::<u32>::poisoned("status", 1);
-    let launch = |l: mole::kernels::gating::KernelLaunch, args: &[Arg<'_>]| -> Result<(), TestCaseError> {
-        let k = Kernel::get(&entry_name(l.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
-        let cfg = LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(c.schedule);
-        k.launch(&cfg, args).map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))
-    };
+    let launch = |l: KernelLaunch, args: &[Arg<'_>]| launch_plan_kernel(c, l, args);
     if let Some(l) = gp.count {
         launch(l, &[Arg::value(gp.params), Arg::buffer(&ids), Arg::buffer(&workspace)])?;
     }
@@ -286,6 +284,62 @@ fn check_plan(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
     prop_assert_eq!(offsets.read(), expected.offsets.clone(), "{:?}", c);
     let got_entries = entries.read();
     prop_assert_eq!(&got_entries[..expected.entries.len()], &expected.entries[..], "{:?}", c);
+    Ok(())
+}
+
+fn launch_plan_kernel(c: &Case, l: KernelLaunch, args: &[Arg<'_>]) -> Result<(), TestCaseError> {
+    let k = Kernel::get(&entry_name(l.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let cfg = LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(c.schedule);
+    k.launch(&cfg, args).map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))
+}
+
+/// The plan kernels in column mode (one launch set per slot, into shared packed buffers) on the
+/// reference ids, against `SlotPlans::build` repacked at the device's entry stride: offsets and
+/// entries, padding included, must be equal.
+fn check_slot_plans(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
+    let (t, e, slots) = (c.tokens, c.experts, want.slots);
+    let bm = [1, 4, 16, 32][(c.seed >> 8) as usize % 4];
+    let expected = SlotPlans::build(&want.ids, t, slots, e, bm).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let sp = plan_slot_grouping(t, slots, e, bm, BLOCK_THREADS).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let stride = sp.entry_stride;
+    prop_assert!(stride >= expected.entry_stride, "{:?}: stride {} < {}", c, stride, expected.entry_stride);
+    let mut expected_entries = vec![TokenSlot::PADDING; slots * stride];
+    for s in 0..slots {
+        let from = &expected.entries[s * expected.entry_stride..(s + 1) * expected.entry_stride];
+        expected_entries[s * stride..s * stride + from.len()].copy_from_slice(from);
+    }
+    let ids = Buffer::from_slice("ids", &want.ids);
+    let workspace = Buffer::<u32>::poisoned("workspace", sp.workspace_words);
+    let counts = Buffer::<u32>::poisoned("counts", sp.counts_len());
+    let offsets = Buffer::<u32>::poisoned("offsets", sp.offsets_len());
+    // Not the poison bytes (0xFF, which equal padding): the kernels must write every padding entry.
+    let garbage = TokenSlot { token: 0xDEAD, slot: 0xBEEF };
+    let entries = Buffer::from_slice("entries", &vec![garbage; sp.entries_len().max(1)]);
+    let status = Buffer::<u32>::poisoned("status", slots);
+    let g = sp.grouping;
+    for s in 0..slots {
+        let params = Arg::value(sp.params(s));
+        if let Some(l) = g.count {
+            launch_plan_kernel(c, l, &[params.clone(), Arg::buffer(&ids), Arg::buffer(&workspace)])?;
+        }
+        let scan_args = [
+            params.clone(),
+            Arg::buffer(&workspace),
+            Arg::buffer(&counts),
+            Arg::buffer(&offsets),
+            Arg::buffer(&entries),
+            Arg::buffer(&status),
+        ];
+        launch_plan_kernel(c, g.scan, &scan_args)?;
+        if let Some(l) = g.scatter {
+            let args = [params, Arg::buffer(&ids), Arg::buffer(&workspace), Arg::buffer(&entries)];
+            launch_plan_kernel(c, l, &args)?;
+        }
+    }
+    prop_assert_eq!(status.read(), vec![0; slots], "{:?}", c);
+    prop_assert_eq!(offsets.read(), expected.offsets, "{:?} bm {}", c, bm);
+    let got_entries = entries.read();
+    prop_assert_eq!(&got_entries[..slots * stride], &expected_entries[..], "{:?} bm {}", c, bm);
     Ok(())
 }
 

@@ -48,6 +48,8 @@ struct Case {
     scale: f32,
     /// Shrink with the FMA kernel even where the plan picks the tensor-core one.
     force_fma: bool,
+    /// Expand with the FMA kernel even where the plan picks the tensor-core one.
+    force_fma_expand: bool,
     seed: u64,
     schedule: Schedule,
 }
@@ -110,6 +112,8 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         .prop_map(|(tokens, slots, d_in, d_out, experts, spread, d, seed, sch)| {
             // Half the shapes take the tensor-core shrink in 16-bit dtypes (d_in % 8 == 0).
             let d_in = if seed % 2 == 0 { d_in.div_ceil(8) * 8 } else { d_in };
+            // Half take the tensor-core expand (d_out % 8 == 0; tails in N when d_out % 32 != 0).
+            let d_out = if (seed >> 1) % 2 == 0 { d_out.div_ceil(8) * 8 } else { d_out };
             let mut rng = Rng::new(seed ^ 0x5eed);
             let experts = if matches!(spread, Spread::ManyEmpty) { 40 + experts * 30 } else { experts };
             // Ragged ranks with zeros, R <= 64; many-empty layouts keep a few ranked experts.
@@ -140,6 +144,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 dtype: DType::ALL[d],
                 scale: [0.5, 1.0, 2.0, -1.5][rng.below(4)],
                 force_fma: rng.below(4) == 0,
+                force_fma_expand: rng.below(4) == 0,
                 seed,
                 schedule: match sch {
                     0 => Schedule::Forward,
@@ -219,7 +224,12 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
             Arg::buffer(&h_buf),
         ];
         k.launch(&cfg, &args).map_err(|e| fail(e.to_string()))?;
-        let k = Kernel::get(&entry_name(sgmv::entry::EXPAND, c.dtype)).map_err(|e| fail(e.to_string()))?;
+        let expand = if c.force_fma_expand {
+            sgmv::expand_launch(p.config, expand.grid.0, p.params.d_out, false)
+        } else {
+            expand
+        };
+        let k = Kernel::get(&entry_name(expand.entry, c.dtype)).map_err(|e| fail(e.to_string()))?;
         let cfg = LaunchConfig::new(expand.grid, expand.block).schedule(c.schedule);
         for s in 0..slots {
             let args = [
@@ -313,15 +323,93 @@ fn many_experts_and_full_rank() {
             tokens: 40,
             slots: 2,
             d_in: 104,
-            d_out: 45,
+            // 48 (f16): the tensor-core expand over ranks up to 256.
+            d_out: 45 + 3 * i,
             ranks,
             spread: Spread::ManyEmpty,
             dtype,
             scale: 2.0,
             force_fma: false,
+            force_fma_expand: false,
             seed: 7 + i as u64,
             schedule: Schedule::Seeded(11),
         };
         run_case(&c).unwrap();
     }
+}
+
+/// The hi + lo split of the tensor-core expand carries `h` exactly when `h` has at most twice the
+/// dtype's significand bits: with `B` a signed power-of-two selection (one non-zero per column
+/// and expert), `acc` is exact on both paths, so the tensor-core and FMA expands must agree bit
+/// for bit. Row magnitudes span `2^-8 .. 2^17` (past f16's range: the per-row scaling must keep
+/// hi finite); ragged ranks give K tails, `d_out = 40` an N tail, 50 tokens an M tail.
+#[test]
+fn expand_mma_carries_h_exactly() {
+    expand_exact::<f16>(DType::F16, 11);
+    expand_exact::<bf16>(DType::BF16, 8);
+}
+
+fn expand_exact<T: Scalar + bytemuck::Pod>(dtype: DType, p_bits: i32) {
+    let (t_n, d_out, ranks) = (50usize, 40usize, [5usize, 0, 24, 16, 3]);
+    let mut rng = Rng::new(99 + p_bits as u64);
+    let mut offs = vec![0u32];
+    for r in ranks {
+        offs.push(offs.last().unwrap() + r as u32);
+    }
+    let r_total = *offs.last().unwrap() as usize;
+    let ids: Vec<i32> = (0..t_n).map(|_| rng.below(ranks.len()) as i32).collect();
+    let plans = SlotPlans::build(&ids, t_n, 1, ranks.len(), SgmvConfig::DEFAULT.bm as usize).unwrap();
+    let build = sgmv::build(dtype, SgmvConfig::DEFAULT);
+    let shape = SgmvShape { tokens: t_n, slots: 1, d_in: 16, d_out, scale: 0.75 };
+    let p = sgmv::plan(&build, shape, &offs, plans.entry_stride).unwrap();
+    let expand = p.expand.unwrap();
+    assert_eq!(expand.entry, sgmv::entry::EXPAND_MMA);
+    // h: 2p-bit values with one exponent per row, all in split 0 (the other splits hold zeros).
+    let r_max = p.params.r_max as usize;
+    let mut h = vec![0.0f32; p.lens.h_part];
+    let mut w = vec![0.0f32; t_n];
+    for t in 0..t_n {
+        let k = rng.below(26) as i32 - 8;
+        w[t] = (rng.range(0.5, 1.0) * f64::powi(2.0, -k)) as f32;
+        for v in &mut h[t * r_max..(t + 1) * r_max] {
+            let m = (1u64 << (2 * p_bits - 1)) + rng.below(1 << (2 * p_bits - 1)) as u64;
+            let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+            *v = (sign * m as f64 * f64::powi(2.0, k - 2 * p_bits + 1)) as f32;
+        }
+    }
+    let mut b = vec![0.0f64; r_total * d_out];
+    for (e, &r) in ranks.iter().enumerate().filter(|(_, &r)| r > 0) {
+        for n in 0..d_out {
+            let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+            b[(offs[e] as usize + n % r) * d_out + n] = sign * f64::powi(2.0, rng.below(3) as i32 - 1);
+        }
+    }
+    let y0: Vec<f64> = (0..t_n * d_out).map(|_| rng.range(-2.0, 2.0)).collect();
+    let (b_buf, _) = rounded::<T>("b", &b);
+    let h_buf = Buffer::from_slice("h_part", &h);
+    let ro_buf = Buffer::from_slice("rank_offsets", &offs);
+    let po_buf = Buffer::from_slice("plan_offsets", &plans.offsets);
+    let pe_buf = Buffer::from_slice("plan_entries", &plans.entries);
+    let w_buf = Buffer::from_slice("weights", &w);
+    let run = |launch: sgmv::SgmvLaunch| -> Vec<u64> {
+        let (y_buf, _) = rounded::<T>("y", &y0);
+        let k = Kernel::get(&entry_name(launch.entry, dtype)).unwrap();
+        let cfg = LaunchConfig::new(launch.grid, launch.block).schedule(Schedule::Seeded(5));
+        let args = [
+            Arg::value(p.expand_params(0)),
+            Arg::buffer(&h_buf),
+            Arg::buffer(&b_buf),
+            Arg::buffer(&ro_buf),
+            Arg::buffer(&po_buf),
+            Arg::buffer(&pe_buf),
+            Arg::buffer(&w_buf),
+            Arg::buffer(&y_buf),
+        ];
+        k.launch(&cfg, &args).unwrap();
+        y_buf.read().iter().map(|v| v.to_f64().to_bits()).collect()
+    };
+    let fma = run(sgmv::expand_launch(p.config, expand.grid.0, d_out as u32, false));
+    let mma = run(expand);
+    let differ = fma.iter().zip(&mma).filter(|(a, b)| a != b).count();
+    assert_eq!(differ, 0, "{dtype:?}: {differ} of {} elements differ from the FMA expand", fma.len());
 }

@@ -9,6 +9,9 @@
 //! [`group`] launch them on a [`crate::cuda::Device`]; the `*_raw` variants take raw pointers.
 
 mod launch;
+mod slots;
+
+pub use slots::{group_slots, group_slots_raw, plan_slot_grouping, SlotGroupOutputs, SlotGroupingPlan};
 
 pub use launch::{
     group, group_raw, route, route_raw, router_stats, router_stats_raw, DeviceGateInput, GroupOutputs,
@@ -244,8 +247,8 @@ pub struct StatsParams {
     pub entropy_scale: f32,
 }
 
-/// Parameters of the routing-plan kernels (C: `mole_plan_params`, 24 bytes). Built by
-/// [`plan_grouping`].
+/// Parameters of the routing-plan kernels (C: `mole_plan_params`, 36 bytes). Built by
+/// [`plan_grouping`] (the full plan) and [`plan_slot_grouping`] (column mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 #[repr(C)]
 pub struct PlanParams {
@@ -261,6 +264,13 @@ pub struct PlanParams {
     pub chunk_entries: u32,
     /// `ceil(T * slots / chunk_entries)`.
     pub chunks: u32,
+    /// Element distance in `ids` between two entries: 1 for the full plan, the row length of
+    /// `ids` in column mode.
+    pub ids_stride: u32,
+    /// Column of `ids` read and index of the plan written (0 for the full plan).
+    pub column: u32,
+    /// Entries between two column plans, every one written (0 for the full plan).
+    pub entry_stride: u32,
 }
 
 // SAFETY: plain `#[repr(C)]` structs of 4-byte scalars with no padding (Pod), laid out exactly as
@@ -620,6 +630,9 @@ pub fn plan_grouping(
         block: block as u32,
         chunk_entries: chunk_entries as u32,
         chunks: chunks as u32,
+        ids_stride: 1,
+        column: 0,
+        entry_stride: 0,
     };
     let warp_launch = |entry| KernelLaunch {
         entry,

@@ -6,12 +6,10 @@
 //! How a forward runs:
 //! 1. **Plans**, one per slot: plan `s` is [`RoutingPlan::build`] over column `s` of `ids` with
 //!    `block = BM` (the build's tile height), so that every tile of `BM` entries belongs to one
-//!    expert. [`SlotPlans::build`] builds them on the host. On the device, the gating plan kernels
-//!    ([`super::gating::group`], `E <= 1024`) produce the same plan from a `[T, 1]` copy of
-//!    column `s` with `block = bm`; its offsets and entries go to `s · (E + 1)` and
-//!    `s · entry_stride` of the packed buffers, and `entry_stride = `[`entry_capacity`] fits any
-//!    routing. (A strided variant of the plan kernels that reads column `s` in place would save
-//!    the copies; it is not written yet.)
+//!    expert. [`SlotPlans::build`] builds them on the host; on the device,
+//!    [`super::gating::group_slots`] runs the gating plan kernels in column mode (`E <= 1024`),
+//!    reading column `s` of `ids` in place and writing the packed `offsets [slots, E + 1]` and
+//!    `entries [slots, entry_stride]` with `entry_stride = `[`entry_capacity`] (fits any routing).
 //! 2. **Shrink**, one launch for all slots: `h_part [splits, T·slots, r_max]` (f32), each split-K
 //!    slice of `d_in` in its own slice (no atomics).
 //! 3. **Expand**, one launch per slot, in slot order: the splits are summed in order as `h` is
@@ -48,11 +46,13 @@ pub mod entry {
     pub const EXPAND: &str = "sgmv_expand";
     /// The tensor-core shrink (f16 / bf16 builds only; `d_in % 8 == 0`, `x` 16-byte aligned).
     pub const SHRINK_MMA: &str = "sgmv_shrink_mma";
+    /// The tensor-core expand (f16 / bf16 builds only; `d_out % 8 == 0`, `b` 16-byte aligned).
+    pub const EXPAND_MMA: &str = "sgmv_expand_mma";
     /// The entry points of a `dtype` build, in file order.
     pub fn for_dtype(dtype: crate::DType) -> &'static [&'static str] {
         match dtype {
             crate::DType::F32 => &[SHRINK, EXPAND],
-            _ => &[SHRINK, EXPAND, SHRINK_MMA],
+            _ => &[SHRINK, EXPAND, SHRINK_MMA, EXPAND_MMA],
         }
     }
 }
@@ -78,14 +78,18 @@ pub struct SgmvConfig {
     /// Split-K factor of the shrink (`MOLE_SGMV_SPLITS`), an upper bound: [`plan`] lowers it
     /// so that no split is empty.
     pub splits: u32,
+    /// Pipeline stages of the tensor-core shrink's `x` tile (`MOLE_SGMV_STAGES`): 1, or 2 for
+    /// `cp.async` double buffering.
+    pub stages: u32,
 }
 
 impl SgmvConfig {
     /// The `.cu` defaults (what the host execution layer compiles).
-    pub const DEFAULT: SgmvConfig = SgmvConfig { block_threads: 128, bm: 32, bn: 32, rc: 32, kc: 16, splits: 2 };
+    pub const DEFAULT: SgmvConfig =
+        SgmvConfig { block_threads: 128, bm: 32, bn: 32, rc: 32, kc: 16, splits: 2, stages: 2 };
 
     /// The defines of this configuration, as `(name, value)`.
-    fn defines(self) -> [(&'static str, u32); 6] {
+    fn defines(self) -> [(&'static str, u32); 7] {
         [
             (BLOCK_THREADS_DEFINE, self.block_threads),
             ("MOLE_SGMV_BM", self.bm),
@@ -93,6 +97,7 @@ impl SgmvConfig {
             ("MOLE_SGMV_RC", self.rc),
             ("MOLE_SGMV_KC", self.kc),
             ("MOLE_SGMV_SPLITS", self.splits),
+            ("MOLE_SGMV_STAGES", self.stages),
         ]
     }
 
@@ -108,14 +113,27 @@ impl SgmvConfig {
                 return Err(MoleError::ZeroDimension { name });
             }
         }
+        if !(1..=2).contains(&self.stages) {
+            return Err(MoleError::param("stages", self.stages, "must be 1 or 2"));
+        }
         if t % self.bn != 0 || (self.bm * self.bn) % t != 0 || t % self.rc != 0 || (self.bm * self.rc) % t != 0 {
             return Err(MoleError::param("block_threads", t, "must tile BM x BN and BM x RC exactly"));
         }
         let smem = 4 * (self.bm + self.bm * self.kc + self.kc * self.bn.max(self.rc)) as u64;
-        if smem > 48 * 1024 {
+        // The tensor-core shrink: rows, `stages` x tiles of BM x (32 + 8) and an A tile of
+        // 32 x (16 · warps / (BM / 16) + 8), 16-bit elements.
+        let mma_rc = 16 * (t / 32) / (self.bm / 16).max(1);
+        let mma_smem = 4 * self.bm as u64 + 2 * (self.stages * self.bm * 40 + 32 * (mma_rc + 8)) as u64;
+        if smem.max(mma_smem) > 48 * 1024 {
             return Err(MoleError::param("bm", self.bm, "tiles exceed 48 KiB of static shared memory"));
         }
         Ok(())
+    }
+
+    /// Output columns per block of the tensor-core expand: `16 · warps / (bm / 16)` (one
+    /// 16-column strip per warp, `bm / 16` warps down the tile).
+    pub fn mma_bn(self) -> u32 {
+        16 * (self.block_threads / 32) / (self.bm / 16).max(1)
     }
 
     /// The configuration a build declares (defaults for absent defines).
@@ -131,6 +149,7 @@ impl SgmvConfig {
             ("MOLE_SGMV_RC", &mut c.rc),
             ("MOLE_SGMV_KC", &mut c.kc),
             ("MOLE_SGMV_SPLITS", &mut c.splits),
+            ("MOLE_SGMV_STAGES", &mut c.stages),
         ];
         for (name, field) in fields {
             if let Some(v) = build.define_value(name) {
@@ -162,9 +181,9 @@ pub fn build(dtype: DType, config: SgmvConfig) -> KernelBuild {
 /// The tilings [`candidates`] offers, the default first.
 pub const CONFIG_CANDIDATES: [SgmvConfig; 4] = [
     SgmvConfig::DEFAULT,
-    SgmvConfig { block_threads: 64, bm: 16, bn: 32, rc: 32, kc: 16, splits: 1 },
-    SgmvConfig { block_threads: 256, bm: 64, bn: 32, rc: 32, kc: 16, splits: 4 },
-    SgmvConfig { block_threads: 128, bm: 16, bn: 64, rc: 16, kc: 32, splits: 8 },
+    SgmvConfig { block_threads: 64, bm: 16, bn: 32, rc: 32, kc: 16, splits: 1, stages: 1 },
+    SgmvConfig { block_threads: 256, bm: 64, bn: 32, rc: 32, kc: 16, splits: 4, stages: 2 },
+    SgmvConfig { block_threads: 128, bm: 16, bn: 64, rc: 16, kc: 32, splits: 8, stages: 1 },
 ];
 
 /// Every configuration worth compiling: each dtype at each of [`CONFIG_CANDIDATES`]; the first
@@ -313,8 +332,11 @@ fn fits_u32(name: &'static str, v: u64) -> Result<u32> {
 /// parameters (`T < 2^31`, `d_in`, `d_out`, `R`, `entry_stride < 2^32`) or the grid limits.
 /// f16 / bf16 builds with `d_in % 8 == 0` shrink on tensor cores ([`entry::SHRINK_MMA`]), which
 /// reads `x` in 16-byte segments: `x` must then be 16-byte aligned (device allocations are;
-/// [`forward_raw`] falls back to the FMA shrink otherwise). Every other buffer needs only the
-/// alignment of its element type.
+/// [`forward_raw`] falls back to the FMA shrink otherwise). f16 / bf16 builds with
+/// `d_out % 8 == 0` expand on tensor cores ([`entry::EXPAND_MMA`]: `h` split into hi + lo 16-bit
+/// parts, f32 accumulation), which reads `b` in 16-byte segments: `b` must then be 16-byte
+/// aligned ([`forward_raw`] falls back to the FMA expand otherwise). f32 builds and other
+/// `d_out` use the FMA expand. Every other buffer needs only the alignment of its element type.
 pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_stride: usize) -> Result<SgmvPlan> {
     let config = SgmvConfig::of(build)?;
     let SgmvShape { tokens, slots, d_in, d_out, scale } = shape;
@@ -393,11 +415,14 @@ pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_s
         scale,
     };
     let tiles = (entry_stride as u64).div_ceil(bm);
+    let expand_mma = build.dtype != DType::F32 && d_out % 8 == 0;
     let col_blocks = (d_out as u64).div_ceil(config.bn as u64);
+    let mma_col_blocks = (d_out as u64).div_ceil(config.mma_bn() as u64);
     if tiles > i32::MAX as u64 {
         return Err(MoleError::param("entry_stride", entry_stride, "more tiles than a grid holds"));
     }
-    if col_blocks > MAX_GRID_YZ {
+    // Both expands are checked: `forward_raw` may fall back from the tensor-core one.
+    if col_blocks.max(if expand_mma { mma_col_blocks } else { 0 }) > MAX_GRID_YZ {
         return Err(MoleError::param("d_out", d_out, "more column blocks than a grid holds"));
     }
     let work = tokens > 0 && tiles > 0 && r_max > 0;
@@ -407,12 +432,15 @@ pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_s
         grid: (tiles as u32, splits as u32, slots as u32),
         block: config.block_threads,
     });
-    let expand = work.then_some(SgmvLaunch {
-        entry: entry::EXPAND,
-        grid: (tiles as u32, col_blocks as u32, 1),
-        block: config.block_threads,
-    });
+    let expand = work.then(|| expand_launch(config, tiles as u32, d_out32, expand_mma));
     Ok(SgmvPlan { params, config, shrink, expand, lens })
+}
+
+/// The expand launch of a plan with `tiles` tiles: the tensor-core expand ([`entry::EXPAND_MMA`],
+/// `mma_bn` columns per block) when `mma`, else the FMA expand (`bn` columns per block).
+pub fn expand_launch(config: SgmvConfig, tiles: u32, d_out: u32, mma: bool) -> SgmvLaunch {
+    let (entry, bn) = if mma { (entry::EXPAND_MMA, config.mma_bn()) } else { (entry::EXPAND, config.bn) };
+    SgmvLaunch { entry, grid: (tiles, d_out.div_ceil(bn), 1), block: config.block_threads }
 }
 
 /// Per-slot routing plans, packed as the kernels read them.

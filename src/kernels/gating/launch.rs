@@ -29,7 +29,7 @@ pub(super) fn check_build(build: &KernelBuild, dtype: DType) -> Result<u32> {
     build_threads_of(build)
 }
 
-fn check_buffer(what: &'static str, len: usize, expected: &[usize]) -> Result<()> {
+pub(super) fn check_buffer(what: &'static str, len: usize, expected: &[usize]) -> Result<()> {
     let n: usize = expected.iter().product();
     if len != n {
         return Err(MoleError::ShapeMismatch { what, expected: expected.to_vec(), got: len });
@@ -116,7 +116,7 @@ pub struct RouteOutputs<'a> {
     pub probs: Option<&'a mut CudaSlice<f32>>,
 }
 
-fn function(device: &Device, build: &KernelBuild, launch: &KernelLaunch) -> Result<CudaFunction> {
+pub(super) fn function(device: &Device, build: &KernelBuild, launch: &KernelLaunch) -> Result<CudaFunction> {
     device.function(build, &entry_name(launch.entry, build.dtype))
 }
 
@@ -203,7 +203,7 @@ pub struct RawRoutePointers {
 /// # Safety
 /// `args` must point to live values matching the kernel's parameter list, and every pointer among
 /// them must satisfy the calling function's contract.
-unsafe fn launch_raw(
+pub(super) unsafe fn launch_raw(
     device: &Device,
     build: &KernelBuild,
     launch: &KernelLaunch,
@@ -228,7 +228,7 @@ unsafe fn launch_raw(
     .map_err(cuda_err("cuLaunchKernel"))
 }
 
-fn require(name: &'static str, ptr: CUdeviceptr) -> Result<()> {
+pub(super) fn require(name: &'static str, ptr: CUdeviceptr) -> Result<()> {
     if ptr == 0 {
         return Err(MoleError::MissingInput { name, needed_by: "the gating kernel" });
     }

@@ -69,8 +69,8 @@ fn stats_and_plan_params_layout_match_the_c_structs() {
         assert_eq!(*off, 4 * i, "{name}");
         assert_c_offset("mole_stats_params", name, *off);
     }
-    assert_eq!(size_of::<PlanParams>(), 24);
-    assert!(gating_cu().contains("sizeof(mole_plan_params) == 24"));
+    assert_eq!(size_of::<PlanParams>(), 36);
+    assert!(gating_cu().contains("sizeof(mole_plan_params) == 36"));
     let plan = [
         ("tokens", offset_of!(PlanParams, tokens)),
         ("slots", offset_of!(PlanParams, slots)),
@@ -78,6 +78,9 @@ fn stats_and_plan_params_layout_match_the_c_structs() {
         ("block", offset_of!(PlanParams, block)),
         ("chunk_entries", offset_of!(PlanParams, chunk_entries)),
         ("chunks", offset_of!(PlanParams, chunks)),
+        ("ids_stride", offset_of!(PlanParams, ids_stride)),
+        ("column", offset_of!(PlanParams, column)),
+        ("entry_stride", offset_of!(PlanParams, entry_stride)),
     ];
     for (i, (name, off)) in plan.iter().enumerate() {
         assert_eq!(*off, 4 * i, "{name}");

@@ -184,10 +184,14 @@ pub unsafe fn forward_raw(
     if let Some((name, _)) = fields.iter().find(|(_, p)| *p == 0) {
         return Err(MoleError::MissingInput { name, needed_by: "the sgmv kernels" });
     }
-    let (Some(mut shrink), Some(expand)) = (plan.shrink, plan.expand) else { return Ok(()) };
+    let (Some(mut shrink), Some(mut expand)) = (plan.shrink, plan.expand) else { return Ok(()) };
     // The tensor-core shrink reads x in 16-byte segments; a misaligned view takes the FMA path.
     if shrink.entry == super::entry::SHRINK_MMA && ptrs.x % 16 != 0 {
         shrink.entry = super::entry::SHRINK;
+    }
+    // The tensor-core expand reads b in 16-byte segments; likewise (with the FMA expand's grid).
+    if expand.entry == super::entry::EXPAND_MMA && ptrs.b % 16 != 0 {
+        expand = super::expand_launch(plan.config, expand.grid.0, plan.params.d_out, false);
     }
     let mut params = plan.params;
     let mut p = [ptrs.x, ptrs.a, ptrs.rank_offsets, ptrs.plan_offsets, ptrs.plan_entries, ptrs.h_part];

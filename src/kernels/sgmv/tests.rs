@@ -46,6 +46,8 @@ fn defaults_match_the_cu_file() {
         b.validate().unwrap();
     }
     assert_eq!(default_builds().len(), 3);
+    // Both pipeline depths are compiled by the candidates.
+    assert!(CONFIG_CANDIDATES.iter().any(|c| c.stages == 1) && CONFIG_CANDIDATES.iter().any(|c| c.stages == 2));
 }
 
 fn shape(tokens: usize, slots: usize, d_in: usize, d_out: usize) -> SgmvShape {
@@ -72,6 +74,19 @@ fn plan_computes_grids_splits_and_lengths() {
     assert_eq!(plan(&b, shape(10, 2, 64, 33), &offs, 96).unwrap().shrink.unwrap().entry, entry::SHRINK_MMA);
     let f32_build = build(DType::F32, SgmvConfig::DEFAULT);
     assert_eq!(plan(&f32_build, shape(10, 2, 64, 33), &offs, 96).unwrap().shrink.unwrap().entry, entry::SHRINK);
+    // 16-bit builds expand on tensor cores when d_out is a multiple of 8 (mma_bn columns a block).
+    assert_eq!(p.expand.unwrap().entry, entry::EXPAND);
+    let e = plan(&b, shape(10, 2, 70, 40), &offs, 96).unwrap().expand.unwrap();
+    assert_eq!((e.entry, e.grid), (entry::EXPAND_MMA, (3, 2, 1)));
+    let f16_build = build(DType::F16, SgmvConfig::DEFAULT);
+    assert_eq!(plan(&f16_build, shape(10, 2, 70, 8), &offs, 96).unwrap().expand.unwrap().entry, entry::EXPAND_MMA);
+    assert_eq!(plan(&f32_build, shape(10, 2, 70, 40), &offs, 96).unwrap().expand.unwrap().entry, entry::EXPAND);
+    let wide = build(DType::BF16, CONFIG_CANDIDATES[3]);
+    assert_eq!(CONFIG_CANDIDATES[3].mma_bn(), 64);
+    let e = plan(&wide, shape(10, 2, 70, 136), &offs, 96).unwrap().expand.unwrap();
+    assert_eq!((e.entry, e.grid), (entry::EXPAND_MMA, (6, 3, 1)));
+    assert_eq!(expand_launch(CONFIG_CANDIDATES[3], 6, 136, false).grid, (6, 3, 1));
+    assert_eq!(CONFIG_CANDIDATES.map(|c| c.mma_bn()), [32, 32, 32, 64]);
     // Short d_in: one split.
     let p = plan(&b, shape(10, 1, 5, 8), &offs, 32).unwrap();
     assert_eq!((p.params.splits, p.params.k_per_split), (1, 16));
@@ -102,6 +117,18 @@ fn plan_rejects_bad_arguments() {
         plan(&b, shape(4, 1, 8, 8), &ok, 1 << 32),
         plan(&crate::kernels::gating::default_builds()[0], shape(4, 1, 8, 8), &ok, 64),
         plan(&KernelBuild::new(Family::Sgmv, DType::F32, &["k"]).define("MOLE_SGMV_BM", 3), shape(4, 1, 8, 8), &ok, 64),
+        plan(
+            &KernelBuild::new(Family::Sgmv, DType::F32, &["k"]).define("MOLE_SGMV_STAGES", 3),
+            shape(4, 1, 8, 8),
+            &ok,
+            64,
+        ),
+        plan(
+            &KernelBuild::new(Family::Sgmv, DType::F32, &["k"]).define("MOLE_SGMV_STAGES", 0),
+            shape(4, 1, 8, 8),
+            &ok,
+            64,
+        ),
     ];
     for (i, r) in bad.into_iter().enumerate() {
         assert!(r.is_err(), "case {i} should fail");
