@@ -214,7 +214,8 @@ fn case<T: KernelElement + DeviceRepr>(dev: &Device, build: &KernelBuild, rng: &
         },
         t,
         e,
-    );
+    )
+    .map_err(|err| format!("{desc}: reference: {err}"))?;
     let (dz, db, da) = (upload(dev, &z), upload(dev, &bias), upload(dev, &adapters));
     let input = match plan.input {
         InputKind::Scores => DeviceGateInput::Scores { scores: &dz, selection_bias: plan.uses_bias.then_some(&db) },

@@ -73,7 +73,7 @@ fn softmax_top_k_matches_the_reference_in_every_dtype() {
     let gating = routed(RoutingRule::SoftmaxTopK { k: 2, temperature: 1.0, weights: TopKWeights::Renormalized });
     for dtype in DType::ALL {
         let (input, z) = Input::new("scores", dtype, &scores());
-        let want = route(&gating, GateInput::Scores(&z, None), TOKENS, EXPERTS);
+        let want = route(&gating, GateInput::Scores(&z, None), TOKENS, EXPERTS).unwrap();
         for schedule in Schedule::sweep([1]) {
             check(&gating, dtype, &input, None, &want, schedule);
         }
@@ -99,18 +99,18 @@ fn every_routing_rule_matches_the_reference() {
     for rule in rules {
         let gating = routed(rule);
         let bias_used = rule.uses_selection_bias();
-        let want = route(&gating, GateInput::Scores(&z, bias_used.then_some(&b[..])), TOKENS, EXPERTS);
+        let want = route(&gating, GateInput::Scores(&z, bias_used.then_some(&b[..])), TOKENS, EXPERTS).unwrap();
         for schedule in [Schedule::Reverse, Schedule::Seeded(2)] {
             check(&gating, dtype, &input, bias_used.then_some(&bias), &want, schedule);
         }
     }
     let given = Gating::Given { top_k: Some(3), softmax_topk: true };
-    let want = route(&given, GateInput::Weights(&z), TOKENS, EXPERTS);
+    let want = route(&given, GateInput::Weights(&z), TOKENS, EXPERTS).unwrap();
     check(&given, dtype, &input, None, &want, Schedule::Forward);
 
     let adapter_ids: Vec<i32> = (0..TOKENS as i32).map(|t| if t % 4 == 3 { -1 } else { t % EXPERTS as i32 }).collect();
     let ids = Buffer::from_slice("adapter_ids", &adapter_ids);
-    let want = route(&Gating::AdapterIds, GateInput::AdapterIds(&adapter_ids), TOKENS, EXPERTS);
+    let want = route(&Gating::AdapterIds, GateInput::AdapterIds(&adapter_ids), TOKENS, EXPERTS).unwrap();
     let p = plan(&Gating::AdapterIds, TOKENS, EXPERTS, BLOCK_THREADS).unwrap();
     let launch = p.launch.unwrap();
     let kernel = Kernel::get(&entry_name(launch.entry, dtype)).unwrap();

@@ -145,7 +145,7 @@ fn run_case(c: &Case) -> Result<usize, TestCaseError> {
         Gating::Given { .. } => GateInput::Weights(&z),
         Gating::AdapterIds => GateInput::AdapterIds(&adapter),
     };
-    let want: Routing = route(&c.gating, gate_input, t, e);
+    let want: Routing = route(&c.gating, gate_input, t, e).unwrap();
 
     // Routing kernel.
     let ids = Buffer::<i32>::poisoned("ids", t * slots);

@@ -131,7 +131,7 @@ proptest! {
         let k = 1 + rng.below(cores);
         let rule = RoutingRule::SoftmaxTopK { k, temperature: 1.0, weights: TopKWeights::Renormalized };
         let gating = Gating::Routed { router: Router::Logits, rule };
-        let routing = route(&gating, GateInput::Scores(&z, None), tokens, cores);
+        let routing = route(&gating, GateInput::Scores(&z, None), tokens, cores).unwrap();
         let merged = core_merge(&h, &routing, &c, r);
         let mut summed = vec![0.0; tokens * r];
         for t in 0..tokens {
@@ -151,7 +151,7 @@ proptest! {
         let z: Vec<f64> = rng.fill(tokens * r, 1.0);
         let k = 1 + rng.below(r);
         let gating = Gating::Routed { router: Router::LowRank, rule: RoutingRule::MagnitudeTopK { k, bias: false } };
-        let routing = route(&gating, GateInput::Scores(&z, None), tokens, r);
+        let routing = route(&gating, GateInput::Scores(&z, None), tokens, r).unwrap();
         let scaled = expert_scale(&h, &routing, &RankLayout::uniform(r, 1).unwrap());
         // Rank masking: keep the k columns of largest |z| of each token, zero the rest.
         for t in 0..tokens {
@@ -198,7 +198,7 @@ proptest! {
             RoutingRule::DynMole { q, top_p, keep_top_k: 1, entropy_threshold: 0.8 },
         ] {
             let gating = Gating::Routed { router: Router::Logits, rule };
-            let r: Routing = route(&gating, GateInput::Scores(&z, None), 1, e);
+            let r: Routing = route(&gating, GateInput::Scores(&z, None), 1, e).unwrap();
             let kept: Vec<f64> = r.weights.iter().zip(&r.ids).filter(|(_, &id)| id >= 0).map(|(w, _)| *w).collect();
             prop_assert!(!kept.is_empty());
             prop_assert!(kept.iter().sum::<f64>() <= 1.0 + 1e-12);

@@ -126,11 +126,11 @@ fn nan_and_infinities_are_defined() {
 fn route_fills_slots_and_marks_empty_ones() {
     let gating = Gating::Routed { router: Router::Logits, rule: RoutingRule::TopP { p: 0.6, temperature: 1.0 } };
     let z = [0.5f64.ln(), 0.3f64.ln(), 0.2f64.ln(), 0.0, 0.0, 1e3];
-    let r = route(&gating, GateInput::Scores(&z, None), 2, 3);
+    let r = route(&gating, GateInput::Scores(&z, None), 2, 3).unwrap();
     assert_eq!(r.slots, 3);
     assert_eq!(r.ids, vec![0, 1, -1, 2, -1, -1]);
     assert!(close(r.weights[1], 0.3) && r.weights[2] == 0.0 && close(r.weights[3], 1.0));
-    let ids = route(&Gating::AdapterIds, GateInput::AdapterIds(&[2, -1, 0]), 3, 3);
+    let ids = route(&Gating::AdapterIds, GateInput::AdapterIds(&[2, -1, 0]), 3, 3).unwrap();
     assert_eq!(ids.ids, vec![2, -1, 0]);
     assert_eq!(ids.weights, vec![1.0, 0.0, 1.0]);
 }
@@ -142,7 +142,7 @@ fn router_stats_hand_values() {
     let rule = RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Renormalized };
     let gating = Gating::Routed { router: Router::Logits, rule };
     let z = [0.0, 0.0, 0.0, 0.0, 3f64.ln(), 0.0];
-    let r = route(&gating, GateInput::Scores(&z, None), 2, 3);
+    let r = route(&gating, GateInput::Scores(&z, None), 2, 3).unwrap();
     let s = router_stats(&r, Some(&z), Some(1.0));
     assert_eq!(s.selected_fraction, vec![0.5, 0.5, 0.0]);
     let mp = s.mean_prob.unwrap();
@@ -242,4 +242,22 @@ fn inputs_are_validated_with_typed_errors() {
     let mut i = base;
     i.adapter_ids = Some(&[2]);
     assert!(matches!(forward(&ids_spec, &i), Err(MoleError::ExpertIdOutOfRange { id: 2, experts: 2, .. })));
+}
+
+#[test]
+fn route_rejects_inputs_that_do_not_fit_the_gating() {
+    use mole::MoleError;
+    let rule = RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Unit };
+    let gating = Gating::Routed { router: Router::Logits, rule };
+    let z = [0.0; 6];
+    assert!(matches!(route(&gating, GateInput::Scores(&z[..5], None), 2, 3), Err(MoleError::ShapeMismatch { .. })));
+    assert!(matches!(route(&gating, GateInput::Weights(&z), 2, 3), Err(MoleError::Unsupported(_))));
+    assert!(matches!(
+        route(&gating, GateInput::Scores(&z, Some(&[0.0; 2])), 2, 3),
+        Err(MoleError::ShapeMismatch { what: "selection_bias", .. })
+    ));
+    assert!(matches!(
+        route(&Gating::AdapterIds, GateInput::AdapterIds(&[0, 3]), 2, 3),
+        Err(MoleError::ExpertIdOutOfRange { token: 1, id: 3, .. })
+    ));
 }

@@ -74,7 +74,7 @@ pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Resu
         (_, _, _, Some(ids)) => GateInput::AdapterIds(ids),
         _ => return Err(MoleError::Unsupported("gating inputs do not match the gating".into())),
     };
-    let routing = route(&spec.gating, gate_input, t, e);
+    let routing = route(&spec.gating, gate_input, t, e)?;
     let entropy_q = match spec.rule() {
         Some(RoutingRule::DynMole { q, .. }) => Some(q),
         Some(RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. }) => {

@@ -2,8 +2,10 @@
 //! [`crate::model::RoutingRule`]: slots in descending score order, ties to the lower index,
 //! NaN as `-inf`, empty slots `(-1, 0)`.
 
+use crate::error::check_len;
 use crate::model::{Gating, RoutingRule, TopKWeights};
 use crate::plan::EMPTY_SLOT;
+use crate::{MoleError, Result};
 use rayon::prelude::*;
 
 /// Per-token routing: `ids [T, slots]` (`-1` = empty) and `weights [T, slots]`.
@@ -206,8 +208,30 @@ pub enum GateInput<'a> {
     AdapterIds(&'a [i32]),
 }
 
-/// Routes every token (in parallel) under `gating`, `experts` routed experts.
-pub fn route(gating: &Gating, input: GateInput<'_>, tokens: usize, experts: usize) -> Routing {
+/// Checks that `input` is the kind `gating` reads, with `tokens x experts` values (and a bias of
+/// `experts`, adapter ids in `-1..experts`).
+fn check_gate_input(gating: &Gating, input: &GateInput<'_>, tokens: usize, experts: usize) -> Result<()> {
+    match (gating, input) {
+        (Gating::Routed { .. }, GateInput::Scores(z, bias)) => {
+            check_len("scores", z, &[tokens, experts])?;
+            bias.map_or(Ok(()), |b| check_len("selection_bias", b, &[experts]))
+        }
+        (Gating::Given { .. }, GateInput::Weights(w)) => check_len("weights", w, &[tokens, experts]),
+        (Gating::AdapterIds, GateInput::AdapterIds(ids)) => {
+            check_len("adapter_ids", ids, &[tokens])?;
+            match ids.iter().enumerate().find(|(_, &id)| id < -1 || id as i64 >= experts as i64) {
+                Some((token, &id)) => Err(MoleError::ExpertIdOutOfRange { token, slot: 0, id: id as i64, experts }),
+                None => Ok(()),
+            }
+        }
+        _ => Err(MoleError::Unsupported(format!("{gating:?} cannot route this kind of input"))),
+    }
+}
+
+/// Routes every token (in parallel) under `gating`, `experts` routed experts. Validates the
+/// input against the gating first (kind, lengths, adapter ids).
+pub fn route(gating: &Gating, input: GateInput<'_>, tokens: usize, experts: usize) -> Result<Routing> {
+    check_gate_input(gating, &input, tokens, experts)?;
     let slots = gating.slots(experts);
     let per_token: Vec<(Selection, Option<Vec<f64>>)> = (0..tokens)
         .into_par_iter()
@@ -220,6 +244,7 @@ pub fn route(gating: &Gating, input: GateInput<'_>, tokens: usize, experts: usiz
                 }
                 (_, GateInput::AdapterIds(ids)) if ids[t] == EMPTY_SLOT => (vec![], None),
                 (_, GateInput::AdapterIds(ids)) => (vec![(ids[t] as usize, 1.0)], None),
+                // Unreachable: check_gate_input matched the input to the gating.
                 _ => (vec![], None),
             }
         })
@@ -242,5 +267,5 @@ pub fn route(gating: &Gating, input: GateInput<'_>, tokens: usize, experts: usiz
             all.extend(p);
         }
     }
-    Routing { tokens, slots, experts, ids, weights, probs }
+    Ok(Routing { tokens, slots, experts, ids, weights, probs })
 }
