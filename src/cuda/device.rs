@@ -186,6 +186,36 @@ impl Device {
         let module = self.module(build)?;
         module.load_function(entry).map_err(cuda_err("cuModuleGetFunction"))
     }
+
+    /// Launches `func` (a function of this device's context) with raw kernel arguments on
+    /// `stream`, for the raw-pointer entry points of frameworks that own their buffers.
+    ///
+    /// # Safety
+    /// `args` must point to live values matching the kernel's parameter list, every device
+    /// pointer among them must be valid for what the kernel accesses, and `stream` must be a live
+    /// stream of this device's context.
+    pub unsafe fn launch_raw(
+        &self,
+        func: &CudaFunction,
+        config: cudarc::driver::LaunchConfig,
+        stream: cudarc::driver::sys::CUstream,
+        args: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        self.context().bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))?;
+        // SAFETY: forwarded from the caller (arguments, stream); `func` belongs to this device's
+        // context, which is current on this thread.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                func.cu_function(),
+                config.grid_dim,
+                config.block_dim,
+                config.shared_mem_bytes,
+                stream,
+                args,
+            )
+        }
+        .map_err(cuda_err("cuLaunchKernel"))
+    }
 }
 
 #[cfg(test)]

@@ -211,21 +211,8 @@ pub(super) unsafe fn launch_raw(
     args: &mut [*mut c_void],
 ) -> Result<()> {
     let func = function(device, build, launch)?;
-    device.context().bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))?;
-    let c = launch.config();
-    // SAFETY: forwarded from the caller (arguments), `func` belongs to the device's context, which
-    // is current on this thread.
-    unsafe {
-        cudarc::driver::result::launch_kernel(
-            func.cu_function(),
-            c.grid_dim,
-            c.block_dim,
-            c.shared_mem_bytes,
-            stream,
-            args,
-        )
-    }
-    .map_err(cuda_err("cuLaunchKernel"))
+    // SAFETY: forwarded from the caller's contract (arguments, pointers, stream).
+    unsafe { device.launch_raw(&func, launch.config(), stream, args) }
 }
 
 pub(super) fn require(name: &'static str, ptr: CUdeviceptr) -> Result<()> {

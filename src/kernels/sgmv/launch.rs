@@ -134,20 +134,8 @@ unsafe fn launch_raw(
     args: &mut [*mut c_void],
 ) -> Result<()> {
     let func = device.function(build, &entry_name(launch.entry, build.dtype))?;
-    device.context().bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))?;
-    let c = launch.config();
-    // SAFETY: forwarded from the caller; `func` belongs to the device's context, current here.
-    unsafe {
-        cudarc::driver::result::launch_kernel(
-            func.cu_function(),
-            c.grid_dim,
-            c.block_dim,
-            c.shared_mem_bytes,
-            stream,
-            args,
-        )
-    }
-    .map_err(cuda_err("cuLaunchKernel"))
+    // SAFETY: forwarded from the caller's contract (arguments, pointers, stream).
+    unsafe { device.launch_raw(&func, launch.config(), stream, args) }
 }
 
 /// [`forward`] on caller-owned device memory and stream; `build`'s dtype is the element type of
