@@ -19,6 +19,15 @@ unsafe impl DeviceRepr for TokenSlot {}
 unsafe impl ValidAsZeroBits for TokenSlot {}
 
 /// The block size of a gating build, after checking that it is one and has the wanted dtype.
+/// Checks `build` against `dtype` and that a plan made for `plan_threads` threads per block
+/// (`what`) suits it.
+pub(super) fn check_plan_build(build: &KernelBuild, dtype: DType, what: &'static str, plan_threads: u32) -> Result<()> {
+    if check_build(build, dtype)? != plan_threads {
+        return Err(MoleError::param(what, plan_threads, "was made for another block size"));
+    }
+    Ok(())
+}
+
 pub(super) fn check_build(build: &KernelBuild, dtype: DType) -> Result<u32> {
     if build.family != Family::Gating {
         return Err(MoleError::param("build", build, "is not a gating build"));
@@ -290,10 +299,7 @@ pub(super) fn check_stats_plan(
     has_probs: bool,
     has_scores: bool,
 ) -> Result<()> {
-    let threads = check_build(build, dtype)?;
-    if plan.finalize.block != threads {
-        return Err(MoleError::param("stats plan", plan.finalize.block, "was made for another block size"));
-    }
+    check_plan_build(build, dtype, "stats plan", plan.finalize.block)?;
     for (name, present, wanted) in
         [("probs", has_probs, plan.params.has_probs != 0), ("scores", has_scores, plan.params.has_scores != 0)]
     {
@@ -452,10 +458,7 @@ pub(super) fn check_group(
     workspace_len: usize,
     out_lens: [usize; 4],
 ) -> Result<()> {
-    let threads = check_build(build, build.dtype)?;
-    if plan.scan.block != threads {
-        return Err(MoleError::param("grouping plan", plan.scan.block, "was made for another block size"));
-    }
+    check_plan_build(build, build.dtype, "grouping plan", plan.scan.block)?;
     let (t, s, e) = (plan.params.tokens as usize, plan.params.slots as usize, plan.params.experts as usize);
     check_buffer("ids", ids_len, &[t, s])?;
     let [counts, offsets, entries, status] = out_lens;

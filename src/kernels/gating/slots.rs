@@ -4,7 +4,7 @@
 //! and `entries [slots, entry_stride]` with `entry_stride = `[`entry_capacity`], entries past each
 //! plan's length filled with [`TokenSlot::PADDING`].
 
-use super::launch::{check_buffer, check_build, function, launch_raw, require, RawGroupPointers};
+use super::launch::{check_buffer, check_plan_build, function, launch_raw, require, RawGroupPointers};
 use super::{plan_grouping, GroupingPlan, PlanParams};
 use crate::cuda::{cuda_err, Device};
 use crate::kernels::sgmv::entry_capacity;
@@ -108,14 +108,7 @@ pub(super) fn check_group_slots(
     workspace_len: usize,
     out_lens: [usize; 4],
 ) -> Result<()> {
-    let threads = check_build(build, build.dtype)?;
-    if plan.grouping.scan.block != threads {
-        return Err(MoleError::param(
-            "slot grouping plan",
-            plan.grouping.scan.block,
-            "was made for another block size",
-        ));
-    }
+    check_plan_build(build, build.dtype, "slot grouping plan", plan.grouping.scan.block)?;
     check_buffer("ids", ids_len, &[plan.grouping.params.tokens as usize, plan.slots])?;
     let [counts, offsets, entries, status] = out_lens;
     check_buffer("counts", counts, &[plan.slots, plan.experts])?;
@@ -196,14 +189,7 @@ pub unsafe fn group_slots_raw(
     ptrs: RawGroupPointers,
     stream: CUstream,
 ) -> Result<()> {
-    let threads = check_build(build, build.dtype)?;
-    if plan.grouping.scan.block != threads {
-        return Err(MoleError::param(
-            "slot grouping plan",
-            plan.grouping.scan.block,
-            "was made for another block size",
-        ));
-    }
+    check_plan_build(build, build.dtype, "slot grouping plan", plan.grouping.scan.block)?;
     let mut p = ptrs;
     for (name, v) in [
         ("workspace", p.workspace),
