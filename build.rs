@@ -47,7 +47,9 @@ fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let kernels = root.join("kernels");
     let ptx = root.join("ptx");
+    let tuning = root.join("tuning");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed={}", tuning.display());
     println!("cargo:rerun-if-changed={}", kernels.display());
     println!("cargo:rerun-if-changed={}", ptx.display());
 
@@ -72,6 +74,14 @@ fn main() {
     code.push_str("/// Shipped PTX and its manifest: (path relative to `ptx/`, contents), sorted by path.\n");
     code.push_str("pub(crate) static PTX_FILES: &[(&str, &str)] = &[\n");
     for (rel, path) in collect(&ptx, &[".ptx", "manifest.json"]) {
+        println!("cargo:rerun-if-changed={}", path.display());
+        writeln!(code, "    ({rel:?}, include_str!({:?})),", path.display().to_string()).unwrap();
+    }
+    code.push_str("];\n\n");
+
+    code.push_str("/// Shipped tuning results: (path relative to `tuning/`, contents), sorted by path.\n");
+    code.push_str("pub(crate) static TUNING_FILES: &[(&str, &str)] = &[\n");
+    for (rel, path) in collect(&tuning, &[".json"]) {
         println!("cargo:rerun-if-changed={}", path.display());
         writeln!(code, "    ({rel:?}, include_str!({:?})),", path.display().to_string()).unwrap();
     }

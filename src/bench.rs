@@ -176,13 +176,22 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
         Self::with_data(device, GroupedData::random(case)?)
     }
 
-    /// Uploads `data`; validates the call through [`SlotPlans::build`] and [`sgmv::plan`].
+    /// Uploads `data` for the default build of `T` (see [`GroupedRun::with_build`]).
     pub fn with_data(device: &'d Device, data: GroupedData<T>) -> Result<Self> {
-        let r = &data.routing;
         let build = sgmv::default_builds()
             .into_iter()
             .find(|b| b.dtype == T::DTYPE)
             .ok_or_else(|| MoleError::Unsupported(format!("no default sgmv build for {}", T::DTYPE)))?;
+        Self::with_build(device, data, build)
+    }
+
+    /// Uploads `data` to run with `build` (an sgmv build of dtype `T`, e.g. an autotuning
+    /// candidate); validates the call through [`SlotPlans::build`] and [`sgmv::plan`].
+    pub fn with_build(device: &'d Device, data: GroupedData<T>, build: KernelBuild) -> Result<Self> {
+        if build.dtype != T::DTYPE {
+            return Err(MoleError::param("build", &build, "its dtype is not the storage type of the data"));
+        }
+        let r = &data.routing;
         let config = sgmv::SgmvConfig::of(&build)?;
         let plans = SlotPlans::build(&r.ids, r.tokens, r.slots, r.experts, config.bm as usize)?;
         let offsets: Vec<u32> = data.ranks.offsets().iter().map(|&o| o as u32).collect();

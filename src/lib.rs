@@ -41,11 +41,13 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod kernels;
+pub mod layer;
 pub mod model;
 pub mod plan;
 pub mod reference;
 pub mod synth;
 pub mod tensors;
+pub mod tune;
 
 pub use dtype::{DType, KernelElement, Scalar};
 pub use error::{MoleError, Result};

@@ -46,6 +46,12 @@ pub fn shipped_ptx_file(name: &str) -> Option<&'static str> {
     embedded::PTX_FILES.iter().find(|(p, _)| *p == name).map(|&(_, text)| text)
 }
 
+/// The shipped tuning files under `tuning/` (`*.json`) as `(path relative to `tuning/`,
+/// contents)`, sorted by path; read by [`crate::tune::TuningCache`].
+pub fn shipped_tuning_files() -> impl Iterator<Item = (&'static str, &'static str)> {
+    embedded::TUNING_FILES.iter().copied()
+}
+
 /// FNV-1a 64, the crate's hash for cache keys and source fingerprints (not for security: every
 /// use also stores or compares the full hashed input where a collision would matter).
 #[derive(Clone, Copy, Debug)]

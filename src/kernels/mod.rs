@@ -8,6 +8,7 @@
 //!   [`BLOCK_THREADS_DEFINE`], and one that adds dynamic shared memory with
 //!   [`DYNAMIC_SMEM_DEFINE`] (bytes); `mole check-kernels` checks both against the architecture.
 
+pub mod fused;
 pub mod gating;
 pub mod sgmv;
 
@@ -29,17 +30,20 @@ pub enum Family {
     Gating,
     /// Segmented grouped LoRA shrink and expand (`kernels/sgmv.cu`).
     Sgmv,
+    /// The fused layer: router, gating, shrink, mix and expand in one pass (`kernels/fused.cu`).
+    Fused,
 }
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 2] = [Family::Gating, Family::Sgmv];
+    pub const ALL: [Family; 3] = [Family::Gating, Family::Sgmv, Family::Fused];
 
     /// The source file, relative to `kernels/`.
     pub fn source_file(self) -> &'static str {
         match self {
             Family::Gating => "gating.cu",
             Family::Sgmv => "sgmv.cu",
+            Family::Fused => "fused.cu",
         }
     }
 
@@ -48,6 +52,7 @@ impl Family {
         match self {
             Family::Gating => "gating",
             Family::Sgmv => "sgmv",
+            Family::Fused => "fused",
         }
     }
 
@@ -56,6 +61,7 @@ impl Family {
         match self {
             Family::Gating => gating::candidates(),
             Family::Sgmv => sgmv::candidates(),
+            Family::Fused => fused::candidates(),
         }
     }
 
@@ -64,6 +70,7 @@ impl Family {
         match self {
             Family::Gating => gating::default_builds(),
             Family::Sgmv => sgmv::default_builds(),
+            Family::Fused => fused::default_builds(),
         }
     }
 }

@@ -10,6 +10,9 @@ use mole::{DType, Result};
 pub enum BenchKind {
     /// The segmented grouped (SGMV) shrink + expand.
     Grouped(GroupedArgs),
+    /// Whole layers of every method through the chosen strategy, with the grouped path's time
+    /// in the same run for the ratio.
+    Layer(crate::bench_layer::LayerArgs),
 }
 
 #[derive(Args)]
@@ -40,6 +43,7 @@ pub fn run(kind: &BenchKind) -> Result<()> {
     println!("measured device-to-device copy bandwidth: {copy:.0} GB/s (read + write)");
     match kind {
         BenchKind::Grouped(args) => grouped(&device, args, copy),
+        BenchKind::Layer(args) => crate::bench_layer::layer(&device, args, copy),
     }
 }
 

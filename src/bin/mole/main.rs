@@ -1,7 +1,9 @@
 //! The `mole` command line: `info`, `run` (the main job), `eval`, `bench`, and the kernel gates
 //! `check-kernels` and `gen-ptx`.
 
+mod autotune;
 mod bench;
+mod bench_layer;
 mod check_kernels;
 mod gen_ptx;
 mod info;
@@ -47,6 +49,9 @@ enum Command {
     /// bandwidth, TFLOP/s); says so and exits cleanly without a GPU.
     #[command(subcommand)]
     Bench(bench::BenchKind),
+    /// Tune kernel configurations and strategies per shape on the GPU and cache the winners;
+    /// says so and exits cleanly without a GPU.
+    Autotune(autotune::AutotuneArgs),
 }
 
 fn eval(spec: &Path, inputs: &Path, out: &Path) -> mole::Result<()> {
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Command::CheckKernels(args) => check_kernels::run(args),
         Command::GenPtx(args) => gen_ptx::run(args),
         Command::Bench(kind) => bench::run(kind),
+        Command::Autotune(args) => autotune::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,8 @@
 
 use clap::Args;
 use cudarc::driver::DeviceRepr;
-use mole::bench::{max_scaled_error, GroupedData, GroupedRun};
+use mole::bench::max_scaled_error;
+use mole::layer::{ChoiceSource, DeviceLayer};
 use mole::model::{LayerSpec, Method, MethodShape, Mix};
 use mole::plan::RoutingPlan;
 use mole::reference::LayerOutput;
@@ -57,8 +58,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         args.dtype
     );
     match mole::cuda::Device::new(0) {
-        Ok(d) if spec.mix == Mix::ExpertScale => println!("backend: GPU {} (grouped SGMV kernels)", d.name()),
-        Ok(d) => println!("backend: CPU (GPU {} found; the GPU kernels for this mix are not built yet)", d.name()),
+        Ok(d) => println!("backend: GPU {} (the layer API: fused or grouped kernels)", d.name()),
         Err(e) => println!("backend: CPU ({e})"),
     }
     match args.dtype {
@@ -77,9 +77,9 @@ fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) ->
     let ref_time = start.elapsed().as_secs_f64();
 
     let device = mole::cuda::Device::new(0).ok();
-    let (path, y, time, tol) = match (&device, spec.mix) {
-        (Some(device), Mix::ExpertScale) => gpu_grouped(device, spec, &data, &reference.routing)?,
-        _ => cpu_path(spec, &data, &reference, ref_time)?,
+    let (path, y, time, tol) = match &device {
+        Some(device) => gpu_layer(device, spec, &data)?,
+        None => cpu_path(spec, &data, &reference, ref_time)?,
     };
     let max_err = max_scaled_error(&y, &reference.y);
 
@@ -113,11 +113,11 @@ fn cpu_path<T: KernelElement>(
     data: &SyntheticLayer<T>,
     reference: &LayerOutput,
     ref_time: f64,
-) -> Result<(&'static str, Vec<f64>, f64, f64)> {
+) -> Result<(String, Vec<f64>, f64, f64)> {
     // Both sides are f64: the bound is f64 roundoff over the reduction length.
     let tol = reference::tolerance_with(f64::EPSILON / 2.0, f64::EPSILON / 2.0, spec.d_in + spec.total_rank()) * 16.0;
     if spec.mix != Mix::ExpertScale {
-        return Ok(("CPU dense reference (f64)", reference.y.clone(), ref_time, tol));
+        return Ok(("CPU dense reference (f64)".into(), reference.y.clone(), ref_time, tol));
     }
     let f = |v: &[T]| mole::dtype::to_f64_vec(v);
     let (x, a, b, y0) = (f(&data.x), f(&data.a), f(&data.b), f(&data.y));
@@ -126,32 +126,26 @@ fn cpu_path<T: KernelElement>(
     let plan = RoutingPlan::build(&routing.ids, routing.tokens, routing.slots, routing.experts, 1)?;
     let bank = Bank { a: &a, b: &b, ranks: &spec.ranks, scale: spec.scale, d_in: spec.d_in, d_out: spec.d_out };
     let y = reference::grouped_forward(&x, &y0, bank, routing, &plan);
-    Ok(("CPU grouped (f64)", y, start.elapsed().as_secs_f64(), tol))
+    Ok(("CPU grouped (f64)".into(), y, start.elapsed().as_secs_f64(), tol))
 }
 
-/// The GPU path: the SGMV shrink and per-slot expand kernels on the reference's routing (the
-/// routing itself is computed on the host for now). Time is the median of 20 event-timed runs.
-fn gpu_grouped<T: KernelElement + DeviceRepr>(
+/// The GPU path: the layer API ([`mole::layer`]) with the strategy the tuning cache or the
+/// heuristic picks; routing, mix and expand all run on the device. Time is the median of 20
+/// event-timed runs.
+fn gpu_layer<T: KernelElement + DeviceRepr>(
     device: &mole::cuda::Device,
     spec: &LayerSpec,
     data: &SyntheticLayer<T>,
-    routing: &mole::reference::Routing,
-) -> Result<(&'static str, Vec<f64>, f64, f64)> {
-    let grouped = GroupedData {
-        x: data.x.clone(),
-        a: data.a.clone(),
-        b: data.b.clone(),
-        y: data.y.clone(),
-        ranks: spec.ranks.clone(),
-        routing: routing.clone(),
-        d_in: spec.d_in,
-        d_out: spec.d_out,
-        scale: spec.scale,
-    };
-    let mut run = GroupedRun::with_data(device, grouped)?;
-    let (y, _) = run.check()?;
-    let timing = mole::cuda::time_on_device(device, 3, 20, || run.forward())?;
-    // Storage rounding of y once per slot pass, f32 accumulation over d_in + R.
-    let tol = reference::tolerance(T::DTYPE, spec.d_in + spec.total_rank()) * (routing.slots as f64 + 1.0);
-    Ok(("GPU grouped SGMV kernels (routing on the host)", y, timing.median_ms() * 1e-3, tol))
+) -> Result<(String, Vec<f64>, f64, f64)> {
+    let gpu = mole::tune::GpuId::of_device(device);
+    let (cache, warnings) = mole::tune::TuningCache::load_for(&gpu);
+    warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    let choice = mole::layer::choose(spec, T::DTYPE, data.tokens, device.sm_count(), Some(&cache))?;
+    let source = if choice.source == ChoiceSource::Tuned { "tuned" } else { "heuristic" };
+    let path = format!("GPU {} ({source}; {})", choice.strategy, choice.build);
+    let mut layer = DeviceLayer::new(device, spec, data.clone(), choice)?;
+    let (y, _) = layer.run_and_reference()?;
+    let tol = layer.tolerance();
+    let timing = mole::cuda::time_on_device(device, 3, 20, || layer.forward())?;
+    Ok((path, y, timing.median_ms() * 1e-3, tol))
 }

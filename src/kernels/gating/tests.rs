@@ -13,8 +13,10 @@ fn topk(k: usize) -> Gating {
     routed(RoutingRule::SoftmaxTopK { k, temperature: 1.0, weights: TopKWeights::Renormalized })
 }
 
-fn gating_cu() -> &'static str {
-    sources::source("gating.cu").expect("kernels/gating.cu is embedded")
+/// gating.cu and the routing rules it includes (where the shared structs and enums live).
+fn gating_cu() -> String {
+    let file = |name| sources::source(name).unwrap_or_else(|| panic!("kernels/{name} is embedded"));
+    format!("{}\n{}", file("gating.cu"), file("common/routing.cuh"))
 }
 
 /// Asserts that gating.cu checks `field` of `c_struct` at `offset`, so both sides agree.

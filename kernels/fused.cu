@@ -1,0 +1,468 @@
+// The fused MoLE layer: router, gating, shrink, mix and expand of a tile of BT tokens in one
+// pass, for every mix, with the semantics of src/reference/layer.rs:
+//   hz[t]     = x[t] . [A | W_g]             shrink, plus the router columns when the router reads x
+//   z[t]      = router scores                x router: those columns (+ b); h router: h . W_r (+ b);
+//                                            low-rank router: h; logits or given weights: loaded
+//   ids, w[t] = rule(z[t])                   common/routing.cuh, one warp per token
+//   h'[t]     = mix(h[t]; ids, w)            expert scale: each column times the summed weights of
+//                                            the selected experts owning it; core merge (CoMoL):
+//                                            h . sum_s w_s C_ids
+//   y[t]      = round(y[t] + scale h'[t] . B)  each y element read once and written once
+//
+// The tile's hz [BT, R + E] (f32) lives in shared memory from the shrink to the expand: x is read
+// once, y read and written once, and every sum has a fixed order, so results are deterministic.
+// Entry points:
+//   fused_layer          one launch, grid = token tiles: the whole layer;
+//   fused_split_shrink   small T: grid = token tiles x d_in slices, partial hz into a workspace;
+//   fused_split_expand   then grid = token tiles x d_out blocks: sums the slices in order, routes
+//                        and mixes (every d_out block redundantly; the first writes the routing
+//                        outputs and statistics) and expands its d_out columns.
+// Route-only launches (expand = 0, R = 0) compute the router columns and the routing alone: the
+// first stage of the grouped path. Optional outputs: ids / weights [T, slots], probabilities
+// [T, E], and per-tile router-statistics rows in the layout of gating_stats_finalize.
+// Mirrored by src/kernels/fused.rs.
+#include "common/arch.cuh"
+#include "common/dtype.cuh"
+#include "common/routing.cuh"
+#include "common/warp.cuh"
+
+// Threads per block of every kernel in this file.
+#ifndef MOLE_BLOCK_THREADS
+#define MOLE_BLOCK_THREADS 256
+#endif
+// Tokens per tile (a multiple of the warps per block).
+#ifndef MOLE_FUSED_BT
+#define MOLE_FUSED_BT 16
+#endif
+// Reduction chunk of the shrink staged in shared memory.
+#ifndef MOLE_FUSED_KC
+#define MOLE_FUSED_KC 32
+#endif
+// Most shrink columns (R, plus E for the x router) a build holds in registers.
+#ifndef MOLE_FUSED_MAX_COLS
+#define MOLE_FUSED_MAX_COLS 256
+#endif
+
+#define MOLE_FUSED_WARPS (MOLE_BLOCK_THREADS / MOLE_WARP_SIZE)
+static_assert(MOLE_BLOCK_THREADS % 32 == 0 && MOLE_BLOCK_THREADS >= 32 && MOLE_BLOCK_THREADS <= 1024,
+              "MOLE_BLOCK_THREADS must be a multiple of 32 in 32..1024");
+static_assert(MOLE_FUSED_BT % MOLE_FUSED_WARPS == 0, "MOLE_FUSED_BT must be a multiple of the warps per block");
+static_assert(MOLE_FUSED_KC >= 1 && MOLE_FUSED_MAX_COLS % 32 == 0 && MOLE_FUSED_MAX_COLS >= 32, "tile sizes");
+
+// Where the router scores come from (Rust: RouterKind).
+enum mole_router_kind : mole_u32 {
+    MOLE_ROUTER_NONE = 0,      // given weights or adapter ids (the gate input is loaded as is)
+    MOLE_ROUTER_X = 1,         // x . W_g: the shrink's extra columns
+    MOLE_ROUTER_H = 2,         // h . W_r
+    MOLE_ROUTER_LOW_RANK = 3,  // h itself (rank-1 experts)
+    MOLE_ROUTER_LOGITS = 4,    // given logits
+};
+
+// The mix in the low-rank space (Rust: MixKind).
+enum mole_mix_kind : mole_u32 {
+    MOLE_MIX_EXPERT_SCALE = 0,
+    MOLE_MIX_CORE_MERGE = 1,
+};
+
+// Parameters of every kernel in this file, by value (Rust: FusedParams). The first 56 bytes are
+// the routing rule's parameters (gate.tokens = T, gate.experts = E routed, gate.slots).
+struct mole_fused_params {
+    mole_gating_params gate;
+    mole_u32 d_in;                  // row length of x, rows of A and W_g
+    mole_u32 d_out;                 // row length of y and B
+    mole_u32 rank;                  // R: columns of A, rows of B (0 for a route-only launch)
+    mole_u32 cols;                  // R + E: row length of the hz tile
+    mole_u32 shrink_cols;           // columns the shrink computes: R, plus E for the x router
+    mole_router_kind router;        // the score source
+    mole_mix_kind mix;              // the mix
+    mole_u32 use_router_bias;       // 1: add router_bias [E] to the scores
+    mole_u32 expand;                // 0: route only (no mix, no expand, y untouched)
+    mole_u32 splits;                // split variant: d_in slices (1 otherwise)
+    mole_u32 k_per_split;           // d_in per slice (a multiple of KC)
+    mole_u32 n_per_block;           // split expand: d_out columns per block
+    mole_u32 stats;                 // 1: write per-tile statistics rows
+    mole_u32 stats_probs;           // statistics: probabilities exist (mean_prob, entropy)
+    mole_u32 stats_scores;          // statistics: raw scores exist (z-loss)
+    mole_entropy_kind stats_entropy;  // statistics: the entropy of the probabilities, or none
+    float stats_q;                  // Tsallis index of the statistics' entropy
+    float stats_entropy_scale;      // 1 / entropy of the uniform distribution
+    float scale;                    // delta scale
+    mole_u32 tiles;                 // ceil(T / BT): rows of the statistics workspace
+};
+static_assert(sizeof(mole_fused_params) == 136, "mole_fused_params layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, d_in) == 56, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, d_out) == 60, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, rank) == 64, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, cols) == 68, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, shrink_cols) == 72, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, router) == 76, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, mix) == 80, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, use_router_bias) == 84, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, expand) == 88, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, splits) == 92, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, k_per_split) == 96, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, n_per_block) == 100, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats) == 104, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_probs) == 108, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_scores) == 112, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_entropy) == 116, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_q) == 120, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_entropy_scale) == 124, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, scale) == 128, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, tiles) == 132, "layout");
+
+// The tensors after the shrink's, in one struct so the stages take them together.
+struct fused_gate_tensors {
+    const elem_t* router_weight;   // W_g [d_in, E] (x router, read by the shrink) or W_r [R, E]
+    const elem_t* router_bias;     // [E]
+    const elem_t* gate_in;         // logits or given weights [T, E]
+    const int* adapter_ids;        // [T]
+    const elem_t* selection_bias;  // [E]
+    const mole_u32* rank_offsets;  // [E + 1]
+    const elem_t* cores;           // CoMoL [C, R, R]
+    int* out_ids;                  // [T, slots] or null
+    float* out_weights;            // [T, slots] or null
+    float* out_probs;              // [T, E] or null
+    mole_u32* stats_ws;            // counts u32 [tiles][E], then sums f32 [tiles][E + 2]; or null
+};
+
+// The block's dynamic shared memory, carved as src/kernels/fused.rs::smem_words counts it (in
+// 4-byte words): hz [BT, cols], the shrink's x and W chunks (shrinking launches only), the
+// warps' routing rows [warps, E], probabilities [BT, E], ids and weights [BT, slots], and
+// per-token z-loss and entropy [BT] each.
+struct fused_smem {
+    float* hz;
+    float* xs;
+    float* ws;
+    float* row;
+    float* probs;
+    int* ids;
+    float* w;
+    float* z_loss;
+    float* entropy;
+};
+
+MOLE_DEVICE fused_smem fused_carve(const mole_fused_params& p, bool shrinks) {
+    extern __shared__ float mole_fused_smem[];
+    float* at = mole_fused_smem;
+    fused_smem s;
+    s.hz = at;
+    at += MOLE_FUSED_BT * p.cols;
+    s.xs = at;
+    s.ws = at + (shrinks ? MOLE_FUSED_BT * MOLE_FUSED_KC : 0);
+    if (shrinks) at += MOLE_FUSED_BT * MOLE_FUSED_KC + MOLE_FUSED_KC * p.shrink_cols;
+    s.row = at;
+    at += MOLE_FUSED_WARPS * p.gate.experts;
+    s.probs = at;
+    at += MOLE_FUSED_BT * p.gate.experts;
+    s.ids = reinterpret_cast<int*>(at);
+    at += MOLE_FUSED_BT * p.gate.slots;
+    s.w = at;
+    at += MOLE_FUSED_BT * p.gate.slots;
+    s.z_loss = at;
+    s.entropy = at + MOLE_FUSED_BT;
+    return s;
+}
+
+// out[i * stride + c] = sum over k in [k_begin, k_end) of x[t0 + i, k] * W[k, c] for the BT rows
+// and c < shrink_cols, W = [A | W_g]; rows past T come out zero. Warp w owns rows w, w + warps,
+// ...; lane l owns columns l, l + 32, ...
+MOLE_DEVICE void shrink_tile(const mole_fused_params& p, const elem_t* __restrict__ x, const elem_t* __restrict__ a,
+                             const elem_t* __restrict__ wg, mole_u64 t0, mole_u64 k_begin, mole_u64 k_end,
+                             const fused_smem& s, float* out, mole_u32 stride, bool rows_past_t) {
+    constexpr int ROWS = MOLE_FUSED_BT / MOLE_FUSED_WARPS;
+    constexpr int GROUPS = MOLE_FUSED_MAX_COLS / MOLE_WARP_SIZE;
+    const int lane = mole_lane(), warp = mole_warp_id();
+    const mole_u32 sc = p.shrink_cols, r = p.rank, e_n = p.gate.experts;
+    float acc[ROWS][GROUPS];
+    for (int j = 0; j < ROWS; ++j)
+        for (int g = 0; g < GROUPS; ++g) acc[j][g] = 0.0f;
+    MOLE_NO_UNROLL
+    for (mole_u64 k0 = k_begin; k0 < k_end; k0 += MOLE_FUSED_KC) {
+        __syncthreads();  // the previous chunk is consumed
+        for (int i = (int)threadIdx.x; i < MOLE_FUSED_BT * MOLE_FUSED_KC; i += (int)blockDim.x) {
+            const mole_u64 t = t0 + (mole_u64)(i / MOLE_FUSED_KC), k = k0 + (mole_u64)(i % MOLE_FUSED_KC);
+            s.xs[i] = (t < p.gate.tokens && k < k_end) ? load_f32(x + t * p.d_in + k) : 0.0f;
+        }
+        for (mole_u32 i = threadIdx.x; i < MOLE_FUSED_KC * sc; i += blockDim.x) {
+            const mole_u32 c = i % sc;
+            const mole_u64 k = k0 + (mole_u64)(i / sc);
+            float v = 0.0f;
+            if (k < k_end) v = c < r ? load_f32(a + k * r + c) : load_f32(wg + k * e_n + (c - r));
+            s.ws[i] = v;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < MOLE_FUSED_KC; ++kk) {
+            float xv[ROWS];
+            for (int j = 0; j < ROWS; ++j) xv[j] = s.xs[(warp + j * MOLE_FUSED_WARPS) * MOLE_FUSED_KC + kk];
+            for (int g = 0; g < GROUPS; ++g) {
+                const mole_u32 c = (mole_u32)(lane + g * MOLE_WARP_SIZE);
+                if ((mole_u32)(g * MOLE_WARP_SIZE) >= sc) break;  // uniform over the warp
+                const float wv = c < sc ? s.ws[kk * sc + c] : 0.0f;
+                for (int j = 0; j < ROWS; ++j) acc[j][g] += xv[j] * wv;
+            }
+        }
+    }
+    for (int j = 0; j < ROWS; ++j) {
+        const int i = warp + j * MOLE_FUSED_WARPS;
+        if (!rows_past_t && t0 + (mole_u64)i >= p.gate.tokens) continue;
+        for (int g = 0; g < GROUPS; ++g) {
+            const mole_u32 c = (mole_u32)(lane + g * MOLE_WARP_SIZE);
+            if (c < sc) out[(mole_u64)i * stride + c] = acc[j][g];
+        }
+    }
+}
+
+// Router scores of the tile's tokens into hz columns [R, R + E) (one warp per token).
+MOLE_DEVICE void scores_tile(const mole_fused_params& p, const fused_gate_tensors& g, mole_u64 t0,
+                             const fused_smem& s) {
+    if (p.gate.rule == MOLE_RULE_ADAPTER_IDS) return;  // no scores: ids are read by route_tile
+    const mole_u32 n = p.gate.experts;
+    for (int i = mole_warp_id(); i < MOLE_FUSED_BT; i += MOLE_FUSED_WARPS) {
+        const mole_u64 t = t0 + (mole_u64)i;
+        if (t >= p.gate.tokens) continue;
+        const float* h = s.hz + (mole_u64)i * p.cols;
+        float* z = s.hz + (mole_u64)i * p.cols + p.rank;
+        for (mole_u32 e = (mole_u32)mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+            float v = 0.0f;
+            switch (p.router) {
+                case MOLE_ROUTER_X: v = z[e]; break;
+                case MOLE_ROUTER_H:
+                    for (mole_u32 c = 0; c < p.rank; ++c) v += h[c] * load_f32(g.router_weight + (mole_u64)c * n + e);
+                    break;
+                case MOLE_ROUTER_LOW_RANK: v = h[e]; break;
+                default: v = load_f32(g.gate_in + t * n + e); break;  // logits, given weights
+            }
+            if (p.use_router_bias) v += load_f32(g.router_bias + e);
+            z[e] = v;
+        }
+    }
+}
+
+// The routing rule of each of the tile's tokens (one warp per token): ids and weights into
+// shared memory (empty rows past T), the optional outputs, and per-token statistics terms.
+MOLE_DEVICE void route_tile(const mole_fused_params& p, const fused_gate_tensors& g, mole_u64 t0,
+                            const fused_smem& s, bool writer) {
+    const int lane = mole_lane();
+    const int n = (int)p.gate.experts, slots = (int)p.gate.slots;
+    float* row = s.row + (mole_u64)mole_warp_id() * n;
+    for (int i = mole_warp_id(); i < MOLE_FUSED_BT; i += MOLE_FUSED_WARPS) {
+        const mole_u64 t = t0 + (mole_u64)i;
+        int* ids = s.ids + i * slots;
+        float* w = s.w + i * slots;
+        float* probs = s.probs + i * n;
+        const float* z = s.hz + (mole_u64)i * p.cols + p.rank;
+        if (t >= p.gate.tokens) {
+            fill_empty(ids, w, 0, slots);
+            continue;
+        }
+        switch (p.gate.rule) {
+            case MOLE_RULE_SOFTMAX_TOPK: token_softmax_topk(p.gate, row, z, ids, w, probs); break;
+            case MOLE_RULE_TOP_P:
+            case MOLE_RULE_DYNMOLE:
+            case MOLE_RULE_DENSE_SOFTMAX: token_softmax_prefix(p.gate, row, z, ids, w, probs); break;
+            case MOLE_RULE_SIGMOID_TOPK: token_sigmoid_topk(p.gate, row, z, g.selection_bias, ids, w, probs); break;
+            case MOLE_RULE_MAGNITUDE_TOPK: token_magnitude_topk(p.gate, row, z, g.selection_bias, ids, w); break;
+            case MOLE_RULE_GIVEN: token_given(p.gate, row, z, ids, w, probs); break;
+            default: {  // adapter ids: (id, 1) in slot 0, or (-1, 0)
+                const int id = g.adapter_ids[t];
+                for (int j = lane; j < slots; j += MOLE_WARP_SIZE) {
+                    ids[j] = j == 0 ? id : -1;
+                    w[j] = j == 0 && id != -1 ? 1.0f : 0.0f;
+                }
+            }
+        }
+        mole_syncwarp();  // slots and probabilities were written by other lanes
+        if (!writer) continue;
+        if (g.out_ids)
+            for (int j = lane; j < slots; j += MOLE_WARP_SIZE) {
+                g.out_ids[t * slots + j] = ids[j];
+                g.out_weights[t * slots + j] = w[j];
+            }
+        if (g.out_probs && p.stats_probs)
+            for (int e = lane; e < n; e += MOLE_WARP_SIZE) g.out_probs[t * n + e] = probs[e];
+        if (p.stats) {
+            const float zl = p.stats_scores ? token_z_loss(z, n) : 0.0f;
+            const float ent = p.stats_probs && p.stats_entropy != MOLE_ENTROPY_NONE
+                                  ? token_entropy(probs, n, p.stats_entropy, p.stats_q, p.stats_entropy_scale)
+                                  : 0.0f;
+            if (lane == 0) {
+                s.z_loss[i] = zl;
+                s.entropy[i] = ent;
+            }
+        }
+    }
+}
+
+// Row `tile` of the statistics workspace: per-expert selections and probability sums, z-loss and
+// entropy sums, each over the tile's tokens in order.
+MOLE_DEVICE void stats_tile(const mole_fused_params& p, const fused_gate_tensors& g, mole_u64 t0, mole_u32 tile,
+                            const fused_smem& s) {
+    const mole_u32 n = p.gate.experts, slots = p.gate.slots;
+    const mole_u64 left = p.gate.tokens - t0;
+    const int rows = left < MOLE_FUSED_BT ? (int)left : MOLE_FUSED_BT;
+    mole_u32* counts = g.stats_ws + (mole_u64)tile * n;
+    float* sums = reinterpret_cast<float*>(g.stats_ws + (mole_u64)p.tiles * n) + (mole_u64)tile * (n + 2);
+    for (mole_u32 e = threadIdx.x; e < n; e += blockDim.x) {
+        mole_u32 count = 0;
+        float prob = 0.0f;
+        for (int i = 0; i < rows; ++i) {
+            for (mole_u32 j = 0; j < slots; ++j) count += s.ids[i * slots + j] == (int)e ? 1u : 0u;
+            if (p.stats_probs) prob += s.probs[i * n + e];
+        }
+        counts[e] = count;
+        sums[e] = prob;
+    }
+    if (threadIdx.x == 0) {
+        float zl = 0.0f, ent = 0.0f;
+        for (int i = 0; i < rows; ++i) {
+            zl += s.z_loss[i];
+            ent += s.entropy[i];
+        }
+        sums[n] = zl;
+        sums[n + 1] = ent;
+    }
+}
+
+// Whether expert `id` of a slot can be used (ids outside 0..E contribute nothing).
+MOLE_DEVICE bool valid_expert(int id, mole_u32 experts) { return id >= 0 && (mole_u32)id < experts; }
+
+// h' in place in hz columns [0, R) (one warp per token).
+MOLE_DEVICE void mix_tile(const mole_fused_params& p, const fused_gate_tensors& g, const fused_smem& s) {
+    constexpr int GROUPS = MOLE_FUSED_MAX_COLS / MOLE_WARP_SIZE;
+    const int lane = mole_lane(), slots = (int)p.gate.slots;
+    const mole_u32 r = p.rank;
+    for (int i = mole_warp_id(); i < MOLE_FUSED_BT; i += MOLE_FUSED_WARPS) {
+        float* h = s.hz + (mole_u64)i * p.cols;
+        const int* ids = s.ids + i * slots;
+        const float* w = s.w + i * slots;
+        float out[GROUPS];
+        for (int gi = 0; gi < GROUPS; ++gi) {
+            const mole_u32 c = (mole_u32)(lane + gi * MOLE_WARP_SIZE);
+            out[gi] = 0.0f;
+            if (c >= r || p.mix != MOLE_MIX_EXPERT_SCALE) continue;
+            float weight = 0.0f;
+            for (int j = 0; j < slots; ++j) {
+                const int id = ids[j];
+                if (valid_expert(id, p.gate.experts) && g.rank_offsets[id] <= c && c < g.rank_offsets[id + 1])
+                    weight += w[j];
+            }
+            out[gi] = weight * h[c];
+        }
+        if (p.mix == MOLE_MIX_CORE_MERGE) {
+            // h'[c] = sum_i h[i] * (sum_s w_s C_s[i][c]), the merged core built on the fly.
+            for (mole_u32 ii = 0; ii < r; ++ii) {
+                const float hv = h[ii];
+                for (int gi = 0; gi < GROUPS; ++gi) {
+                    const mole_u32 c = (mole_u32)(lane + gi * MOLE_WARP_SIZE);
+                    if ((mole_u32)(gi * MOLE_WARP_SIZE) >= r) break;
+                    if (c >= r) continue;
+                    float merged = 0.0f;
+                    for (int j = 0; j < slots; ++j)
+                        if (valid_expert(ids[j], p.gate.experts))
+                            merged += w[j] * load_f32(g.cores + ((mole_u64)ids[j] * r + ii) * r + c);
+                    out[gi] += hv * merged;
+                }
+            }
+        }
+        mole_syncwarp();  // every lane has read h before any lane overwrites it
+        for (int gi = 0; gi < GROUPS; ++gi) {
+            const mole_u32 c = (mole_u32)(lane + gi * MOLE_WARP_SIZE);
+            if (c < r) h[c] = out[gi];
+        }
+    }
+}
+
+// y[t0 + i, n] = round(y + scale * sum_c h'[i, c] B[c, n]) for n in [n_begin, n_end), rows < T.
+MOLE_DEVICE void expand_tile(const mole_fused_params& p, const elem_t* __restrict__ b, elem_t* __restrict__ y,
+                             mole_u64 t0, mole_u32 n_begin, mole_u32 n_end, const fused_smem& s) {
+    const mole_u64 left = p.gate.tokens - t0;
+    const int rows = left < MOLE_FUSED_BT ? (int)left : MOLE_FUSED_BT;
+    for (mole_u32 n = n_begin + threadIdx.x; n < n_end; n += blockDim.x) {
+        float acc[MOLE_FUSED_BT];
+        for (int i = 0; i < MOLE_FUSED_BT; ++i) acc[i] = 0.0f;
+        MOLE_NO_UNROLL
+        for (mole_u32 c = 0; c < p.rank; ++c) {
+            const float bv = load_f32(b + (mole_u64)c * p.d_out + n);
+            for (int i = 0; i < MOLE_FUSED_BT; ++i) acc[i] += s.hz[(mole_u64)i * p.cols + c] * bv;
+        }
+        for (int i = 0; i < MOLE_FUSED_BT; ++i) {  // fixed bounds keep acc in registers
+            if (i >= rows) break;
+            elem_t* dst = y + (t0 + (mole_u64)i) * p.d_out + n;
+            store_from_f32(dst, load_f32(dst) + p.scale * acc[i]);
+        }
+    }
+}
+
+// Everything after the shrink: scores, routing (+ outputs, statistics), mix, expand.
+MOLE_DEVICE void finish_tile(const mole_fused_params& p, const fused_gate_tensors& g, const elem_t* __restrict__ b,
+                             elem_t* __restrict__ y, mole_u32 tile, mole_u32 n_begin, mole_u32 n_end, bool writer,
+                             const fused_smem& s) {
+    const mole_u64 t0 = (mole_u64)tile * MOLE_FUSED_BT;
+    scores_tile(p, g, t0, s);
+    __syncthreads();
+    route_tile(p, g, t0, s, writer);
+    __syncthreads();
+    if (writer && p.stats) stats_tile(p, g, t0, tile, s);
+    if (!p.expand) return;
+    mix_tile(p, g, s);
+    __syncthreads();
+    expand_tile(p, b, y, t0, n_begin, n_end, s);
+}
+
+#define MOLE_FUSED_GATE_ARGS                                                                                   \
+    const elem_t *__restrict__ router_weight, const elem_t *__restrict__ router_bias,                         \
+        const elem_t *__restrict__ gate_in, const int *__restrict__ adapter_ids,                              \
+        const elem_t *__restrict__ selection_bias, const mole_u32 *__restrict__ rank_offsets,                 \
+        const elem_t *__restrict__ cores, int *__restrict__ out_ids, float *__restrict__ out_weights,         \
+        float *__restrict__ out_probs, mole_u32 *__restrict__ stats_ws
+#define MOLE_FUSED_GATE_TENSORS                                                                                \
+    fused_gate_tensors{router_weight, router_bias,  gate_in,   adapter_ids, selection_bias, rank_offsets,    \
+                       cores,         out_ids,      out_weights, out_probs, stats_ws}
+
+// Grid: ceil(T / BT) blocks. The whole layer for one tile of tokens.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(fused_layer)(const mole_fused_params p, const elem_t* __restrict__ x, const elem_t* __restrict__ a,
+                            const elem_t* __restrict__ b, elem_t* __restrict__ y, MOLE_FUSED_GATE_ARGS) {
+    const fused_smem s = fused_carve(p, true);
+    const mole_u64 t0 = (mole_u64)blockIdx.x * MOLE_FUSED_BT;
+    if (p.shrink_cols > 0) shrink_tile(p, x, a, router_weight, t0, 0, p.d_in, s, s.hz, p.cols, true);
+    __syncthreads();
+    finish_tile(p, MOLE_FUSED_GATE_TENSORS, b, y, blockIdx.x, 0, p.d_out, true, s);
+}
+
+// Grid: (tiles, splits). hz_part [splits, T, shrink_cols] (f32): slice `split` of d_in.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(fused_split_shrink)(const mole_fused_params p, const elem_t* __restrict__ x,
+                                   const elem_t* __restrict__ a, const elem_t* __restrict__ router_weight,
+                                   float* __restrict__ hz_part) {
+    const fused_smem s = fused_carve(p, true);
+    const mole_u64 t0 = (mole_u64)blockIdx.x * MOLE_FUSED_BT;
+    const mole_u64 k_begin = (mole_u64)blockIdx.y * p.k_per_split;
+    const mole_u64 k_end_raw = k_begin + p.k_per_split;
+    const mole_u64 k_end = k_end_raw < p.d_in ? k_end_raw : (mole_u64)p.d_in;
+    float* out = hz_part + ((mole_u64)blockIdx.y * p.gate.tokens + t0) * p.shrink_cols;
+    shrink_tile(p, x, a, router_weight, t0, k_begin, k_end, s, out, p.shrink_cols, false);
+}
+
+// Grid: (tiles, ceil(d_out / n_per_block)). Sums the slices in order, then finishes the tile
+// for its d_out columns; blocks with blockIdx.y == 0 write the routing outputs and statistics.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(fused_split_expand)(const mole_fused_params p, const float* __restrict__ hz_part,
+                                   const elem_t* __restrict__ b, elem_t* __restrict__ y, MOLE_FUSED_GATE_ARGS) {
+    const fused_smem s = fused_carve(p, false);
+    const mole_u64 t0 = (mole_u64)blockIdx.x * MOLE_FUSED_BT;
+    const mole_u64 slice = (mole_u64)p.gate.tokens * p.shrink_cols;
+    for (mole_u32 i = threadIdx.x; i < MOLE_FUSED_BT * p.shrink_cols; i += blockDim.x) {
+        const mole_u64 t = t0 + i / p.shrink_cols;
+        const mole_u32 c = i % p.shrink_cols;
+        float v = 0.0f;
+        if (t < p.gate.tokens)
+            for (mole_u32 k = 0; k < p.splits; ++k) v += hz_part[k * slice + t * p.shrink_cols + c];
+        s.hz[(mole_u64)(i / p.shrink_cols) * p.cols + c] = v;
+    }
+    __syncthreads();
+    const mole_u32 n_begin = blockIdx.y * p.n_per_block;
+    const mole_u32 n_end = n_begin + p.n_per_block < p.d_out ? n_begin + p.n_per_block : p.d_out;
+    finish_tile(p, MOLE_FUSED_GATE_TENSORS, b, y, blockIdx.x, n_begin, n_end, blockIdx.y == 0, s);
+}

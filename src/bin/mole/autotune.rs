@@ -1,0 +1,273 @@
+//! `mole autotune`: tunes the standard shapes of common models (or a list from a file) on the
+//! GPU and writes the winners into the user's tuning cache. Without a GPU it says so and exits
+//! cleanly.
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use mole::cuda::{copy_bandwidth_gbs, Arch, Device};
+use mole::model::{LayerSpec, Method, MethodShape};
+use mole::tune::cache::user_tuning_dir;
+use mole::tune::{
+    store, tune_shape, GpuId, MeasureOptions, Outcome, Provenance, Pruner, ShapeKey, ShapeResult, TuneOptions,
+};
+use mole::{DType, MoleError, Result};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct AutotuneArgs {
+    /// Model presets whose projections are tuned: llama2-7b, llama3-8b or all.
+    #[arg(long, default_value = "all")]
+    model: String,
+    /// Methods (mixlora, dynmole, smora, comol, or any preset name such as mix-lora);
+    /// repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', default_values_t = ["mixlora".to_string(), "dynmole".into(), "smora".into(), "comol".into()])]
+    method: Vec<String>,
+    /// Tune the shapes of this JSON file instead of the presets: a list of
+    /// {"d_in", "d_out", "experts", "rank", "k", "tokens", "method"}.
+    #[arg(long)]
+    shapes: Option<PathBuf>,
+    /// Storage dtype.
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    /// Wall-clock budget of the whole run, in seconds, shared evenly among the shapes left
+    /// (every shape's default is always measured).
+    #[arg(long)]
+    budget: Option<f64>,
+    /// Timed runs per candidate (the median is kept).
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    /// Folder to write the tuning file into (default: the user cache's tuning/ folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// One shape to tune, as in a `--shapes` file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShapeSpec {
+    d_in: usize,
+    d_out: usize,
+    experts: usize,
+    rank: usize,
+    k: usize,
+    tokens: usize,
+    method: String,
+}
+
+/// Token counts of the presets.
+const TOKENS: [usize; 4] = [1, 16, 256, 4096];
+/// `(d_in, d_out)` of Llama-2-7B's projections: q/k/v/o, gate/up, down.
+const LLAMA2_7B: [(usize, usize); 3] = [(4096, 4096), (4096, 11008), (11008, 4096)];
+/// `(d_in, d_out)` of Llama-3-8B's projections: q/o, k/v (grouped-query), gate/up, down.
+const LLAMA3_8B: [(usize, usize); 4] = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)];
+
+/// A method from its command-line name: a preset name with or without dashes (`mixlora`,
+/// `mix-lora`, `dyn_mole`).
+fn parse_method(name: &str) -> Result<Method> {
+    let norm = |s: &str| s.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
+    let want = norm(name);
+    Method::ALL.into_iter().find(|m| norm(m.name()) == want).ok_or_else(|| MoleError::InvalidParameter {
+        name: "method",
+        value: name.to_string(),
+        reason: "expected a preset such as mixlora, dynmole, smora, comol",
+    })
+}
+
+/// The published settings of a method: (experts, rank per expert, k). Rank-wise methods keep
+/// k at the gating kernels' limit of 8.
+fn method_settings(method: Method) -> (usize, usize, usize) {
+    match method {
+        Method::DynMole => (6, 24, 2),
+        Method::Smora | Method::FlyLora => (64, 1, 8),
+        Method::Comol => (8, 16, 2),
+        _ => (8, 16, 2),
+    }
+}
+
+fn spec_of(method: Method, d_in: usize, d_out: usize, experts: usize, rank: usize, k: usize) -> Result<LayerSpec> {
+    method.spec(MethodShape { d_in, d_out, experts, rank, k, alpha: 2.0 * rank as f64 })
+}
+
+/// `(label, spec, tokens)` of every shape to tune, without repeats of a key.
+fn shapes(args: &AutotuneArgs) -> Result<Vec<(String, LayerSpec, usize)>> {
+    let mut out = Vec::new();
+    if let Some(path) = &args.shapes {
+        for s in read_shapes(path)? {
+            let method = parse_method(&s.method)?;
+            if s.tokens == 0 {
+                return Err(MoleError::ZeroDimension { name: "tokens" });
+            }
+            out.push((method.name().to_string(), spec_of(method, s.d_in, s.d_out, s.experts, s.rank, s.k)?, s.tokens));
+        }
+    } else {
+        let dims: Vec<(usize, usize)> = match args.model.to_ascii_lowercase().as_str() {
+            "llama2-7b" => LLAMA2_7B.to_vec(),
+            "llama3-8b" => LLAMA3_8B.to_vec(),
+            "all" => LLAMA2_7B.iter().chain(&LLAMA3_8B).copied().collect(),
+            _ => return Err(param("model", &args.model, "expected llama2-7b, llama3-8b or all")),
+        };
+        let methods = args.method.iter().map(|m| parse_method(m)).collect::<Result<Vec<_>>>()?;
+        for method in methods {
+            let (experts, rank, k) = method_settings(method);
+            for &(d_in, d_out) in &dims {
+                for tokens in TOKENS {
+                    out.push((method.name().to_string(), spec_of(method, d_in, d_out, experts, rank, k)?, tokens));
+                }
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    out.retain(|(_, spec, tokens)| seen.insert(ShapeKey::new(spec, args.dtype, *tokens)));
+    Ok(out)
+}
+
+fn param(name: &'static str, value: impl std::fmt::Display, reason: &'static str) -> MoleError {
+    MoleError::InvalidParameter { name, value: value.to_string(), reason }
+}
+
+fn io(context: String, e: impl std::fmt::Display) -> MoleError {
+    MoleError::Io { context, message: e.to_string() }
+}
+
+fn read_shapes(path: &Path) -> Result<Vec<ShapeSpec>> {
+    let text = std::fs::read_to_string(path).map_err(|e| io(format!("reading {}", path.display()), e))?;
+    serde_json::from_str(&text).map_err(|e| io(format!("parsing shapes file {}", path.display()), e))
+}
+
+pub fn run(args: &AutotuneArgs) -> Result<()> {
+    if args.runs == 0 {
+        return Err(param("runs", args.runs, "must be positive"));
+    }
+    if let Some(b) = args.budget.filter(|b| !(b.is_finite() && *b > 0.0)) {
+        return Err(param("budget", b, "must be a positive number of seconds"));
+    }
+    let todo = shapes(args)?;
+    let device = match Device::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!(
+                "mole autotune: no usable GPU ({e}): autotuning measures kernels on a CUDA GPU; nothing was tuned"
+            );
+            return Ok(());
+        }
+    };
+    let gpu = GpuId::of_device(&device);
+    println!(
+        "device: {} (sm_{}{}, {} SMs)",
+        gpu.name, gpu.compute_capability.0, gpu.compute_capability.1, gpu.sm_count
+    );
+    let copy = copy_bandwidth_gbs(&device, 1 << 30)?;
+    println!("measured device-to-device copy bandwidth: {copy:.0} GB/s (read + write)");
+    let provenance = Provenance::current();
+    let mut pruner = Pruner::new(device.arch());
+    let started = Instant::now();
+    let bar = ProgressBar::new(todo.len() as u64);
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} shapes, {elapsed} elapsed, ETA {eta}  {msg}")
+    {
+        bar.set_style(style);
+    }
+    let mut results: Vec<(String, ShapeResult)> = Vec::new();
+    for (i, (label, spec, tokens)) in todo.iter().enumerate() {
+        let key = ShapeKey::new(spec, args.dtype, *tokens);
+        bar.set_message(format!("{label} {key}"));
+        let budget = args.budget.map(|total| {
+            let left = (total - started.elapsed().as_secs_f64()).max(0.0);
+            Duration::from_secs_f64(left / (todo.len() - i) as f64)
+        });
+        let opts = TuneOptions { measure: MeasureOptions { runs: args.runs, ..MeasureOptions::default() }, budget };
+        match tune_shape(&device, &mut pruner, spec, args.dtype, *tokens, &opts, &provenance) {
+            Ok(r) => results.push((label.clone(), r)),
+            Err(e) => bar.println(format!("{label} {key}: not tuned: {e}")),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    print_table(&results, copy, device.arch());
+    let entries: Vec<_> = results.iter().filter_map(|(_, r)| r.entry.clone()).collect();
+    let Some(dir) = args.out.clone().or_else(user_tuning_dir) else {
+        println!("no cache folder (set MOLE_CACHE_DIR or pass --out): {} results not written", entries.len());
+        return Ok(());
+    };
+    if entries.is_empty() {
+        println!("no candidate was correct for any shape: nothing written");
+        return Ok(());
+    }
+    let stored = store(&dir, &gpu, &entries)?;
+    for w in &stored.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("wrote {} tuned shapes to {} ({} in the file)", entries.len(), stored.path.display(), stored.entries);
+    Ok(())
+}
+
+/// `BLOCK_THREADS=128 BM=32 ...`: the build's defines without their `MOLE_` / family prefixes.
+fn config_cell(strategy: mole::tune::Strategy, build: &mole::kernels::KernelBuild) -> String {
+    let family = format!("{}_", build.family.name().to_ascii_uppercase());
+    let defines: Vec<String> = build
+        .defines
+        .iter()
+        .map(|(n, v)| {
+            let n = n.strip_prefix("MOLE_").unwrap_or(n);
+            format!("{}={v}", n.strip_prefix(family.as_str()).unwrap_or(n))
+        })
+        .collect();
+    format!("{strategy} {}", defines.join(" "))
+}
+
+fn print_table(results: &[(String, ShapeResult)], copy_gbs: f64, arch: Arch) {
+    println!(
+        "{:<12} {:>6} {:>6} {:>4} {:>3} {:>3} {:>5} | {:<58} | {:>9} {:>8} {:>6} {:>8}",
+        "method", "d_in", "d_out", "R", "E", "k", "T", "chosen config", "time ms", "GB/s", "% copy", "vs dflt"
+    );
+    for (label, r) in results {
+        let k = &r.key;
+        print!(
+            "{label:<12} {:>6} {:>6} {:>4} {:>3} {:>3} {:>5} | ",
+            k.d_in, k.d_out, k.total_rank, k.experts, k.slots, r.tokens
+        );
+        match (r.chosen(), &r.entry) {
+            (Some(c), Some(e)) => println!(
+                "{:<58} | {:>9.4} {:>8.1} {:>5.1}% {:>8}",
+                config_cell(c.candidate.strategy, &c.candidate.build),
+                e.time_ms,
+                e.gbs,
+                100.0 * e.gbs / copy_gbs,
+                e.speedup().map_or("-".to_string(), |s| format!("{s:.2}x"))
+            ),
+            _ => println!("no correct candidate on {arch}"),
+        }
+        for c in &r.reports {
+            let note = match &c.outcome {
+                Outcome::Chosen | Outcome::Timed => continue,
+                Outcome::Pruned(why) => format!("pruned: {why}"),
+                Outcome::Failed(e) => format!("failed: {e}"),
+                Outcome::Wrong { err, tol } => format!("wrong: error {err:.2e} > tolerance {tol:.2e}"),
+                Outcome::Skipped(why) => format!("skipped: {why}"),
+            };
+            println!("    candidate {} ({}): {note}", c.index, config_cell(c.candidate.strategy, &c.candidate.build));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_parse_loosely() {
+        assert_eq!(parse_method("mixlora").unwrap(), Method::MixLora);
+        assert_eq!(parse_method("MixLoRA").unwrap(), Method::MixLora);
+        assert_eq!(parse_method("dyn-mole").unwrap(), Method::DynMole);
+        assert_eq!(parse_method("dynmole").unwrap(), Method::DynMole);
+        assert!(parse_method("nope").is_err());
+        for m in Method::ALL {
+            let (experts, rank, k) = method_settings(m);
+            if m != Method::FlyLora || rank == 1 {
+                assert!(spec_of(m, 4096, 1024, experts, rank, k).is_ok(), "{m}");
+            }
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! The fused MoLE layer kernels (`kernels/fused.cu`): router, gating, shrink, mix and expand of a
+//! tile of tokens in one pass, for every mix, with the semantics of
+//! [`crate::reference::forward`].
+//!
+//! Two variants of the same stages:
+//! - [`FusedVariant::Single`]: one launch (`fused_layer`), one block per tile of `bt` tokens.
+//!   It reads `x` once and reads and writes `y` once.
+//! - [`FusedVariant::Split`]: for few tokens (decode), where one block per tile cannot fill the
+//!   GPU. `fused_split_shrink` splits `d_in` over blocks into an f32 workspace, then
+//!   `fused_split_expand` sums the slices in order, routes, mixes and expands one block of `d_out`
+//!   columns per block.
+//!
+//! A route-only plan ([`plan_route_only`]) runs the router and the rule alone (no `A`, no mix,
+//! no expand): the first stage of the grouped path. Router statistics come out of the same pass
+//! as per-tile rows, summed in tile order by the gating kernels' `gating_stats_finalize`.
+//!
+//! [`plan`] validates a call and computes grids, shared memory and every buffer's length without a
+//! GPU; the `launch` child module runs it on a [`crate::cuda::Device`].
+
+mod launch;
+#[cfg(test)]
+mod tests;
+
+pub use launch::{forward, forward_raw, FusedBuffers, RawFusedPointers};
+
+use super::gating::{self, EntropyKind, GatingParams, KernelLaunch, StatsParams, StatsPlan};
+use super::{Family, KernelBuild, BLOCK_THREADS_DEFINE};
+use crate::model::{Gating, LayerSpec, Mix, Router, RoutingRule};
+use crate::{DType, MoleError, Result};
+use bytemuck::{Pod, Zeroable};
+
+/// Base names of the entry points; each build appends its dtype suffix.
+pub mod entry {
+    /// The whole layer, one launch.
+    pub const LAYER: &str = "fused_layer";
+    /// Split variant, stage 1: split-K shrink into the workspace.
+    pub const SPLIT_SHRINK: &str = "fused_split_shrink";
+    /// Split variant, stage 2: slice sum, routing, mix and a block of the expand.
+    pub const SPLIT_EXPAND: &str = "fused_split_expand";
+    /// Every entry point, in file order.
+    pub const ALL: [&str; 3] = [LAYER, SPLIT_SHRINK, SPLIT_EXPAND];
+}
+
+/// The full entry-point name of `base` in a `dtype` build, e.g. `fused_layer_bf16`.
+pub fn entry_name(base: &str, dtype: DType) -> String {
+    format!("{base}_{}", dtype.name())
+}
+
+/// The most dynamic shared memory a launch may use without opting in (bytes).
+pub const MAX_SHARED_BYTES: u64 = 48 * 1024;
+/// Largest grid `y` extent.
+const MAX_GRID_Y: u64 = 65_535;
+
+/// The compile-time tiling of a build (the defines of `kernels/fused.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FusedConfig {
+    /// Threads per block (`MOLE_BLOCK_THREADS`).
+    pub block_threads: u32,
+    /// Tokens per tile (`MOLE_FUSED_BT`), a multiple of the warps per block.
+    pub bt: u32,
+    /// Reduction chunk of the shrink (`MOLE_FUSED_KC`).
+    pub kc: u32,
+    /// Most shrink columns, `R` plus `E` for the x router (`MOLE_FUSED_MAX_COLS`).
+    pub max_cols: u32,
+}
+
+impl FusedConfig {
+    /// The `.cu` defaults (what the host execution layer compiles).
+    pub const DEFAULT: FusedConfig = FusedConfig { block_threads: 256, bt: 16, kc: 32, max_cols: 256 };
+
+    fn defines(self) -> [(&'static str, u32); 4] {
+        [
+            (BLOCK_THREADS_DEFINE, self.block_threads),
+            ("MOLE_FUSED_BT", self.bt),
+            ("MOLE_FUSED_KC", self.kc),
+            ("MOLE_FUSED_MAX_COLS", self.max_cols),
+        ]
+    }
+
+    /// Warps per block.
+    pub fn warps(self) -> u32 {
+        self.block_threads / 32
+    }
+
+    /// Checks the constraints the `.cu` file asserts.
+    pub fn validate(self) -> Result<()> {
+        let t = self.block_threads;
+        if t % 32 != 0 || !(32..=1024).contains(&t) {
+            return Err(MoleError::param("block_threads", t, "must be a multiple of 32 in 32..=1024"));
+        }
+        if self.bt == 0 || self.bt % self.warps() != 0 {
+            return Err(MoleError::param("bt", self.bt, "must be a positive multiple of the warps per block"));
+        }
+        if self.kc == 0 {
+            return Err(MoleError::ZeroDimension { name: "kc" });
+        }
+        if self.max_cols < 32 || self.max_cols % 32 != 0 {
+            return Err(MoleError::param("max_cols", self.max_cols, "must be a positive multiple of 32"));
+        }
+        Ok(())
+    }
+
+    /// The configuration a build declares (defaults for absent defines).
+    pub fn of(build: &KernelBuild) -> Result<FusedConfig> {
+        if build.family != Family::Fused {
+            return Err(MoleError::param("build", build, "is not a fused build"));
+        }
+        let mut c = FusedConfig::DEFAULT;
+        let fields = [
+            (BLOCK_THREADS_DEFINE, &mut c.block_threads),
+            ("MOLE_FUSED_BT", &mut c.bt),
+            ("MOLE_FUSED_KC", &mut c.kc),
+            ("MOLE_FUSED_MAX_COLS", &mut c.max_cols),
+        ];
+        for (name, field) in fields {
+            if let Some(v) = build.define_value(name) {
+                *field = v.trim().parse().map_err(|_| MoleError::param(name, v, "expected an unsigned integer"))?;
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// The build of `dtype` with tiling `config`.
+pub fn build(dtype: DType, config: FusedConfig) -> KernelBuild {
+    let entries: Vec<String> = entry::ALL.iter().map(|e| entry_name(e, dtype)).collect();
+    let refs: Vec<&str> = entries.iter().map(String::as_str).collect();
+    config.defines().into_iter().fold(KernelBuild::new(Family::Fused, dtype, &refs), |b, (n, v)| b.define(n, v))
+}
+
+/// The tilings [`candidates`] offers, the default first: taller tiles read `A` and `B` fewer
+/// times per token, shorter ones give more blocks to small batches.
+pub const CONFIG_CANDIDATES: [FusedConfig; 4] = [
+    FusedConfig::DEFAULT,
+    FusedConfig { block_threads: 256, bt: 32, kc: 32, max_cols: 128 },
+    FusedConfig { block_threads: 128, bt: 8, kc: 32, max_cols: 128 },
+    FusedConfig { block_threads: 256, bt: 8, kc: 64, max_cols: 256 },
+];
+
+/// Every configuration worth compiling: each dtype at each of [`CONFIG_CANDIDATES`].
+pub fn candidates() -> Vec<KernelBuild> {
+    DType::ALL.iter().flat_map(|&d| CONFIG_CANDIDATES.iter().map(move |&c| build(d, c))).collect()
+}
+
+/// One build per dtype, at [`FusedConfig::DEFAULT`].
+pub fn default_builds() -> Vec<KernelBuild> {
+    DType::ALL.iter().map(|&d| build(d, FusedConfig::DEFAULT)).collect()
+}
+
+/// Where the router scores come from (C: `mole_router_kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum RouterKind {
+    /// Given weights or adapter ids.
+    None = 0,
+    /// [`Router::X`]: the shrink's extra columns.
+    X = 1,
+    /// [`Router::H`].
+    H = 2,
+    /// [`Router::LowRank`].
+    LowRank = 3,
+    /// [`Router::Logits`].
+    Logits = 4,
+}
+
+/// The mix (C: `mole_mix_kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum MixKind {
+    /// [`Mix::ExpertScale`].
+    ExpertScale = 0,
+    /// [`Mix::CoreMerge`].
+    CoreMerge = 1,
+}
+
+/// Parameters of every fused kernel, by value (C: `mole_fused_params`, 136 bytes). Enum fields
+/// hold the `as u32` of [`RouterKind`], [`MixKind`] and [`EntropyKind`]; booleans are 0 or 1.
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct FusedParams {
+    /// The routing rule (`tokens` = T, `experts` = E routed, `slots`).
+    pub gate: GatingParams,
+    /// Input features.
+    pub d_in: u32,
+    /// Output features.
+    pub d_out: u32,
+    /// Total rank `R` (0 for a route-only launch).
+    pub rank: u32,
+    /// `R + E`: the row length of the tile in shared memory.
+    pub cols: u32,
+    /// Columns the shrink computes: `R`, plus `E` for the x router.
+    pub shrink_cols: u32,
+    /// [`RouterKind`].
+    pub router: u32,
+    /// [`MixKind`].
+    pub mix: u32,
+    /// 1: `router_bias` is added to the scores.
+    pub use_router_bias: u32,
+    /// 0: route only.
+    pub expand: u32,
+    /// Split variant: `d_in` slices (1 otherwise).
+    pub splits: u32,
+    /// `d_in` per slice (a multiple of `kc`).
+    pub k_per_split: u32,
+    /// Split expand: `d_out` columns per block.
+    pub n_per_block: u32,
+    /// 1: per-tile statistics rows are written.
+    pub stats: u32,
+    /// Statistics: the rule has probabilities.
+    pub stats_probs: u32,
+    /// Statistics: the rule has raw scores (z-loss).
+    pub stats_scores: u32,
+    /// Statistics: [`EntropyKind`].
+    pub stats_entropy: u32,
+    /// Statistics: Tsallis index.
+    pub stats_q: f32,
+    /// Statistics: `1 / S(uniform)`.
+    pub stats_entropy_scale: f32,
+    /// Delta scale.
+    pub scale: f32,
+    /// Token tiles `ceil(T / bt)`.
+    pub tiles: u32,
+}
+
+// SAFETY: `FusedParams` is `#[repr(C)]`, Pod, and matches `mole_fused_params` (sizes and offsets
+// asserted on both sides), so a pointer to one is what the kernels expect as their parameter.
+unsafe impl cudarc::driver::DeviceRepr for FusedParams {}
+
+/// Which variant a plan launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FusedVariant {
+    /// One launch, one block per token tile.
+    Single,
+    /// Split-K shrink over `splits` slices of `d_in` (an upper bound, lowered so no slice is
+    /// empty), then an expand over blocks of `n_per_block` output columns.
+    Split {
+        /// `d_in` slices.
+        splits: u32,
+        /// Output columns per expand block.
+        n_per_block: u32,
+    },
+}
+
+impl FusedVariant {
+    /// The split variant sized for `tokens` tokens on a GPU with `sm_count` SMs: enough slices
+    /// and column blocks that the small grid still gives every SM a few blocks.
+    pub fn split_for(config: FusedConfig, tokens: usize, d_in: usize, d_out: usize, sm_count: u32) -> Self {
+        let tiles = tokens.div_ceil(config.bt as usize).max(1) as u64;
+        let target = 4 * sm_count.max(1) as u64;
+        let splits = (target / tiles).clamp(1, (d_in as u64).div_ceil(config.kc as u64 * 4).max(1)).min(64);
+        let n_blocks = (target / tiles).clamp(1, (d_out as u64).div_ceil(64).max(1));
+        let n_per_block = (d_out as u64).div_ceil(n_blocks).div_ceil(32) * 32;
+        FusedVariant::Split { splits: splits as u32, n_per_block: n_per_block.max(32) as u32 }
+    }
+}
+
+/// What a fused call writes besides `y`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FusedOutputs {
+    /// `ids [T, slots]` (i32) and `weights [T, slots]` (f32).
+    pub routing: bool,
+    /// `probs [T, E]` (f32), for rules that have probabilities.
+    pub probs: bool,
+    /// Router statistics `[2E + 2]` (see [`StatsPlan::decode`]).
+    pub stats: bool,
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusedLaunch {
+    /// Base entry name (see [`entry`]).
+    pub entry: &'static str,
+    /// Blocks `(x, y)`.
+    pub grid: (u32, u32),
+    /// Threads per block.
+    pub block: u32,
+    /// Dynamic shared memory, bytes.
+    pub shared_bytes: u32,
+}
+
+impl FusedLaunch {
+    /// As cudarc's launch configuration.
+    pub fn config(&self) -> cudarc::driver::LaunchConfig {
+        cudarc::driver::LaunchConfig {
+            grid_dim: (self.grid.0, self.grid.1, 1),
+            block_dim: (self.block, 1, 1),
+            shared_mem_bytes: self.shared_bytes,
+        }
+    }
+}
+
+/// Element counts of every buffer of a call; 0 marks a buffer the call does not take (its
+/// pointer must be null / its slice absent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FusedLens {
+    /// `x [T, d_in]`.
+    pub x: usize,
+    /// `A [d_in, R]`.
+    pub a: usize,
+    /// `B [R, d_out]`.
+    pub b: usize,
+    /// `y [T, d_out]`.
+    pub y: usize,
+    /// `router_weight`: `[d_in, E]` (x router) or `[R, E]` (h router).
+    pub router_weight: usize,
+    /// `router_bias [E]`.
+    pub router_bias: usize,
+    /// `logits` or given `weights` `[T, E]`.
+    pub gate_in: usize,
+    /// `adapter_ids [T]` (i32).
+    pub adapter_ids: usize,
+    /// `selection_bias [E]`.
+    pub selection_bias: usize,
+    /// `rank_offsets [E + 1]` (u32).
+    pub rank_offsets: usize,
+    /// `cores [C, R, R]`.
+    pub cores: usize,
+    /// `ids` and `weights` `[T, slots]`.
+    pub routing: usize,
+    /// `probs [T, E]` (f32).
+    pub probs: usize,
+    /// Statistics workspace (u32 words): counts `[tiles, E]`, then f32 sums `[tiles, E + 2]`.
+    pub stats_ws: usize,
+    /// Statistics output `[2E + 2]` (f32).
+    pub stats_out: usize,
+    /// Split workspace `[splits, T, shrink_cols]` (f32).
+    pub hz_part: usize,
+}
+
+/// A validated fused call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FusedPlan {
+    /// Parameters of every launch.
+    pub params: FusedParams,
+    /// The build's tiling.
+    pub config: FusedConfig,
+    /// The variant (a route-only plan is always [`FusedVariant::Single`]).
+    pub variant: FusedVariant,
+    /// The launches, in order (empty for zero tokens).
+    pub launches: Vec<FusedLaunch>,
+    /// The statistics' final sum (the gating kernels' `gating_stats_finalize`), when asked for.
+    pub stats: Option<StatsPlan>,
+    /// Buffer lengths.
+    pub lens: FusedLens,
+}
+
+/// 4-byte words of dynamic shared memory of a launch (mirrors `fused_carve` in the `.cu`).
+pub fn smem_words(config: FusedConfig, p: &FusedParams, shrinks: bool) -> u64 {
+    let (bt, kc) = (config.bt as u64, config.kc as u64);
+    let (e, slots) = (p.gate.experts as u64, p.gate.slots as u64);
+    let shrink = if shrinks { bt * kc + kc * p.shrink_cols as u64 } else { 0 };
+    bt * p.cols as u64 + shrink + config.warps() as u64 * e + bt * e + 2 * bt * slots + 2 * bt
+}
+
+fn fits_u32(name: &'static str, v: u64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| MoleError::param(name, v, "must fit in 32 bits"))
+}
+
+/// What the reference reports for a spec: `(has probabilities, has raw scores, entropy index)`.
+fn stats_shape(spec: &LayerSpec, writes_probs: bool) -> (bool, bool, Option<f64>) {
+    let rule = spec.rule();
+    let scores = matches!(rule, Some(r) if !matches!(r, RoutingRule::MagnitudeTopK { .. }));
+    let q = match rule {
+        Some(RoutingRule::DynMole { q, .. }) => Some(q),
+        Some(RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. }) => {
+            Some(1.0)
+        }
+        _ => None,
+    };
+    (writes_probs, scores, q)
+}
+
+/// Validates a fused forward of `spec` over `tokens` tokens with `build` and computes its
+/// launches and buffer lengths.
+///
+/// Errors: a build of another family or with bad defines; an invalid spec; `R + E` (x router)
+/// over the build's `max_cols`; more than [`gating::MAX_EXPERTS`] routed experts or `k` above
+/// [`gating::MAX_K`]; shared memory over [`MAX_SHARED_BYTES`]; sizes past 32 bits.
+pub fn plan(
+    build: &KernelBuild,
+    spec: &LayerSpec,
+    tokens: usize,
+    variant: FusedVariant,
+    outputs: FusedOutputs,
+) -> Result<FusedPlan> {
+    plan_inner(build, spec, tokens, variant, outputs, true)
+}
+
+/// A route-only plan: the router and the rule of `spec` alone (no `A`, `B`, mix or expand; `y` is
+/// not touched), writing `ids` / `weights` (always) and the other [`FusedOutputs`] asked for.
+pub fn plan_route_only(
+    build: &KernelBuild,
+    spec: &LayerSpec,
+    tokens: usize,
+    outputs: FusedOutputs,
+) -> Result<FusedPlan> {
+    if matches!(spec.router(), Some(Router::H { .. } | Router::LowRank)) {
+        return Err(MoleError::Unsupported(
+            "a route-only launch cannot score on h: the router needs the shrink".into(),
+        ));
+    }
+    plan_inner(build, spec, tokens, FusedVariant::Single, FusedOutputs { routing: true, ..outputs }, false)
+}
+
+fn plan_inner(
+    build: &KernelBuild,
+    spec: &LayerSpec,
+    tokens: usize,
+    variant: FusedVariant,
+    outputs: FusedOutputs,
+    expand: bool,
+) -> Result<FusedPlan> {
+    let config = FusedConfig::of(build)?;
+    spec.validate()?;
+    let (e, r) = (spec.routed_experts(), if expand { spec.total_rank() } else { 0 });
+    let route = gating::plan(&spec.gating, tokens, e, 32)?;
+    let router = match spec.gating {
+        Gating::Routed { router, .. } => match router {
+            Router::X { .. } => RouterKind::X,
+            Router::H { .. } => RouterKind::H,
+            Router::LowRank => RouterKind::LowRank,
+            Router::Logits => RouterKind::Logits,
+        },
+        _ => RouterKind::None,
+    };
+    let router_bias = matches!(spec.router(), Some(Router::X { bias: true } | Router::H { bias: true }));
+    let shrink_cols = r + if router == RouterKind::X { e } else { 0 };
+    if shrink_cols > config.max_cols as usize {
+        return Err(MoleError::Unsupported(format!(
+            "R (+ E for an x router) = {shrink_cols} exceeds the build's {} shrink columns: use the grouped path",
+            config.max_cols
+        )));
+    }
+    let t = fits_u32("tokens", tokens as u64)?;
+    let d_in = fits_u32("d_in", spec.d_in as u64)?;
+    let d_out = fits_u32("d_out", spec.d_out as u64)?;
+    let tiles = (tokens as u64).div_ceil(config.bt as u64);
+    let (has_probs, has_scores, entropy_q) = stats_shape(spec, route.writes_probs);
+    let entropy = match entropy_q {
+        Some(q) if has_probs => EntropyKind::for_q(q),
+        _ => EntropyKind::None,
+    };
+    let (splits, k_per_split, n_per_block) = match variant {
+        FusedVariant::Single => (1, d_in.max(1), d_out.max(1)),
+        FusedVariant::Split { splits, n_per_block } => {
+            if splits == 0 || n_per_block == 0 {
+                return Err(MoleError::param(
+                    "split variant",
+                    format!("{variant:?}"),
+                    "needs splits, n_per_block >= 1",
+                ));
+            }
+            let kc = config.kc as u64;
+            let per = (spec.d_in as u64).div_ceil(splits as u64).div_ceil(kc) * kc;
+            let splits = (spec.d_in as u64).div_ceil(per) as u32;
+            (splits, per as u32, n_per_block)
+        }
+    };
+    let mut params = FusedParams {
+        gate: route.params,
+        d_in,
+        d_out,
+        rank: r as u32,
+        cols: (r + e) as u32,
+        shrink_cols: shrink_cols as u32,
+        router: router as u32,
+        mix: match spec.mix {
+            Mix::ExpertScale => MixKind::ExpertScale,
+            Mix::CoreMerge { .. } => MixKind::CoreMerge,
+        } as u32,
+        use_router_bias: router_bias as u32,
+        expand: expand as u32,
+        splits,
+        k_per_split,
+        n_per_block,
+        stats: outputs.stats as u32,
+        stats_probs: has_probs as u32,
+        stats_scores: has_scores as u32,
+        stats_entropy: entropy as u32,
+        stats_q: entropy_q.unwrap_or(1.0) as f32,
+        stats_entropy_scale: entropy.scale(entropy_q.unwrap_or(1.0), e),
+        scale: spec.scale as f32,
+        tiles: fits_u32("token tiles", tiles)?,
+    };
+    if !spec.scale.is_finite() || !params.scale.is_finite() {
+        return Err(MoleError::param("scale", spec.scale, "must be finite in f32"));
+    }
+    params.gate.tokens = t;
+    let shrink_smem = 4 * smem_words(config, &params, true);
+    let expand_smem = 4 * smem_words(config, &params, false);
+    let mut launches = Vec::new();
+    if tokens > 0 {
+        let tiles32 = params.tiles;
+        match variant {
+            FusedVariant::Single => launches.push(FusedLaunch {
+                entry: entry::LAYER,
+                grid: (tiles32, 1),
+                block: config.block_threads,
+                shared_bytes: shrink_smem as u32,
+            }),
+            FusedVariant::Split { .. } => {
+                let n_blocks = (spec.d_out as u64).div_ceil(n_per_block as u64);
+                if splits as u64 > MAX_GRID_Y || n_blocks > MAX_GRID_Y {
+                    return Err(MoleError::param("split variant", format!("{variant:?}"), "grid y over 65535"));
+                }
+                if shrink_cols > 0 {
+                    launches.push(FusedLaunch {
+                        entry: entry::SPLIT_SHRINK,
+                        grid: (tiles32, splits),
+                        block: config.block_threads,
+                        shared_bytes: shrink_smem as u32,
+                    });
+                }
+                launches.push(FusedLaunch {
+                    entry: entry::SPLIT_EXPAND,
+                    grid: (tiles32, n_blocks as u32),
+                    block: config.block_threads,
+                    shared_bytes: expand_smem as u32,
+                });
+            }
+        }
+    }
+    if launches.iter().any(|l| l.shared_bytes as u64 > MAX_SHARED_BYTES) {
+        return Err(MoleError::Unsupported(format!(
+            "{shrink_smem} bytes of shared memory exceed {MAX_SHARED_BYTES}: use a smaller tile or the grouped path"
+        )));
+    }
+    let stats = outputs.stats.then(|| StatsPlan {
+        params: StatsParams {
+            tokens: t,
+            experts: e as u32,
+            slots: params.gate.slots,
+            chunk_tokens: config.bt,
+            chunks: params.tiles,
+            has_probs: has_probs as u32,
+            has_scores: has_scores as u32,
+            entropy: entropy as u32,
+            q: params.stats_q,
+            entropy_scale: params.stats_entropy_scale,
+        },
+        partial: None,
+        finalize: KernelLaunch {
+            entry: gating::entry::STATS_FINALIZE,
+            grid: 1,
+            block: gating::DEFAULT_BLOCK_THREADS,
+            shared_bytes: 0,
+        },
+        workspace_words: tiles as usize * (2 * e + 2),
+        out_len: 2 * e + 2,
+        entropy_q: entropy_q.filter(|_| has_probs),
+    });
+    let n = tokens;
+    let split_ws = matches!(variant, FusedVariant::Split { .. }) && shrink_cols > 0;
+    let lens = FusedLens {
+        x: if shrink_cols > 0 { n * spec.d_in } else { 0 },
+        a: if expand { spec.d_in * r } else { 0 },
+        b: if expand { r * spec.d_out } else { 0 },
+        y: if expand { n * spec.d_out } else { 0 },
+        router_weight: match router {
+            RouterKind::X => spec.d_in * e,
+            RouterKind::H => spec.total_rank() * e,
+            _ => 0,
+        },
+        router_bias: if router_bias { e } else { 0 },
+        gate_in: if matches!(router, RouterKind::Logits) || matches!(spec.gating, Gating::Given { .. }) {
+            n * e
+        } else {
+            0
+        },
+        adapter_ids: if spec.gating == Gating::AdapterIds { n } else { 0 },
+        selection_bias: if spec.rule().is_some_and(|r| r.uses_selection_bias()) { e } else { 0 },
+        rank_offsets: if expand { spec.ranks.num_experts() + 1 } else { 0 },
+        cores: match spec.mix {
+            Mix::CoreMerge { cores } if expand => cores * r * r,
+            _ => 0,
+        },
+        routing: if outputs.routing { n * params.gate.slots as usize } else { 0 },
+        probs: if outputs.probs && has_probs { n * e } else { 0 },
+        stats_ws: stats.as_ref().map_or(0, |s| s.workspace_words),
+        stats_out: stats.as_ref().map_or(0, |s| s.out_len),
+        hz_part: if split_ws { splits as usize * n * shrink_cols } else { 0 },
+    };
+    let variant = if expand { variant } else { FusedVariant::Single };
+    Ok(FusedPlan { params, config, variant, launches, stats, lens })
+}

@@ -1,0 +1,195 @@
+use super::launch::check_buffer;
+use super::*;
+use crate::cuda::sources;
+use crate::model::{Method, MethodShape};
+use std::mem::{offset_of, size_of};
+
+fn fused_cu() -> &'static str {
+    sources::source("fused.cu").expect("kernels/fused.cu is embedded")
+}
+
+fn shape() -> MethodShape {
+    MethodShape { d_in: 4096, d_out: 4096, experts: 8, rank: 16, k: 2, alpha: 32.0 }
+}
+
+fn default_build() -> KernelBuild {
+    build(DType::BF16, FusedConfig::DEFAULT)
+}
+
+#[test]
+fn params_layout_matches_the_c_struct() {
+    assert_eq!(size_of::<FusedParams>(), 136);
+    assert!(fused_cu().contains("sizeof(mole_fused_params) == 136"));
+    let fields = [
+        ("d_in", offset_of!(FusedParams, d_in)),
+        ("d_out", offset_of!(FusedParams, d_out)),
+        ("rank", offset_of!(FusedParams, rank)),
+        ("cols", offset_of!(FusedParams, cols)),
+        ("shrink_cols", offset_of!(FusedParams, shrink_cols)),
+        ("router", offset_of!(FusedParams, router)),
+        ("mix", offset_of!(FusedParams, mix)),
+        ("use_router_bias", offset_of!(FusedParams, use_router_bias)),
+        ("expand", offset_of!(FusedParams, expand)),
+        ("splits", offset_of!(FusedParams, splits)),
+        ("k_per_split", offset_of!(FusedParams, k_per_split)),
+        ("n_per_block", offset_of!(FusedParams, n_per_block)),
+        ("stats", offset_of!(FusedParams, stats)),
+        ("stats_probs", offset_of!(FusedParams, stats_probs)),
+        ("stats_scores", offset_of!(FusedParams, stats_scores)),
+        ("stats_entropy", offset_of!(FusedParams, stats_entropy)),
+        ("stats_q", offset_of!(FusedParams, stats_q)),
+        ("stats_entropy_scale", offset_of!(FusedParams, stats_entropy_scale)),
+        ("scale", offset_of!(FusedParams, scale)),
+        ("tiles", offset_of!(FusedParams, tiles)),
+    ];
+    for (i, (name, off)) in fields.iter().enumerate() {
+        assert_eq!(*off, 56 + 4 * i, "{name}");
+        let line = format!("MOLE_OFFSET_OF(mole_fused_params, {name}) == {off}");
+        assert!(fused_cu().contains(&line), "fused.cu lacks `{line}`");
+    }
+}
+
+#[test]
+fn enums_and_defaults_match_the_cu_file() {
+    let cu = fused_cu();
+    for (c, v) in [
+        ("NONE", RouterKind::None),
+        ("X", RouterKind::X),
+        ("H", RouterKind::H),
+        ("LOW_RANK", RouterKind::LowRank),
+        ("LOGITS", RouterKind::Logits),
+    ] {
+        assert!(cu.contains(&format!("MOLE_ROUTER_{c} = {},", v as u32)), "{c}");
+    }
+    for (c, v) in [("EXPERT_SCALE", MixKind::ExpertScale), ("CORE_MERGE", MixKind::CoreMerge)] {
+        assert!(cu.contains(&format!("MOLE_MIX_{c} = {},", v as u32)), "{c}");
+    }
+    let d = FusedConfig::DEFAULT;
+    for (name, v) in d.defines() {
+        assert!(cu.contains(&format!("#define {name} {v}\n")), "{name}");
+    }
+    for e in entry::ALL {
+        assert!(cu.contains(&format!("MOLE_ENTRY({e})(")), "{e}");
+    }
+}
+
+#[test]
+fn configs_validate_and_round_trip_through_defines() {
+    for c in CONFIG_CANDIDATES {
+        c.validate().unwrap();
+        assert_eq!(FusedConfig::of(&build(DType::F16, c)).unwrap(), c);
+    }
+    let bad = [
+        FusedConfig { bt: 12, ..FusedConfig::DEFAULT },
+        FusedConfig { block_threads: 48, ..FusedConfig::DEFAULT },
+        FusedConfig { kc: 0, ..FusedConfig::DEFAULT },
+        FusedConfig { max_cols: 40, ..FusedConfig::DEFAULT },
+    ];
+    for c in bad {
+        assert!(c.validate().is_err(), "{c:?}");
+    }
+    let sgmv = crate::kernels::sgmv::default_builds().remove(0);
+    assert!(FusedConfig::of(&sgmv).is_err());
+}
+
+#[test]
+fn mixlora_plan_has_one_launch_and_exact_lengths() {
+    let spec = Method::MixLora.spec(shape()).unwrap();
+    let outputs = FusedOutputs { routing: true, probs: true, stats: true };
+    let p = plan(&default_build(), &spec, 1000, FusedVariant::Single, outputs).unwrap();
+    assert_eq!(p.launches.len(), 1);
+    let l = p.launches[0];
+    assert_eq!((l.entry, l.grid, l.block), (entry::LAYER, (63, 1), 256));
+    // hz 16 x 136, x 16 x 32, W 32 x 136, rows 8 x 8, probs 16 x 8, ids/w 2 x 16 x 2, z-loss/entropy 2 x 16.
+    let words = 16 * 136 + 16 * 32 + 32 * 136 + 8 * 8 + 16 * 8 + 2 * 16 * 2 + 2 * 16;
+    assert_eq!(l.shared_bytes, 4 * words);
+    assert_eq!((p.params.rank, p.params.cols, p.params.shrink_cols), (128, 136, 136));
+    assert_eq!(p.params.router, RouterKind::X as u32);
+    let lens = p.lens;
+    assert_eq!((lens.x, lens.a, lens.b, lens.y), (1000 * 4096, 4096 * 128, 128 * 4096, 1000 * 4096));
+    assert_eq!((lens.router_weight, lens.router_bias, lens.gate_in), (4096 * 8, 0, 0));
+    assert_eq!((lens.routing, lens.probs, lens.rank_offsets, lens.cores), (2000, 8000, 9, 0));
+    assert_eq!((lens.stats_ws, lens.stats_out, lens.hz_part), (63 * 18, 18, 0));
+    let stats = p.stats.unwrap();
+    assert_eq!((stats.params.chunks, stats.params.chunk_tokens, stats.entropy_q), (63, 16, Some(1.0)));
+}
+
+#[test]
+fn split_plan_lowers_splits_and_sizes_the_workspace() {
+    let spec = Method::MixLora.spec(shape()).unwrap();
+    let variant = FusedVariant::Split { splits: 8, n_per_block: 512 };
+    let p = plan(&default_build(), &spec, 3, variant, FusedOutputs::default()).unwrap();
+    assert_eq!(p.launches.len(), 2);
+    assert_eq!((p.launches[0].entry, p.launches[0].grid), (entry::SPLIT_SHRINK, (1, 8)));
+    assert_eq!((p.launches[1].entry, p.launches[1].grid), (entry::SPLIT_EXPAND, (1, 8)));
+    assert_eq!((p.params.splits, p.params.k_per_split), (8, 512));
+    assert_eq!(p.lens.hz_part, 8 * 3 * 136);
+    // d_in = 100 in 8 slices of whole 32-wide chunks: 4 slices of 32 (the last partial).
+    let small = Method::MixLora.spec(MethodShape { d_in: 100, ..shape() }).unwrap();
+    let p = plan(&default_build(), &small, 3, variant, FusedOutputs::default()).unwrap();
+    assert_eq!((p.params.splits, p.params.k_per_split), (4, 32));
+    let v = FusedVariant::split_for(FusedConfig::DEFAULT, 1, 4096, 4096, 132);
+    let FusedVariant::Split { splits, n_per_block } = v else { panic!("{v:?}") };
+    assert!(splits > 1 && n_per_block % 32 == 0 && n_per_block < 4096, "{v:?}");
+}
+
+#[test]
+fn every_method_plans_and_needs_exactly_its_tensors() {
+    for m in Method::ALL {
+        let rank = if m == Method::FlyLora { 1 } else { 16 };
+        let experts = if m == Method::FlyLora { 64 } else { 8 };
+        let spec = m.spec(MethodShape { rank, experts, ..shape() }).unwrap();
+        let p = plan(&default_build(), &spec, 10, FusedVariant::Single, FusedOutputs::default())
+            .unwrap_or_else(|e| panic!("{m}: {e}"));
+        let l = p.lens;
+        let e = spec.routed_experts();
+        assert_eq!(l.gate_in > 0, matches!(m, Method::XLora), "{m}");
+        assert_eq!(l.adapter_ids > 0, m == Method::AdapterServing, "{m}");
+        assert_eq!(l.cores, if m == Method::Comol { 8 * 16 * 16 } else { 0 }, "{m}");
+        assert_eq!(l.selection_bias, if matches!(m, Method::Smora | Method::FlyLora) { e } else { 0 }, "{m}");
+        let router_rows = match m {
+            Method::Comol => 16,
+            Method::XLora | Method::AdapterServing | Method::FlyLora => 0,
+            _ => 4096,
+        };
+        assert_eq!(l.router_weight, router_rows * e, "{m}");
+    }
+}
+
+#[test]
+fn plans_reject_what_the_kernels_cannot_take() {
+    let wide = Method::MixLora.spec(MethodShape { experts: 64, rank: 16, ..shape() }).unwrap();
+    let err = plan(&default_build(), &wide, 10, FusedVariant::Single, FusedOutputs::default()).unwrap_err();
+    assert!(err.to_string().contains("grouped path"), "{err}");
+    let spec = Method::MixLora.spec(shape()).unwrap();
+    let bad = FusedVariant::Split { splits: 0, n_per_block: 64 };
+    assert!(plan(&default_build(), &spec, 10, bad, FusedOutputs::default()).is_err());
+    let sgmv = crate::kernels::sgmv::default_builds().remove(0);
+    assert!(plan(&sgmv, &spec, 10, FusedVariant::Single, FusedOutputs::default()).is_err());
+    let comol = Method::Comol.spec(shape()).unwrap();
+    assert!(plan_route_only(&default_build(), &comol, 10, FusedOutputs::default()).is_err());
+    // Zero tokens: nothing to launch, but statistics still come out (as zeros).
+    let p = plan(&default_build(), &spec, 0, FusedVariant::Single, FusedOutputs { stats: true, ..Default::default() })
+        .unwrap();
+    assert!(p.launches.is_empty() && p.stats.is_some());
+}
+
+#[test]
+fn route_only_plans_skip_the_bank() {
+    let spec = Method::MixLora.spec(shape()).unwrap();
+    let p = plan_route_only(&default_build(), &spec, 100, FusedOutputs::default()).unwrap();
+    assert_eq!((p.params.rank, p.params.cols, p.params.shrink_cols, p.params.expand), (0, 8, 8, 0));
+    assert_eq!((p.lens.a, p.lens.b, p.lens.y, p.lens.routing), (0, 0, 0, 200));
+    let xlora = Method::XLora.spec(shape()).unwrap();
+    let p = plan_route_only(&default_build(), &xlora, 100, FusedOutputs::default()).unwrap();
+    assert_eq!((p.params.shrink_cols, p.lens.x, p.lens.gate_in), (0, 0, 800));
+}
+
+#[test]
+fn buffers_are_checked_against_the_plan() {
+    assert!(check_buffer("x", None, 0).is_ok());
+    assert!(check_buffer("x", Some(4), 4).is_ok());
+    assert!(matches!(check_buffer("x", None, 4), Err(MoleError::MissingInput { .. })));
+    assert!(matches!(check_buffer("x", Some(3), 4), Err(MoleError::ShapeMismatch { .. })));
+    assert!(matches!(check_buffer("x", Some(3), 0), Err(MoleError::Unsupported(_))));
+}

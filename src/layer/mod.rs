@@ -1,0 +1,120 @@
+//! The layer API: one MoLE layer forward on the GPU through the fused kernels
+//! ([`crate::kernels::fused`]) or the grouped path (route-only fused launch, device slot plans,
+//! SGMV kernels), chosen per GPU and shape.
+//!
+//! **How the strategy is chosen** ([`choose`]): a fresh entry of the tuning cache for the shape
+//! key ([`crate::tune::ShapeKey`]) wins; without one, the documented heuristic
+//! ([`heuristic`]):
+//! - **fused** while the layer fits the fused build (`R`, plus `E` for an x router, at most the
+//!   build's 256 shrink columns, and its tile within 48 KiB of shared memory): it reads `x` once
+//!   and reads and writes `y` once;
+//! - of the fused variants, **split** when one block per tile of tokens would leave most SMs
+//!   idle (fewer tiles than SMs: decode batches), the single launch otherwise;
+//! - **grouped** beyond (many experts or large ranks), which needs the expert-scale mix.
+
+mod device;
+
+pub use device::DeviceLayer;
+
+use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedVariant};
+use crate::kernels::{sgmv, KernelBuild};
+use crate::model::{LayerSpec, Mix};
+use crate::tune::{ShapeKey, Strategy, TuningCache};
+use crate::{DType, MoleError, Result};
+
+/// Where a choice came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChoiceSource {
+    /// A fresh tuning-cache entry.
+    Tuned,
+    /// The heuristic (no entry for this GPU and shape).
+    Heuristic,
+}
+
+/// The strategy and build a layer call runs with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    /// Grouped, fused or fused split.
+    pub strategy: Strategy,
+    /// The kernel build of the strategy's family (fused or sgmv).
+    pub build: KernelBuild,
+    /// Tuned or heuristic.
+    pub source: ChoiceSource,
+}
+
+/// Whether the fused kernels of `build` take `spec` (every check of [`fused::plan`]).
+pub fn fused_fits(build: &KernelBuild, spec: &LayerSpec, tokens: usize) -> bool {
+    fused::plan(build, spec, tokens.max(1), FusedVariant::Single, FusedOutputs::default()).is_ok()
+}
+
+/// The heuristic strategy for `spec` at `tokens` tokens on a GPU with `sm_count` SMs (see the
+/// module documentation).
+pub fn heuristic(spec: &LayerSpec, dtype: DType, tokens: usize, sm_count: u32) -> Result<Strategy> {
+    let build = fused::build(dtype, FusedConfig::DEFAULT);
+    if fused_fits(&build, spec, tokens) {
+        let tiles = tokens.div_ceil(FusedConfig::DEFAULT.bt as usize);
+        return Ok(if tiles < sm_count as usize { Strategy::FusedSplit } else { Strategy::Fused });
+    }
+    if spec.mix != Mix::ExpertScale {
+        return Err(MoleError::Unsupported(
+            "this layer does not fit the fused kernels, and the grouped path needs the expert-scale mix".into(),
+        ));
+    }
+    Ok(Strategy::Grouped)
+}
+
+/// The default build of `strategy` for `dtype`.
+pub fn default_build(strategy: Strategy, dtype: DType) -> KernelBuild {
+    match strategy {
+        Strategy::Grouped => sgmv::build(dtype, sgmv::SgmvConfig::DEFAULT),
+        Strategy::Fused | Strategy::FusedSplit => fused::build(dtype, FusedConfig::DEFAULT),
+    }
+}
+
+/// The strategy and build for `spec`: the cache's entry for the shape when it has a fresh one,
+/// else the heuristic with the default build.
+pub fn choose(
+    spec: &LayerSpec,
+    dtype: DType,
+    tokens: usize,
+    sm_count: u32,
+    cache: Option<&TuningCache>,
+) -> Result<Choice> {
+    let key = ShapeKey::new(spec, dtype, tokens);
+    if let Some(entry) = cache.and_then(|c| c.lookup(&key)) {
+        return Ok(Choice { strategy: entry.strategy, build: entry.build.clone(), source: ChoiceSource::Tuned });
+    }
+    let strategy = heuristic(spec, dtype, tokens, sm_count)?;
+    Ok(Choice { strategy, build: default_build(strategy, dtype), source: ChoiceSource::Heuristic })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Method, MethodShape};
+
+    fn shape(experts: usize, rank: usize) -> MethodShape {
+        MethodShape { d_in: 4096, d_out: 4096, experts, rank, k: 2, alpha: 2.0 * rank as f64 }
+    }
+
+    #[test]
+    fn heuristic_prefers_fused_while_it_fits() {
+        let mixlora = Method::MixLora.spec(shape(8, 16)).unwrap();
+        assert_eq!(heuristic(&mixlora, DType::BF16, 4096, 132).unwrap(), Strategy::Fused);
+        assert_eq!(heuristic(&mixlora, DType::BF16, 16, 132).unwrap(), Strategy::FusedSplit);
+        // 64 experts of rank 16: R = 1024 columns, beyond the fused build.
+        let wide = Method::MixLora.spec(shape(64, 16)).unwrap();
+        assert_eq!(heuristic(&wide, DType::BF16, 4096, 132).unwrap(), Strategy::Grouped);
+        // CoMoL with a rank the fused build cannot hold has no path.
+        let comol = Method::Comol.spec(shape(4, 512)).unwrap();
+        assert!(heuristic(&comol, DType::BF16, 4096, 132).is_err());
+    }
+
+    #[test]
+    fn choose_falls_back_to_the_heuristic_with_the_default_build() {
+        let spec = Method::DynMole.spec(shape(6, 24)).unwrap();
+        let c = choose(&spec, DType::F16, 4096, 132, None).unwrap();
+        assert_eq!((c.strategy, c.source), (Strategy::Fused, ChoiceSource::Heuristic));
+        assert_eq!(c.build, fused::build(DType::F16, FusedConfig::DEFAULT));
+    }
+}

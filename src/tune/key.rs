@@ -1,0 +1,206 @@
+//! Shape keys: what a tuning result is valid for. Exact dimensions, expert count, slots per
+//! token (k), dtype and method; the token count bucketed to a power of two.
+
+use crate::model::{Gating, LayerSpec, Mix, Router, RoutingRule};
+use crate::DType;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The largest token bucket (`2^31`): token counts above it share this bucket.
+pub const MAX_TOKEN_BUCKET: u32 = 1 << 31;
+
+/// The shape a tuned configuration is valid for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ShapeKey {
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Total rank `R` of the bank.
+    pub total_rank: usize,
+    /// Routed experts (bank experts, or CoMoL cores).
+    pub experts: usize,
+    /// Slots per token: `k` for top-k rules, `E` for dense and dynamic ones, 1 for adapter ids.
+    pub slots: usize,
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Stable tag of the gating and mix, e.g. `routed.x.softmax_topk.expert_scale`
+    /// (see [`method_tag`]).
+    pub method: String,
+    /// Tokens rounded up to a power of two (see [`token_bucket`]).
+    pub token_bucket: u32,
+}
+
+impl ShapeKey {
+    /// The key of `spec` run in `dtype` over `tokens` tokens.
+    pub fn new(spec: &LayerSpec, dtype: DType, tokens: usize) -> ShapeKey {
+        ShapeKey {
+            d_in: spec.d_in,
+            d_out: spec.d_out,
+            total_rank: spec.total_rank(),
+            experts: spec.routed_experts(),
+            slots: spec.slots(),
+            dtype,
+            method: method_tag(spec),
+            token_bucket: token_bucket(tokens),
+        }
+    }
+
+    /// A total order for listing keys: dimensions, rank, experts, slots, dtype name, method, tokens.
+    pub fn sort_key(&self) -> (usize, usize, usize, usize, usize, &'static str, &str, u32) {
+        let s = self;
+        (s.d_in, s.d_out, s.total_rank, s.experts, s.slots, s.dtype.name(), s.method.as_str(), s.token_bucket)
+    }
+}
+
+impl fmt::Display for ShapeKey {
+    /// `4096x11008 R=128 E=8 k=2 bf16 T<=256 routed.x.softmax_topk.expert_scale`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}x{} R={} E={} k={} {} T<={} {}",
+            self.d_in,
+            self.d_out,
+            self.total_rank,
+            self.experts,
+            self.slots,
+            self.dtype,
+            self.token_bucket,
+            self.method
+        )
+    }
+}
+
+/// `tokens` rounded up to the next power of two (0 and 1 give 1), capped at
+/// [`MAX_TOKEN_BUCKET`].
+pub fn token_bucket(tokens: usize) -> u32 {
+    let t = tokens.clamp(1, MAX_TOKEN_BUCKET as usize);
+    t.checked_next_power_of_two().map_or(MAX_TOKEN_BUCKET, |p| p.min(MAX_TOKEN_BUCKET as usize) as u32)
+}
+
+fn router_tag(router: Router) -> &'static str {
+    match router {
+        Router::X { bias: false } => "x",
+        Router::X { bias: true } => "x_bias",
+        Router::H { bias: false } => "h",
+        Router::H { bias: true } => "h_bias",
+        Router::LowRank => "low_rank",
+        Router::Logits => "logits",
+    }
+}
+
+fn rule_tag(rule: RoutingRule) -> &'static str {
+    match rule {
+        RoutingRule::SoftmaxTopK { .. } => "softmax_topk",
+        RoutingRule::TopP { .. } => "top_p",
+        RoutingRule::DynMole { .. } => "dynmole",
+        RoutingRule::DenseSoftmax { .. } => "dense_softmax",
+        RoutingRule::SigmoidTopK { .. } => "sigmoid_topk",
+        RoutingRule::MagnitudeTopK { .. } => "magnitude_topk",
+    }
+}
+
+/// The stable method tag of `spec`: `<gating>[.<router>.<rule>].<mix>`, e.g.
+/// `routed.x.softmax_topk.expert_scale`, `routed.h.softmax_topk.core_merge`,
+/// `given.topk_softmax.expert_scale`, `adapter_ids.expert_scale`. Only what changes the work
+/// of a kernel takes part: numeric parameters of the rules (temperature, p, k) do not (`k` is in
+/// [`ShapeKey::slots`]).
+pub fn method_tag(spec: &LayerSpec) -> String {
+    let gating = match spec.gating {
+        Gating::Routed { router, rule } => format!("routed.{}.{}", router_tag(router), rule_tag(rule)),
+        Gating::Given { top_k, softmax_topk } => {
+            let sel = if top_k.is_some() { "topk" } else { "dense" };
+            format!("given.{sel}{}", if softmax_topk { "_softmax" } else { "" })
+        }
+        Gating::AdapterIds => "adapter_ids".to_string(),
+    };
+    let mix = match spec.mix {
+        Mix::ExpertScale => "expert_scale",
+        Mix::CoreMerge { .. } => "core_merge",
+    };
+    format!("{gating}.{mix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Method, MethodShape};
+
+    #[test]
+    fn tokens_bucket_to_the_next_power_of_two() {
+        let cases = [(0, 1), (1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (4095, 4096), (4096, 4096), (4097, 8192)];
+        for (t, b) in cases {
+            assert_eq!(token_bucket(t), b, "{t}");
+        }
+        assert_eq!(token_bucket(usize::MAX), MAX_TOKEN_BUCKET);
+        assert_eq!(token_bucket((1 << 31) + 1), MAX_TOKEN_BUCKET);
+    }
+
+    fn shape(experts: usize, rank: usize, k: usize) -> MethodShape {
+        MethodShape { d_in: 64, d_out: 48, experts, rank, k, alpha: 16.0 }
+    }
+
+    #[test]
+    fn keys_of_the_presets() {
+        let spec = Method::MixLora.spec(shape(8, 16, 2)).unwrap();
+        let key = ShapeKey::new(&spec, DType::BF16, 3);
+        assert_eq!(
+            key,
+            ShapeKey {
+                d_in: 64,
+                d_out: 48,
+                total_rank: 128,
+                experts: 8,
+                slots: 2,
+                dtype: DType::BF16,
+                method: "routed.x.softmax_topk.expert_scale".into(),
+                token_bucket: 4,
+            }
+        );
+        // Same bucket, same key; the next bucket differs.
+        assert_eq!(ShapeKey::new(&spec, DType::BF16, 4), key);
+        assert_ne!(ShapeKey::new(&spec, DType::BF16, 5), key);
+        assert_ne!(ShapeKey::new(&spec, DType::F16, 4), key);
+        // k is part of the key through the slots.
+        assert_ne!(ShapeKey::new(&Method::MixLora.spec(shape(8, 16, 1)).unwrap(), DType::BF16, 4), key);
+
+        let dyn_mole = ShapeKey::new(&Method::DynMole.spec(shape(6, 24, 2)).unwrap(), DType::BF16, 16);
+        assert_eq!((dyn_mole.slots, dyn_mole.method.as_str()), (6, "routed.x.dynmole.expert_scale"));
+        let smora = ShapeKey::new(&Method::Smora.spec(shape(64, 1, 16)).unwrap(), DType::BF16, 16);
+        assert_eq!(
+            (smora.slots, smora.total_rank, smora.method.as_str()),
+            (16, 64, "routed.x.sigmoid_topk.expert_scale")
+        );
+        let comol = ShapeKey::new(&Method::Comol.spec(shape(8, 16, 2)).unwrap(), DType::BF16, 16);
+        assert_eq!((comol.experts, comol.total_rank, comol.slots), (8, 16, 2));
+        assert_eq!(comol.method, "routed.h.softmax_topk.core_merge");
+        let serving = ShapeKey::new(&Method::AdapterServing.spec(shape(8, 16, 1)).unwrap(), DType::F16, 1);
+        assert_eq!((serving.slots, serving.method.as_str()), (1, "adapter_ids.expert_scale"));
+        let xlora = ShapeKey::new(&Method::XLora.spec(shape(8, 16, 2)).unwrap(), DType::F16, 1);
+        assert_eq!(xlora.method, "given.topk.expert_scale");
+    }
+
+    #[test]
+    fn every_preset_has_a_distinct_stable_tag_per_gating() {
+        let mut tags = std::collections::BTreeSet::new();
+        for m in Method::ALL {
+            let rank = if m == Method::FlyLora { 1 } else { 8 };
+            let spec = m.spec(shape(8, rank, 2)).unwrap();
+            let tag = method_tag(&spec);
+            assert!(tag.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c == '.'), "{tag}");
+            tags.insert(tag);
+        }
+        // Methods that differ only in numeric parameters share a tag; the rest are distinct.
+        assert!(tags.len() >= 9, "{tags:?}");
+    }
+
+    #[test]
+    fn key_serde_round_trip() {
+        let spec = Method::Comol.spec(shape(8, 16, 2)).unwrap();
+        let key = ShapeKey::new(&spec, DType::BF16, 4097);
+        let json = serde_json::to_string(&key).unwrap();
+        assert!(json.contains("\"dtype\":\"bf16\"") && json.contains("\"token_bucket\":8192"), "{json}");
+        assert_eq!(serde_json::from_str::<ShapeKey>(&json).unwrap(), key);
+        assert_eq!(key.to_string(), "64x48 R=16 E=8 k=2 bf16 T<=8192 routed.h.softmax_topk.core_merge");
+    }
+}

@@ -1,0 +1,347 @@
+//! The fused layer kernels (`kernels/fused.cu`) through the host execution layer against the f64
+//! reference [`mole::reference::forward`]: every method preset, every dtype, the single-launch
+//! and split variants, random shapes (odd `d_in` / `d_out`, partial token tiles), random thread
+//! schedules, `y` random and non-zero, every output and workspace poisoned before the launch;
+//! and the fused path against the grouped one (route-only fused launch, then the SGMV kernels).
+//!
+//! Checks, per case:
+//! - routing: the kernel's ids equal the reference's on every token but at most one (router
+//!   scores are f32 sums in the kernel, so an exact near-tie may flip), weights within 1e-5;
+//! - `y`: against the reference mix and expand applied to the reference `h` with the kernel's
+//!   routing, per element `|got - want| <= tolerance_with(u, 2^-24, n) · P`, where `P` is the same
+//!   computation on absolute values (the sum of absolute terms), `u` the dtype's unit roundoff
+//!   (`y` is rounded once) and `n = d_in + R + slots + 16` the f32 operations on one path;
+//! - router statistics (summed per tile by the kernel, in tile order by `gating_stats_finalize`)
+//!   against the reference statistics.
+
+use mole::kernels::fused::{self, FusedOutputs, FusedPlan, FusedVariant};
+use mole::kernels::gating;
+use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
+use mole::model::{LayerSpec, Method, MethodShape, Mix};
+use mole::reference::linalg::{expand, shrink};
+use mole::reference::mix::{core_merge, expert_scale};
+use mole::reference::{self, tolerance_with, Routing};
+use mole::synth::SyntheticLayer;
+use mole::{DType, KernelElement, Scalar};
+use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use proptest::prelude::*;
+
+/// What a fused launch returned.
+struct FusedResult {
+    y: Vec<f64>,
+    ids: Vec<i32>,
+    weights: Vec<f32>,
+    stats: Vec<f32>,
+}
+
+fn opt_buf<T: bytemuck::Pod>(name: &str, data: Option<&[T]>, want: usize) -> Option<Buffer<T>> {
+    (want > 0).then(|| Buffer::from_slice(name, data.unwrap_or_else(|| panic!("{name} missing"))))
+}
+
+fn arg<'a, T: bytemuck::Pod>(b: &'a Option<Buffer<T>>) -> Arg<'a> {
+    b.as_ref().map_or(Arg::null(), Arg::buffer)
+}
+
+/// Runs `plan` of `spec` on `data` through the host execution layer.
+fn run_fused<T: KernelElement + bytemuck::Pod>(
+    spec: &LayerSpec,
+    data: &SyntheticLayer<T>,
+    plan: &FusedPlan,
+    schedule: Schedule,
+) -> FusedResult {
+    let l = plan.lens;
+    let dtype = T::DTYPE;
+    let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
+    let x = opt_buf("x", Some(&data.x), l.x);
+    let a = opt_buf("a", Some(&data.a), l.a);
+    let b = opt_buf("b", Some(&data.b), l.b);
+    let y = opt_buf("y", Some(&data.y), l.y);
+    let rw = opt_buf("router_weight", data.router_weight.as_deref(), l.router_weight);
+    let rb = opt_buf("router_bias", data.router_bias.as_deref(), l.router_bias);
+    let gate_in = data.logits.as_deref().or(data.weights.as_deref());
+    let gi = opt_buf("gate_in", gate_in, l.gate_in);
+    let ai = opt_buf("adapter_ids", data.adapter_ids.as_deref(), l.adapter_ids);
+    let sb = opt_buf("selection_bias", data.selection_bias.as_deref(), l.selection_bias);
+    let ro = opt_buf("rank_offsets", Some(&offsets), l.rank_offsets);
+    let co = opt_buf("cores", data.cores.as_deref(), l.cores);
+    let poisoned = |name: &str, n: usize| (n > 0).then(|| Buffer::<u32>::poisoned(name, n));
+    let ids = (l.routing > 0).then(|| Buffer::<i32>::poisoned("ids", l.routing));
+    let w = (l.routing > 0).then(|| Buffer::<f32>::poisoned("weights", l.routing));
+    let probs = (l.probs > 0).then(|| Buffer::<f32>::poisoned("probs", l.probs));
+    let ws = poisoned("stats_ws", l.stats_ws);
+    let stats = (l.stats_out > 0).then(|| Buffer::<f32>::poisoned("stats_out", l.stats_out));
+    let hz = (l.hz_part > 0).then(|| Buffer::<f32>::poisoned("hz_part", l.hz_part));
+    for launch in &plan.launches {
+        let k = Kernel::get(&fused::entry_name(launch.entry, dtype)).unwrap();
+        let cfg = LaunchConfig::new(launch.grid, launch.block).shared(launch.shared_bytes).schedule(schedule);
+        let gate = [arg(&rw), arg(&rb), arg(&gi), arg(&ai), arg(&sb), arg(&ro), arg(&co)];
+        let outs = [arg(&ids), arg(&w), arg(&probs), arg(&ws)];
+        let mut args = vec![Arg::value(plan.params)];
+        match launch.entry {
+            fused::entry::LAYER => args.extend([arg(&x), arg(&a), arg(&b), arg(&y)]),
+            fused::entry::SPLIT_SHRINK => args.extend([arg(&x), arg(&a), arg(&rw), arg(&hz)]),
+            _ => args.extend([arg(&hz), arg(&b), arg(&y)]),
+        }
+        if launch.entry != fused::entry::SPLIT_SHRINK {
+            args.extend(gate);
+            args.extend(outs);
+        }
+        k.launch(&cfg, &args).unwrap_or_else(|e| panic!("{}: {e}", launch.entry));
+    }
+    if let (Some(sp), Some(ws), Some(out)) = (&plan.stats, &ws, &stats) {
+        let k = Kernel::get(&gating::entry_name(gating::entry::STATS_FINALIZE, dtype)).unwrap();
+        let cfg = LaunchConfig::new(1, sp.finalize.block).schedule(schedule);
+        k.launch(&cfg, &[Arg::value(sp.params), Arg::buffer(ws), Arg::buffer(out)]).unwrap();
+    }
+    FusedResult {
+        y: y.map_or_else(Vec::new, |y| y.read().iter().map(|v| v.to_f64()).collect()),
+        ids: ids.map_or_else(Vec::new, |b| b.read()),
+        weights: w.map_or_else(Vec::new, |b| b.read()),
+        stats: stats.map_or_else(Vec::new, |b| b.read()),
+    }
+}
+
+/// `y0 + scale · mix(h; routing) · B` and the same on absolute values (the error scale).
+fn expected<T: Scalar>(spec: &LayerSpec, data: &SyntheticLayer<T>, routing: &Routing) -> (Vec<f64>, Vec<f64>) {
+    let f = |v: &[T]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+    let abs = |v: Vec<f64>| v.into_iter().map(f64::abs).collect::<Vec<f64>>();
+    let (t, r) = (data.tokens, spec.total_rank());
+    let (x, a, b, y0) = (f(&data.x), f(&data.a), f(&data.b), f(&data.y));
+    let mix = |h: &[f64], routing: &Routing, cores: &[f64]| match spec.mix {
+        Mix::ExpertScale => expert_scale(h, routing, &spec.ranks),
+        Mix::CoreMerge { .. } => core_merge(h, routing, cores, r),
+    };
+    let cores = data.cores.as_deref().map(f).unwrap_or_default();
+    let h = shrink(&x, &a, t, spec.d_in, r);
+    let want = expand(&mix(&h, routing, &cores), &b, &y0, spec.scale, t, r, spec.d_out);
+    let abs_routing = Routing { weights: routing.weights.iter().map(|w| w.abs()).collect(), ..routing.clone() };
+    let h_abs = shrink(&abs(x), &abs(a), t, spec.d_in, r);
+    let mixed_abs = mix(&h_abs, &abs_routing, &abs(cores));
+    let p = expand(&mixed_abs, &abs(b), &abs(y0), spec.scale.abs(), t, r, spec.d_out);
+    (want, p)
+}
+
+fn check_case<T: KernelElement + bytemuck::Pod>(
+    spec: &LayerSpec,
+    tokens: usize,
+    seed: u64,
+    variant: FusedVariant,
+    schedule: Schedule,
+) -> Result<(), String> {
+    let data = SyntheticLayer::<T>::new(spec, tokens, seed);
+    let reference = reference::forward(spec, &data.inputs()).map_err(|e| e.to_string())?;
+    let build = fused::build(T::DTYPE, fused::FusedConfig::DEFAULT);
+    let outputs = FusedOutputs { routing: true, probs: true, stats: true };
+    let plan = fused::plan(&build, spec, tokens, variant, outputs).map_err(|e| e.to_string())?;
+    let got = run_fused(spec, &data, &plan, schedule);
+    let want_routing = &reference.routing;
+    let slots = want_routing.slots;
+    // Routing.
+    let mut flipped = 0;
+    for t in 0..tokens {
+        let row = t * slots..(t + 1) * slots;
+        if got.ids[row.clone()] != want_routing.ids[row.clone()] {
+            flipped += 1;
+            continue;
+        }
+        for i in row {
+            let (g, w) = (got.weights[i] as f64, want_routing.weights[i]);
+            if (g - w).abs() > 1e-5 * (1.0 + w.abs()) {
+                return Err(format!("token {t}: weight {g} != {w}"));
+            }
+        }
+    }
+    if flipped > 1 {
+        return Err(format!("{flipped} of {tokens} tokens routed differently from the reference"));
+    }
+    // y, against the kernel's own routing.
+    let kernel_routing = Routing {
+        ids: got.ids.clone(),
+        weights: got.weights.iter().map(|&w| w as f64).collect(),
+        ..want_routing.clone()
+    };
+    let (want, scale) = expected(spec, &data, &kernel_routing);
+    let n = spec.d_in + spec.total_rank() + slots + 16;
+    let tol = tolerance_with(T::DTYPE.unit_roundoff(), f64::powi(2.0, -24), n);
+    for (i, ((g, w), p)) in got.y.iter().zip(&want).zip(&scale).enumerate() {
+        if (g - w).abs() > tol * p || g.is_nan() {
+            return Err(format!("y[{i}] = {g}, expected {w} (bound {})", tol * p));
+        }
+    }
+    // Statistics (exact selections when the routing agrees everywhere).
+    let e = spec.routed_experts();
+    let stats = &reference.stats;
+    if flipped == 0 {
+        for (i, (&g, &w)) in got.stats[..e].iter().zip(&stats.selected_fraction).enumerate() {
+            if (g as f64 - w).abs() > 1e-6 {
+                return Err(format!("selected_fraction[{i}] = {g}, expected {w}"));
+            }
+        }
+    }
+    let close = |name: &str, g: f32, w: f64, rel: f64| {
+        if (g as f64 - w).abs() > rel * (1.0 + w.abs()) {
+            return Err(format!("{name} = {g}, expected {w}"));
+        }
+        Ok(())
+    };
+    if let Some(m) = &stats.mean_prob {
+        for (i, &w) in m.iter().enumerate() {
+            close(&format!("mean_prob[{i}]"), got.stats[e + i], w, 1e-4 + flipped as f64 / tokens as f64)?;
+        }
+    }
+    if let Some(z) = stats.z_loss {
+        close("z_loss", got.stats[2 * e], z, 1e-3)?;
+    }
+    if let Some(h) = stats.entropy {
+        close("entropy", got.stats[2 * e + 1], h, 1e-4 + flipped as f64 / tokens as f64)?;
+    }
+    Ok(())
+}
+
+/// A small shape for `method`: rank-1 experts for the rank-wise methods.
+fn method_spec(method: Method, d_in: usize, d_out: usize) -> LayerSpec {
+    let (experts, rank, k) = match method {
+        Method::FlyLora => (24, 1, 4),
+        Method::Smora => (16, 1, 4),
+        Method::Comol => (4, 8, 2),
+        Method::DynMole => (6, 4, 2),
+        _ => (8, 4, 2),
+    };
+    let shape = MethodShape { d_in, d_out, experts, rank, k, alpha: 2.0 * rank as f64 };
+    method.spec(shape).unwrap()
+}
+
+fn check_dtype(
+    dtype: DType,
+    spec: &LayerSpec,
+    t: usize,
+    seed: u64,
+    v: FusedVariant,
+    s: Schedule,
+) -> Result<(), String> {
+    match dtype {
+        DType::F32 => check_case::<f32>(spec, t, seed, v, s),
+        DType::F16 => check_case::<half::f16>(spec, t, seed, v, s),
+        DType::BF16 => check_case::<half::bf16>(spec, t, seed, v, s),
+    }
+}
+
+#[test]
+fn every_method_matches_the_reference_in_both_variants() {
+    let split = FusedVariant::Split { splits: 3, n_per_block: 32 };
+    for (i, method) in Method::ALL.into_iter().enumerate() {
+        let spec = method_spec(method, 77, 45);
+        for (j, dtype) in DType::ALL.into_iter().enumerate() {
+            for variant in [FusedVariant::Single, split] {
+                let seed = (i * 7 + j) as u64;
+                check_dtype(dtype, &spec, 21, seed, variant, Schedule::Seeded(seed))
+                    .unwrap_or_else(|e| panic!("{method} {dtype} {variant:?}: {e}"));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fuzzed_shapes_match_the_reference(
+        method in prop::sample::select(Method::ALL.to_vec()),
+        dtype in prop::sample::select(DType::ALL.to_vec()),
+        d_in in 1usize..150,
+        d_out in 1usize..90,
+        tokens in 1usize..40,
+        split in prop::option::of((1u32..6, 1u32..4)),
+        seed in any::<u64>(),
+    ) {
+        let spec = method_spec(method, d_in, d_out);
+        let variant = split.map_or(FusedVariant::Single, |(s, n)| FusedVariant::Split { splits: s, n_per_block: 32 * n });
+        let r = check_dtype(dtype, &spec, tokens, seed, variant, Schedule::Seeded(seed));
+        prop_assert!(r.is_ok(), "{} {} {:?} T={}: {}", method, dtype, variant, tokens, r.unwrap_err());
+    }
+}
+
+/// Route-only fused launch, slot plans on the host, then the SGMV shrink and expand passes.
+fn grouped_y(spec: &LayerSpec, data: &SyntheticLayer<half::bf16>, schedule: Schedule) -> Vec<f64> {
+    let dtype = DType::BF16;
+    let build = fused::build(dtype, fused::FusedConfig::DEFAULT);
+    let route = fused::plan_route_only(&build, spec, data.tokens, FusedOutputs::default()).unwrap();
+    let routed = run_fused(spec, data, &route, schedule);
+    let (t_n, slots, e_n) = (data.tokens, route.params.gate.slots as usize, spec.routed_experts());
+    let sgmv_build = sgmv::build(dtype, SgmvConfig::DEFAULT);
+    let plans = SlotPlans::build(&routed.ids, t_n, slots, e_n, SgmvConfig::DEFAULT.bm as usize).unwrap();
+    let offs: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
+    let shape = SgmvShape { tokens: t_n, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
+    let p = sgmv::plan(&sgmv_build, shape, &offs, plans.entry_stride).unwrap();
+    let (x, a, b) =
+        (Buffer::from_slice("x", &data.x), Buffer::from_slice("a", &data.a), Buffer::from_slice("b", &data.b));
+    let y = Buffer::from_slice("y", &data.y);
+    let ro = Buffer::from_slice("rank_offsets", &offs);
+    let po = Buffer::from_slice("plan_offsets", &plans.offsets);
+    let pe = Buffer::from_slice("plan_entries", bytemuck::cast_slice::<_, [u32; 2]>(&plans.entries));
+    let w = Buffer::from_slice("weights", &routed.weights);
+    let h = Buffer::<f32>::poisoned("h_part", p.lens.h_part.max(1));
+    let shrink = p.shrink.unwrap();
+    let k = Kernel::get(&sgmv::entry_name(shrink.entry, dtype)).unwrap();
+    let cfg = LaunchConfig::new(shrink.grid, shrink.block).schedule(schedule);
+    let args = [Arg::value(p.params), Arg::buffer(&x), Arg::buffer(&a), Arg::buffer(&ro), Arg::buffer(&po)];
+    k.launch(&cfg, &[&args[..], &[Arg::buffer(&pe), Arg::buffer(&h)]].concat()).unwrap();
+    let expand = p.expand.unwrap();
+    let k = Kernel::get(&sgmv::entry_name(expand.entry, dtype)).unwrap();
+    for s in 0..slots {
+        let cfg = LaunchConfig::new(expand.grid, expand.block).schedule(schedule);
+        let args = [
+            Arg::value(p.expand_params(s)),
+            Arg::buffer(&h),
+            Arg::buffer(&b),
+            Arg::buffer(&ro),
+            Arg::buffer(&po),
+            Arg::buffer(&pe),
+            Arg::buffer(&w),
+            Arg::buffer(&y),
+        ];
+        k.launch(&cfg, &args).unwrap();
+    }
+    y.read().iter().map(|v| v.to_f64()).collect()
+}
+
+#[test]
+fn fused_and_grouped_paths_agree() {
+    for (i, method) in
+        [Method::MixLora, Method::DynMole, Method::XLora, Method::AdapterServing, Method::Smora].into_iter().enumerate()
+    {
+        let spec = method_spec(method, 96, 64);
+        let data = SyntheticLayer::<half::bf16>::new(&spec, 37, 100 + i as u64);
+        let build = fused::build(DType::BF16, fused::FusedConfig::DEFAULT);
+        let plan = fused::plan(&build, &spec, 37, FusedVariant::Single, FusedOutputs::default()).unwrap();
+        let fused_y = run_fused(&spec, &data, &plan, Schedule::Forward).y;
+        let grouped = grouped_y(&spec, &data, Schedule::Reverse);
+        let reference = reference::forward(&spec, &data.inputs()).unwrap();
+        // Both are within the bf16 bound of the reference; the grouped path rounds y once per
+        // slot pass, so allow slots + 1 roundings between them.
+        let slots = reference.routing.slots as f64;
+        let tol = reference::tolerance(DType::BF16, spec.d_in + spec.total_rank()) * (slots + 2.0);
+        let mut changed = 0;
+        for (j, ((f, g), y0)) in fused_y.iter().zip(&grouped).zip(&data.y).enumerate() {
+            assert!((f - g).abs() <= tol * (1.0 + g.abs()), "{method}: y[{j}] fused {f} vs grouped {g}");
+            changed += (*f != y0.to_f64()) as usize;
+        }
+        assert!(changed > fused_y.len() / 4, "{method}: the delta barely touched y ({changed})");
+    }
+}
+
+#[test]
+fn zero_weight_rows_leave_y_bit_exact() {
+    // Adapter id -1 gives a token no delta: its row of y must come back unchanged.
+    let spec = method_spec(Method::AdapterServing, 40, 33);
+    let mut data = SyntheticLayer::<half::bf16>::new(&spec, 9, 3);
+    data.adapter_ids = Some(vec![-1, 0, -1, 1, 2, -1, 3, 0, -1]);
+    let build = fused::build(DType::BF16, fused::FusedConfig::DEFAULT);
+    let plan = fused::plan(&build, &spec, 9, FusedVariant::Single, FusedOutputs::default()).unwrap();
+    let got = run_fused(&spec, &data, &plan, Schedule::Seeded(1)).y;
+    for (t, id) in data.adapter_ids.as_ref().unwrap().iter().enumerate() {
+        let row = t * 33..(t + 1) * 33;
+        let same = got[row.clone()].iter().zip(&data.y[row]).all(|(g, y)| *g == y.to_f64());
+        assert_eq!(same, *id == -1, "token {t} (adapter {id})");
+    }
+}
