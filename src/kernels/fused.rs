@@ -85,16 +85,16 @@ impl FusedConfig {
     /// Checks the constraints the `.cu` file asserts.
     pub fn validate(self) -> Result<()> {
         let t = self.block_threads;
-        if t % 32 != 0 || !(32..=1024).contains(&t) {
+        if !t.is_multiple_of(32) || !(32..=1024).contains(&t) {
             return Err(MoleError::param("block_threads", t, "must be a multiple of 32 in 32..=1024"));
         }
-        if self.bt == 0 || self.bt % self.warps() != 0 {
+        if self.bt == 0 || !self.bt.is_multiple_of(self.warps()) {
             return Err(MoleError::param("bt", self.bt, "must be a positive multiple of the warps per block"));
         }
         if self.kc == 0 {
             return Err(MoleError::ZeroDimension { name: "kc" });
         }
-        if self.max_cols < 32 || self.max_cols % 32 != 0 {
+        if self.max_cols < 32 || !self.max_cols.is_multiple_of(32) {
             return Err(MoleError::param("max_cols", self.max_cols, "must be a positive multiple of 32"));
         }
         Ok(())

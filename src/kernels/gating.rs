@@ -337,7 +337,7 @@ pub struct RoutePlan {
 }
 
 fn check_block_threads(threads: u32) -> Result<()> {
-    if threads == 0 || threads % 32 != 0 || threads > 1024 {
+    if threads == 0 || !threads.is_multiple_of(32) || threads > 1024 {
         return Err(MoleError::param("block threads", threads, "must be a multiple of 32 in 32..=1024"));
     }
     Ok(())

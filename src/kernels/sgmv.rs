@@ -105,7 +105,7 @@ impl SgmvConfig {
     /// limit.
     pub fn validate(self) -> Result<()> {
         let t = self.block_threads;
-        if t % 32 != 0 || !(32..=1024).contains(&t) {
+        if !t.is_multiple_of(32) || !(32..=1024).contains(&t) {
             return Err(MoleError::param("block_threads", t, "must be a multiple of 32 in 32..=1024"));
         }
         for (name, v) in [("bm", self.bm), ("bn", self.bn), ("rc", self.rc), ("kc", self.kc), ("splits", self.splits)] {
@@ -116,7 +116,11 @@ impl SgmvConfig {
         if !(1..=2).contains(&self.stages) {
             return Err(MoleError::param("stages", self.stages, "must be 1 or 2"));
         }
-        if t % self.bn != 0 || (self.bm * self.bn) % t != 0 || t % self.rc != 0 || (self.bm * self.rc) % t != 0 {
+        if !t.is_multiple_of(self.bn)
+            || !(self.bm * self.bn).is_multiple_of(t)
+            || !t.is_multiple_of(self.rc)
+            || !(self.bm * self.rc).is_multiple_of(t)
+        {
             return Err(MoleError::param("block_threads", t, "must tile BM x BN and BM x RC exactly"));
         }
         let smem = 4 * (self.bm + self.bm * self.kc + self.kc * self.bn.max(self.rc)) as u64;
@@ -160,7 +164,9 @@ impl SgmvConfig {
         // The tensor-core shrink of 16-bit builds: whole m16 tiles, warps covering them, and
         // split boundaries on 16-byte segments.
         let warps = c.block_threads / 32;
-        if build.dtype != DType::F32 && (c.bm % 16 != 0 || warps % (c.bm / 16).max(1) != 0 || c.kc % 8 != 0) {
+        if build.dtype != DType::F32
+            && (!c.bm.is_multiple_of(16) || !warps.is_multiple_of((c.bm / 16).max(1)) || !c.kc.is_multiple_of(8))
+        {
             return Err(MoleError::param(
                 "bm",
                 c.bm,

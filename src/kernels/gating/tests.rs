@@ -252,7 +252,7 @@ fn grouping_plan_bounds() {
     assert_eq!(g.count.unwrap().shared_bytes, 4 * 8 * 4);
     assert_eq!(g.scan.shared_bytes, 128);
     let big = plan_grouping(10_000_000, 8, 64, 1, 256).unwrap();
-    assert!(big.params.chunks as u64 <= MAX_CHUNKS && big.params.chunk_entries % 32 == 0);
+    assert!(big.params.chunks as u64 <= MAX_CHUNKS && big.params.chunk_entries.is_multiple_of(32));
     assert!(big.params.chunks as u64 * big.params.chunk_entries as u64 >= 80_000_000);
     assert!(plan_grouping(1, 1, 4, 0, 128).is_err());
     assert!(plan_grouping(1 << 30, 8, 4, 1, 128).is_err());

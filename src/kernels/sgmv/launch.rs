@@ -174,11 +174,11 @@ pub unsafe fn forward_raw(
     }
     let (Some(mut shrink), Some(mut expand)) = (plan.shrink, plan.expand) else { return Ok(()) };
     // The tensor-core shrink reads x in 16-byte segments; a misaligned view takes the FMA path.
-    if shrink.entry == super::entry::SHRINK_MMA && ptrs.x % 16 != 0 {
+    if shrink.entry == super::entry::SHRINK_MMA && !ptrs.x.is_multiple_of(16) {
         shrink.entry = super::entry::SHRINK;
     }
     // The tensor-core expand reads b in 16-byte segments; likewise (with the FMA expand's grid).
-    if expand.entry == super::entry::EXPAND_MMA && ptrs.b % 16 != 0 {
+    if expand.entry == super::entry::EXPAND_MMA && !ptrs.b.is_multiple_of(16) {
         expand = super::expand_launch(plan.config, expand.grid.0, plan.params.d_out, false);
     }
     let mut params = plan.params;
