@@ -140,6 +140,7 @@ struct fused_smem {
     float* w;
     float* z_loss;
     float* entropy;
+    float* end;  // the first word after the common regions (the tensor-core kernel's start)
 };
 
 MOLE_DEVICE fused_smem fused_carve(const mole_fused_params& p, bool shrinks) {
@@ -161,6 +162,7 @@ MOLE_DEVICE fused_smem fused_carve(const mole_fused_params& p, bool shrinks) {
     at += MOLE_FUSED_BT * p.gate.slots;
     s.z_loss = at;
     s.entropy = at + MOLE_FUSED_BT;
+    s.end = at + 2 * MOLE_FUSED_BT;
     return s;
 }
 
@@ -394,20 +396,27 @@ MOLE_DEVICE void expand_tile(const mole_fused_params& p, const elem_t* __restric
     }
 }
 
-// Everything after the shrink: scores, routing (+ outputs, statistics), mix, expand.
-MOLE_DEVICE void finish_tile(const mole_fused_params& p, const fused_gate_tensors& g, const elem_t* __restrict__ b,
-                             elem_t* __restrict__ y, mole_u32 tile, mole_u32 n_begin, mole_u32 n_end, bool writer,
-                             const fused_smem& s) {
+// Between the shrink and the expand: scores, routing (+ outputs, statistics) and, when the launch
+// expands, the mix. Returns whether an expand follows.
+MOLE_DEVICE bool gate_tile(const mole_fused_params& p, const fused_gate_tensors& g, mole_u32 tile, bool writer,
+                           const fused_smem& s) {
     const mole_u64 t0 = (mole_u64)tile * MOLE_FUSED_BT;
     scores_tile(p, g, t0, s);
     __syncthreads();
     route_tile(p, g, t0, s, writer);
     __syncthreads();
     if (writer && p.stats) stats_tile(p, g, t0, tile, s);
-    if (!p.expand) return;
+    if (!p.expand) return false;
     mix_tile(p, g, s);
     __syncthreads();
-    expand_tile(p, b, y, t0, n_begin, n_end, s);
+    return true;
+}
+
+// Everything after the shrink, with the FMA expand.
+MOLE_DEVICE void finish_tile(const mole_fused_params& p, const fused_gate_tensors& g, const elem_t* __restrict__ b,
+                             elem_t* __restrict__ y, mole_u32 tile, mole_u32 n_begin, mole_u32 n_end, bool writer,
+                             const fused_smem& s) {
+    if (gate_tile(p, g, tile, writer, s)) expand_tile(p, b, y, (mole_u64)tile * MOLE_FUSED_BT, n_begin, n_end, s);
 }
 
 #define MOLE_FUSED_GATE_ARGS                                                                                   \
@@ -466,3 +475,232 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     const mole_u32 n_end = n_begin + p.n_per_block < p.d_out ? n_begin + p.n_per_block : p.d_out;
     finish_tile(p, MOLE_FUSED_GATE_TENSORS, b, y, blockIdx.x, n_begin, n_end, blockIdx.y == 0, s);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core single launch (f16 / bf16 builds with BT a multiple of 16 and the warps a multiple
+// of BT / 16): fused_layer with both GEMMs on mma.sync m16n8k16, the stages between them
+// unchanged. The host planner picks it when d_in % 8 == 0, d_out % 8 == 0, x and B are 16-byte
+// aligned and its shared memory fits.
+// - shrink: x [BT, KM] tiles by cp.async, double buffered; W = [A | W_g] chunks [KM, SC16]
+//   copied as stored (exact); warp w owns the (m16 tile, n16 strip) pairs w, w + warps, ...;
+//   f32 accumulators land in hz as in the FMA kernel.
+// - expand: per row and 16-rank chunk, h' is scaled by a power of two that brings the chunk's
+//   largest |h'| into [1, 2) and split as hi + lo in elem_t (about twice the dtype's precision,
+//   as sgmv_expand_mma); B chunks [16, BN] by cp.async; warp w owns m16 tile w / WN and n16 strip
+//   w % WN of each BN-column block; y is read and written once.
+// ---------------------------------------------------------------------------------------------
+#if !defined(MOLE_DTYPE_F32) && MOLE_FUSED_BT % 16 == 0 && MOLE_FUSED_WARPS % (MOLE_FUSED_BT / 16) == 0
+#include "common/mma.cuh"
+
+#define MOLE_FUSED_KM 32
+#define MOLE_FUSED_MT (MOLE_FUSED_BT / 16)
+#define MOLE_FUSED_WN (MOLE_FUSED_WARPS / MOLE_FUSED_MT)
+#define MOLE_FUSED_BN (16 * MOLE_FUSED_WN)
+#define MOLE_FUSED_PAIRS ((MOLE_FUSED_MT * (MOLE_FUSED_MAX_COLS / 16) + MOLE_FUSED_WARPS - 1) / MOLE_FUSED_WARPS)
+#define MOLE_FUSED_XS (MOLE_FUSED_KM + 8)  // padded rows: 16-byte aligned, conflict-free ldmatrix
+
+MOLE_DEVICE mole_u32 round16(mole_u32 v) { return (v + 15u) / 16u * 16u; }
+
+// The tensor-core regions after the common ones, each 16-byte aligned (mirrors
+// src/kernels/fused.rs::mma_smem_bytes).
+struct fused_mma_smem {
+    elem_t* xs;     // [2][BT][KM + 8]
+    elem_t* ws;     // [KM][SC16 + 8]
+    elem_t* hhi;    // [BT][R16 + 8]
+    elem_t* hlo;    // [BT][R16 + 8]
+    float* rinv;    // [BT][R16 / 16]
+    elem_t* bs;     // [16][BN + 8]
+};
+
+MOLE_DEVICE char* align16(char* at) {
+    const mole_u64 a = reinterpret_cast<mole_u64>(at);
+    return reinterpret_cast<char*>((a + 15u) & ~(mole_u64)15u);
+}
+
+MOLE_DEVICE fused_mma_smem fused_mma_carve(const mole_fused_params& p, const fused_smem& s) {
+    const mole_u32 sc16 = round16(p.shrink_cols), r16 = round16(p.rank);
+    char* at = align16(reinterpret_cast<char*>(s.end));
+    fused_mma_smem m;
+    m.xs = reinterpret_cast<elem_t*>(at);
+    at = align16(at + 2u * MOLE_FUSED_BT * MOLE_FUSED_XS * sizeof(elem_t));
+    m.ws = reinterpret_cast<elem_t*>(at);
+    at = align16(at + (mole_u64)MOLE_FUSED_KM * (sc16 + 8u) * sizeof(elem_t));
+    m.hhi = reinterpret_cast<elem_t*>(at);
+    at = align16(at + (mole_u64)MOLE_FUSED_BT * (r16 + 8u) * sizeof(elem_t));
+    m.hlo = reinterpret_cast<elem_t*>(at);
+    at = align16(at + (mole_u64)MOLE_FUSED_BT * (r16 + 8u) * sizeof(elem_t));
+    m.rinv = reinterpret_cast<float*>(at);
+    at = align16(at + (mole_u64)MOLE_FUSED_BT * (r16 / 16u) * sizeof(float));
+    m.bs = reinterpret_cast<elem_t*>(at);
+    return m;
+}
+
+MOLE_DEVICE void fused_mma(float* d, const mole_u32* a, const mole_u32* b) {
+#if defined(MOLE_DTYPE_BF16)
+    mole_mma_m16n8k16_bf16(d, a, b, d);
+#else
+    mole_mma_m16n8k16_f16(d, a, b, d);
+#endif
+}
+
+// Issues and commits the copies of x[t0 .. t0 + BT, k0 .. k0 + KM) into `xs` (16-byte segments;
+// rows past T and k past d_in read nothing and are zero filled).
+MOLE_DEVICE void fused_stage_x(elem_t* xs, const elem_t* __restrict__ x, const mole_fused_params& p, mole_u64 t0,
+                               mole_u64 k0) {
+    for (int i = (int)threadIdx.x; i < MOLE_FUSED_BT * (MOLE_FUSED_KM / 8); i += (int)blockDim.x) {
+        const int r = i / (MOLE_FUSED_KM / 8), seg = i % (MOLE_FUSED_KM / 8);
+        const mole_u64 t = t0 + (mole_u64)r, k = k0 + (mole_u64)seg * 8u;
+        const bool live = t < p.gate.tokens && k < p.d_in;
+        mole_cp_async_16_zfill(xs + r * MOLE_FUSED_XS + seg * 8, live ? x + t * p.d_in + k : x, live ? 16 : 0);
+    }
+    mole_cp_async_commit();
+}
+
+MOLE_DEVICE void shrink_tile_mma(const mole_fused_params& p, const elem_t* __restrict__ x,
+                                 const elem_t* __restrict__ a, const elem_t* __restrict__ wg, mole_u64 t0,
+                                 const fused_smem& s, const fused_mma_smem& m) {
+    const mole_u32 sc = p.shrink_cols, sc16 = round16(sc), r = p.rank, e_n = p.gate.experts;
+    const int lane = mole_lane(), warp = mole_warp_id(), g = lane / 4, tq = lane % 4;
+    const int strips = (int)(sc16 / 16u), pairs = MOLE_FUSED_MT * strips;
+    float acc[MOLE_FUSED_PAIRS][2][4];
+    for (int pi = 0; pi < MOLE_FUSED_PAIRS; ++pi)
+        for (int j = 0; j < 2; ++j)
+            for (int q = 0; q < 4; ++q) acc[pi][j][q] = 0.0f;
+    fused_stage_x(m.xs, x, p, t0, 0);
+    int st = 0;
+    MOLE_NO_UNROLL
+    for (mole_u64 k0 = 0; k0 < p.d_in; k0 += MOLE_FUSED_KM) {
+        __syncthreads();  // the previous step's fragments are read
+        // Prefetch the next step (an empty group after the last, so the wait below always
+        // leaves exactly the newest group in flight).
+        if (k0 + MOLE_FUSED_KM < p.d_in)
+            fused_stage_x(m.xs + (st ^ 1) * MOLE_FUSED_BT * MOLE_FUSED_XS, x, p, t0, k0 + MOLE_FUSED_KM);
+        else
+            mole_cp_async_commit();
+        for (mole_u32 i = threadIdx.x; i < MOLE_FUSED_KM * sc16; i += blockDim.x) {
+            const mole_u32 kk = i / sc16, c = i % sc16;
+            const mole_u64 k = k0 + kk;
+            elem_t v;
+            store_from_f32(&v, 0.0f);
+            if (k < p.d_in && c < sc) v = c < r ? a[k * r + c] : wg[k * e_n + (c - r)];
+            m.ws[kk * (sc16 + 8u) + c] = v;
+        }
+        mole_cp_async_wait<1>();  // this step's x tile has landed
+        __syncthreads();
+        const elem_t* xs = m.xs + st * MOLE_FUSED_BT * MOLE_FUSED_XS;
+        for (int kk = 0; kk < MOLE_FUSED_KM; kk += 16) {
+            for (int pi = 0; pi < MOLE_FUSED_PAIRS; ++pi) {
+                const int pair = warp + pi * MOLE_FUSED_WARPS;
+                if (pair >= pairs) break;  // uniform over the warp
+                const int mt = pair / strips, strip = pair % strips;
+                mole_u32 af[4], bf[4];
+                mole_ldmatrix_x4(af, xs + (mt * 16 + lane % 16) * MOLE_FUSED_XS + kk + (lane / 16) * 8);
+                mole_ldmatrix_x4_trans(bf, m.ws + (kk + lane % 16) * (sc16 + 8u) + strip * 16 + (lane / 16) * 8);
+                fused_mma(acc[pi][0], af, bf);
+                fused_mma(acc[pi][1], af, bf + 2);
+            }
+        }
+        st ^= 1;
+    }
+    // c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1] of each n8 tile.
+    for (int pi = 0; pi < MOLE_FUSED_PAIRS; ++pi) {
+        const int pair = warp + pi * MOLE_FUSED_WARPS;
+        if (pair >= pairs) break;
+        const int mt = pair / strips, strip = pair % strips;
+        for (int j = 0; j < 2; ++j)
+            for (int q = 0; q < 4; ++q) {
+                const int row = mt * 16 + g + (q / 2) * 8;
+                const mole_u32 c = (mole_u32)(strip * 16 + j * 8 + 2 * tq + (q % 2));
+                if (c < sc) s.hz[(mole_u64)row * p.cols + c] = acc[pi][j][q];
+            }
+    }
+}
+
+// hi / lo halves of each row's 16-rank chunks of h', scaled by a power of two per chunk.
+MOLE_DEVICE void split_h(const mole_fused_params& p, const fused_smem& s, const fused_mma_smem& m) {
+    const mole_u32 r16 = round16(p.rank), chunks = r16 / 16u;
+    for (mole_u32 i = threadIdx.x; i < MOLE_FUSED_BT * chunks; i += blockDim.x) {
+        const mole_u32 row = i / chunks, ch = i % chunks;
+        const float* h = s.hz + (mole_u64)row * p.cols + ch * 16u;
+        float mx = 0.0f;
+        for (mole_u32 j = 0; j < 16u; ++j) {
+            const float v = ch * 16u + j < p.rank ? mole_fabsf(h[j]) : 0.0f;
+            mx = v > mx ? v : mx;
+        }
+        // scale = 2^-E (E = mx's exponent), biased exponent kept in [1, 253] so that both the
+        // scale and its inverse are normal; mx = 0 gives scale 1.
+        int be = mx > 0.0f ? 254 - (int)((mole_float_bits(mx) >> 23) & 0xffu) : 127;
+        be = be < 1 ? 1 : (be > 253 ? 253 : be);
+        const float sc = mole_bits_float((mole_u32)be << 23);
+        m.rinv[row * chunks + ch] = mole_bits_float((mole_u32)(254 - be) << 23);
+        elem_t* hi = m.hhi + row * (r16 + 8u) + ch * 16u;
+        elem_t* lo = m.hlo + row * (r16 + 8u) + ch * 16u;
+        for (mole_u32 j = 0; j < 16u; ++j) {
+            const float hv = ch * 16u + j < p.rank ? h[j] * sc : 0.0f;
+            store_from_f32(hi + j, hv);
+            store_from_f32(lo + j, hv - load_f32(hi + j));
+        }
+    }
+}
+
+MOLE_DEVICE void expand_tile_mma(const mole_fused_params& p, const elem_t* __restrict__ b, elem_t* __restrict__ y,
+                                 mole_u64 t0, const fused_smem& s, const fused_mma_smem& m) {
+    split_h(p, s, m);
+    const mole_u32 r16 = round16(p.rank), chunks = r16 / 16u;
+    const int lane = mole_lane(), warp = mole_warp_id(), g = lane / 4, tq = lane % 4;
+    const int mt = warp / MOLE_FUSED_WN, n0 = 16 * (warp % MOLE_FUSED_WN);
+    MOLE_NO_UNROLL
+    for (mole_u64 nb = 0; nb < p.d_out; nb += MOLE_FUSED_BN) {
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        MOLE_NO_UNROLL
+        for (mole_u32 ch = 0; ch < chunks; ++ch) {
+            __syncthreads();  // split_h is done / the previous chunk's fragments are read
+            for (int i = (int)threadIdx.x; i < 16 * (MOLE_FUSED_BN / 8); i += (int)blockDim.x) {
+                const int kk = i / (MOLE_FUSED_BN / 8), seg = i % (MOLE_FUSED_BN / 8);
+                const mole_u32 c = ch * 16u + (mole_u32)kk;
+                const mole_u64 n = nb + (mole_u64)seg * 8u;
+                const bool live = c < p.rank && n < p.d_out;  // whole segments: d_out % 8 == 0
+                mole_cp_async_16_zfill(m.bs + kk * (MOLE_FUSED_BN + 8) + seg * 8, live ? b + (mole_u64)c * p.d_out + n : b,
+                                       live ? 16 : 0);
+            }
+            mole_cp_async_commit();
+            mole_cp_async_wait_all();
+            __syncthreads();
+            mole_u32 ah[4], al[4], bf[4];
+            const int hrow = (mt * 16 + lane % 16) * (int)(r16 + 8u) + (int)ch * 16 + (lane / 16) * 8;
+            mole_ldmatrix_x4(ah, m.hhi + hrow);
+            mole_ldmatrix_x4(al, m.hlo + hrow);
+            mole_ldmatrix_x4_trans(bf, m.bs + (lane % 16) * (MOLE_FUSED_BN + 8) + n0 + (lane / 16) * 8);
+            float part[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+            for (int j = 0; j < 2; ++j) {
+                fused_mma(part[j], al, bf + 2 * j);
+                fused_mma(part[j], ah, bf + 2 * j);
+            }
+            const float inv_lo = m.rinv[(mt * 16 + g) * chunks + ch], inv_hi = m.rinv[(mt * 16 + g + 8) * chunks + ch];
+            for (int j = 0; j < 2; ++j)
+                for (int q = 0; q < 4; ++q) acc[j][q] += part[j][q] * (q < 2 ? inv_lo : inv_hi);
+        }
+        for (int j = 0; j < 2; ++j)
+            for (int q = 0; q < 4; ++q) {
+                const mole_u64 t = t0 + (mole_u64)(mt * 16 + g + (q / 2) * 8);
+                const mole_u64 n = nb + (mole_u64)(n0 + j * 8 + 2 * tq + (q % 2));
+                if (t >= p.gate.tokens || n >= p.d_out) continue;
+                elem_t* dst = y + t * p.d_out + n;
+                store_from_f32(dst, load_f32(dst) + p.scale * acc[j][q]);
+            }
+    }
+}
+
+// Grid: ceil(T / BT) blocks. fused_layer on tensor cores.
+MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
+    MOLE_ENTRY(fused_layer_mma)(const mole_fused_params p, const elem_t* __restrict__ x,
+                                const elem_t* __restrict__ a, const elem_t* __restrict__ b, elem_t* __restrict__ y,
+                                MOLE_FUSED_GATE_ARGS) {
+    const fused_smem s = fused_carve(p, false);
+    const fused_mma_smem m = fused_mma_carve(p, s);
+    const mole_u64 t0 = (mole_u64)blockIdx.x * MOLE_FUSED_BT;
+    if (p.shrink_cols > 0) shrink_tile_mma(p, x, a, router_weight, t0, s, m);
+    __syncthreads();
+    if (gate_tile(p, MOLE_FUSED_GATE_TENSORS, blockIdx.x, true, s) && p.rank > 0) expand_tile_mma(p, b, y, t0, s, m);
+}
+#endif

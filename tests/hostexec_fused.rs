@@ -78,7 +78,7 @@ fn run_fused<T: KernelElement + bytemuck::Pod>(
         let outs = [arg(&ids), arg(&w), arg(&probs), arg(&ws)];
         let mut args = vec![Arg::value(plan.params)];
         match launch.entry {
-            fused::entry::LAYER => args.extend([arg(&x), arg(&a), arg(&b), arg(&y)]),
+            fused::entry::LAYER | fused::entry::LAYER_MMA => args.extend([arg(&x), arg(&a), arg(&b), arg(&y)]),
             fused::entry::SPLIT_SHRINK => args.extend([arg(&x), arg(&a), arg(&rw), arg(&hz)]),
             _ => args.extend([arg(&hz), arg(&b), arg(&y)]),
         }
@@ -121,18 +121,29 @@ fn expected<T: Scalar>(spec: &LayerSpec, data: &SyntheticLayer<T>, routing: &Rou
     (want, p)
 }
 
+/// How a case launches: the plan's choice (tensor cores where it can), or the FMA kernels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernels {
+    Auto,
+    Fma,
+}
+
 fn check_case<T: KernelElement + bytemuck::Pod>(
     spec: &LayerSpec,
     tokens: usize,
     seed: u64,
     variant: FusedVariant,
+    kernels: Kernels,
     schedule: Schedule,
 ) -> Result<(), String> {
     let data = SyntheticLayer::<T>::new(spec, tokens, seed);
     let reference = reference::forward(spec, &data.inputs()).map_err(|e| e.to_string())?;
     let build = fused::build(T::DTYPE, fused::FusedConfig::DEFAULT);
     let outputs = FusedOutputs { routing: true, probs: true, stats: true };
-    let plan = fused::plan(&build, spec, tokens, variant, outputs).map_err(|e| e.to_string())?;
+    let mut plan = fused::plan(&build, spec, tokens, variant, outputs).map_err(|e| e.to_string())?;
+    if kernels == Kernels::Fma {
+        plan = plan.without_tensor_cores();
+    }
     let got = run_fused(spec, &data, &plan, schedule);
     let want_routing = &reference.routing;
     let slots = want_routing.slots;
@@ -217,27 +228,47 @@ fn check_dtype(
     t: usize,
     seed: u64,
     v: FusedVariant,
+    k: Kernels,
     s: Schedule,
 ) -> Result<(), String> {
     match dtype {
-        DType::F32 => check_case::<f32>(spec, t, seed, v, s),
-        DType::F16 => check_case::<half::f16>(spec, t, seed, v, s),
-        DType::BF16 => check_case::<half::bf16>(spec, t, seed, v, s),
+        DType::F32 => check_case::<f32>(spec, t, seed, v, k, s),
+        DType::F16 => check_case::<half::f16>(spec, t, seed, v, k, s),
+        DType::BF16 => check_case::<half::bf16>(spec, t, seed, v, k, s),
     }
 }
 
 #[test]
-fn every_method_matches_the_reference_in_both_variants() {
+fn every_method_matches_the_reference_in_every_variant() {
     let split = FusedVariant::Split { splits: 3, n_per_block: 32 };
+    let single = FusedVariant::Single;
+    // (d_in, d_out, variant, kernels): widths that are multiples of 8 take the tensor-core
+    // kernel in 16-bit builds, odd ones the FMA kernel.
+    let runs = [
+        (96, 40, single, Kernels::Auto),
+        (96, 40, single, Kernels::Fma),
+        (77, 45, single, Kernels::Auto),
+        (77, 45, split, Kernels::Auto),
+    ];
     for (i, method) in Method::ALL.into_iter().enumerate() {
-        let spec = method_spec(method, 77, 45);
         for (j, dtype) in DType::ALL.into_iter().enumerate() {
-            for variant in [FusedVariant::Single, split] {
+            for (d_in, d_out, variant, kernels) in runs {
+                let spec = method_spec(method, d_in, d_out);
                 let seed = (i * 7 + j) as u64;
-                check_dtype(dtype, &spec, 21, seed, variant, Schedule::Seeded(seed))
-                    .unwrap_or_else(|e| panic!("{method} {dtype} {variant:?}: {e}"));
+                check_dtype(dtype, &spec, 21, seed, variant, kernels, Schedule::Seeded(seed))
+                    .unwrap_or_else(|e| panic!("{method} {dtype} {d_in}x{d_out} {variant:?} {kernels:?}: {e}"));
             }
         }
+    }
+}
+
+#[test]
+fn the_plan_takes_tensor_cores_where_it_can() {
+    let spec = method_spec(Method::MixLora, 96, 40);
+    for (dtype, want) in [(DType::F32, false), (DType::F16, true), (DType::BF16, true)] {
+        let build = fused::build(dtype, fused::FusedConfig::DEFAULT);
+        let plan = fused::plan(&build, &spec, 5, FusedVariant::Single, FusedOutputs::default()).unwrap();
+        assert_eq!(plan.uses_tensor_cores(), want, "{dtype}");
     }
 }
 
@@ -248,16 +279,18 @@ proptest! {
     fn fuzzed_shapes_match_the_reference(
         method in prop::sample::select(Method::ALL.to_vec()),
         dtype in prop::sample::select(DType::ALL.to_vec()),
-        d_in in 1usize..150,
-        d_out in 1usize..90,
+        d_in in prop_oneof![1usize..150, (1usize..20).prop_map(|v| 8 * v)],
+        d_out in prop_oneof![1usize..90, (1usize..12).prop_map(|v| 8 * v)],
+        fma in any::<bool>(),
         tokens in 1usize..40,
         split in prop::option::of((1u32..6, 1u32..4)),
         seed in any::<u64>(),
     ) {
         let spec = method_spec(method, d_in, d_out);
         let variant = split.map_or(FusedVariant::Single, |(s, n)| FusedVariant::Split { splits: s, n_per_block: 32 * n });
-        let r = check_dtype(dtype, &spec, tokens, seed, variant, Schedule::Seeded(seed));
-        prop_assert!(r.is_ok(), "{} {} {:?} T={}: {}", method, dtype, variant, tokens, r.unwrap_err());
+        let kernels = if fma { Kernels::Fma } else { Kernels::Auto };
+        let r = check_dtype(dtype, &spec, tokens, seed, variant, kernels, Schedule::Seeded(seed));
+        prop_assert!(r.is_ok(), "{} {} {}x{} {:?} {:?} T={}: {}", method, dtype, d_in, d_out, variant, kernels, tokens, r.unwrap_err());
     }
 }
 

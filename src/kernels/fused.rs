@@ -37,8 +37,19 @@ pub mod entry {
     pub const SPLIT_SHRINK: &str = "fused_split_shrink";
     /// Split variant, stage 2: slice sum, routing, mix and a block of the expand.
     pub const SPLIT_EXPAND: &str = "fused_split_expand";
+    /// The whole layer on tensor cores (16-bit builds whose tile is whole m16 tiles; see
+    /// [`super::FusedConfig::has_tensor_cores`]).
+    pub const LAYER_MMA: &str = "fused_layer_mma";
     /// Every entry point, in file order.
-    pub const ALL: [&str; 3] = [LAYER, SPLIT_SHRINK, SPLIT_EXPAND];
+    pub const ALL: [&str; 4] = [LAYER, SPLIT_SHRINK, SPLIT_EXPAND, LAYER_MMA];
+    /// The entry points of a build of `dtype` with tiling `config`.
+    pub fn for_build(dtype: crate::DType, config: super::FusedConfig) -> &'static [&'static str] {
+        if config.has_tensor_cores(dtype) {
+            &ALL
+        } else {
+            &ALL[..3]
+        }
+    }
 }
 
 /// The full entry-point name of `base` in a `dtype` build, e.g. `fused_layer_bf16`.
@@ -80,6 +91,17 @@ impl FusedConfig {
     /// Warps per block.
     pub fn warps(self) -> u32 {
         self.block_threads / 32
+    }
+
+    /// Whether a `dtype` build has the tensor-core layer kernel: 16-bit elements, a tile of whole
+    /// m16 tiles and warps that split evenly over them.
+    pub fn has_tensor_cores(self, dtype: DType) -> bool {
+        dtype != DType::F32 && self.bt.is_multiple_of(16) && self.warps().is_multiple_of(self.bt / 16)
+    }
+
+    /// Output columns per block step of the tensor-core expand: one n16 strip per warp of an m16 tile.
+    pub fn mma_bn(self) -> u32 {
+        16 * (self.warps() / (self.bt / 16).max(1))
     }
 
     /// Checks the constraints the `.cu` file asserts.
@@ -124,7 +146,7 @@ impl FusedConfig {
 
 /// The build of `dtype` with tiling `config`.
 pub fn build(dtype: DType, config: FusedConfig) -> KernelBuild {
-    let entries: Vec<String> = entry::ALL.iter().map(|e| entry_name(e, dtype)).collect();
+    let entries: Vec<String> = entry::for_build(dtype, config).iter().map(|e| entry_name(e, dtype)).collect();
     let refs: Vec<&str> = entries.iter().map(String::as_str).collect();
     config.defines().into_iter().fold(KernelBuild::new(Family::Fused, dtype, &refs), |b, (n, v)| b.define(n, v))
 }
@@ -339,10 +361,46 @@ pub struct FusedPlan {
     pub variant: FusedVariant,
     /// The launches, in order (empty for zero tokens).
     pub launches: Vec<FusedLaunch>,
+    /// The FMA launch that replaces a tensor-core one (see [`FusedPlan::without_tensor_cores`]).
+    pub fma_fallback: Option<FusedLaunch>,
     /// The statistics' final sum (the gating kernels' `gating_stats_finalize`), when asked for.
     pub stats: Option<StatsPlan>,
     /// Buffer lengths.
     pub lens: FusedLens,
+}
+
+impl FusedPlan {
+    /// The plan with its tensor-core launch (if any) replaced by the FMA kernel: for views whose
+    /// `x` or `B` are not 16-byte aligned, and for comparing the two.
+    pub fn without_tensor_cores(mut self) -> FusedPlan {
+        if let Some(fma) = self.fma_fallback.take() {
+            for l in self.launches.iter_mut().filter(|l| l.entry == entry::LAYER_MMA) {
+                *l = fma;
+            }
+        }
+        self
+    }
+
+    /// Whether a launch runs on tensor cores.
+    pub fn uses_tensor_cores(&self) -> bool {
+        self.launches.iter().any(|l| l.entry == entry::LAYER_MMA)
+    }
+}
+
+/// Bytes of dynamic shared memory of the tensor-core layer kernel (mirrors `fused_mma_carve`):
+/// the common regions, then x stages, the W chunk, h' hi and lo, chunk scales and the B chunk,
+/// each 16-byte aligned, 2-byte elements.
+pub fn mma_smem_bytes(config: FusedConfig, p: &FusedParams) -> u64 {
+    let align = |b: u64| b.div_ceil(16) * 16;
+    let (bt, km) = (config.bt as u64, 32u64);
+    let (sc16, r16) = ((p.shrink_cols as u64).div_ceil(16) * 16, (p.rank as u64).div_ceil(16) * 16);
+    let mut at = align(4 * smem_words(config, p, false));
+    at = align(at + 2 * 2 * bt * (km + 8));
+    at = align(at + 2 * km * (sc16 + 8));
+    at = align(at + 2 * bt * (r16 + 8));
+    at = align(at + 2 * bt * (r16 + 8));
+    at = align(at + 4 * bt * (r16 / 16));
+    at + 2 * 16 * (config.mma_bn() as u64 + 8)
 }
 
 /// 4-byte words of dynamic shared memory of a launch (mirrors `fused_carve` in the `.cu`).
@@ -490,15 +548,30 @@ fn plan_inner(
     let shrink_smem = 4 * smem_words(config, &params, true);
     let expand_smem = 4 * smem_words(config, &params, false);
     let mut launches = Vec::new();
+    let mut fma_fallback = None;
     if tokens > 0 {
         let tiles32 = params.tiles;
         match variant {
-            FusedVariant::Single => launches.push(FusedLaunch {
-                entry: entry::LAYER,
-                grid: (tiles32, 1),
-                block: config.block_threads,
-                shared_bytes: shrink_smem as u32,
-            }),
+            FusedVariant::Single => {
+                let fma = FusedLaunch {
+                    entry: entry::LAYER,
+                    grid: (tiles32, 1),
+                    block: config.block_threads,
+                    shared_bytes: shrink_smem as u32,
+                };
+                let mma_bytes = mma_smem_bytes(config, &params);
+                let mma = expand
+                    && config.has_tensor_cores(build.dtype)
+                    && spec.d_in.is_multiple_of(8)
+                    && spec.d_out.is_multiple_of(8)
+                    && mma_bytes <= MAX_SHARED_BYTES;
+                if mma {
+                    launches.push(FusedLaunch { entry: entry::LAYER_MMA, shared_bytes: mma_bytes as u32, ..fma });
+                    fma_fallback = Some(fma);
+                } else {
+                    launches.push(fma);
+                }
+            }
             FusedVariant::Split { .. } => {
                 let n_blocks = (spec.d_out as u64).div_ceil(n_per_block as u64);
                 if splits as u64 > MAX_GRID_Y || n_blocks > MAX_GRID_Y {
@@ -521,7 +594,7 @@ fn plan_inner(
             }
         }
     }
-    if launches.iter().any(|l| l.shared_bytes as u64 > MAX_SHARED_BYTES) {
+    if launches.iter().chain(&fma_fallback).any(|l| l.shared_bytes as u64 > MAX_SHARED_BYTES) {
         return Err(MoleError::Unsupported(format!(
             "{shrink_smem} bytes of shared memory exceed {MAX_SHARED_BYTES}: use a smaller tile or the grouped path"
         )));
@@ -582,5 +655,5 @@ fn plan_inner(
         hz_part: if split_ws { splits as usize * n * shrink_cols } else { 0 },
     };
     let variant = if expand { variant } else { FusedVariant::Single };
-    Ok(FusedPlan { params, config, variant, launches, stats, lens })
+    Ok(FusedPlan { params, config, variant, launches, fma_fallback, stats, lens })
 }

@@ -8,8 +8,9 @@
 //! - **fused** while the layer fits the fused build (`R`, plus `E` for an x router, at most the
 //!   build's 256 shrink columns, and its tile within 48 KiB of shared memory): it reads `x` once
 //!   and reads and writes `y` once;
-//! - of the fused variants, **split** when one block per tile of tokens would leave most SMs
-//!   idle (fewer tiles than SMs: decode batches), the single launch otherwise;
+//! - of the fused variants, **split** when one block per tile of tokens would leave more than
+//!   half the SMs idle (`2 · ceil(T / 16) < SMs`: decode and small batches), the single launch
+//!   (on tensor cores where the build and widths allow) otherwise;
 //! - **grouped** beyond (many experts or large ranks), which needs the expert-scale mix.
 
 mod device;
@@ -53,7 +54,7 @@ pub fn heuristic(spec: &LayerSpec, dtype: DType, tokens: usize, sm_count: u32) -
     let build = fused::build(dtype, FusedConfig::DEFAULT);
     if fused_fits(&build, spec, tokens) {
         let tiles = tokens.div_ceil(FusedConfig::DEFAULT.bt as usize);
-        return Ok(if tiles < sm_count as usize { Strategy::FusedSplit } else { Strategy::Fused });
+        return Ok(if 2 * tiles < sm_count as usize { Strategy::FusedSplit } else { Strategy::Fused });
     }
     if spec.mix != Mix::ExpertScale {
         return Err(MoleError::Unsupported(

@@ -271,6 +271,14 @@ pub unsafe fn forward_raw(
     stream: CUstream,
 ) -> Result<()> {
     check_build(build, plan, build.dtype)?;
+    // The tensor-core kernel reads x and B in 16-byte segments; misaligned views take the FMA one.
+    let aligned_plan;
+    let plan = if plan.uses_tensor_cores() && (!ptrs.x.is_multiple_of(16) || !ptrs.b.is_multiple_of(16)) {
+        aligned_plan = plan.clone().without_tensor_cores();
+        &aligned_plan
+    } else {
+        plan
+    };
     let mut ptrs = ptrs;
     let lens = lens_fields(&plan.lens);
     let mut fields = ptrs.fields();
@@ -352,7 +360,7 @@ unsafe fn launch_all(
             p.stats_ws,
         ];
         let mut head: Vec<CUdeviceptr> = match launch.entry {
-            super::entry::LAYER => vec![p.x, p.a, p.b, p.y],
+            super::entry::LAYER | super::entry::LAYER_MMA => vec![p.x, p.a, p.b, p.y],
             super::entry::SPLIT_SHRINK => vec![p.x, p.a, p.router_weight, p.hz_part],
             _ => vec![p.hz_part, p.b, p.y],
         };

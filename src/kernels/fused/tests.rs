@@ -71,6 +71,9 @@ fn enums_and_defaults_match_the_cu_file() {
     for e in entry::ALL {
         assert!(cu.contains(&format!("MOLE_ENTRY({e})(")), "{e}");
     }
+    assert_eq!(entry::for_build(DType::F32, d), &entry::ALL[..3]);
+    assert_eq!(entry::for_build(DType::BF16, d), &entry::ALL);
+    assert!(!FusedConfig { bt: 8, block_threads: 128, ..d }.has_tensor_cores(DType::F16));
 }
 
 #[test]
@@ -99,10 +102,22 @@ fn mixlora_plan_has_one_launch_and_exact_lengths() {
     let p = plan(&default_build(), &spec, 1000, FusedVariant::Single, outputs).unwrap();
     assert_eq!(p.launches.len(), 1);
     let l = p.launches[0];
-    assert_eq!((l.entry, l.grid, l.block), (entry::LAYER, (63, 1), 256));
-    // hz 16 x 136, x 16 x 32, W 32 x 136, rows 8 x 8, probs 16 x 8, ids/w 2 x 16 x 2, z-loss/entropy 2 x 16.
+    assert_eq!((l.entry, l.grid, l.block), (entry::LAYER_MMA, (63, 1), 256));
+    // Common: hz 16 x 136, rows 8 x 8, probs 16 x 8, ids/w 2 x 16 x 2, z-loss/entropy 2 x 16 words
+    // (9856 bytes); then x stages 2 x 16 x 40, W 32 x 152, hi and lo 16 x 136 each (2 bytes), chunk
+    // scales 16 x 8 (4 bytes), B 16 x 136 (2 bytes).
+    assert_eq!(l.shared_bytes, 9856 + 2560 + 9728 + 4352 + 4352 + 512 + 4352);
+    let fma = p.clone().without_tensor_cores();
+    let l = fma.launches[0];
+    assert_eq!((l.entry, l.grid), (entry::LAYER, (63, 1)));
+    // FMA: hz 16 x 136, x 16 x 32, W 32 x 136 and the same routing regions.
     let words = 16 * 136 + 16 * 32 + 32 * 136 + 8 * 8 + 16 * 8 + 2 * 16 * 2 + 2 * 16;
     assert_eq!(l.shared_bytes, 4 * words);
+    // f32 builds and odd widths have no tensor-core launch.
+    let f32_build = build(DType::F32, FusedConfig::DEFAULT);
+    assert!(!plan(&f32_build, &spec, 1000, FusedVariant::Single, outputs).unwrap().uses_tensor_cores());
+    let odd = Method::MixLora.spec(MethodShape { d_in: 4095, ..shape() }).unwrap();
+    assert!(!plan(&default_build(), &odd, 1000, FusedVariant::Single, outputs).unwrap().uses_tensor_cores());
     assert_eq!((p.params.rank, p.params.cols, p.params.shrink_cols), (128, 136, 136));
     assert_eq!(p.params.router, RouterKind::X as u32);
     let lens = p.lens;
