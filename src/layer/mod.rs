@@ -19,9 +19,25 @@ pub use device::DeviceLayer;
 
 use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedVariant};
 use crate::kernels::{sgmv, KernelBuild};
-use crate::model::{LayerSpec, Mix};
+use crate::model::{LayerSpec, Method, Mix};
 use crate::tune::{ShapeKey, Strategy, TuningCache};
 use crate::{DType, MoleError, Result};
+
+/// The methods `mole bench layer` and `benches/layer.rs` profile, with their usual settings:
+/// `(method, experts, rank per expert, k)`.
+pub const STANDARD_METHODS: [(Method, usize, usize, usize); 11] = [
+    (Method::MixLora, 8, 16, 2),
+    (Method::MixLoraDynamic, 8, 16, 2),
+    (Method::DynMole, 6, 24, 2),
+    (Method::LlavaMoleSparse, 8, 16, 1),
+    (Method::LlavaMoleDense, 8, 16, 2),
+    (Method::LoraMoe, 8, 16, 2),
+    (Method::XLora, 8, 16, 8),
+    (Method::Smora, 64, 1, 8),
+    (Method::FlyLora, 64, 1, 8),
+    (Method::Comol, 8, 16, 2),
+    (Method::FlexOlmo, 8, 16, 2),
+];
 
 /// Where a choice came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +108,18 @@ pub fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Method, MethodShape};
+    use crate::model::MethodShape;
+
+    #[test]
+    fn every_standard_method_has_a_path_at_d_4096() {
+        for (method, experts, rank, k) in STANDARD_METHODS {
+            let spec = method.spec(MethodShape { d_in: 4096, d_out: 4096, experts, rank, k, alpha: 2.0 }).unwrap();
+            for t in [1, 16, 256, 4096, 16384] {
+                let s = heuristic(&spec, DType::BF16, t, 132).unwrap_or_else(|e| panic!("{method} T={t}: {e}"));
+                assert_ne!(s, Strategy::Grouped, "{method} T={t}: every standard method fits the fused build");
+            }
+        }
+    }
 
     fn shape(experts: usize, rank: usize) -> MethodShape {
         MethodShape { d_in: 4096, d_out: 4096, experts, rank, k: 2, alpha: 2.0 * rank as f64 }

@@ -5,8 +5,8 @@
 use clap::Args;
 use cudarc::driver::DeviceRepr;
 use mole::cuda::{time_on_device, Device};
-use mole::layer::{choose, default_build, Choice, ChoiceSource, DeviceLayer};
-use mole::model::{LayerSpec, Method, MethodShape, Mix, Router};
+use mole::layer::{choose, default_build, Choice, ChoiceSource, DeviceLayer, STANDARD_METHODS};
+use mole::model::{LayerSpec, MethodShape, Mix, Router};
 use mole::synth::SyntheticLayer;
 use mole::tune::{GpuId, Strategy, TunableRun, TuningCache};
 use mole::{DType, KernelElement, Result};
@@ -27,21 +27,6 @@ pub struct LayerArgs {
     d: usize,
 }
 
-/// The methods of the issue with their usual settings: `(method, experts, rank, k)`.
-pub const METHODS: [(Method, usize, usize, usize); 11] = [
-    (Method::MixLora, 8, 16, 2),
-    (Method::MixLoraDynamic, 8, 16, 2),
-    (Method::DynMole, 6, 24, 2),
-    (Method::LlavaMoleSparse, 8, 16, 1),
-    (Method::LlavaMoleDense, 8, 16, 2),
-    (Method::LoraMoe, 8, 16, 2),
-    (Method::XLora, 8, 16, 8),
-    (Method::Smora, 64, 1, 8),
-    (Method::FlyLora, 64, 1, 8),
-    (Method::Comol, 8, 16, 2),
-    (Method::FlexOlmo, 8, 16, 2),
-];
-
 pub fn layer(device: &Device, args: &LayerArgs, copy_gbs: f64) -> Result<()> {
     let gpu = GpuId::of_device(device);
     let (cache, warnings) = TuningCache::load_for(&gpu);
@@ -51,7 +36,7 @@ pub fn layer(device: &Device, args: &LayerArgs, copy_gbs: f64) -> Result<()> {
         "{:<18} {:>6} | {:<28} {:>9} {:>8} {:>7} | {:>9} {:>7} | check",
         "method", "T", "chosen (source)", "time ms", "GB/s", "% copy", "grouped", "ratio"
     );
-    for (method, experts, rank, k) in METHODS {
+    for (method, experts, rank, k) in STANDARD_METHODS {
         let shape = MethodShape { d_in: args.d, d_out: args.d, experts, rank, k, alpha: 2.0 * rank as f64 };
         let spec = method.spec(shape)?;
         for &t in &args.tokens {
