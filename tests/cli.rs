@@ -15,7 +15,9 @@ fn main_job_checks_against_the_reference() {
         let (ok, text) =
             mole(&["run", "--method", method, "--tokens", "33", "--d", "96", "--experts", "6", "--rank", "4"]);
         assert!(ok, "{method}: {text}");
-        assert!(text.contains("check: PASS") && text.contains("backend: "), "{method}: {text}");
+        // Without a GPU, CoMoL's CPU path is the reference itself and says there is nothing to check.
+        let checked = text.contains("check: PASS") || (method == "comol" && text.contains("check: none"));
+        assert!(checked && text.contains("backend: "), "{method}: {text}");
     }
 }
 
@@ -24,8 +26,10 @@ fn info_and_bench_never_panic() {
     let (ok, text) = mole(&["info"]);
     assert!(ok && text.contains("CUDA driver:") && text.contains("NVRTC:"), "{text}");
     if mole::cuda::Device::new(0).is_err() {
-        let (ok, text) = mole(&["bench", "grouped"]);
-        assert!(ok && text.contains("no usable GPU"), "{text}");
+        for kind in ["grouped", "layer"] {
+            let (ok, text) = mole(&["bench", kind]);
+            assert!(ok && text.contains("no usable GPU"), "{kind}: {text}");
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use mole::cuda::Device;
 use mole::layer::{default_build, Choice, ChoiceSource, DeviceLayer, STANDARD_METHODS};
 use mole::model::{LayerSpec, MethodShape, Mix, Router};
 use mole::synth::SyntheticLayer;
-use mole::tune::{Strategy, TunableRun};
+use mole::tune::Strategy;
 use mole::{DType, KernelElement, MoleError};
 
 fn device() -> Option<Device> {

@@ -8,7 +8,7 @@ use mole::cuda::{time_on_device, Device};
 use mole::layer::{choose, default_build, Choice, ChoiceSource, DeviceLayer, STANDARD_METHODS};
 use mole::model::{LayerSpec, MethodShape, Mix, Router};
 use mole::synth::SyntheticLayer;
-use mole::tune::{GpuId, Strategy, TunableRun, TuningCache};
+use mole::tune::{GpuId, Strategy, TuningCache};
 use mole::{DType, KernelElement, Result};
 
 #[derive(Args)]

@@ -77,11 +77,10 @@ fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) ->
     let ref_time = start.elapsed().as_secs_f64();
 
     let device = mole::cuda::Device::new(0).ok();
-    let (path, y, time, tol) = match &device {
+    let Outcome { path, max_err, time, tol } = match &device {
         Some(device) => gpu_layer(device, spec, &data)?,
         None => cpu_path(spec, &data, &reference, ref_time)?,
     };
-    let max_err = max_scaled_error(&y, &reference.y);
 
     let selected: usize = reference.routing.ids.iter().filter(|&&id| id >= 0).count();
     let active_rank = selected as f64 * spec.total_rank() as f64 / spec.routed_experts() as f64;
@@ -98,12 +97,27 @@ fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) ->
         bytes / 1e6
     );
     println!("reference (dense f64): {:.3} ms", ref_time * 1e3);
+    let Some(max_err) = max_err else {
+        println!("check: none (this path is the f64 reference itself; a GPU runs the kernels)");
+        return Ok(());
+    };
     println!("check: max scaled error {max_err:.3e} (tolerance {tol:.3e})");
     if max_err > tol {
         return Err(MoleError::Unsupported(format!("result differs from the reference: {max_err:.3e} > {tol:.3e}")));
     }
     println!("check: PASS");
     Ok(())
+}
+
+/// What a backend ran, how long it took and how far it is from the reference.
+struct Outcome {
+    path: String,
+    /// Max scaled error against the f64 reference (`|got - want| / (1 + |want|)`); `None` where
+    /// the path is the reference itself.
+    max_err: Option<f64>,
+    /// Seconds per forward.
+    time: f64,
+    tol: f64,
 }
 
 /// The CPU path: the grouped formulation (per-expert segments of the routing plan, the strategy
@@ -113,11 +127,12 @@ fn cpu_path<T: KernelElement>(
     data: &SyntheticLayer<T>,
     reference: &LayerOutput,
     ref_time: f64,
-) -> Result<(String, Vec<f64>, f64, f64)> {
+) -> Result<Outcome> {
     // Both sides are f64: the bound is f64 roundoff over the reduction length.
     let tol = reference::tolerance_with(f64::EPSILON / 2.0, f64::EPSILON / 2.0, spec.d_in + spec.total_rank()) * 16.0;
     if spec.mix != Mix::ExpertScale {
-        return Ok(("CPU dense reference (f64)".into(), reference.y.clone(), ref_time, tol));
+        let path = "CPU dense reference (f64)".into();
+        return Ok(Outcome { path, max_err: None, time: ref_time, tol });
     }
     let f = |v: &[T]| mole::dtype::to_f64_vec(v);
     let (x, a, b, y0) = (f(&data.x), f(&data.a), f(&data.b), f(&data.y));
@@ -126,7 +141,8 @@ fn cpu_path<T: KernelElement>(
     let plan = RoutingPlan::build(&routing.ids, routing.tokens, routing.slots, routing.experts, 1)?;
     let bank = Bank { a: &a, b: &b, ranks: &spec.ranks, scale: spec.scale, d_in: spec.d_in, d_out: spec.d_out };
     let y = reference::grouped_forward(&x, &y0, bank, routing, &plan);
-    Ok(("CPU grouped (f64)".into(), y, start.elapsed().as_secs_f64(), tol))
+    let time = start.elapsed().as_secs_f64();
+    Ok(Outcome { path: "CPU grouped (f64)".into(), max_err: Some(max_scaled_error(&y, &reference.y)), time, tol })
 }
 
 /// The GPU path: the layer API ([`mole::layer`]) with the strategy the tuning cache or the
@@ -136,7 +152,7 @@ fn gpu_layer<T: KernelElement + DeviceRepr>(
     device: &mole::cuda::Device,
     spec: &LayerSpec,
     data: &SyntheticLayer<T>,
-) -> Result<(String, Vec<f64>, f64, f64)> {
+) -> Result<Outcome> {
     let gpu = mole::tune::GpuId::of_device(device);
     let (cache, warnings) = mole::tune::TuningCache::load_for(&gpu);
     warnings.iter().for_each(|w| eprintln!("warning: {w}"));
@@ -144,8 +160,9 @@ fn gpu_layer<T: KernelElement + DeviceRepr>(
     let source = if choice.source == ChoiceSource::Tuned { "tuned" } else { "heuristic" };
     let path = format!("GPU {} ({source}; {})", choice.strategy, choice.build);
     let mut layer = DeviceLayer::new(device, spec, data.clone(), choice)?;
-    let (y, _) = layer.run_and_reference()?;
-    let tol = layer.tolerance();
+    // Over all tokens but the worst ceil(T / 512) of large batches: f32 router scores may route
+    // a token whose deciding scores tie within f32 rounding differently from the f64 reference.
+    let (err, tol) = layer.check()?;
     let timing = mole::cuda::time_on_device(device, 3, 20, || layer.forward())?;
-    Ok((path, y, timing.median_ms() * 1e-3, tol))
+    Ok(Outcome { path, max_err: Some(err), time: timing.median_ms() * 1e-3, tol })
 }
