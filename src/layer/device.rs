@@ -13,6 +13,7 @@ use crate::synth::SyntheticLayer;
 use crate::tune::{Strategy, TunableRun};
 use crate::{reference, KernelElement, MoleError, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr};
+use std::sync::Arc;
 
 /// The grouped path's extra state: routing outputs, slot plans and the SGMV workspace.
 struct Grouped {
@@ -50,6 +51,8 @@ pub struct DeviceLayer<'d, T: DeviceRepr> {
     rank_offsets: CudaSlice<u32>,
     cores: Option<CudaSlice<T>>,
     hz_part: Option<CudaSlice<f32>>,
+    /// The f64 reference `y`, computed on first use (or given, see [`DeviceLayer::with_reference`]).
+    reference: Option<Arc<Vec<f64>>>,
 }
 
 fn upload<T: DeviceRepr>(device: &Device, v: &[T]) -> Result<CudaSlice<T>> {
@@ -97,6 +100,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
             rank_offsets: upload(device, &offsets)?,
             cores: upload_opt(device, data.cores.as_deref())?,
             hz_part: None,
+            reference: None,
             fused: None,
             grouped: None,
             choice,
@@ -236,8 +240,20 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
         stream.memcpy_htod(&self.data.y, &mut self.y).map_err(cuda_err("cuMemcpyHtoD"))?;
         self.forward()?;
         let got = stream.clone_dtoh(&self.y).map_err(cuda_err("cuMemcpyDtoH"))?;
-        let want = reference::forward(&self.spec, &self.data.inputs())?.y;
-        Ok((crate::dtype::to_f64_vec(&got), want))
+        let want = match &self.reference {
+            Some(y) => y.clone(),
+            None => Arc::new(reference::forward(&self.spec, &self.data.inputs())?.y),
+        };
+        self.reference = Some(want.clone());
+        Ok((crate::dtype::to_f64_vec(&got), want.to_vec()))
+    }
+
+    /// Uses `y` as the f64 reference output of this layer's data (shared between the candidates
+    /// of one tuned shape, so the reference runs once).
+    pub fn with_reference(mut self, y: Arc<Vec<f64>>) -> Result<Self> {
+        crate::error::check_len("reference y", &y, &[self.data.tokens, self.spec.d_out])?;
+        self.reference = Some(y);
+        Ok(self)
     }
 
     /// Resets `y`, runs one forward and compares it with the f64 reference:

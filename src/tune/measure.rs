@@ -11,6 +11,7 @@ use crate::synth::SyntheticLayer;
 use crate::{DType, KernelElement, MoleError, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::DeviceRepr;
+use std::sync::Arc;
 
 /// One prepared forward of a layer on the device, as the tuner drives it.
 pub trait TunableRun {
@@ -120,28 +121,52 @@ pub fn measure(device: &Device, run: &mut dyn TunableRun, opts: &MeasureOptions)
 /// Seed of the random inputs every candidate of a shape is checked and timed on.
 pub const DATA_SEED: u64 = 0x7E57_AB1E;
 
-/// A layer on the device with synthetic data, the same for every candidate of a shape.
+/// The synthetic data every candidate of a shape runs on.
+fn shape_data<T: KernelElement>(spec: &LayerSpec, tokens: usize) -> SyntheticLayer<T> {
+    SyntheticLayer::new(spec, tokens, DATA_SEED)
+}
+
+/// The f64 reference output `y` of a shape's data ([`prepare_run`] checks every candidate
+/// against it; computing it once per shape keeps large shapes affordable).
+pub fn reference_y(spec: &LayerSpec, dtype: DType, tokens: usize) -> Result<Arc<Vec<f64>>> {
+    fn typed<T: KernelElement>(spec: &LayerSpec, tokens: usize) -> Result<Arc<Vec<f64>>> {
+        Ok(Arc::new(crate::reference::forward(spec, &shape_data::<T>(spec, tokens).inputs())?.y))
+    }
+    match dtype {
+        DType::F32 => typed::<f32>(spec, tokens),
+        DType::F16 => typed::<half::f16>(spec, tokens),
+        DType::BF16 => typed::<half::bf16>(spec, tokens),
+    }
+}
+
 fn device_layer<'d, T: KernelElement + DeviceRepr>(
     device: &'d Device,
     spec: &LayerSpec,
     tokens: usize,
     choice: Choice,
+    reference: Option<Arc<Vec<f64>>>,
 ) -> Result<Box<dyn TunableRun + 'd>> {
-    let data = SyntheticLayer::<T>::new(spec, tokens, DATA_SEED);
-    Ok(Box::new(DeviceLayer::new(device, spec, data, choice)?))
+    let layer = DeviceLayer::new(device, spec, shape_data::<T>(spec, tokens), choice)?;
+    Ok(Box::new(match reference {
+        Some(y) => layer.with_reference(y)?,
+        None => layer,
+    }))
 }
 
 /// Prepares `spec` over `tokens` tokens to run with `strategy` and `build` on `device`: a whole
 /// layer ([`DeviceLayer`]) in every strategy, so candidates are compared on the same work
-/// (routing included). Grouped candidates run sgmv builds (after the route-only fused launch
-/// and the device slot plans), fused ones fused builds; a strategy that cannot run the layer
-/// (grouped for a core-merge mix or an h router) is an error, recorded by the tuner.
+/// (routing included), on the same data. `reference` is the shape's [`reference_y`] (computed
+/// by the run's first check when `None`). Grouped candidates run sgmv builds (after the
+/// route-only fused launch and the device slot plans), fused ones fused builds; a strategy that
+/// cannot run the layer (grouped for a core-merge mix or an h router) is an error, which the
+/// tuner records.
 pub fn prepare_run<'d>(
     device: &'d Device,
     spec: &LayerSpec,
     strategy: Strategy,
     build: &KernelBuild,
     tokens: usize,
+    reference: Option<Arc<Vec<f64>>>,
 ) -> Result<Box<dyn TunableRun + 'd>> {
     let family = match strategy {
         Strategy::Grouped => Family::Sgmv,
@@ -152,9 +177,9 @@ pub fn prepare_run<'d>(
     }
     let choice = Choice { strategy, build: build.clone(), source: ChoiceSource::Tuned };
     match build.dtype {
-        DType::F32 => device_layer::<f32>(device, spec, tokens, choice),
-        DType::F16 => device_layer::<half::f16>(device, spec, tokens, choice),
-        DType::BF16 => device_layer::<half::bf16>(device, spec, tokens, choice),
+        DType::F32 => device_layer::<f32>(device, spec, tokens, choice, reference),
+        DType::F16 => device_layer::<half::f16>(device, spec, tokens, choice, reference),
+        DType::BF16 => device_layer::<half::bf16>(device, spec, tokens, choice, reference),
     }
 }
 

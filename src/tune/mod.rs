@@ -21,8 +21,8 @@ pub mod tuner;
 
 pub use cache::{store, GpuId, Provenance, Stored, TunedEntry, TuningCache, TuningFile, FORMAT_VERSION};
 pub use key::{token_bucket, ShapeKey};
-pub use measure::{measure, prepare_run, MeasureOptions, Measurement, TunableRun};
-pub use space::{candidates, Candidate, Pruner};
+pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};
+pub use space::{candidates, candidates_for, Candidate, Pruner};
 pub use tuner::{tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};
 
 use serde::{Deserialize, Serialize};

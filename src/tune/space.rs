@@ -63,6 +63,22 @@ pub fn candidates(dtype: DType) -> Vec<Candidate> {
     out
 }
 
+/// The candidates of one shape: [`candidates`] with the documented heuristic's choice first
+/// ([`crate::layer::heuristic`] with its default build: what runs without tuning), so that
+/// candidate 0 is the default every speed-up is measured against. Without a heuristic choice
+/// (a layer no strategy fits) the order of [`candidates`] stands.
+pub fn candidates_for(spec: &crate::model::LayerSpec, dtype: DType, tokens: usize, sm_count: u32) -> Vec<Candidate> {
+    let mut all = candidates(dtype);
+    if let Ok(strategy) = crate::layer::heuristic(spec, dtype, tokens, sm_count) {
+        let default = Candidate { strategy, build: crate::layer::default_build(strategy, dtype) };
+        if let Some(i) = all.iter().position(|c| *c == default) {
+            let c = all.remove(i);
+            all.insert(0, c);
+        }
+    }
+    all
+}
+
 /// Blocks of one kernel that fit on one SM at once, by registers and by shared memory
 /// (`max_shared_bytes_per_block` stands for the SM's usable shared memory, a lower bound).
 /// 0 means the kernel cannot launch. `threads == 0` gives 0.
@@ -206,6 +222,24 @@ mod tests {
             assert_eq!(grouped, sgmv::candidates().iter().filter(|b| b.dtype == dtype).count());
             assert!(grouped > 1, "a space of one is no search");
         }
+    }
+
+    #[test]
+    fn per_shape_candidate_zero_is_what_runs_without_tuning() {
+        use crate::kernels::fused;
+        use crate::model::{Method, MethodShape};
+        let shape = |experts, rank| MethodShape { d_in: 4096, d_out: 4096, experts, rank, k: 2, alpha: 32.0 };
+        let mixlora = Method::MixLora.spec(shape(8, 16)).unwrap();
+        let fused_default = fused::build(DType::BF16, fused::FusedConfig::DEFAULT);
+        for (tokens, strategy) in [(4096, Strategy::Fused), (1, Strategy::FusedSplit)] {
+            let c = candidates_for(&mixlora, DType::BF16, tokens, 132);
+            assert_eq!(c[0], Candidate { strategy, build: fused_default.clone() }, "T={tokens}");
+            assert_eq!(c.len(), candidates(DType::BF16).len());
+        }
+        let wide = Method::MixLora.spec(shape(64, 16)).unwrap();
+        let c = candidates_for(&wide, DType::BF16, 4096, 132);
+        let sgmv_default = sgmv::build(DType::BF16, sgmv::SgmvConfig::DEFAULT);
+        assert_eq!(c[0], Candidate { strategy: Strategy::Grouped, build: sgmv_default });
     }
 
     #[test]

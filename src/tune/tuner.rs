@@ -4,8 +4,8 @@
 
 use super::cache::{Provenance, TunedEntry};
 use super::key::ShapeKey;
-use super::measure::{measure, prepare_run, MeasureOptions};
-use super::space::{candidates, Candidate, Pruner, Screen};
+use super::measure::{measure, prepare_run, reference_y, MeasureOptions};
+use super::space::{candidates_for, Candidate, Pruner, Screen};
 use crate::cuda::{nvrtc_present, Device};
 use crate::kernels::Family;
 use crate::model::LayerSpec;
@@ -186,11 +186,12 @@ pub fn tune_shape(
     }
     spec.validate()?;
     let key = ShapeKey::new(spec, dtype, tokens);
-    let space = candidates(dtype);
+    let space = candidates_for(spec, dtype, tokens, device.sm_count());
     if space.is_empty() {
         return Err(MoleError::Unsupported(format!("no kernel candidates for {dtype}")));
     }
     let nvrtc = nvrtc_present();
+    let reference = reference_y(spec, dtype, tokens)?;
     let reports = search(&space, opts.budget, |_, c| {
         if nvrtc {
             match pruner.screen(c) {
@@ -201,7 +202,7 @@ pub fn tune_shape(
         } else if !Family::ALL.iter().any(|f| f.default_builds().contains(&c.build)) {
             return Ok(Evaluation::Failed("NVRTC is not available: only the shipped default builds run".into()));
         }
-        let mut run = prepare_run(device, spec, c.strategy, &c.build, tokens)?;
+        let mut run = prepare_run(device, spec, c.strategy, &c.build, tokens, Some(reference.clone()))?;
         let (err, tol) = run.check()?;
         // NaN is not correct.
         if !matches!(err.partial_cmp(&tol), Some(Ordering::Less | Ordering::Equal)) {
@@ -220,7 +221,7 @@ mod tests {
     use crate::model::{Method, MethodShape};
 
     fn space() -> Vec<Candidate> {
-        candidates(DType::BF16)
+        super::super::space::candidates(DType::BF16)
     }
 
     fn timed(ms: f64) -> Result<Evaluation> {
