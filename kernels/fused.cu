@@ -144,7 +144,8 @@ struct fused_smem {
 };
 
 MOLE_DEVICE fused_smem fused_carve(const mole_fused_params& p, bool shrinks) {
-    extern __shared__ float mole_fused_smem[];
+    // 16-byte aligned: the tensor-core regions (cp.async, ldmatrix) are carved from it.
+    extern __shared__ __align__(16) float mole_fused_smem[];
     float* at = mole_fused_smem;
     fused_smem s;
     s.hz = at;
@@ -380,7 +381,7 @@ MOLE_DEVICE void expand_tile(const mole_fused_params& p, const elem_t* __restric
                              mole_u64 t0, mole_u32 n_begin, mole_u32 n_end, const fused_smem& s) {
     const mole_u64 left = p.gate.tokens - t0;
     const int rows = left < MOLE_FUSED_BT ? (int)left : MOLE_FUSED_BT;
-    for (mole_u32 n = n_begin + threadIdx.x; n < n_end; n += blockDim.x) {
+    for (mole_u64 n = (mole_u64)n_begin + threadIdx.x; n < n_end; n += blockDim.x) {
         float acc[MOLE_FUSED_BT];
         for (int i = 0; i < MOLE_FUSED_BT; ++i) acc[i] = 0.0f;
         MOLE_NO_UNROLL
@@ -471,9 +472,9 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
         s.hz[(mole_u64)(i / p.shrink_cols) * p.cols + c] = v;
     }
     __syncthreads();
-    const mole_u32 n_begin = blockIdx.y * p.n_per_block;
-    const mole_u32 n_end = n_begin + p.n_per_block < p.d_out ? n_begin + p.n_per_block : p.d_out;
-    finish_tile(p, MOLE_FUSED_GATE_TENSORS, b, y, blockIdx.x, n_begin, n_end, blockIdx.y == 0, s);
+    const mole_u64 n_begin = (mole_u64)blockIdx.y * p.n_per_block;
+    const mole_u64 n_end = n_begin + p.n_per_block < p.d_out ? n_begin + p.n_per_block : (mole_u64)p.d_out;
+    finish_tile(p, MOLE_FUSED_GATE_TENSORS, b, y, blockIdx.x, (mole_u32)n_begin, (mole_u32)n_end, blockIdx.y == 0, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,7 +639,9 @@ MOLE_DEVICE void split_h(const mole_fused_params& p, const fused_smem& s, const 
         for (mole_u32 j = 0; j < 16u; ++j) {
             const float hv = ch * 16u + j < p.rank ? h[j] * sc : 0.0f;
             store_from_f32(hi + j, hv);
-            store_from_f32(lo + j, hv - load_f32(hi + j));
+            const float h_hi = load_f32(hi + j);
+            // An infinite h' stays in hi alone (inf - inf would make the row NaN).
+            store_from_f32(lo + j, h_hi - h_hi == 0.0f ? hv - h_hi : 0.0f);
         }
     }
 }

@@ -594,9 +594,10 @@ fn plan_inner(
             }
         }
     }
-    if launches.iter().chain(&fma_fallback).any(|l| l.shared_bytes as u64 > MAX_SHARED_BYTES) {
+    if let Some(l) = launches.iter().chain(&fma_fallback).find(|l| l.shared_bytes as u64 > MAX_SHARED_BYTES) {
         return Err(MoleError::Unsupported(format!(
-            "{shrink_smem} bytes of shared memory exceed {MAX_SHARED_BYTES}: use a smaller tile or the grouped path"
+            "{}: {} bytes of shared memory exceed {MAX_SHARED_BYTES}: use a smaller tile or the grouped path",
+            l.entry, l.shared_bytes
         )));
     }
     let stats = outputs.stats.then(|| StatsPlan {

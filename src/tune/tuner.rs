@@ -166,8 +166,9 @@ pub fn entry_of(key: &ShapeKey, reports: &[CandidateReport], provenance: &Proven
 }
 
 /// Tunes `spec` in `dtype` at `tokens` tokens on `device`: every candidate of
-/// [`candidates`]`(dtype)` is screened by `pruner` (compile report), prepared
-/// ([`prepare_run`]), checked against the reference and timed ([`measure`]).
+/// [`candidates_for`] (the heuristic's choice first) is screened by `pruner` (compile report),
+/// prepared ([`prepare_run`]), checked against the shape's f64 reference ([`reference_y`],
+/// computed once) and timed ([`measure`]).
 ///
 /// Errors only for a call that cannot be tuned at all (zero tokens, an invalid spec, an empty
 /// search space); a candidate's failure is in its report. Without NVRTC only the shipped default
