@@ -487,8 +487,8 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 //   f32 accumulators land in hz as in the FMA kernel.
 // - expand: per row and 16-rank chunk, h' is scaled by a power of two that brings the chunk's
 //   largest |h'| into [1, 2) and split as hi + lo in elem_t (about twice the dtype's precision,
-//   as sgmv_expand_mma); B chunks [16, BN] by cp.async; warp w owns m16 tile w / WN and n16 strip
-//   w % WN of each BN-column block; y is read and written once.
+//   as sgmv_expand_mma); B chunks [16, BN] by cp.async, double buffered; warp w owns m16 tile
+//   w / WN and n16 strip w % WN of each BN-column block; y is read and written once.
 // ---------------------------------------------------------------------------------------------
 #if !defined(MOLE_DTYPE_F32) && MOLE_FUSED_BT % 16 == 0 && MOLE_FUSED_WARPS % (MOLE_FUSED_BT / 16) == 0
 #include "common/mma.cuh"
@@ -510,7 +510,7 @@ struct fused_mma_smem {
     elem_t* hhi;    // [BT][R16 + 8]
     elem_t* hlo;    // [BT][R16 + 8]
     float* rinv;    // [BT][R16 / 16]
-    elem_t* bs;     // [16][BN + 8]
+    elem_t* bs;     // [2][16][BN + 8]
 };
 
 MOLE_DEVICE char* align16(char* at) {
@@ -646,50 +646,71 @@ MOLE_DEVICE void split_h(const mole_fused_params& p, const fused_smem& s, const 
     }
 }
 
+// Issues and commits the copies of B[ch*16 .. +16, nb .. nb + BN) into `bs` (16-byte segments;
+// ranks past R and columns past d_out read nothing and are zero filled).
+MOLE_DEVICE void fused_stage_b(elem_t* bs, const elem_t* __restrict__ b, const mole_fused_params& p, mole_u32 ch,
+                               mole_u64 nb) {
+    for (int i = (int)threadIdx.x; i < 16 * (MOLE_FUSED_BN / 8); i += (int)blockDim.x) {
+        const int kk = i / (MOLE_FUSED_BN / 8), seg = i % (MOLE_FUSED_BN / 8);
+        const mole_u32 c = ch * 16u + (mole_u32)kk;
+        const mole_u64 n = nb + (mole_u64)seg * 8u;
+        const bool live = c < p.rank && n < p.d_out;  // whole segments: d_out % 8 == 0
+        mole_cp_async_16_zfill(bs + kk * (MOLE_FUSED_BN + 8) + seg * 8, live ? b + (mole_u64)c * p.d_out + n : b,
+                               live ? 16 : 0);
+    }
+    mole_cp_async_commit();
+}
+
+// Steps over (column block, 16-rank chunk) in order; the next step's B chunk is copied into the
+// other stage while the current one is consumed (cp.async.wait_group 1), and a column block's
+// outputs are written after its last chunk.
 MOLE_DEVICE void expand_tile_mma(const mole_fused_params& p, const elem_t* __restrict__ b, elem_t* __restrict__ y,
                                  mole_u64 t0, const fused_smem& s, const fused_mma_smem& m) {
     split_h(p, s, m);
     const mole_u32 r16 = round16(p.rank), chunks = r16 / 16u;
     const int lane = mole_lane(), warp = mole_warp_id(), g = lane / 4, tq = lane % 4;
     const int mt = warp / MOLE_FUSED_WN, n0 = 16 * (warp % MOLE_FUSED_WN);
+    const mole_u64 blocks = ((mole_u64)p.d_out + MOLE_FUSED_BN - 1) / MOLE_FUSED_BN, steps = blocks * chunks;
+    constexpr int STAGE = 16 * (MOLE_FUSED_BN + 8);
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    fused_stage_b(m.bs, b, p, 0, 0);
+    int st = 0;
     MOLE_NO_UNROLL
-    for (mole_u64 nb = 0; nb < p.d_out; nb += MOLE_FUSED_BN) {
-        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-        MOLE_NO_UNROLL
-        for (mole_u32 ch = 0; ch < chunks; ++ch) {
-            __syncthreads();  // split_h is done / the previous chunk's fragments are read
-            for (int i = (int)threadIdx.x; i < 16 * (MOLE_FUSED_BN / 8); i += (int)blockDim.x) {
-                const int kk = i / (MOLE_FUSED_BN / 8), seg = i % (MOLE_FUSED_BN / 8);
-                const mole_u32 c = ch * 16u + (mole_u32)kk;
-                const mole_u64 n = nb + (mole_u64)seg * 8u;
-                const bool live = c < p.rank && n < p.d_out;  // whole segments: d_out % 8 == 0
-                mole_cp_async_16_zfill(m.bs + kk * (MOLE_FUSED_BN + 8) + seg * 8, live ? b + (mole_u64)c * p.d_out + n : b,
-                                       live ? 16 : 0);
-            }
-            mole_cp_async_commit();
-            mole_cp_async_wait_all();
-            __syncthreads();
-            mole_u32 ah[4], al[4], bf[4];
-            const int hrow = (mt * 16 + lane % 16) * (int)(r16 + 8u) + (int)ch * 16 + (lane / 16) * 8;
-            mole_ldmatrix_x4(ah, m.hhi + hrow);
-            mole_ldmatrix_x4(al, m.hlo + hrow);
-            mole_ldmatrix_x4_trans(bf, m.bs + (lane % 16) * (MOLE_FUSED_BN + 8) + n0 + (lane / 16) * 8);
-            float part[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-            for (int j = 0; j < 2; ++j) {
-                fused_mma(part[j], al, bf + 2 * j);
-                fused_mma(part[j], ah, bf + 2 * j);
-            }
-            const float inv_lo = m.rinv[(mt * 16 + g) * chunks + ch], inv_hi = m.rinv[(mt * 16 + g + 8) * chunks + ch];
-            for (int j = 0; j < 2; ++j)
-                for (int q = 0; q < 4; ++q) acc[j][q] += part[j][q] * (q < 2 ? inv_lo : inv_hi);
+    for (mole_u64 step = 0; step < steps; ++step) {
+        const mole_u32 ch = (mole_u32)(step % chunks);
+        const mole_u64 nb = step / chunks * MOLE_FUSED_BN;
+        __syncthreads();  // split_h is done / the other stage's fragments are read
+        if (step + 1 < steps)
+            fused_stage_b(m.bs + (st ^ 1) * STAGE, b, p, (mole_u32)((step + 1) % chunks),
+                          (step + 1) / chunks * MOLE_FUSED_BN);
+        else
+            mole_cp_async_commit();  // an empty group keeps the wait below exact
+        mole_cp_async_wait<1>();     // this step's chunk has landed
+        __syncthreads();
+        mole_u32 ah[4], al[4], bf[4];
+        const int hrow = (mt * 16 + lane % 16) * (int)(r16 + 8u) + (int)ch * 16 + (lane / 16) * 8;
+        mole_ldmatrix_x4(ah, m.hhi + hrow);
+        mole_ldmatrix_x4(al, m.hlo + hrow);
+        mole_ldmatrix_x4_trans(bf, m.bs + st * STAGE + (lane % 16) * (MOLE_FUSED_BN + 8) + n0 + (lane / 16) * 8);
+        float part[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        for (int j = 0; j < 2; ++j) {
+            fused_mma(part[j], al, bf + 2 * j);
+            fused_mma(part[j], ah, bf + 2 * j);
         }
+        const float inv_lo = m.rinv[(mt * 16 + g) * chunks + ch], inv_hi = m.rinv[(mt * 16 + g + 8) * chunks + ch];
+        for (int j = 0; j < 2; ++j)
+            for (int q = 0; q < 4; ++q) acc[j][q] += part[j][q] * (q < 2 ? inv_lo : inv_hi);
+        st ^= 1;
+        if (ch + 1 < chunks) continue;
         for (int j = 0; j < 2; ++j)
             for (int q = 0; q < 4; ++q) {
                 const mole_u64 t = t0 + (mole_u64)(mt * 16 + g + (q / 2) * 8);
                 const mole_u64 n = nb + (mole_u64)(n0 + j * 8 + 2 * tq + (q % 2));
-                if (t >= p.gate.tokens || n >= p.d_out) continue;
-                elem_t* dst = y + t * p.d_out + n;
-                store_from_f32(dst, load_f32(dst) + p.scale * acc[j][q]);
+                if (t < p.gate.tokens && n < p.d_out) {
+                    elem_t* dst = y + t * p.d_out + n;
+                    store_from_f32(dst, load_f32(dst) + p.scale * acc[j][q]);
+                }
+                acc[j][q] = 0.0f;
             }
     }
 }

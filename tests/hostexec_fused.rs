@@ -243,9 +243,11 @@ fn every_method_matches_the_reference_in_every_variant() {
     let split = FusedVariant::Split { splits: 3, n_per_block: 32 };
     let single = FusedVariant::Single;
     // (d_in, d_out, variant, kernels): widths that are multiples of 8 take the tensor-core
-    // kernel in 16-bit builds, odd ones the FMA kernel.
+    // kernel in 16-bit builds (d_out = 200 spans two of its 128-column blocks), odd ones the FMA
+    // kernel.
     let runs = [
         (96, 40, single, Kernels::Auto),
+        (64, 200, single, Kernels::Auto),
         (96, 40, single, Kernels::Fma),
         (77, 45, single, Kernels::Auto),
         (77, 45, split, Kernels::Auto),

@@ -388,8 +388,8 @@ impl FusedPlan {
 }
 
 /// Bytes of dynamic shared memory of the tensor-core layer kernel (mirrors `fused_mma_carve`):
-/// the common regions, then x stages, the W chunk, h' hi and lo, chunk scales and the B chunk,
-/// each 16-byte aligned, 2-byte elements.
+/// the common regions, then x stages, the W chunk, h' hi and lo, chunk scales and the two B
+/// chunk stages, each 16-byte aligned, 2-byte elements.
 pub fn mma_smem_bytes(config: FusedConfig, p: &FusedParams) -> u64 {
     let align = |b: u64| b.div_ceil(16) * 16;
     let (bt, km) = (config.bt as u64, 32u64);
@@ -400,7 +400,7 @@ pub fn mma_smem_bytes(config: FusedConfig, p: &FusedParams) -> u64 {
     at = align(at + 2 * bt * (r16 + 8));
     at = align(at + 2 * bt * (r16 + 8));
     at = align(at + 4 * bt * (r16 / 16));
-    at + 2 * 16 * (config.mma_bn() as u64 + 8)
+    at + 2 * 2 * 16 * (config.mma_bn() as u64 + 8)
 }
 
 /// 4-byte words of dynamic shared memory of a launch (mirrors `fused_carve` in the `.cu`).

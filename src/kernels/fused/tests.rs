@@ -105,8 +105,8 @@ fn mixlora_plan_has_one_launch_and_exact_lengths() {
     assert_eq!((l.entry, l.grid, l.block), (entry::LAYER_MMA, (63, 1), 256));
     // Common: hz 16 x 136, rows 8 x 8, probs 16 x 8, ids/w 2 x 16 x 2, z-loss/entropy 2 x 16 words
     // (9856 bytes); then x stages 2 x 16 x 40, W 32 x 152, hi and lo 16 x 136 each (2 bytes), chunk
-    // scales 16 x 8 (4 bytes), B 16 x 136 (2 bytes).
-    assert_eq!(l.shared_bytes, 9856 + 2560 + 9728 + 4352 + 4352 + 512 + 4352);
+    // scales 16 x 8 (4 bytes), two B stages 16 x 136 (2 bytes).
+    assert_eq!(l.shared_bytes, 9856 + 2560 + 9728 + 4352 + 4352 + 512 + 2 * 4352);
     let fma = p.clone().without_tensor_cores();
     let l = fma.launches[0];
     assert_eq!((l.entry, l.grid), (entry::LAYER, (63, 1)));
