@@ -25,7 +25,7 @@ pub use launch::{forward, forward_raw, FusedBuffers, RawFusedPointers};
 
 use super::gating::{self, EntropyKind, GatingParams, KernelLaunch, StatsParams, StatsPlan};
 use super::{Family, KernelBuild, BLOCK_THREADS_DEFINE};
-use crate::model::{Gating, LayerSpec, Mix, Router, RoutingRule};
+use crate::model::{Gating, LayerSpec, Mix, Router};
 use crate::{DType, MoleError, Result};
 use bytemuck::{Pod, Zeroable};
 
@@ -415,20 +415,6 @@ fn fits_u32(name: &'static str, v: u64) -> Result<u32> {
     u32::try_from(v).map_err(|_| MoleError::param(name, v, "must fit in 32 bits"))
 }
 
-/// What the reference reports for a spec: `(has probabilities, has raw scores, entropy index)`.
-fn stats_shape(spec: &LayerSpec, writes_probs: bool) -> (bool, bool, Option<f64>) {
-    let rule = spec.rule();
-    let scores = matches!(rule, Some(r) if !matches!(r, RoutingRule::MagnitudeTopK { .. }));
-    let q = match rule {
-        Some(RoutingRule::DynMole { q, .. }) => Some(q),
-        Some(RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. }) => {
-            Some(1.0)
-        }
-        _ => None,
-    };
-    (writes_probs, scores, q)
-}
-
 /// Validates a fused forward of `spec` over `tokens` tokens with `build` and computes its
 /// launches and buffer lengths.
 ///
@@ -494,7 +480,10 @@ fn plan_inner(
     let d_in = fits_u32("d_in", spec.d_in as u64)?;
     let d_out = fits_u32("d_out", spec.d_out as u64)?;
     let tiles = (tokens as u64).div_ceil(config.bt as u64);
-    let (has_probs, has_scores, entropy_q) = stats_shape(spec, route.writes_probs);
+    // What the reference's statistics report for this rule.
+    let has_probs = route.writes_probs;
+    let has_scores = spec.rule().is_some_and(|r| r.has_z_loss());
+    let entropy_q = spec.rule().and_then(|r| r.entropy_index());
     let entropy = match entropy_q {
         Some(q) if has_probs => EntropyKind::for_q(q),
         _ => EntropyKind::None,

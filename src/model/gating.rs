@@ -130,6 +130,22 @@ impl RoutingRule {
         }
     }
 
+    /// The Tsallis index of the entropy the router statistics report: DynMoLE's `q`, 1 (Shannon)
+    /// for the other softmax rules, none for the rest.
+    pub fn entropy_index(&self) -> Option<f64> {
+        match *self {
+            RoutingRule::DynMole { q, .. } => Some(q),
+            RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. } => Some(1.0),
+            RoutingRule::SigmoidTopK { .. } | RoutingRule::MagnitudeTopK { .. } => None,
+        }
+    }
+
+    /// Whether the router statistics report a z-loss on the raw scores (every rule but FlyLoRA's
+    /// magnitude top-k, whose scores are activations, not logits).
+    pub fn has_z_loss(&self) -> bool {
+        !matches!(self, RoutingRule::MagnitudeTopK { .. })
+    }
+
     /// Whether the `selection_bias` input is used.
     pub fn uses_selection_bias(&self) -> bool {
         matches!(self, RoutingRule::SigmoidTopK { bias: true, .. } | RoutingRule::MagnitudeTopK { bias: true, .. })

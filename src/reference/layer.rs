@@ -6,7 +6,7 @@ use super::mix::{core_merge, expert_scale};
 use super::routing::{route, GateInput, Routing};
 use super::stats::{router_stats, RouterStats};
 use crate::dtype::{to_f64_vec, Scalar};
-use crate::model::{Gating, LayerInputs, LayerSpec, Mix, Router, RoutingRule};
+use crate::model::{Gating, LayerInputs, LayerSpec, Mix, Router};
 use crate::{MoleError, Result};
 
 /// Everything one layer call produces, in f64.
@@ -75,17 +75,8 @@ pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Resu
         _ => return Err(MoleError::Unsupported("gating inputs do not match the gating".into())),
     };
     let routing = route(&spec.gating, gate_input, t, e)?;
-    let entropy_q = match spec.rule() {
-        Some(RoutingRule::DynMole { q, .. }) => Some(q),
-        Some(RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. }) => {
-            Some(1.0)
-        }
-        _ => None,
-    };
-    let z_scores = match spec.rule() {
-        Some(RoutingRule::MagnitudeTopK { .. }) | None => None,
-        Some(_) => scores.as_deref(),
-    };
+    let entropy_q = spec.rule().and_then(|r| r.entropy_index());
+    let z_scores = scores.as_deref().filter(|_| spec.rule().is_some_and(|r| r.has_z_loss()));
     let stats = router_stats(&routing, z_scores, entropy_q);
 
     // Mix.
