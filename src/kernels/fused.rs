@@ -504,7 +504,7 @@ fn plan_inner(
             (splits, per as u32, n_per_block)
         }
     };
-    let mut params = FusedParams {
+    let params = FusedParams {
         gate: route.params,
         d_in,
         d_out,
@@ -530,10 +530,10 @@ fn plan_inner(
         scale: spec.scale as f32,
         tiles: fits_u32("token tiles", tiles)?,
     };
-    if !spec.scale.is_finite() || !params.scale.is_finite() {
+    // spec.validate() checked the f64 scale; it must also survive the cast.
+    if !params.scale.is_finite() {
         return Err(MoleError::param("scale", spec.scale, "must be finite in f32"));
     }
-    params.gate.tokens = t;
     let shrink_smem = 4 * smem_words(config, &params, true);
     let expand_smem = 4 * smem_words(config, &params, false);
     let mut launches = Vec::new();

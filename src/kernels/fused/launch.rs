@@ -115,49 +115,33 @@ pub struct RawFusedPointers {
 }
 
 impl RawFusedPointers {
-    fn fields(&self) -> [(&'static str, CUdeviceptr); 17] {
-        [
-            ("x", self.x),
-            ("a", self.a),
-            ("b", self.b),
-            ("y", self.y),
-            ("router_weight", self.router_weight),
-            ("router_bias", self.router_bias),
-            ("gate_in", self.gate_in),
-            ("adapter_ids", self.adapter_ids),
-            ("selection_bias", self.selection_bias),
-            ("rank_offsets", self.rank_offsets),
-            ("cores", self.cores),
-            ("ids", self.ids),
-            ("weights", self.weights),
-            ("probs", self.probs),
-            ("stats_ws", self.stats_ws),
-            ("stats_out", self.stats_out),
-            ("hz_part", self.hz_part),
-        ]
+    /// The pointers `l` takes, every other one null; a needed pointer that is null is an error.
+    fn for_plan(&self, l: &FusedLens) -> Result<RawFusedPointers> {
+        let take = |name: &'static str, p: CUdeviceptr, len: usize| match (len, p) {
+            (0, _) => Ok(0),
+            (_, 0) => Err(MoleError::MissingInput { name, needed_by: "the fused layer kernels" }),
+            _ => Ok(p),
+        };
+        Ok(RawFusedPointers {
+            x: take("x", self.x, l.x)?,
+            a: take("a", self.a, l.a)?,
+            b: take("b", self.b, l.b)?,
+            y: take("y", self.y, l.y)?,
+            router_weight: take("router_weight", self.router_weight, l.router_weight)?,
+            router_bias: take("router_bias", self.router_bias, l.router_bias)?,
+            gate_in: take("gate_in", self.gate_in, l.gate_in)?,
+            adapter_ids: take("adapter_ids", self.adapter_ids, l.adapter_ids)?,
+            selection_bias: take("selection_bias", self.selection_bias, l.selection_bias)?,
+            rank_offsets: take("rank_offsets", self.rank_offsets, l.rank_offsets)?,
+            cores: take("cores", self.cores, l.cores)?,
+            ids: take("ids", self.ids, l.routing)?,
+            weights: take("weights", self.weights, l.routing)?,
+            probs: take("probs", self.probs, l.probs)?,
+            stats_ws: take("stats_ws", self.stats_ws, l.stats_ws)?,
+            stats_out: take("stats_out", self.stats_out, l.stats_out)?,
+            hz_part: take("hz_part", self.hz_part, l.hz_part)?,
+        })
     }
-}
-
-fn lens_fields(l: &FusedLens) -> [usize; 17] {
-    [
-        l.x,
-        l.a,
-        l.b,
-        l.y,
-        l.router_weight,
-        l.router_bias,
-        l.gate_in,
-        l.adapter_ids,
-        l.selection_bias,
-        l.rank_offsets,
-        l.cores,
-        l.routing,
-        l.routing,
-        l.probs,
-        l.stats_ws,
-        l.stats_out,
-        l.hz_part,
-    ]
 }
 
 fn check_build(build: &KernelBuild, plan: &FusedPlan, dtype: DType) -> Result<()> {
@@ -279,37 +263,7 @@ pub unsafe fn forward_raw(
     } else {
         plan
     };
-    let mut ptrs = ptrs;
-    let lens = lens_fields(&plan.lens);
-    let mut fields = ptrs.fields();
-    for ((name, p), &len) in fields.iter_mut().zip(&lens) {
-        if len > 0 && *p == 0 {
-            return Err(MoleError::MissingInput { name, needed_by: "the fused layer kernels" });
-        }
-        if len == 0 {
-            *p = 0;
-        }
-    }
-    let [x, a, b, y, rw, rb, gi, ai, sb, ro, co, ids, w, pr, sw, so, hp] = fields.map(|(_, p)| p);
-    ptrs = RawFusedPointers {
-        x,
-        a,
-        b,
-        y,
-        router_weight: rw,
-        router_bias: rb,
-        gate_in: gi,
-        adapter_ids: ai,
-        selection_bias: sb,
-        rank_offsets: ro,
-        cores: co,
-        ids,
-        weights: w,
-        probs: pr,
-        stats_ws: sw,
-        stats_out: so,
-        hz_part: hp,
-    };
+    let ptrs = ptrs.for_plan(&plan.lens)?;
     // SAFETY: forwarded from the caller's contract; absent buffers are passed as null, which the
     // kernels never dereference for this plan.
     unsafe { launch_all(device, build, plan, ptrs, stream) }
