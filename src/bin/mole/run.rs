@@ -11,6 +11,7 @@ use mole::reference::LayerOutput;
 use mole::reference::{self, Bank};
 use mole::synth::SyntheticLayer;
 use mole::{DType, KernelElement, MoleError, Result};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -78,7 +79,7 @@ fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) ->
 
     let device = mole::cuda::Device::new(0).ok();
     let Outcome { path, max_err, time, tol } = match &device {
-        Some(device) => gpu_layer(device, spec, &data)?,
+        Some(device) => gpu_layer(device, spec, &data, &reference.y)?,
         None => cpu_path(spec, &data, &reference, ref_time)?,
     };
 
@@ -152,6 +153,7 @@ fn gpu_layer<T: KernelElement + DeviceRepr>(
     device: &mole::cuda::Device,
     spec: &LayerSpec,
     data: &SyntheticLayer<T>,
+    reference_y: &[f64],
 ) -> Result<Outcome> {
     let gpu = mole::tune::GpuId::of_device(device);
     let (cache, warnings) = mole::tune::TuningCache::load_for(&gpu);
@@ -159,7 +161,8 @@ fn gpu_layer<T: KernelElement + DeviceRepr>(
     let choice = mole::layer::choose(spec, T::DTYPE, data.tokens, device.sm_count(), Some(&cache))?;
     let source = if choice.source == ChoiceSource::Tuned { "tuned" } else { "heuristic" };
     let path = format!("GPU {} ({source}; {})", choice.strategy, choice.build);
-    let mut layer = DeviceLayer::new(device, spec, data.clone(), choice)?;
+    let mut layer =
+        DeviceLayer::new(device, spec, data.clone(), choice)?.with_reference(Arc::new(reference_y.to_vec()))?;
     // Over all tokens but the worst ceil(T / 512) of large batches: f32 router scores may route
     // a token whose deciding scores tie within f32 rounding differently from the f64 reference.
     let (err, tol) = layer.check()?;
