@@ -8,6 +8,8 @@
 //! (sigmoid + bias, |z + bias|) are within 1e-6. Rules ordered by the raw score must match
 //! exactly, ties included.
 
+mod gpu;
+
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use mole::cuda::Device;
 use mole::kernels::gating::{self, DeviceGateInput, GroupOutputs, InputKind, RouteOutputs, StatsInputs, StatsPlan};
@@ -19,18 +21,7 @@ use mole::reference::stats::router_stats;
 use mole::{DType, KernelElement, MoleError};
 
 fn device() -> Option<Device> {
-    match Device::new(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            // No GPU is a typed error, never a panic.
-            assert!(matches!(
-                e,
-                MoleError::CudaDriverNotFound { .. } | MoleError::Cuda { .. } | MoleError::Unsupported(_)
-            ));
-            eprintln!("skipping the GPU gating tests: {e}");
-            None
-        }
-    }
+    gpu::device_or_skip("the GPU gating tests")
 }
 
 struct Rng(u64);

@@ -4,25 +4,17 @@
 //! `DeviceLayer::tolerance` (f32 accumulation over `d_in + R`, one or `slots + 1` roundings of
 //! `y`). Needs a GPU: without one each test prints a note and returns.
 
+mod gpu;
+
 use mole::cuda::Device;
 use mole::layer::{default_build, Choice, ChoiceSource, DeviceLayer, STANDARD_METHODS};
 use mole::model::{LayerSpec, MethodShape, Mix, Router};
 use mole::synth::SyntheticLayer;
 use mole::tune::Strategy;
-use mole::{DType, KernelElement, MoleError};
+use mole::{DType, KernelElement};
 
 fn device() -> Option<Device> {
-    match Device::new(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(matches!(
-                e,
-                MoleError::CudaDriverNotFound { .. } | MoleError::Cuda { .. } | MoleError::Unsupported(_)
-            ));
-            eprintln!("skipping the GPU layer tests: {e}");
-            None
-        }
-    }
+    gpu::device_or_skip("the GPU layer tests")
 }
 
 fn strategies(spec: &LayerSpec) -> Vec<Strategy> {
