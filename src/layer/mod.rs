@@ -67,6 +67,7 @@ pub fn fused_fits(build: &KernelBuild, spec: &LayerSpec, tokens: usize) -> bool 
 /// The heuristic strategy for `spec` at `tokens` tokens on a GPU with `sm_count` SMs (see the
 /// module documentation).
 pub fn heuristic(spec: &LayerSpec, dtype: DType, tokens: usize, sm_count: u32) -> Result<Strategy> {
+    spec.validate()?;
     let build = fused::build(dtype, FusedConfig::DEFAULT);
     if fused_fits(&build, spec, tokens) {
         let tiles = tokens.div_ceil(FusedConfig::DEFAULT.bt as usize);
@@ -136,6 +137,9 @@ mod tests {
         // CoMoL with a rank the fused build cannot hold has no path.
         let comol = Method::Comol.spec(shape(4, 512)).unwrap();
         assert!(heuristic(&comol, DType::BF16, 4096, 132).is_err());
+        // An invalid spec is its own error, not a quiet fall-through to the grouped path.
+        let bad = LayerSpec { d_in: 0, ..Method::MixLora.spec(shape(64, 16)).unwrap() };
+        assert_eq!(heuristic(&bad, DType::BF16, 4096, 132), Err(MoleError::ZeroDimension { name: "d_in" }));
     }
 
     #[test]
