@@ -170,11 +170,6 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
         &self.choice
     }
 
-    /// The fused plan (fused strategies).
-    pub fn fused_plan(&self) -> Option<&FusedPlan> {
-        self.fused.as_ref()
-    }
-
     /// Enqueues one forward on the device's stream (`y` accumulates across calls).
     pub fn forward(&mut self) -> Result<()> {
         let gate = |l: &FusedPlan| {
