@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""PyTorch baselines of the crate's MoLE layers: what a user would run instead, each checked
+against the crate's f64 reference (`mole eval`) on the same inputs before it is timed.
+
+    python3 benches/peers/baselines.py --mole PATH --device cuda|cpu --dtype bf16|f16|f32 \\
+        --shapes standard|tiny [--tokens 1,16,256,4096] [--runs 20] --out FILE.json
+
+`standard`: d_in = d_out = 4096, tokens 1,16,256,4096; `tiny`: d = 64, tokens 1,16,64, 5 runs (CPU
+smoke tests). Methods are the crate's standard set (`methods.STANDARD`); baselines and the pairs they
+cannot express are in `formulations.py`, the tolerance and near-tie rules in `check.py`.
+
+Per method: one check set of CHECK_TOKENS tokens goes through `mole eval` and through every
+baseline on the device in the storage dtype; a baseline whose relative error exceeds the
+tolerance is reported `failed` and not timed. Timing (per token count): warm-up calls, then
+`--runs` calls, each on the next of several input sets totalling more than twice the L2 size (so
+no call finds its inputs in L2), each timed with CUDA events (time.perf_counter on a CPU);
+routing is inside every call. `time_us` is the median; `gbs` the floor bytes (x read once, y read
+and written, A, B, router weight and cores read once) over it; `copy_gbs` a device-to-device copy
+(bytes read plus written). Exit 0 when every row is ok or skipped, 1 if any failed.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+
+CHECK_TOKENS = 256
+WARMUP = 3
+MAX_SETS = 256
+# shapes: (d_in = d_out, default token counts, default timed runs)
+SHAPES = {"standard": (4096, [1, 16, 256, 4096], 20), "tiny": (64, [1, 16, 64], 5)}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mole", required=True, help="the mole binary (its `eval` is the reference)")
+    p.add_argument("--device", choices=["cuda", "cpu"], required=True)
+    p.add_argument("--dtype", choices=["bf16", "f16", "f32"], required=True)
+    p.add_argument("--shapes", choices=sorted(SHAPES), required=True)
+    p.add_argument("--tokens", help="comma-separated token counts (default: the shapes' own)")
+    p.add_argument("--runs", type=int, help="timed calls per row, median reported (20; tiny: 5)")
+    p.add_argument("--methods", help="comma-separated subset of the standard methods")
+    p.add_argument("--out", required=True, help="JSON results")
+    a = p.parse_args(argv)
+    d, tokens, runs = SHAPES[a.shapes]
+    a.d, a.runs = d, runs if a.runs is None else a.runs
+    a.token_counts = [int(s) for s in a.tokens.split(",")] if a.tokens else tokens
+    if a.runs < 1 or any(t < 1 for t in a.token_counts):
+        p.error("--runs and every token count must be >= 1")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        import torch  # noqa: F401
+    except Exception as e:
+        return finish(args, {"device": args.device, "torch": None}, skipped_rows(args, f"torch is not importable: {e}"))
+    import torch
+
+    from methods import STANDARD, Layer
+
+    methods = [m for m in STANDARD if not args.methods or m[0] in args.methods.split(",")]
+    layers = [Layer(m, args.d, args.d, e, r, k) for m, e, r, k in methods]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        meta = {"device": "cuda (not available)", "torch": torch.__version__}
+        return finish(args, meta, skipped_rows(args, "CUDA is not available to this PyTorch", layers))
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # f32 baselines compute in f32 (PyTorch's default)
+    bench = Bench(args, device, dtype)
+    meta = {"device": bench.device_name(), "torch": torch.__version__, "copy_gbs": bench.copy_gbs(),
+            "l2_bytes": bench.l2_bytes}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mole-peers-") as work:
+        for seed, layer in enumerate(layers):
+            rows += bench.method_rows(layer, seed, work)
+    return finish(args, meta, rows)
+
+
+class Bench:
+    def __init__(self, args, device, dtype):
+        import torch
+
+        self.args, self.device, self.dtype, self.torch = args, device, dtype, torch
+        self.cuda = device.type == "cuda"
+        props = torch.cuda.get_device_properties(device) if self.cuda else None
+        self.l2_bytes = getattr(props, "L2_cache_size", None) if props else None
+
+    def device_name(self):
+        if self.cuda:
+            cap = self.torch.cuda.get_device_capability(self.device)
+            return f"{self.torch.cuda.get_device_name(self.device)} (sm_{cap[0]}{cap[1]})"
+        return "cpu"
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def time_us(self, calls, runs):
+        """Median µs of `runs` calls after WARMUP; call i runs `calls[i % len(calls)]`."""
+        torch = self.torch
+        for i in range(WARMUP):
+            calls[i % len(calls)]()
+        self.sync()
+        order = [calls[(WARMUP + i) % len(calls)] for i in range(runs)]
+        if self.cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in order]
+            for fn, (start, end) in zip(order, events):
+                start.record()
+                fn()
+                end.record()
+            self.sync()
+            times = [s.elapsed_time(e) * 1e3 for s, e in events]
+        else:
+            times = []
+            for fn in order:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(times)
+
+    def copy_gbs(self):
+        """A device-to-device copy of 256 MiB (64 MiB on a CPU): bytes read plus written over the
+        median time."""
+        n = (256 if self.cuda else 64) << 20
+        src = self.torch.ones(n, dtype=self.torch.uint8, device=self.device)
+        dst = self.torch.empty_like(src)
+        us = self.time_us([lambda: dst.copy_(src)], 10)
+        return 2.0 * n / (us * 1e-6) / 1e9
+
+    def sets_for(self, layer, tokens):
+        """How many input sets exceed twice the L2 size (2 without an L2 size, e.g. on a CPU)."""
+        el = self.torch.tensor([], dtype=self.dtype).element_size()
+        per_set = el * (tokens * (layer.d_in + layer.d_out) + layer.weight_elements())
+        if not self.l2_bytes:
+            return 2
+        return min(MAX_SETS, max(2, math.ceil(2 * self.l2_bytes / per_set) + 1))
+
+    def method_rows(self, layer, seed, work):
+        import check
+        from formulations import BASELINES, PREPARE, Skip, grouped_mm_unsupported, unsupported
+        from methods import inputs
+
+        t = inputs(layer, CHECK_TOKENS, self.dtype, self.device, seed)
+        try:
+            ref = check.reference(self.args.mole, layer, t, work)
+            problems = check.spec_problems(layer, t, ref)
+            fail_all = f"failed: spec disagrees with the method: {'; '.join(problems)}" if problems else None
+            tie = check.near_ties(layer, t, ref, self.dtype)
+        except Exception as e:
+            fail_all = f"failed: reference: {type(e).__name__}: {str(e)[:300]}"
+        tol = check.tolerance(layer, self.dtype)
+        rows = []
+        for name in BASELINES:
+            if unsupported(name, layer):
+                continue
+            status, record = fail_all, None
+            if status is None and name == "grouped_mm":
+                reason = grouped_mm_unsupported(self.device, self.dtype)
+                status = f"skipped: {reason}" if reason else None
+            if status is None:
+                status, record = self.check_one(PREPARE[name], layer, t, ref["y"], tie, tol, Skip)
+            for tokens in self.args.token_counts:
+                rows.append(self.row(layer, tokens, name, status, record, PREPARE[name], seed))
+        return rows
+
+    def check_one(self, prepare, layer, t, ref_y, tie, tol, skip):
+        import check
+
+        tc = dict(t, y=t["y"].clone())
+        try:
+            y = prepare(layer, tc)()
+            self.sync()
+        except skip as e:
+            return f"skipped: {e}", None
+        except Exception as e:
+            return f"failed: {type(e).__name__}: {str(e)[:300]}", None
+        record = check.compare(y, ref_y, tie, tol)
+        ok = record["rel_err"] <= tol
+        return ("ok" if ok else f"failed: rel_err {record['rel_err']:.3e} > tol {tol:.3e}"), record
+
+    def row(self, layer, tokens, name, status, record, prepare, seed):
+        from methods import inputs
+
+        row = {"method": layer.method, "d_in": layer.d_in, "d_out": layer.d_out, "experts": layer.experts,
+               "rank": layer.rank, "k": layer.k, "tokens": tokens, "baseline": name, "status": status,
+               "time_us": None, "gbs": None, "check": record}
+        if status != "ok":
+            return row
+        n = self.sets_for(layer, tokens)
+        try:
+            calls = [prepare(layer, inputs(layer, tokens, self.dtype, self.device, 1000 * seed + i)) for i in range(n)]
+            us = self.time_us(calls, self.args.runs)
+        except Exception as e:
+            row["status"] = f"failed: timing: {type(e).__name__}: {str(e)[:300]}"
+            return row
+        el = self.torch.tensor([], dtype=self.dtype).element_size()
+        floor = el * (tokens * (layer.d_in + 2 * layer.d_out) + layer.weight_elements())
+        row.update(time_us=us, gbs=floor / (us * 1e-6) / 1e9, input_sets=n)
+        return row
+
+
+def skipped_rows(args, reason, layers=None):
+    """Every row the run would have, skipped for `reason` (without torch the layers are unknown)."""
+    if layers is None:
+        return [{"method": None, "baseline": None, "status": f"skipped: {reason}"}]
+    from formulations import BASELINES, unsupported
+
+    return [
+        {"method": ly.method, "d_in": ly.d_in, "d_out": ly.d_out, "experts": ly.experts, "rank": ly.rank,
+         "k": ly.k, "tokens": tok, "baseline": b, "status": f"skipped: {reason}", "time_us": None, "gbs": None,
+         "check": None}
+        for ly in layers for b in BASELINES if not unsupported(b, ly) for tok in args.token_counts
+    ]
+
+
+def finish(args, meta, rows):
+    out = {"device": meta.get("device"), "torch": meta.get("torch"), "dtype": args.dtype,
+           "copy_gbs": meta.get("copy_gbs"), "l2_bytes": meta.get("l2_bytes"), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print_table(out)
+    return 1 if any(str(r["status"]).startswith("failed") for r in rows) else 0
+
+
+def print_table(out):
+    copy = out["copy_gbs"]
+    print(f"device: {out['device']}  torch {out['torch']}  dtype {out['dtype']}  copy "
+          f"{'-' if copy is None else f'{copy:.1f}'} GB/s  L2 {out['l2_bytes']}")
+    print(f"{'method':<18} {'T':>5} {'baseline':<11} {'time us':>10} {'GB/s':>8} {'rel_err':>9} {'tol':>9} "
+          f"{'ties':>4}  status")
+    for r in out["rows"]:
+        c = r.get("check") or {}
+        num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"{str(r['method']):<18} {num(r.get('tokens'), 'd'):>5} {str(r['baseline']):<11} "
+              f"{num(r.get('time_us'), '.1f'):>10} {num(r.get('gbs'), '.1f'):>8} {num(c.get('rel_err'), '.2e'):>9} "
+              f"{num(c.get('tol'), '.2e'):>9} {num(c.get('near_tie_tokens'), 'd'):>4}  {r['status']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

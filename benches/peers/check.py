@@ -1,0 +1,183 @@
+"""Checking a baseline against the crate's f64 reference (`mole eval`) on the same inputs.
+
+Tolerance (relative Frobenius error of y over the tokens that are not near-ties):
+
+    tol = 2 * (sqrt(ROUNDINGS) * u + sqrt(d_in + R) * u_acc)
+
+`u` is the storage dtype's unit roundoff (bf16 2^-8, f16 2^-11, f32 2^-24), `u_acc` = 2^-24 that
+of the f32 accumulators. A baseline rounds to the storage dtype at most ROUNDINGS = 8 times on its
+way to y (router scores, gate weights, h, gated h, the merged core or per-expert product, the
+expansion, the scaled delta, y); independent roundings of relative size <= u add up as
+sqrt(count) * u in a Frobenius norm. The f32 sums over d_in (shrink) then R (expand) grow as
+sqrt(length) * u_acc (and split-K partial sums that PyTorch may reduce in bf16 / f16 count
+among the roundings). The factor 2 leaves room for the gate weights' error through logits of a
+few units; measured errors are about 1.3 u (bf16, f16) on a CPU. Inputs make the delta of the
+order of y, so an error in the delta shows in y's error; f32 matmuls run without TF32.
+
+Near-ties: a token whose routing decision lies within the scores' resolution of a boundary may be
+routed differently by a baseline that computes scores in the storage dtype; such tokens are left
+out of the comparison and counted. Score z[t, e] = inp[t] . W[:, e] (x or h against the router
+weight; x against A for the low-rank router) is rounded to the dtype once, its input h once more
+for the h router, and summed in f32, so its error is at most
+
+    dz = u * |z| + 3 * (u_in + sqrt(n) * u_acc) * ||inp[t] * W[:, e]||_2
+
+(u_in = u for the h router, else 0; n the reduction length; 3 standard deviations of the random
+walk). A selection key moves by at most dkey = dz (logits, |z + bias|) or s (1 - s) dz (sigmoid).
+Near-tie: the keys of a kept and a dropped expert overlap within their dkey; for top-p and DynMoLE
+a cumulative probability within dcum = 2 sum_i p_i dz_i of its threshold (|dp_i| <= p_i (dz_i +
+sum_j p_j dz_j)); for DynMoLE a normalised Tsallis entropy within sum_i |dH/dp_i| |dp_i| of its
+threshold. Given weights are exact in both computations: a tie there is an exact tie.
+"""
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROUNDINGS = 8
+U_ACC = 2.0**-24
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+def tolerance(layer, dtype):
+    """The tolerance of the module docstring for `layer` in `dtype`."""
+    u = UNIT_ROUNDOFF[dtype]
+    return 2.0 * (math.sqrt(ROUNDINGS) * u + math.sqrt(layer.d_in + layer.total_rank) * U_ACC)
+
+
+def reference(mole, layer, t, workdir):
+    """Writes `t` and the layer's spec, runs `mole eval`, returns its outputs (CPU tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    work = Path(workdir)
+    spec_path, in_path, out_path = work / "layer.json", work / "in.safetensors", work / "out.safetensors"
+    spec_path.write_text(json.dumps(layer.spec(), indent=1))
+    save_file({k: v.detach().cpu().contiguous() for k, v in t.items()}, str(in_path))
+    cmd = [str(mole), "eval", "--spec", str(spec_path), "--inputs", str(in_path), "--out", str(out_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"mole eval exited {done.returncode}: {(done.stderr or done.stdout).strip()[:300]}")
+    return load_file(str(out_path))
+
+
+def spec_problems(layer, t, ref):
+    """Where the reference's routing under our spec JSON departs from the method's documentation
+    (README's gating table, `src/model/method.rs`): slots per token and the weights' defining sums."""
+    ids, w = ref["ids"].long(), ref["weights"]
+    tokens, e, k = ids.shape[0], layer.experts, layer.k
+    sel = ids >= 0
+    nsel, wsum = sel.sum(1), w.sum(1)
+    slots = {"llava-mole-sparse": 1, "adapter-serving": 1, "x-lora": e if k >= e else k}
+    dynamic = ("mix-lora-dynamic", "dyn-mole", "llava-mole-dense", "lora-moe")
+    want_slots = e if layer.method in dynamic else slots.get(layer.method, k)
+    problems = []
+    if ids.shape != (tokens, want_slots):
+        problems.append(f"slots: reference gives {ids.shape[1]}, the method has {want_slots}")
+        return problems
+
+    def expect(cond, what):
+        if not bool(cond):
+            problems.append(what)
+
+    probs_at = ref["probs"].gather(1, ids.clamp(min=0)) * sel if "probs" in ref else None
+    m = layer.method
+    if m in ("mix-lora", "comol"):
+        expect((nsel == k).all() and torch.allclose(wsum, torch.ones_like(wsum)), "top-k weights renormalised to 1")
+    elif m == "flex-olmo":
+        expect((nsel == k).all() and torch.allclose(w, probs_at), "top-k weights are the softmax probabilities")
+    elif m in ("llava-mole-dense", "lora-moe"):
+        expect((nsel == e).all() and torch.allclose(wsum, torch.ones_like(wsum)), "dense softmax over every expert")
+    elif m == "mix-lora-dynamic":
+        expect(torch.allclose(w, probs_at) and (wsum > 0.8).all(), "top-p 0.8: raw probabilities summing past 0.8")
+    elif m == "dyn-mole":
+        expect(torch.allclose(w, probs_at) and (nsel >= 2).all(), "DynMoLE: raw probabilities, keep-top-2")
+    elif m == "llava-mole-sparse":
+        expect((nsel == 1).all() and (w == 1).all(), "top-1 with weight 1")
+    elif m == "smora":
+        expect((nsel == k).all() and torch.allclose(wsum, torch.full_like(wsum, k)), "sigmoid top-k weights sum to k")
+    elif m == "fly-lora":
+        expect((nsel == k).all() and (w == 1).all(), "magnitude top-k with weight 1")
+    elif m == "x-lora":
+        given = t["weights"].double().cpu().gather(1, ids.clamp(min=0))
+        expect(torch.equal(w, given), "given weights passed through")
+    elif m == "adapter-serving":
+        expect(torch.equal(ids[:, 0], t["adapter_ids"].long().cpu()) and torch.equal(w[:, 0], sel[:, 0].double()),
+               "one adapter per token, weight 1, -1 for none")
+    expect(abs(layer.spec()["scale"] - _documented_scale(layer)) == 0, "scale = alpha / r (alpha / k SMoRA, alpha / E FlyLoRA)")
+    return problems
+
+
+def _documented_scale(layer):
+    return layer.alpha / {"smora": layer.k, "fly-lora": layer.experts}.get(layer.method, layer.rank)
+
+
+def _score_error(layer, t, ref, dtype):
+    """dz [T, E] of the module docstring, from the reference's h and scores and the inputs (f64)."""
+    u = UNIT_ROUNDOFF[dtype]
+    router, f64 = layer.router(), lambda name: t[name].double().cpu()
+    if router == "h":
+        inp, w, u_in, n = ref["h"], f64("router_weight"), u, layer.total_rank
+    else:
+        inp, w, u_in, n = f64("x"), f64("A" if router == "low_rank" else "router_weight"), 0.0, layer.d_in
+    spread = (inp.pow(2) @ w.pow(2)).sqrt()
+    return u * ref["scores"].abs() + 3.0 * (u_in + math.sqrt(n) * U_ACC) * spread
+
+
+def _overlap(keys, dkey, kept):
+    """Per token: a kept and a dropped expert whose keys are within their errors."""
+    inf = torch.tensor(math.inf, dtype=keys.dtype)
+    lowest_kept = torch.where(kept, keys - dkey, inf).amin(1)
+    highest_dropped = torch.where(kept, -inf, keys + dkey).amax(1)
+    return lowest_kept <= highest_dropped
+
+
+def near_ties(layer, t, ref, dtype):
+    """Boolean [T]: tokens whose routing is a near-tie in `dtype` (module docstring)."""
+    ids = ref["ids"].long()
+    tokens = ids.shape[0]
+    g = layer.spec()["gating"]
+    e = layer.experts
+    kept = torch.zeros(tokens, e + 1, dtype=torch.bool).scatter_(1, torch.where(ids < 0, e, ids), True)[:, :e]
+    if g["type"] != "routed":
+        if g["type"] == "given" and g["top_k"] is not None:
+            return _overlap(t["weights"].double().cpu(), 0.0, kept)
+        return torch.zeros(tokens, dtype=torch.bool)
+    rule, z = g["rule"], ref["scores"]
+    dz = _score_error(layer, t, ref, dtype)
+    bias = t["selection_bias"].double().cpu() if rule.get("bias") else 0.0
+    if rule["type"] == "sigmoid_topk":
+        s = torch.sigmoid(z)
+        tie = _overlap(s + bias, s * (1.0 - s) * dz, kept)
+    elif rule["type"] == "magnitude_topk":
+        tie = _overlap((z + bias).abs(), dz, kept)
+    else:
+        tie = _overlap(z, dz, kept)
+    if rule["type"] in ("top_p", "dynmole"):
+        p = ref["probs"]
+        ps = p.gather(1, z.argsort(dim=1, descending=True, stable=True))
+        dp = p * (dz + (p * dz).sum(1, keepdim=True))
+        cum = ps.cumsum(1)
+        if rule["type"] == "top_p":
+            cum_tie = ((cum - ps - rule["p"]).abs() <= dp.sum(1, keepdim=True)).any(1)
+        else:
+            q, n = rule["q"], e
+            pc, norm = p.clamp(min=1e-300), 1.0 - n ** (1.0 - q)
+            excess = (1.0 - pc.pow(q).sum(1)) / norm - rule["entropy_threshold"]
+            d_entropy = (q * pc.pow(q - 1.0) / norm * dp).sum(1)
+            # The cumulative cut matters only where the entropy does not clearly select everything.
+            cum_tie = ((cum - rule["top_p"]).abs() <= dp.sum(1, keepdim=True)).any(1) & (excess <= d_entropy)
+            tie |= excess.abs() <= d_entropy
+        tie |= cum_tie
+    return tie
+
+
+def compare(y, ref_y, tie, tol):
+    """The check record: relative Frobenius error of `y` against `ref_y` over the non-tie tokens."""
+    keep = ~tie
+    diff = (y.double().cpu() - ref_y)[keep]
+    denom = ref_y[keep].norm()
+    rel = float(diff.norm() / denom) if float(denom) > 0 else float(diff.norm())
+    return {"rel_err": rel, "tol": tol, "near_tie_tokens": int(tie.sum())}
