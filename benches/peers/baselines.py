@@ -27,6 +27,15 @@ import sys
 import tempfile
 import time
 
+try:
+    import torch
+
+    import check
+    from formulations import BASELINES, PREPARE, Skip, grouped_mm_unsupported, unsupported
+    from methods import STANDARD, Layer, inputs
+except ImportError as e:  # reported as every row skipped: the kit's machine may lack PyTorch
+    torch, IMPORT_ERROR = None, e
+
 CHECK_TOKENS = 256
 WARMUP = 3
 MAX_SETS = 256
@@ -55,14 +64,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        import torch  # noqa: F401
-    except Exception as e:
-        return finish(args, {"device": args.device, "torch": None}, skipped_rows(args, f"torch is not importable: {e}"))
-    import torch
-
-    from methods import STANDARD, Layer
-
+    if torch is None:
+        reason = f"PyTorch is not importable: {IMPORT_ERROR}"
+        return finish(args, {"device": args.device, "torch": None}, skipped_rows(args, reason))
     methods = [m for m in STANDARD if not args.methods or m[0] in args.methods.split(",")]
     layers = [Layer(m, args.d, args.d, e, r, k) for m, e, r, k in methods]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -83,26 +87,26 @@ def main(argv=None):
 
 class Bench:
     def __init__(self, args, device, dtype):
-        import torch
-
-        self.args, self.device, self.dtype, self.torch = args, device, dtype, torch
+        self.args, self.device, self.dtype = args, device, dtype
         self.cuda = device.type == "cuda"
         props = torch.cuda.get_device_properties(device) if self.cuda else None
         self.l2_bytes = getattr(props, "L2_cache_size", None) if props else None
+        # Rotation target: twice the L2 (128 MiB, more than any current L2, where CUDA does not
+        # say; none on a CPU, where two sets alternate).
+        self.rotate_bytes = 2 * (self.l2_bytes or 128 << 20) if self.cuda else None
 
     def device_name(self):
         if self.cuda:
-            cap = self.torch.cuda.get_device_capability(self.device)
-            return f"{self.torch.cuda.get_device_name(self.device)} (sm_{cap[0]}{cap[1]})"
+            cap = torch.cuda.get_device_capability(self.device)
+            return f"{torch.cuda.get_device_name(self.device)} (sm_{cap[0]}{cap[1]})"
         return "cpu"
 
     def sync(self):
         if self.cuda:
-            self.torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)
 
     def time_us(self, calls, runs):
         """Median µs of `runs` calls after WARMUP; call i runs `calls[i % len(calls)]`."""
-        torch = self.torch
         for i in range(WARMUP):
             calls[i % len(calls)]()
         self.sync()
@@ -127,24 +131,20 @@ class Bench:
         """A device-to-device copy of 256 MiB (64 MiB on a CPU): bytes read plus written over the
         median time."""
         n = (256 if self.cuda else 64) << 20
-        src = self.torch.ones(n, dtype=self.torch.uint8, device=self.device)
-        dst = self.torch.empty_like(src)
+        src = torch.ones(n, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
         us = self.time_us([lambda: dst.copy_(src)], 10)
         return 2.0 * n / (us * 1e-6) / 1e9
 
     def sets_for(self, layer, tokens):
-        """How many input sets exceed twice the L2 size (2 without an L2 size, e.g. on a CPU)."""
-        el = self.torch.tensor([], dtype=self.dtype).element_size()
+        """How many input sets exceed the rotation target (2 on a CPU)."""
+        el = torch.tensor([], dtype=self.dtype).element_size()
         per_set = el * (tokens * (layer.d_in + layer.d_out) + layer.weight_elements())
-        if not self.l2_bytes:
+        if not self.rotate_bytes:
             return 2
-        return min(MAX_SETS, max(2, math.ceil(2 * self.l2_bytes / per_set) + 1))
+        return min(MAX_SETS, max(2, math.ceil(self.rotate_bytes / per_set) + 1))
 
     def method_rows(self, layer, seed, work):
-        import check
-        from formulations import BASELINES, PREPARE, Skip, grouped_mm_unsupported, unsupported
-        from methods import inputs
-
         t = inputs(layer, CHECK_TOKENS, self.dtype, self.device, seed)
         try:
             ref = check.reference(self.args.mole, layer, t, work)
@@ -163,19 +163,17 @@ class Bench:
                 reason = grouped_mm_unsupported(self.device, self.dtype)
                 status = f"skipped: {reason}" if reason else None
             if status is None:
-                status, record = self.check_one(PREPARE[name], layer, t, ref["y"], tie, tol, Skip)
+                status, record = self.check_one(PREPARE[name], layer, t, ref["y"], tie, tol)
             for tokens in self.args.token_counts:
                 rows.append(self.row(layer, tokens, name, status, record, PREPARE[name], seed))
         return rows
 
-    def check_one(self, prepare, layer, t, ref_y, tie, tol, skip):
-        import check
-
+    def check_one(self, prepare, layer, t, ref_y, tie, tol):
         tc = dict(t, y=t["y"].clone())
         try:
             y = prepare(layer, tc)()
             self.sync()
-        except skip as e:
+        except Skip as e:
             return f"skipped: {e}", None
         except Exception as e:
             return f"failed: {type(e).__name__}: {str(e)[:300]}", None
@@ -184,8 +182,6 @@ class Bench:
         return ("ok" if ok else f"failed: rel_err {record['rel_err']:.3e} > tol {tol:.3e}"), record
 
     def row(self, layer, tokens, name, status, record, prepare, seed):
-        from methods import inputs
-
         row = {"method": layer.method, "d_in": layer.d_in, "d_out": layer.d_out, "experts": layer.experts,
                "rank": layer.rank, "k": layer.k, "tokens": tokens, "baseline": name, "status": status,
                "time_us": None, "gbs": None, "check": record}
@@ -198,7 +194,7 @@ class Bench:
         except Exception as e:
             row["status"] = f"failed: timing: {type(e).__name__}: {str(e)[:300]}"
             return row
-        el = self.torch.tensor([], dtype=self.dtype).element_size()
+        el = torch.tensor([], dtype=self.dtype).element_size()
         floor = el * (tokens * (layer.d_in + 2 * layer.d_out) + layer.weight_elements())
         row.update(time_us=us, gbs=floor / (us * 1e-6) / 1e9, input_sets=n)
         return row
@@ -208,8 +204,6 @@ def skipped_rows(args, reason, layers=None):
     """Every row the run would have, skipped for `reason` (without torch the layers are unknown)."""
     if layers is None:
         return [{"method": None, "baseline": None, "status": f"skipped: {reason}"}]
-    from formulations import BASELINES, unsupported
-
     return [
         {"method": ly.method, "d_in": ly.d_in, "d_out": ly.d_out, "experts": ly.experts, "rank": ly.rank,
          "k": ly.k, "tokens": tok, "baseline": b, "status": f"skipped: {reason}", "time_us": None, "gbs": None,

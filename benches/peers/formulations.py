@@ -100,7 +100,8 @@ def route(layer, t, h=None):
             q, n = rule["q"], p.shape[-1]
             entropy = (1.0 - p.pow(q).sum(dim=-1)) / (1.0 - n ** (1.0 - q))
             pos = torch.arange(n, device=p.device)
-            keep = (entropy > rule["entropy_threshold"]).unsqueeze(1) | (cum <= rule["top_p"]) | (pos < rule["keep_top_k"])
+            everything = (entropy > rule["entropy_threshold"]).unsqueeze(1)
+            keep = everything | (cum <= rule["top_p"]) | (pos < rule["keep_top_k"])
         return _keep(order, keep, ps.to(dtype))
     bias = t["selection_bias"].float() if rule.get("bias") else 0.0
     if kind == "sigmoid_topk":

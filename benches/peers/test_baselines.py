@@ -106,6 +106,41 @@ class TinySet(unittest.TestCase):
         self.check_run("f32", [1], 1)
 
 
+def run_in_process(methods):
+    """baselines.main on the tiny shapes, 4 tokens, one run; returns (exit code, rows)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "out.json"
+        argv = ["--mole", mole_binary(), "--device", "cpu", "--dtype", "bf16", "--shapes", "tiny",
+                "--tokens", "4", "--runs", "1", "--methods", methods, "--out", str(out)]
+        rc = baselines.main(argv)
+        return rc, json.loads(out.read_text())["rows"]
+
+
+class SpecDrift(unittest.TestCase):
+    def test_a_spec_that_departs_from_the_method_fails(self):
+        """MixLoRA's spec with softmax instead of renormalised weights: the baselines follow the
+        spec and would agree with the reference, so the documented invariants must catch it."""
+        original = Layer.spec
+
+        def drifted(layer):
+            spec = original(layer)
+            if layer.method == "mix-lora":
+                spec["gating"]["rule"]["weights"] = "softmax"
+            return spec
+
+        Layer.spec = drifted
+        try:
+            rc, rows = run_in_process("mix-lora,flex-olmo")
+        finally:
+            Layer.spec = original
+        self.assertEqual(rc, 1)
+        for r in rows:
+            if r["method"] == "mix-lora":
+                self.assertIn("spec disagrees with the method: top-k weights renormalised", r["status"])
+            else:
+                self.assertEqual(r["status"], "ok", r)
+
+
 class WrongBaselines(unittest.TestCase):
     """A baseline with a wrong gate must fail its check and go untimed (exit code 1)."""
 
@@ -117,12 +152,7 @@ class WrongBaselines(unittest.TestCase):
 
         formulations.route = wrong_route
         try:
-            with tempfile.TemporaryDirectory() as d:
-                out = Path(d) / "out.json"
-                argv = ["--mole", mole_binary(), "--device", "cpu", "--dtype", "bf16", "--shapes", "tiny",
-                        "--tokens", "4", "--runs", "1", "--methods", methods, "--out", str(out)]
-                rc = baselines.main(argv)
-                rows = json.loads(out.read_text())["rows"]
+            rc, rows = run_in_process(methods)
         finally:
             formulations.route = original
         self.assertEqual(rc, 1)
