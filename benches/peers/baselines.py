@@ -6,8 +6,14 @@ against the crate's f64 reference (`mole eval`) on the same inputs before it is 
         --shapes standard|tiny [--tokens 1,16,256,4096] [--runs 20] --out FILE.json
 
 `standard`: d_in = d_out = 4096, tokens 1,16,256,4096; `tiny`: d = 64, tokens 1,16,64, 5 runs (CPU
-smoke tests). Methods are the crate's standard set (`methods.STANDARD`); baselines and the pairs they
-cannot express are in `formulations.py`, the tolerance and near-tie rules in `check.py`.
+smoke tests). Methods are the crate's standard set plus adapter serving (`methods.STANDARD`);
+baselines are described in `formulations.py`, the tolerance and near-tie rules in `check.py`.
+Pairs a baseline cannot express get no row (`formulations.unsupported` says why): FlyLoRA in
+`loop` and `grouped_mm` (its router reads h of every rank, so the shrink is dense by
+construction), CoMoL in `grouped_mm` (shrink and expand are shared by every core; only r x r core
+products would be grouped), and `peft_mixed` for every method but adapter serving (PEFT's mixed
+batch gives each token one adapter). `grouped_mm` rows are skipped where `torch._grouped_mm`
+refuses the device or dtype (probed) or the rank's rows are not 16-byte aligned (SMoRA's rank 1).
 
 Per method: one check set of CHECK_TOKENS tokens goes through `mole eval` and through every
 baseline on the device in the storage dtype; a baseline whose relative error exceeds the
@@ -16,7 +22,8 @@ tolerance is reported `failed` and not timed. Timing (per token count): warm-up 
 no call finds its inputs in L2), each timed with CUDA events (time.perf_counter on a CPU);
 routing is inside every call. `time_us` is the median; `gbs` the floor bytes (x read once, y read
 and written, A, B, router weight and cores read once) over it; `copy_gbs` a device-to-device copy
-(bytes read plus written). Exit 0 when every row is ok or skipped, 1 if any failed.
+(bytes read plus written); `input_sets` how many sets rotated. Exit 0 when every row is ok or
+skipped, 1 if any failed.
 """
 
 import argparse
