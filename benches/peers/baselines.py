@@ -18,8 +18,10 @@ refuses the device or dtype (probed) or the rank's rows are not 16-byte aligned 
 Per method: one check set of CHECK_TOKENS tokens goes through `mole eval` and through every
 baseline on the device in the storage dtype; a baseline whose relative error exceeds the
 tolerance is reported `failed` and not timed. Timing (per token count): warm-up calls, then
-`--runs` calls, each on the next of several input sets totalling more than twice the L2 size (so
-no call finds its inputs in L2), each timed with CUDA events (time.perf_counter on a CPU);
+`--runs` calls, each on the next of several input sets, so that no call finds its inputs in L2:
+L2 is flushed (a read of twice its size) once the sets are made, and a set comes back only after
+sets totalling more than twice the L2 (at small T, where that takes more sets than calls, each
+set is used once); each call timed with CUDA events (time.perf_counter on a CPU);
 routing is inside every call. `time_us` is the median; `gbs` the floor bytes (x read once, y read
 and written, A, B, router weight and cores read once) over it; `copy_gbs` a device-to-device copy
 (bytes read plus written); `input_sets` how many sets rotated. Exit 0 when every row is ok or
@@ -101,6 +103,7 @@ class Bench:
         # Rotation target: twice the L2 (128 MiB, more than any current L2, where CUDA does not
         # say; none on a CPU, where two sets alternate).
         self.rotate_bytes = 2 * (self.l2_bytes or 128 << 20) if self.cuda else None
+        self.scratch = torch.empty(self.rotate_bytes, dtype=torch.uint8, device=device) if self.cuda else None
 
     def device_name(self):
         if self.cuda:
@@ -144,12 +147,18 @@ class Bench:
         return 2.0 * n / (us * 1e-6) / 1e9
 
     def sets_for(self, layer, tokens):
-        """How many input sets exceed the rotation target (2 on a CPU)."""
+        """Input sets to rotate (2 on a CPU): enough to exceed the rotation target, so that a set
+        comes back only after more than twice the L2 of others, but no more than the calls use."""
         el = torch.tensor([], dtype=self.dtype).element_size()
         per_set = el * (tokens * (layer.d_in + layer.d_out) + layer.weight_elements())
         if not self.rotate_bytes:
             return 2
-        return min(MAX_SETS, max(2, math.ceil(self.rotate_bytes / per_set) + 1))
+        return min(MAX_SETS, WARMUP + self.args.runs, max(2, math.ceil(self.rotate_bytes / per_set) + 1))
+
+    def evict_l2(self):
+        """Reads a buffer of twice the L2, so that no set is still in L2 from its preparation."""
+        if self.cuda:
+            self.scratch.max()
 
     def method_rows(self, layer, seed, work):
         t = inputs(layer, CHECK_TOKENS, self.dtype, self.device, seed)
@@ -197,6 +206,7 @@ class Bench:
         n = self.sets_for(layer, tokens)
         try:
             calls = [prepare(layer, inputs(layer, tokens, self.dtype, self.device, 1000 * seed + i)) for i in range(n)]
+            self.evict_l2()
             us = self.time_us(calls, self.args.runs)
         except Exception as e:
             row["status"] = f"failed: timing: {type(e).__name__}: {str(e)[:300]}"
