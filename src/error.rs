@@ -116,8 +116,10 @@ pub enum MoleError {
     },
     /// NVRTC (libnvrtc) could not be loaded.
     #[error(
-        "NVRTC (libnvrtc.so) was not found: `pip install nvidia-cuda-nvrtc-cu12` and add its \
-         `nvidia/cuda_nvrtc/lib` folder to LD_LIBRARY_PATH, or install the CUDA toolkit ({detail})"
+        "NVRTC (libnvrtc.so.13 or .12) was not found: in a mole checkout run \
+         `bash scripts/install-nvrtc.sh` (mole then finds .nvrtc/ by itself); elsewhere \
+         `pip install nvidia-cuda-nvrtc` (CUDA 13) or `nvidia-cuda-nvrtc-cu12` (CUDA 12), install \
+         the CUDA toolkit, or set MOLE_NVRTC_PATH to the library ({detail})"
     )]
     NvrtcNotFound {
         /// What was tried.

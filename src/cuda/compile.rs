@@ -1,12 +1,11 @@
 //! Run-time compilation of the embedded kernel sources with NVRTC.
 
 use super::arch::Arch;
-use super::probe::nvrtc_status;
+use super::nvrtc::{api, Api, Program as RawProgram};
 use super::ptxas::{parse_ptxas_log, EntryResources, FunctionFrame};
 use super::sources;
 use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};
-use cudarc::nvrtc::sys;
 use serde::{Deserialize, Serialize};
 use std::ffi::{c_char, c_int, CString};
 
@@ -84,13 +83,13 @@ fn arch_target(arch: Arch, output: Output) -> &'static str {
 }
 
 /// Owns an `nvrtcProgram` and destroys it on drop.
-struct Program(sys::nvrtcProgram);
+struct Program(RawProgram, &'static Api);
 
 impl Drop for Program {
     fn drop(&mut self) {
         // SAFETY: `self.0` came from a successful nvrtcCreateProgram and is destroyed only here.
         // A failure to free leaks the program; there is nothing better to do in a destructor.
-        let _ = unsafe { sys::nvrtcDestroyProgram(&mut self.0) };
+        let _ = unsafe { (self.1.destroy_program)(&mut self.0) };
     }
 }
 
@@ -98,17 +97,15 @@ fn c_string(what: &'static str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| MoleError::param(what, s.escape_debug(), "must not contain NUL bytes"))
 }
 
-fn nvrtc_call(call: &'static str, status: sys::nvrtcResult) -> Result<()> {
-    match status {
-        sys::nvrtcResult::NVRTC_SUCCESS => Ok(()),
-        s => Err(MoleError::Cuda { call, message: format!("{s:?}") }),
-    }
-}
-
 /// Reads an NVRTC output of `size` bytes with `get`.
-fn read_output(size: usize, get: impl FnOnce(*mut c_char) -> sys::nvrtcResult, call: &'static str) -> Result<Vec<u8>> {
+fn read_output(
+    nvrtc: &Api,
+    size: usize,
+    get: impl FnOnce(*mut c_char) -> c_int,
+    call: &'static str,
+) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; size];
-    nvrtc_call(call, get(buf.as_mut_ptr().cast()))?;
+    nvrtc.check(call, get(buf.as_mut_ptr().cast()))?;
     Ok(buf)
 }
 
@@ -130,7 +127,7 @@ pub fn compile_source(
     options: &[String],
     output: Output,
 ) -> Result<Compiled> {
-    nvrtc_status()?;
+    let nvrtc = api()?;
     let c_source = c_string("kernel source", source)?;
     let c_name = c_string("kernel file name", name)?;
     let header_text = headers.iter().map(|(_, text)| c_string("header", text)).collect::<Result<Vec<_>>>()?;
@@ -143,12 +140,12 @@ pub fn compile_source(
     let num_headers = c_int::try_from(headers.len()).map_err(|_| too_many("headers"))?;
     let num_options = c_int::try_from(options.len()).map_err(|_| too_many("options"))?;
 
-    let mut raw: sys::nvrtcProgram = std::ptr::null_mut();
-    // SAFETY: NVRTC is loaded (nvrtc_status). Every pointer is to a NUL-terminated string that
+    let mut raw: RawProgram = std::ptr::null_mut();
+    // SAFETY: NVRTC is loaded (api()). Every pointer is to a NUL-terminated string that
     // outlives the program (all CStrings live until the end of this function); the header
     // arrays both hold `num_headers` elements.
     let status = unsafe {
-        sys::nvrtcCreateProgram(
+        (nvrtc.create_program)(
             &mut raw,
             c_source.as_ptr(),
             c_name.as_ptr(),
@@ -157,29 +154,29 @@ pub fn compile_source(
             name_ptrs.as_ptr(),
         )
     };
-    nvrtc_call("nvrtcCreateProgram", status)?;
-    let program = Program(raw);
+    nvrtc.check("nvrtcCreateProgram", status)?;
+    let program = Program(raw, nvrtc);
     // SAFETY: `program.0` is a live program; `option_ptrs` holds `num_options` valid C strings.
-    let compiled = unsafe { sys::nvrtcCompileProgram(program.0, num_options, option_ptrs.as_ptr()) };
+    let compiled = unsafe { (nvrtc.compile_program)(program.0, num_options, option_ptrs.as_ptr()) };
 
     let mut log_size = 0usize;
     // SAFETY: live program; the out-pointer is valid for a write.
-    nvrtc_call("nvrtcGetProgramLogSize", unsafe { sys::nvrtcGetProgramLogSize(program.0, &mut log_size) })?;
+    nvrtc.check("nvrtcGetProgramLogSize", unsafe { (nvrtc.get_program_log_size)(program.0, &mut log_size) })?;
     // SAFETY: the buffer holds `log_size` bytes, the size NVRTC just reported.
-    let log = read_output(log_size, |p| unsafe { sys::nvrtcGetProgramLog(program.0, p) }, "nvrtcGetProgramLog")?;
+    let log = read_output(nvrtc, log_size, |p| unsafe { (nvrtc.get_program_log)(program.0, p) }, "nvrtcGetProgramLog")?;
     let log = String::from_utf8_lossy(&strip_nul(log)).into_owned();
 
-    if compiled != sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(MoleError::NvrtcCompile { what: name.to_string(), status: format!("{compiled:?}"), log });
+    if compiled != 0 {
+        return Err(MoleError::NvrtcCompile { what: name.to_string(), status: nvrtc.status_name(compiled), log });
     }
 
     let mut size = 0usize;
     let image = match output {
         Output::Cubin => {
             // SAFETY: live, successfully compiled program; valid out-pointer.
-            nvrtc_call("nvrtcGetCUBINSize", unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) })?;
+            nvrtc.check("nvrtcGetCUBINSize", unsafe { (nvrtc.get_cubin_size)(program.0, &mut size) })?;
             // SAFETY: the buffer holds `size` bytes, the size NVRTC just reported.
-            let cubin = read_output(size, |p| unsafe { sys::nvrtcGetCUBIN(program.0, p) }, "nvrtcGetCUBIN")?;
+            let cubin = read_output(nvrtc, size, |p| unsafe { (nvrtc.get_cubin)(program.0, p) }, "nvrtcGetCUBIN")?;
             if cubin.is_empty() {
                 return Err(MoleError::Unsupported(format!(
                     "NVRTC produced no cubin for {name}: cubin output needs a real sm_XX target"
@@ -189,9 +186,9 @@ pub fn compile_source(
         }
         Output::Ptx => {
             // SAFETY: live, successfully compiled program; valid out-pointer.
-            nvrtc_call("nvrtcGetPTXSize", unsafe { sys::nvrtcGetPTXSize(program.0, &mut size) })?;
+            nvrtc.check("nvrtcGetPTXSize", unsafe { (nvrtc.get_ptx_size)(program.0, &mut size) })?;
             // SAFETY: the buffer holds `size` bytes, the size NVRTC just reported.
-            strip_nul(read_output(size, |p| unsafe { sys::nvrtcGetPTX(program.0, p) }, "nvrtcGetPTX")?)
+            strip_nul(read_output(nvrtc, size, |p| unsafe { (nvrtc.get_ptx)(program.0, p) }, "nvrtcGetPTX")?)
         }
     };
     let report = parse_ptxas_log(&log);

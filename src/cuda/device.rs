@@ -3,7 +3,8 @@
 use super::arch::Arch;
 use super::cuda_err;
 use super::module_cache::{cubin_cached, CacheKey, DiskCache};
-use super::probe::{driver_present, nvrtc_present};
+use super::nvrtc::nvrtc_present;
+use super::probe::driver_present;
 use super::shipped::shipped_ptx;
 use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};

@@ -8,7 +8,7 @@
 
 use super::arch::Arch;
 use super::compile::{compile, compile_options, Output};
-use super::probe::nvrtc_version;
+use super::nvrtc::nvrtc_version;
 use super::sources::{sources_hash, Fnv1a};
 use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};

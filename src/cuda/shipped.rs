@@ -5,7 +5,7 @@
 
 use super::arch::Arch;
 use super::compile::{compile, Output};
-use super::probe::nvrtc_version;
+use super::nvrtc::nvrtc_version;
 use super::sources;
 use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};
@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::OnceLock;
+
+/// The NVRTC `(major, minor)` the shipped PTX is generated with: the pinned
+/// `scripts/install-nvrtc.sh 12`. PTX from a newer NVRTC carries a newer PTX ISA version, which
+/// older drivers refuse to JIT.
+pub const SHIPPED_NVRTC: (i32, i32) = (12, 4);
 
 /// The architecture whose virtual target (`compute_80`) the shipped PTX is compiled for: the
 /// oldest one supported, so the driver can JIT it for all of them.

@@ -30,9 +30,22 @@ fn write_atomic(path: &Path, text: &str) -> mole::Result<()> {
 }
 
 pub fn run(args: &GenPtxArgs) -> mole::Result<()> {
+    let nvrtc = mole::cuda::nvrtc_library()?;
+    let (major, minor) = nvrtc.version;
+    if nvrtc.version != shipped::SHIPPED_NVRTC {
+        let (want_major, want_minor) = shipped::SHIPPED_NVRTC;
+        return Err(MoleError::GateFailed {
+            gate: "gen-ptx",
+            detail: format!(
+                "the shipped PTX is generated with NVRTC {want_major}.{want_minor}, so that every driver since \
+                 then can JIT it; this is NVRTC {major}.{minor} ({}). Put \
+                 `MOLE_NVRTC_PATH=$(bash scripts/install-nvrtc.sh {want_major})` before the command",
+                nvrtc.path.display()
+            ),
+        });
+    }
     let builds = default_builds();
     let files = shipped::generate(&builds)?;
-    let (major, minor) = mole::cuda::nvrtc_version()?;
     if args.check {
         let problems = shipped::stale_files(&args.dir, &files)?;
         if problems.is_empty() {

@@ -23,8 +23,14 @@ pub fn print() {
         }
         Err(e) => println!("CUDA driver: not available: {e}"),
     }
-    match cuda::nvrtc_version() {
-        Ok((major, minor)) => println!("NVRTC: {major}.{minor}"),
+    match cuda::nvrtc_library() {
+        Ok(lib) => println!(
+            "NVRTC: {}.{} from {} (found by {})",
+            lib.version.0,
+            lib.version.1,
+            lib.path.display(),
+            lib.found_by
+        ),
         Err(e) => println!("NVRTC: not available: {e}"),
     }
 }
