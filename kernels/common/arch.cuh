@@ -23,8 +23,10 @@ static_assert(sizeof(mole_i64) == 8 && sizeof(mole_u64) == 8, "integer widths");
 // ---------------------------------------------------------------------------------------------
 #define MOLE_GLOBAL extern "C" __global__
 #define MOLE_DEVICE __device__ __forceinline__
-// Upper bound on threads per block, so the compiler budgets registers for it.
-#define MOLE_BOUNDS(threads) __launch_bounds__(threads)
+// Upper bound on threads per block, so the compiler budgets registers for it, and one resident
+// block per SM as the only occupancy target: without the explicit 1, NVRTC 13's ptxas aims at
+// several blocks per SM and caps the tensor-core kernels at 48 registers, which spills.
+#define MOLE_BOUNDS(threads) __launch_bounds__(threads, 1)
 // Keeps the next loop rolled (where unrolling costs registers for nothing).
 #define MOLE_NO_UNROLL _Pragma("unroll 1")
 
