@@ -1,0 +1,29 @@
+//! Loading every default build on the GPU, from NVRTC's cubin and from the shipped PTX (the
+//! path of a machine without NVRTC).
+
+mod gpu;
+
+use mole::cuda::{self, DiskCache};
+use mole::kernels::default_builds;
+use mole::MoleError;
+
+#[test]
+#[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
+fn device_loads_every_default_build_from_cubin_and_from_shipped_ptx() {
+    let Some(dev) = gpu::device_or_skip("module loading") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dev.with_disk_cache(Some(DiskCache::at(dir.path())));
+    eprintln!("{} ({}, {} SMs)", dev.name(), dev.arch(), dev.sm_count());
+    let without = gpu::device_or_skip("module loading").unwrap().without_nvrtc();
+    for build in default_builds() {
+        for entry in &build.entry_points {
+            if cuda::nvrtc_present() {
+                dev.function(&build, entry).unwrap_or_else(|e| panic!("{build} {entry}: {e}"));
+            }
+            without.function(&build, entry).unwrap_or_else(|e| panic!("shipped PTX {build} {entry}: {e}"));
+        }
+        // The module is loaded once per build.
+        assert!(std::sync::Arc::ptr_eq(&without.module(&build).unwrap(), &without.module(&build).unwrap()));
+        assert!(matches!(without.function(&build, "not_an_entry"), Err(MoleError::InvalidParameter { .. })));
+    }
+}
