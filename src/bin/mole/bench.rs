@@ -27,6 +27,9 @@ pub struct GroupedArgs {
     /// Timed runs per shape (the median is reported).
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Also write every row, machine-readable, to this JSON file (the GPU kit's results).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 pub fn run(kind: &BenchKind) -> Result<()> {
@@ -52,6 +55,7 @@ fn grouped(device: &Device, args: &GroupedArgs, copy_gbs: f64) -> Result<()> {
         "{:>6} {:>6} {:>4} {:>4} {:>2} {:>6} | {:>9} {:>8} {:>7} {:>8} | check",
         "d_in", "d_out", "r", "E", "k", "T", "time ms", "GB/s", "% copy", "TFLOP/s"
     );
+    let mut rows = Vec::new();
     for case in GroupedCase::standard(args.all) {
         // The CPU reference stays cheap up to a few thousand tokens.
         let check = case.tokens <= 4096;
@@ -62,16 +66,46 @@ fn grouped(device: &Device, args: &GroupedArgs, copy_gbs: f64) -> Result<()> {
         };
         let c = case;
         print!("{:>6} {:>6} {:>4} {:>4} {:>2} {:>6} | ", c.d_in, c.d_out, c.rank, c.experts, c.k, c.tokens);
+        let mut json = serde_json::json!({
+            "d_in": c.d_in, "d_out": c.d_out, "rank": c.rank, "experts": c.experts, "k": c.k,
+            "tokens": c.tokens, "dtype": args.dtype.to_string(),
+        });
         match result {
-            Ok(r) => println!("{}", row(&r, args.dtype, copy_gbs)),
-            Err(e) => println!("error: {e}"),
+            Ok(r) => {
+                println!("{}", row(&r, args.dtype, copy_gbs));
+                let tol = tolerance(&r, args.dtype);
+                json["time_us"] = (r.median_ms * 1e3).into();
+                json["gbs"] = r.gbs.into();
+                json["fraction_of_copy"] = (r.gbs / copy_gbs).into();
+                json["tflops"] = r.tflops.into();
+                json["check"] = match r.checked_error {
+                    Some(e) => serde_json::json!({"error": e, "tolerance": tol, "ok": e <= tol}),
+                    None => serde_json::Value::Null,
+                };
+            }
+            Err(e) => {
+                println!("error: {e}");
+                json["error"] = e.to_string().into();
+            }
         }
+        rows.push(json);
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "device": device.name(), "copy_gbs": copy_gbs, "dtype": args.dtype.to_string(), "rows": rows,
+        });
+        crate::write_json(path, &doc)?;
     }
     Ok(())
 }
 
+/// The check's tolerance: f32 accumulation over `d_in + r`, `y` rounded once per slot pass.
+fn tolerance(r: &GroupedResult, dtype: DType) -> f64 {
+    mole::reference::tolerance(dtype, r.case.d_in + r.case.rank) * (r.case.k as f64 + 1.0)
+}
+
 fn row(r: &GroupedResult, dtype: DType, copy_gbs: f64) -> String {
-    let tol = mole::reference::tolerance(dtype, r.case.d_in + r.case.rank) * (r.case.k as f64 + 1.0);
+    let tol = tolerance(r, dtype);
     let check = match r.checked_error {
         Some(e) if e <= tol => format!("ok ({e:.1e})"),
         Some(e) => format!("FAIL ({e:.1e} > {tol:.1e})"),

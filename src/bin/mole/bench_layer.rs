@@ -25,6 +25,47 @@ pub struct LayerArgs {
     /// Model dimension (d_in = d_out).
     #[arg(long, default_value_t = 4096)]
     d: usize,
+    /// Also write every row, machine-readable, to this JSON file (the GPU kit's results).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// One measured shape, as written by `--json`.
+#[derive(serde::Serialize)]
+struct JsonRow {
+    method: String,
+    d_in: usize,
+    d_out: usize,
+    experts: usize,
+    rank: usize,
+    k: usize,
+    tokens: usize,
+    dtype: String,
+    strategy: Option<String>,
+    source: Option<String>,
+    time_us: Option<f64>,
+    gbs: Option<f64>,
+    fraction_of_copy: Option<f64>,
+    grouped_time_us: Option<f64>,
+    check: Option<Check>,
+    error: Option<String>,
+}
+
+/// The comparison with the f64 reference.
+#[derive(serde::Serialize)]
+struct Check {
+    error: f64,
+    tolerance: f64,
+    ok: bool,
+}
+
+/// What a row measured, before formatting.
+struct Measured {
+    choice: Choice,
+    ms: f64,
+    gbs: f64,
+    grouped_ms: Option<f64>,
+    check: Option<Check>,
 }
 
 pub fn layer(device: &Device, args: &LayerArgs, copy_gbs: f64) -> Result<()> {
@@ -36,22 +77,71 @@ pub fn layer(device: &Device, args: &LayerArgs, copy_gbs: f64) -> Result<()> {
         "{:<18} {:>6} | {:<28} {:>9} {:>8} {:>7} | {:>9} {:>7} | check",
         "method", "T", "chosen (source)", "time ms", "GB/s", "% copy", "grouped", "ratio"
     );
+    let mut rows = Vec::new();
     for (method, experts, rank, k) in STANDARD_METHODS {
         let shape = MethodShape { d_in: args.d, d_out: args.d, experts, rank, k, alpha: 2.0 * rank as f64 };
         let spec = method.spec(shape)?;
         for &t in &args.tokens {
-            let row = match args.dtype {
-                DType::F32 => row::<f32>(device, &spec, t, args, &cache, copy_gbs),
-                DType::F16 => row::<half::f16>(device, &spec, t, args, &cache, copy_gbs),
-                DType::BF16 => row::<half::bf16>(device, &spec, t, args, &cache, copy_gbs),
+            let measured = match args.dtype {
+                DType::F32 => measure::<f32>(device, &spec, t, args, &cache),
+                DType::F16 => measure::<half::f16>(device, &spec, t, args, &cache),
+                DType::BF16 => measure::<half::bf16>(device, &spec, t, args, &cache),
             };
-            match row {
-                Ok(r) => println!("{:<18} {t:>6} | {r}", method.to_string()),
-                Err(e) => println!("{:<18} {t:>6} | error: {e}", method.to_string()),
+            let mut json = JsonRow {
+                method: method.to_string(),
+                d_in: args.d,
+                d_out: args.d,
+                experts,
+                rank,
+                k,
+                tokens: t,
+                dtype: args.dtype.to_string(),
+                strategy: None,
+                source: None,
+                time_us: None,
+                gbs: None,
+                fraction_of_copy: None,
+                grouped_time_us: None,
+                check: None,
+                error: None,
+            };
+            match measured {
+                Ok(m) => {
+                    println!("{:<18} {t:>6} | {}", method.to_string(), format_row(&m, copy_gbs));
+                    json.strategy = Some(m.choice.strategy.to_string());
+                    json.source = Some(source_name(m.choice.source).to_string());
+                    json.time_us = Some(m.ms * 1e3);
+                    json.gbs = Some(m.gbs);
+                    json.fraction_of_copy = Some(m.gbs / copy_gbs);
+                    json.grouped_time_us = m.grouped_ms.map(|g| g * 1e3);
+                    json.check = m.check;
+                }
+                Err(e) => {
+                    println!("{:<18} {t:>6} | error: {e}", method.to_string());
+                    json.error = Some(e.to_string());
+                }
             }
+            rows.push(json);
         }
     }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "device": device.name(),
+            "copy_gbs": copy_gbs,
+            "dtype": args.dtype.to_string(),
+            "rows": rows,
+        });
+        crate::write_json(path, &doc)?;
+    }
     Ok(())
+}
+
+fn source_name(source: ChoiceSource) -> &'static str {
+    if source == ChoiceSource::Tuned {
+        "tuned"
+    } else {
+        "heuristic"
+    }
 }
 
 /// Median ms of `layer`'s forward.
@@ -59,43 +149,47 @@ fn time<T: KernelElement + DeviceRepr>(device: &Device, layer: &mut DeviceLayer<
     Ok(time_on_device(device, 3, runs, || layer.forward())?.median_ms())
 }
 
-fn row<T: KernelElement + DeviceRepr>(
+fn measure<T: KernelElement + DeviceRepr>(
     device: &Device,
     spec: &LayerSpec,
     tokens: usize,
     args: &LayerArgs,
     cache: &TuningCache,
-    copy_gbs: f64,
-) -> Result<String> {
+) -> Result<Measured> {
     let choice = choose(spec, T::DTYPE, tokens, device.sm_count(), Some(cache))?;
-    let label =
-        format!("{} ({})", choice.strategy, if choice.source == ChoiceSource::Tuned { "tuned" } else { "heuristic" });
     let data = SyntheticLayer::<T>::new(spec, tokens, 7);
     let mut layer = DeviceLayer::new(device, spec, data.clone(), choice.clone())?;
     // The f64 reference stays affordable up to a few thousand tokens.
     let check = if tokens <= 4096 {
-        let (err, tol) = layer.check()?;
-        if err <= tol {
-            format!("ok ({err:.1e})")
-        } else {
-            format!("FAIL ({err:.1e} > {tol:.1e})")
-        }
+        let (error, tolerance) = layer.check()?;
+        Some(Check { error, tolerance, ok: error <= tolerance })
     } else {
-        "-".into()
+        None
     };
     let ms = time(device, &mut layer, args.runs)?;
     let gbs = layer.bytes() / (ms * 1e-3) / 1e9;
     let grouped_ok = spec.mix == Mix::ExpertScale && !matches!(spec.router(), Some(Router::H { .. } | Router::LowRank));
     let grouped = if choice.strategy != Strategy::Grouped && grouped_ok {
-        let g = Choice { strategy: Strategy::Grouped, build: default_build(Strategy::Grouped, T::DTYPE), ..choice };
+        let g =
+            Choice { strategy: Strategy::Grouped, build: default_build(Strategy::Grouped, T::DTYPE), ..choice.clone() };
         let mut layer = DeviceLayer::new(device, spec, data, g)?;
         Some(time(device, &mut layer, args.runs)?)
     } else {
         None
     };
-    let (g_ms, ratio) = match grouped {
-        Some(g) => (format!("{g:>9.4}"), format!("{:>6.2}x", g / ms)),
+    Ok(Measured { choice, ms, gbs, grouped_ms: grouped, check })
+}
+
+fn format_row(m: &Measured, copy_gbs: f64) -> String {
+    let label = format!("{} ({})", m.choice.strategy, source_name(m.choice.source));
+    let (g_ms, ratio) = match m.grouped_ms {
+        Some(g) => (format!("{g:>9.4}"), format!("{:>6.2}x", g / m.ms)),
         None => (format!("{:>9}", "-"), format!("{:>7}", "-")),
     };
-    Ok(format!("{label:<28} {ms:>9.4} {gbs:>8.1} {:>6.1}% | {g_ms} {ratio} | {check}", 100.0 * gbs / copy_gbs))
+    let check = match &m.check {
+        Some(c) if c.ok => format!("ok ({:.1e})", c.error),
+        Some(c) => format!("FAIL ({:.1e} > {:.1e})", c.error, c.tolerance),
+        None => "-".into(),
+    };
+    format!("{label:<28} {:>9.4} {:>8.1} {:>6.1}% | {g_ms} {ratio} | {check}", m.ms, m.gbs, 100.0 * m.gbs / copy_gbs)
 }

@@ -70,6 +70,13 @@ fn eval(spec: &Path, inputs: &Path, out: &Path) -> mole::Result<()> {
     Ok(())
 }
 
+/// Writes `doc` as pretty JSON to `path` (the machine-readable results of `bench --json`).
+pub(crate) fn write_json(path: &Path, doc: &serde_json::Value) -> mole::Result<()> {
+    let text = serde_json::to_string_pretty(doc).unwrap_or_default();
+    std::fs::write(path, text + "\n")
+        .map_err(|e| mole::MoleError::Io { context: format!("writing {}", path.display()), message: e.to_string() })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {

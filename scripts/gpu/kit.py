@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""The GPU kit's runner: every check and measurement of the project on a real GPU, in one command.
+
+Runs on the GPU machine (python3 and bash, no Rust, no network) from the repository root over the
+binaries that scripts/gpu/pack.sh wrote into .gpu/, and here with --dry-run, where each step that
+needs a GPU is reported as skipped with the reason. Writes into OUTDIR exactly:
+  report.md     what a person reads first: pass/fail per step, then the performance table
+  results.json  machine-readable: steps, per-shape results with baselines and ratios
+  logs.tar.gz   every step's log and raw JSON
+  tuning.json   the autotuner's file for this GPU (when the autotune step ran)
+
+Sets: `quick` (correctness only, <= 2 min), `default` (everything, <= 6 min). A failing step is
+reported and the kit goes on; the exit code is 1 when any step failed.
+
+Usage: python3 scripts/gpu/kit.py {quick,default} OUTDIR [--dry-run]
+"""
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KIT = os.path.join(ROOT, ".gpu")
+BIN = os.path.join(KIT, "bin")
+MOLE = os.path.join(BIN, "mole")
+# Whole-run budgets (seconds): a step never runs past what is left of its set's budget.
+BUDGET_S = {"quick": 110, "default": 345}
+SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck", "initcheck"]
+# The determinism test runs as a step of its own, not inside the GPU test step.
+DETERMINISM_TEST = "every_strategy_is_bit_identical_over_20_runs"
+GPU_ENV = {"MOLE_REQUIRE_GPU": "1"}
+
+
+class Step:
+    """One named command with a time limit; `gpu` steps are skipped by a dry run."""
+
+    def __init__(self, name, argv, timeout, gpu=True, env=None, json_out=None):
+        self.name, self.argv, self.timeout, self.gpu = name, argv, timeout, gpu
+        self.env = env or {}
+        self.json_out = json_out
+        self.status, self.seconds, self.detail = "pending", 0.0, ""
+
+    def record(self):
+        return {"step": self.name, "status": self.status, "seconds": round(self.seconds, 1), "detail": self.detail}
+
+
+class Kit:
+    def __init__(self, set_name, work, dry_run):
+        self.set_name, self.work, self.dry_run = set_name, work, dry_run
+        self.deadline = time.monotonic() + BUDGET_S[set_name]
+        self.steps = []
+        self.no_gpu_reason = None
+        os.makedirs(os.path.join(work, "logs"), exist_ok=True)
+
+    def log_path(self, step):
+        return os.path.join(self.work, "logs", re.sub(r"[^A-Za-z0-9_.-]", "_", step.name) + ".log")
+
+    def run(self, step):
+        """Runs one step (or skips it) and records the outcome."""
+        self.steps.append(step)
+        if step.gpu and self.no_gpu_reason:
+            step.status, step.detail = "skipped", self.no_gpu_reason
+            return step
+        left = self.deadline - time.monotonic()
+        if left < 5:
+            step.status, step.detail = "skipped", f"the {self.set_name} set's {BUDGET_S[self.set_name]} s budget is spent"
+            return step
+        timeout = min(step.timeout, left)
+        env = dict(os.environ, **step.env)
+        start = time.monotonic()
+        with open(self.log_path(step), "w") as log:
+            log.write("$ " + " ".join(step.argv) + "\n")
+            log.flush()
+            try:
+                proc = subprocess.Popen(step.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                rc = proc.wait(timeout=timeout)
+                step.status = "pass" if rc == 0 else "fail"
+                step.detail = "" if rc == 0 else f"exit code {rc}"
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                step.status, step.detail = "fail", f"timed out after {timeout:.0f} s"
+            except OSError as e:
+                step.status, step.detail = "fail", f"could not start: {e}"
+        step.seconds = time.monotonic() - start
+        if step.status == "fail":
+            step.detail += "; " + last_lines(self.log_path(step))
+        return step
+
+    def run_parallel(self, steps, workers):
+        """Correctness steps share the GPU; timing steps never run in parallel."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(self.run, steps))
+        # Keep the report in the order the steps were listed.
+        order = {id(s): i for i, s in enumerate(steps)}
+        done = [s for s in self.steps if id(s) not in order] + sorted(steps, key=lambda s: order[id(s)])
+        self.steps = done
+
+
+def last_lines(path, n=3):
+    try:
+        lines = [l.strip() for l in open(path, errors="replace").read().splitlines() if l.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])[-400:]
+
+
+def check_manifest():
+    """The packed binaries are all there and intact."""
+    path = os.path.join(KIT, "manifest.json")
+    if not os.path.exists(path):
+        return False, ".gpu/manifest.json is missing: run scripts/gpu/pack.sh here and carry .gpu"
+    manifest = json.load(open(path))
+    for name, f in manifest["files"].items():
+        p = os.path.join(KIT, name)
+        if not os.path.exists(p):
+            return False, f"{name} is missing"
+        if hashlib.sha256(open(p, "rb").read()).hexdigest() != f["sha256"]:
+            return False, f"{name} differs from the manifest"
+        if not os.access(p, os.X_OK):
+            return False, f"{name} is not executable"
+    return True, f"{len(manifest['files'])} files, {manifest['total_bytes'] / 2**20:.1f} MiB, commit {manifest['commit']}"
+
+
+def gpu_presence():
+    """None when a GPU is visible, else why not."""
+    if shutil.which("nvidia-smi") is None:
+        return "no GPU: nvidia-smi not found"
+    r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    if r.returncode != 0 or "GPU" not in r.stdout:
+        return "no GPU: nvidia-smi -L lists none"
+    return None
+
+
+def gpu_test_binaries():
+    if not os.path.isdir(BIN):
+        return []
+    return sorted(os.path.join(BIN, f) for f in os.listdir(BIN) if f.endswith("_gpu"))
+
+
+def methods():
+    """Every method `mole run` accepts, from its short help."""
+    try:
+        text = subprocess.run([MOLE, "run", "-h"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_methods(text)
+
+
+def parse_methods(help_text):
+    m = re.search(r"--method <METHOD>[^\n]*?\[possible values: ([^\]]+)\]", help_text)
+    return [v.strip() for v in m.group(1).split(",")] if m else []
+
+
+def steps_for(kit):
+    w = kit.work
+    tests = gpu_test_binaries()
+    sanitize = shutil.which("compute-sanitizer") or "compute-sanitizer"
+    correctness = []
+    for t in tests:
+        name = os.path.basename(t)
+        correctness.append(Step(f"test {name}", [t, "--ignored", "--skip", DETERMINISM_TEST, "--test-threads=1"], 200,
+                                env=GPU_ENV))
+    layer = os.path.join(BIN, "layer_gpu")
+    correctness.append(Step("determinism (20 runs, every strategy)", [layer, "--ignored", "--exact", DETERMINISM_TEST],
+                            120, env=GPU_ENV))
+    quick_env = dict(GPU_ENV, MOLE_GPU_QUICK="1")
+    for tool in SANITIZER_TOOLS:
+        for t in tests:
+            argv = [sanitize, "--tool", tool, "--error-exitcode", "1"]
+            if tool == "memcheck":
+                argv += ["--leak-check", "full"]
+            if tool == "racecheck":
+                argv += ["--racecheck-report", "all"]
+            argv += [t, "--ignored", "--test-threads=1"]
+            correctness.append(Step(f"{tool} {os.path.basename(t)}", argv, 200, env=quick_env))
+    # The shipped-PTX path: NVRTC hidden (a variable naming no library disables the search).
+    no_nvrtc = dict(quick_env, MOLE_NVRTC_PATH="/nonexistent/libnvrtc.so")
+    correctness.append(Step("shipped PTX (NVRTC hidden): layer tests", [layer, "--ignored", "--skip", DETERMINISM_TEST],
+                            150, env=no_nvrtc))
+    if kit.set_name == "default":
+        names = methods()
+        if not names:
+            # Never a silent zero: the step list must hold every method.
+            correctness.append(Step("list methods from `mole run -h`", ["false"], 5, gpu=False))
+        for m in names:
+            correctness.append(Step(f"mole run --method {m}", [MOLE, "run", "--method", m], 120))
+    timing = []
+    if kit.set_name == "default":
+        timing = [
+            Step("bench layer", [MOLE, "bench", "layer", "--tokens", "1,16,256,4096", "--runs", "20", "--json",
+                                 os.path.join(w, "bench_layer.json")], 150, json_out="bench_layer.json"),
+            Step("bench grouped", [MOLE, "bench", "grouped", "--runs", "20", "--json",
+                                   os.path.join(w, "bench_grouped.json")], 60, json_out="bench_grouped.json"),
+            Step("PyTorch baselines", [sys.executable, "benches/peers/baselines.py", "--mole", MOLE, "--device", "cuda",
+                                       "--dtype", "bf16", "--shapes", "standard", "--tokens", "1,16,256,4096",
+                                       "--runs", "20", "--out", os.path.join(w, "peers.json")], 110,
+                 json_out="peers.json"),
+            Step("autotune (Llama shapes, 60 s budget)", [MOLE, "autotune", "--model", "all", "--budget", "60",
+                                                          "--runs", "20", "--out", os.path.join(w, "tuning")], 100),
+        ]
+    return correctness, timing
+
+
+def dry_run_peers(kit):
+    """On a machine without a GPU the baselines still run their tiny CPU set, where torch exists."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return Step("PyTorch baselines (tiny, CPU)", [], 0, gpu=False)
+    return Step("PyTorch baselines (tiny, CPU)", [sys.executable, "benches/peers/baselines.py", "--mole", MOLE,
+                                                  "--device", "cpu", "--dtype", "bf16", "--shapes", "tiny", "--out",
+                                                  os.path.join(kit.work, "peers.json")], 120, gpu=False,
+                json_out="peers.json")
+
+
+def load(path):
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
+
+
+def results(kit, env):
+    """results.json: the steps, then one entry per (method, shape) with the baselines' ratios."""
+    layer = load(os.path.join(kit.work, "bench_layer.json")) or {"rows": []}
+    grouped = load(os.path.join(kit.work, "bench_grouped.json")) or {"rows": []}
+    peers = load(os.path.join(kit.work, "peers.json")) or {"rows": []}
+    shapes = []
+    for r in layer["rows"]:
+        key = (r["method"], r["d_in"], r["d_out"], r["tokens"])
+        base = {}
+        for p in peers["rows"]:
+            if (p["method"], p["d_in"], p["d_out"], p["tokens"]) == key:
+                entry = {"status": p["status"], "time_us": p.get("time_us")}
+                if r.get("time_us") and p.get("time_us"):
+                    entry["ratio"] = p["time_us"] / r["time_us"]
+                base[p["baseline"]] = entry
+        timed = [b["time_us"] for b in base.values() if b["status"] == "ok" and b.get("time_us")]
+        fastest = min(timed) if timed else None
+        shapes.append(dict(r, baselines=base, fastest_baseline_us=fastest,
+                           speedup_vs_fastest=(fastest / r["time_us"]) if fastest and r.get("time_us") else None))
+    return {
+        "set": kit.set_name,
+        "dry_run": kit.dry_run,
+        "environment": env,
+        "copy_gbs": layer.get("copy_gbs"),
+        "steps": [s.record() for s in kit.steps],
+        "layers": shapes,
+        "grouped": grouped["rows"],
+        "peers_unmatched": [p for p in peers["rows"] if p["method"] not in {r["method"] for r in layer["rows"]}],
+    }
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def report(res):
+    lines = [f"# GPU kit report ({res['set']}{', dry run' if res['dry_run'] else ''})", ""]
+    for k, v in res["environment"].items():
+        lines.append(f"- {k}: {v}")
+    counts = {s: sum(1 for x in res["steps"] if x["status"] == s) for s in ("pass", "fail", "skipped")}
+    lines += ["", f"**{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped**", "",
+              "| step | status | s | detail |", "|---|---|---|---|"]
+    for s in res["steps"]:
+        detail = s["detail"].replace("|", "/")
+        lines.append(f"| {s['step']} | {s['status'].upper()} | {s['seconds']} | {detail} |")
+    if res["layers"]:
+        lines += ["", f"## Layers (bf16, d = 4096; copy bandwidth {fmt(res['copy_gbs'], '.0f')} GB/s)", "",
+                  "| method | T | strategy | µs | GB/s | % copy | check | fastest baseline µs | speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["layers"]:
+            check = r.get("check") or {}
+            ok = "-" if not check else ("ok" if check["ok"] else "FAIL")
+            frac = None if r.get("fraction_of_copy") is None else 100 * r["fraction_of_copy"]
+            lines.append(
+                f"| {r['method']} | {r['tokens']} | {r.get('strategy') or r.get('error', '-')} | "
+                f"{fmt(r.get('time_us'), '.1f')} | {fmt(r.get('gbs'), '.0f')} | {fmt(frac, '.0f')} | {ok} | "
+                f"{fmt(r['fastest_baseline_us'], '.1f')} | {fmt(r['speedup_vs_fastest'], '.2f')}x |")
+    if res["grouped"]:
+        lines += ["", "## Grouped (SGMV)", "", "| d_in | d_out | r | E | k | T | µs | GB/s | % copy |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["grouped"]:
+            frac = None if r.get("fraction_of_copy") is None else 100 * r["fraction_of_copy"]
+            lines.append(f"| {r['d_in']} | {r['d_out']} | {r['rank']} | {r['experts']} | {r['k']} | {r['tokens']} | "
+                         f"{fmt(r.get('time_us'), '.1f')} | {fmt(r.get('gbs'), '.0f')} | {fmt(frac, '.0f')} |")
+    if res["peers_unmatched"]:
+        lines += ["", "## Baselines without a crate row", "", "| method | T | baseline | status | µs |",
+                  "|---|---|---|---|---|"]
+        for p in res["peers_unmatched"]:
+            lines.append(f"| {p['method']} | {p['tokens']} | {p['baseline']} | {p['status']} | "
+                         f"{fmt(p.get('time_us'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(kit):
+    env = {"kit commit": "-", "GPU": kit.no_gpu_reason or "-"}
+    manifest = load(os.path.join(KIT, "manifest.json"))
+    if manifest:
+        env["kit commit"] = manifest["commit"] + (" (dirty)" if manifest.get("dirty") else "")
+    if not kit.no_gpu_reason:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+        env["GPU"] = r.stdout.strip()
+    if os.path.exists(MOLE):
+        info = subprocess.run([MOLE, "info"], capture_output=True, text=True).stdout
+        nvrtc = [l for l in info.splitlines() if l.startswith("NVRTC")]
+        env["NVRTC"] = nvrtc[0] if nvrtc else "-"
+    return env
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("set", choices=sorted(BUDGET_S))
+    ap.add_argument("outdir")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU here: report every GPU step as skipped")
+    args = ap.parse_args()
+    os.makedirs(args.outdir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="mole-kit-")
+    kit = Kit(args.set, work, args.dry_run)
+    kit.no_gpu_reason = ("dry run: " + (gpu_presence() or "GPU steps not run")) if args.dry_run else None
+
+    ok, detail = check_manifest()
+    manifest_step = Step("packed binaries (.gpu/manifest.json)", [], 0, gpu=False)
+    manifest_step.status, manifest_step.detail = ("pass" if ok else "fail"), detail
+    kit.steps.append(manifest_step)
+    kit.run(Step("nvidia-smi -L", ["nvidia-smi", "-L"], 20))
+    kit.run(Step("mole info", [MOLE, "info"], 30, gpu=False))
+    # Each packed test binary starts here and lists its GPU tests (no GPU needed).
+    for t in gpu_test_binaries():
+        kit.run(Step(f"list {os.path.basename(t)}", [t, "--list", "--ignored"], 30, gpu=False))
+    correctness, timing = steps_for(kit)
+    kit.run_parallel(correctness, workers=8)
+    for step in timing:
+        kit.run(step)
+    if args.dry_run:
+        peers = dry_run_peers(kit)
+        if peers.argv:
+            kit.run(peers)
+        else:
+            peers.status, peers.detail = "skipped", "torch is not installed here"
+            kit.steps.append(peers)
+
+    res = results(kit, environment(kit))
+    tuning = os.path.join(work, "tuning")
+    for f in sorted(os.listdir(tuning)) if os.path.isdir(tuning) else []:
+        if f.endswith(".json"):
+            shutil.copy(os.path.join(tuning, f), os.path.join(args.outdir, "tuning.json"))
+            res["tuning_file"] = f
+    json.dump(res, open(os.path.join(args.outdir, "results.json"), "w"), indent=2)
+    open(os.path.join(args.outdir, "report.md"), "w").write(report(res))
+    with tarfile.open(os.path.join(args.outdir, "logs.tar.gz"), "w:gz") as tar:
+        tar.add(work, arcname="kit")
+    shutil.rmtree(work, ignore_errors=True)
+    failed = [s for s in kit.steps if s.status == "fail"]
+    print(report(res).split("\n## ")[0])
+    print(f"kit: {len(failed)} failed step(s); results in {args.outdir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# GPU kit, step 1 (runs here, needs cargo; no GPU): builds in release the `mole` binary, every GPU
+# test binary (tests/*_gpu.rs) and the criterion bench binaries, strips them, and writes them with
+# a manifest into the git-ignored folder .gpu/, which the GPU machine receives (carry: [".gpu"]).
+# Fails if .gpu/ exceeds 60 MiB. Then, on the GPU machine: bash scripts/gpu/run.sh default "$OUT".
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+LIMIT_BYTES=$((60 * 1024 * 1024))
+KIT=.gpu
+rm -rf "$KIT"
+mkdir -p "$KIT/bin"
+
+# Every build prints cargo's JSON messages; the executables are picked from them.
+tests=()
+for f in tests/*_gpu.rs; do tests+=(--test "$(basename "$f" .rs)"); done
+{
+  cargo build --release --bin mole --message-format=json
+  cargo test --release --no-run --message-format=json "${tests[@]}"
+  cargo bench --no-run --message-format=json
+} 2> >(grep -v '^\s*\(Compiling\|Finished\|Executable\)' >&2) > "$KIT/cargo-messages.json"
+
+python3 - "$KIT" <<'PY'
+import hashlib, json, os, shutil, subprocess, sys, time
+kit = sys.argv[1]
+picked = {}
+for line in open(os.path.join(kit, "cargo-messages.json")):
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    exe = msg.get("executable") if msg.get("reason") == "compiler-artifact" else None
+    if not exe:
+        continue
+    target = msg["target"]
+    kind = target["kind"][0]
+    name = target["name"]
+    if kind == "bin":
+        dest = name
+    elif kind == "test":
+        dest = name
+    elif kind == "bench":
+        dest = "bench-" + name
+    else:
+        continue
+    picked[dest] = exe
+os.remove(os.path.join(kit, "cargo-messages.json"))
+files = {}
+for dest, exe in sorted(picked.items()):
+    out = os.path.join(kit, "bin", dest)
+    shutil.copy2(exe, out)
+    subprocess.run(["strip", out], check=True)
+    data = open(out, "rb").read()
+    files["bin/" + dest] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+def git(*args):
+    r = subprocess.run(["git", *args], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+manifest = {
+    "commit": git("rev-parse", "HEAD"),
+    "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "files": files,
+    "total_bytes": sum(f["bytes"] for f in files.values()),
+}
+assert "mole" in picked, "the mole binary was not built"
+assert any(k.endswith("_gpu") for k in picked), "no GPU test binary was built"
+json.dump(manifest, open(os.path.join(kit, "manifest.json"), "w"), indent=2)
+for name, f in files.items():
+    print(f"{f['bytes'] / 2**20:8.1f} MiB  {name}")
+print(f"{manifest['total_bytes'] / 2**20:8.1f} MiB  in all, commit {manifest['commit']}{' (dirty)' if manifest['dirty'] else ''}")
+PY
+
+total=$(du -sb "$KIT" | cut -f1)
+if [ "$total" -gt "$LIMIT_BYTES" ]; then
+  echo "pack: $KIT is $((total / 1024 / 1024)) MiB, over the 60 MiB limit" >&2
+  exit 1
+fi
+echo "pack: $KIT ready ($((total / 1024)) KiB)"
