@@ -339,7 +339,8 @@ MOLE_DEVICE void mix_tile(const mole_fused_params& p, const fused_gate_tensors& 
         float* h = s.hz + (mole_u64)i * p.cols;
         const int* ids = s.ids + i * slots;
         const float* w = s.w + i * slots;
-        float out[GROUPS];
+        float out[GROUPS];  // in registers: every loop over gi is unrolled
+        MOLE_UNROLL
         for (int gi = 0; gi < GROUPS; ++gi) {
             const mole_u32 c = (mole_u32)(lane + gi * MOLE_WARP_SIZE);
             out[gi] = 0.0f;
@@ -356,6 +357,7 @@ MOLE_DEVICE void mix_tile(const mole_fused_params& p, const fused_gate_tensors& 
             // h'[c] = sum_i h[i] * (sum_s w_s C_s[i][c]), the merged core built on the fly.
             for (mole_u32 ii = 0; ii < r; ++ii) {
                 const float hv = h[ii];
+                MOLE_UNROLL
                 for (int gi = 0; gi < GROUPS; ++gi) {
                     const mole_u32 c = (mole_u32)(lane + gi * MOLE_WARP_SIZE);
                     if ((mole_u32)(gi * MOLE_WARP_SIZE) >= r) break;
@@ -369,6 +371,7 @@ MOLE_DEVICE void mix_tile(const mole_fused_params& p, const fused_gate_tensors& 
             }
         }
         mole_syncwarp();  // every lane has read h before any lane overwrites it
+        MOLE_UNROLL
         for (int gi = 0; gi < GROUPS; ++gi) {
             const mole_u32 c = (mole_u32)(lane + gi * MOLE_WARP_SIZE);
             if (c < r) h[c] = out[gi];
@@ -382,14 +385,17 @@ MOLE_DEVICE void expand_tile(const mole_fused_params& p, const elem_t* __restric
     const mole_u64 left = p.gate.tokens - t0;
     const int rows = left < MOLE_FUSED_BT ? (int)left : MOLE_FUSED_BT;
     for (mole_u64 n = (mole_u64)n_begin + threadIdx.x; n < n_end; n += blockDim.x) {
-        float acc[MOLE_FUSED_BT];
+        float acc[MOLE_FUSED_BT];  // in registers: every loop over i is unrolled
+        MOLE_UNROLL
         for (int i = 0; i < MOLE_FUSED_BT; ++i) acc[i] = 0.0f;
         MOLE_NO_UNROLL
         for (mole_u32 c = 0; c < p.rank; ++c) {
             const float bv = load_f32(b + (mole_u64)c * p.d_out + n);
+            MOLE_UNROLL
             for (int i = 0; i < MOLE_FUSED_BT; ++i) acc[i] += s.hz[(mole_u64)i * p.cols + c] * bv;
         }
-        for (int i = 0; i < MOLE_FUSED_BT; ++i) {  // fixed bounds keep acc in registers
+        MOLE_UNROLL
+        for (int i = 0; i < MOLE_FUSED_BT; ++i) {
             if (i >= rows) break;
             elem_t* dst = y + (t0 + (mole_u64)i) * p.d_out + n;
             store_from_f32(dst, load_f32(dst) + p.scale * acc[i]);

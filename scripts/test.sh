@@ -14,7 +14,7 @@ export MOLE_REQUIRE_NVRTC=1
 cargo test --all-targets
 cargo test --doc
 cargo run --release -- check-kernels --arch sm_80,sm_90
-MOLE_NVRTC_PATH="$NVRTC13/libnvrtc.so.13" cargo run --release -- check-kernels --arch sm_80,sm_90
+MOLE_NVRTC_PATH="$NVRTC13/libnvrtc.so.13" cargo run --release -- check-kernels --arch sm_80,sm_90,sm_100
 MOLE_NVRTC_PATH="$NVRTC12" cargo run --release -- gen-ptx --check
 # The GPU kit: its report builder's tests, pack (release builds into .gpu/), and a dry run of the
 # default set (exits non-zero when a step that needs no GPU fails).

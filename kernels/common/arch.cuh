@@ -29,6 +29,8 @@ static_assert(sizeof(mole_i64) == 8 && sizeof(mole_u64) == 8, "integer widths");
 #define MOLE_BOUNDS(threads) __launch_bounds__(threads, 1)
 // Keeps the next loop rolled (where unrolling costs registers for nothing).
 #define MOLE_NO_UNROLL _Pragma("unroll 1")
+// Unrolls the next (constant-trip) loop fully, so an array it indexes stays in registers.
+#define MOLE_UNROLL _Pragma("unroll")
 
 // Warp shuffles and votes, always over the full warp: every kernel keeps all 32 lanes converged
 // where it calls them.
@@ -83,13 +85,16 @@ __device__ constexpr int mole_offset_probe(F T::*field) {
 // ---------------------------------------------------------------------------------------------
 // Host branch: the CPU port (each CUDA thread a fiber) supplies a header defining MOLE_GLOBAL,
 // MOLE_DEVICE, MOLE_BOUNDS, threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shared__,
-// __restrict__ and every mole_* function above with the same signatures (MOLE_NO_UNROLL and
-// MOLE_OFFSET_OF default below), e.g.
+// __restrict__ and every mole_* function above with the same signatures (MOLE_NO_UNROLL,
+// MOLE_UNROLL and MOLE_OFFSET_OF default below), e.g.
 //   -DMOLE_HOST_ARCH_HEADER='"common/host/runtime.h"'   (hostexec/build.rs does this)
 // ---------------------------------------------------------------------------------------------
 #include MOLE_HOST_ARCH_HEADER
 #ifndef MOLE_NO_UNROLL
 #define MOLE_NO_UNROLL
+#endif
+#ifndef MOLE_UNROLL
+#define MOLE_UNROLL
 #endif
 #ifndef MOLE_OFFSET_OF
 #define MOLE_OFFSET_OF(T, field) __builtin_offsetof(T, field)

@@ -21,6 +21,9 @@ pub enum Arch {
     /// Hopper (H100, H200).
     #[serde(rename = "sm_90")]
     Sm90,
+    /// Blackwell data-center parts (B200, GB200); needs NVRTC 12.8 or newer.
+    #[serde(rename = "sm_100")]
+    Sm100,
 }
 
 /// Per-block resource limits of an [`Arch`].
@@ -44,7 +47,7 @@ const WARP: u32 = 32;
 
 impl Arch {
     /// Every supported architecture, oldest first.
-    pub const ALL: [Arch; 4] = [Arch::Sm80, Arch::Sm86, Arch::Sm89, Arch::Sm90];
+    pub const ALL: [Arch; 5] = [Arch::Sm80, Arch::Sm86, Arch::Sm89, Arch::Sm90, Arch::Sm100];
 
     /// The real-architecture name, `sm_XX` (the cubin target).
     pub fn name(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Arch {
             Arch::Sm86 => "sm_86",
             Arch::Sm89 => "sm_89",
             Arch::Sm90 => "sm_90",
+            Arch::Sm100 => "sm_100",
         }
     }
 
@@ -63,6 +67,7 @@ impl Arch {
             Arch::Sm86 => "compute_86",
             Arch::Sm89 => "compute_89",
             Arch::Sm90 => "compute_90",
+            Arch::Sm100 => "compute_100",
         }
     }
 
@@ -73,6 +78,7 @@ impl Arch {
             Arch::Sm86 => (8, 6),
             Arch::Sm89 => (8, 9),
             Arch::Sm90 => (9, 0),
+            Arch::Sm100 => (10, 0),
         }
     }
 
@@ -84,8 +90,9 @@ impl Arch {
             (8, 6) | (8, 7) => Ok(Arch::Sm86),
             (8, 9) => Ok(Arch::Sm89),
             (9, 0) => Ok(Arch::Sm90),
+            (10, 0) => Ok(Arch::Sm100),
             _ => Err(MoleError::Unsupported(format!(
-                "compute capability {major}.{minor}: the kernels target sm_80, sm_86, sm_89 and sm_90"
+                "compute capability {major}.{minor}: the kernels target sm_80, sm_86, sm_89, sm_90 and sm_100"
             ))),
         }
     }
@@ -95,7 +102,7 @@ impl Arch {
         let max_shared_bytes_per_block = match self {
             Arch::Sm80 => 163 * 1024,
             Arch::Sm86 | Arch::Sm89 => 99 * 1024,
-            Arch::Sm90 => 227 * 1024,
+            Arch::Sm90 | Arch::Sm100 => 227 * 1024,
         };
         ArchLimits {
             max_registers_per_thread: 255,
@@ -121,7 +128,7 @@ impl std::str::FromStr for Arch {
             MoleError::InvalidParameter {
                 name: "arch",
                 value: s.to_string(),
-                reason: "expected one of sm_80, sm_86, sm_89, sm_90",
+                reason: "expected one of sm_80, sm_86, sm_89, sm_90, sm_100",
             }
         })
     }
@@ -153,6 +160,10 @@ impl ArchLimits {
         let mut v = Vec::new();
         if entry.spill_stores > 0 || entry.spill_loads > 0 {
             v.push(Violation::Spill { stores: entry.spill_stores, loads: entry.spill_loads });
+        } else if entry.stack_frame_bytes > 0 {
+            // Every entry point is a hot kernel: a stack frame without spills is an array the
+            // compiler could not keep in registers, read and written through local memory.
+            v.push(Violation::StackFrame { bytes: entry.stack_frame_bytes });
         }
         if entry.registers > self.max_registers_per_thread {
             v.push(Violation::RegistersPerThread { used: entry.registers, limit: self.max_registers_per_thread });
@@ -186,6 +197,11 @@ pub enum Violation {
         stores: u64,
         /// Bytes of spill loads.
         loads: u64,
+    },
+    /// A local-memory stack frame (an array indexed where the compiler cannot resolve it).
+    StackFrame {
+        /// Bytes of stack frame.
+        bytes: u64,
     },
     /// More registers per thread than the architecture allows.
     RegistersPerThread {
@@ -228,6 +244,7 @@ impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Violation::Spill { stores, loads } => write!(f, "spills ({stores} B stored, {loads} B loaded)"),
+            Violation::StackFrame { bytes } => write!(f, "{bytes} B stack frame (local memory in a hot kernel)"),
             Violation::RegistersPerThread { used, limit } => write!(f, "{used} registers/thread > {limit}"),
             Violation::RegistersPerBlock { needed, limit } => write!(f, "{needed} registers/block > {limit}"),
             Violation::ThreadsPerBlock { threads, limit } => write!(f, "{threads} threads/block outside 1..={limit}"),
@@ -257,12 +274,12 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", a.name()));
         }
         assert_eq!(" SM_90 ".parse::<Arch>().unwrap(), Arch::Sm90);
-        for bad in ["sm_70", "sm90", "", "sm_100"] {
+        for bad in ["sm_70", "sm90", "", "sm_120"] {
             assert!(matches!(bad.parse::<Arch>(), Err(MoleError::InvalidParameter { .. })), "{bad}");
         }
         assert_eq!(Arch::from_compute_capability(8, 7).unwrap(), Arch::Sm86);
         assert!(matches!(Arch::from_compute_capability(7, 5), Err(MoleError::Unsupported(_))));
-        assert!(matches!(Arch::from_compute_capability(10, 0), Err(MoleError::Unsupported(_))));
+        assert!(matches!(Arch::from_compute_capability(12, 0), Err(MoleError::Unsupported(_))));
     }
 
     #[test]
@@ -301,6 +318,8 @@ mod tests {
             vec![Violation::RegistersPerBlock { needed: 72 * 1024, limit: 65536 }]
         );
         assert!(l.check(&entry(65, 0), None, 0).is_empty());
+        let local_array = EntryResources { stack_frame_bytes: 32, ..entry(64, 0) };
+        assert_eq!(l.check(&local_array, Some(256), 0), vec![Violation::StackFrame { bytes: 32 }]);
         assert_eq!(l.check(&entry(256, 0), None, 0), vec![Violation::RegistersPerThread { used: 256, limit: 255 }]);
         assert_eq!(
             l.check(&entry(8, 0), Some(2048), 0),
