@@ -28,7 +28,9 @@ struct Stored {
 
 fn encode(name: &str, shape: Vec<usize>, v: &[f32], dtype: Dtype) -> Stored {
     let (bytes, values): (Vec<u8>, Vec<f64>) = match dtype {
-        Dtype::F64 => (v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(), v.iter().map(|&x| x as f64).collect()),
+        Dtype::F64 => {
+            (v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(), v.iter().map(|&x| x as f64).collect())
+        }
         Dtype::F32 => (v.iter().flat_map(|x| x.to_le_bytes()).collect(), v.iter().map(|&x| x as f64).collect()),
         Dtype::F16 => {
             let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
@@ -44,7 +46,13 @@ fn encode(name: &str, shape: Vec<usize>, v: &[f32], dtype: Dtype) -> Stored {
 
 /// The tensors `spec` needs on `tokens` tokens, each float one in `dtypes[i % 4]`, with a NaN or
 /// an infinity planted where `poison` says.
-fn layer_tensors(spec: &LayerSpec, tokens: usize, seed: u64, dtypes: &[Dtype; 4], poison: Option<(usize, usize)>) -> Vec<Stored> {
+fn layer_tensors(
+    spec: &LayerSpec,
+    tokens: usize,
+    seed: u64,
+    dtypes: &[Dtype; 4],
+    poison: Option<(usize, usize)>,
+) -> Vec<Stored> {
     let d = SyntheticLayer::<f32>::new(spec, tokens, seed);
     let (r, e) = (spec.total_rank(), spec.routed_experts());
     let rows = if matches!(spec.router(), Some(mole::model::Router::H { .. })) { r } else { spec.d_in };
@@ -82,14 +90,22 @@ fn layer_tensors(spec: &LayerSpec, tokens: usize, seed: u64, dtypes: &[Dtype; 4]
             ids.iter().flat_map(|&i| i.to_le_bytes()).collect()
         };
         let values = ids.iter().map(|&i| i as f64).collect();
-        out.push(Stored { name: "adapter_ids".into(), dtype: if wide { Dtype::I64 } else { Dtype::I32 }, shape: vec![tokens], bytes, values });
+        out.push(Stored {
+            name: "adapter_ids".into(),
+            dtype: if wide { Dtype::I64 } else { Dtype::I32 },
+            shape: vec![tokens],
+            bytes,
+            values,
+        });
     }
     out
 }
 
 fn serialize(tensors: &[Stored]) -> Vec<u8> {
-    let views: Vec<(String, TensorView<'_>)> =
-        tensors.iter().map(|t| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap())).collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap()))
+        .collect();
     safetensors::serialize(views, None).unwrap()
 }
 
@@ -124,7 +140,8 @@ fn matmul(a: &[f64], b: &[f64], n: usize, k: usize, m: usize) -> (Vec<f64>, Vec<
 }
 
 fn close(got: &[f64], want: &[f64], mag: &[f64]) -> bool {
-    got.len() == want.len() && got.iter().zip(want).zip(mag).all(|((g, w), m)| (g - w).abs() <= 1e-12 * (m + w.abs() + 1e-300))
+    got.len() == want.len()
+        && got.iter().zip(want).zip(mag).all(|((g, w), m)| (g - w).abs() <= 1e-12 * (m + w.abs() + 1e-300))
 }
 
 const DTYPES: [Dtype; 4] = [Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16];

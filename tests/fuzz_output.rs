@@ -40,7 +40,15 @@ fn snapshot(p: &Path) -> Snapshot {
     if ft.is_file() {
         return Snapshot::File { mode, bytes: fs::read(p).unwrap() };
     }
-    let kind = if ft.is_dir() { "dir" } else if ft.is_fifo() { "fifo" } else if ft.is_char_device() { "char" } else { "other" };
+    let kind = if ft.is_dir() {
+        "dir"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_char_device() {
+        "char"
+    } else {
+        "other"
+    };
     Snapshot::Other { kind: kind.into(), mode }
 }
 
