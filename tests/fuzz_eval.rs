@@ -44,6 +44,9 @@ fn encode(name: &str, shape: Vec<usize>, v: &[f32], dtype: Dtype) -> Stored {
     Stored { name: name.into(), dtype, shape, bytes, values }
 }
 
+/// A float tensor of a synthetic layer: name, shape, values where the spec has it.
+type Named<'a> = (&'a str, Vec<usize>, Option<&'a Vec<f32>>);
+
 /// The tensors `spec` needs on `tokens` tokens, each float one in `dtypes[i % 4]`, with a NaN or
 /// an infinity planted where `poison` says.
 fn layer_tensors(
@@ -56,7 +59,7 @@ fn layer_tensors(
     let d = SyntheticLayer::<f32>::new(spec, tokens, seed);
     let (r, e) = (spec.total_rank(), spec.routed_experts());
     let rows = if matches!(spec.router(), Some(mole::model::Router::H { .. })) { r } else { spec.d_in };
-    let named: Vec<(&str, Vec<usize>, Option<&Vec<f32>>)> = vec![
+    let named: Vec<Named<'_>> = vec![
         ("x", vec![tokens, spec.d_in], Some(&d.x)),
         ("A", vec![spec.d_in, r], Some(&d.a)),
         ("B", vec![r, spec.d_out], Some(&d.b)),
@@ -83,7 +86,7 @@ fn layer_tensors(
         })
         .collect();
     if let Some(ids) = &d.adapter_ids {
-        let wide = seed % 2 == 0;
+        let wide = seed.is_multiple_of(2);
         let bytes = if wide {
             ids.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect()
         } else {
