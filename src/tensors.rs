@@ -183,8 +183,10 @@ pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
             Values::Int(v) if t.shape == [tokens] => Some(
                 v.iter()
                     .enumerate()
-                    .map(|(token, &id)| {
-                        i32::try_from(id).map_err(|_| MoleError::ExpertIdOutOfRange { token, slot: 0, id, experts: e })
+                    .map(|(token, &id)| match i32::try_from(id) {
+                        // In range (e <= MAX_EXPERTS) or out of it, as the reference reports it.
+                        Ok(id) if id >= -1 && (id as i64) < e as i64 => Ok(id),
+                        _ => Err(MoleError::ExpertIdOutOfRange { token, slot: 0, id, experts: e }),
                     })
                     .collect::<Result<_>>()?,
             ),

@@ -269,3 +269,44 @@ fn a_layer_too_large_for_memory_is_refused_before_it_is_allocated() {
     assert!(matches!(e, MoleError::OutOfMemory { memory: "host", .. }), "{e}");
     assert!(e.to_string().contains("this layer on 64 tokens"), "{e}");
 }
+
+proptest! {
+    #![proptest_config(fuzz::config(128))]
+
+    #[test]
+    fn adapter_ids_of_any_width_are_used_or_named(
+        experts in 1usize..6,
+        ids in prop::collection::vec(
+            prop_oneof![4 => -1i64..6, 1 => prop::sample::select(vec![-2i64, i64::from(i32::MIN), i64::from(i32::MAX) + 1, 1 << 40, i64::MIN, i64::MAX])],
+            1..6,
+        ),
+        wide in any::<bool>(),
+    ) {
+        let spec = mole::model::Method::AdapterServing
+            .spec(mole::model::MethodShape { d_in: 3, d_out: 2, experts, rank: 2, k: 1, alpha: 2.0 })
+            .unwrap();
+        let tokens = ids.len();
+        let mut tensors = layer_tensors(&spec, tokens, 7, &DTYPES, None);
+        let fits = ids.iter().all(|&i| i32::try_from(i).is_ok());
+        let t = tensors.iter_mut().find(|t| t.name == "adapter_ids").unwrap();
+        (t.dtype, t.bytes) = if wide || !fits {
+            (Dtype::I64, ids.iter().flat_map(|i| i.to_le_bytes()).collect())
+        } else {
+            (Dtype::I32, ids.iter().flat_map(|&i| (i as i32).to_le_bytes()).collect())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.safetensors");
+        std::fs::write(&path, serialize(&tensors)).unwrap();
+        let result = load(&path).and_then(|m| eval(&spec, &m));
+        match ids.iter().position(|&i| i < -1 || i >= experts as i64) {
+            None => {
+                let out = result.unwrap();
+                prop_assert_eq!(&out["ids"].values, &Values::Int(ids.clone()));
+            }
+            Some(token) => {
+                let want = MoleError::ExpertIdOutOfRange { token, slot: 0, id: ids[token], experts };
+                prop_assert_eq!(result.unwrap_err(), want);
+            }
+        }
+    }
+}
