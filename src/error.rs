@@ -143,6 +143,50 @@ pub enum MoleError {
         /// The compiler log (errors and warnings).
         log: String,
     },
+    /// A layer spec (JSON) does not follow the documented form: an unknown or missing field, a
+    /// value of the wrong type. `path` locates the field (`gating.rule.temperature`).
+    #[error("layer spec: {}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+    InvalidSpec {
+        /// Where in the spec, dotted (`ranks[2]`, `gating.rule.k`); empty for the whole document.
+        path: String,
+        /// What is wrong, with the closest valid name where there is one.
+        message: String,
+    },
+    /// A size derived from the inputs is over its documented limit (see [`crate::limits`]) or
+    /// overflows when multiplied out.
+    #[error("{what} = {value} is too large: {limit}")]
+    TooLarge {
+        /// The input or the derived size, e.g. `--tokens` or `x [T, d_in]`.
+        what: String,
+        /// The value given (or the dimensions that overflow).
+        value: String,
+        /// The limit, stated.
+        limit: String,
+    },
+    /// An allocation would need more memory than is available; nothing was allocated.
+    #[error(
+        "{what} would need {} of {memory} memory but {} is available; reduce it (tokens, dimensions) or free memory",
+        crate::limits::format_bytes(*needed),
+        crate::limits::format_bytes(*available)
+    )]
+    OutOfMemory {
+        /// What would have been allocated, naming the input that sized it.
+        what: String,
+        /// Bytes it would need.
+        needed: u64,
+        /// Bytes available (host: `MemAvailable` or `MOLE_MEMORY_LIMIT`; device: free memory).
+        available: u64,
+        /// `host` or `device`.
+        memory: &'static str,
+    },
+    /// An output path cannot be written safely (not a regular file, read-only, a dangling link).
+    #[error("cannot write {path}: {reason}")]
+    UnsafeOutput {
+        /// The path given.
+        path: String,
+        /// Why it is refused; nothing was written.
+        reason: String,
+    },
     /// A release gate (`mole check-kernels`, `mole gen-ptx --check`) found problems.
     #[error("{gate} failed: {detail}")]
     GateFailed {
@@ -165,9 +209,10 @@ impl MoleError {
     }
 }
 
-/// Checks that `data` holds exactly `shape.iter().product()` elements.
+/// Checks that `data` holds exactly `shape.iter().product()` elements (a product that
+/// overflows is [`MoleError::TooLarge`], never a wrapped length).
 pub fn check_len<T>(what: &'static str, data: &[T], shape: &[usize]) -> Result<()> {
-    let expected: usize = shape.iter().product();
+    let expected = crate::limits::elements(what, shape)?;
     if data.len() != expected {
         return Err(MoleError::ShapeMismatch { what, expected: shape.to_vec(), got: data.len() });
     }

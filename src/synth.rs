@@ -102,6 +102,20 @@ impl<T: Scalar> SyntheticLayer<T> {
         Self { tokens, x, a, b, y, router_weight, router_bias, logits, weights, adapter_ids, selection_bias, cores }
     }
 
+    /// The bytes [`SyntheticLayer::new`] allocates for `spec` on `tokens` tokens (checked
+    /// arithmetic; check it with [`crate::limits::check_host`] before calling `new` on sizes
+    /// that come from a user).
+    pub fn bytes(spec: &LayerSpec, tokens: usize) -> crate::Result<u64> {
+        let (r, e, el) = (spec.total_rank(), spec.routed_experts(), std::mem::size_of::<T>());
+        Ok(crate::limits::Footprint::new()
+            .add("x and y [T, d]", &[tokens, spec.d_in + spec.d_out], el)?
+            .add("A and B", &[r, spec.d_in + spec.d_out], el)?
+            .add("router weight, logits or weights", &[tokens.max(spec.d_in).max(r), e], el)?
+            .add("adapter ids", &[tokens], 4)?
+            .add("cores", &[e, r, r], el)?
+            .bytes())
+    }
+
     /// Borrowed view for the layer API.
     pub fn inputs(&self) -> LayerInputs<'_, T> {
         LayerInputs {

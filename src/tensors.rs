@@ -8,10 +8,11 @@
 //! `selected_fraction`, `mean_prob`, `z_loss`, `entropy`, all f64 except `ids`.
 
 use crate::model::{LayerInputs, LayerSpec};
-use crate::reference;
+use crate::{limits, reference};
 use crate::{MoleError, Result};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::Path;
 
 /// The values of a host tensor.
@@ -66,11 +67,26 @@ fn widen(dtype: StDtype, bytes: &[u8], name: &str) -> Result<Values> {
     })
 }
 
-/// Reads every tensor of a safetensors file.
+/// Reads every tensor of a safetensors file. The file, then the tensors widened to f64, are
+/// checked against the host memory available before they are read.
 pub fn load(path: &Path) -> Result<TensorMap> {
     let ctx = || format!("reading {}", path.display());
-    let bytes = std::fs::read(path).map_err(|e| MoleError::io(ctx(), e))?;
+    let mut file = std::fs::File::open(path).map_err(|e| MoleError::io(ctx(), e))?;
+    let len = file.metadata().map_err(|e| MoleError::io(ctx(), e))?.len();
+    limits::check_host(&format!("reading {}", path.display()), len)?;
+    let mut bytes = Vec::new();
+    // A pipe or a device has no length: read at most what memory allows.
+    let cap = limits::available_host_memory()?.unwrap_or(u64::MAX);
+    file.by_ref().take(cap.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| MoleError::io(ctx(), e))?;
+    if bytes.len() as u64 > cap {
+        return Err(MoleError::OutOfMemory { what: ctx(), needed: bytes.len() as u64, available: cap, memory: "host" });
+    }
     let st = SafeTensors::deserialize(&bytes).map_err(|e| MoleError::io(ctx(), e))?;
+    let widened = st
+        .tensors()
+        .iter()
+        .try_fold(limits::Footprint::new(), |f, (name, view)| f.add(&format!("tensor `{name}`"), view.shape(), 8))?;
+    limits::check_host(&format!("the tensors of {} widened to f64", path.display()), widened.bytes())?;
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
@@ -81,6 +97,8 @@ pub fn load(path: &Path) -> Result<TensorMap> {
 }
 
 /// Writes tensors to a safetensors file: floats as f64, integers as i32 when they fit, else i64.
+/// The file is written as [`crate::outfile::write_atomic`] writes (a failure leaves `path` as it
+/// was).
 pub fn save(path: &Path, tensors: &TensorMap) -> Result<()> {
     let encoded: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -96,6 +114,8 @@ pub fn save(path: &Path, tensors: &TensorMap) -> Result<()> {
         })
         .collect();
     let ctx = || format!("writing {}", path.display());
+    let size = encoded.iter().map(|e| e.3.len() as u64).sum::<u64>();
+    limits::check_host(&ctx(), size)?;
     let views = encoded
         .iter()
         .map(|(n, d, s, b)| {
@@ -104,7 +124,8 @@ pub fn save(path: &Path, tensors: &TensorMap) -> Result<()> {
                 .map_err(|e| MoleError::io(ctx(), e))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| MoleError::io(ctx(), e))
+    let bytes = safetensors::serialize(views, None).map_err(|e| MoleError::io(ctx(), e))?;
+    crate::outfile::write_atomic(path, &bytes)
 }
 
 fn float<'a>(m: &'a TensorMap, name: &str, shape: &[usize]) -> Result<Option<&'a [f64]>> {
@@ -132,7 +153,11 @@ pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
             })
         }
     };
+    limits::check_max("tokens (rows of `x`)", tokens, limits::MAX_TOKENS)?;
     let (r, e, d_in, d_out) = (spec.total_rank(), spec.routed_experts(), spec.d_in, spec.d_out);
+    // The reference's buffers and the encoded outputs, before any of them is allocated.
+    let need = limits::reference_bytes(spec, tokens)?.saturating_mul(2);
+    limits::check_host(&format!("this layer on {tokens} tokens (the f64 reference and its outputs)"), need)?;
     let required = |name: &'static str, shape: &[usize]| {
         float(inputs, name, shape)?.ok_or(MoleError::MissingInput { name, needed_by: "every layer" })
     };
@@ -155,9 +180,16 @@ pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
     let ids: Option<Vec<i32>> = match inputs.get("adapter_ids") {
         None => None,
         Some(t) => match &t.values {
-            Values::Int(v) if t.shape == [tokens] => {
-                Some(v.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MIN)).collect())
-            }
+            Values::Int(v) if t.shape == [tokens] => Some(
+                v.iter()
+                    .enumerate()
+                    .map(|(token, &id)| match i32::try_from(id) {
+                        // In range (e <= MAX_EXPERTS) or out of it, as the reference reports it.
+                        Ok(id) if id >= -1 && (id as i64) < e as i64 => Ok(id),
+                        _ => Err(MoleError::ExpertIdOutOfRange { token, slot: 0, id, experts: e }),
+                    })
+                    .collect::<Result<_>>()?,
+            ),
             Values::Int(_) => {
                 return Err(MoleError::WrongShape {
                     name: "adapter_ids".into(),

@@ -39,3 +39,73 @@ fn bad_arguments_are_errors_not_panics() {
     assert!(!ok && text.contains("k = 5 is invalid for 4 experts"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
 }
+
+#[test]
+fn every_method_checks_its_own_knobs_and_names_the_wrong_one() {
+    let small = ["--tokens", "4", "--d", "16"];
+    let run = |extra: &[&str]| mole(&[&["run"][..], &small[..], extra].concat());
+    // SMoRA's scale is alpha / k: k = 0 is refused by name, not turned into an infinite scale.
+    let (ok, text) = run(&["--method", "smora", "--k", "0"]);
+    assert!(!ok && text.contains("k = 0 is invalid for 8 experts"), "{text}");
+    // DynMoLE reads no k: one expert runs, and an explicit --k is refused by name.
+    let (ok, text) = run(&["--method", "dyn-mole", "--experts", "1"]);
+    assert!(ok && text.contains("E=1"), "{text}");
+    let (ok, text) = run(&["--method", "dyn-mole", "--experts", "1", "--k", "1"]);
+    assert!(!ok && text.contains("--k 1: dyn-mole does not take --k"), "{text}");
+    // FlyLoRA's experts are single ranks: --rank is refused, not silently replaced by 1.
+    let (ok, text) = run(&["--method", "fly-lora", "--rank", "16"]);
+    assert!(!ok && text.contains("--rank 16: fly-lora does not take --rank"), "{text}");
+    // X-LoRA refuses k > E like every other top-k method.
+    let (ok, text) = run(&["--method", "x-lora", "--k", "9"]);
+    assert!(!ok && text.contains("k = 9 is invalid for 8 experts"), "{text}");
+    // Sizes past the limits, and products that would wrap, are refused before any allocation.
+    let (ok, text) = mole(&["run", "--tokens", "4503599627370496", "--d", "4096"]);
+    assert!(!ok && text.contains("--tokens = 4503599627370496 is too large: at most 16777216"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_mole"))
+        .args(["run", "--tokens", "65536"])
+        .env("MOLE_MEMORY_LIMIT", "1G")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && text.contains("mole run --tokens 65536 --d 4096")
+            && text.contains("of host memory but 1.0 GiB is available"),
+        "{text}"
+    );
+}
+
+#[test]
+fn zero_tokens_is_a_no_op_without_throughput() {
+    let (ok, text) = mole(&["run", "--tokens", "0", "--d", "16"]);
+    assert!(ok && text.contains("nothing to run") && !text.contains("time:") && !text.contains("PASS"), "{text}");
+}
+
+#[test]
+fn help_lists_the_dtypes_and_the_cpu_path_counts_f64_bytes() {
+    let (ok, text) = mole(&["run", "--help"]);
+    assert!(ok && text.contains("f32") && text.contains("f16") && text.contains("bf16"), "{text}");
+    let (ok, text) = mole(&["run", "--dtype", "fp8"]);
+    assert!(!ok && text.contains("[possible values: f32, f16, bf16]"), "{text}");
+    if mole::cuda::Device::new(0).is_err() {
+        // 8 bytes · (100 · (256 + 2 · 256) + 16 · (256 + 256)) = 679,936 bytes: f64, not bf16's 0.2 MB.
+        let (ok, text) =
+            mole(&["run", "--tokens", "100", "--d", "256", "--experts", "4", "--rank", "4", "--dtype", "bf16"]);
+        assert!(ok && text.contains("of the 0.7 MB that must move"), "{text}");
+    }
+}
+
+#[test]
+fn gen_ptx_finds_the_checkout_or_asks_for_a_folder() {
+    let outside = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mole"))
+        .args(["gen-ptx", "--check"])
+        .current_dir(outside.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("is not inside a mole checkout") && text.contains("--dir"),
+        "{text}"
+    );
+}

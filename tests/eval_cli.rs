@@ -88,3 +88,46 @@ fn eval_reports_bad_inputs_without_panicking() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tensor `B`: expected shape [2, 2], got [2, 3]"), "{err}");
 }
+
+fn eval_with(spec_text: &str, inputs: &TensorMap) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("layer.json");
+    std::fs::write(&spec, spec_text).unwrap();
+    let in_path = dir.path().join("in.safetensors");
+    save(&in_path, inputs).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mole"))
+        .args(["eval", "--spec"])
+        .arg(&spec)
+        .arg("--inputs")
+        .arg(&in_path)
+        .arg("--out")
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn eval_names_the_spec_field_and_the_real_id() {
+    let mut inputs = TensorMap::new();
+    inputs.insert("x".into(), HostTensor::float(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]));
+    inputs.insert("A".into(), HostTensor::float(vec![2, 2], vec![1.0; 4]));
+    inputs.insert("B".into(), HostTensor::float(vec![2, 2], vec![1.0; 4]));
+    inputs.insert("adapter_ids".into(), HostTensor::int(vec![2], vec![0, 1 << 33]));
+    let spec = r#"{"d_in": 2, "d_out": 2, "ranks": [0, 1, 2], "scale": 1.0, "gating": {"type": "adapter_ids"}}"#;
+    let (ok, err) = eval_with(spec, &inputs);
+    assert!(!ok && err.contains("expert id 8589934592 at token 1"), "{err}");
+
+    let typo = r#"{"d_in": 2, "d_out": 2, "ranks": [0, 1, 2], "scale": 1.0,
+        "gating": {"type": "routed", "router": {"type": "logits"}, "rule": {"type": "dense_softmax", "temprature": 0.01}}}"#;
+    let (ok, err) = eval_with(typo, &inputs);
+    assert!(
+        !ok && err.contains("gating.rule.temprature: unknown field `temprature` (did you mean `temperature`?)"),
+        "{err}"
+    );
+    let (ok, err) = eval_with(r#"[2, 2, [0, 1, 2], 1.0, {"type": "adapter_ids"}]"#, &inputs);
+    assert!(!ok && err.contains("layer spec: expected an object, got an array"), "{err}");
+    let ranks = r#"{"d_in": 2, "d_out": 2, "ranks": {"experts": 2}, "scale": 1.0, "gating": {"type": "adapter_ids"}}"#;
+    let (ok, err) = eval_with(ranks, &inputs);
+    assert!(!ok && err.contains("ranks.rank: missing") && !err.contains("untagged"), "{err}");
+}

@@ -64,6 +64,8 @@ fn upload_opt<T: DeviceRepr>(device: &Device, v: Option<&[T]>) -> Result<Option<
 }
 
 fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(device: &Device, n: usize) -> Result<CudaSlice<T>> {
+    let bytes = crate::limits::Footprint::new().add("a workspace", &[n.max(1)], std::mem::size_of::<T>())?.bytes();
+    crate::limits::check_device(device, &format!("a workspace of {n} elements"), bytes)?;
     device.stream().alloc_zeros::<T>(n.max(1)).map_err(cuda_err("cuMemAlloc"))
 }
 
@@ -91,6 +93,8 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
             return Err(MoleError::param("build", &choice.build, "its dtype differs from the layer's element type"));
         }
         let t = data.tokens;
+        let inputs = SyntheticLayer::<T>::bytes(spec, t)?;
+        crate::limits::check_device(device, &format!("the layer's inputs on {t} tokens"), inputs)?;
         let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
         let gate_in = data.logits.as_deref().or(data.weights.as_deref());
         let mut layer = DeviceLayer {

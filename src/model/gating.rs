@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// Where the router scores `z [T, E]` come from.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Router {
     /// `z = x · W_g (+ b)`, `W_g [d_in, E]` (`router_weight`), `b [E]` (`router_bias`). Most methods.
     X {
@@ -54,7 +54,7 @@ fn one() -> f64 {
 
 /// A routing rule: scores `z` of one token to `(expert, weight)` slots.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RoutingRule {
     /// `p = softmax(z / temperature)`; the k largest; weighted per [`TopKWeights`].
     #[serde(rename = "softmax_topk")]
@@ -201,7 +201,7 @@ impl RoutingRule {
 
 /// How a layer obtains its per-token expert weights.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Gating {
     /// Router scores, then a routing rule.
     Routed {

@@ -57,6 +57,7 @@ impl<'a, T> LayerInputs<'a, T> {
     /// and that adapter ids are in range. Validates the spec first.
     pub fn validate(&self, spec: &LayerSpec) -> Result<()> {
         spec.validate()?;
+        crate::limits::check_max("tokens", self.tokens, crate::limits::MAX_TOKENS)?;
         let (t, r, e) = (self.tokens, spec.total_rank(), spec.routed_experts());
         check_len("x", self.x, &[t, spec.d_in])?;
         check_len("A", self.a, &[spec.d_in, r])?;

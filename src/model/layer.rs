@@ -1,12 +1,12 @@
 //! The layer descriptor: `y += scale · mix(x · A) · B`, with its gating and mix.
 
 use super::{Gating, RankLayout, Router, RoutingRule};
-use crate::{MoleError, Result};
+use crate::{limits, MoleError, Result};
 use serde::{Deserialize, Serialize};
 
 /// What happens in the low-rank space once the weights are known.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Mix {
     /// Each expert's rank columns are scaled by its weight, unselected ones zeroed:
     /// `h'[t, cols(e)] = w[t, e] · h[t, cols(e)]`. Expert and rank gating both use it.
@@ -88,6 +88,8 @@ impl LayerSpec {
         if self.d_out == 0 {
             return Err(MoleError::ZeroDimension { name: "d_out" });
         }
+        limits::check_max("d_in", self.d_in, limits::MAX_DIM)?;
+        limits::check_max("d_out", self.d_out, limits::MAX_DIM)?;
         if !self.scale.is_finite() {
             return Err(MoleError::param("scale", self.scale, "must be finite"));
         }
@@ -95,6 +97,7 @@ impl LayerSpec {
             if cores == 0 {
                 return Err(MoleError::ZeroDimension { name: "cores" });
             }
+            limits::check_max("cores", cores, limits::MAX_EXPERTS)?;
             if self.ranks.num_experts() != 1 {
                 return Err(MoleError::Unsupported(format!(
                     "core_merge needs one shared bank expert (ranks [0, R]), got {} experts",

@@ -42,6 +42,17 @@ pub enum Method {
     AdapterServing,
 }
 
+/// A setting of a preset that a caller chooses (a [`MethodShape`] field, a `mole run` flag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Knob {
+    /// [`MethodShape::experts`] (`--experts`).
+    Experts,
+    /// [`MethodShape::rank`] (`--rank`).
+    Rank,
+    /// [`MethodShape::k`] (`--k`).
+    K,
+}
+
 /// The dimensions a preset is instantiated with.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MethodShape {
@@ -78,8 +89,10 @@ impl Method {
         Method::AdapterServing,
     ];
 
-    /// Builds and validates the layer spec of this method.
+    /// Builds and validates the layer spec of this method; the knobs are checked first
+    /// ([`Method::check_shape`]).
     pub fn spec(self, s: MethodShape) -> Result<LayerSpec> {
+        self.check_shape(&s)?;
         let x_router = Router::X { bias: false };
         let routed = |rule| Gating::Routed { router: x_router, rule };
         let topk = |weights| RoutingRule::SoftmaxTopK { k: s.k, temperature: 1.0, weights };
@@ -90,7 +103,8 @@ impl Method {
             Method::FlexOlmo => (None, per_rank, routed(topk(TopKWeights::Softmax)), None),
             Method::MixLoraDynamic => (None, per_rank, routed(RoutingRule::TopP { p: 0.8, temperature: 1.0 }), None),
             Method::DynMole => {
-                let rule = RoutingRule::DynMole { q: 1.1, top_p: 0.75, keep_top_k: 2, entropy_threshold: 0.9 };
+                let keep_top_k = 2.min(s.experts);
+                let rule = RoutingRule::DynMole { q: 1.1, top_p: 0.75, keep_top_k, entropy_threshold: 0.9 };
                 (None, per_rank, routed(rule), None)
             }
             Method::LlavaMoleSparse => {
@@ -107,9 +121,6 @@ impl Method {
                 (None, s.alpha / s.k as f64, routed(rule), None)
             }
             Method::FlyLora => {
-                if s.rank != 1 {
-                    return Err(MoleError::param("rank", s.rank, "FlyLoRA experts are single ranks (rank 1)"));
-                }
                 let rule = RoutingRule::MagnitudeTopK { k: s.k, bias: true };
                 let gating = Gating::Routed { router: Router::LowRank, rule };
                 (None, s.alpha / s.experts as f64, gating, None)
@@ -134,6 +145,50 @@ impl Method {
         };
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// Whether this preset reads `knob` from its [`MethodShape`]: `k` only where the rule takes
+    /// a fixed number of experts per token from the caller, `rank` everywhere but FlyLoRA (whose
+    /// experts are single ranks). A caller that sets a knob the preset ignores should be told.
+    pub fn uses(self, knob: Knob) -> bool {
+        match knob {
+            Knob::Experts => true,
+            Knob::Rank => self != Method::FlyLora,
+            Knob::K => !matches!(
+                self,
+                Method::MixLoraDynamic
+                    | Method::DynMole
+                    | Method::LlavaMoleSparse
+                    | Method::LlavaMoleDense
+                    | Method::LoraMoe
+                    | Method::HydraLora
+                    | Method::AdapterServing
+            ),
+        }
+    }
+
+    /// Checks the knobs this preset uses, naming the one that is wrong: positive dimensions
+    /// within [`crate::limits`], `1 <= k <= experts` where `k` is used, rank 1 for FlyLoRA, a
+    /// finite alpha.
+    pub fn check_shape(self, s: &MethodShape) -> Result<()> {
+        use crate::limits::{check_max, MAX_DIM, MAX_EXPERTS};
+        let dims = [("d_in", s.d_in, MAX_DIM), ("d_out", s.d_out, MAX_DIM), ("experts", s.experts, MAX_EXPERTS)];
+        for (name, value, max) in dims.into_iter().chain([("rank", s.rank, crate::limits::MAX_TOTAL_RANK)]) {
+            if value == 0 {
+                return Err(MoleError::ZeroDimension { name });
+            }
+            check_max(name, value, max)?;
+        }
+        if self == Method::FlyLora && s.rank != 1 {
+            return Err(MoleError::param("rank", s.rank, "FlyLoRA experts are single ranks (rank 1)"));
+        }
+        if self.uses(Knob::K) && (s.k == 0 || s.k > s.experts) {
+            return Err(MoleError::InvalidK { k: s.k, experts: s.experts });
+        }
+        if !s.alpha.is_finite() {
+            return Err(MoleError::param("alpha", s.alpha, "must be finite"));
+        }
+        Ok(())
     }
 
     /// The kebab-case name used on the command line and in JSON.
@@ -180,5 +235,27 @@ mod tests {
         let bad = MethodShape { d_in: 64, d_out: 48, experts: 8, rank: 4, k: 2, alpha: 16.0 };
         assert!(Method::FlyLora.spec(bad).is_err());
         assert!(Method::MixLora.spec(MethodShape { k: 9, ..bad }).is_err());
+    }
+
+    #[test]
+    fn knobs_are_checked_by_name_and_ignored_ones_are_known() {
+        let s = MethodShape { d_in: 64, d_out: 48, experts: 8, rank: 4, k: 2, alpha: 16.0 };
+        // SMoRA with k = 0 would divide alpha by zero: the knob is named instead.
+        assert_eq!(Method::Smora.spec(MethodShape { k: 0, ..s }), Err(MoleError::InvalidK { k: 0, experts: 8 }));
+        // X-LoRA with k > E is refused like every other top-k method, not run dense.
+        assert_eq!(Method::XLora.spec(MethodShape { k: 9, ..s }), Err(MoleError::InvalidK { k: 9, experts: 8 }));
+        // DynMoLE reads no k: one expert works whatever k says.
+        let one = MethodShape { experts: 1, k: 2, ..s };
+        assert!(Method::DynMole.spec(one).is_ok());
+        assert!(!Method::DynMole.uses(Knob::K) && Method::Smora.uses(Knob::K));
+        let e = Method::FlyLora.spec(MethodShape { rank: 16, ..s }).unwrap_err();
+        assert!(e.to_string().contains("invalid rank = 16"), "{e}");
+        assert!(!Method::FlyLora.uses(Knob::Rank));
+        assert_eq!(Method::MixLora.spec(MethodShape { d_in: 0, ..s }), Err(MoleError::ZeroDimension { name: "d_in" }));
+        assert!(Method::MixLora
+            .spec(MethodShape { experts: 1 << 40, ..s })
+            .unwrap_err()
+            .to_string()
+            .contains("experts"));
     }
 }

@@ -9,9 +9,10 @@ mod inputs;
 mod layer;
 mod method;
 mod ranks;
+mod spec_json;
 
 pub use gating::{Gating, Router, RoutingRule, TopKWeights};
 pub use inputs::LayerInputs;
 pub use layer::{LayerSpec, Mix};
-pub use method::{Method, MethodShape};
+pub use method::{Knob, Method, MethodShape};
 pub use ranks::RankLayout;

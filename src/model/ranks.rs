@@ -1,7 +1,7 @@
 //! The LoRA bank's rank layout: which rank columns of `A [d_in, R]` and rows of `B [R, d_out]`
 //! each expert owns.
 
-use crate::{MoleError, Result};
+use crate::{limits, MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -19,7 +19,11 @@ pub struct RankLayout {
 }
 
 #[derive(Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "rank offsets [0, r0, r0 + r1, ...] or {\"experts\": E, \"rank\": r}"
+)]
 enum RankLayoutRepr {
     Offsets(Vec<usize>),
     Uniform { experts: usize, rank: usize },
@@ -45,13 +49,23 @@ impl From<RankLayout> for RankLayoutRepr {
 }
 
 impl RankLayout {
-    /// `experts` experts of `rank` columns each.
+    /// `experts` experts of `rank` columns each (at most [`limits::MAX_EXPERTS`] experts and
+    /// [`limits::MAX_TOTAL_RANK`] columns, checked before anything is allocated).
     pub fn uniform(experts: usize, rank: usize) -> Result<Self> {
         if experts == 0 {
             return Err(MoleError::ZeroDimension { name: "experts" });
         }
         if rank == 0 {
             return Err(MoleError::ZeroDimension { name: "rank" });
+        }
+        limits::check_max("experts", experts, limits::MAX_EXPERTS)?;
+        let total = experts.saturating_mul(rank);
+        if total > limits::MAX_TOTAL_RANK {
+            return Err(MoleError::TooLarge {
+                what: "total rank (experts x rank)".into(),
+                value: format!("{experts} x {rank}"),
+                limit: format!("at most {}", limits::MAX_TOTAL_RANK),
+            });
         }
         Ok(Self { offsets: (0..=experts).map(|e| e * rank).collect() })
     }
@@ -76,6 +90,8 @@ impl RankLayout {
         if *offsets.last().unwrap_or(&0) == 0 {
             return bad("total rank R = offsets[E] must be positive".into());
         }
+        limits::check_max("experts (entries of rank offsets - 1)", offsets.len() - 1, limits::MAX_EXPERTS)?;
+        limits::check_max("total rank (the last rank offset)", *offsets.last().unwrap_or(&0), limits::MAX_TOTAL_RANK)?;
         Ok(Self { offsets })
     }
 

@@ -54,11 +54,14 @@ pub fn router_scores<T: Scalar>(
     }
 }
 
-/// The f64 reference forward of one layer. Validates the spec and every input first; zero
-/// tokens return empty outputs.
+/// The f64 reference forward of one layer. Validates the spec and every input first, and checks
+/// the memory it needs against what the host has ([`crate::limits::check_host`]); zero tokens
+/// return empty outputs.
 pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Result<LayerOutput> {
     inputs.validate(spec)?;
     let (t, r, e) = (inputs.tokens, spec.total_rank(), spec.routed_experts());
+    let need = crate::limits::reference_bytes(spec, t)?;
+    crate::limits::check_host(&format!("the f64 reference of this layer on {t} tokens"), need)?;
     let x = to_f64_vec(inputs.x);
 
     // Shrink.

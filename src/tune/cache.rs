@@ -18,9 +18,7 @@ use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The version of the file layout this crate reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -315,7 +313,6 @@ pub struct Stored {
 /// written to a temporary file in `dir` and renamed into place. A corrupt or foreign previous
 /// file is replaced (said in [`Stored::warnings`]).
 pub fn store(dir: &Path, gpu: &GpuId, entries: &[TunedEntry]) -> Result<Stored> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let io = |what: &str, path: &Path, e: std::io::Error| MoleError::io(format!("{what} {}", path.display()), e);
     std::fs::create_dir_all(dir).map_err(|e| io("creating tuning folder", dir, e))?;
     let name = gpu.file_name();
@@ -356,18 +353,7 @@ pub fn store(dir: &Path, gpu: &GpuId, entries: &[TunedEntry]) -> Result<Stored> 
     let file = TuningFile { format_version: FORMAT_VERSION, gpu: gpu.clone(), entries: merged };
     let text = serde_json::to_string_pretty(&file).map_err(|e| MoleError::io("serialising tuning file", e))?;
 
-    let tmp = dir.join(format!(".{name}.{}.{}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(text.as_bytes())?;
-            f.write_all(b"\n")?;
-            f.sync_all()
-        })
-        .map_err(|e| io("writing", &tmp, e))
-        .and_then(|_| std::fs::rename(&tmp, &path).map_err(|e| io("renaming into", &path, e)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    let written = crate::outfile::write_atomic(&path, format!("{text}\n").as_bytes());
     // Closing the handle releases the lock as well; unlocking first keeps the order explicit.
     let _ = lock.unlock();
     written.map(|_| Stored { path, entries: count, warnings })

@@ -11,21 +11,28 @@ pub struct GenPtxArgs {
     /// Do not write: fail if the folder differs from what the current sources produce.
     #[arg(long)]
     check: bool,
-    /// The folder holding the shipped PTX.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/ptx"))]
-    dir: PathBuf,
+    /// The folder holding the shipped PTX [default: ptx/ of the mole checkout the current
+    /// folder is in].
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 fn io_error(context: String, e: std::io::Error) -> MoleError {
     MoleError::Io { context, message: e.to_string() }
 }
 
-/// Writes `text` to `path` through a temporary file and a rename, so a reader never sees half.
-fn write_atomic(path: &Path, text: &str) -> mole::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io_error(format!("writing {}", path.display()), e)
+/// `ptx/` of the mole checkout that holds `from`: the nearest folder up from it with the crate's
+/// `Cargo.toml` and `kernels/`.
+fn checkout_ptx_dir(from: &Path) -> mole::Result<PathBuf> {
+    let is_checkout = |d: &Path| {
+        d.join("kernels").is_dir()
+            && std::fs::read_to_string(d.join("Cargo.toml")).is_ok_and(|t| t.contains("name = \"mole\""))
+    };
+    from.ancestors().find(|d| is_checkout(d)).map(|d| d.join("ptx")).ok_or_else(|| {
+        MoleError::Unsupported(format!(
+            "{} is not inside a mole checkout: run gen-ptx from the checkout, or name the folder with --dir",
+            from.display()
+        ))
     })
 }
 
@@ -44,18 +51,24 @@ pub fn run(args: &GenPtxArgs) -> mole::Result<()> {
             ),
         });
     }
+    let cwd = std::env::current_dir().map_err(|e| io_error("reading the current folder".into(), e))?;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => checkout_ptx_dir(&cwd)?,
+    };
+    let dir = &dir;
     let builds = default_builds();
     let files = shipped::generate(&builds)?;
     if args.check {
-        let problems = shipped::stale_files(&args.dir, &files)?;
+        let problems = shipped::stale_files(dir, &files)?;
         if problems.is_empty() {
-            println!("gen-ptx --check: {} ({} PTX file(s)) is up to date", args.dir.display(), builds.len());
+            println!("gen-ptx --check: {} ({} PTX file(s)) is up to date", dir.display(), builds.len());
             return Ok(());
         }
         let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        let mut detail = format!("{} is stale: {}", args.dir.display(), list.join("; "));
+        let mut detail = format!("{} is stale: {}", dir.display(), list.join("; "));
         // A different NVRTC changes the PTX text even when the sources did not change.
-        let on_disk = std::fs::read_to_string(args.dir.join(MANIFEST_FILE))
+        let on_disk = std::fs::read_to_string(dir.join(MANIFEST_FILE))
             .ok()
             .and_then(|t| serde_json::from_str::<PtxManifest>(&t).ok());
         let versions: std::collections::BTreeSet<&str> =
@@ -71,15 +84,15 @@ pub fn run(args: &GenPtxArgs) -> mole::Result<()> {
         detail.push_str("; regenerate with `cargo run --release -- gen-ptx`");
         return Err(MoleError::GateFailed { gate: "gen-ptx --check", detail });
     }
-    std::fs::create_dir_all(&args.dir).map_err(|e| io_error(format!("creating {}", args.dir.display()), e))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_error(format!("creating {}", dir.display()), e))?;
     for (name, text) in &files {
-        write_atomic(&args.dir.join(name), text)?;
-        println!("wrote {}", args.dir.join(name).display());
+        mole::outfile::write_atomic(&dir.join(name), text.as_bytes())?;
+        println!("wrote {}", dir.join(name).display());
     }
     // PTX of builds that are no longer defaults would be embedded but never used.
-    for stale in shipped::stale_files(&args.dir, &files)? {
+    for stale in shipped::stale_files(dir, &files)? {
         if let StaleFile::Unexpected(name) = stale {
-            let path = args.dir.join(name);
+            let path = dir.join(name);
             std::fs::remove_file(&path).map_err(|e| io_error(format!("removing {}", path.display()), e))?;
             println!("removed {}", path.display());
         }

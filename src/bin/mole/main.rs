@@ -10,6 +10,7 @@ mod info;
 mod run;
 
 use clap::{Parser, Subcommand};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -55,12 +56,21 @@ enum Command {
 }
 
 fn eval(spec: &Path, inputs: &Path, out: &Path) -> mole::Result<()> {
-    let text = std::fs::read_to_string(spec)
-        .map_err(|e| mole::MoleError::Io { context: format!("reading {}", spec.display()), message: e.to_string() })?;
-    let spec: mole::model::LayerSpec = serde_json::from_str(&text).map_err(|e| mole::MoleError::Io {
-        context: format!("parsing layer spec {}", spec.display()),
+    let io = |e: std::io::Error| mole::MoleError::Io {
+        context: format!("reading {}", spec.display()),
         message: e.to_string(),
-    })?;
+    };
+    let mut text = String::new();
+    let limit = mole::limits::MAX_SPEC_BYTES;
+    std::fs::File::open(spec).map_err(io)?.take(limit + 1).read_to_string(&mut text).map_err(io)?;
+    if text.len() as u64 > limit {
+        return Err(mole::MoleError::TooLarge {
+            what: format!("layer spec {}", spec.display()),
+            value: format!("over {limit} bytes"),
+            limit: format!("at most {limit} bytes"),
+        });
+    }
+    let spec = mole::model::LayerSpec::from_json(&text)?;
     let tensors = mole::tensors::load(inputs)?;
     let outputs = mole::tensors::eval(&spec, &tensors)?;
     mole::tensors::save(out, &outputs)?;
@@ -70,11 +80,11 @@ fn eval(spec: &Path, inputs: &Path, out: &Path) -> mole::Result<()> {
     Ok(())
 }
 
-/// Writes `doc` as pretty JSON to `path` (the machine-readable results of `bench --json`).
+/// Writes `doc` as pretty JSON to `path` (the machine-readable results of `bench --json`),
+/// atomically and never over a link, device or read-only file ([`mole::outfile`]).
 pub(crate) fn write_json(path: &Path, doc: &serde_json::Value) -> mole::Result<()> {
-    let text = serde_json::to_string_pretty(doc).unwrap_or_default();
-    std::fs::write(path, text + "\n")
-        .map_err(|e| mole::MoleError::Io { context: format!("writing {}", path.display()), message: e.to_string() })
+    let text = serde_json::to_string_pretty(doc).unwrap_or_default() + "\n";
+    mole::outfile::write_atomic(path, text.as_bytes())
 }
 
 fn main() -> ExitCode {

@@ -5,12 +5,12 @@ use clap::Args;
 use cudarc::driver::DeviceRepr;
 use mole::bench::max_scaled_error;
 use mole::layer::{ChoiceSource, DeviceLayer};
-use mole::model::{LayerSpec, Method, MethodShape, Mix};
+use mole::model::{Knob, LayerSpec, Method, MethodShape, Mix};
 use mole::plan::RoutingPlan;
 use mole::reference::LayerOutput;
 use mole::reference::{self, Bank};
 use mole::synth::SyntheticLayer;
-use mole::{DType, KernelElement, MoleError, Result};
+use mole::{limits, DType, KernelElement, MoleError, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,34 +19,54 @@ pub struct RunArgs {
     /// Method preset.
     #[arg(long, value_enum, default_value_t = Method::MixLora)]
     method: Method,
-    /// Tokens.
+    /// Tokens (0 is a no-op: nothing runs and no throughput is printed).
     #[arg(long, default_value_t = 2048)]
     tokens: usize,
     /// Model dimension (d_in = d_out).
     #[arg(long, default_value_t = 4096)]
     d: usize,
-    /// Experts.
-    #[arg(long, default_value_t = 8)]
-    experts: usize,
-    /// Rank per expert.
-    #[arg(long, default_value_t = 16)]
-    rank: usize,
-    /// Experts per token.
-    #[arg(long, default_value_t = 2)]
-    k: usize,
+    /// Experts (adapters, rank groups for smora, cores for comol) [default: 8].
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Rank per expert; not taken by fly-lora, whose experts are single ranks [default: 16].
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Experts per token, 1..=experts; taken only by the top-k methods (mix-lora, meteo-ra,
+    /// flex-olmo, x-lora, smora, fly-lora, comol) [default: 2].
+    #[arg(long)]
+    k: Option<usize>,
     /// Storage dtype of the inputs.
-    #[arg(long, default_value = "bf16")]
+    #[arg(long, value_enum, default_value_t = DType::BF16)]
     dtype: DType,
     /// Seed of the synthetic inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
+/// The preset's shape from the knobs: defaults where a knob is not given, and an error naming
+/// a knob given to a method that does not read it.
+fn method_shape(args: &RunArgs) -> Result<MethodShape> {
+    let method = args.method;
+    for (knob, flag, given) in [(Knob::Rank, "--rank", args.rank), (Knob::K, "--k", args.k)] {
+        if let (false, Some(v)) = (method.uses(knob), given) {
+            return Err(MoleError::Unsupported(format!(
+                "{flag} {v}: {method} does not take {flag} ({}); leave it out",
+                match knob {
+                    Knob::Rank => "its experts are single ranks",
+                    _ => "its rule decides how many experts each token gets",
+                }
+            )));
+        }
+    }
+    limits::check_max("--d", args.d, limits::MAX_DIM)?;
+    limits::check_max("--tokens", args.tokens, limits::MAX_TOKENS)?;
+    let rank = args.rank.unwrap_or(if method.uses(Knob::Rank) { 16 } else { 1 });
+    let (experts, k) = (args.experts.unwrap_or(8), args.k.unwrap_or(2));
+    Ok(MethodShape { d_in: args.d, d_out: args.d, experts, rank, k, alpha: 2.0 * rank as f64 })
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
-    let rank = if args.method == Method::FlyLora { 1 } else { args.rank };
-    let shape =
-        MethodShape { d_in: args.d, d_out: args.d, experts: args.experts, rank, k: args.k, alpha: 2.0 * rank as f64 };
-    let spec = args.method.spec(shape)?;
+    let spec = args.method.spec(method_shape(args)?)?;
     println!(
         "layer: {} d_in={} d_out={} E={} R={} slots/token={} T={} dtype={}",
         args.method,
@@ -58,6 +78,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         args.tokens,
         args.dtype
     );
+    if args.tokens == 0 {
+        println!("tokens = 0: nothing to run (a no-op), so no time or throughput to report");
+        return Ok(());
+    }
     match mole::cuda::Device::new(0) {
         Ok(d) => println!("backend: GPU {} (the layer API: fused or grouped kernels)", d.name()),
         Err(e) => println!("backend: CPU ({e})"),
@@ -70,6 +94,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
 }
 
 fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) -> Result<()> {
+    // The synthetic inputs, the f64 reference and the CPU path's f64 copies, before any of them.
+    let ref_bytes = limits::reference_bytes(spec, args.tokens)?;
+    let need = SyntheticLayer::<T>::bytes(spec, args.tokens)?.saturating_add(ref_bytes.saturating_mul(2));
+    let what = format!("mole run --tokens {} --d {} (inputs, the f64 reference and its check)", args.tokens, args.d);
+    limits::check_host(&what, need)?;
     let data = SyntheticLayer::<T>::new(spec, args.tokens, args.seed);
     let inputs = data.inputs();
 
@@ -78,7 +107,7 @@ fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) ->
     let ref_time = start.elapsed().as_secs_f64();
 
     let device = mole::cuda::Device::new(0).ok();
-    let Outcome { path, max_err, time, tol } = match &device {
+    let Outcome { path, max_err, time, tol, element_bytes } = match &device {
         Some(device) => gpu_layer(device, spec, &data, &reference.y)?,
         None => cpu_path(spec, &data, &reference, ref_time)?,
     };
@@ -86,8 +115,8 @@ fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) ->
     let selected: usize = reference.routing.ids.iter().filter(|&&id| id >= 0).count();
     let active_rank = selected as f64 * spec.total_rank() as f64 / spec.routed_experts() as f64;
     let flops = 2.0 * active_rank * (spec.d_in + spec.d_out) as f64;
-    let el = std::mem::size_of::<T>() as f64;
-    let bytes = el * (args.tokens * (spec.d_in + 2 * spec.d_out) + spec.total_rank() * (spec.d_in + spec.d_out)) as f64;
+    let (t, r) = (args.tokens as f64, spec.total_rank() as f64);
+    let bytes = element_bytes as f64 * (t * (spec.d_in + 2 * spec.d_out) as f64 + r * (spec.d_in + spec.d_out) as f64);
     println!("path: {path}");
     println!(
         "time: {:.3} ms  ({:.0} tokens/s, {:.2} GFLOP/s useful, {:.2} GB/s of the {:.1} MB that must move)",
@@ -119,6 +148,8 @@ struct Outcome {
     /// Seconds per forward.
     time: f64,
     tol: f64,
+    /// Bytes per element of the data the path moves (the storage dtype, or 8 for f64).
+    element_bytes: usize,
 }
 
 /// The CPU path: the grouped formulation (per-expert segments of the routing plan, the strategy
@@ -133,7 +164,7 @@ fn cpu_path<T: KernelElement>(
     let tol = reference::tolerance_with(f64::EPSILON / 2.0, f64::EPSILON / 2.0, spec.d_in + spec.total_rank()) * 16.0;
     if spec.mix != Mix::ExpertScale {
         let path = "CPU dense reference (f64)".into();
-        return Ok(Outcome { path, max_err: None, time: ref_time, tol });
+        return Ok(Outcome { path, max_err: None, time: ref_time, tol, element_bytes: 8 });
     }
     let f = |v: &[T]| mole::dtype::to_f64_vec(v);
     let (x, a, b, y0) = (f(&data.x), f(&data.a), f(&data.b), f(&data.y));
@@ -143,7 +174,8 @@ fn cpu_path<T: KernelElement>(
     let bank = Bank { a: &a, b: &b, ranks: &spec.ranks, scale: spec.scale, d_in: spec.d_in, d_out: spec.d_out };
     let y = reference::grouped_forward(&x, &y0, bank, routing, &plan);
     let time = start.elapsed().as_secs_f64();
-    Ok(Outcome { path: "CPU grouped (f64)".into(), max_err: Some(max_scaled_error(&y, &reference.y)), time, tol })
+    let max_err = Some(max_scaled_error(&y, &reference.y));
+    Ok(Outcome { path: "CPU grouped (f64)".into(), max_err, time, tol, element_bytes: 8 })
 }
 
 /// The GPU path: the layer API ([`mole::layer`]) with the strategy the tuning cache or the
@@ -167,5 +199,6 @@ fn gpu_layer<T: KernelElement + DeviceRepr>(
     // a token whose deciding scores tie within f32 rounding differently from the f64 reference.
     let (err, tol) = layer.check()?;
     let timing = mole::cuda::time_on_device(device, 3, 20, || layer.forward())?;
-    Ok(Outcome { path, max_err: Some(err), time: timing.median_ms() * 1e-3, tol })
+    let element_bytes = std::mem::size_of::<T>();
+    Ok(Outcome { path, max_err: Some(err), time: timing.median_ms() * 1e-3, tol, element_bytes })
 }
