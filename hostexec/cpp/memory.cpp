@@ -129,6 +129,22 @@ void poison_shared() {
     std::memset(dyn_base(), kPoison, g_dyn_pages * page());
 }
 
+void save_shared(std::vector<unsigned char>& out) {
+    const std::size_t arena = g_arena_used, dyn = g_dyn_pages * page();
+    out.resize(arena + dyn);
+    std::memcpy(out.data(), static_begin(), arena);
+    std::memcpy(out.data() + arena, dyn_base(), dyn);
+}
+
+void restore_shared(const std::vector<unsigned char>& in) {
+    const std::size_t dyn = g_dyn_pages * page();
+    const std::size_t arena = in.size() - dyn;
+    std::memcpy(static_begin(), in.data(), arena);
+    // Variables another block allocated since the save are as this block left them: untouched.
+    std::memset(static_begin() + arena, kPoison, g_arena_used - arena);
+    std::memcpy(dyn_base(), in.data() + arena, dyn);
+}
+
 std::string check_shared_tail() {
     const unsigned char* base = dyn_base();
     for (std::size_t i = g_dyn_bytes; i < g_dyn_pages * page(); ++i)

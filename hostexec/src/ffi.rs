@@ -41,6 +41,8 @@ pub(crate) struct LaunchConfig {
     pub shared_bytes: u64,
     pub schedule: u32,
     pub seed: u64,
+    pub mma: u32,
+    pub resident: u32,
 }
 
 /// `Arg` (hostexec/cpp/launch.cpp): the argument's bytes, and whether it is a buffer pointer.
