@@ -380,3 +380,69 @@ fn zero_weight_rows_leave_y_bit_exact() {
         assert_eq!(same, *id == -1, "token {t} (adapter {id})");
     }
 }
+
+/// `n` values `k / denom` with `|k| <= span`, from a seed: exact in f16 and bf16 for the
+/// denominators and spans used below.
+fn dyadic<T: Scalar>(n: usize, seed: u64, span: i64, denom: f64) -> Vec<T> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let k = ((s >> 33) % (2 * span as u64 + 1)) as i64 - span;
+            T::from_f64(k as f64 / denom)
+        })
+        .collect()
+}
+
+/// A layer of dyadic `x` (quantum 2^-4), `A` (2^-8), `B` (2^-3) and `y` (2^-2).
+fn exact_layer<T: KernelElement + bytemuck::Pod>(spec: &LayerSpec, tokens: usize, seed: u64) -> SyntheticLayer<T> {
+    let mut data = SyntheticLayer::<T>::new(spec, tokens, seed);
+    data.x = dyadic(data.x.len(), seed, 16, 16.0);
+    data.a = dyadic(data.a.len(), seed + 1, 32, 256.0);
+    data.b = dyadic(data.b.len(), seed + 2, 8, 8.0);
+    data.y = dyadic(data.y.len(), seed + 3, 8, 4.0);
+    data
+}
+
+/// On data where every product and sum is exact in f32 (dyadic values, unit routing weights, a
+/// power-of-two scale) the tensor-core kernel, the FMA kernel, the split variant and (one slot)
+/// the grouped path must agree bit for bit. `h` needs more bits than the dtype holds (its
+/// quantum is 2^-12 at magnitudes near 1), so an expand that drops the `lo` half of its hi/lo
+/// split, or any other lost bit, shows.
+fn paths_agree_on_exact_data<T: KernelElement + bytemuck::Pod>(method: Method, seed: u64) -> Vec<f64> {
+    let mut spec = method_spec(method, 64, 48);
+    spec.scale = 2.0; // a power of two keeps the expand exact
+    let tokens = 21;
+    let data = exact_layer::<T>(&spec, tokens, seed);
+    let build = fused::build(T::DTYPE, fused::FusedConfig::DEFAULT);
+    let plan = |variant| fused::plan(&build, &spec, tokens, variant, FusedOutputs::default()).unwrap();
+    let tensor_cores = plan(FusedVariant::Single);
+    assert!(tensor_cores.uses_tensor_cores());
+    let split = plan(FusedVariant::Split { splits: 2, n_per_block: 32 });
+    let schedule = Schedule::Seeded(seed);
+    let tc = run_fused(&spec, &data, &tensor_cores, schedule).y;
+    let fma = run_fused(&spec, &data, &tensor_cores.clone().without_tensor_cores(), schedule).y;
+    let sp = run_fused(&spec, &data, &split, schedule).y;
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
+    assert_eq!(bits(&tc), bits(&fma), "{method} {}: tensor-core and FMA kernels", T::DTYPE);
+    assert_eq!(bits(&sp), bits(&fma), "{method} {}: split and single-launch kernels", T::DTYPE);
+    let changed = tc.iter().zip(&data.y).filter(|(g, y0)| **g != y0.to_f64()).count();
+    assert!(changed > tc.len() / 2, "{method} {}: the delta barely touched y ({changed})", T::DTYPE);
+    tc
+}
+
+#[test]
+fn tensor_core_and_fma_paths_agree_bit_for_bit_on_exact_data() {
+    for (i, method) in [Method::AdapterServing, Method::FlyLora].into_iter().enumerate() {
+        paths_agree_on_exact_data::<half::f16>(method, 40 + i as u64);
+        let tc = paths_agree_on_exact_data::<half::bf16>(method, 50 + i as u64);
+        if method == Method::AdapterServing {
+            // One slot: the grouped path rounds y once too.
+            let mut spec = method_spec(method, 64, 48);
+            spec.scale = 2.0;
+            let data = exact_layer::<half::bf16>(&spec, 21, 50 + i as u64);
+            let grouped = grouped_y(&spec, &data, Schedule::Seeded(5));
+            assert_eq!(tc, grouped, "{method}: fused and grouped paths");
+        }
+    }
+}
