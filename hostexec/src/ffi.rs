@@ -72,6 +72,7 @@ extern "C" {
         elem: usize,
         align: usize,
         guard_before: c_int,
+        lazy: c_int,
     ) -> *mut c_void;
     pub(crate) fn mole_hx_free(data: *mut c_void);
 }
