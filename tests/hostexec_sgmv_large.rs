@@ -38,8 +38,9 @@ fn shrink_offsets_past_2_pow_32_elements() {
     let mut rows: Vec<Vec<(usize, f32)>> = Vec::new();
     for &t in &ROUTED {
         let mut row = vec![bf16::ZERO; D_IN];
-        let entries: Vec<(usize, f32)> =
-            (0..NONZERO).map(|i| ((t * 7919 + i * 4093 + (lcg(&mut s) as usize % 7)) % D_IN, dyadic(&mut s, 16, 16.0))).collect();
+        let entries: Vec<(usize, f32)> = (0..NONZERO)
+            .map(|i| ((t * 7919 + i * 4093 + (lcg(&mut s) as usize % 7)) % D_IN, dyadic(&mut s, 16, 16.0)))
+            .collect();
         for &(k, v) in &entries {
             row[k] = bf16::from_f32(v);
         }
@@ -92,9 +93,8 @@ fn shrink_offsets_past_2_pow_32_elements() {
         let got = y.read();
         let tol = tolerance(dtype, RANK + p.params.splits as usize + 8);
         for (row, &t) in rows.iter().zip(&ROUTED) {
-            let hv: Vec<f64> = (0..RANK)
-                .map(|c| row.iter().map(|&(k, v)| v as f64 * a[k * RANK + c].to_f64()).sum::<f64>())
-                .collect();
+            let hv: Vec<f64> =
+                (0..RANK).map(|c| row.iter().map(|&(k, v)| v as f64 * a[k * RANK + c].to_f64()).sum::<f64>()).collect();
             for n in 0..D_OUT {
                 let terms = (0..RANK).map(|c| scale as f64 * hv[c] * b[c * D_OUT + n].to_f64());
                 let want = y0[t * D_OUT + n].to_f64() + terms.clone().sum::<f64>();

@@ -60,8 +60,7 @@ fn every_store_rounds_like_the_half_crate_bit_for_bit() {
     let n = bits.len();
     let input: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
     let ib = Buffer::from_slice("in", &input);
-    let (h, b, f) =
-        (Buffer::<u16>::poisoned("h", n), Buffer::<u16>::poisoned("b", n), Buffer::<u32>::poisoned("f", n));
+    let (h, b, f) = (Buffer::<u16>::poisoned("h", n), Buffer::<u16>::poisoned("b", n), Buffer::<u32>::poisoned("f", n));
     let cfg = LaunchConfig::new(n.div_ceil(128) as u32, 128);
     let args = [Arg::buffer(&ib), Arg::buffer(&h), Arg::buffer(&b), Arg::buffer(&f), Arg::value(n as u32)];
     kernel("dtype_stores").launch(&cfg, &args).unwrap();
@@ -72,8 +71,18 @@ fn every_store_rounds_like_the_half_crate_bit_for_bit() {
         let want_b = bf16::from_f32(x).to_bits();
         let nan_h = sign_if_nan16(0x7c00, 0x3ff);
         let nan_b = sign_if_nan16(0x7f80, 0x7f);
-        assert!(same(h[i], want_h, |v| nan_h(v).map(|s| s == 1)), "f16({:#010x}) = {:#06x}, want {want_h:#06x}", bits[i], h[i]);
-        assert!(same(b[i], want_b, |v| nan_b(v).map(|s| s == 1)), "bf16({:#010x}) = {:#06x}, want {want_b:#06x}", bits[i], b[i]);
+        assert!(
+            same(h[i], want_h, |v| nan_h(v).map(|s| s == 1)),
+            "f16({:#010x}) = {:#06x}, want {want_h:#06x}",
+            bits[i],
+            h[i]
+        );
+        assert!(
+            same(b[i], want_b, |v| nan_b(v).map(|s| s == 1)),
+            "bf16({:#010x}) = {:#06x}, want {want_b:#06x}",
+            bits[i],
+            b[i]
+        );
         assert_eq!(f[i], bits[i], "f32 store of {:#010x}", bits[i]);
     }
 }
