@@ -7,7 +7,7 @@
 use half::bf16;
 use mole::kernels::sgmv::{self, entry_name, SgmvConfig, SgmvShape, SlotPlans};
 use mole::reference::tolerance;
-use mole::{DType, Scalar};
+use mole::DType;
 use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
 
 const D_IN: usize = 1 << 20;

@@ -5,7 +5,7 @@
 //! host runtime (`kernels/common/host/`), so tests without a GPU can run the real kernel sources
 //! and compare them with the f64 reference.
 //!
-//! Execution model: blocks run one after another; each CUDA thread is a fiber that runs until it
+//! Execution model: each CUDA thread is a fiber that runs until it
 //! blocks in `__syncthreads`, a warp collective (shuffles, votes, `ldmatrix`, `mma`) or exits;
 //! the scheduler then resumes another runnable thread in the order the launch chose
 //! ([`Schedule`]). What the layer checks:
