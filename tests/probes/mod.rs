@@ -101,9 +101,9 @@ pub fn emulate_mma(case: &MmaCase, mode: MmaAccumulation) -> Vec<f32> {
 }
 
 /// Compares two runs of `case` (`got` from the device or one emulation mode, `want` from the
-/// emulation): bit for bit on exact data, else each within 2^-21 of the error scale of the
-/// reference (the roundings of 17 terms in f32 differ by far less; a wrong fragment or a
-/// swapped operand by the size of a term).
+/// emulation): bit for bit on exact data, else each within 2^-18 of the error scale of the
+/// reference (two f32 summations of 17 terms, each off by at most about 16 units of 2^-23
+/// of it; a wrong fragment or a swapped operand is off by the size of a term).
 pub fn compare_mma(case: &MmaCase, got: &[f32], want: &[f32]) -> Result<(), String> {
     let (exact, scale) = mma_reference(case);
     for i in 0..128 {
@@ -111,7 +111,7 @@ pub fn compare_mma(case: &MmaCase, got: &[f32], want: &[f32]) -> Result<(), Stri
         let ok = if case.exact {
             g.to_bits() == w.to_bits() && g as f64 == exact[i]
         } else {
-            (g as f64 - w as f64).abs() <= scale[i] * 2f64.powi(-21)
+            (g as f64 - w as f64).abs() <= scale[i] * 2f64.powi(-18)
         };
         if !ok {
             return Err(format!(
