@@ -5,10 +5,9 @@
 //! host runtime (`kernels/common/host/`), so tests without a GPU can run the real kernel sources
 //! and compare them with the f64 reference.
 //!
-//! Execution model: each CUDA thread is a fiber that runs until it
-//! blocks in `__syncthreads`, a warp collective (shuffles, votes, `ldmatrix`, `mma`) or exits;
-//! the scheduler then resumes another runnable thread in the order the launch chose
-//! ([`Schedule`]). What the layer checks:
+//! Execution model: each CUDA thread is a fiber that runs until it blocks in `__syncthreads`, a
+//! warp collective (shuffles, votes, `ldmatrix`, `mma`) or exits; the scheduler then resumes
+//! another runnable thread in the order the launch chose ([`Schedule`]). What the layer checks:
 //! - **barriers**: a missing `__syncthreads` reads poisoned or stale shared memory under some
 //!   schedule; threads meeting at different `__syncthreads` calls, and blocks where no thread can
 //!   progress (collectives some lanes never reach), are errors naming the call sites;
@@ -20,8 +19,7 @@
 //! - **arguments** are checked against the kernel's C++ signature (count, sizes, element sizes
 //!   behind pointers, buffers for pointers);
 //! - **architecture primitives**: `mma.sync m16n8k16` and `ldmatrix` with the PTX fragment
-//!   layouts (full warps only), and `cp.async`, whose data lands only at the covering wait.
-//!
+//!   layouts (full warps only), and `cp.async`, whose data lands only at the covering wait;
 //! - **blocks** start in index order, reversed or shuffled ([`Schedule`]); under a seeded
 //!   schedule several are in flight at once, interleaved at barrier releases, so a race between
 //!   blocks sharing global memory (a read-modify-write across a barrier, a read of another
@@ -33,8 +31,8 @@
 //!
 //! Not modelled: timing, blocks that spin on another block's progress (they hang here),
 //! memory-model races finer than the barrier/collective granularity, and the exact rounding of
-//! the GPU's math library (`expf` & co. come from the C library). A kernel stuck in a loop without collectives hangs
-//! the launch. Context switches are hand-written on x86-64; building with
+//! the GPU's math library (`expf` & co. come from the C library). A kernel stuck in a loop
+//! without collectives hangs the launch. Context switches are hand-written on x86-64; building with
 //! `MOLE_HOSTEXEC_UCONTEXT=1` (or on other targets) uses `swapcontext` instead.
 //!
 //! Kernels are looked up by name ([`Kernel::get`], or [`Kernel::find`] by file and element type)
