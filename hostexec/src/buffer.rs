@@ -46,7 +46,7 @@ impl<T: Pod> Buffer<T> {
 
     /// `len` zeroed elements whose pages are mapped only when touched, ending at the trailing
     /// guard page: a buffer of many GiB costs the memory of the parts written (with
-    /// [`Buffer::write_at`]) and read. For tests of index arithmetic past 2^32 elements.
+    /// [`Buffer::write_at`]) and read by kernels. For tests of index arithmetic past 2^32 elements.
     pub fn lazy_zeroed(name: &str, len: usize) -> Buffer<T> {
         Self::map(name, len, Guard::After, true)
     }
@@ -123,17 +123,6 @@ impl<T: Pod> Buffer<T> {
         // SAFETY: `offset + data.len() <= len` elements are mapped and writable, and `&mut self`
         // excludes any launch or read in progress; the source is a distinct allocation.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len()) };
-    }
-
-    /// A copy of elements `offset..offset + len`.
-    pub fn read_at(&self, offset: usize, len: usize) -> Vec<T> {
-        let end = offset.checked_add(len).filter(|&e| e <= self.len);
-        assert!(end.is_some(), "buffer '{}' holds {} elements, not {offset} + {len}", self.name, self.len);
-        let mut out = vec![T::zeroed(); len];
-        // SAFETY: `offset + len <= self.len` elements are mapped and readable; `out` has room for
-        // `len`; the regions are distinct allocations.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), out.as_mut_ptr(), len) };
-        out
     }
 
     /// Overwrites the contents with `data` (of the same length).
