@@ -91,8 +91,14 @@ fn build_unit(unit: &Unit, base: &Command, kernels: &Path, out: &Path) -> Outcom
     }
     text.push_str("}\n");
     let ii = out.join(format!("{stem}.ii"));
-    fs::write(&ii, text).expect("writing rewritten unit");
     let object = out.join(format!("{stem}.o"));
+    // Unchanged preprocessed text (same flags, same compiler): the object of the last build
+    // stands. A change to one kernel file then recompiles only its own units.
+    if object.exists() && fs::read_to_string(&ii).is_ok_and(|old| old == text) {
+        return Outcome::Built { object };
+    }
+    let _ = fs::remove_file(&object);
+    fs::write(&ii, text).expect("writing rewritten unit");
     let mut flags = vec!["-c", "-Wall", "-o", object.to_str().unwrap()];
     if unit.strict {
         flags.extend(["-Wextra", "-Werror"]);
@@ -104,7 +110,10 @@ fn build_unit(unit: &Unit, base: &Command, kernels: &Path, out: &Path) -> Outcom
             }
             Outcome::Built { object }
         }
-        Err(log) => Outcome::Failed { log },
+        Err(log) => {
+            let _ = fs::remove_file(&ii); // never pair this text with an older object
+            Outcome::Failed { log }
+        }
     }
 }
 

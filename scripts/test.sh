@@ -12,6 +12,10 @@ export LD_LIBRARY_PATH="$NVRTC12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # NVRTC is installed above, so tests that compile kernels must not skip for want of it.
 export MOLE_REQUIRE_NVRTC=1
 cargo test --all-targets
+# The tensor-core paths again with the emulated mma summing exactly (the pass above sums like the
+# tensor cores): every tolerance must hold under both.
+MOLE_HOSTEXEC_MMA=exact cargo test --test hostexec_fused --test hostexec_sgmv --test hostexec_probes
+MOLE_HOSTEXEC_MMA=exact cargo test -p mole-hostexec --test mma
 cargo test --doc
 cargo run --release -- check-kernels --arch sm_80,sm_90
 MOLE_NVRTC_PATH="$NVRTC13/libnvrtc.so.13" cargo run --release -- check-kernels --arch sm_80,sm_90,sm_100

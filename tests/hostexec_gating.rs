@@ -120,3 +120,72 @@ fn every_routing_rule_matches_the_reference() {
     assert_eq!(out_ids.read(), want.ids);
     assert_eq!(out_w.read(), want.weights.iter().map(|&w| w as f32).collect::<Vec<_>>());
 }
+
+/// Large logits (around 500, spread over ±120) under temperatures far from 1: the softmax must
+/// take its maximum of `z / t`, or `exp` overflows or underflows the whole row.
+#[test]
+fn softmax_rules_hold_with_large_logits_and_any_temperature() {
+    let big: Vec<f32> = scores().iter().map(|&v| if v.is_finite() { 500.0 + 30.0 * v } else { v }).collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let (input, z) = Input::new("scores", dtype, &big);
+        for t in [0.05, 1.0, 7.0] {
+            let rules = [
+                RoutingRule::SoftmaxTopK { k: 2, temperature: t, weights: TopKWeights::Renormalized },
+                RoutingRule::SoftmaxTopK { k: 3, temperature: t, weights: TopKWeights::Softmax },
+                RoutingRule::TopP { p: 0.7, temperature: t },
+                RoutingRule::DenseSoftmax { temperature: t },
+                RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 1, entropy_threshold: 0.5 },
+            ];
+            for rule in rules {
+                let gating = routed(rule);
+                let want = route(&gating, GateInput::Scores(&z, None), TOKENS, EXPERTS).unwrap();
+                assert!(want.weights.iter().all(|w| w.is_finite()), "{rule:?}: the reference stays finite");
+                check(&gating, dtype, &input, None, &want, Schedule::Seeded(4));
+            }
+        }
+        let given = Gating::Given { top_k: Some(2), softmax_topk: true };
+        let want = route(&given, GateInput::Weights(&z), TOKENS, EXPERTS).unwrap();
+        check(&given, dtype, &input, None, &want, Schedule::Reverse);
+    }
+}
+
+/// Thresholds met exactly: token 0 has four equal scores (probabilities exactly 1/4, cumulative
+/// sums 1/4, 1/2, 3/4 exact in f32), token 1 one finite score (one-hot: entropy exactly 0),
+/// token 2 a single +inf, the others the general scores. Top-p at 1/4, 1/2 and 3/4 stops
+/// through the first expert that exceeds it, DynMoLE keeps while the cumulative sum is at most
+/// its top-p, and a DynMoLE entropy threshold of 0 takes every expert only above it: never for
+/// a one-hot token.
+#[test]
+fn thresholded_rules_at_their_exact_thresholds() {
+    let mut z = scores();
+    z[..3 * EXPERTS].fill(f32::NEG_INFINITY);
+    for e in [3, 9, 20, 31] {
+        z[e] = 1.5;
+    }
+    z[EXPERTS + 11] = -2.0;
+    z[2 * EXPERTS + 6] = f32::INFINITY;
+    let (input, zf) = Input::new("scores", DType::F32, &z);
+    let mut rules = Vec::new();
+    for p in [0.25, 0.5, 0.75] {
+        rules.push(RoutingRule::TopP { p, temperature: 1.0 });
+        rules.push(RoutingRule::DynMole { q: 1.5, top_p: p, keep_top_k: 1, entropy_threshold: 0.99 });
+    }
+    rules.push(RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 1, entropy_threshold: 0.0 });
+    rules.push(RoutingRule::DynMole { q: 2.0, top_p: 0.25, keep_top_k: 2, entropy_threshold: 0.0 });
+    for rule in rules {
+        let gating = routed(rule);
+        let want = route(&gating, GateInput::Scores(&zf, None), TOKENS, EXPERTS).unwrap();
+        check(&gating, DType::F32, &input, None, &want, Schedule::Seeded(8));
+    }
+    // The cases are the ones meant: top-p 1/2 on token 0 keeps 3 experts, DynMoLE top-p 1/2 keeps
+    // 2, and a one-hot token under entropy threshold 0 keeps 1.
+    let kept = |rule: RoutingRule, t: usize| {
+        let want = route(&routed(rule), GateInput::Scores(&zf, None), TOKENS, EXPERTS).unwrap();
+        want.ids[t * want.slots..(t + 1) * want.slots].iter().filter(|&&i| i >= 0).count()
+    };
+    assert_eq!(kept(RoutingRule::TopP { p: 0.5, temperature: 1.0 }, 0), 3);
+    let dyn_mole = |top_p, entropy_threshold| RoutingRule::DynMole { q: 1.5, top_p, keep_top_k: 1, entropy_threshold };
+    assert_eq!(kept(dyn_mole(0.5, 0.99), 0), 2);
+    assert_eq!(kept(dyn_mole(0.5, 0.0), 1), 1);
+    assert_eq!(kept(dyn_mole(0.5, 0.0), 0), EXPERTS);
+}

@@ -6,11 +6,12 @@
 
 use mole::cuda::{self, compile_source, sources, Arch, Output};
 
-const TEST_KERNELS: [(&str, &str); 4] = [
+const TEST_KERNELS: [(&str, &str); 5] = [
     ("basic.cu", include_str!("../hostexec/tests/kernels/basic.cu")),
     ("warp.cu", include_str!("../hostexec/tests/kernels/warp.cu")),
     ("mma.cu", include_str!("../hostexec/tests/kernels/mma.cu")),
     ("negative.cu", include_str!("../hostexec/tests/kernels/negative.cu")),
+    ("dtype.cu", include_str!("../hostexec/tests/kernels/dtype.cu")),
 ];
 
 #[test]

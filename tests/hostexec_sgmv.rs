@@ -254,7 +254,8 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
 
     let r_max = c.ranks.iter().copied().max().unwrap_or(0);
     let n = c.d_in + r_max + p.params.splits as usize + 8;
-    let tol = tolerance_with(slots as f64 * c.dtype.unit_roundoff(), f64::powi(2.0, -24), n);
+    // 2^-23 per f32 operation: the tensor cores truncate (the emulation does by default).
+    let tol = tolerance_with(slots as f64 * c.dtype.unit_roundoff(), f64::powi(2.0, -23), n);
     for t in 0..t_n {
         let mut bound = vec![0.0f64; c.d_out];
         for s in 0..slots {

@@ -66,12 +66,12 @@ void trampoline(unsigned hi, unsigned lo) {
 }
 }  // namespace
 
-void prepare_fibers(unsigned count, void (*entry)(Fiber*)) {
-    grow_pool(count);
+void prepare_fibers(unsigned count, unsigned first_stack, void (*entry)(Fiber*)) {
+    grow_pool(first_stack + count);
     g_entry = entry;
     for (unsigned i = 0; i < count; ++i) {
         Fiber& f = g_fibers[i];
-        f.stack = g_stacks[i].map + page_size();
+        f.stack = g_stacks[first_stack + i].map + page_size();
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack;
         f.context.uc_stack.ss_size = kFiberStackBytes;
@@ -138,14 +138,14 @@ namespace {
 void* g_scheduler_sp = nullptr;
 }
 
-void prepare_fibers(unsigned count, void (*entry)(Fiber*)) {
-    grow_pool(count);
+void prepare_fibers(unsigned count, unsigned first_stack, void (*entry)(Fiber*)) {
+    grow_pool(first_stack + count);
     std::uint32_t control[2];  // the launcher's MXCSR and x87 control word, inherited by fibers
     asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "=m"(control[1]));
     control[1] &= 0xffffu;
     for (unsigned i = 0; i < count; ++i) {
         Fiber& f = g_fibers[i];
-        f.stack = g_stacks[i].map + page_size();
+        f.stack = g_stacks[first_stack + i].map + page_size();
         auto top = (reinterpret_cast<std::uintptr_t>(f.stack) + kFiberStackBytes) & ~std::uintptr_t{15};
         auto* sp = reinterpret_cast<std::uint64_t*>(top);
         *--sp = reinterpret_cast<std::uint64_t>(&mole_hx_fiber_start);  // return address

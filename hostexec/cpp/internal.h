@@ -43,6 +43,9 @@ enum class ErrorKind : int {
 
 enum class Schedule : std::uint32_t { Forward = 0, Reverse = 1, Seeded = 2 };
 
+// How mma.sync sums (keep in sync with hostexec/src/lib.rs MmaAccumulation).
+enum class MmaMode : std::uint32_t { Truncating = 0, Exact = 1 };
+
 // What a fiber is blocked on.
 enum class Wait : std::uint8_t { None, Barrier, Warp, Exited };
 
@@ -125,12 +128,15 @@ struct Launch {
     std::size_t dynamic_bytes = 0;
     Schedule schedule = Schedule::Forward;
     std::uint64_t rng = 0;
+    MmaMode mma = MmaMode::Truncating;
+    unsigned resident = 1;  // blocks in flight at once (interleaved at barriers when > 1)
     void* const* args = nullptr;
     std::vector<BufferView> buffers;
     pthread_t thread{};
 
     // The running block.
     unsigned threads = 0, live = 0, at_barrier = 0;
+    bool released = false;  // a __syncthreads of the running block was released (a phase ended)
     Warp warps[kMaxWarps];
     std::uint64_t runnable[kMaxThreads / 64] = {};
     unsigned runnable_count = 0;
@@ -150,14 +156,17 @@ extern Launch* g_launch;
 extern std::vector<Fiber> g_fibers;
 
 // fiber.cpp
-void prepare_fibers(unsigned count, void (*entry)(Fiber*));
+// Fibers 0..count-1 of g_fibers on pool stacks first_stack.. (each resident block its own).
+void prepare_fibers(unsigned count, unsigned first_stack, void (*entry)(Fiber*));
 void resume(Fiber& f);
 void suspend(Fiber& f);
 bool in_fiber_stack_guard(const void* addr);
 
 // sched.cpp
 Fiber& current_fiber();
-void run_block(Launch& l);
+// Runs every block of the grid (one after another, or `resident` at a time interleaved).
+void run_grid(Launch& l);
+std::uint64_t next_random(std::uint64_t& state);
 void make_runnable(unsigned linear);
 void block_current(Wait wait, const char* what, const char* file, int line);
 [[noreturn]] void fail_current(ErrorKind kind, const std::string& message);
@@ -180,6 +189,10 @@ std::string describe_fault(Launch& l);
 ErrorKind fault_kind(Launch& l);
 void prepare_shared(std::size_t dynamic_bytes);
 void poison_shared();
+// The running block's shared memory (static arena and dynamic region), saved and restored when
+// blocks are interleaved.
+void save_shared(std::vector<unsigned char>& out);
+void restore_shared(const std::vector<unsigned char>& in);
 std::string check_shared_tail();
 std::string check_buffer_padding(const std::vector<BufferView>& views, ErrorKind& kind);
 bool in_shared(const void* p, std::size_t bytes);

@@ -104,6 +104,8 @@ struct LaunchConfig {
     std::uint64_t shared_bytes;
     std::uint32_t schedule;
     std::uint64_t seed;
+    std::uint32_t mma;       // MmaMode
+    std::uint32_t resident;  // blocks in flight at once (1: one after another)
 };
 
 struct Arg {
@@ -127,6 +129,9 @@ std::string prepare(Launch& l, const LaunchConfig& cfg, const Arg* args, std::si
     if (cfg.shared_bytes > kDynamicSharedMax)
         return std::to_string(cfg.shared_bytes) + " bytes of dynamic shared memory exceed " +
                std::to_string(kDynamicSharedMax);
+    if (cfg.resident == 0 || cfg.resident > 16)
+        return std::to_string(cfg.resident) + " resident blocks (1..16)";
+    if (cfg.mma > (std::uint32_t)MmaMode::Exact) return "mma accumulation mode " + std::to_string(cfg.mma);
     if (count != k.param_count)
         return "takes " + std::to_string(k.param_count) + " arguments, got " + std::to_string(count);
     snapshot_buffers(l.buffers);
@@ -215,6 +220,8 @@ int mole_hx_launch(const KernelInfo* kernel, const LaunchConfig* cfg, const Arg*
     l.dynamic_bytes = cfg->shared_bytes;
     l.schedule = (Schedule)cfg->schedule;
     l.rng = cfg->seed;
+    l.mma = (MmaMode)cfg->mma;
+    l.resident = cfg->resident;
     l.thread = pthread_self();
     g_block_dim = l.block;
     g_grid_dim = l.grid;
@@ -230,12 +237,7 @@ int mole_hx_launch(const KernelInfo* kernel, const LaunchConfig* cfg, const Arg*
     g_launch = &l;
 
     if (sigsetjmp(l.fault_jump, 1) == 0) {
-        for (unsigned z = 0; z < l.grid.z && l.error == ErrorKind::None; ++z)
-            for (unsigned y = 0; y < l.grid.y && l.error == ErrorKind::None; ++y)
-                for (unsigned x = 0; x < l.grid.x && l.error == ErrorKind::None; ++x) {
-                    g_block_idx = uint3{x, y, z};
-                    run_block(l);
-                }
+        run_grid(l);
     } else {
         l.in_kernel = false;
         l.error = fault_kind(l);

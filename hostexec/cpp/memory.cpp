@@ -129,6 +129,22 @@ void poison_shared() {
     std::memset(dyn_base(), kPoison, g_dyn_pages * page());
 }
 
+void save_shared(std::vector<unsigned char>& out) {
+    const std::size_t arena = g_arena_used, dyn = g_dyn_pages * page();
+    out.resize(arena + dyn);
+    std::memcpy(out.data(), static_begin(), arena);
+    std::memcpy(out.data() + arena, dyn_base(), dyn);
+}
+
+void restore_shared(const std::vector<unsigned char>& in) {
+    const std::size_t dyn = g_dyn_pages * page();
+    const std::size_t arena = in.size() - dyn;
+    std::memcpy(static_begin(), in.data(), arena);
+    // Variables another block allocated since the save are as this block left them: untouched.
+    std::memset(static_begin() + arena, kPoison, g_arena_used - arena);
+    std::memcpy(dyn_base(), in.data() + arena, dyn);
+}
+
 std::string check_shared_tail() {
     const unsigned char* base = dyn_base();
     for (std::size_t i = g_dyn_bytes; i < g_dyn_pages * page(); ++i)
@@ -217,8 +233,10 @@ using mole_host::page;
 extern "C" {
 
 // A buffer of `bytes` (a multiple of `elem`) between guard pages; see the file comment.
-// `align` is a power of two. Returns the data pointer; the data bytes are poisoned.
-void* mole_hx_alloc(const char* name, std::size_t bytes, std::size_t elem, std::size_t align, int guard_before) {
+// `align` is a power of two. Returns the data pointer; the data bytes are poisoned, or with
+// `lazy` left as the kernel's zero pages (a huge buffer then costs only the pages written).
+void* mole_hx_alloc(const char* name, std::size_t bytes, std::size_t elem, std::size_t align, int guard_before,
+                    int lazy) {
     using namespace mole_host;
     const std::size_t data_len = round_up(bytes + align, page());  // room to align the end down
     const std::size_t map_len = data_len + 2 * page();
@@ -227,13 +245,18 @@ void* mole_hx_alloc(const char* name, std::size_t bytes, std::size_t elem, std::
     auto* map = static_cast<unsigned char*>(m);
     mprotect(map, page(), PROT_NONE);
     mprotect(map + map_len - page(), page(), PROT_NONE);
-    std::memset(map + page(), kPoison, data_len);
     unsigned char* data;
     if (guard_before) {
         data = map + page();
     } else {
         const auto end = reinterpret_cast<std::uintptr_t>(map + map_len - page());
         data = reinterpret_cast<unsigned char*>((end - bytes) & ~(std::uintptr_t)(align - 1));
+    }
+    if (lazy) {  // poison the padding only: it is checked after every launch
+        std::memset(map + page(), kPoison, (std::size_t)(data - (map + page())));
+        std::memset(data + bytes, kPoison, (std::size_t)(map + map_len - page() - (data + bytes)));
+    } else {
+        std::memset(map + page(), kPoison, data_len);
     }
     std::lock_guard<std::mutex> lock(g_buffers_mutex);
     g_buffers[data] = Record{name ? name : "?", map, map_len, bytes, elem ? elem : 1};

@@ -16,8 +16,6 @@ uint3 g_block_idx{0, 0, 0};
 uint3 g_block_dim{1, 1, 1};
 uint3 g_grid_dim{1, 1, 1};
 
-namespace {
-
 constexpr unsigned kWords = kMaxThreads / 64;
 
 std::uint64_t next_random(std::uint64_t& state) {
@@ -27,6 +25,8 @@ std::uint64_t next_random(std::uint64_t& state) {
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
+
+namespace {
 
 void clear_runnable(Launch& l, unsigned i) {
     const std::uint64_t bit = 1ull << (i % 64);
@@ -172,6 +172,7 @@ void release_barrier(Launch& l) {
         make_runnable(i);
     }
     l.at_barrier = 0;
+    l.released = true;
 }
 
 }  // namespace
@@ -248,9 +249,13 @@ void fail(const char* fmt, ...) {
     fail_current(ErrorKind::Misuse, std::string(buf) + " (" + thread_name(current_fiber()) + ")");
 }
 
-void run_block(Launch& l) {
+namespace {
+
+// Starts block `idx` in the live state, on the stacks of resident slot `slot`.
+void start_block(Launch& l, uint3 idx, unsigned slot) {
     const unsigned n = l.threads;
-    prepare_fibers(n, &fiber_main);
+    g_block_idx = idx;
+    prepare_fibers(n, slot * n, &fiber_main);
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = g_fibers[i];
         f.linear = i;
@@ -278,27 +283,144 @@ void run_block(Launch& l) {
     l.runnable_count = 0;
     for (unsigned i = 0; i < n; ++i) make_runnable(i);
     poison_shared();
+}
 
-    for (;;) {
-        const int next = pick(l);
-        if (next < 0) break;
-        l.current = next;
-        g_thread_idx = g_fibers[(unsigned)next].tid;
-        l.in_kernel = true;
-        resume(g_fibers[(unsigned)next]);
-        l.in_kernel = false;
-        if (l.error != ErrorKind::None) return;
-    }
+// Resumes the next runnable fiber of the live block; false when none is runnable.
+bool step(Launch& l) {
+    const int next = pick(l);
+    if (next < 0) return false;
+    l.current = next;
+    g_thread_idx = g_fibers[(unsigned)next].tid;
+    l.in_kernel = true;
+    resume(g_fibers[(unsigned)next]);
+    l.in_kernel = false;
+    return true;
+}
+
+// The live block has nothing left to run: it exited, or it is stuck.
+void finish_block(Launch& l) {
     if (l.live > 0) {
         l.error = ErrorKind::Deadlock;
-        l.message = "deadlock in " + block_name(l) + ": " +
-                    describe_threads(0, l.threads, &wait_text);
+        l.message = "deadlock in " + block_name(l) + ": " + describe_threads(0, l.threads, &wait_text);
         return;
     }
     std::string overrun = check_shared_tail();
     if (!overrun.empty()) {
         l.error = ErrorKind::SharedOverrun;
         l.message = overrun + " in " + block_name(l);
+    }
+}
+
+// A block that is started but not running: everything the live state holds of it.
+struct Parked {
+    uint3 idx{0, 0, 0};
+    unsigned live = 0, at_barrier = 0, runnable_count = 0;
+    std::uint64_t runnable[kWords] = {};
+    std::vector<Warp> warps;
+    std::vector<Fiber> fibers = std::vector<Fiber>(kMaxThreads);  // swapped with g_fibers
+    std::vector<unsigned char> shared;
+    bool busy = false;
+};
+
+void park(Launch& l, Parked& p) {
+    p.idx = g_block_idx;
+    p.live = l.live;
+    p.at_barrier = l.at_barrier;
+    p.runnable_count = l.runnable_count;
+    std::memcpy(p.runnable, l.runnable, sizeof p.runnable);
+    p.warps.assign(l.warps, l.warps + (l.threads + kWarpSize - 1) / kWarpSize);
+    p.fibers.swap(g_fibers);  // the Fiber objects keep their addresses (their stacks hold them)
+    save_shared(p.shared);
+}
+
+void unpark(Launch& l, Parked& p) {
+    g_block_idx = p.idx;
+    l.live = p.live;
+    l.at_barrier = p.at_barrier;
+    l.runnable_count = p.runnable_count;
+    std::memcpy(l.runnable, p.runnable, sizeof p.runnable);
+    std::copy(p.warps.begin(), p.warps.end(), l.warps);
+    p.fibers.swap(g_fibers);
+    restore_shared(p.shared);
+}
+
+uint3 block_at(const Launch& l, std::uint64_t linear) {
+    return uint3{(unsigned)(linear % l.grid.x), (unsigned)(linear / l.grid.x % l.grid.y),
+                 (unsigned)(linear / ((std::uint64_t)l.grid.x * l.grid.y))};
+}
+
+// The order blocks start in: as numbered (Forward), reversed (Reverse) or shuffled (Seeded; up
+// to 2^16 blocks, beyond that as numbered).
+std::vector<std::uint64_t> block_order(Launch& l, std::uint64_t count) {
+    std::vector<std::uint64_t> order;
+    if (l.schedule == Schedule::Forward || count > (1u << 16)) return order;  // empty: as numbered
+    order.resize(count);
+    for (std::uint64_t i = 0; i < count; ++i) order[i] = l.schedule == Schedule::Reverse ? count - 1 - i : i;
+    if (l.schedule == Schedule::Seeded)
+        for (std::uint64_t i = count; i > 1; --i) std::swap(order[i - 1], order[next_random(l.rng) % i]);
+    return order;
+}
+
+}  // namespace
+
+void run_grid(Launch& l) {
+    const std::uint64_t count = (std::uint64_t)l.grid.x * l.grid.y * l.grid.z;
+    const std::vector<std::uint64_t> order = block_order(l, count);
+    auto linear = [&](std::uint64_t i) { return order.empty() ? i : order[i]; };
+    if (l.resident <= 1) {
+        for (std::uint64_t i = 0; i < count && l.error == ErrorKind::None; ++i) {
+            start_block(l, block_at(l, linear(i)), 0);
+            while (l.error == ErrorKind::None && step(l)) {
+            }
+            if (l.error == ErrorKind::None) finish_block(l);
+        }
+        return;
+    }
+    // Up to `resident` blocks in flight. The running one runs until a barrier of it is released
+    // (a phase ends), then the scheduler may switch to another: a block's reads and writes of
+    // global memory in one phase meet another block's between two of its phases.
+    static std::vector<Parked> slots;
+    if (slots.size() < l.resident) slots.resize(l.resident);
+    for (Parked& p : slots) p.busy = false;
+    int running = -1;  // the slot whose block is in the live state
+    std::uint64_t next = 0;
+    for (;;) {
+        // Fill free slots with the next blocks.
+        for (unsigned s = 0; s < l.resident && next < count; ++s) {
+            if (slots[s].busy) continue;
+            if (running >= 0) park(l, slots[(unsigned)running]);
+            start_block(l, block_at(l, linear(next++)), s);
+            slots[s].busy = true;
+            running = (int)s;
+        }
+        if (running < 0) {
+            unsigned busy = 0;
+            for (unsigned s = 0; s < l.resident; ++s) busy += slots[s].busy;
+            if (busy == 0) return;
+            unsigned k = (unsigned)(next_random(l.rng) % busy);
+            for (unsigned s = 0; s < l.resident; ++s) {
+                if (!slots[s].busy || k-- != 0) continue;
+                unpark(l, slots[s]);
+                running = (int)s;
+                break;
+            }
+        }
+        l.released = false;
+        while (l.error == ErrorKind::None && !l.released && step(l)) {
+        }
+        if (l.error != ErrorKind::None) return;
+        if (!l.released) {  // nothing runnable: the block is done (or stuck)
+            finish_block(l);
+            if (l.error != ErrorKind::None) return;
+            slots[(unsigned)running].busy = false;
+            running = -1;
+            continue;
+        }
+        // A phase ended: switch to another block in flight half of the time.
+        if (next_random(l.rng) % 2 == 0) {
+            park(l, slots[(unsigned)running]);
+            running = -1;
+        }
     }
 }
 

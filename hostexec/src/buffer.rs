@@ -41,13 +41,26 @@ unsafe impl<T: Pod + Send> Send for Buffer<T> {}
 impl<T: Pod> Buffer<T> {
     /// `len` poisoned elements, guarded per `guard`.
     pub fn poisoned_with_guard(name: &str, len: usize, guard: Guard) -> Buffer<T> {
+        Self::map(name, len, guard, false)
+    }
+
+    /// `len` zeroed elements whose pages are mapped only when touched, ending at the trailing
+    /// guard page: a buffer of many GiB costs the memory of the parts written (with
+    /// [`Buffer::write_at`]) and read by kernels. For tests of index arithmetic past 2^32 elements.
+    pub fn lazy_zeroed(name: &str, len: usize) -> Buffer<T> {
+        Self::map(name, len, Guard::After, true)
+    }
+
+    fn map(name: &str, len: usize, guard: Guard, lazy: bool) -> Buffer<T> {
         let c_name = CString::new(name.replace('\0', " ")).expect("NULs replaced");
         let elem = std::mem::size_of::<T>().max(1);
         let bytes = len.checked_mul(std::mem::size_of::<T>()).expect("buffer size overflows usize");
         let align = ALIGN.max(std::mem::align_of::<T>());
         // SAFETY: `c_name` is NUL-terminated and outlives the call (the runtime copies it);
         // `align` is a power of two as the runtime requires.
-        let raw = unsafe { ffi::mole_hx_alloc(c_name.as_ptr(), bytes, elem, align, (guard == Guard::Before) as i32) };
+        let raw = unsafe {
+            ffi::mole_hx_alloc(c_name.as_ptr(), bytes, elem, align, (guard == Guard::Before) as i32, lazy as i32)
+        };
         let ptr = NonNull::new(raw.cast::<T>()).unwrap_or_else(|| panic!("hostexec: cannot map buffer '{name}'"));
         Buffer { ptr, len, name: name.to_string(), _owns: PhantomData }
     }
@@ -101,6 +114,15 @@ impl<T: Pod> Buffer<T> {
         // after every launch); `out` has room for `len`; the regions are distinct allocations.
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), out.as_mut_ptr(), self.len) };
         out
+    }
+
+    /// Overwrites elements `offset..offset + data.len()` with `data`.
+    pub fn write_at(&mut self, offset: usize, data: &[T]) {
+        let end = offset.checked_add(data.len()).filter(|&e| e <= self.len);
+        assert!(end.is_some(), "buffer '{}' holds {} elements, not {offset} + {}", self.name, self.len, data.len());
+        // SAFETY: `offset + data.len() <= len` elements are mapped and writable, and `&mut self`
+        // excludes any launch or read in progress; the source is a distinct allocation.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len()) };
     }
 
     /// Overwrites the contents with `data` (of the same length).

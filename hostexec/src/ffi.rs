@@ -41,6 +41,8 @@ pub(crate) struct LaunchConfig {
     pub shared_bytes: u64,
     pub schedule: u32,
     pub seed: u64,
+    pub mma: u32,
+    pub resident: u32,
 }
 
 /// `Arg` (hostexec/cpp/launch.cpp): the argument's bytes, and whether it is a buffer pointer.
@@ -70,6 +72,7 @@ extern "C" {
         elem: usize,
         align: usize,
         guard_before: c_int,
+        lazy: c_int,
     ) -> *mut c_void;
     pub(crate) fn mole_hx_free(data: *mut c_void);
 }

@@ -5,10 +5,9 @@
 //! host runtime (`kernels/common/host/`), so tests without a GPU can run the real kernel sources
 //! and compare them with the f64 reference.
 //!
-//! Execution model: blocks run one after another; each CUDA thread is a fiber that runs until it
-//! blocks in `__syncthreads`, a warp collective (shuffles, votes, `ldmatrix`, `mma`) or exits;
-//! the scheduler then resumes another runnable thread in the order the launch chose
-//! ([`Schedule`]). What the layer checks:
+//! Execution model: each CUDA thread is a fiber that runs until it blocks in `__syncthreads`, a
+//! warp collective (shuffles, votes, `ldmatrix`, `mma`) or exits; the scheduler then resumes
+//! another runnable thread in the order the launch chose ([`Schedule`]). What the layer checks:
 //! - **barriers**: a missing `__syncthreads` reads poisoned or stale shared memory under some
 //!   schedule; threads meeting at different `__syncthreads` calls, and blocks where no thread can
 //!   progress (collectives some lanes never reach), are errors naming the call sites;
@@ -20,13 +19,20 @@
 //! - **arguments** are checked against the kernel's C++ signature (count, sizes, element sizes
 //!   behind pointers, buffers for pointers);
 //! - **architecture primitives**: `mma.sync m16n8k16` and `ldmatrix` with the PTX fragment
-//!   layouts (full warps only), and `cp.async`, whose data lands only at the covering wait.
+//!   layouts (full warps only), and `cp.async`, whose data lands only at the covering wait;
+//! - **blocks** start in index order, reversed or shuffled ([`Schedule`]); under a seeded
+//!   schedule several are in flight at once, interleaved at barrier releases, so a race between
+//!   blocks sharing global memory (a read-modify-write across a barrier, a read of another
+//!   block's output) shows.
 //!
-//! Not modelled: timing, concurrency between blocks (a kernel that spins on another block's
-//! progress hangs here), memory-model races beyond the barrier/collective granularity, and the
-//! exact rounding of the GPU's math library and tensor cores (`expf` & co. come from the C
-//! library; `mma` rounds the exact sum once). A kernel stuck in a loop without collectives hangs
-//! the launch. Context switches are hand-written on x86-64; building with
+//! Shuffle operands follow `shfl.sync` (only the low five bits of a lane or delta count);
+//! `cp.async` poisons its destination at issue (until the covering wait it holds neither old nor
+//! new data); `mma` sums like the tensor cores by default ([`MmaAccumulation`]).
+//!
+//! Not modelled: timing, blocks that spin on another block's progress (they hang here),
+//! memory-model races finer than the barrier/collective granularity, and the exact rounding of
+//! the GPU's math library (`expf` & co. come from the C library). A kernel stuck in a loop
+//! without collectives hangs the launch. Context switches are hand-written on x86-64; building with
 //! `MOLE_HOSTEXEC_UCONTEXT=1` (or on other targets) uses `swapcontext` instead.
 //!
 //! Kernels are looked up by name ([`Kernel::get`], or [`Kernel::find`] by file and element type)
@@ -86,16 +92,46 @@ impl From<(u32, u32, u32)> for Dim3 {
     }
 }
 
-/// The order in which a block's runnable threads are resumed whenever the running one blocks.
+/// The order in which a block's runnable threads are resumed whenever the running one blocks,
+/// and the order of the blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Schedule {
-    /// Lowest linear thread index first: warps run one after another.
+    /// Lowest linear thread index first: warps run one after another; blocks in index order.
     #[default]
     Forward,
-    /// Highest linear thread index first.
+    /// Highest linear thread index first; blocks in reverse index order.
     Reverse,
-    /// Uniformly random among the runnable threads, from this seed (reproducible).
+    /// Uniformly random among the runnable threads, from this seed (reproducible); blocks in a
+    /// shuffled order, [`SEEDED_RESIDENT_BLOCKS`] in flight at once, interleaved at barriers.
     Seeded(u64),
+}
+
+/// Blocks in flight at once under [`Schedule::Seeded`] unless [`LaunchConfig::resident_blocks`]
+/// says otherwise.
+pub const SEEDED_RESIDENT_BLOCKS: u32 = 4;
+
+/// How the emulated `mma.sync` adds its products to the accumulator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MmaAccumulation {
+    /// Like the tensor cores (modelled on A100 measurements): blocks of 8 exact products and the
+    /// accumulator aligned to the largest, truncated 3 bits below its f32 significand, summed,
+    /// and the result truncated to f32. A tolerance that holds here holds on hardware.
+    #[default]
+    Truncating,
+    /// The exact sum rounded once to f32 (round to nearest): the most accurate result.
+    Exact,
+}
+
+impl MmaAccumulation {
+    /// `MOLE_HOSTEXEC_MMA=exact` selects [`MmaAccumulation::Exact`] for every launch that does not
+    /// choose; anything else (or nothing) [`MmaAccumulation::Truncating`]. Test suites run under
+    /// both (`scripts/test.sh`).
+    pub fn from_env() -> MmaAccumulation {
+        match std::env::var("MOLE_HOSTEXEC_MMA").as_deref() {
+            Ok("exact") => MmaAccumulation::Exact,
+            _ => MmaAccumulation::Truncating,
+        }
+    }
 }
 
 impl Schedule {
@@ -117,12 +153,37 @@ pub struct LaunchConfig {
     pub shared_bytes: u32,
     /// Thread resumption order.
     pub schedule: Schedule,
+    /// How `mma.sync` sums.
+    pub mma: MmaAccumulation,
+    /// Blocks in flight at once (1..=16), interleaved at barrier releases so that blocks sharing
+    /// global memory meet; `None`: 1, or [`SEEDED_RESIDENT_BLOCKS`] under [`Schedule::Seeded`].
+    pub resident_blocks: Option<u32>,
 }
 
 impl LaunchConfig {
-    /// `grid` x `block`, no dynamic shared memory, [`Schedule::Forward`].
+    /// `grid` x `block`, no dynamic shared memory, [`Schedule::Forward`], `mma` from
+    /// [`MmaAccumulation::from_env`].
     pub fn new(grid: impl Into<Dim3>, block: impl Into<Dim3>) -> LaunchConfig {
-        LaunchConfig { grid: grid.into(), block: block.into(), shared_bytes: 0, schedule: Schedule::Forward }
+        LaunchConfig {
+            grid: grid.into(),
+            block: block.into(),
+            shared_bytes: 0,
+            schedule: Schedule::Forward,
+            mma: MmaAccumulation::from_env(),
+            resident_blocks: None,
+        }
+    }
+
+    /// With `mma.sync` summing as `mode` says.
+    pub fn mma(mut self, mode: MmaAccumulation) -> LaunchConfig {
+        self.mma = mode;
+        self
+    }
+
+    /// With `n` blocks in flight at once (1..=16).
+    pub fn resident_blocks(mut self, n: u32) -> LaunchConfig {
+        self.resident_blocks = Some(n);
+        self
     }
 
     /// With `bytes` of dynamic shared memory.
@@ -297,6 +358,14 @@ impl Kernel {
             shared_bytes: cfg.shared_bytes as u64,
             schedule,
             seed,
+            mma: match cfg.mma {
+                MmaAccumulation::Truncating => 0,
+                MmaAccumulation::Exact => 1,
+            },
+            resident: cfg.resident_blocks.unwrap_or(match cfg.schedule {
+                Schedule::Seeded(_) => SEEDED_RESIDENT_BLOCKS,
+                _ => 1,
+            }),
         };
         let raw: Vec<ffi::Arg> = args
             .iter()

@@ -140,3 +140,53 @@ fn arguments_are_checked_against_the_signature() {
     }
     assert_eq!(Kernel::get("no_such_kernel").unwrap_err().kind, ErrorKind::NotFound);
 }
+
+#[test]
+fn blocks_in_flight_together_lose_a_racy_read_modify_write() {
+    // Each of 8 blocks adds its sum to out[0], reading it before a barrier and writing after:
+    // one block after another, the total is right; interleaved, updates are lost.
+    let x: Vec<f32> = (0..8 * 64).map(|i| (i % 5) as f32).collect();
+    let total: f32 = x.iter().sum();
+    let xb = Buffer::from_slice("x", &x);
+    let run = |cfg: LaunchConfig| {
+        let out = Buffer::from_slice("out", &[0.0f32]);
+        kernel("racy_accumulate").launch(&cfg, &[Arg::buffer(&xb), Arg::buffer(&out)]).unwrap();
+        out.read()[0]
+    };
+    assert_eq!(run(LaunchConfig::new(8, 64)), total, "one block after another hides the race");
+    let caught = (0..4).filter(|&s| run(LaunchConfig::new(8, 64).schedule(Schedule::Seeded(s))) != total).count();
+    assert!(caught > 0, "no seeded schedule interleaved the blocks");
+}
+
+#[test]
+fn a_block_reading_another_blocks_output_depends_on_the_block_order() {
+    let x: Vec<f32> = (1..=6).map(|i| i as f32).collect();
+    let xb = Buffer::from_slice("x", &x);
+    let want: Vec<f32> = x.iter().scan(0.0, |s, v| Some(*s + v).inspect(|t| *s = *t)).collect();
+    let run = |schedule: Schedule| {
+        let out = Buffer::<f32>::poisoned("out", 6);
+        let cfg = LaunchConfig::new(6, 32).schedule(schedule);
+        kernel("chained_blocks").launch(&cfg, &[Arg::buffer(&xb), Arg::buffer(&out)]).unwrap();
+        out.read()
+    };
+    assert_eq!(run(Schedule::Forward), want, "in index order the chain happens to work");
+    assert_ne!(run(Schedule::Reverse), want, "in reverse order block b reads poison from block b-1");
+}
+
+#[test]
+fn interleaved_blocks_keep_their_own_shared_memory() {
+    // block_sum keeps a tree of partial sums in static shared memory across many barriers: with
+    // 16 blocks, 1 to 16 in flight, every block's sum must come out right.
+    let x: Vec<f32> = (0..16 * 256).map(|i| ((i * 7) % 11) as f32).collect();
+    let xb = Buffer::from_slice("x", &x);
+    let out = Buffer::<f32>::poisoned("out", 16);
+    let want: Vec<f32> = x.chunks(256).map(|c| 2.0 * c.iter().sum::<f32>()).collect();
+    for resident in [1, 2, 5, 16] {
+        for schedule in Schedule::sweep([3, 4]) {
+            let cfg = LaunchConfig::new(16, 256).schedule(schedule).resident_blocks(resident);
+            let p = ScaleParams { a: 2.0, n: 256 };
+            kernel("block_sum").launch(&cfg, &[Arg::buffer(&xb), Arg::buffer(&out), Arg::value(p)]).unwrap();
+            assert_eq!(out.read(), want, "{resident} resident blocks, {schedule:?}");
+        }
+    }
+}

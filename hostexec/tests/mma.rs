@@ -3,7 +3,7 @@
 //! that chains cp.async, ldmatrix and mma.
 
 use half::{bf16, f16};
-use mole_hostexec::{Arg, Buffer, ErrorKind, Kernel, LaunchConfig, Schedule};
+use mole_hostexec::{Arg, Buffer, ErrorKind, Kernel, LaunchConfig, MmaAccumulation, Schedule};
 
 fn kernel(name: &str) -> Kernel {
     Kernel::find("tests/kernels/mma.cu", "", name).unwrap()
@@ -48,32 +48,65 @@ fn mma_matches_the_matrix_product_for_bf16_and_f16() {
         let ab = Buffer::from_slice("a", &a.iter().map(|&v| bits(v)).collect::<Vec<_>>());
         let bb = Buffer::from_slice("b", &b.iter().map(|&v| bits(v)).collect::<Vec<_>>());
         let d = Buffer::<f32>::poisoned("d", 128);
-        for schedule in Schedule::sweep([9]) {
+        for (schedule, mode) in Schedule::sweep([9]).into_iter().zip(MODES.into_iter().cycle()) {
             let args = [Arg::buffer(&ab), Arg::buffer(&bb), Arg::buffer(&cb), Arg::buffer(&d)];
-            kernel(name).launch(&LaunchConfig::new(1, 32).schedule(schedule), &args).unwrap();
-            assert_eq!(d.read(), want, "{name} under {schedule:?}");
+            kernel(name).launch(&LaunchConfig::new(1, 32).schedule(schedule).mma(mode), &args).unwrap();
+            assert_eq!(d.read(), want, "{name} under {schedule:?}, {mode:?}");
         }
     }
 }
 
-#[test]
-fn mma_rounds_once_from_the_exact_sum() {
-    // 1 + 2^-24 + 2^-24 is 1 + 2^-23 exactly; summing in f32 step by step would give 1.
-    let mut a = vec![0.0f32; 256];
-    let mut b = vec![0.0f32; 128];
-    a[0] = 2f32.powi(-12);
-    a[1] = 2f32.powi(-12);
-    b[0] = 2f32.powi(-12);
-    b[8] = 2f32.powi(-12);
-    let mut c = vec![0.0f32; 128];
-    c[0] = 1.0;
-    let to_bits = |v: &Vec<f32>| v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
+/// Both accumulation modes: every exact-data result must hold under each.
+const MODES: [MmaAccumulation; 2] = [MmaAccumulation::Truncating, MmaAccumulation::Exact];
+
+/// D[0][0] of a bf16 mma with C[0][0] = `c`, A[0][k] = `a[k]`, B[k][0] = `b[k]`, all else 0.
+fn mma_corner(c: f32, a: &[f32], b: &[f32], mode: MmaAccumulation) -> f32 {
+    let (mut am, mut bm, mut cm) = (vec![0.0f32; 256], vec![0.0f32; 128], vec![0.0f32; 128]);
+    am[..a.len()].copy_from_slice(a);
+    for (k, &v) in b.iter().enumerate() {
+        bm[8 * k] = v;
+    }
+    cm[0] = c;
+    let to_bits = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
     let (ab, bb, cb) =
-        (Buffer::from_slice("a", &to_bits(&a)), Buffer::from_slice("b", &to_bits(&b)), Buffer::from_slice("c", &c));
+        (Buffer::from_slice("a", &to_bits(&am)), Buffer::from_slice("b", &to_bits(&bm)), Buffer::from_slice("c", &cm));
     let d = Buffer::<f32>::poisoned("d", 128);
     let args = [Arg::buffer(&ab), Arg::buffer(&bb), Arg::buffer(&cb), Arg::buffer(&d)];
-    kernel("mma_bf16_direct").launch(&LaunchConfig::new(1, 32), &args).unwrap();
-    assert_eq!(d.read()[0], 1.0 + 2f32.powi(-23));
+    kernel("mma_bf16_direct").launch(&LaunchConfig::new(1, 32).mma(mode), &args).unwrap();
+    d.read()[0]
+}
+
+#[test]
+fn mma_keeps_bits_below_the_f32_sum_in_both_modes() {
+    // 1 + 2^-24 + 2^-24 is 1 + 2^-23 exactly; summing in f32 step by step would give 1. The
+    // tensor cores keep 3 bits below the significand of the largest term, so they agree.
+    let p = 2f32.powi(-12);
+    for mode in MODES {
+        assert_eq!(mma_corner(1.0, &[p, p], &[p, p], mode), 1.0 + 2f32.powi(-23), "{mode:?}");
+    }
+}
+
+#[test]
+fn mma_truncates_like_tensor_cores_unless_asked_to_be_exact() {
+    // 1 - 2^-26: rounded to nearest it is 1, truncated (as the tensor cores do) 1 - 2^-24. A
+    // test that expects the exact emulator's 1 does not hold on hardware.
+    let p = 2f32.powi(-13);
+    assert_eq!(mma_corner(1.0, &[p], &[-p], MmaAccumulation::Exact), 1.0);
+    assert_eq!(mma_corner(1.0, &[p], &[-p], MmaAccumulation::Truncating), 1.0 - 2f32.powi(-24));
+    // A term 4 bits below the last kept one is dropped: 1 + 2^-28 truncates to 1, and so does
+    // 1 - 2^-28 plus 0 (truncation, toward zero, of the aligned term).
+    let q = 2f32.powi(-14);
+    assert_eq!(mma_corner(1.0, &[q], &[q], MmaAccumulation::Truncating), 1.0);
+    assert_eq!(mma_corner(1.0, &[q], &[-q], MmaAccumulation::Truncating), 1.0);
+    // Products beyond the first 8 join in a second step: the truncated first block carries.
+    let mut a = vec![0.0f32; 16];
+    let mut b = vec![0.0f32; 16];
+    a[0] = p;
+    b[0] = -p;
+    a[8] = 1.0;
+    b[8] = 2f32.powi(-24);
+    assert_eq!(mma_corner(1.0, &a, &b, MmaAccumulation::Truncating), 1.0);
+    assert_eq!(mma_corner(1.0, &a, &b, MmaAccumulation::Exact), 1.0);
 }
 
 #[test]
@@ -149,27 +182,60 @@ fn cp_async_into_global_memory_is_reported() {
     assert!(err.message.ends_with("(thread (0,0,0) of block (0,0,0))"), "{err}");
 }
 
-fn gemm(name: &str, schedule: Schedule) -> (Vec<f32>, Vec<f32>) {
+fn gemm(name: &str, schedule: Schedule, mode: MmaAccumulation) -> (Vec<f32>, Vec<f32>) {
     let (a, b, c) = (dyadic(5, 32 * 32), dyadic(6, 32 * 8), dyadic(7, 32 * 8));
     let to_bits = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
     let (ab, bb, cb) =
         (Buffer::from_slice("a", &to_bits(&a)), Buffer::from_slice("b", &to_bits(&b)), Buffer::from_slice("c", &c));
     let d = Buffer::<f32>::poisoned("d", 32 * 8);
     let args = [Arg::buffer(&ab), Arg::buffer(&bb), Arg::buffer(&cb), Arg::buffer(&d)];
-    kernel(name).launch(&LaunchConfig::new(1, 64).schedule(schedule), &args).unwrap();
+    kernel(name).launch(&LaunchConfig::new(1, 64).schedule(schedule).mma(mode), &args).unwrap();
     (d.read(), matmul(&a, &b, &c, 32, 32, 8))
 }
 
 #[test]
 fn gemm_tile_through_cp_async_ldmatrix_and_mma() {
     for schedule in Schedule::sweep([1, 2, 3]) {
-        let (got, want) = gemm("gemm_cp_async", schedule);
-        assert_eq!(got, want, "{schedule:?}");
+        for mode in MODES {
+            let (got, want) = gemm("gemm_cp_async", schedule, mode);
+            assert_eq!(got, want, "{schedule:?}, {mode:?}");
+        }
     }
 }
 
 #[test]
 fn a_missing_cp_async_wait_reads_poison() {
-    let (got, _) = gemm("gemm_cp_async_missing_wait", Schedule::Forward);
+    let (got, _) = gemm("gemm_cp_async_missing_wait", Schedule::Forward, MmaAccumulation::Exact);
     assert!(got.iter().all(|v| v.is_nan()), "the un-awaited half of K must poison every output: {got:?}");
+}
+
+fn pipelined(name: &str, schedule: Schedule) -> (Vec<f32>, Vec<f32>) {
+    let chunks = 5;
+    let src: Vec<f32> = (0..64 * chunks).map(|i| (i % 13) as f32 - 6.0).collect();
+    let sb = Buffer::from_slice("src", &src);
+    let out = Buffer::<f32>::poisoned("out", 64);
+    let args = [Arg::buffer(&sb), Arg::value(chunks as i32), Arg::buffer(&out)];
+    kernel(name).launch(&LaunchConfig::new(1, 64).schedule(schedule), &args).unwrap();
+    let want = (0..64).map(|t| (0..chunks).map(|c| src[64 * c + (t + 7 * c) % 64]).sum()).collect();
+    (out.read(), want)
+}
+
+#[test]
+fn a_double_buffered_cp_async_pipeline_is_right_under_every_schedule() {
+    for schedule in Schedule::sweep([1, 2, 3]) {
+        let (got, want) = pipelined("pipelined_sum_ok", schedule);
+        assert_eq!(got, want, "{schedule:?}");
+    }
+}
+
+#[test]
+fn a_copy_into_a_buffer_other_threads_still_read_shows() {
+    // The copy is issued before the barrier that says every thread is done with its buffer; it
+    // lands one step later, after that barrier, so only poisoning the destination at issue
+    // makes the early reader see it.
+    let caught = Schedule::sweep([1, 2, 3]).into_iter().filter(|&s| {
+        let (got, want) = pipelined("pipelined_sum_missing_barrier", s);
+        got != want
+    });
+    assert!(caught.count() > 0, "a missing barrier before a cp.async went unnoticed under every schedule");
 }

@@ -124,3 +124,33 @@ fn threads_at_different_barriers_are_reported() {
     assert!(err.message.contains("threads 0-31 wait at __syncthreads (warp.cu:"), "{err}");
     assert!(err.message.contains("threads 32-63 wait at __syncthreads (warp.cu:"), "{err}");
 }
+
+#[test]
+fn shuffle_operands_count_only_their_low_five_bits() {
+    // shfl.sync reads bits 0-4 of the lane or delta: 33 moves by 1, -1 is lane 31, 0xffffffff
+    // is a delta of 31. Expected values: the ordinary shuffles with those operands.
+    let x: Vec<i32> = (0..32).map(|i| (i * 29 + 5) % 31).collect();
+    let xb = Buffer::from_slice("x", &x);
+    let out = Buffer::<i32>::poisoned("out", 32 * 8);
+    for schedule in Schedule::sweep([7]) {
+        kernel("shfl_wide_operands")
+            .launch(&LaunchConfig::new(1, 32).schedule(schedule), &[Arg::buffer(&xb), Arg::buffer(&out)])
+            .unwrap();
+        let got = out.read();
+        for (lane, &v) in x.iter().enumerate() {
+            let down = |d: usize, w: usize| if lane % w + d < w { x[lane + d] } else { v };
+            let up = |d: usize, w: usize| if lane % w >= d { x[lane - d] } else { v };
+            let want = [
+                down(1, 32),
+                up(2, 32),
+                x[lane ^ 3],
+                x[31],
+                x[lane / 8 * 8 + 5],
+                down(31, 32),
+                up(31, 16),
+                x[lane ^ 8],
+            ];
+            assert_eq!(got[8 * lane..8 * lane + 8], want, "lane {lane} under {schedule:?}");
+        }
+    }
+}

@@ -65,3 +65,25 @@ MOLE_GLOBAL void atomics(int* extremes, unsigned int* first, float* sum) {
     atomicCAS(first, 0u, (unsigned int)t + 1u);
     atomicAdd(sum, 0.5f);
 }
+
+// Bug: each block adds its sum to out[0] with a read before its reduction and a write after it,
+// not an atomic: blocks in flight together lose each other's updates.
+MOLE_GLOBAL void racy_accumulate(const float* x, float* out) {
+    __shared__ float partial[64];
+    const unsigned int t = threadIdx.x;
+    const float before = out[0];
+    partial[t] = x[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    for (unsigned int s = blockDim.x / 2; s > 0; s /= 2) {
+        if (t < s) partial[t] += partial[t + s];
+        __syncthreads();
+    }
+    if (t == 0) out[0] = before + partial[0];
+}
+
+// Bug: block b reads block b-1's output (nothing orders blocks): right only when blocks run in
+// index order.
+MOLE_GLOBAL void chained_blocks(const float* x, float* out) {
+    const unsigned int b = blockIdx.x;
+    if (threadIdx.x == 0) out[b] = x[b] + (b > 0 ? out[b - 1] : 0.0f);
+}

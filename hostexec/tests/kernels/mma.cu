@@ -130,3 +130,29 @@ MOLE_GLOBAL void gemm_cp_async(const mole_u16* a, const mole_u16* b, const float
 MOLE_GLOBAL void gemm_cp_async_missing_wait(const mole_u16* a, const mole_u16* b, const float* c, float* d) {
     gemm_tile<false>(a, b, c, d);
 }
+
+// Sums `chunks` chunks of 64 floats, chunk c + 1 copied by cp.async into the other of two buffers
+// while chunk c is read; thread t adds element (t + 7c) % 64 of each. kBarrier = false plants the
+// bug: no barrier before a copy into the buffer other threads read in the previous step.
+template <bool kBarrier>
+MOLE_DEVICE void pipelined_sum(const float* src, int chunks, float* out) {
+    __shared__ __align__(16) float buf[2][64];
+    const int t = (int)threadIdx.x;
+    if (t < 16) mole_cp_async_16(&buf[0][4 * t], src + 4 * t);
+    mole_cp_async_commit();
+    float acc = 0.0f;
+    for (int c = 0; c < chunks; ++c) {
+        if (kBarrier) __syncthreads();  // every thread has read the buffer chunk c + 1 goes to
+        if (c + 1 < chunks && t < 16) mole_cp_async_16(&buf[(c + 1) % 2][4 * t], src + 64 * (c + 1) + 4 * t);
+        mole_cp_async_commit();
+        mole_cp_async_wait<1>();  // chunk c has landed
+        __syncthreads();
+        acc += buf[c % 2][(t + 7 * c) % 64];
+    }
+    out[t] = acc;
+}
+
+MOLE_GLOBAL void pipelined_sum_ok(const float* src, int chunks, float* out) { pipelined_sum<true>(src, chunks, out); }
+MOLE_GLOBAL void pipelined_sum_missing_barrier(const float* src, int chunks, float* out) {
+    pipelined_sum<false>(src, chunks, out);
+}

@@ -78,3 +78,18 @@ MOLE_GLOBAL void barrier_divergent(int* out) {
         __syncthreads();
     }
 }
+
+// Lane and delta operands outside 0..31: shfl.sync reads only their low five bits.
+// out[8 t + j]: see hostexec/tests/warp.rs.
+MOLE_GLOBAL void shfl_wide_operands(const int* x, int* out) {
+    const int t = (int)threadIdx.x, v = x[t];
+    int* o = out + 8 * t;
+    o[0] = __shfl_down_sync(0xffffffffu, v, 33u);
+    o[1] = __shfl_up_sync(0xffffffffu, v, 34u);
+    o[2] = __shfl_xor_sync(0xffffffffu, v, 35);
+    o[3] = __shfl_sync(0xffffffffu, v, -1);
+    o[4] = __shfl_sync(0xffffffffu, v, 45, 8);
+    o[5] = __shfl_down_sync(0xffffffffu, v, 0xffffffffu);
+    o[6] = __shfl_up_sync(0xffffffffu, v, 0xffffffffu, 16);
+    o[7] = __shfl_xor_sync(0xffffffffu, v, 40, 16);
+}

@@ -2,9 +2,10 @@
 // (hostexec/cpp). Kernels never include this directly: runtime.h (the host branch of arch.cuh)
 // and mma.h build the CUDA vocabulary on top of it.
 //
-// Execution model: one launch at a time per process; the blocks of a grid run one after another
-// on the launching OS thread, each CUDA thread of a block a fiber. A fiber runs until it blocks
-// (barrier, warp collective) or exits; the scheduler then resumes another in the launch's order.
+// Execution model: one launch at a time per process, on the launching OS thread; each CUDA thread
+// of a block is a fiber. A fiber runs until it blocks (barrier, warp collective) or exits; the
+// scheduler then resumes another in the launch's order. Blocks run one after another, or several
+// interleaved at barrier releases (each with its own shared memory, swapped in when it runs).
 #pragma once
 
 #include <cstddef>

@@ -7,7 +7,8 @@
 //   rewrites after preprocessing: a kernel is registered under its name; `extern __shared__ T
 //   x[];` becomes a pointer to the fixed dynamic shared region; every other __shared__ variable
 //   becomes a reference to storage in the runtime's shared arena, which is poisoned before each
-//   block. One copy per declaration is enough because blocks never run concurrently.
+//   block. One copy per declaration is enough: one block runs at a time (blocks in flight
+//   together have their shared memory saved and restored as the scheduler switches).
 // - Collectives (__syncthreads, shuffles, votes, ldmatrix, mma) take the caller's file and line
 //   as defaulted arguments, so deadlock and divergence reports name the call site.
 // - Atomics are plain read-modify-writes: fibers switch only inside collectives.
