@@ -6,7 +6,7 @@ mod common;
 
 use common::Input;
 use mole::kernels::gating::{entry_name, plan, RoutePlan};
-use mole::model::{Gating, Router, RoutingRule, TopKWeights};
+use mole::model::{Gating, RankSelection, Router, RoutingRule, TopKWeights};
 use mole::reference::routing::{route, GateInput, Routing};
 use mole::DType;
 use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
@@ -90,11 +90,14 @@ fn every_routing_rule_matches_the_reference() {
         RoutingRule::SoftmaxTopK { k: 3, temperature: 0.7, weights: TopKWeights::Softmax },
         RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Unit },
         RoutingRule::TopP { p: 0.6, temperature: 1.0 },
-        RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 2, entropy_threshold: 0.9 },
-        RoutingRule::DynMole { q: 1.0, top_p: 0.3, keep_top_k: 1, entropy_threshold: 0.99 },
+        RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 2, entropy_threshold: 0.9, entropy_eps: 0.0 },
+        RoutingRule::DynMole { q: 1.0, top_p: 0.3, keep_top_k: 1, entropy_threshold: 0.99, entropy_eps: 0.0 },
+        RoutingRule::DynMole { q: 1.1, top_p: 0.75, keep_top_k: 2, entropy_threshold: 0.9, entropy_eps: 1e-5 },
+        RoutingRule::DynMole { q: 1.0, top_p: 0.3, keep_top_k: 1, entropy_threshold: 0.97, entropy_eps: 1e-5 },
         RoutingRule::DenseSoftmax { temperature: 2.0 },
         RoutingRule::SigmoidTopK { k: 2, bias: true },
-        RoutingRule::MagnitudeTopK { k: 4, bias: true },
+        RoutingRule::MagnitudeTopK { k: 4, bias: true, selection: RankSelection::Magnitude },
+        RoutingRule::MagnitudeTopK { k: 4, bias: true, selection: RankSelection::Signed },
     ];
     for rule in rules {
         let gating = routed(rule);

@@ -10,8 +10,8 @@ mod layer;
 mod method;
 mod ranks;
 
-pub use gating::{Gating, Router, RoutingRule, TopKWeights};
+pub use gating::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 pub use inputs::LayerInputs;
 pub use layer::{LayerSpec, Mix};
-pub use method::{Method, MethodShape};
+pub use method::{Method, MethodOptions, MethodShape};
 pub use ranks::RankLayout;

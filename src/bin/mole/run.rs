@@ -43,7 +43,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
-    let rank = if args.method == Method::FlyLora { 1 } else { args.rank };
+    let rank = if args.method.single_rank_experts() { 1 } else { args.rank };
     let shape =
         MethodShape { d_in: args.d, d_out: args.d, experts: args.experts, rank, k: args.k, alpha: 2.0 * rank as f64 };
     let spec = args.method.spec(shape)?;
