@@ -189,39 +189,8 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
         const mole_u32 len = (mole_u32)(p.tokens - t0 < p.chunk_tokens ? p.tokens - t0 : p.chunk_tokens);
         mole_u32* ws_cnt = workspace + c * 2 * p.experts;
         float* ws_sum = as_floats(workspace + (mole_u64)p.chunks * 2 * p.experts) + c * (2 * p.experts + 2);
-        // Selections, then first-slot selections (column 0 of ids). Each count_experts starts by
-        // clearing the lane's own counters, after the lane's last read of them.
-        count_experts(cnt, ids, t0 * p.slots, (t0 + len) * p.slots, n);
-        for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) ws_cnt[e] = cnt[e];
-        count_experts(cnt, ids, t0, t0 + len, n, p.slots);
-        // Per expert, tokens in order (lanes read neighbouring experts: coalesced).
-        for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
-            ws_cnt[n + e] = cnt[e];
-            float acc = 0.0f;
-            if (p.has_probs) {
-                const float* col = probs + t0 * p.experts + e;
-                for (mole_u32 i = 0; i < len; ++i, col += p.experts) acc += *col;
-            }
-            ws_sum[e] = acc;
-            ws_sum[n + e] = 0.0f;
-        }
-        // p ⊙ mask, tokens in order: the token's slots flag their experts in cnt (ids of one token
-        // are distinct; a repeated id would write the same flag), then each lane adds its own
-        // flagged experts' probabilities and clears the flags.
-        if (p.has_probs)
-            for (mole_u32 i = 0; i < len; ++i) {
-                const mole_u64 t = t0 + i;
-                for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) cnt[e] = 0;
-                mole_syncwarp();
-                for (mole_u32 j = mole_lane(); j < p.slots; j += MOLE_WARP_SIZE) {
-                    const int id = ids[t * p.slots + j];
-                    if (id >= 0 && id < n) cnt[id] = 1;
-                }
-                mole_syncwarp();
-                for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE)
-                    if (cnt[e]) ws_sum[n + e] += probs[t * p.experts + e];
-            }
-        // Per token, in order; every lane holds the same sums.
+        // Per token, in order; every lane holds the same sums. (First: after the per-expert passes
+        // below, ptxas spills on sm_90.)
         float z_loss = 0.0f, entropy = 0.0f;
         if (p.has_scores)
             for (mole_u32 i = 0; i < len; ++i) z_loss += token_z_loss(scores + (t0 + i) * p.experts, n);
@@ -232,6 +201,39 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
         if (mole_lane() == 0) {
             ws_sum[2 * n] = z_loss;
             ws_sum[2 * n + 1] = entropy;
+        }
+        count_experts(cnt, ids, t0 * p.slots, (t0 + len) * p.slots, n);
+        // Per expert, tokens in order (lanes read neighbouring experts: coalesced).
+        for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+            ws_cnt[e] = cnt[e];
+            ws_cnt[n + e] = 0;
+            float acc = 0.0f;
+            if (p.has_probs) {
+                const float* col = probs + t0 * p.experts + e;
+                for (mole_u32 i = 0; i < len; ++i, col += p.experts) acc += *col;
+            }
+            ws_sum[e] = acc;
+            ws_sum[n + e] = 0.0f;
+        }
+        // Tokens in order: the lane owning the first slot's expert counts it; with probabilities,
+        // p ⊙ mask: the token's slots flag their experts in cnt (ids of one token are distinct; a
+        // repeated id would write the same flag), then each lane adds its own flagged experts'
+        // probabilities. Every lane touches only its own experts' workspace entries.
+        MOLE_NO_UNROLL
+        for (mole_u32 i = 0; i < len; ++i) {
+            const mole_u64 t = t0 + i;
+            const int first = ids[t * p.slots];
+            if (first >= 0 && first < n && first % MOLE_WARP_SIZE == mole_lane()) ws_cnt[n + first] += 1;
+            if (!p.has_probs) continue;
+            for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) cnt[e] = 0;
+            mole_syncwarp();
+            for (mole_u32 j = mole_lane(); j < p.slots; j += MOLE_WARP_SIZE) {
+                const int id = ids[t * p.slots + j];
+                if (id >= 0 && id < n) cnt[id] = 1;
+            }
+            mole_syncwarp();
+            for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE)
+                if (cnt[e]) ws_sum[n + e] += probs[t * p.experts + e];
         }
         mole_syncwarp();  // cnt is reused by the next chunk
     }

@@ -286,7 +286,7 @@ pub struct FusedOutputs {
     pub routing: bool,
     /// `probs [T, E]` (f32), for rules that have probabilities.
     pub probs: bool,
-    /// Router statistics `[2E + 2]` (see [`StatsPlan::decode`]).
+    /// Router statistics `[4E + 2]` (see [`StatsPlan::decode`]).
     pub stats: bool,
 }
 
@@ -344,9 +344,9 @@ pub struct FusedLens {
     pub routing: usize,
     /// `probs [T, E]` (f32).
     pub probs: usize,
-    /// Statistics workspace (u32 words): counts `[tiles, E]`, then f32 sums `[tiles, E + 2]`.
+    /// Statistics workspace (u32 words): counts `[tiles, 2E]`, then f32 sums `[tiles, 2E + 2]`.
     pub stats_ws: usize,
-    /// Statistics output `[2E + 2]` (f32).
+    /// Statistics output `[4E + 2]` (f32).
     pub stats_out: usize,
     /// Split workspace `[splits, T, shrink_cols]` (f32).
     pub hz_part: usize,

@@ -146,7 +146,9 @@ pub enum RoutingRule {
     MagnitudeTopK {
         /// Ranks per token.
         k: usize,
-        /// Whether the `selection_bias [E]` input is added before the selection.
+        /// Whether the `selection_bias [E]` input is added before the selection. Kernels only
+        /// read it; FlyLoRA's load balancing moves it between calls
+        /// ([`crate::reference::flylora_bias_update`]).
         #[serde(default)]
         bias: bool,
         /// Magnitude (default) or signed selection.
