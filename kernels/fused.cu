@@ -64,7 +64,7 @@ enum mole_mix_kind : mole_u32 {
     MOLE_MIX_CORE_MERGE = 1,
 };
 
-// Parameters of every kernel in this file, by value (Rust: FusedParams). The first 56 bytes are
+// Parameters of every kernel in this file, by value (Rust: FusedParams). The first 64 bytes are
 // the routing rule's parameters (gate.tokens = T, gate.experts = E routed, gate.slots).
 struct mole_fused_params {
     mole_gating_params gate;
@@ -88,28 +88,30 @@ struct mole_fused_params {
     float stats_entropy_scale;      // 1 / entropy of the uniform distribution
     float scale;                    // delta scale
     mole_u32 tiles;                 // ceil(T / BT): rows of the statistics workspace
+    float stats_entropy_eps;        // statistics: added to each probability before the entropy
 };
-static_assert(sizeof(mole_fused_params) == 136, "mole_fused_params layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, d_in) == 56, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, d_out) == 60, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, rank) == 64, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, cols) == 68, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, shrink_cols) == 72, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, router) == 76, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, mix) == 80, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, use_router_bias) == 84, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, expand) == 88, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, splits) == 92, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, k_per_split) == 96, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, n_per_block) == 100, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, stats) == 104, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_probs) == 108, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_scores) == 112, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_entropy) == 116, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_q) == 120, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_entropy_scale) == 124, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, scale) == 128, "layout");
-static_assert(MOLE_OFFSET_OF(mole_fused_params, tiles) == 132, "layout");
+static_assert(sizeof(mole_fused_params) == 148, "mole_fused_params layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, d_in) == 64, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, d_out) == 68, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, rank) == 72, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, cols) == 76, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, shrink_cols) == 80, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, router) == 84, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, mix) == 88, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, use_router_bias) == 92, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, expand) == 96, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, splits) == 100, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, k_per_split) == 104, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, n_per_block) == 108, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats) == 112, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_probs) == 116, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_scores) == 120, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_entropy) == 124, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_q) == 128, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_entropy_scale) == 132, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, scale) == 136, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, tiles) == 140, "layout");
+static_assert(MOLE_OFFSET_OF(mole_fused_params, stats_entropy_eps) == 144, "layout");
 
 // The tensors after the shrink's, in one struct so the stages take them together.
 struct fused_gate_tensors {
@@ -123,7 +125,7 @@ struct fused_gate_tensors {
     int* out_ids;                  // [T, slots] or null
     float* out_weights;            // [T, slots] or null
     float* out_probs;              // [T, E] or null
-    mole_u32* stats_ws;            // counts u32 [tiles][E], then sums f32 [tiles][E + 2]; or null
+    mole_u32* stats_ws;            // counts u32 [tiles][2E], then sums f32 [tiles][2E + 2]; or null
 };
 
 // The block's dynamic shared memory, carved as src/kernels/fused.rs::smem_words counts it (in
@@ -287,7 +289,8 @@ MOLE_DEVICE void route_tile(const mole_fused_params& p, const fused_gate_tensors
         if (p.stats) {
             const float zl = p.stats_scores ? token_z_loss(z, n) : 0.0f;
             const float ent = p.stats_probs && p.stats_entropy != MOLE_ENTROPY_NONE
-                                  ? token_entropy(probs, n, p.stats_entropy, p.stats_q, p.stats_entropy_scale)
+                                  ? token_entropy(probs, n, p.stats_entropy, p.stats_q, p.stats_entropy_eps,
+                                                  p.stats_entropy_scale)
                                   : 0.0f;
             if (lane == 0) {
                 s.z_loss[i] = zl;
@@ -297,24 +300,36 @@ MOLE_DEVICE void route_tile(const mole_fused_params& p, const fused_gate_tensors
     }
 }
 
-// Row `tile` of the statistics workspace: per-expert selections and probability sums, z-loss and
-// entropy sums, each over the tile's tokens in order.
+// Row `tile` of the statistics workspace (the layout of gating_stats_finalize): per-expert
+// selections, first-slot selections, probability sums and masked probability sums, then z-loss
+// and entropy sums, each over the tile's tokens in order.
 MOLE_DEVICE void stats_tile(const mole_fused_params& p, const fused_gate_tensors& g, mole_u64 t0, mole_u32 tile,
                             const fused_smem& s) {
     const mole_u32 n = p.gate.experts, slots = p.gate.slots;
     const mole_u64 left = p.gate.tokens - t0;
     const int rows = left < MOLE_FUSED_BT ? (int)left : MOLE_FUSED_BT;
-    mole_u32* counts = g.stats_ws + (mole_u64)tile * n;
-    float* sums = reinterpret_cast<float*>(g.stats_ws + (mole_u64)p.tiles * n) + (mole_u64)tile * (n + 2);
+    mole_u32* counts = g.stats_ws + (mole_u64)tile * 2 * n;
+    float* sums = reinterpret_cast<float*>(g.stats_ws + (mole_u64)p.tiles * 2 * n) + (mole_u64)tile * (2 * n + 2);
     for (mole_u32 e = threadIdx.x; e < n; e += blockDim.x) {
-        mole_u32 count = 0;
-        float prob = 0.0f;
+        mole_u32 count = 0, top1 = 0;
+        float prob = 0.0f, masked = 0.0f;
         for (int i = 0; i < rows; ++i) {
-            for (mole_u32 j = 0; j < slots; ++j) count += s.ids[i * slots + j] == (int)e ? 1u : 0u;
-            if (p.stats_probs) prob += s.probs[i * n + e];
+            bool selected = false;
+            for (mole_u32 j = 0; j < slots; ++j) {
+                const bool hit = s.ids[i * slots + j] == (int)e;
+                count += hit ? 1u : 0u;
+                top1 += hit && j == 0 ? 1u : 0u;
+                selected = selected || hit;
+            }
+            if (p.stats_probs) {
+                prob += s.probs[i * n + e];
+                if (selected) masked += s.probs[i * n + e];
+            }
         }
         counts[e] = count;
+        counts[n + e] = top1;
         sums[e] = prob;
+        sums[n + e] = masked;
     }
     if (threadIdx.x == 0) {
         float zl = 0.0f, ent = 0.0f;
@@ -322,8 +337,8 @@ MOLE_DEVICE void stats_tile(const mole_fused_params& p, const fused_gate_tensors
             zl += s.z_loss[i];
             ent += s.entropy[i];
         }
-        sums[n] = zl;
-        sums[n + 1] = ent;
+        sums[2 * n] = zl;
+        sums[2 * n + 1] = ent;
     }
 }
 

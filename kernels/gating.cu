@@ -145,9 +145,10 @@ MOLE_DEVICE bool count_experts(mole_u32* cnt, const int* ids, mole_u64 begin, mo
 // Router statistics (src/reference/stats.rs), reduced deterministically without atomics: warp c
 // reduces token chunk c into row c of the workspace in a fixed order, then one block sums the
 // rows in chunk order.
-//   workspace: counts u32 [chunks][E], then sums f32 [chunks][E + 2] (per-expert probability
-//   sums, z-loss sum, entropy sum).
-//   out f32 [2E + 2]: selected_fraction [E], mean_prob [E], z_loss, entropy (0 where absent).
+//   workspace: counts u32 [chunks][2E] (selections, first-slot selections), then sums
+//   f32 [chunks][2E + 2] (probability sums, masked probability sums, z-loss sum, entropy sum).
+//   out f32 [4E + 2]: selected_fraction [E], top1_fraction [E], mean_prob [E],
+//   masked_mean_prob [E], z_loss, entropy (0 where absent).
 // ---------------------------------------------------------------------------------------------
 
 struct mole_stats_params {
@@ -156,13 +157,14 @@ struct mole_stats_params {
     mole_u32 slots;               // row length of ids
     mole_u32 chunk_tokens;        // tokens per chunk (one warp each)
     mole_u32 chunks;              // ceil(T / chunk_tokens)
-    mole_u32 has_probs;           // 1: probs [T, E] given (mean_prob, entropy)
+    mole_u32 has_probs;           // 1: probs [T, E] given (mean_prob, masked_mean_prob, entropy)
     mole_u32 has_scores;          // 1: scores [T, E] given (z-loss)
     mole_entropy_kind entropy;    // entropy of the probabilities, or none
     float q;                      // Tsallis index
     float entropy_scale;          // 1 / entropy of the uniform distribution (ln E or 1 - E^(1-q))
+    float entropy_eps;            // added to each probability before the entropy
 };
-static_assert(sizeof(mole_stats_params) == 40, "mole_stats_params layout");
+static_assert(sizeof(mole_stats_params) == 44, "mole_stats_params layout");
 static_assert(MOLE_OFFSET_OF(mole_stats_params, tokens) == 0, "layout");
 static_assert(MOLE_OFFSET_OF(mole_stats_params, experts) == 4, "layout");
 static_assert(MOLE_OFFSET_OF(mole_stats_params, slots) == 8, "layout");
@@ -173,6 +175,7 @@ static_assert(MOLE_OFFSET_OF(mole_stats_params, has_scores) == 24, "layout");
 static_assert(MOLE_OFFSET_OF(mole_stats_params, entropy) == 28, "layout");
 static_assert(MOLE_OFFSET_OF(mole_stats_params, q) == 32, "layout");
 static_assert(MOLE_OFFSET_OF(mole_stats_params, entropy_scale) == 36, "layout");
+static_assert(MOLE_OFFSET_OF(mole_stats_params, entropy_eps) == 40, "layout");
 
 // Grid: one warp per chunk; dynamic shared memory (threads / 32) * E * 4 bytes.
 MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
@@ -184,29 +187,53 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     for (mole_u64 c = first_warp_item(); c < p.chunks; c += warp_item_stride()) {
         const mole_u64 t0 = c * p.chunk_tokens;
         const mole_u32 len = (mole_u32)(p.tokens - t0 < p.chunk_tokens ? p.tokens - t0 : p.chunk_tokens);
+        mole_u32* ws_cnt = workspace + c * 2 * p.experts;
+        float* ws_sum = as_floats(workspace + (mole_u64)p.chunks * 2 * p.experts) + c * (2 * p.experts + 2);
+        // Per token, in order; every lane holds the same sums. (First: after the per-expert passes
+        // below, ptxas spills on sm_90.)
+        float z_loss = 0.0f, entropy = 0.0f;
+        if (p.has_scores)
+            for (mole_u32 i = 0; i < len; ++i) z_loss += token_z_loss(scores + (t0 + i) * p.experts, n);
+        if (p.has_probs && p.entropy != MOLE_ENTROPY_NONE)
+            for (mole_u32 i = 0; i < len; ++i)
+                entropy += token_entropy(probs + (t0 + i) * p.experts, n, p.entropy, p.q, p.entropy_eps,
+                                         p.entropy_scale);
+        if (mole_lane() == 0) {
+            ws_sum[2 * n] = z_loss;
+            ws_sum[2 * n + 1] = entropy;
+        }
         count_experts(cnt, ids, t0 * p.slots, (t0 + len) * p.slots, n);
-        mole_u32* ws_cnt = workspace + c * p.experts;
-        float* ws_sum = as_floats(workspace + (mole_u64)p.chunks * p.experts) + c * (p.experts + 2);
         // Per expert, tokens in order (lanes read neighbouring experts: coalesced).
         for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
             ws_cnt[e] = cnt[e];
+            ws_cnt[n + e] = 0;
             float acc = 0.0f;
             if (p.has_probs) {
                 const float* col = probs + t0 * p.experts + e;
                 for (mole_u32 i = 0; i < len; ++i, col += p.experts) acc += *col;
             }
             ws_sum[e] = acc;
+            ws_sum[n + e] = 0.0f;
         }
-        // Per token, in order; every lane holds the same sums.
-        float z_loss = 0.0f, entropy = 0.0f;
-        if (p.has_scores)
-            for (mole_u32 i = 0; i < len; ++i) z_loss += token_z_loss(scores + (t0 + i) * p.experts, n);
-        if (p.has_probs && p.entropy != MOLE_ENTROPY_NONE)
-            for (mole_u32 i = 0; i < len; ++i)
-                entropy += token_entropy(probs + (t0 + i) * p.experts, n, p.entropy, p.q, p.entropy_scale);
-        if (mole_lane() == 0) {
-            ws_sum[n] = z_loss;
-            ws_sum[n + 1] = entropy;
+        // Tokens in order: the lane owning the first slot's expert counts it; with probabilities,
+        // p ⊙ mask: the token's slots flag their experts in cnt (ids of one token are distinct; a
+        // repeated id would write the same flag), then each lane adds its own flagged experts'
+        // probabilities. Every lane touches only its own experts' workspace entries.
+        MOLE_NO_UNROLL
+        for (mole_u32 i = 0; i < len; ++i) {
+            const mole_u64 t = t0 + i;
+            const int first = ids[t * p.slots];
+            if (first >= 0 && first < n && first % MOLE_WARP_SIZE == mole_lane()) ws_cnt[n + first] += 1;
+            if (!p.has_probs) continue;
+            for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) cnt[e] = 0;
+            mole_syncwarp();
+            for (mole_u32 j = mole_lane(); j < p.slots; j += MOLE_WARP_SIZE) {
+                const int id = ids[t * p.slots + j];
+                if (id >= 0 && id < n) cnt[id] = 1;
+            }
+            mole_syncwarp();
+            for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE)
+                if (cnt[e]) ws_sum[n + e] += probs[t * p.experts + e];
         }
         mole_syncwarp();  // cnt is reused by the next chunk
     }
@@ -216,18 +243,18 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     MOLE_ENTRY(gating_stats_finalize)(const mole_stats_params p, const mole_u32* __restrict__ workspace,
                                       float* __restrict__ out) {
-    const mole_u64 n = p.experts, row = n + 2;
-    const float* sums = reinterpret_cast<const float*>(workspace + (mole_u64)p.chunks * n);
+    const mole_u64 counts = 2 * (mole_u64)p.experts, row = counts + 2;
+    const float* sums = reinterpret_cast<const float*>(workspace + (mole_u64)p.chunks * counts);
     const float inv_t = p.tokens == 0 ? 0.0f : 1.0f / (float)p.tokens;
     for (mole_u64 e = threadIdx.x; e < row; e += blockDim.x) {
         mole_u64 count = 0;
         float sum = 0.0f;
         for (mole_u64 c = 0; c < p.chunks; ++c) {
-            if (e < n) count += workspace[c * n + e];
+            if (e < counts) count += workspace[c * counts + e];
             sum += sums[c * row + e];
         }
-        if (e < n) out[e] = (float)count * inv_t;
-        out[n + e] = sum * inv_t;  // mean_prob [E], then z_loss and entropy
+        if (e < counts) out[e] = (float)count * inv_t;  // selected_fraction [E], top1_fraction [E]
+        out[counts + e] = sum * inv_t;  // mean_prob [E], masked_mean_prob [E], then z_loss and entropy
     }
 }
 

@@ -5,7 +5,8 @@
 //! absent), and what the spec needs of `router_weight`, `router_bias`, `logits`, `weights`,
 //! `adapter_ids` (integer), `selection_bias`, `cores`. Float inputs may be f16, bf16, f32 or f64.
 //! Output names: `y`, `h`, `h_mixed`, `scores`, `ids` (i32), `weights`, `probs`,
-//! `selected_fraction`, `mean_prob`, `z_loss`, `entropy`, all f64 except `ids`.
+//! `selected_fraction`, `top1_fraction`, `mean_prob`, `masked_mean_prob`, `z_loss`, `entropy`,
+//! all f64 except `ids`.
 
 use crate::model::{LayerInputs, LayerSpec};
 use crate::{limits, reference};
@@ -223,8 +224,12 @@ pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
         m.insert("probs".into(), HostTensor::float(vec![tokens, e], p));
     }
     m.insert("selected_fraction".into(), HostTensor::float(vec![e], out.stats.selected_fraction));
+    m.insert("top1_fraction".into(), HostTensor::float(vec![e], out.stats.top1_fraction));
     if let Some(p) = out.stats.mean_prob {
         m.insert("mean_prob".into(), HostTensor::float(vec![e], p));
+    }
+    if let Some(p) = out.stats.masked_mean_prob {
+        m.insert("masked_mean_prob".into(), HostTensor::float(vec![e], p));
     }
     if let Some(z) = out.stats.z_loss {
         m.insert("z_loss".into(), HostTensor::float(vec![], vec![z]));

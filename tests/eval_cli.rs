@@ -56,6 +56,9 @@ fn eval_reproduces_the_hand_computed_layer() {
     assert!(w.iter().zip([0.75, 0.25, 0.75, 0.25]).all(|(g, e)| (g - e).abs() < 1e-12), "{w:?}");
     assert_eq!(floats(&out, "h"), vec![2.0, 4.0, 1.0, 0.0]);
     assert_eq!(floats(&out, "selected_fraction"), vec![1.0, 1.0]);
+    assert_eq!(floats(&out, "top1_fraction"), vec![0.5, 0.5]);
+    // Both experts are selected by every token: the masked mean is the mean.
+    assert_eq!(floats(&out, "masked_mean_prob"), floats(&out, "mean_prob"));
     assert!(out.contains_key("z_loss") && out.contains_key("entropy") && out.contains_key("mean_prob"));
 }
 

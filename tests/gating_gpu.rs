@@ -14,9 +14,9 @@ use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use mole::cuda::Device;
 use mole::kernels::gating::{self, DeviceGateInput, GroupOutputs, InputKind, RouteOutputs, StatsInputs, StatsPlan};
 use mole::kernels::KernelBuild;
-use mole::model::{Gating, Router, RoutingRule, TopKWeights};
+use mole::model::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 use mole::plan::{RoutingPlan, TokenSlot};
-use mole::reference::routing::{descending_order, normalized_tsallis_entropy, route, sigmoid, GateInput, Routing};
+use mole::reference::routing::{descending_order, normalized_entropy, route, sigmoid, GateInput, Routing};
 use mole::reference::stats::router_stats;
 use mole::{DType, KernelElement, MoleError};
 
@@ -71,10 +71,14 @@ fn random_gating(rng: &mut Rng, e: usize) -> Gating {
             top_p: rng.pick(&[0.0, 0.5, 1.0]),
             keep_top_k: rng.below(e.min(3) + 1),
             entropy_threshold: rng.pick(&[0.0, 0.5, 0.9, 1.0]),
+            entropy_eps: rng.pick(&[0.0, 1e-5]),
         }),
         4 => routed(RoutingRule::DenseSoftmax { temperature }),
         5 => routed(RoutingRule::SigmoidTopK { k, bias: rng.below(2) == 0 }),
-        6 => routed(RoutingRule::MagnitudeTopK { k, bias: rng.below(2) == 0 }),
+        6 => {
+            let selection = if rng.below(2) == 0 { RankSelection::Magnitude } else { RankSelection::Signed };
+            routed(RoutingRule::MagnitudeTopK { k, bias: rng.below(2) == 0, selection })
+        }
         7 => {
             let top = rng.below(3) > 0;
             Gating::Given { top_k: top.then_some(k), softmax_topk: top && rng.below(2) == 0 }
@@ -102,9 +106,11 @@ fn selection_scores(g: &Gating, z: &[f64], bias: Option<&[f64]>) -> Vec<f64> {
         Gating::Routed { rule: RoutingRule::SigmoidTopK { .. }, .. } => {
             z.iter().enumerate().map(|(e, &v)| key(sigmoid(v) + b(e))).collect()
         }
-        Gating::Routed { rule: RoutingRule::MagnitudeTopK { .. }, .. } => {
-            z.iter().enumerate().map(|(e, &v)| key((v + b(e)).abs())).collect()
-        }
+        Gating::Routed { rule: RoutingRule::MagnitudeTopK { selection, .. }, .. } => z
+            .iter()
+            .enumerate()
+            .map(|(e, &v)| key(if *selection == RankSelection::Signed { v + b(e) } else { (v + b(e)).abs() }))
+            .collect(),
         _ => z.iter().map(|&v| key(v)).collect(),
     }
 }
@@ -113,8 +119,8 @@ fn selection_scores(g: &Gating, z: &[f64], bias: Option<&[f64]>) -> Vec<f64> {
 fn borderline(g: &Gating, z: &[f64], p: &[f64], counts: (usize, usize)) -> bool {
     let (threshold, entropy) = match *g {
         Gating::Routed { rule: RoutingRule::TopP { p, .. }, .. } => (p, false),
-        Gating::Routed { rule: RoutingRule::DynMole { q, top_p, entropy_threshold, .. }, .. } => {
-            (top_p, (normalized_tsallis_entropy(p, q) - entropy_threshold).abs() < 1e-4)
+        Gating::Routed { rule: RoutingRule::DynMole { q, top_p, entropy_threshold, entropy_eps, .. }, .. } => {
+            (top_p, (normalized_entropy(p, Entropy { q, eps: entropy_eps }) - entropy_threshold).abs() < 1e-4)
         }
         _ => return false,
     };
@@ -251,7 +257,7 @@ fn case<T: KernelElement + DeviceRepr>(dev: &Device, build: &KernelBuild, rng: &
     gating::router_stats(dev, build, &sp, inputs, &mut ws, &mut so).map_err(|err| format!("{desc}: stats: {err}"))?;
     let got = sp.decode(&download(dev, &so)).map_err(|err| err.to_string())?;
     let routing = Routing { ids: gids.clone(), ..reference.clone() };
-    let want = router_stats(&routing, (sp.params.has_scores != 0).then_some(&z64[..]), sp.entropy_q);
+    let want = router_stats(&routing, (sp.params.has_scores != 0).then_some(&z64[..]), sp.entropy);
     let pairs = got.selected_fraction.iter().zip(&want.selected_fraction);
     let mut checks: Vec<(&str, f64, f64)> = pairs.map(|(&g, &w)| ("selected_fraction", g, w)).collect();
     if let (Some(g), Some(w)) = (&got.mean_prob, &want.mean_prob) {
@@ -331,7 +337,7 @@ fn gating_is_deterministic_and_validates_before_launching() {
     let dz = upload(&dev, &z);
     let gating = Gating::Routed {
         router: Router::Logits,
-        rule: RoutingRule::DynMole { q: 1.5, top_p: 0.6, keep_top_k: 1, entropy_threshold: 0.9 },
+        rule: RoutingRule::DynMole { q: 1.5, top_p: 0.6, keep_top_k: 1, entropy_threshold: 0.9, entropy_eps: 0.0 },
     };
     let run = || {
         let (mut ids, mut w, mut p) = (zeros::<i32>(&dev, t * e), zeros::<f32>(&dev, t * e), zeros::<f32>(&dev, t * e));

@@ -181,32 +181,49 @@ fn check_case<T: KernelElement + bytemuck::Pod>(
             return Err(format!("y[{i}] = {g}, expected {w} (bound {})", tol * p));
         }
     }
-    // Statistics (exact selections when the routing agrees everywhere).
-    let e = spec.routed_experts();
+    // Statistics (exact selections when the routing agrees everywhere), decoded as the library
+    // decodes them.
     let stats = &reference.stats;
+    let got_stats = plan.stats.as_ref().ok_or("no statistics plan")?.decode(&got.stats).map_err(|e| e.to_string())?;
+    let slack = flipped as f64 / tokens as f64;
     if flipped == 0 {
-        for (i, (&g, &w)) in got.stats[..e].iter().zip(&stats.selected_fraction).enumerate() {
-            if (g as f64 - w).abs() > 1e-6 {
-                return Err(format!("selected_fraction[{i}] = {g}, expected {w}"));
+        let counts = [
+            ("selected_fraction", &got_stats.selected_fraction, &stats.selected_fraction),
+            ("top1_fraction", &got_stats.top1_fraction, &stats.top1_fraction),
+        ];
+        for (name, g, w) in counts {
+            for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+                if (g - w).abs() > 1e-6 {
+                    return Err(format!("{name}[{i}] = {g}, expected {w}"));
+                }
             }
         }
     }
-    let close = |name: &str, g: f32, w: f64, rel: f64| {
-        if (g as f64 - w).abs() > rel * (1.0 + w.abs()) {
+    let close = |name: &str, g: f64, w: f64, rel: f64| {
+        if (g - w).abs() > rel * (1.0 + w.abs()) {
             return Err(format!("{name} = {g}, expected {w}"));
         }
         Ok(())
     };
-    if let Some(m) = &stats.mean_prob {
-        for (i, &w) in m.iter().enumerate() {
-            close(&format!("mean_prob[{i}]"), got.stats[e + i], w, 1e-4 + flipped as f64 / tokens as f64)?;
+    let per_expert = [
+        ("mean_prob", &got_stats.mean_prob, &stats.mean_prob),
+        ("masked_mean_prob", &got_stats.masked_mean_prob, &stats.masked_mean_prob),
+    ];
+    for (name, g, w) in per_expert {
+        if g.is_some() != w.is_some() {
+            return Err(format!("{name}: {g:?}, expected {w:?}"));
+        }
+        if let (Some(g), Some(w)) = (g, w) {
+            for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+                close(&format!("{name}[{i}]"), g, w, 1e-4 + slack)?;
+            }
         }
     }
     if let Some(z) = stats.z_loss {
-        close("z_loss", got.stats[2 * e], z, 1e-3)?;
+        close("z_loss", got_stats.z_loss.ok_or("no z_loss")?, z, 1e-3)?;
     }
     if let Some(h) = stats.entropy {
-        close("entropy", got.stats[2 * e + 1], h, 1e-4 + flipped as f64 / tokens as f64)?;
+        close("entropy", got_stats.entropy.ok_or("no entropy")?, h, 1e-4 + slack)?;
     }
     Ok(())
 }
@@ -214,7 +231,7 @@ fn check_case<T: KernelElement + bytemuck::Pod>(
 /// A small shape for `method`: rank-1 experts for the rank-wise methods.
 fn method_spec(method: Method, d_in: usize, d_out: usize) -> LayerSpec {
     let (experts, rank, k) = match method {
-        Method::FlyLora => (24, 1, 4),
+        Method::FlyLora | Method::FlyLoraPeft => (24, 1, 4),
         Method::Smora => (16, 1, 4),
         Method::Comol => (4, 8, 2),
         Method::DynMole => (6, 4, 2),

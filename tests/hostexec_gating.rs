@@ -6,7 +6,7 @@ mod common;
 
 use common::Input;
 use mole::kernels::gating::{entry_name, plan, RoutePlan};
-use mole::model::{Gating, Router, RoutingRule, TopKWeights};
+use mole::model::{Gating, RankSelection, Router, RoutingRule, TopKWeights};
 use mole::reference::routing::{route, GateInput, Routing};
 use mole::DType;
 use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
@@ -90,11 +90,14 @@ fn every_routing_rule_matches_the_reference() {
         RoutingRule::SoftmaxTopK { k: 3, temperature: 0.7, weights: TopKWeights::Softmax },
         RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Unit },
         RoutingRule::TopP { p: 0.6, temperature: 1.0 },
-        RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 2, entropy_threshold: 0.9 },
-        RoutingRule::DynMole { q: 1.0, top_p: 0.3, keep_top_k: 1, entropy_threshold: 0.99 },
+        RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 2, entropy_threshold: 0.9, entropy_eps: 0.0 },
+        RoutingRule::DynMole { q: 1.0, top_p: 0.3, keep_top_k: 1, entropy_threshold: 0.99, entropy_eps: 0.0 },
+        RoutingRule::DynMole { q: 1.1, top_p: 0.75, keep_top_k: 2, entropy_threshold: 0.9, entropy_eps: 1e-5 },
+        RoutingRule::DynMole { q: 1.0, top_p: 0.3, keep_top_k: 1, entropy_threshold: 0.97, entropy_eps: 1e-5 },
         RoutingRule::DenseSoftmax { temperature: 2.0 },
         RoutingRule::SigmoidTopK { k: 2, bias: true },
-        RoutingRule::MagnitudeTopK { k: 4, bias: true },
+        RoutingRule::MagnitudeTopK { k: 4, bias: true, selection: RankSelection::Magnitude },
+        RoutingRule::MagnitudeTopK { k: 4, bias: true, selection: RankSelection::Signed },
     ];
     for rule in rules {
         let gating = routed(rule);
@@ -134,7 +137,7 @@ fn softmax_rules_hold_with_large_logits_and_any_temperature() {
                 RoutingRule::SoftmaxTopK { k: 3, temperature: t, weights: TopKWeights::Softmax },
                 RoutingRule::TopP { p: 0.7, temperature: t },
                 RoutingRule::DenseSoftmax { temperature: t },
-                RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 1, entropy_threshold: 0.5 },
+                RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 1, entropy_threshold: 0.5, entropy_eps: 0.0 },
             ];
             for rule in rules {
                 let gating = routed(rule);
@@ -168,10 +171,10 @@ fn thresholded_rules_at_their_exact_thresholds() {
     let mut rules = Vec::new();
     for p in [0.25, 0.5, 0.75] {
         rules.push(RoutingRule::TopP { p, temperature: 1.0 });
-        rules.push(RoutingRule::DynMole { q: 1.5, top_p: p, keep_top_k: 1, entropy_threshold: 0.99 });
+        rules.push(RoutingRule::DynMole { q: 1.5, top_p: p, keep_top_k: 1, entropy_threshold: 0.99, entropy_eps: 0.0 });
     }
-    rules.push(RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 1, entropy_threshold: 0.0 });
-    rules.push(RoutingRule::DynMole { q: 2.0, top_p: 0.25, keep_top_k: 2, entropy_threshold: 0.0 });
+    rules.push(RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: 1, entropy_threshold: 0.0, entropy_eps: 0.0 });
+    rules.push(RoutingRule::DynMole { q: 2.0, top_p: 0.25, keep_top_k: 2, entropy_threshold: 0.0, entropy_eps: 0.0 });
     for rule in rules {
         let gating = routed(rule);
         let want = route(&gating, GateInput::Scores(&zf, None), TOKENS, EXPERTS).unwrap();
@@ -184,7 +187,13 @@ fn thresholded_rules_at_their_exact_thresholds() {
         want.ids[t * want.slots..(t + 1) * want.slots].iter().filter(|&&i| i >= 0).count()
     };
     assert_eq!(kept(RoutingRule::TopP { p: 0.5, temperature: 1.0 }, 0), 3);
-    let dyn_mole = |top_p, entropy_threshold| RoutingRule::DynMole { q: 1.5, top_p, keep_top_k: 1, entropy_threshold };
+    let dyn_mole = |top_p, entropy_threshold| RoutingRule::DynMole {
+        q: 1.5,
+        top_p,
+        keep_top_k: 1,
+        entropy_threshold,
+        entropy_eps: 0.0,
+    };
     assert_eq!(kept(dyn_mole(0.5, 0.99), 0), 2);
     assert_eq!(kept(dyn_mole(0.5, 0.0), 1), 1);
     assert_eq!(kept(dyn_mole(0.5, 0.0), 0), EXPERTS);

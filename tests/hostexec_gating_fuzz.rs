@@ -14,9 +14,9 @@ mod common;
 use common::Input;
 use mole::kernels::gating::{entry_name, plan, plan_grouping, plan_slot_grouping, KernelLaunch, StatsPlan};
 use mole::kernels::sgmv::SlotPlans;
-use mole::model::{Gating, Router, RoutingRule, TopKWeights};
+use mole::model::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 use mole::plan::{RoutingPlan, TokenSlot};
-use mole::reference::routing::{descending_order, normalized_tsallis_entropy, route, sigmoid, softmax, GateInput};
+use mole::reference::routing::{descending_order, normalized_entropy, route, sigmoid, softmax, GateInput};
 use mole::reference::{router_stats, tolerance_with, Routing};
 use mole::synth::Rng;
 use mole::DType;
@@ -50,10 +50,19 @@ fn make_gating(kind: u8, k: usize, a: f64, b: f64, experts: usize) -> Gating {
         1 => routed(RoutingRule::SoftmaxTopK { k, temperature: 1.0, weights: TopKWeights::Softmax }),
         2 => routed(RoutingRule::SoftmaxTopK { k, temperature: 1.0, weights: TopKWeights::Unit }),
         3 => routed(RoutingRule::TopP { p: a, temperature: b }),
-        4 => routed(RoutingRule::DynMole { q: b, top_p: a, keep_top_k: k.min(2), entropy_threshold: 0.7 }),
+        4 => routed(RoutingRule::DynMole {
+            q: b,
+            top_p: a,
+            keep_top_k: k.min(2),
+            entropy_threshold: 0.7,
+            entropy_eps: if b > 1.4 { 1e-5 } else { 0.0 },
+        }),
         5 => routed(RoutingRule::DenseSoftmax { temperature: b }),
         6 => routed(RoutingRule::SigmoidTopK { k, bias: a > 0.5 }),
-        7 => routed(RoutingRule::MagnitudeTopK { k, bias: a > 0.5 }),
+        7 => {
+            let selection = if b > 1.4 { RankSelection::Signed } else { RankSelection::Magnitude };
+            routed(RoutingRule::MagnitudeTopK { k, bias: a > 0.5, selection })
+        }
         8 => Gating::Given { top_k: (a > 0.3).then_some(k), softmax_topk: a > 0.6 },
         _ => Gating::AdapterIds,
     }
@@ -112,9 +121,9 @@ fn near_boundary(gating: &Gating, z: &[f64], bias: Option<&[f64]>) -> bool {
         Gating::Routed { rule: RoutingRule::TopP { p, temperature }, .. } => {
             cum_near(&softmax(z, *temperature), &descending_order(z), *p)
         }
-        Gating::Routed { rule: RoutingRule::DynMole { q, top_p, entropy_threshold, .. }, .. } => {
+        Gating::Routed { rule: RoutingRule::DynMole { q, top_p, entropy_threshold, entropy_eps, .. }, .. } => {
             let p = softmax(z, 1.0);
-            (normalized_tsallis_entropy(&p, *q) - entropy_threshold).abs() < BOUNDARY
+            (normalized_entropy(&p, Entropy { q: *q, eps: *entropy_eps }) - entropy_threshold).abs() < BOUNDARY
                 || cum_near(&p, &descending_order(z), *top_p)
         }
         Gating::Routed { rule: RoutingRule::SigmoidTopK { .. }, .. } => {
@@ -210,7 +219,7 @@ fn check_stats(c: &Case, want: &Routing, scores: &Input, z: &[f64]) -> Result<()
     let sp =
         StatsPlan::for_gating(&c.gating, t, e, BLOCK_THREADS).map_err(|err| TestCaseError::fail(err.to_string()))?;
     let has_scores = sp.params.has_scores != 0;
-    let reference = router_stats(want, has_scores.then_some(z), sp.entropy_q);
+    let reference = router_stats(want, has_scores.then_some(z), sp.entropy);
     let ids = Buffer::from_slice("ids", &want.ids);
     let probs_f32: Vec<f32> = want.probs.as_ref().map_or(vec![], |p| p.iter().map(|&v| v as f32).collect());
     let probs = Buffer::from_slice("probs", &probs_f32);
@@ -232,13 +241,23 @@ fn check_stats(c: &Case, want: &Routing, scores: &Input, z: &[f64]) -> Result<()
     // Sums over T tokens of f32 values: the reduction length is T (and E inside each term).
     let tol = 4.0 * tolerance_with(f64::powi(2.0, -24), f64::powi(2.0, -24), t + e + 8);
     let close = |g: f64, w: f64| (g - w).abs() <= tol * w.abs().max(1.0);
-    for (i, (&g, &w)) in got.selected_fraction.iter().zip(&reference.selected_fraction).enumerate() {
-        prop_assert!(close(g, w), "{c:?}: selected_fraction[{i}] {g} vs {w}");
-    }
-    prop_assert_eq!(got.mean_prob.is_some(), reference.mean_prob.is_some(), "{:?}", c);
-    if let (Some(g), Some(w)) = (&got.mean_prob, &reference.mean_prob) {
+    for (name, g, w) in [
+        ("selected_fraction", &got.selected_fraction, &reference.selected_fraction),
+        ("top1_fraction", &got.top1_fraction, &reference.top1_fraction),
+    ] {
         for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
-            prop_assert!(close(g, w), "{c:?}: mean_prob[{i}] {g} vs {w}");
+            prop_assert!(close(g, w), "{c:?}: {name}[{i}] {g} vs {w}");
+        }
+    }
+    for (name, g, w) in [
+        ("mean_prob", &got.mean_prob, &reference.mean_prob),
+        ("masked_mean_prob", &got.masked_mean_prob, &reference.masked_mean_prob),
+    ] {
+        prop_assert_eq!(g.is_some(), w.is_some(), "{:?}: {}", c, name);
+        if let (Some(g), Some(w)) = (g, w) {
+            for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+                prop_assert!(close(g, w), "{c:?}: {name}[{i}] {g} vs {w}");
+            }
         }
     }
     for (name, g, w) in [("z_loss", got.z_loss, reference.z_loss), ("entropy", got.entropy, reference.entropy)] {

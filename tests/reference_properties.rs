@@ -1,6 +1,6 @@
 //! Property tests of the reference: the identities that tie its formulations together.
 
-use mole::model::{Gating, LayerInputs, LayerSpec, Mix, RankLayout, Router, RoutingRule, TopKWeights};
+use mole::model::{Gating, LayerInputs, LayerSpec, Mix, RankLayout, RankSelection, Router, RoutingRule, TopKWeights};
 use mole::plan::RoutingPlan;
 use mole::reference::linalg::matmul;
 use mole::reference::mix::{core_merge, expert_scale};
@@ -150,7 +150,7 @@ proptest! {
         let h: Vec<f64> = rng.fill(tokens * r, 1.0);
         let z: Vec<f64> = rng.fill(tokens * r, 1.0);
         let k = 1 + rng.below(r);
-        let gating = Gating::Routed { router: Router::LowRank, rule: RoutingRule::MagnitudeTopK { k, bias: false } };
+        let gating = Gating::Routed { router: Router::LowRank, rule: RoutingRule::MagnitudeTopK { k, bias: false, selection: RankSelection::Magnitude } };
         let routing = route(&gating, GateInput::Scores(&z, None), tokens, r).unwrap();
         let scaled = expert_scale(&h, &routing, &RankLayout::uniform(r, 1).unwrap());
         // Rank masking: keep the k columns of largest |z| of each token, zero the rest.
@@ -195,7 +195,7 @@ proptest! {
         let e = z.len();
         for rule in [
             RoutingRule::TopP { p: top_p, temperature: 1.0 },
-            RoutingRule::DynMole { q, top_p, keep_top_k: 1, entropy_threshold: 0.8 },
+            RoutingRule::DynMole { q, top_p, keep_top_k: 1, entropy_threshold: 0.8 , entropy_eps: 0.0 },
         ] {
             let gating = Gating::Routed { router: Router::Logits, rule };
             let r: Routing = route(&gating, GateInput::Scores(&z, None), 1, e).unwrap();

@@ -1,7 +1,9 @@
 //! Hand-computed cases for every routing rule, the statistics and the composed layer. The
 //! expected numbers were worked out by hand (and with a calculator) from the rule definitions.
 
-use mole::model::{Gating, LayerInputs, LayerSpec, Mix, RankLayout, Router, RoutingRule, TopKWeights};
+use mole::model::{
+    Entropy, Gating, LayerInputs, LayerSpec, Mix, RankLayout, RankSelection, Router, RoutingRule, TopKWeights,
+};
 use mole::reference::routing::*;
 use mole::reference::{forward, route, router_stats, GateInput};
 
@@ -61,11 +63,11 @@ fn tsallis_entropy_hand_values() {
 fn dynmole_switches_on_entropy() {
     let z = [0.7f64.ln(), 0.2f64.ln(), 0.1f64.ln()]; // p = [0.7, 0.2, 0.1], H_2 = 0.69
                                                      // Below the threshold: cumsum 0.7 <= 0.75 keeps expert 0; 0.9 and 1.0 exceed it.
-    assert_sel(&dynmole(&z, 2.0, 0.75, 1, 0.9).0, &[(0, 0.7)]);
+    assert_sel(&dynmole(&z, Entropy { q: 2.0, eps: 0.0 }, 0.75, 1, 0.9).0, &[(0, 0.7)]);
     // keep_top_k = 2 keeps the second one too.
-    assert_sel(&dynmole(&z, 2.0, 0.75, 2, 0.9).0, &[(0, 0.7), (1, 0.2)]);
+    assert_sel(&dynmole(&z, Entropy { q: 2.0, eps: 0.0 }, 0.75, 2, 0.9).0, &[(0, 0.7), (1, 0.2)]);
     // Above the threshold (0.69 > 0.6): every expert, raw p.
-    assert_sel(&dynmole(&z, 2.0, 0.75, 1, 0.6).0, &[(0, 0.7), (1, 0.2), (2, 0.1)]);
+    assert_sel(&dynmole(&z, Entropy { q: 2.0, eps: 0.0 }, 0.75, 1, 0.6).0, &[(0, 0.7), (1, 0.2), (2, 0.1)]);
 }
 
 #[test]
@@ -89,7 +91,7 @@ fn smora_bias_steers_selection_not_weights() {
 #[test]
 fn flylora_selects_by_biased_magnitude() {
     // |z + b| = [0.5, 2, 1, 1.4].
-    let s = magnitude_topk(&[0.5, -2.0, 1.0, -0.1], 2, Some(&[0.0, 0.0, 0.0, 1.5]));
+    let s = magnitude_topk(&[0.5, -2.0, 1.0, -0.1], 2, Some(&[0.0, 0.0, 0.0, 1.5]), RankSelection::Magnitude);
     assert_sel(&s, &[(1, 1.0), (3, 1.0)]);
 }
 
@@ -143,7 +145,7 @@ fn router_stats_hand_values() {
     let gating = Gating::Routed { router: Router::Logits, rule };
     let z = [0.0, 0.0, 0.0, 0.0, 3f64.ln(), 0.0];
     let r = route(&gating, GateInput::Scores(&z, None), 2, 3).unwrap();
-    let s = router_stats(&r, Some(&z), Some(1.0));
+    let s = router_stats(&r, Some(&z), Some(Entropy::SHANNON));
     assert_eq!(s.selected_fraction, vec![0.5, 0.5, 0.0]);
     let mp = s.mean_prob.unwrap();
     assert!(close(mp[0], (1.0 / 3.0 + 0.2) / 2.0) && close(mp[1], (1.0 / 3.0 + 0.6) / 2.0));

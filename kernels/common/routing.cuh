@@ -4,7 +4,10 @@
 // - slots are filled in descending score order, ties toward the lower expert index;
 // - NaN scores rank as -inf; an all -inf/NaN row has probability 0 everywhere; +inf scores
 //   share probability 1;
-// - empty slots hold (-1, 0).
+// - empty slots hold (-1, 0);
+// - the normalised entropy is clamped to [0, 1] (a DynMoLE threshold of 1 never switches every
+//   expert on); a top-p / DynMoLE threshold >= 1 keeps every expert (the host passes values
+//   below 1 rounded to floats below 1, so the f32 test decides as the f64 reference does).
 //
 // One warp routes one token. The warp stages the token's order keys in `row` (E floats of its
 // own), lane l owning experts l, l + 32, ...; every pass reads only the lane's own experts, so no
@@ -61,8 +64,10 @@ struct mole_gating_params {
     float q;                      // Tsallis index
     float entropy_threshold;      // DynMoLE: all experts above this normalised entropy
     float entropy_scale;          // 1 / entropy of the uniform distribution (ln E or 1 - E^(1-q))
+    mole_u32 signed_select;       // magnitude top-k: 1 selects by the signed value, 0 by magnitude
+    float entropy_eps;            // DynMoLE: added to each probability before the entropy
 };
-static_assert(sizeof(mole_gating_params) == 56, "mole_gating_params layout");
+static_assert(sizeof(mole_gating_params) == 64, "mole_gating_params layout");
 static_assert(MOLE_OFFSET_OF(mole_gating_params, tokens) == 0, "layout");
 static_assert(MOLE_OFFSET_OF(mole_gating_params, experts) == 4, "layout");
 static_assert(MOLE_OFFSET_OF(mole_gating_params, slots) == 8, "layout");
@@ -77,6 +82,8 @@ static_assert(MOLE_OFFSET_OF(mole_gating_params, threshold) == 40, "layout");
 static_assert(MOLE_OFFSET_OF(mole_gating_params, q) == 44, "layout");
 static_assert(MOLE_OFFSET_OF(mole_gating_params, entropy_threshold) == 48, "layout");
 static_assert(MOLE_OFFSET_OF(mole_gating_params, entropy_scale) == 52, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, signed_select) == 56, "layout");
+static_assert(MOLE_OFFSET_OF(mole_gating_params, entropy_eps) == 60, "layout");
 
 // ---------------------------------------------------------------------------------------------
 // Per-token building blocks. `row` is the warp's staged keys; lane l touches row[l + 32 i] only.
@@ -132,21 +139,25 @@ MOLE_DEVICE float softmax_prob(const softmax_ctx& c, float key) {
     return mole_expf(s - c.max) / c.sum;
 }
 
-// Normalised entropy, in two steps: each lane sums entropy_term over its experts, then
-// entropy_finish scales the warp total by 1 / (the uniform distribution's entropy), precomputed
-// on the host in f64. The Tsallis term p - p^q is written p * -expm1((q - 1) ln p): summed over a
-// distribution it is 1 - sum p^q, and it stays accurate as q approaches 1.
-MOLE_DEVICE float entropy_term(float p, mole_entropy_kind kind, float q) {
-    if (!(p > 0.0f)) return 0.0f;
-    const float l = mole_logf(p);
-    return kind == MOLE_ENTROPY_SHANNON ? -p * l : -p * mole_expm1f((q - 1.0f) * l);
+// Normalised entropy of p + eps (DynMoLE's definition; eps = 0 elsewhere), in two steps: each
+// lane sums entropy_term over its experts, then entropy_finish scales the warp total by
+// 1 / (the uniform distribution's entropy, without eps), precomputed on the host in f64, and
+// clamps it to [0, 1]. With p' = p + eps, the Tsallis term p' - p'^q - eps is written
+// p' * -expm1((q - 1) ln p') - eps: summed over a distribution it is 1 - sum p'^q, and it stays
+// accurate as q approaches 1.
+MOLE_DEVICE float entropy_term(float p, mole_entropy_kind kind, float q, float eps) {
+    const float pe = p + eps;
+    if (!(pe > 0.0f)) return 0.0f;
+    const float l = mole_logf(pe);
+    return kind == MOLE_ENTROPY_SHANNON ? -pe * l : -pe * mole_expm1f((q - 1.0f) * l) - eps;
 }
 
 // Zero for a single expert and for an all-zero row (a fully masked token).
 MOLE_DEVICE float entropy_finish(float lane_sum, bool lane_nonzero, int n, float scale) {
     const float total = mole_warp_sum(lane_sum);
     const bool any = mole_warp_any(lane_nonzero);
-    return (n <= 1 || !any) ? 0.0f : total * scale;
+    const float h = total * scale;
+    return (n <= 1 || !any) ? 0.0f : (h < 0.0f ? 0.0f : (h > 1.0f ? 1.0f : h));
 }
 
 // Slot j of a token is written by lane j % 32, which is also the lane that rereads it.
@@ -205,11 +216,13 @@ MOLE_DEVICE void token_softmax_prefix(const mole_gating_params& p, float* row, c
     for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
         const float pe = softmax_prob(sm, row[e]);
         if (probs) probs[e] = pe;
-        if (p.entropy != MOLE_ENTROPY_NONE) h += entropy_term(pe, p.entropy, p.q);  // DynMoLE only
+        if (p.entropy != MOLE_ENTROPY_NONE) h += entropy_term(pe, p.entropy, p.q, p.entropy_eps);  // DynMoLE
         nonzero = nonzero || pe != 0.0f;
     }
-    bool all = p.rule == MOLE_RULE_DENSE_SOFTMAX;
-    if (p.rule == MOLE_RULE_DYNMOLE) all = entropy_finish(h, nonzero, n, p.entropy_scale) > p.entropy_threshold;
+    // A threshold >= 1 keeps every expert, whatever the rounding of the running sum.
+    bool all = p.rule == MOLE_RULE_DENSE_SOFTMAX || p.threshold >= 1.0f;
+    if (p.rule == MOLE_RULE_DYNMOLE)
+        all = entropy_finish(h, nonzero, n, p.entropy_scale) > p.entropy_threshold || all;
     pick cur = first_pick();
     float cum = 0.0f;
     int kept = 0;
@@ -218,8 +231,8 @@ MOLE_DEVICE void token_softmax_prefix(const mole_gating_params& p, float* row, c
         const float pj = softmax_prob(sm, cur.key);
         const float before = cum;
         cum += pj;
-        const bool keep = p.rule == MOLE_RULE_TOP_P ? !(before > p.threshold)  // up to the first crossing
-                                                    : all || cum <= p.threshold || kept < (int)p.k;
+        const bool keep = all || (p.rule == MOLE_RULE_TOP_P ? !(before > p.threshold)  // up to the first crossing
+                                                            : cum <= p.threshold || kept < (int)p.k);
         if (!keep) break;
         if (owns_slot(kept)) {
             ids[kept] = cur.idx;
@@ -254,13 +267,15 @@ MOLE_DEVICE void token_sigmoid_topk(const mole_gating_params& p, float* row, con
     fill_empty(ids, w, k, (int)p.slots);
 }
 
-// FlyLoRA: the k largest |z + bias|, weight 1. No probabilities.
+// FlyLoRA: the k largest |z + bias| (or z + bias, signed), weight 1. No probabilities.
 template <typename S>
 MOLE_DEVICE void token_magnitude_topk(const mole_gating_params& p, float* row, const S* z, const elem_t* bias,
                                       int* ids, float* w) {
     const int n = (int)p.experts, k = (int)p.k;
-    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE)
-        row[e] = order_key(mole_fabsf(load_f32(z + e) + (p.use_bias ? load_f32(bias + e) : 0.0f)));
+    for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
+        const float v = load_f32(z + e) + (p.use_bias ? load_f32(bias + e) : 0.0f);
+        row[e] = order_key(p.signed_select ? v : mole_fabsf(v));
+    }
     pick cur = first_pick();
     for (int j = 0; j < k; ++j) {
         cur = next_pick(row, n, cur);
@@ -321,11 +336,11 @@ MOLE_DEVICE float token_z_loss(const S* z, int n) {
 }
 
 // Normalised entropy of one token's probability row.
-MOLE_DEVICE float token_entropy(const float* probs, int n, mole_entropy_kind kind, float q, float scale) {
+MOLE_DEVICE float token_entropy(const float* probs, int n, mole_entropy_kind kind, float q, float eps, float scale) {
     float h = 0.0f;
     bool nonzero = false;
     for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
-        h += entropy_term(probs[e], kind, q);
+        h += entropy_term(probs[e], kind, q, eps);
         nonzero = nonzero || probs[e] != 0.0f;
     }
     return entropy_finish(h, nonzero, n, scale);

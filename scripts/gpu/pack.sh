@@ -13,10 +13,13 @@ mkdir -p "$KIT/bin"
 # Every build prints cargo's JSON messages; the executables are picked from them.
 tests=()
 for f in tests/*_gpu.rs; do tests+=(--test "$(basename "$f" .rs)"); done
+# Named one by one: `cargo bench` alone also builds the lib's and the bin's unit tests as benches.
+benches=()
+for f in benches/*.rs; do benches+=(--bench "$(basename "$f" .rs)"); done
 {
   cargo build --release --bin mole --message-format=json
   cargo test --release --no-run --message-format=json "${tests[@]}"
-  cargo bench --no-run --message-format=json
+  cargo bench --no-run --message-format=json "${benches[@]}"
 } 2> >(grep -v '^\s*\(Compiling\|Finished\|Executable\)' >&2) > "$KIT/cargo-messages.json"
 
 python3 - "$KIT" <<'PY'
@@ -34,7 +37,7 @@ for line in open(os.path.join(kit, "cargo-messages.json")):
     target = msg["target"]
     kind = target["kind"][0]
     name = target["name"]
-    if kind == "bin":
+    if kind == "bin" and not msg["profile"]["test"]:
         dest = name
     elif kind == "test":
         dest = name
@@ -62,6 +65,8 @@ manifest = {
     "total_bytes": sum(f["bytes"] for f in files.values()),
 }
 assert "mole" in picked, "the mole binary was not built"
+version = subprocess.run([os.path.join(kit, "bin", "mole"), "--version"], capture_output=True, text=True).stdout
+assert version.startswith("mole "), f"bin/mole is not the mole command line: {version[:80]!r}"
 assert any(k.endswith("_gpu") for k in picked), "no GPU test binary was built"
 json.dump(manifest, open(os.path.join(kit, "manifest.json"), "w"), indent=2)
 for name, f in files.items():

@@ -196,7 +196,7 @@ pub enum MixKind {
     CoreMerge = 1,
 }
 
-/// Parameters of every fused kernel, by value (C: `mole_fused_params`, 136 bytes). Enum fields
+/// Parameters of every fused kernel, by value (C: `mole_fused_params`, 148 bytes). Enum fields
 /// hold the `as u32` of [`RouterKind`], [`MixKind`] and [`EntropyKind`]; booleans are 0 or 1.
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
@@ -243,6 +243,8 @@ pub struct FusedParams {
     pub scale: f32,
     /// Token tiles `ceil(T / bt)`.
     pub tiles: u32,
+    /// Statistics: added to each probability before the entropy.
+    pub stats_entropy_eps: f32,
 }
 
 // SAFETY: `FusedParams` is `#[repr(C)]`, Pod, and matches `mole_fused_params` (sizes and offsets
@@ -284,7 +286,7 @@ pub struct FusedOutputs {
     pub routing: bool,
     /// `probs [T, E]` (f32), for rules that have probabilities.
     pub probs: bool,
-    /// Router statistics `[2E + 2]` (see [`StatsPlan::decode`]).
+    /// Router statistics `[4E + 2]` (see [`StatsPlan::decode`]).
     pub stats: bool,
 }
 
@@ -342,9 +344,9 @@ pub struct FusedLens {
     pub routing: usize,
     /// `probs [T, E]` (f32).
     pub probs: usize,
-    /// Statistics workspace (u32 words): counts `[tiles, E]`, then f32 sums `[tiles, E + 2]`.
+    /// Statistics workspace (u32 words): counts `[tiles, 2E]`, then f32 sums `[tiles, 2E + 2]`.
     pub stats_ws: usize,
-    /// Statistics output `[2E + 2]` (f32).
+    /// Statistics output `[4E + 2]` (f32).
     pub stats_out: usize,
     /// Split workspace `[splits, T, shrink_cols]` (f32).
     pub hz_part: usize,
@@ -483,11 +485,8 @@ fn plan_inner(
     // What the reference's statistics report for this rule.
     let has_probs = route.writes_probs;
     let has_scores = spec.rule().is_some_and(|r| r.has_z_loss());
-    let entropy_q = spec.rule().and_then(|r| r.entropy_index());
-    let entropy = match entropy_q {
-        Some(q) if has_probs => EntropyKind::for_q(q),
-        _ => EntropyKind::None,
-    };
+    let entropy_of = spec.rule().and_then(|r| r.entropy()).filter(|_| has_probs);
+    let entropy = entropy_of.map_or(EntropyKind::None, |h| EntropyKind::for_q(h.q));
     let (splits, k_per_split, n_per_block) = match variant {
         FusedVariant::Single => (1, d_in.max(1), d_out.max(1)),
         FusedVariant::Split { splits, n_per_block } => {
@@ -525,10 +524,11 @@ fn plan_inner(
         stats_probs: has_probs as u32,
         stats_scores: has_scores as u32,
         stats_entropy: entropy as u32,
-        stats_q: entropy_q.unwrap_or(1.0) as f32,
-        stats_entropy_scale: entropy.scale(entropy_q.unwrap_or(1.0), e),
+        stats_q: entropy_of.map_or(1.0, |h| h.q) as f32,
+        stats_entropy_scale: entropy.scale(entropy_of.map_or(1.0, |h| h.q), e),
         scale: spec.scale as f32,
         tiles: fits_u32("token tiles", tiles)?,
+        stats_entropy_eps: entropy_of.map_or(0.0, |h| h.eps) as f32,
     };
     // spec.validate() checked the f64 scale; it must also survive the cast.
     if !params.scale.is_finite() {
@@ -601,6 +601,7 @@ fn plan_inner(
             entropy: entropy as u32,
             q: params.stats_q,
             entropy_scale: params.stats_entropy_scale,
+            entropy_eps: params.stats_entropy_eps,
         },
         partial: None,
         finalize: KernelLaunch {
@@ -609,9 +610,9 @@ fn plan_inner(
             block: gating::DEFAULT_BLOCK_THREADS,
             shared_bytes: 0,
         },
-        workspace_words: tiles as usize * (2 * e + 2),
-        out_len: 2 * e + 2,
-        entropy_q: entropy_q.filter(|_| has_probs),
+        workspace_words: gating::stats_workspace_words(tiles as usize, e),
+        out_len: gating::stats_out_len(e),
+        entropy: entropy_of,
     });
     let n = tokens;
     let split_ws = matches!(variant, FusedVariant::Split { .. }) && shrink_cols > 0;

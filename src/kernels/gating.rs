@@ -19,7 +19,7 @@ pub use launch::{
 };
 
 use super::{Family, KernelBuild, BLOCK_THREADS_DEFINE, DYNAMIC_SMEM_DEFINE};
-use crate::model::{Gating, RoutingRule, TopKWeights};
+use crate::model::{Entropy, Gating, RankSelection, RoutingRule, TopKWeights};
 use crate::reference::RouterStats;
 use crate::{DType, MoleError, Result};
 use bytemuck::{Pod, Zeroable};
@@ -184,7 +184,7 @@ impl EntropyKind {
     }
 }
 
-/// Parameters of every routing kernel, passed by value (C: `mole_gating_params`, 56 bytes).
+/// Parameters of every routing kernel, passed by value (C: `mole_gating_params`, 64 bytes).
 /// Enum fields hold the `as u32` of [`RuleKind`], [`WeightMode`] and [`EntropyKind`]; booleans
 /// are 0 or 1. Built by [`plan`].
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
@@ -218,9 +218,13 @@ pub struct GatingParams {
     pub entropy_threshold: f32,
     /// [`EntropyKind::scale`].
     pub entropy_scale: f32,
+    /// Magnitude top-k: 1 selects by the signed value ([`crate::model::RankSelection::Signed`]).
+    pub signed_select: u32,
+    /// DynMoLE: added to each probability before the entropy.
+    pub entropy_eps: f32,
 }
 
-/// Parameters of the statistics kernels (C: `mole_stats_params`, 40 bytes). Built by
+/// Parameters of the statistics kernels (C: `mole_stats_params`, 44 bytes). Built by
 /// [`plan_stats`].
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 #[repr(C)]
@@ -245,6 +249,20 @@ pub struct StatsParams {
     pub q: f32,
     /// [`EntropyKind::scale`].
     pub entropy_scale: f32,
+    /// Added to each probability before the entropy.
+    pub entropy_eps: f32,
+}
+
+/// A cumulative-probability or entropy threshold as the kernels compare it: values below 1 stay
+/// below 1 in f32 (the kernels treat a threshold `>= 1` as "every expert", as the f64 reference
+/// does, so rounding up to 1 would change the decision).
+pub(crate) fn threshold_f32(v: f64) -> f32 {
+    const BELOW_ONE: f32 = 1.0 - f32::EPSILON / 2.0;
+    if v >= 1.0 {
+        v as f32
+    } else {
+        (v as f32).min(BELOW_ONE)
+    }
 }
 
 /// Parameters of the routing-plan kernels (C: `mole_plan_params`, 36 bytes). Built by
@@ -409,6 +427,8 @@ pub fn plan(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) 
         q: 1.0,
         entropy_threshold: 0.0,
         entropy_scale: 0.0,
+        signed_select: 0,
+        entropy_eps: 0.0,
     };
     let (kind, entry, input, writes_probs) = match *gating {
         Gating::Routed { rule, .. } => match rule {
@@ -421,17 +441,18 @@ pub fn plan(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) 
             }
             RoutingRule::TopP { p: threshold, temperature } => {
                 p.temperature = positive_f32("temperature", temperature)?;
-                p.threshold = threshold as f32;
+                p.threshold = threshold_f32(threshold);
                 (RuleKind::TopP, entry::SOFTMAX_PREFIX, InputKind::Scores, true)
             }
-            RoutingRule::DynMole { q, top_p, keep_top_k, entropy_threshold } => {
+            RoutingRule::DynMole { q, top_p, keep_top_k, entropy_threshold, entropy_eps } => {
                 let kind = EntropyKind::for_q(q);
                 p.k = keep_top_k as u32;
                 p.q = positive_f32("q", q)?;
-                p.threshold = top_p as f32;
+                p.threshold = threshold_f32(top_p);
                 p.entropy = kind as u32;
-                p.entropy_threshold = entropy_threshold as f32;
+                p.entropy_threshold = threshold_f32(entropy_threshold);
                 p.entropy_scale = kind.scale(q, experts);
+                p.entropy_eps = entropy_eps as f32;
                 (RuleKind::DynMole, entry::SOFTMAX_PREFIX, InputKind::Scores, true)
             }
             RoutingRule::DenseSoftmax { temperature } => {
@@ -444,10 +465,11 @@ pub fn plan(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) 
                 p.use_bias = bias as u32;
                 (RuleKind::SigmoidTopK, entry::SIGMOID_TOPK, InputKind::Scores, true)
             }
-            RoutingRule::MagnitudeTopK { k, bias } => {
+            RoutingRule::MagnitudeTopK { k, bias, selection } => {
                 check_top_k(k)?;
                 p.k = k as u32;
                 p.use_bias = bias as u32;
+                p.signed_select = (selection == RankSelection::Signed) as u32;
                 (RuleKind::MagnitudeTopK, entry::MAGNITUDE_TOPK, InputKind::Scores, false)
             }
         },
@@ -482,7 +504,7 @@ pub fn plan(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) 
 }
 
 /// A validated router-statistics launch: per-chunk partials into a workspace, then one block sums
-/// the chunks in order into `out [2E + 2]` (see [`StatsPlan::decode`]).
+/// the chunks in order into `out [4E + 2]` (see [`StatsPlan::decode`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StatsPlan {
     /// The kernels' parameters.
@@ -493,21 +515,33 @@ pub struct StatsPlan {
     pub finalize: KernelLaunch,
     /// Workspace size in 4-byte words.
     pub workspace_words: usize,
-    /// Output length in f32: `2E + 2`.
+    /// Output length in f32: `4E + 2`.
     pub out_len: usize,
-    /// What the reference would report: `mean_prob`, `z_loss`, `entropy` present or not.
-    pub entropy_q: Option<f64>,
+    /// The entropy the statistics report, as the reference's `entropy` argument (`None`: no
+    /// entropy, or no probabilities to take it of).
+    pub entropy: Option<Entropy>,
+}
+
+/// The statistics output length for `experts` experts: `4E + 2` (see [`StatsPlan::decode`]).
+pub fn stats_out_len(experts: usize) -> usize {
+    4 * experts + 2
+}
+
+/// Workspace words of the statistics of `rows` chunks (or tiles): counts `[rows][2E]`, then sums
+/// `[rows][2E + 2]`.
+pub fn stats_workspace_words(rows: usize, experts: usize) -> usize {
+    rows * (4 * experts + 2)
 }
 
 /// Plans [`router_stats`] for `ids [T, slots]`, optional `probs [T, E]` (f32) and optional raw
-/// `scores [T, E]`, with the entropy of index `entropy_q` (as [`crate::reference::router_stats`]).
+/// `scores [T, E]`, with `entropy` (as [`crate::reference::router_stats`]).
 pub fn plan_stats(
     tokens: usize,
     experts: usize,
     slots: usize,
     has_probs: bool,
     has_scores: bool,
-    entropy_q: Option<f64>,
+    entropy: Option<Entropy>,
     block_threads: u32,
 ) -> Result<StatsPlan> {
     check_block_threads(block_threads)?;
@@ -516,9 +550,10 @@ pub fn plan_stats(
     if tokens.checked_mul(slots).is_none_or(|n| n > u32::MAX as usize) {
         return Err(MoleError::param("tokens", tokens, "tokens * slots must fit in 32 bits"));
     }
-    let (kind, q) = match entropy_q {
-        Some(q) if has_probs => (EntropyKind::for_q(q), positive_f32("q", q)?),
-        _ => (EntropyKind::None, 1.0),
+    let taken = entropy.filter(|_| has_probs);
+    let (kind, q) = match taken {
+        Some(h) => (EntropyKind::for_q(h.q), positive_f32("q", h.q)?),
+        None => (EntropyKind::None, 1.0),
     };
     let chunk_tokens = (tokens as u64).div_ceil(MAX_CHUNKS).max(32);
     let chunks = (tokens as u64).div_ceil(chunk_tokens);
@@ -532,7 +567,8 @@ pub fn plan_stats(
         has_scores: has_scores as u32,
         entropy: kind as u32,
         q,
-        entropy_scale: kind.scale(entropy_q.unwrap_or(1.0), experts),
+        entropy_scale: kind.scale(taken.map_or(1.0, |h| h.q), experts),
+        entropy_eps: taken.map_or(0.0, |h| h.eps as f32),
     };
     let warps = (block_threads / 32) as u64;
     let partial = (chunks > 0).then(|| KernelLaunch {
@@ -542,8 +578,8 @@ pub fn plan_stats(
         shared_bytes: block_threads / 32 * experts as u32 * 4,
     });
     let finalize = KernelLaunch { entry: entry::STATS_FINALIZE, grid: 1, block: block_threads, shared_bytes: 0 };
-    let workspace_words = (chunks as usize * (2 * experts + 2)).max(1);
-    Ok(StatsPlan { params, partial, finalize, workspace_words, out_len: 2 * experts + 2, entropy_q })
+    let workspace_words = stats_workspace_words(chunks as usize, experts).max(1);
+    Ok(StatsPlan { params, partial, finalize, workspace_words, out_len: stats_out_len(experts), entropy })
 }
 
 impl StatsPlan {
@@ -552,32 +588,28 @@ impl StatsPlan {
     /// of softmax rules (`q` for DynMoLE, Shannon otherwise).
     pub fn for_gating(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) -> Result<Self> {
         let route = plan(gating, tokens, experts, block_threads)?;
-        let (has_scores, entropy_q) = match *gating {
-            Gating::Routed { rule, .. } => match rule {
-                RoutingRule::DynMole { q, .. } => (true, Some(q)),
-                RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. } => {
-                    (true, Some(1.0))
-                }
-                RoutingRule::SigmoidTopK { .. } => (true, None),
-                RoutingRule::MagnitudeTopK { .. } => (false, None),
-            },
+        let (has_scores, entropy) = match *gating {
+            Gating::Routed { rule, .. } => (rule.has_z_loss(), rule.entropy()),
             _ => (false, None),
         };
-        plan_stats(tokens, experts, route.slots, route.writes_probs, has_scores, entropy_q, block_threads)
+        plan_stats(tokens, experts, route.slots, route.writes_probs, has_scores, entropy, block_threads)
     }
 
-    /// Turns the kernel output `out [2E + 2]` into [`RouterStats`] with the reference's
-    /// `Option`s: `mean_prob` with probabilities, `z_loss` with scores, `entropy` when an entropy
-    /// was asked for.
+    /// Turns the kernel output `out [4E + 2]` into [`RouterStats`] with the reference's
+    /// `Option`s: `mean_prob` and `masked_mean_prob` with probabilities, `z_loss` with scores,
+    /// `entropy` when an entropy was asked for.
     pub fn decode(&self, out: &[f32]) -> Result<RouterStats> {
         crate::error::check_len("router stats output", out, &[self.out_len])?;
         let e = self.params.experts as usize;
         let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let probs = self.params.has_probs != 0;
         Ok(RouterStats {
             selected_fraction: f(&out[..e]),
-            mean_prob: (self.params.has_probs != 0).then(|| f(&out[e..2 * e])),
-            z_loss: (self.params.has_scores != 0).then_some(out[2 * e] as f64),
-            entropy: self.entropy_q.map(|_| out[2 * e + 1] as f64),
+            top1_fraction: f(&out[e..2 * e]),
+            mean_prob: probs.then(|| f(&out[2 * e..3 * e])),
+            masked_mean_prob: probs.then(|| f(&out[3 * e..4 * e])),
+            z_loss: (self.params.has_scores != 0).then_some(out[4 * e] as f64),
+            entropy: self.entropy.map(|_| out[4 * e + 1] as f64),
         })
     }
 }

@@ -52,6 +52,33 @@ fn one() -> f64 {
     1.0
 }
 
+/// Which value of each rank FlyLoRA's top-k ranks (`magnitude_topk`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankSelection {
+    /// The k largest `|z + selection_bias|` (FlyLoRA's released `flylora.py`).
+    #[default]
+    Magnitude,
+    /// The k largest `z + selection_bias`, signed (the paper's PEFT-based code).
+    Signed,
+}
+
+/// The normalised entropy of a token's probabilities, as DynMoLE defines it: Tsallis index `q`
+/// (`q = 1`: Shannon) of `p + eps`, divided by the entropy of the uniform distribution (without
+/// `eps`), then clamped to `[0, 1]` (so a threshold `>= 1` never switches every expert on).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Entropy {
+    /// Tsallis index `q > 0`.
+    pub q: f64,
+    /// Added to every probability first (DynMoLE: `1e-5`; 0 elsewhere).
+    pub eps: f64,
+}
+
+impl Entropy {
+    /// Shannon entropy without `eps` (the statistic of the softmax rules other than DynMoLE).
+    pub const SHANNON: Entropy = Entropy { q: 1.0, eps: 0.0 };
+}
+
 /// A routing rule: scores `z` of one token to `(expert, weight)` slots.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -71,7 +98,7 @@ pub enum RoutingRule {
     /// MixLoRA "dynamic": sort `p = softmax(z / temperature)` descending and keep experts up to
     /// and including the first whose cumulative sum exceeds `p`; weights are the raw `p`.
     TopP {
-        /// Cumulative-probability threshold in `(0, 1]`.
+        /// Cumulative-probability threshold in `(0, 1]`; `p = 1` keeps every expert.
         p: f64,
         /// Softmax temperature; 1 by default.
         #[serde(default = "one")]
@@ -85,12 +112,17 @@ pub enum RoutingRule {
     DynMole {
         /// Tsallis entropic index `q > 0`.
         q: f64,
-        /// Cumulative-probability threshold.
+        /// Cumulative-probability threshold; `top_p = 1` keeps every expert.
         top_p: f64,
         /// Experts always kept, `0..=E`.
         keep_top_k: usize,
-        /// Normalised-entropy threshold in `[0, 1]` above which all experts are used.
+        /// Normalised-entropy threshold in `[0, 1]` above which all experts are used (the
+        /// entropy is clamped to `[0, 1]`: a threshold of 1 never switches every expert on).
         entropy_threshold: f64,
+        /// Added to each probability before the entropy (switch and statistic); DynMoLE's code
+        /// uses `1e-5`. 0 by default.
+        #[serde(default)]
+        entropy_eps: f64,
     },
     /// `p = softmax(z / temperature)` on every expert (LoRAMoE, HydraLoRA, LLaVA-MoLE dense).
     DenseSoftmax {
@@ -108,14 +140,20 @@ pub enum RoutingRule {
         #[serde(default)]
         bias: bool,
     },
-    /// FlyLoRA: the k largest `|z + selection_bias|`, weight 1.
+    /// FlyLoRA: the k largest `|z + selection_bias|` (or `z + selection_bias`, per
+    /// [`RankSelection`]), weight 1.
     #[serde(rename = "magnitude_topk")]
     MagnitudeTopK {
         /// Ranks per token.
         k: usize,
-        /// Whether the `selection_bias [E]` input is added before the magnitude.
+        /// Whether the `selection_bias [E]` input is added before the selection. Kernels only
+        /// read it; FlyLoRA's load balancing moves it between calls
+        /// ([`crate::reference::flylora_bias_update`]).
         #[serde(default)]
         bias: bool,
+        /// Magnitude (default) or signed selection.
+        #[serde(default)]
+        selection: RankSelection,
     },
 }
 
@@ -130,12 +168,14 @@ impl RoutingRule {
         }
     }
 
-    /// The Tsallis index of the entropy the router statistics report: DynMoLE's `q`, 1 (Shannon)
-    /// for the other softmax rules, none for the rest.
-    pub fn entropy_index(&self) -> Option<f64> {
+    /// The entropy the router statistics report: DynMoLE's own (`q`, `entropy_eps`), Shannon for
+    /// the other softmax rules, none for the rest.
+    pub fn entropy(&self) -> Option<Entropy> {
         match *self {
-            RoutingRule::DynMole { q, .. } => Some(q),
-            RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. } => Some(1.0),
+            RoutingRule::DynMole { q, entropy_eps, .. } => Some(Entropy { q, eps: entropy_eps }),
+            RoutingRule::SoftmaxTopK { .. } | RoutingRule::TopP { .. } | RoutingRule::DenseSoftmax { .. } => {
+                Some(Entropy::SHANNON)
+            }
             RoutingRule::SigmoidTopK { .. } | RoutingRule::MagnitudeTopK { .. } => None,
         }
     }
@@ -178,7 +218,10 @@ impl RoutingRule {
                 }
                 check_temp(temperature)
             }
-            RoutingRule::DynMole { q, top_p, keep_top_k, entropy_threshold } => {
+            RoutingRule::DynMole { q, top_p, keep_top_k, entropy_threshold, entropy_eps } => {
+                if !(entropy_eps.is_finite() && (0.0..1.0).contains(&entropy_eps)) {
+                    return Err(MoleError::param("entropy_eps", entropy_eps, "must be in [0, 1)"));
+                }
                 if !(q.is_finite() && q > 0.0) {
                     return Err(MoleError::param("q", q, "must be finite and > 0"));
                 }
@@ -265,8 +308,18 @@ mod tests {
         assert!(topk(2, f64::NAN).validate(e).is_err());
         assert!(RoutingRule::TopP { p: 0.0, temperature: 1.0 }.validate(e).is_err());
         assert!(RoutingRule::TopP { p: 1.5, temperature: 1.0 }.validate(e).is_err());
-        let dm = |q, k| RoutingRule::DynMole { q, top_p: 0.5, keep_top_k: k, entropy_threshold: 0.9 };
+        let dm = |q, k| RoutingRule::DynMole { q, top_p: 0.5, keep_top_k: k, entropy_threshold: 0.9, entropy_eps: 0.0 };
         assert!(dm(1.1, 2).validate(e).is_ok());
+        let eps = |entropy_eps| RoutingRule::DynMole {
+            q: 1.1,
+            top_p: 0.5,
+            keep_top_k: 2,
+            entropy_threshold: 0.9,
+            entropy_eps,
+        };
+        assert!(eps(1e-5).validate(e).is_ok());
+        assert!(eps(-1e-5).validate(e).is_err());
+        assert!(eps(f64::NAN).validate(e).is_err());
         assert!(dm(-1.0, 2).validate(e).is_err());
         assert!(dm(1.1, 9).validate(e).is_err());
         assert!(Gating::Given { top_k: Some(9), softmax_topk: false }.validate(e).is_err());
@@ -289,5 +342,22 @@ mod tests {
         assert_eq!(back, g);
         assert_eq!(g.slots(8), 2);
         assert_eq!(Gating::AdapterIds.slots(8), 1);
+    }
+
+    #[test]
+    fn specs_written_before_the_method_options_still_parse_with_the_old_meaning() {
+        let dm: RoutingRule =
+            serde_json::from_str(r#"{"type":"dynmole","q":1.1,"top_p":0.75,"keep_top_k":2,"entropy_threshold":0.9}"#)
+                .unwrap();
+        assert_eq!(
+            dm,
+            RoutingRule::DynMole { q: 1.1, top_p: 0.75, keep_top_k: 2, entropy_threshold: 0.9, entropy_eps: 0.0 }
+        );
+        let fly: RoutingRule = serde_json::from_str(r#"{"type":"magnitude_topk","k":4,"bias":true}"#).unwrap();
+        assert_eq!(fly, RoutingRule::MagnitudeTopK { k: 4, bias: true, selection: RankSelection::Magnitude });
+        let signed: RoutingRule =
+            serde_json::from_str(r#"{"type":"magnitude_topk","k":4,"selection":"signed"}"#).unwrap();
+        assert_eq!(signed, RoutingRule::MagnitudeTopK { k: 4, bias: false, selection: RankSelection::Signed });
+        assert!(serde_json::from_str::<RoutingRule>(r#"{"type":"magnitude_topk","k":4,"selection":"abs"}"#).is_err());
     }
 }

@@ -150,7 +150,10 @@ mod tests {
         s.mix = Mix::CoreMerge { cores: 4 };
         assert!(matches!(s.validate(), Err(MoleError::Unsupported(_))));
         let mut s = mixlora();
-        s.gating = Gating::Routed { router: Router::LowRank, rule: RoutingRule::MagnitudeTopK { k: 2, bias: false } };
+        s.gating = Gating::Routed {
+            router: Router::LowRank,
+            rule: RoutingRule::MagnitudeTopK { k: 2, bias: false, selection: crate::model::RankSelection::Magnitude },
+        };
         assert!(matches!(s.validate(), Err(MoleError::Unsupported(_))));
         s.ranks = RankLayout::uniform(8, 1).unwrap();
         assert!(s.validate().is_ok());

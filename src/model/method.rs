@@ -1,12 +1,15 @@
 //! Presets: the published MoLE methods expressed as [`LayerSpec`]s.
 
-use super::{Gating, LayerSpec, Mix, RankLayout, Router, RoutingRule, TopKWeights};
+use super::{Gating, LayerSpec, Mix, RankLayout, RankSelection, Router, RoutingRule, TopKWeights};
+use crate::reference::RouterStats;
 use crate::{MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// A published MoLE method. [`Method::spec`] builds its layer; every field of the result can be
-/// changed afterwards (or written as JSON) for settings the preset does not expose.
+/// A published MoLE method. [`Method::spec`] builds its layer as the authors' code computes it
+/// (the README's preset table names the repository and file each preset follows);
+/// [`Method::spec_with`] takes the options that code has ([`MethodOptions`]). Every field of
+/// the result can be changed afterwards (or written as JSON) for settings no option covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
@@ -14,12 +17,12 @@ pub enum Method {
     MixLora,
     /// MixLoRA dynamic: top-p (p = 0.8) over softmax probabilities.
     MixLoraDynamic,
-    /// DynMoLE: Tsallis-entropy switch (q = 1.1, threshold 0.9) between all experts and top-p
-    /// (0.75) with keep-top-2.
+    /// DynMoLE: Tsallis-entropy switch (q = 1.1, threshold 0.9, `eps` 1e-5 added to the
+    /// probabilities) between all experts and top-p (0.75) with keep-top-2.
     DynMole,
-    /// LLaVA-MoLE sparse mode: top-1, weight 1.
+    /// LLaVA-MoLE sparse mode: router with bias, top-1, weight 1.
     LlavaMoleSparse,
-    /// LLaVA-MoLE dense mode: softmax over all experts.
+    /// LLaVA-MoLE dense mode: router with bias, softmax over all experts.
     LlavaMoleDense,
     /// LoRAMoE: dense softmax router.
     LoraMoe,
@@ -34,8 +37,12 @@ pub enum Method {
     /// SMoRA: rank-wise (or rank-group) experts, sigmoid gates with a load-balancing selection
     /// bias, top-k, weights normalised to sum k; scale alpha / k.
     Smora,
-    /// FlyLoRA: rank-1 experts selected by |h + bias| (implicit router), weight 1; scale alpha / R.
+    /// FlyLoRA as its released `flylora.py`: rank-1 experts selected by |h + bias| (implicit
+    /// router), weight 1; scale alpha / R.
     FlyLora,
+    /// FlyLoRA as the paper's PEFT-based code: the k largest signed `h + bias`; the bias is
+    /// updated between calls with [`crate::reference::flylora_bias_update`].
+    FlyLoraPeft,
     /// CoMoL: shared A/B of rank r, `experts` r x r cores merged by a softmax top-k router on h.
     Comol,
     /// Multi-adapter serving: one adapter id per token.
@@ -70,9 +77,29 @@ pub struct MethodShape {
     pub alpha: f64,
 }
 
+/// The options the methods' own code has, with that code's defaults ([`Default`]). Each applies
+/// to the presets named in its documentation and is ignored by the others.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MethodOptions {
+    /// LLaVA-MoLE: whether the router adds a bias (its `nn.Linear` router has one: `true`).
+    pub router_bias: bool,
+    /// DynMoLE: `eps` added to the probabilities before the entropy (its code: `1e-5`).
+    pub entropy_eps: f64,
+    /// MeteoRA: the gate temperature `T`, or `None` for none. Its accelerated forward (the
+    /// default path) divides the gate logits by `T` (1 in its code); its per-adapter loop does
+    /// not, which is `None`.
+    pub temperature: Option<f64>,
+}
+
+impl Default for MethodOptions {
+    fn default() -> Self {
+        MethodOptions { router_bias: true, entropy_eps: 1e-5, temperature: Some(1.0) }
+    }
+}
+
 impl Method {
     /// Every preset, in a fixed order.
-    pub const ALL: [Method; 14] = [
+    pub const ALL: [Method; 15] = [
         Method::MixLora,
         Method::MixLoraDynamic,
         Method::DynMole,
@@ -85,33 +112,51 @@ impl Method {
         Method::FlexOlmo,
         Method::Smora,
         Method::FlyLora,
+        Method::FlyLoraPeft,
         Method::Comol,
         Method::AdapterServing,
     ];
 
-    /// Builds and validates the layer spec of this method; the knobs are checked first
-    /// ([`Method::check_shape`]).
+    /// Builds and validates the layer spec of this method with its code's default options; the
+    /// knobs are checked first ([`Method::check_shape`]).
     pub fn spec(self, s: MethodShape) -> Result<LayerSpec> {
+        self.spec_with(s, MethodOptions::default())
+    }
+
+    /// Builds and validates the layer spec of this method with `options`.
+    pub fn spec_with(self, s: MethodShape, options: MethodOptions) -> Result<LayerSpec> {
         self.check_shape(&s)?;
         let x_router = Router::X { bias: false };
         let routed = |rule| Gating::Routed { router: x_router, rule };
         let topk = |weights| RoutingRule::SoftmaxTopK { k: s.k, temperature: 1.0, weights };
         let dense = RoutingRule::DenseSoftmax { temperature: 1.0 };
+        let llava = |rule| Gating::Routed { router: Router::X { bias: options.router_bias }, rule };
         let per_rank = s.alpha / s.rank as f64;
         let (ranks, scale, gating, mix) = match self {
-            Method::MixLora | Method::MeteoRa => (None, per_rank, routed(topk(TopKWeights::Renormalized)), None),
+            Method::MixLora => (None, per_rank, routed(topk(TopKWeights::Renormalized)), None),
+            Method::MeteoRa => {
+                let temperature = options.temperature.unwrap_or(1.0);
+                let rule = RoutingRule::SoftmaxTopK { k: s.k, temperature, weights: TopKWeights::Renormalized };
+                (None, per_rank, routed(rule), None)
+            }
             Method::FlexOlmo => (None, per_rank, routed(topk(TopKWeights::Softmax)), None),
             Method::MixLoraDynamic => (None, per_rank, routed(RoutingRule::TopP { p: 0.8, temperature: 1.0 }), None),
             Method::DynMole => {
-                let keep_top_k = 2.min(s.experts);
-                let rule = RoutingRule::DynMole { q: 1.1, top_p: 0.75, keep_top_k, entropy_threshold: 0.9 };
+                let rule = RoutingRule::DynMole {
+                    q: 1.1,
+                    top_p: 0.75,
+                    keep_top_k: 2.min(s.experts),
+                    entropy_threshold: 0.9,
+                    entropy_eps: options.entropy_eps,
+                };
                 (None, per_rank, routed(rule), None)
             }
             Method::LlavaMoleSparse => {
                 let rule = RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Unit };
-                (None, per_rank, routed(rule), None)
+                (None, per_rank, llava(rule), None)
             }
-            Method::LlavaMoleDense | Method::LoraMoe | Method::HydraLora => (None, per_rank, routed(dense), None),
+            Method::LlavaMoleDense => (None, per_rank, llava(dense), None),
+            Method::LoraMoe | Method::HydraLora => (None, per_rank, routed(dense), None),
             Method::XLora => {
                 let top_k = (s.k < s.experts).then_some(s.k);
                 (None, per_rank, Gating::Given { top_k, softmax_topk: false }, None)
@@ -120,8 +165,9 @@ impl Method {
                 let rule = RoutingRule::SigmoidTopK { k: s.k, bias: true };
                 (None, s.alpha / s.k as f64, routed(rule), None)
             }
-            Method::FlyLora => {
-                let rule = RoutingRule::MagnitudeTopK { k: s.k, bias: true };
+            Method::FlyLora | Method::FlyLoraPeft => {
+                let selection = if self == Method::FlyLora { RankSelection::Magnitude } else { RankSelection::Signed };
+                let rule = RoutingRule::MagnitudeTopK { k: s.k, bias: true, selection };
                 let gating = Gating::Routed { router: Router::LowRank, rule };
                 (None, s.alpha / s.experts as f64, gating, None)
             }
@@ -148,12 +194,12 @@ impl Method {
     }
 
     /// Whether this preset reads `knob` from its [`MethodShape`]: `k` only where the rule takes
-    /// a fixed number of experts per token from the caller, `rank` everywhere but FlyLoRA (whose
-    /// experts are single ranks). A caller that sets a knob the preset ignores should be told.
+    /// a fixed number of experts per token from the caller, `rank` everywhere but FlyLoRA's
+    /// presets (whose experts are single ranks). A caller that sets a knob the preset ignores should be told.
     pub fn uses(self, knob: Knob) -> bool {
         match knob {
             Knob::Experts => true,
-            Knob::Rank => self != Method::FlyLora,
+            Knob::Rank => !self.single_rank_experts(),
             Knob::K => !matches!(
                 self,
                 Method::MixLoraDynamic
@@ -179,7 +225,7 @@ impl Method {
             }
             check_max(name, value, max)?;
         }
-        if self == Method::FlyLora && s.rank != 1 {
+        if self.single_rank_experts() && s.rank != 1 {
             return Err(MoleError::param("rank", s.rank, "FlyLoRA experts are single ranks (rank 1)"));
         }
         if self.uses(Knob::K) && (s.k == 0 || s.k > s.experts) {
@@ -189,6 +235,24 @@ impl Method {
             return Err(MoleError::param("alpha", s.alpha, "must be finite"));
         }
         Ok(())
+    }
+
+    /// Whether every expert of this method is a single rank (FlyLoRA's shape needs `rank = 1`).
+    pub fn single_rank_experts(self) -> bool {
+        matches!(self, Method::FlyLora | Method::FlyLoraPeft)
+    }
+
+    /// This method's load-balancing loss from the router statistics of one call, the form its
+    /// code computes (before its coefficient): MixLoRA (static and dynamic) the Switch form,
+    /// DynMoLE its masked-probability form, LLaVA-MoLE its top-1 form (see [`RouterStats`]).
+    /// `None` for methods whose code has no such loss, or without probabilities.
+    pub fn load_balancing_loss(self, stats: &RouterStats) -> Option<f64> {
+        match self {
+            Method::MixLora | Method::MixLoraDynamic => stats.switch_load_balancing_loss(),
+            Method::DynMole => stats.dynmole_load_balancing_loss(),
+            Method::LlavaMoleSparse | Method::LlavaMoleDense => stats.llava_mole_load_balancing_loss(),
+            _ => None,
+        }
     }
 
     /// The kebab-case name used on the command line and in JSON.
@@ -206,6 +270,7 @@ impl Method {
             Method::FlexOlmo => "flex-olmo",
             Method::Smora => "smora",
             Method::FlyLora => "fly-lora",
+            Method::FlyLoraPeft => "fly-lora-peft",
             Method::Comol => "comol",
             Method::AdapterServing => "adapter-serving",
         }
@@ -225,7 +290,7 @@ mod tests {
     #[test]
     fn every_preset_builds_a_valid_spec() {
         for m in Method::ALL {
-            let rank = if m == Method::FlyLora { 1 } else { 8 };
+            let rank = if m.single_rank_experts() { 1 } else { 8 };
             let s = MethodShape { d_in: 64, d_out: 48, experts: 8, rank, k: 2, alpha: 16.0 };
             let spec = m.spec(s).unwrap_or_else(|e| panic!("{m}: {e}"));
             assert_eq!(spec.routed_experts(), 8, "{m}");

@@ -11,8 +11,8 @@ mod method;
 mod ranks;
 mod spec_json;
 
-pub use gating::{Gating, Router, RoutingRule, TopKWeights};
+pub use gating::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 pub use inputs::LayerInputs;
 pub use layer::{LayerSpec, Mix};
-pub use method::{Knob, Method, MethodShape};
+pub use method::{Knob, Method, MethodOptions, MethodShape};
 pub use ranks::RankLayout;

@@ -78,9 +78,9 @@ pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Resu
         _ => return Err(MoleError::Unsupported("gating inputs do not match the gating".into())),
     };
     let routing = route(&spec.gating, gate_input, t, e)?;
-    let entropy_q = spec.rule().and_then(|r| r.entropy_index());
+    let entropy = spec.rule().and_then(|r| r.entropy());
     let z_scores = scores.as_deref().filter(|_| spec.rule().is_some_and(|r| r.has_z_loss()));
-    let stats = router_stats(&routing, z_scores, entropy_q);
+    let stats = router_stats(&routing, z_scores, entropy);
 
     // Mix.
     let h_mixed = match spec.mix {

@@ -21,7 +21,7 @@ pub mod stats;
 pub use grouped::{grouped_forward, Bank};
 pub use layer::{forward, LayerOutput};
 pub use routing::{route, GateInput, Routing};
-pub use stats::{router_stats, RouterStats};
+pub use stats::{flylora_bias_update, router_stats, RouterStats};
 
 use crate::DType;
 

@@ -3,7 +3,7 @@
 //! NaN as `-inf`, empty slots `(-1, 0)`.
 
 use crate::error::check_len;
-use crate::model::{Gating, RoutingRule, TopKWeights};
+use crate::model::{Entropy, Gating, RankSelection, RoutingRule, TopKWeights};
 use crate::plan::EMPTY_SLOT;
 use crate::{MoleError, Result};
 use rayon::prelude::*;
@@ -71,16 +71,25 @@ pub fn logsumexp(z: &[f64]) -> f64 {
 /// `S_q(p) / S_q(uniform over n)`: Tsallis entropy normalised to `[0, 1]`; `q = 1` is Shannon.
 /// Zero for `n <= 1` and for an all-zero `p` (a fully masked token).
 pub fn normalized_tsallis_entropy(p: &[f64], q: f64) -> f64 {
+    normalized_entropy(p, Entropy { q, eps: 0.0 })
+}
+
+/// [`Entropy`] of `p`: `S_q(p + eps) / S_q(uniform over n)` (DynMoLE's definition), clamped to
+/// `[0, 1]`. Zero for `n <= 1` and for an all-zero `p` (a fully masked token).
+pub fn normalized_entropy(p: &[f64], entropy: Entropy) -> f64 {
+    let Entropy { q, eps } = entropy;
     let n = p.len() as f64;
     if p.len() <= 1 || p.iter().all(|&v| v == 0.0) {
         return 0.0;
     }
-    if (q - 1.0).abs() < 1e-12 {
-        let h: f64 = p.iter().filter(|&&v| v > 0.0).map(|&v| -v * v.ln()).sum();
-        return h / n.ln();
-    }
-    // S_q = (1 - Σ p^q) / (q - 1); the (q - 1) cancels in the ratio.
-    (1.0 - p.iter().map(|&v| v.powf(q)).sum::<f64>()) / (1.0 - n.powf(1.0 - q))
+    let ratio = if (q - 1.0).abs() < 1e-12 {
+        let h: f64 = p.iter().map(|&v| v + eps).filter(|&v| v > 0.0).map(|v| -v * v.ln()).sum();
+        h / n.ln()
+    } else {
+        // S_q = (1 - Σ p^q) / (q - 1); the (q - 1) cancels in the ratio.
+        (1.0 - p.iter().map(|&v| (v + eps).powf(q)).sum::<f64>()) / (1.0 - n.powf(1.0 - q))
+    };
+    ratio.clamp(0.0, 1.0)
 }
 
 /// `1 / (1 + e^-z)` with NaN as `-inf` (so 0).
@@ -106,7 +115,8 @@ pub fn softmax_topk(z: &[f64], k: usize, temperature: f64, weights: TopKWeights)
 }
 
 /// Top-p (MixLoRA dynamic): up to and including the first expert whose cumulative `p` exceeds
-/// `p_threshold`; raw `p` weights.
+/// `p_threshold`; raw `p` weights. `p_threshold >= 1` keeps every expert (a running sum may
+/// round past 1 before the last one).
 pub fn top_p(z: &[f64], p_threshold: f64, temperature: f64) -> (Selection, Vec<f64>) {
     let p = softmax(z, temperature);
     let mut cum = 0.0;
@@ -114,18 +124,24 @@ pub fn top_p(z: &[f64], p_threshold: f64, temperature: f64) -> (Selection, Vec<f
     for e in descending_order(z) {
         sel.push((e, p[e]));
         cum += p[e];
-        if cum > p_threshold {
+        if cum > p_threshold && p_threshold < 1.0 {
             break;
         }
     }
     (sel, p)
 }
 
-/// DynMoLE: all experts when the normalised Tsallis entropy exceeds the threshold, else those
-/// with cumulative `p <= top_p` or position `< keep_top_k`; weights `p`.
-pub fn dynmole(z: &[f64], q: f64, top_p: f64, keep_top_k: usize, entropy_threshold: f64) -> (Selection, Vec<f64>) {
+/// DynMoLE: all experts when the [`normalized_entropy`] exceeds the threshold, else those with
+/// cumulative `p <= top_p` (every expert for `top_p >= 1`) or position `< keep_top_k`; weights `p`.
+pub fn dynmole(
+    z: &[f64],
+    entropy: Entropy,
+    top_p: f64,
+    keep_top_k: usize,
+    entropy_threshold: f64,
+) -> (Selection, Vec<f64>) {
     let p = softmax(z, 1.0);
-    let all = normalized_tsallis_entropy(&p, q) > entropy_threshold;
+    let all = normalized_entropy(&p, entropy) > entropy_threshold || top_p >= 1.0;
     let mut cum = 0.0;
     let mut sel = Vec::new();
     for (pos, e) in descending_order(z).into_iter().enumerate() {
@@ -153,9 +169,13 @@ pub fn sigmoid_topk(z: &[f64], k: usize, bias: Option<&[f64]>) -> (Selection, Ve
     (sel, s)
 }
 
-/// FlyLoRA: the k largest `|z + bias|`, weight 1.
-pub fn magnitude_topk(z: &[f64], k: usize, bias: Option<&[f64]>) -> Selection {
-    let score: Vec<f64> = z.iter().enumerate().map(|(e, &v)| (v + bias.map_or(0.0, |b| b[e])).abs()).collect();
+/// FlyLoRA: the k largest `|z + bias|` (or `z + bias`, signed), weight 1.
+pub fn magnitude_topk(z: &[f64], k: usize, bias: Option<&[f64]>, selection: RankSelection) -> Selection {
+    let key = |v: f64| match selection {
+        RankSelection::Magnitude => v.abs(),
+        RankSelection::Signed => v,
+    };
+    let score: Vec<f64> = z.iter().enumerate().map(|(e, &v)| key(v + bias.map_or(0.0, |b| b[e]))).collect();
     descending_order(&score).into_iter().take(k).map(|e| (e, 1.0)).collect()
 }
 
@@ -182,8 +202,8 @@ pub fn route_token(rule: &RoutingRule, z: &[f64], bias: Option<&[f64]>) -> (Sele
             let (s, p) = top_p(z, p, temperature);
             (s, Some(p))
         }
-        RoutingRule::DynMole { q, top_p, keep_top_k, entropy_threshold } => {
-            let (s, p) = dynmole(z, q, top_p, keep_top_k, entropy_threshold);
+        RoutingRule::DynMole { q, top_p, keep_top_k, entropy_threshold, entropy_eps } => {
+            let (s, p) = dynmole(z, Entropy { q, eps: entropy_eps }, top_p, keep_top_k, entropy_threshold);
             (s, Some(p))
         }
         RoutingRule::DenseSoftmax { temperature } => {
@@ -194,7 +214,7 @@ pub fn route_token(rule: &RoutingRule, z: &[f64], bias: Option<&[f64]>) -> (Sele
             let (s, p) = sigmoid_topk(z, k, bias);
             (s, Some(p))
         }
-        RoutingRule::MagnitudeTopK { k, .. } => (magnitude_topk(z, k, bias), None),
+        RoutingRule::MagnitudeTopK { k, selection, .. } => (magnitude_topk(z, k, bias, selection), None),
     }
 }
 

@@ -1,42 +1,117 @@
-//! Router statistics for auxiliary losses, computed from the same routing pass.
+//! Router statistics for auxiliary losses, computed from the same routing pass, and the
+//! load-balancing losses of the methods that use them.
 
-use super::routing::{logsumexp, normalized_tsallis_entropy, Routing};
+use super::routing::{logsumexp, normalized_entropy, Routing};
+use crate::model::Entropy;
 use serde::{Deserialize, Serialize};
 
 /// What training needs for auxiliary losses, without a second pass over the router.
 ///
-/// With `E` experts, the Switch/Mixtral load-balancing loss is
-/// `E · Σ_e selected_fraction[e] · mean_prob[e]`, the ST-MoE z-loss is `z_loss`, and DynMoLE's
-/// entropy loss is `entropy`.
+/// Each method's load-balancing loss reads different quantities (see the `*_loss` methods):
+/// MixLoRA / Switch / Mixtral `E · Σ_e selected_fraction[e] · mean_prob[e]`, DynMoLE
+/// `E · Σ_e masked_mean_prob[e] · mean_prob[e]`, LLaVA-MoLE `Σ_e top1_fraction[e] · mean_prob[e]`.
+/// The ST-MoE z-loss is `z_loss`, and DynMoLE's entropy loss is `entropy`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RouterStats {
     /// Fraction of tokens that selected each expert (any non-empty slot), `[E]`; sums to the mean
     /// number of experts per token.
     pub selected_fraction: Vec<f64>,
+    /// Fraction of tokens whose first slot (the highest-scoring selection) is each expert, `[E]`.
+    #[serde(default)]
+    pub top1_fraction: Vec<f64>,
     /// Mean over tokens of each expert's probability (softmax, sigmoid or given weight), `[E]`.
     pub mean_prob: Option<Vec<f64>>,
+    /// Mean over tokens of each expert's probability where the token selected it, 0 elsewhere
+    /// (`p ⊙ mask`), `[E]`.
+    #[serde(default)]
+    pub masked_mean_prob: Option<Vec<f64>>,
     /// Mean over tokens of `logsumexp(z)^2` on the raw scores; fully masked tokens add 0.
     pub z_loss: Option<f64>,
-    /// Mean over tokens of the normalised Tsallis entropy of the softmax probabilities, with the
-    /// rule's `q` for DynMoLE and `q = 1` (Shannon) for the other softmax rules.
+    /// Mean over tokens of the normalised entropy of the softmax probabilities: the rule's own
+    /// for DynMoLE (`q`, `entropy_eps`), Shannon for the other softmax rules.
     pub entropy: Option<f64>,
 }
 
+/// `scale · Σ_e a[e] · b[e]`.
+fn weighted_dot(a: &[f64], b: &[f64], scale: f64) -> f64 {
+    scale * a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>()
+}
+
+impl RouterStats {
+    /// MixLoRA's, MoLA's and MixLoRA dynamic's load-balancing loss (the Switch / Mixtral form):
+    /// `E · Σ_e selected_fraction[e] · mean_prob[e]`. `None` without probabilities.
+    pub fn switch_load_balancing_loss(&self) -> Option<f64> {
+        let e = self.selected_fraction.len() as f64;
+        self.mean_prob.as_ref().map(|p| weighted_dot(&self.selected_fraction, p, e))
+    }
+
+    /// DynMoLE's load-balancing loss: `E · Σ_e masked_mean_prob[e] · mean_prob[e]` (its
+    /// "tokens per expert" is the mean of the masked probabilities). `None` without
+    /// probabilities.
+    pub fn dynmole_load_balancing_loss(&self) -> Option<f64> {
+        let e = self.selected_fraction.len() as f64;
+        let masked = self.masked_mean_prob.as_ref()?;
+        self.mean_prob.as_ref().map(|p| weighted_dot(masked, p, e))
+    }
+
+    /// LLaVA-MoLE's load-balancing loss: `Σ_e top1_fraction[e] · mean_prob[e]`, with no `E`
+    /// factor, in sparse and dense mode alike. `None` without probabilities.
+    pub fn llava_mole_load_balancing_loss(&self) -> Option<f64> {
+        self.mean_prob.as_ref().map(|p| weighted_dot(&self.top1_fraction, p, 1.0))
+    }
+}
+
+/// FlyLoRA's load-balancing update of the selection bias, applied by the caller between calls
+/// (the kernels only read `selection_bias`): `bias[i] += rate · sign(mean(c) - c[i])` with `c`
+/// the per-rank selection counts of the call, as the paper's PEFT-based code does after every
+/// forward (`sign(0) = 0`). The counts enter only through their signs against the mean, so the
+/// selected fractions of [`RouterStats`] give the same update.
+pub fn flylora_bias_update(bias: &mut [f64], selected_fraction: &[f64], rate: f64) {
+    let n = selected_fraction.len().max(1) as f64;
+    let mean = selected_fraction.iter().sum::<f64>() / n;
+    for (b, &c) in bias.iter_mut().zip(selected_fraction) {
+        let d = mean - c;
+        *b += rate
+            * if d > 0.0 {
+                1.0
+            } else if d < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+    }
+}
+
 /// Computes the statistics. `scores` are the raw router scores when the rule has them,
-/// `entropy_q` is `Some(q)` for rules whose probabilities are a softmax distribution.
-pub fn router_stats(routing: &Routing, scores: Option<&[f64]>, entropy_q: Option<f64>) -> RouterStats {
-    let (t, e) = (routing.tokens, routing.experts);
+/// `entropy` is `Some` for rules whose probabilities are a softmax distribution.
+pub fn router_stats(routing: &Routing, scores: Option<&[f64]>, entropy: Option<Entropy>) -> RouterStats {
+    let (t, e, slots) = (routing.tokens, routing.experts, routing.slots);
     // Means over zero tokens are defined as 0 (a no-op call reports zeros, not NaN).
     let inv_t = if t == 0 { 0.0 } else { 1.0 / t as f64 };
     let mut selected_fraction = vec![0.0; e];
     for &id in routing.ids.iter().filter(|&&id| id >= 0) {
         selected_fraction[id as usize] += inv_t;
     }
+    let mut top1_fraction = vec![0.0; e];
+    for &id in routing.ids.iter().step_by(slots.max(1)).filter(|&&id| id >= 0) {
+        top1_fraction[id as usize] += inv_t;
+    }
     let mean_prob = routing.probs.as_ref().map(|p| {
         let mut m = vec![0.0; e];
         for row in p.chunks(e) {
             for (acc, v) in m.iter_mut().zip(row) {
                 *acc += v * inv_t;
+            }
+        }
+        m
+    });
+    let masked_mean_prob = routing.probs.as_ref().map(|p| {
+        let mut m = vec![0.0; e];
+        for (row, ids) in p.chunks(e).zip(routing.ids.chunks(slots.max(1))) {
+            for (x, acc) in m.iter_mut().enumerate() {
+                if ids.contains(&(x as i32)) {
+                    *acc += row[x] * inv_t;
+                }
             }
         }
         m
@@ -48,10 +123,10 @@ pub fn router_stats(routing: &Routing, scores: Option<&[f64]>, entropy_q: Option
             .sum::<f64>()
             * inv_t
     });
-    let entropy = match (entropy_q, routing.probs.as_ref()) {
-        (Some(q), Some(p)) => Some(p.chunks(e).map(|row| normalized_tsallis_entropy(row, q)).sum::<f64>() * inv_t),
+    let entropy = match (entropy, routing.probs.as_ref()) {
+        (Some(h), Some(p)) => Some(p.chunks(e).map(|row| normalized_entropy(row, h)).sum::<f64>() * inv_t),
         (Some(_), None) => Some(0.0),
         _ => None,
     };
-    RouterStats { selected_fraction, mean_prob, z_loss, entropy }
+    RouterStats { selected_fraction, top1_fraction, mean_prob, masked_mean_prob, z_loss, entropy }
 }

@@ -81,7 +81,7 @@ fn parse_method(name: &str) -> Result<Method> {
 fn method_settings(method: Method) -> (usize, usize, usize) {
     match method {
         Method::DynMole => (6, 24, 2),
-        Method::Smora | Method::FlyLora => (64, 1, 8),
+        Method::Smora | Method::FlyLora | Method::FlyLoraPeft => (64, 1, 8),
         Method::Comol => (8, 16, 2),
         _ => (8, 16, 2),
     }
@@ -265,7 +265,7 @@ mod tests {
         assert!(parse_method("nope").is_err());
         for m in Method::ALL {
             let (experts, rank, k) = method_settings(m);
-            if m != Method::FlyLora || rank == 1 {
+            if !m.single_rank_experts() || rank == 1 {
                 assert!(spec_of(m, 4096, 1024, experts, rank, k).is_ok(), "{m}");
             }
         }

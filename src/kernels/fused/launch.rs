@@ -43,7 +43,7 @@ pub struct FusedBuffers<'a, T> {
     pub probs: Option<&'a mut CudaSlice<f32>>,
     /// Statistics workspace (need not be initialised).
     pub stats_ws: Option<&'a mut CudaSlice<u32>>,
-    /// Statistics output `[2E + 2]`.
+    /// Statistics output `[4E + 2]`.
     pub stats_out: Option<&'a mut CudaSlice<f32>>,
     /// Split workspace (need not be initialised).
     pub hz_part: Option<&'a mut CudaSlice<f32>>,
@@ -338,7 +338,7 @@ unsafe fn launch_all(
         let (mut ws, mut out) = (p.stats_ws, p.stats_out);
         let mut args = [arg(&mut sp), arg(&mut ws), arg(&mut out)];
         // SAFETY: gating_stats_finalize(params, workspace, out); the workspace holds the rows the
-        // fused launches wrote for `chunks = tiles`, `out` holds 2E + 2 floats.
+        // fused launches wrote for `chunks = tiles`, `out` holds 4E + 2 floats.
         unsafe { device.launch_raw(&func, finalize.config(), stream, &mut args) }?;
     }
     Ok(())

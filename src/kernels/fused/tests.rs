@@ -18,8 +18,8 @@ fn default_build() -> KernelBuild {
 
 #[test]
 fn params_layout_matches_the_c_struct() {
-    assert_eq!(size_of::<FusedParams>(), 136);
-    assert!(fused_cu().contains("sizeof(mole_fused_params) == 136"));
+    assert_eq!(size_of::<FusedParams>(), 148);
+    assert!(fused_cu().contains("sizeof(mole_fused_params) == 148"));
     let fields = [
         ("d_in", offset_of!(FusedParams, d_in)),
         ("d_out", offset_of!(FusedParams, d_out)),
@@ -41,9 +41,10 @@ fn params_layout_matches_the_c_struct() {
         ("stats_entropy_scale", offset_of!(FusedParams, stats_entropy_scale)),
         ("scale", offset_of!(FusedParams, scale)),
         ("tiles", offset_of!(FusedParams, tiles)),
+        ("stats_entropy_eps", offset_of!(FusedParams, stats_entropy_eps)),
     ];
     for (i, (name, off)) in fields.iter().enumerate() {
-        assert_eq!(*off, 56 + 4 * i, "{name}");
+        assert_eq!(*off, 64 + 4 * i, "{name}");
         let line = format!("MOLE_OFFSET_OF(mole_fused_params, {name}) == {off}");
         assert!(fused_cu().contains(&line), "fused.cu lacks `{line}`");
     }
@@ -124,9 +125,12 @@ fn mixlora_plan_has_one_launch_and_exact_lengths() {
     assert_eq!((lens.x, lens.a, lens.b, lens.y), (1000 * 4096, 4096 * 128, 128 * 4096, 1000 * 4096));
     assert_eq!((lens.router_weight, lens.router_bias, lens.gate_in), (4096 * 8, 0, 0));
     assert_eq!((lens.routing, lens.probs, lens.rank_offsets, lens.cores), (2000, 8000, 9, 0));
-    assert_eq!((lens.stats_ws, lens.stats_out, lens.hz_part), (63 * 18, 18, 0));
+    assert_eq!((lens.stats_ws, lens.stats_out, lens.hz_part), (63 * 34, 34, 0));
     let stats = p.stats.unwrap();
-    assert_eq!((stats.params.chunks, stats.params.chunk_tokens, stats.entropy_q), (63, 16, Some(1.0)));
+    assert_eq!(
+        (stats.params.chunks, stats.params.chunk_tokens, stats.entropy),
+        (63, 16, Some(crate::model::Entropy::SHANNON))
+    );
 }
 
 #[test]
@@ -151,8 +155,8 @@ fn split_plan_lowers_splits_and_sizes_the_workspace() {
 #[test]
 fn every_method_plans_and_needs_exactly_its_tensors() {
     for m in Method::ALL {
-        let rank = if m == Method::FlyLora { 1 } else { 16 };
-        let experts = if m == Method::FlyLora { 64 } else { 8 };
+        let rank = if m.single_rank_experts() { 1 } else { 16 };
+        let experts = if m.single_rank_experts() { 64 } else { 8 };
         let spec = m.spec(MethodShape { rank, experts, ..shape() }).unwrap();
         let p = plan(&default_build(), &spec, 10, FusedVariant::Single, FusedOutputs::default())
             .unwrap_or_else(|e| panic!("{m}: {e}"));
@@ -161,10 +165,13 @@ fn every_method_plans_and_needs_exactly_its_tensors() {
         assert_eq!(l.gate_in > 0, matches!(m, Method::XLora), "{m}");
         assert_eq!(l.adapter_ids > 0, m == Method::AdapterServing, "{m}");
         assert_eq!(l.cores, if m == Method::Comol { 8 * 16 * 16 } else { 0 }, "{m}");
-        assert_eq!(l.selection_bias, if matches!(m, Method::Smora | Method::FlyLora) { e } else { 0 }, "{m}");
+        let selection_bias = matches!(m, Method::Smora | Method::FlyLora | Method::FlyLoraPeft);
+        assert_eq!(l.selection_bias, if selection_bias { e } else { 0 }, "{m}");
+        let router_bias = matches!(m, Method::LlavaMoleSparse | Method::LlavaMoleDense);
+        assert_eq!(l.router_bias, if router_bias { e } else { 0 }, "{m}");
         let router_rows = match m {
             Method::Comol => 16,
-            Method::XLora | Method::AdapterServing | Method::FlyLora => 0,
+            Method::XLora | Method::AdapterServing | Method::FlyLora | Method::FlyLoraPeft => 0,
             _ => 4096,
         };
         assert_eq!(l.router_weight, router_rows * e, "{m}");

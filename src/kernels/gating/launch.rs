@@ -342,7 +342,7 @@ pub(super) fn check_stats(build: &KernelBuild, dtype: DType, plan: &StatsPlan, l
     check_buffer("stats output", lens.out, &[plan.out_len])
 }
 
-/// Router statistics of a routed batch into `out [2E + 2]` (decode with [`StatsPlan::decode`]),
+/// Router statistics of a routed batch into `out [4E + 2]` (decode with [`StatsPlan::decode`]),
 /// reduced in a fixed order: the same inputs give bitwise the same output.
 pub fn router_stats<T: KernelElement>(
     device: &Device,
@@ -397,7 +397,7 @@ pub struct RawStatsPointers {
     pub scores: CUdeviceptr,
     /// `workspace_words` u32.
     pub workspace: CUdeviceptr,
-    /// `out [2E + 2]` (f32).
+    /// `out [4E + 2]` (f32).
     pub out: CUdeviceptr,
 }
 

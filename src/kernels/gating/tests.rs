@@ -27,8 +27,8 @@ fn assert_c_offset(c_struct: &str, field: &str, offset: usize) {
 
 #[test]
 fn gating_params_layout_matches_the_c_struct() {
-    assert_eq!(size_of::<GatingParams>(), 56);
-    assert!(gating_cu().contains("sizeof(mole_gating_params) == 56"));
+    assert_eq!(size_of::<GatingParams>(), 64);
+    assert!(gating_cu().contains("sizeof(mole_gating_params) == 64"));
     let fields = [
         ("tokens", offset_of!(GatingParams, tokens)),
         ("experts", offset_of!(GatingParams, experts)),
@@ -44,6 +44,8 @@ fn gating_params_layout_matches_the_c_struct() {
         ("q", offset_of!(GatingParams, q)),
         ("entropy_threshold", offset_of!(GatingParams, entropy_threshold)),
         ("entropy_scale", offset_of!(GatingParams, entropy_scale)),
+        ("signed_select", offset_of!(GatingParams, signed_select)),
+        ("entropy_eps", offset_of!(GatingParams, entropy_eps)),
     ];
     for (i, (name, off)) in fields.iter().enumerate() {
         assert_eq!(*off, 4 * i, "{name}");
@@ -53,8 +55,8 @@ fn gating_params_layout_matches_the_c_struct() {
 
 #[test]
 fn stats_and_plan_params_layout_match_the_c_structs() {
-    assert_eq!(size_of::<StatsParams>(), 40);
-    assert!(gating_cu().contains("sizeof(mole_stats_params) == 40"));
+    assert_eq!(size_of::<StatsParams>(), 44);
+    assert!(gating_cu().contains("sizeof(mole_stats_params) == 44"));
     let stats = [
         ("tokens", offset_of!(StatsParams, tokens)),
         ("experts", offset_of!(StatsParams, experts)),
@@ -66,6 +68,7 @@ fn stats_and_plan_params_layout_match_the_c_structs() {
         ("entropy", offset_of!(StatsParams, entropy)),
         ("q", offset_of!(StatsParams, q)),
         ("entropy_scale", offset_of!(StatsParams, entropy_scale)),
+        ("entropy_eps", offset_of!(StatsParams, entropy_eps)),
     ];
     for (i, (name, off)) in stats.iter().enumerate() {
         assert_eq!(*off, 4 * i, "{name}");
@@ -173,7 +176,7 @@ fn zero_tokens_launch_nothing() {
         let p = plan(&g, 0, 4, 128).unwrap();
         assert!(p.launch.is_none(), "{g:?}");
     }
-    let s = plan_stats(0, 4, 2, true, true, Some(1.0), 128).unwrap();
+    let s = plan_stats(0, 4, 2, true, true, Some(Entropy::SHANNON), 128).unwrap();
     assert!(s.partial.is_none() && s.params.chunks == 0 && s.finalize.grid == 1);
     let g = plan_grouping(0, 2, 4, 8, 128).unwrap();
     assert!(g.count.is_none() && g.scatter.is_none() && g.max_entries == 0 && g.scan.grid == 1);
@@ -189,10 +192,17 @@ fn plan_rejects_out_of_limit_inputs() {
     assert!(param(plan(&topk(MAX_K + 1), 10, 16, 128)));
     assert!(matches!(plan(&topk(5), 10, 4, 128), Err(MoleError::InvalidK { k: 5, experts: 4 })));
     assert!(param(plan(&routed(RoutingRule::SigmoidTopK { k: 9, bias: true }), 1, 16, 128)));
-    assert!(param(plan(&routed(RoutingRule::MagnitudeTopK { k: 9, bias: false }), 1, 16, 128)));
+    assert!(param(plan(
+        &routed(RoutingRule::MagnitudeTopK { k: 9, bias: false, selection: RankSelection::Magnitude }),
+        1,
+        16,
+        128
+    )));
     assert!(param(plan(&Gating::Given { top_k: Some(9), softmax_topk: true }, 1, 16, 128)));
     // keep_top_k is a position threshold, not a pick count: up to E is fine.
-    let dm = |k| routed(RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: k, entropy_threshold: 0.9 });
+    let dm = |k| {
+        routed(RoutingRule::DynMole { q: 1.5, top_p: 0.5, keep_top_k: k, entropy_threshold: 0.9, entropy_eps: 0.0 })
+    };
     assert!(plan(&dm(16), 1, 16, 128).is_ok());
     // A temperature that is positive in f64 but zero in f32.
     let tiny = routed(RoutingRule::SoftmaxTopK { k: 1, temperature: 1e-60, weights: TopKWeights::Unit });
@@ -205,7 +215,8 @@ fn plan_rejects_out_of_limit_inputs() {
 
 #[test]
 fn dynmole_entropy_parameters() {
-    let dm = |q| routed(RoutingRule::DynMole { q, top_p: 0.75, keep_top_k: 2, entropy_threshold: 0.9 });
+    let dm =
+        |q| routed(RoutingRule::DynMole { q, top_p: 0.75, keep_top_k: 2, entropy_threshold: 0.9, entropy_eps: 0.0 });
     let p = plan(&dm(1.0), 5, 8, 128).unwrap().params;
     assert_eq!((p.entropy, p.k, p.threshold, p.temperature), (EntropyKind::Shannon as u32, 2, 0.75, 1.0));
     assert!((p.entropy_scale as f64 - 1.0 / 8f64.ln()).abs() < 1e-7);
@@ -222,22 +233,33 @@ fn dynmole_entropy_parameters() {
 
 #[test]
 fn stats_plan_chunks_and_decode() {
-    let s = plan_stats(100_000, 16, 2, true, true, Some(1.0), 128).unwrap();
+    let s = plan_stats(100_000, 16, 2, true, true, Some(Entropy::SHANNON), 128).unwrap();
     assert!(s.params.chunks as u64 <= MAX_CHUNKS && s.params.chunks * s.params.chunk_tokens >= 100_000);
-    assert_eq!(s.workspace_words, s.params.chunks as usize * 34);
+    assert_eq!(s.workspace_words, s.params.chunks as usize * 66);
     assert_eq!(s.partial.unwrap().grid, s.params.chunks.div_ceil(4));
     assert_eq!(s.params.entropy, EntropyKind::Shannon as u32);
-    let small = plan_stats(10, 4, 1, false, true, Some(1.0), 64).unwrap();
+    let small = plan_stats(10, 4, 1, false, true, Some(Entropy::SHANNON), 64).unwrap();
     assert_eq!((small.params.chunk_tokens, small.params.chunks, small.params.entropy), (32, 1, 0));
-    let out: Vec<f32> = (0..10).map(|i| i as f32).collect();
+    let out: Vec<f32> = (0..18).map(|i| i as f32).collect();
     let r = small.decode(&out).unwrap();
     assert_eq!(r.selected_fraction, vec![0.0, 1.0, 2.0, 3.0]);
-    assert_eq!((r.mean_prob, r.z_loss, r.entropy), (None, Some(8.0), Some(9.0)));
-    assert!(small.decode(&out[..9]).is_err());
+    assert_eq!(r.top1_fraction, vec![4.0, 5.0, 6.0, 7.0]);
+    assert_eq!((r.mean_prob, r.masked_mean_prob, r.z_loss, r.entropy), (None, None, Some(16.0), Some(17.0)));
+    assert!(small.decode(&out[..17]).is_err());
+    let with_probs = plan_stats(10, 4, 1, true, true, Some(Entropy::SHANNON), 64).unwrap();
+    let r = with_probs.decode(&out).unwrap();
+    assert_eq!(r.mean_prob, Some(vec![8.0, 9.0, 10.0, 11.0]));
+    assert_eq!(r.masked_mean_prob, Some(vec![12.0, 13.0, 14.0, 15.0]));
     // The reference layer's choices per rule.
     let sig = StatsPlan::for_gating(&routed(RoutingRule::SigmoidTopK { k: 2, bias: false }), 3, 4, 128).unwrap();
-    assert!(sig.params.has_probs == 1 && sig.params.has_scores == 1 && sig.entropy_q.is_none());
-    let mag = StatsPlan::for_gating(&routed(RoutingRule::MagnitudeTopK { k: 2, bias: false }), 3, 4, 128).unwrap();
+    assert!(sig.params.has_probs == 1 && sig.params.has_scores == 1 && sig.entropy.is_none());
+    let mag = StatsPlan::for_gating(
+        &routed(RoutingRule::MagnitudeTopK { k: 2, bias: false, selection: RankSelection::Magnitude }),
+        3,
+        4,
+        128,
+    )
+    .unwrap();
     assert!(mag.params.has_probs == 0 && mag.params.has_scores == 0);
     let given = StatsPlan::for_gating(&Gating::Given { top_k: None, softmax_topk: false }, 3, 4, 128).unwrap();
     assert!(given.params.has_probs == 1 && given.params.has_scores == 0 && given.params.slots == 4);
@@ -286,7 +308,7 @@ fn route_arguments_are_validated() {
     assert!(matches!(check_route(&b, DType::F16, &sig, 10, 8, ok), Err(MoleError::MissingInput { .. })));
     assert!(check_route(&b, DType::F16, &sig, 10, 8, RouteLens { bias_len: Some(8), ..ok }).is_ok());
     assert!(check_route(&b, DType::F16, &g, 10, 8, RouteLens { bias_len: Some(8), ..ok }).is_err());
-    let mag = routed(RoutingRule::MagnitudeTopK { k: 2, bias: false });
+    let mag = routed(RoutingRule::MagnitudeTopK { k: 2, bias: false, selection: RankSelection::Magnitude });
     assert!(matches!(check_route(&b, DType::F16, &mag, 10, 8, ok), Err(MoleError::UnexpectedInput { .. })));
     let a = lens(InputKind::AdapterIds, 10, 8, 1);
     assert!(check_route(&b, DType::F16, &Gating::AdapterIds, 10, 8, RouteLens { probs_len: None, ..a }).is_ok());
@@ -299,8 +321,8 @@ fn route_arguments_are_validated() {
 #[test]
 fn stats_and_group_arguments_are_validated() {
     let b = build(DType::F32, 128);
-    let s = plan_stats(10, 4, 2, true, false, Some(1.0), 128).unwrap();
-    let ok = StatsLens { ids: 20, probs: Some(40), scores: None, workspace: s.workspace_words, out: 10 };
+    let s = plan_stats(10, 4, 2, true, false, Some(Entropy::SHANNON), 128).unwrap();
+    let ok = StatsLens { ids: 20, probs: Some(40), scores: None, workspace: s.workspace_words, out: 18 };
     assert!(check_stats(&b, DType::F32, &s, ok).is_ok());
     assert!(matches!(
         check_stats(&b, DType::F32, &s, StatsLens { probs: None, ..ok }),
@@ -308,7 +330,7 @@ fn stats_and_group_arguments_are_validated() {
     ));
     assert!(check_stats(&b, DType::F32, &s, StatsLens { scores: Some(40), ..ok }).is_err());
     assert!(check_stats(&b, DType::F32, &s, StatsLens { workspace: 0, ..ok }).is_err());
-    assert!(check_stats(&b, DType::F32, &s, StatsLens { out: 9, ..ok }).is_err());
+    assert!(check_stats(&b, DType::F32, &s, StatsLens { out: 17, ..ok }).is_err());
     assert!(check_stats(&build(DType::F32, 64), DType::F32, &s, ok).is_err());
     let g = plan_grouping(10, 2, 4, 4, 128).unwrap();
     let outs = [4, 5, g.max_entries, 1];
