@@ -65,11 +65,15 @@ const RULES: &[Variant] = &[
             req("top_p", Kind::Number),
             req("keep_top_k", Kind::Count),
             req("entropy_threshold", Kind::Number),
+            opt("entropy_eps", Kind::Number),
         ],
     ),
     ("dense_softmax", &[opt("temperature", Kind::Number)]),
     ("sigmoid_topk", &[req("k", Kind::Count), opt("bias", Kind::Bool)]),
-    ("magnitude_topk", &[req("k", Kind::Count), opt("bias", Kind::Bool)]),
+    (
+        "magnitude_topk",
+        &[req("k", Kind::Count), opt("bias", Kind::Bool), opt("selection", Kind::OneOf(&["magnitude", "signed"]))],
+    ),
 ];
 
 const GATINGS: &[Variant] = &[
@@ -258,7 +262,7 @@ mod tests {
     #[test]
     fn every_form_serde_writes_passes_the_schema() {
         for m in Method::ALL {
-            let rank = if m == Method::FlyLora { 1 } else { 4 };
+            let rank = if m.single_rank_experts() { 1 } else { 4 };
             let spec = m.spec(MethodShape { d_in: 16, d_out: 8, experts: 4, rank, k: 2, alpha: 8.0 }).unwrap();
             let text = serde_json::to_string(&spec).unwrap();
             assert_eq!(LayerSpec::from_json(&text).unwrap_or_else(|e| panic!("{m}: {e}\n{text}")), spec);

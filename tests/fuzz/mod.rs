@@ -70,7 +70,7 @@ pub fn small_spec() -> impl Strategy<Value = LayerSpec> {
         "a valid preset shape",
         |(m, d_in, d_out, experts, rank, k)| {
             let method = Method::ALL[m];
-            let rank = if method == Method::FlyLora { 1 } else { rank };
+            let rank = if method.single_rank_experts() { 1 } else { rank };
             method.spec(MethodShape { d_in, d_out, experts, rank, k: k.min(experts), alpha: 2.0 }).ok()
         },
     )
