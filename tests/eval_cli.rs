@@ -64,31 +64,14 @@ fn eval_reproduces_the_hand_computed_layer() {
 
 #[test]
 fn eval_reports_bad_inputs_without_panicking() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("layer.json");
-    std::fs::write(
-        &spec,
-        r#"{"d_in": 2, "d_out": 2, "ranks": [0, 1, 2], "scale": 1.0, "gating": {"type": "adapter_ids"}}"#,
-    )
-    .unwrap();
+    let spec = r#"{"d_in": 2, "d_out": 2, "ranks": [0, 1, 2], "scale": 1.0, "gating": {"type": "adapter_ids"}}"#;
     let mut inputs = TensorMap::new();
     inputs.insert("x".into(), HostTensor::float(vec![1, 2], vec![1.0, 2.0]));
     inputs.insert("A".into(), HostTensor::float(vec![2, 2], vec![1.0; 4]));
     inputs.insert("B".into(), HostTensor::float(vec![2, 3], vec![1.0; 6]));
     inputs.insert("adapter_ids".into(), HostTensor::int(vec![1], vec![0]));
-    let in_path = dir.path().join("in.safetensors");
-    save(&in_path, &inputs).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mole"))
-        .args(["eval", "--spec"])
-        .arg(&spec)
-        .arg("--inputs")
-        .arg(&in_path)
-        .arg("--out")
-        .arg(dir.path().join("out.safetensors"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = eval_with(spec, &inputs);
+    assert!(!ok);
     assert!(err.contains("tensor `B`: expected shape [2, 2], got [2, 3]"), "{err}");
 }
 
