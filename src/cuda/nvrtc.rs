@@ -248,11 +248,13 @@ fn open(name: &str, found_by: &str) -> std::result::Result<Loaded, String> {
     // SAFETY: both pointers are valid for writes.
     let status = unsafe { (api.version)(&mut major, &mut minor) };
     api.check("nvrtcVersion", status).map_err(|e| format!("{name}: {e}"))?;
-    let path = mapped_path("libnvrtc.so").unwrap_or_else(|| PathBuf::from(name));
+    // A soname resolves to a file the dynamic loader chose; another libnvrtc (a framework's) may
+    // be mapped too, so only a file whose name starts with the soname is taken.
+    let path = if name.contains('/') { None } else { mapped_path(name) }.unwrap_or_else(|| PathBuf::from(name));
     Ok(Loaded { api, info: NvrtcLibrary { path, version: (major, minor), found_by: found_by.to_string() }, _lib: lib })
 }
 
-/// The file of a mapped library whose name starts with `prefix`, from `/proc/self/maps`.
+/// The file of a mapped library whose name starts with `prefix` (a soname), from `/proc/self/maps`.
 fn mapped_path(prefix: &str) -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines().filter_map(|l| l.split_whitespace().nth(5)).map(PathBuf::from).find(|p| {
