@@ -228,7 +228,8 @@ def dry_run_peers(kit):
 
 def load(path):
     try:
-        return json.load(open(path))
+        with open(path) as f:
+            return json.load(f)
     except (OSError, ValueError):
         return None
 
