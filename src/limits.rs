@@ -90,6 +90,7 @@ pub fn reference_bytes(spec: &LayerSpec, tokens: usize) -> Result<u64> {
     let (t, r, e) = (tokens, spec.total_rank(), spec.routed_experts());
     let (d_in, d_out, slots) = (spec.d_in, spec.d_out, spec.slots());
     let w_rows = if matches!(spec.router(), Some(Router::H { .. })) { r } else { d_in };
+    let merge_threads = if spec.core_count() > 0 { rayon::current_num_threads() } else { 0 };
     Ok(Footprint::new()
         .add("x [T, d_in]", &[2, t, d_in], 8)?
         .add("A [d_in, R]", &[d_in, r], 8)?
@@ -99,7 +100,9 @@ pub fn reference_bytes(spec: &LayerSpec, tokens: usize) -> Result<u64> {
         .add("scores and probabilities [T, E]", &[4, t, e], 8)?
         .add("router_weight", &[w_rows, e], 8)?
         .add("routing [T, slots]", &[t, slots], 12)?
-        .add("cores [C, R, R]", &[e, r, r], 8)?
+        .add("cores [C, R, R]", &[spec.core_count(), r, r], 8)?
+        // The core merge builds one merged [R, R] core per token, one at a time per thread.
+        .add("merged cores [threads, R, R]", &[merge_threads, r, r], 8)?
         .bytes())
 }
 
@@ -214,5 +217,21 @@ mod tests {
         assert!(matches!(e, MoleError::OutOfMemory { memory: "host", .. }), "{e}");
         assert!(e.to_string().starts_with("--tokens 65536 would need 8192.0 PiB of host memory"), "{e}");
         assert!(check_host("a little", 1024).is_ok());
+    }
+
+    #[test]
+    fn only_core_merge_layers_count_cores() {
+        use crate::model::{Method, MethodShape};
+        // A serving bank of 1024 adapters at r = 16 on d = 64: a few MiB, not E·R² cores.
+        let shape = MethodShape { d_in: 64, d_out: 64, experts: 1024, rank: 16, k: 2, alpha: 32.0 };
+        let serving = Method::AdapterServing.spec(shape).unwrap();
+        let bytes = reference_bytes(&serving, 4).unwrap();
+        assert!(bytes < 32 << 20, "{}", format_bytes(bytes));
+        assert!(check_host("adapter serving", bytes).is_ok());
+        // CoMoL's C cores of [R, R] are counted, with one merged core per thread.
+        let comol = Method::Comol.spec(MethodShape { experts: 8, rank: 64, ..shape }).unwrap();
+        let with_cores = reference_bytes(&comol, 4).unwrap();
+        let cores = (8 + rayon::current_num_threads() as u64) * 64 * 64 * 8;
+        assert!(with_cores >= cores, "{} < {}", format_bytes(with_cores), format_bytes(cores));
     }
 }

@@ -89,20 +89,24 @@ impl Drop for TempFile {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let (target, existing) = destination(path)?;
     let io = |e: std::io::Error| MoleError::io(format!("writing {}", path.display()), e);
-    let name = target.file_name().ok_or_else(|| refuse(path, "it names no file"))?.to_string_lossy().into_owned();
+    target.file_name().ok_or_else(|| refuse(path, "it names no file"))?;
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp_path = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    // Not derived from the target's name, which may already be as long as a name can be.
+    let tmp_path = dir.join(format!(".mole-{}-{n}.tmp", std::process::id()));
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        // What a plain create gets: 0666 less the umask.
-        options.mode(0o666);
+        // What a plain create gets: 0666 less the umask; an existing file's own mode from the
+        // start, so its new contents are never more readable than its old ones.
+        options.mode(
+            existing.as_ref().map_or(0o666, |m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777),
+        );
     }
     let mut file = options.open(&tmp_path).map_err(io)?;
     let mut tmp = TempFile(Some(tmp_path.clone()));
@@ -132,6 +136,15 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".tmp"))
             .collect()
+    }
+
+    #[test]
+    fn a_name_as_long_as_names_go_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("o".repeat(250));
+        write_atomic(&file, b"long").unwrap();
+        assert_eq!(fs::read(&file).unwrap(), b"long");
+        assert!(leftovers(dir.path()).is_empty());
     }
 
     #[test]

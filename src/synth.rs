@@ -98,7 +98,8 @@ impl<T: Scalar> SyntheticLayer<T> {
         let adapter_ids = (spec.gating == Gating::AdapterIds)
             .then(|| (0..tokens).map(|_| if rng.below(8) == 0 { -1 } else { rng.below(e) as i32 }).collect());
         let selection_bias = spec.rule().filter(|r| r.uses_selection_bias()).map(|_| rng.fill(e, 0.1));
-        let cores = matches!(spec.mix, Mix::CoreMerge { .. }).then(|| rng.fill(e * r * r, 3f64.sqrt() * inv_sqrt(r)));
+        let cores = matches!(spec.mix, Mix::CoreMerge { .. })
+            .then(|| rng.fill(spec.core_count() * r * r, 3f64.sqrt() * inv_sqrt(r)));
         Self { tokens, x, a, b, y, router_weight, router_bias, logits, weights, adapter_ids, selection_bias, cores }
     }
 
@@ -112,7 +113,7 @@ impl<T: Scalar> SyntheticLayer<T> {
             .add("A and B", &[r, spec.d_in + spec.d_out], el)?
             .add("router weight, logits or weights", &[tokens.max(spec.d_in).max(r), e], el)?
             .add("adapter ids", &[tokens], 4)?
-            .add("cores", &[e, r, r], el)?
+            .add("cores", &[spec.core_count(), r, r], el)?
             .bytes())
     }
 

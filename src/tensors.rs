@@ -68,20 +68,54 @@ fn widen(dtype: StDtype, bytes: &[u8], name: &str) -> Result<Values> {
     })
 }
 
+/// The largest safetensors header read from a stream (the format's own limit).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Reads a safetensors stream (a pipe, a device): the 8-byte header length, the header, then
+/// exactly the data the header's offsets cover, checked against host memory before it is read.
+fn read_stream(file: &mut std::fs::File, path: &Path) -> Result<Vec<u8>> {
+    let ctx = || format!("reading {}", path.display());
+    let bad = |message: String| MoleError::Io { context: ctx(), message };
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| MoleError::io(ctx(), e))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!("its header claims {header_len} bytes, over the {MAX_HEADER_BYTES}-byte limit")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| MoleError::io(ctx(), e))?;
+    let doc: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("its header is not JSON: {e}")))?;
+    let data_len = doc
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, t)| t.get("data_offsets")?.as_array()?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    limits::check_host(&ctx(), 8 + header_len + data_len)?;
+    let mut bytes = Vec::with_capacity((8 + header_len + data_len) as usize);
+    bytes.extend_from_slice(&len);
+    bytes.extend_from_slice(&header);
+    file.take(data_len).read_to_end(&mut bytes).map_err(|e| MoleError::io(ctx(), e))?;
+    Ok(bytes)
+}
+
 /// Reads every tensor of a safetensors file. The file, then the tensors widened to f64, are
 /// checked against the host memory available before they are read.
 pub fn load(path: &Path) -> Result<TensorMap> {
     let ctx = || format!("reading {}", path.display());
     let mut file = std::fs::File::open(path).map_err(|e| MoleError::io(ctx(), e))?;
-    let len = file.metadata().map_err(|e| MoleError::io(ctx(), e))?.len();
-    limits::check_host(&format!("reading {}", path.display()), len)?;
-    let mut bytes = Vec::new();
-    // A pipe or a device has no length: read at most what memory allows.
-    let cap = limits::available_host_memory()?.unwrap_or(u64::MAX);
-    file.by_ref().take(cap.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| MoleError::io(ctx(), e))?;
-    if bytes.len() as u64 > cap {
-        return Err(MoleError::OutOfMemory { what: ctx(), needed: bytes.len() as u64, available: cap, memory: "host" });
-    }
+    let meta = file.metadata().map_err(|e| MoleError::io(ctx(), e))?;
+    let bytes = if meta.is_file() {
+        limits::check_host(&format!("reading {}", path.display()), meta.len())?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| MoleError::io(ctx(), e))?;
+        bytes
+    } else {
+        // A pipe or a device has no length: the header says how much follows.
+        read_stream(&mut file, path)?
+    };
     let st = SafeTensors::deserialize(&bytes).map_err(|e| MoleError::io(ctx(), e))?;
     let widened = st
         .tensors()

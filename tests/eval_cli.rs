@@ -117,3 +117,53 @@ fn eval_names_the_spec_field_and_the_real_id() {
     let (ok, err) = eval_with(ranks, &inputs);
     assert!(!ok && err.contains("ranks.rank: missing") && !err.contains("untagged"), "{err}");
 }
+
+/// `mole eval --inputs /dev/stdin` reading `bytes` through a pipe, or `/dev/zero` when `None`.
+fn eval_stream(spec_text: &str, bytes: Option<Vec<u8>>) -> (bool, String, Option<TensorMap>) {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("layer.json");
+    std::fs::write(&spec, spec_text).unwrap();
+    let out_path = dir.path().join("out.safetensors");
+    let stdin = match &bytes {
+        Some(_) => std::process::Stdio::piped(),
+        None => std::fs::File::open("/dev/zero").unwrap().into(),
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mole"))
+        .args(["eval", "--inputs", "/dev/stdin", "--spec"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out_path)
+        .stdin(stdin)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(bytes) = bytes {
+        let mut pipe = child.stdin.take().unwrap();
+        // The reader may stop early (a refused header): a broken pipe is then expected.
+        let _ = pipe.write_all(&bytes);
+    }
+    let out = child.wait_with_output().unwrap();
+    let outputs = out.status.success().then(|| load(&out_path).unwrap());
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), outputs)
+}
+
+#[test]
+fn a_stream_is_read_as_far_as_its_header_says() {
+    let spec = r#"{"d_in": 2, "d_out": 2, "ranks": [0, 1, 2], "scale": 1.0, "gating": {"type": "adapter_ids"}}"#;
+    let mut inputs = TensorMap::new();
+    inputs.insert("x".into(), HostTensor::float(vec![1, 2], vec![1.0, 2.0]));
+    inputs.insert("A".into(), HostTensor::float(vec![2, 2], vec![1.0, 0.5, -1.0, 2.0]));
+    inputs.insert("B".into(), HostTensor::float(vec![2, 2], vec![3.0, 1.0, 0.25, -2.0]));
+    inputs.insert("adapter_ids".into(), HostTensor::int(vec![1], vec![1]));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.safetensors");
+    save(&file, &inputs).unwrap();
+    // Through a pipe: the layer as from the file (adapter 1: h = 0.5 + 4, y = h · B[1]).
+    let (ok, err, out) = eval_stream(spec, Some(std::fs::read(&file).unwrap()));
+    assert!(ok, "{err}");
+    assert_eq!(floats(&out.unwrap(), "y"), vec![4.5 * 0.25, 4.5 * -2.0]);
+    // An endless stream of zeros is a header of length 0, refused at once, not read to the end.
+    let (ok, err, _) = eval_stream(spec, None);
+    assert!(!ok && err.contains("header"), "{err}");
+}

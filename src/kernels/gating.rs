@@ -547,8 +547,17 @@ pub fn plan_stats(
     check_block_threads(block_threads)?;
     check_experts(experts)?;
     let t = check_tokens(tokens)?;
+    // The kernel reads each token's first slot (the top-1 fraction).
+    if slots == 0 {
+        return Err(MoleError::ZeroDimension { name: "slots" });
+    }
     if tokens.checked_mul(slots).is_none_or(|n| n > u32::MAX as usize) {
         return Err(MoleError::param("tokens", tokens, "tokens * slots must fit in 32 bits"));
+    }
+    if let Some(h) = entropy {
+        if !(h.eps.is_finite() && (0.0..1.0).contains(&h.eps)) {
+            return Err(MoleError::param("entropy_eps", h.eps, "must be in [0, 1)"));
+        }
     }
     let taken = entropy.filter(|_| has_probs);
     let (kind, q) = match taken {

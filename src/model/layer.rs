@@ -53,6 +53,14 @@ impl LayerSpec {
         }
     }
 
+    /// CoMoL's cores: `C` for [`Mix::CoreMerge`] (each `[R, R]`), 0 for every other mix.
+    pub fn core_count(&self) -> usize {
+        match self.mix {
+            Mix::ExpertScale => 0,
+            Mix::CoreMerge { cores } => cores,
+        }
+    }
+
     /// Slots per token of the routing output.
     pub fn slots(&self) -> usize {
         self.gating.slots(self.routed_experts())

@@ -332,6 +332,12 @@ fn stats_and_group_arguments_are_validated() {
     assert!(check_stats(&b, DType::F32, &s, StatsLens { workspace: 0, ..ok }).is_err());
     assert!(check_stats(&b, DType::F32, &s, StatsLens { out: 17, ..ok }).is_err());
     assert!(check_stats(&build(DType::F32, 64), DType::F32, &s, ok).is_err());
+    // No slot to read the top-1 expert from, and an eps the reference would refuse.
+    assert!(matches!(plan_stats(10, 4, 0, true, false, None, 128), Err(MoleError::ZeroDimension { name: "slots" })));
+    for eps in [f64::NAN, -1e-5, 1.0] {
+        let h = Some(Entropy { q: 1.5, eps });
+        assert!(plan_stats(10, 4, 2, true, false, h, 128).is_err(), "eps {eps}");
+    }
     let g = plan_grouping(10, 2, 4, 4, 128).unwrap();
     let outs = [4, 5, g.max_entries, 1];
     assert!(check_group(&b, &g, 20, g.workspace_words, outs).is_ok());
@@ -339,4 +345,14 @@ fn stats_and_group_arguments_are_validated() {
     assert!(check_group(&b, &g, 20, 0, outs).is_err());
     assert!(check_group(&b, &g, 20, g.workspace_words, [4, 5, g.max_entries - 1, 1]).is_err());
     assert!(check_group(&b, &g, 20, g.workspace_words, [4, 4, g.max_entries, 1]).is_err());
+}
+
+#[test]
+fn thresholds_just_below_one_stay_below_one_in_f32() {
+    // f32 would round 1 - 1e-9 up to 1.0, which the kernels read as "every expert".
+    assert_eq!((1.0f64 - 1e-9) as f32, 1.0);
+    assert!(threshold_f32(1.0 - 1e-9) < 1.0);
+    assert_eq!(threshold_f32(1.0), 1.0);
+    assert_eq!(threshold_f32(2.5), 2.5);
+    assert_eq!(threshold_f32(0.75), 0.75);
 }
