@@ -240,7 +240,10 @@ void* mole_hx_alloc(const char* name, std::size_t bytes, std::size_t elem, std::
     using namespace mole_host;
     const std::size_t data_len = round_up(bytes + align, page());  // room to align the end down
     const std::size_t map_len = data_len + 2 * page();
-    void* m = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    // A lazy buffer reserves no swap: only the pages written are ever backed, so it maps even
+    // under strict overcommit.
+    const int flags = MAP_PRIVATE | MAP_ANONYMOUS | (lazy ? MAP_NORESERVE : 0);
+    void* m = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (m == MAP_FAILED) return nullptr;
     auto* map = static_cast<unsigned char*>(m);
     mprotect(map, page(), PROT_NONE);

@@ -43,10 +43,13 @@ GPU_ENV = {"MOLE_REQUIRE_GPU": "1"}
 class Step:
     """One named command with a time limit; `gpu` steps are skipped by a dry run."""
 
-    def __init__(self, name, argv, timeout, gpu=True, env=None, json_out=None):
+    def __init__(self, name, argv, timeout, gpu=True, env=None, json_out=None, must_not_say=None):
         self.name, self.argv, self.timeout, self.gpu = name, argv, timeout, gpu
         self.env = env or {}
+        # A step that exits 0 still fails without the file it exists to write, or when its
+        # output says this (e.g. `mole info` without NVRTC on the GPU machine).
         self.json_out = json_out
+        self.must_not_say = must_not_say
         self.status, self.seconds, self.detail = "pending", 0.0, ""
 
     def record(self):
@@ -75,6 +78,7 @@ class Kit:
             step.status, step.detail = "skipped", f"the {self.set_name} set's {BUDGET_S[self.set_name]} s budget is spent"
             return step
         timeout = min(step.timeout, left)
+        cut = timeout < step.timeout
         env = dict(os.environ, **step.env)
         start = time.monotonic()
         with open(self.log_path(step), "w") as log:
@@ -89,11 +93,20 @@ class Kit:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait()
-                step.status, step.detail = "fail", f"timed out after {timeout:.0f} s"
+                if cut:
+                    step.status, step.detail = "cut", f"stopped after {timeout:.0f} s: the set's budget ran out"
+                else:
+                    step.status, step.detail = "fail", f"timed out after {timeout:.0f} s"
             except OSError as e:
                 step.status, step.detail = "fail", f"could not start: {e}"
         step.seconds = time.monotonic() - start
-        if step.status == "fail":
+        if step.status == "pass" and step.json_out and not os.path.exists(os.path.join(self.work, step.json_out)):
+            step.status, step.detail = "fail", f"exit code 0 but no {step.json_out} was written"
+        if step.status == "pass" and step.must_not_say:
+            with open(self.log_path(step), errors="replace") as f:
+                if step.must_not_say in f.read():
+                    step.status, step.detail = "fail", f"its output says `{step.must_not_say}`"
+        if step.status in ("fail", "cut"):
             step.detail += "; " + last_lines(self.log_path(step))
         return step
 
@@ -142,6 +155,33 @@ def gpu_presence():
     return None
 
 
+def sanitizer_path():
+    """compute-sanitizer from PATH, else the CUDA toolkit's own folder."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for p in ("/usr/local/cuda/bin/compute-sanitizer", "/usr/local/cuda/compute-sanitizer/compute-sanitizer"):
+        if os.access(p, os.X_OK):
+            return p
+    return "compute-sanitizer"
+
+
+def sanitizer_unusable(kit):
+    """None when compute-sanitizer runs a trivial program on this GPU, else why not (so its
+    steps are reported as skipped for that reason, not as 16 failures of the code)."""
+    if kit.no_gpu_reason:
+        return None
+    probe = os.path.join(BIN, "modules_gpu")
+    try:
+        r = subprocess.run([sanitizer_path(), "--tool", "memcheck", "--error-exitcode", "1", probe, "--list"],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"compute-sanitizer unusable here: {e}"
+    if r.returncode != 0:
+        return "compute-sanitizer unusable here: " + " | ".join((r.stdout + r.stderr).strip().splitlines()[-2:])
+    return None
+
+
 def gpu_test_binaries():
     if not os.path.isdir(BIN):
         return []
@@ -165,18 +205,20 @@ def parse_methods(help_text):
 def steps_for(kit):
     w = kit.work
     tests = gpu_test_binaries()
-    sanitize = shutil.which("compute-sanitizer") or "compute-sanitizer"
+    sanitize = sanitizer_path()
     correctness = []
     # The layer tests compile every default build of every dtype: first, alone (see main).
     tests.sort(key=lambda t: os.path.basename(t) != "layer_gpu")
     for t in tests:
         name = os.path.basename(t)
+        env = GPU_ENV if kit.set_name == "default" else dict(GPU_ENV, MOLE_GPU_QUICK="1")
         correctness.append(Step(f"test {name}", [t, "--ignored", "--skip", DETERMINISM_TEST, "--test-threads=1"], 200,
-                                env=GPU_ENV))
+                                env=env))
     layer = os.path.join(BIN, "layer_gpu")
     correctness.append(Step("determinism (20 runs, every strategy)", [layer, "--ignored", "--exact", DETERMINISM_TEST],
                             120, env=GPU_ENV))
     quick_env = dict(GPU_ENV, MOLE_GPU_QUICK="1")
+    unusable = sanitizer_unusable(kit)
     for tool in SANITIZER_TOOLS:
         for t in tests:
             argv = [sanitize, "--tool", tool, "--error-exitcode", "1"]
@@ -185,7 +227,10 @@ def steps_for(kit):
             if tool == "racecheck":
                 argv += ["--racecheck-report", "all"]
             argv += [t, "--ignored", "--test-threads=1"]
-            correctness.append(Step(f"{tool} {os.path.basename(t)}", argv, 200, env=quick_env))
+            step = Step(f"{tool} {os.path.basename(t)}", argv, 150, env=quick_env)
+            if unusable:
+                step.argv, step.detail = [], unusable
+            correctness.append(step)
     # The shipped-PTX path: NVRTC hidden (a variable naming no library disables the search).
     no_nvrtc = dict(quick_env, MOLE_NVRTC_PATH="/nonexistent/libnvrtc.so")
     correctness.append(Step("shipped PTX (NVRTC hidden): layer tests", [layer, "--ignored", "--skip", DETERMINISM_TEST],
@@ -208,8 +253,9 @@ def steps_for(kit):
                                        "--dtype", "bf16", "--shapes", "standard", "--tokens", "1,16,256,4096",
                                        "--runs", "20", "--out", os.path.join(w, "peers.json")], 110,
                  json_out="peers.json"),
-            Step("autotune (Llama shapes, 60 s budget)", [MOLE, "autotune", "--model", "all", "--budget", "60",
-                                                          "--runs", "20", "--out", os.path.join(w, "tuning")], 100),
+            Step("autotune (Llama-3-8B, MixLoRA and SMoRA, 60 s budget)",
+                 [MOLE, "autotune", "--model", "llama3-8b", "--method", "mixlora,smora", "--budget", "60", "--runs",
+                  "20", "--out", os.path.join(w, "tuning")], 110),
         ]
     return correctness, timing
 
@@ -244,7 +290,7 @@ def results(kit, env):
         key = (r["method"], r["d_in"], r["d_out"], r["tokens"])
         base = {}
         for p in peers["rows"]:
-            if (p["method"], p["d_in"], p["d_out"], p["tokens"]) == key:
+            if (p.get("method"), p.get("d_in"), p.get("d_out"), p.get("tokens")) == key:
                 entry = {"status": p["status"], "time_us": p.get("time_us")}
                 if r.get("time_us") and p.get("time_us"):
                     entry["ratio"] = p["time_us"] / r["time_us"]
@@ -261,7 +307,7 @@ def results(kit, env):
         "steps": [s.record() for s in kit.steps],
         "layers": shapes,
         "grouped": grouped["rows"],
-        "peers_unmatched": [p for p in peers["rows"] if p["method"] not in {r["method"] for r in layer["rows"]}],
+        "peers_unmatched": [p for p in peers["rows"] if p.get("method") not in {r["method"] for r in layer["rows"]}],
     }
 
 
@@ -273,8 +319,9 @@ def report(res):
     lines = [f"# GPU kit report ({res['set']}{', dry run' if res['dry_run'] else ''})", ""]
     for k, v in res["environment"].items():
         lines.append(f"- {k}: {v}")
-    counts = {s: sum(1 for x in res["steps"] if x["status"] == s) for s in ("pass", "fail", "skipped")}
-    lines += ["", f"**{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped**", "",
+    counts = {s: sum(1 for x in res["steps"] if x["status"] == s) for s in ("pass", "fail", "cut", "skipped")}
+    lines += ["", f"**{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped, "
+              f"{counts['cut']} cut by the budget**", "",
               "| step | status | s | detail |", "|---|---|---|---|"]
     for s in res["steps"]:
         detail = s["detail"].replace("|", "/")
@@ -302,7 +349,7 @@ def report(res):
         lines += ["", "## Baselines without a crate row", "", "| method | T | baseline | status | µs |",
                   "|---|---|---|---|---|"]
         for p in res["peers_unmatched"]:
-            lines.append(f"| {p['method']} | {p['tokens']} | {p['baseline']} | {p['status']} | "
+            lines.append(f"| {p.get('method')} | {p.get('tokens', '-')} | {p.get('baseline')} | {p.get('status')} | "
                          f"{fmt(p.get('time_us'), '.1f')} |")
     return "\n".join(lines) + "\n"
 
@@ -340,7 +387,12 @@ def main():
     manifest_step.status, manifest_step.detail = ("pass" if ok else "fail"), detail
     kit.steps.append(manifest_step)
     kit.run(Step("nvidia-smi -L", ["nvidia-smi", "-L"], 20))
-    kit.run(Step("mole info", [MOLE, "info"], 30, gpu=False))
+    info = Step("mole info", [MOLE, "info"], 30, gpu=False)
+    if not args.dry_run:
+        # The GPU machine has CUDA's NVRTC: a run that silently fell back to the shipped PTX
+        # would leave NVRTC discovery and every compiled build untested.
+        info.must_not_say = "NVRTC: not available"
+    kit.run(info)
     # Each packed test binary starts here and lists its GPU tests (no GPU needed).
     for t in gpu_test_binaries():
         kit.run(Step(f"list {os.path.basename(t)}", [t, "--list", "--ignored"], 30, gpu=False))
@@ -348,9 +400,15 @@ def main():
     # One compiler run fills the kit's kernel cache (MOLE_CACHE_DIR) before the parallel steps,
     # so they load cubins instead of each compiling the same builds.
     kit.run(correctness.pop(0))
-    kit.run_parallel(correctness, workers=8)
+    # Timing next, on an otherwise idle GPU and before the sanitizers can eat the budget.
     for step in timing:
         kit.run(step)
+    runnable = [s for s in correctness if s.argv]
+    for s in correctness:
+        if not s.argv:
+            s.status = "skipped"
+            kit.steps.append(s)
+    kit.run_parallel(runnable, workers=8)
     if args.dry_run:
         peers = dry_run_peers(kit)
         if peers.argv:
@@ -359,20 +417,32 @@ def main():
             peers.status, peers.detail = "skipped", "torch is not installed here"
             kit.steps.append(peers)
 
-    res = results(kit, environment(kit))
-    tuning = os.path.join(work, "tuning")
-    for f in sorted(os.listdir(tuning)) if os.path.isdir(tuning) else []:
-        if f.endswith(".json"):
-            shutil.copy(os.path.join(tuning, f), os.path.join(args.outdir, "tuning.json"))
-            res["tuning_file"] = f
-    json.dump(res, open(os.path.join(args.outdir, "results.json"), "w"), indent=2)
-    open(os.path.join(args.outdir, "report.md"), "w").write(report(res))
+    # The logs first: whatever happens to the report, the evidence comes back.
     with tarfile.open(os.path.join(args.outdir, "logs.tar.gz"), "w:gz") as tar:
         # The kernel cache's cubins are not evidence, and would crowd the 16 MiB a file may take back.
         tar.add(work, arcname="kit", filter=lambda info: None if info.name.startswith("kit/cache") else info)
+    try:
+        res = results(kit, environment(kit))
+        tuning = os.path.join(work, "tuning")
+        for f in sorted(os.listdir(tuning)) if os.path.isdir(tuning) else []:
+            if f.endswith(".json"):
+                shutil.copy(os.path.join(tuning, f), os.path.join(args.outdir, "tuning.json"))
+                res["tuning_file"] = f
+        text = report(res)
+    except Exception:  # noqa: BLE001 (a broken report must not lose the run)
+        import traceback
+
+        res = {"steps": [s.record() for s in kit.steps], "report_error": traceback.format_exc()}
+        text = "# GPU kit report (the report builder failed)\n\n```\n" + res["report_error"] + "```\n"
+        kit.steps.append(Step("report builder", [], 0, gpu=False))
+        kit.steps[-1].status = "fail"
+    with open(os.path.join(args.outdir, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(args.outdir, "report.md"), "w") as f:
+        f.write(text)
     shutil.rmtree(work, ignore_errors=True)
     failed = [s for s in kit.steps if s.status == "fail"]
-    print(report(res).split("\n## ")[0])
+    print(text.split("\n## ")[0])
     print(f"kit: {len(failed)} failed step(s); results in {args.outdir}")
     return 1 if failed else 0
 

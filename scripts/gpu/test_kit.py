@@ -63,6 +63,26 @@ class ResultsTest(unittest.TestCase):
         self.assertEqual(len(res["peers_unmatched"]), 1)
         self.assertIn("## Baselines without a crate row", kit.report(res))
 
+    def test_rows_of_a_baseline_run_without_torch_do_not_break_the_report(self):
+        # baselines.py writes only these fields when torch cannot be imported.
+        res = self.make([layer_row("mix-lora", 16, 5.0)],
+                        [{"method": "mix-lora", "baseline": "dense", "status": "skipped: no torch"},
+                         {"method": "comol", "baseline": "loop", "status": "skipped: no torch"}])
+        self.assertIsNone(res["layers"][0]["fastest_baseline_us"])
+        self.assertIn("| comol | - | loop | skipped: no torch |", kit.report(res))
+
+    def test_a_step_without_its_json_fails_and_a_budget_cut_is_not_a_failure(self):
+        work = tempfile.mkdtemp()
+        k = kit.Kit("quick", work, dry_run=False)
+        no_json = k.run(kit.Step("bench", ["true"], 10, gpu=False, json_out="bench.json"))
+        self.assertEqual(no_json.status, "fail")
+        self.assertIn("no bench.json", no_json.detail)
+        said = k.run(kit.Step("info", ["echo", "NVRTC: not available"], 10, gpu=False, must_not_say="not available"))
+        self.assertEqual(said.status, "fail")
+        k.deadline = kit.time.monotonic() + 6
+        cut = k.run(kit.Step("slow", ["sleep", "30"], 60, gpu=False))
+        self.assertEqual(cut.status, "cut")
+
     def test_methods_are_parsed_from_short_help(self):
         text = ("      --method <METHOD>    Method preset [default: mix-lora] [possible values: mix-lora, "
                 "dyn-mole, smora]\n      --tokens <TOKENS>    Tokens [default: 2048]\n")

@@ -122,16 +122,17 @@ pub fn layer(device: &Device, args: &LayerArgs, copy_gbs: f64) -> Result<()> {
                 }
             }
             rows.push(json);
+            // After every row: a run stopped part way still leaves what it measured.
+            if let Some(path) = &args.json {
+                let doc = serde_json::json!({
+                    "device": device.name(),
+                    "copy_gbs": copy_gbs,
+                    "dtype": args.dtype.to_string(),
+                    "rows": rows,
+                });
+                crate::write_json(path, &doc)?;
+            }
         }
-    }
-    if let Some(path) = &args.json {
-        let doc = serde_json::json!({
-            "device": device.name(),
-            "copy_gbs": copy_gbs,
-            "dtype": args.dtype.to_string(),
-            "rows": rows,
-        });
-        crate::write_json(path, &doc)?;
     }
     Ok(())
 }
