@@ -69,8 +69,16 @@ fn flylora_bias_update_moves_each_rank_toward_the_mean_load() {
     // Fractions [0.5, 0.25, 0.25, 0]: mean 0.25, so rank 0 (over) goes down, rank 3 (under) up,
     // ranks 1 and 2 (at the mean) stay.
     let mut bias = [0.1, 0.2, 0.3, 0.4];
-    flylora_bias_update(&mut bias, &[0.5, 0.25, 0.25, 0.0], 0.01);
+    flylora_bias_update(&mut bias, &[0.5, 0.25, 0.25, 0.0], 4, 0.01);
     assert!(close(bias[0], 0.09) && bias[1] == 0.2 && bias[2] == 0.3 && close(bias[3], 0.41), "{bias:?}");
+    // Counts [5, 13, 18, 8, 4, 0] of 22 tokens (mean 8): the mean of the fractions rounds
+    // 5.6e-17 away from 8/22, yet rank 3, exactly at the mean load, must stay.
+    let counts = [5.0, 13.0, 18.0, 8.0, 4.0, 0.0];
+    let fractions: Vec<f64> = counts.iter().map(|c| c / 22.0).collect();
+    assert_ne!(fractions.iter().sum::<f64>() / 6.0, fractions[3], "the case must exercise the rounding");
+    let mut bias = [0.0; 6];
+    flylora_bias_update(&mut bias, &fractions, 22, 1.0);
+    assert_eq!(bias, [1.0, -1.0, -1.0, 0.0, 1.0, 1.0]);
     // It is the update of the selection counts: the stats of a signed top-1 call over 4 tokens.
     let gating = routed(RoutingRule::MagnitudeTopK { k: 1, bias: false, selection: RankSelection::Signed });
     let z = [3.0, 0.0, 0.0, 0.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 1.0, 0.0, 0.0, 0.0];
@@ -78,7 +86,7 @@ fn flylora_bias_update_moves_each_rank_toward_the_mean_load() {
     let stats = router_stats(&r, None, None);
     assert_eq!(stats.selected_fraction, vec![0.75, 0.0, 0.25, 0.0]);
     let mut bias = [0.0; 4];
-    flylora_bias_update(&mut bias, &stats.selected_fraction, 0.5);
+    flylora_bias_update(&mut bias, &stats.selected_fraction, 4, 0.5);
     assert_eq!(bias, [-0.5, 0.5, 0.0, 0.5]);
 }
 

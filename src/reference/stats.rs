@@ -64,20 +64,19 @@ impl RouterStats {
 /// FlyLoRA's load-balancing update of the selection bias, applied by the caller between calls
 /// (the kernels only read `selection_bias`): `bias[i] += rate · sign(mean(c) - c[i])` with `c`
 /// the per-rank selection counts of the call, as the paper's PEFT-based code does after every
-/// forward (`sign(0) = 0`). The counts enter only through their signs against the mean, so the
-/// selected fractions of [`RouterStats`] give the same update.
-pub fn flylora_bias_update(bias: &mut [f64], selected_fraction: &[f64], rate: f64) {
-    let n = selected_fraction.len().max(1) as f64;
-    let mean = selected_fraction.iter().sum::<f64>() / n;
-    for (b, &c) in bias.iter_mut().zip(selected_fraction) {
-        let d = mean - c;
+/// forward (`sign(0) = 0`). The counts are recovered from the selected fractions of
+/// [`RouterStats`] over `tokens` tokens (`c = round(fraction · tokens)`) and compared in integers,
+/// so a rank exactly at the mean load is left alone whatever the rounding of the fractions.
+pub fn flylora_bias_update(bias: &mut [f64], selected_fraction: &[f64], tokens: usize, rate: f64) {
+    let counts: Vec<u128> = selected_fraction.iter().map(|f| (f * tokens as f64).round().max(0.0) as u128).collect();
+    let (n, total) = (counts.len() as u128, counts.iter().sum::<u128>());
+    for (b, &c) in bias.iter_mut().zip(&counts) {
+        // sign(mean - c) = sign(total - n·c), exactly.
         *b += rate
-            * if d > 0.0 {
-                1.0
-            } else if d < 0.0 {
-                -1.0
-            } else {
-                0.0
+            * match total.cmp(&(n * c)) {
+                std::cmp::Ordering::Greater => 1.0,
+                std::cmp::Ordering::Less => -1.0,
+                std::cmp::Ordering::Equal => 0.0,
             };
     }
 }
