@@ -3,7 +3,7 @@
 use super::arch::Arch;
 use super::cuda_err;
 use super::module_cache::{cubin_cached, CacheKey, DiskCache};
-use super::nvrtc::nvrtc_present;
+use super::nvrtc::nvrtc_version;
 use super::probe::driver_present;
 use super::shipped::shipped_ptx;
 use crate::kernels::KernelBuild;
@@ -29,6 +29,15 @@ impl ModuleSource {
             ModuleSource::Cubin(key) => key.canonical().to_string(),
             ModuleSource::ShippedPtx => format!("shipped-ptx {}", serde_json::to_string(build).unwrap_or_default()),
         }
+    }
+}
+
+/// Whether the NVRTC found can compile cubins for `arch`: sm_100 needs NVRTC 12.8 or newer;
+/// an older one leaves the device on the shipped PTX, which the driver JITs.
+fn nvrtc_targets(arch: Arch) -> bool {
+    match nvrtc_version() {
+        Ok(version) => arch != Arch::Sm100 || version >= (12, 8),
+        Err(_) => false,
     }
 }
 
@@ -96,7 +105,7 @@ impl Device {
             arch,
             sm_count: sm_count.max(0) as u32,
             disk: DiskCache::from_env(),
-            use_nvrtc: nvrtc_present(),
+            use_nvrtc: nvrtc_targets(arch),
             modules: Mutex::new(HashMap::new()),
         })
     }
@@ -222,6 +231,14 @@ impl Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sm_100_compiles_only_with_an_nvrtc_that_knows_it() {
+        use crate::cuda::nvrtc_present;
+        assert_eq!(nvrtc_targets(Arch::Sm90), nvrtc_present());
+        let new_enough = nvrtc_version().is_ok_and(|v| v >= (12, 8));
+        assert_eq!(nvrtc_targets(Arch::Sm100), new_enough);
+    }
     use crate::kernels::Family;
     use crate::DType;
 

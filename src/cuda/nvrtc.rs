@@ -210,12 +210,32 @@ fn site_packages_under(prefix: &Path) -> Vec<PathBuf> {
 }
 
 fn python_sys_path() -> Vec<PathBuf> {
-    let out = std::process::Command::new("python3")
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let child = Command::new("python3")
         .args(["-c", "import sys; print('\\n'.join(p for p in sys.path if p))"])
-        .stderr(std::process::Stdio::null())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(PathBuf::from).collect(),
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return Vec::new() };
+    // A broken interpreter must not hang library code: five seconds, then nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Vec::new();
+            }
+        }
+    }
+    let mut out = String::new();
+    match child.stdout.take().map(|mut o| o.read_to_string(&mut out)) {
+        Some(Ok(_)) => out.lines().map(PathBuf::from).collect(),
         _ => Vec::new(),
     }
 }
