@@ -107,7 +107,9 @@ pub fn reference_bytes(spec: &LayerSpec, tokens: usize) -> Result<u64> {
 }
 
 /// Sets (or with `None` clears) a cap on the host memory `mole` plans to use, below the
-/// machine's available memory; the command line sets it from `MOLE_MEMORY_LIMIT`.
+/// machine's available memory, for this process; `MOLE_MEMORY_LIMIT` (read at every check) is
+/// the same cap from the environment. `MemAvailable` does not see cgroup limits: in a container,
+/// set one of the two.
 pub fn set_host_memory_limit(bytes: Option<u64>) {
     HOST_LIMIT.store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
 }
