@@ -11,15 +11,22 @@ NVRTC13="$(bash scripts/install-nvrtc.sh 13)"
 export LD_LIBRARY_PATH="$NVRTC12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # NVRTC is installed above, so tests that compile kernels must not skip for want of it.
 export MOLE_REQUIRE_NVRTC=1
-cargo test --all-targets
+# `--features cli`: the command line and what only it uses (the library alone builds without it);
+# the tests and benches that need it declare `required-features`.
+cargo test --all-targets --features cli
 # The tensor-core paths again with the emulated mma summing exactly (the pass above sums like the
 # tensor cores): every tolerance must hold under both.
-MOLE_HOSTEXEC_MMA=exact cargo test --test hostexec_fused --test hostexec_sgmv --test hostexec_probes
+MOLE_HOSTEXEC_MMA=exact cargo test --features cli --test hostexec_fused --test hostexec_sgmv --test hostexec_probes
 MOLE_HOSTEXEC_MMA=exact cargo test -p mole-hostexec --test mma
-cargo test --doc
-cargo run --release -- check-kernels --arch sm_80,sm_90
-MOLE_NVRTC_PATH="$NVRTC13/libnvrtc.so.13" cargo run --release -- check-kernels --arch sm_80,sm_90,sm_100
-MOLE_NVRTC_PATH="$NVRTC12" cargo run --release -- gen-ptx --check
+cargo test --doc --features cli
+# A framework links the library alone: no command-line dependency may reach its build.
+if cargo tree -e normal -p mole --prefix none | grep -E '^(clap|indicatif|safetensors) '; then
+  echo "the library's default build depends on the command line's crates (above)" >&2
+  exit 1
+fi
+cargo run --release --features cli -- check-kernels --arch sm_80,sm_90
+MOLE_NVRTC_PATH="$NVRTC13/libnvrtc.so.13" cargo run --release --features cli -- check-kernels --arch sm_80,sm_90,sm_100
+MOLE_NVRTC_PATH="$NVRTC12" cargo run --release --features cli -- gen-ptx --check
 # The GPU kit: its report builder's tests, pack (release builds into .gpu/), and a dry run of the
 # default set (exits non-zero when a step that needs no GPU fails).
 python3 scripts/gpu/test_kit.py

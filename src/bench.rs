@@ -7,6 +7,7 @@ use crate::kernels::sgmv::{self, SgmvBuffers, SgmvPlan, SgmvShape, SlotPlans};
 use crate::kernels::KernelBuild;
 use crate::model::RankLayout;
 use crate::plan::{RoutingPlan, TokenSlot};
+use crate::reference::max_scaled_error;
 use crate::reference::{self, Bank, Routing};
 use crate::synth::Rng;
 use crate::{DType, KernelElement, MoleError, Result};
@@ -261,11 +262,6 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
         r.ids.iter().filter(|&&id| id >= 0).for_each(|&id| seen[id as usize] = true);
         seen.iter().filter(|&&s| s).count()
     }
-}
-
-/// Max of `|got - want| / (1 + |want|)`.
-pub fn max_scaled_error(got: &[f64], want: &[f64]) -> f64 {
-    got.iter().zip(want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0.0, f64::max)
 }
 
 /// Times `case` (median of `runs` after warm-up) and, with `check`, compares it with the reference.

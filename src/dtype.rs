@@ -5,17 +5,18 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A kernel element type. Kernels are compiled once per dtype; entry points carry its suffix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     /// IEEE binary32.
-    #[value(name = "f32", alias = "float32")]
+    #[cfg_attr(feature = "cli", value(name = "f32", alias = "float32"))]
     F32,
     /// IEEE binary16.
-    #[value(name = "f16", alias = "float16", alias = "half")]
+    #[cfg_attr(feature = "cli", value(name = "f16", alias = "float16", alias = "half"))]
     F16,
     /// bfloat16 (8-bit exponent, 7-bit mantissa).
-    #[value(name = "bf16", alias = "bfloat16")]
+    #[cfg_attr(feature = "cli", value(name = "bf16", alias = "bfloat16"))]
     BF16,
 }
 

@@ -36,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod cuda;
 pub mod dtype;
@@ -48,6 +49,7 @@ pub mod outfile;
 pub mod plan;
 pub mod reference;
 pub mod synth;
+#[cfg(feature = "cli")]
 pub mod tensors;
 pub mod tune;
 

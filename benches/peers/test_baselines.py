@@ -34,7 +34,7 @@ def mole_binary():
     for candidate in (os.environ.get("MOLE"), ROOT / "target/release/mole", ROOT / "target/debug/mole"):
         if candidate and Path(candidate).is_file():
             return str(candidate)
-    raise RuntimeError("no mole binary: run `cargo build --release` or set MOLE=/path/to/mole")
+    raise RuntimeError("no mole binary: run `cargo build --release --features cli` or set MOLE=/path/to/mole")
 
 
 def peft_available():

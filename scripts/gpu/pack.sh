@@ -17,9 +17,9 @@ for f in tests/*_gpu.rs; do tests+=(--test "$(basename "$f" .rs)"); done
 benches=()
 for f in benches/*.rs; do benches+=(--bench "$(basename "$f" .rs)"); done
 {
-  cargo build --release --bin mole --message-format=json
-  cargo test --release --no-run --message-format=json "${tests[@]}"
-  cargo bench --no-run --message-format=json "${benches[@]}"
+  cargo build --release --features cli --bin mole --message-format=json
+  cargo test --release --features cli --no-run --message-format=json "${tests[@]}"
+  cargo bench --features cli --no-run --message-format=json "${benches[@]}"
 } 2> >(grep -v '^\s*\(Compiling\|Finished\|Executable\)' >&2) > "$KIT/cargo-messages.json"
 
 python3 - "$KIT" <<'PY'

@@ -2,16 +2,16 @@
 //! strategy, with a check against the f64 reference.
 
 use super::Choice;
-use crate::bench::max_scaled_error;
 use crate::cuda::{cuda_err, Device};
 use crate::kernels::fused::{self, FusedBuffers, FusedConfig, FusedOutputs, FusedPlan, FusedVariant};
 use crate::kernels::gating::{self, SlotGroupOutputs, SlotGroupingPlan};
 use crate::kernels::sgmv::{self, SgmvBuffers, SgmvPlan, SgmvShape};
 use crate::model::LayerSpec;
 use crate::plan::TokenSlot;
+use crate::reference::{self, max_scaled_error};
 use crate::synth::SyntheticLayer;
-use crate::tune::{Strategy, TunableRun};
-use crate::{reference, KernelElement, MoleError, Result};
+use crate::tune::Strategy;
+use crate::{KernelElement, MoleError, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use std::sync::Arc;
 
@@ -300,7 +300,8 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
     }
 }
 
-impl<T: KernelElement + DeviceRepr> TunableRun for DeviceLayer<'_, T> {
+#[cfg(feature = "cli")]
+impl<T: KernelElement + DeviceRepr> crate::tune::TunableRun for DeviceLayer<'_, T> {
     fn run(&mut self) -> Result<()> {
         self.forward()
     }

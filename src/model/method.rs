@@ -10,7 +10,8 @@ use std::fmt;
 /// (the README's preset table names the repository and file each preset follows);
 /// [`Method::spec_with`] takes the options that code has ([`MethodOptions`]). Every field of
 /// the result can be changed afterwards (or written as JSON) for settings no option covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// MixLoRA / MoLA: router on x, softmax top-k, renormalised.

@@ -37,6 +37,11 @@ pub fn tolerance(dtype: DType, reduction_len: usize) -> f64 {
     tolerance_with(dtype.unit_roundoff(), f64::powi(2.0, -24), reduction_len)
 }
 
+/// Max of `|got - want| / (1 + |want|)`.
+pub fn max_scaled_error(got: &[f64], want: &[f64]) -> f64 {
+    got.iter().zip(want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0.0, f64::max)
+}
+
 /// [`tolerance`] for explicit storage (`u_store`) and accumulation (`u_acc`) unit roundoffs.
 pub fn tolerance_with(u_store: f64, u_acc: f64, reduction_len: usize) -> f64 {
     let nu = reduction_len.max(1) as f64 * u_acc;

@@ -5,24 +5,31 @@
 //!   tokens bucketed to powers of two).
 //! - [`space`]: the [`Candidate`]s of a shape (candidate 0 is the default) and their pruning from
 //!   the ptxas report before any timing.
-//! - [`measure`](mod@measure): timing on the device through [`TunableRun`] (warm-up, L2 flush, CUDA events,
-//!   median) and [`prepare_run`], where each [`Strategy`] plugs in.
-//! - [`tuner`]: [`tune_shape`], the search of one shape with its per-candidate [`Outcome`]s.
+//! - `measure` (feature `cli`): timing on the device through `TunableRun` (warm-up, L2 flush,
+//!   CUDA events, median) and `prepare_run`, where each [`Strategy`] plugs in.
+//! - `tuner` (feature `cli`): `tune_shape`, the search of one shape with its per-candidate
+//!   `Outcome`s.
 //! - [`cache`]: [`TuningCache`] and [`store`], one file per GPU, user results over shipped ones,
 //!   stale and corrupt data ignored with a warning, atomic merged writes.
 //!
-//! `mole autotune` drives all of it for the standard shapes of common models.
+//! Without the `cli` feature only the lookup is compiled (keys, candidates, the cache): what a
+//! framework needs to run tuned layers. `mole autotune` drives all of it for the standard shapes
+//! of common models.
 
 pub mod cache;
 pub mod key;
+#[cfg(feature = "cli")]
 pub mod measure;
 pub mod space;
+#[cfg(feature = "cli")]
 pub mod tuner;
 
 pub use cache::{store, GpuId, Provenance, Stored, TunedEntry, TuningCache, TuningFile, FORMAT_VERSION};
 pub use key::{token_bucket, ShapeKey};
+#[cfg(feature = "cli")]
 pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};
 pub use space::{candidates, candidates_for, Candidate, Pruner};
+#[cfg(feature = "cli")]
 pub use tuner::{tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};
 
 use serde::{Deserialize, Serialize};

@@ -34,7 +34,7 @@ impl fmt::Display for Candidate {
 
 /// The strategies a family's builds serve, or none for families that are not (yet) a whole
 /// layer path. Adding a family to the search space is one arm here (plus its arm in
-/// [`super::prepare_run`]).
+/// `prepare_run`, feature `cli`).
 pub fn strategy_of(family: Family) -> &'static [Strategy] {
     match family {
         Family::Sgmv => &[Strategy::Grouped],

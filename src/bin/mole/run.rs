@@ -3,10 +3,10 @@
 
 use clap::Args;
 use cudarc::driver::DeviceRepr;
-use mole::bench::max_scaled_error;
 use mole::layer::{ChoiceSource, DeviceLayer};
 use mole::model::{Knob, LayerSpec, Method, MethodShape, Mix};
 use mole::plan::RoutingPlan;
+use mole::reference::max_scaled_error;
 use mole::reference::LayerOutput;
 use mole::reference::{self, Bank};
 use mole::synth::SyntheticLayer;
