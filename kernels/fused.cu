@@ -512,7 +512,7 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 //   w / WN and n16 strip w % WN of each BN-column block; y is read and written once.
 // ---------------------------------------------------------------------------------------------
 #if !defined(MOLE_DTYPE_F32) && MOLE_FUSED_BT % 16 == 0 && MOLE_FUSED_WARPS % (MOLE_FUSED_BT / 16) == 0
-#include "common/mma.cuh"
+#include "common/tc.cuh"
 
 #define MOLE_FUSED_KM 32
 #define MOLE_FUSED_MT (MOLE_FUSED_BT / 16)
@@ -557,14 +557,6 @@ MOLE_DEVICE fused_mma_smem fused_mma_carve(const mole_fused_params& p, const fus
     return m;
 }
 
-MOLE_DEVICE void fused_mma(float* d, const mole_u32* a, const mole_u32* b) {
-#if defined(MOLE_DTYPE_BF16)
-    mole_mma_m16n8k16_bf16(d, a, b, d);
-#else
-    mole_mma_m16n8k16_f16(d, a, b, d);
-#endif
-}
-
 // Issues and commits the copies of x[t0 .. t0 + BT, k0 .. k0 + KM) into `xs` (16-byte segments;
 // rows past T and k past d_in read nothing and are zero filled).
 MOLE_DEVICE void fused_stage_x(elem_t* xs, const elem_t* __restrict__ x, const mole_fused_params& p, mole_u64 t0,
@@ -582,7 +574,7 @@ MOLE_DEVICE void shrink_tile_mma(const mole_fused_params& p, const elem_t* __res
                                  const elem_t* __restrict__ a, const elem_t* __restrict__ wg, mole_u64 t0,
                                  const fused_smem& s, const fused_mma_smem& m) {
     const mole_u32 sc = p.shrink_cols, sc16 = round16(sc), r = p.rank, e_n = p.gate.experts;
-    const int lane = mole_lane(), warp = mole_warp_id(), g = lane / 4, tq = lane % 4;
+    const int lane = mole_lane(), warp = mole_warp_id();
     const int strips = (int)(sc16 / 16u), pairs = MOLE_FUSED_MT * strips;
     float acc[MOLE_FUSED_PAIRS][2][4];
     for (int pi = 0; pi < MOLE_FUSED_PAIRS; ++pi)
@@ -618,21 +610,20 @@ MOLE_DEVICE void shrink_tile_mma(const mole_fused_params& p, const elem_t* __res
                 mole_u32 af[4], bf[4];
                 mole_ldmatrix_x4(af, xs + (mt * 16 + lane % 16) * MOLE_FUSED_XS + kk + (lane / 16) * 8);
                 mole_ldmatrix_x4_trans(bf, m.ws + (kk + lane % 16) * (sc16 + 8u) + strip * 16 + (lane / 16) * 8);
-                fused_mma(acc[pi][0], af, bf);
-                fused_mma(acc[pi][1], af, bf + 2);
+                mole_tc_mma(acc[pi][0], af, bf);
+                mole_tc_mma(acc[pi][1], af, bf + 2);
             }
         }
         st ^= 1;
     }
-    // c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1] of each n8 tile.
     for (int pi = 0; pi < MOLE_FUSED_PAIRS; ++pi) {
         const int pair = warp + pi * MOLE_FUSED_WARPS;
         if (pair >= pairs) break;
         const int mt = pair / strips, strip = pair % strips;
         for (int j = 0; j < 2; ++j)
             for (int q = 0; q < 4; ++q) {
-                const int row = mt * 16 + g + (q / 2) * 8;
-                const mole_u32 c = (mole_u32)(strip * 16 + j * 8 + 2 * tq + (q % 2));
+                const int row = mt * 16 + mole_tc_acc_row(lane, q);
+                const mole_u32 c = (mole_u32)(strip * 16 + mole_tc_acc_col(lane, j, q));
                 if (c < sc) s.hz[(mole_u64)row * p.cols + c] = acc[pi][j][q];
             }
     }
@@ -649,37 +640,18 @@ MOLE_DEVICE void split_h(const mole_fused_params& p, const fused_smem& s, const 
             const float v = ch * 16u + j < p.rank ? mole_fabsf(h[j]) : 0.0f;
             mx = v > mx ? v : mx;
         }
-        // scale = 2^-E (E = mx's exponent), biased exponent kept in [1, 253] so that both the
-        // scale and its inverse are normal; mx = 0 gives scale 1.
-        int be = mx > 0.0f ? 254 - (int)((mole_float_bits(mx) >> 23) & 0xffu) : 127;
-        be = be < 1 ? 1 : (be > 253 ? 253 : be);
-        const float sc = mole_bits_float((mole_u32)be << 23);
-        m.rinv[row * chunks + ch] = mole_bits_float((mole_u32)(254 - be) << 23);
+        const float sc = mole_tc_chunk_scale(mx, &m.rinv[row * chunks + ch]);
         elem_t* hi = m.hhi + row * (r16 + 8u) + ch * 16u;
         elem_t* lo = m.hlo + row * (r16 + 8u) + ch * 16u;
-        for (mole_u32 j = 0; j < 16u; ++j) {
-            const float hv = ch * 16u + j < p.rank ? h[j] * sc : 0.0f;
-            store_from_f32(hi + j, hv);
-            const float h_hi = load_f32(hi + j);
-            // An infinite h' stays in hi alone (inf - inf would make the row NaN).
-            store_from_f32(lo + j, h_hi - h_hi == 0.0f ? hv - h_hi : 0.0f);
-        }
+        for (mole_u32 j = 0; j < 16u; ++j) mole_tc_split(hi + j, lo + j, ch * 16u + j < p.rank ? h[j] * sc : 0.0f);
     }
 }
 
-// Issues and commits the copies of B[ch*16 .. +16, nb .. nb + BN) into `bs` (16-byte segments;
-// ranks past R and columns past d_out read nothing and are zero filled).
+// Issues and commits the copies of B[ch*16 .. +16, nb .. nb + BN) into `bs` (ranks past R and
+// columns past d_out zero filled).
 MOLE_DEVICE void fused_stage_b(elem_t* bs, const elem_t* __restrict__ b, const mole_fused_params& p, mole_u32 ch,
                                mole_u64 nb) {
-    for (int i = (int)threadIdx.x; i < 16 * (MOLE_FUSED_BN / 8); i += (int)blockDim.x) {
-        const int kk = i / (MOLE_FUSED_BN / 8), seg = i % (MOLE_FUSED_BN / 8);
-        const mole_u32 c = ch * 16u + (mole_u32)kk;
-        const mole_u64 n = nb + (mole_u64)seg * 8u;
-        const bool live = c < p.rank && n < p.d_out;  // whole segments: d_out % 8 == 0
-        mole_cp_async_16_zfill(bs + kk * (MOLE_FUSED_BN + 8) + seg * 8, live ? b + (mole_u64)c * p.d_out + n : b,
-                               live ? 16 : 0);
-    }
-    mole_cp_async_commit();
+    mole_tc_stage_b<MOLE_FUSED_BN>(bs, b, 0u, ch * 16u, p.rank, nb, p.d_out);
 }
 
 // Steps over (column block, 16-rank chunk) in order; the next step's B chunk is copied into the
@@ -689,7 +661,7 @@ MOLE_DEVICE void expand_tile_mma(const mole_fused_params& p, const elem_t* __res
                                  mole_u64 t0, const fused_smem& s, const fused_mma_smem& m) {
     split_h(p, s, m);
     const mole_u32 r16 = round16(p.rank), chunks = r16 / 16u;
-    const int lane = mole_lane(), warp = mole_warp_id(), g = lane / 4, tq = lane % 4;
+    const int lane = mole_lane(), warp = mole_warp_id(), g = lane / 4;
     const int mt = warp / MOLE_FUSED_WN, n0 = 16 * (warp % MOLE_FUSED_WN);
     const mole_u64 blocks = ((mole_u64)p.d_out + MOLE_FUSED_BN - 1) / MOLE_FUSED_BN, steps = blocks * chunks;
     constexpr int STAGE = 16 * (MOLE_FUSED_BN + 8);
@@ -713,20 +685,13 @@ MOLE_DEVICE void expand_tile_mma(const mole_fused_params& p, const elem_t* __res
         mole_ldmatrix_x4(ah, m.hhi + hrow);
         mole_ldmatrix_x4(al, m.hlo + hrow);
         mole_ldmatrix_x4_trans(bf, m.bs + st * STAGE + (lane % 16) * (MOLE_FUSED_BN + 8) + n0 + (lane / 16) * 8);
-        float part[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-        for (int j = 0; j < 2; ++j) {
-            fused_mma(part[j], al, bf + 2 * j);
-            fused_mma(part[j], ah, bf + 2 * j);
-        }
-        const float inv_lo = m.rinv[(mt * 16 + g) * chunks + ch], inv_hi = m.rinv[(mt * 16 + g + 8) * chunks + ch];
-        for (int j = 0; j < 2; ++j)
-            for (int q = 0; q < 4; ++q) acc[j][q] += part[j][q] * (q < 2 ? inv_lo : inv_hi);
+        mole_tc_mma_hilo(acc, ah, al, bf, m.rinv[(mt * 16 + g) * chunks + ch], m.rinv[(mt * 16 + g + 8) * chunks + ch]);
         st ^= 1;
         if (ch + 1 < chunks) continue;
         for (int j = 0; j < 2; ++j)
             for (int q = 0; q < 4; ++q) {
-                const mole_u64 t = t0 + (mole_u64)(mt * 16 + g + (q / 2) * 8);
-                const mole_u64 n = nb + (mole_u64)(n0 + j * 8 + 2 * tq + (q % 2));
+                const mole_u64 t = t0 + (mole_u64)(mt * 16 + mole_tc_acc_row(lane, q));
+                const mole_u64 n = nb + (mole_u64)(n0 + mole_tc_acc_col(lane, j, q));
                 if (t < p.gate.tokens && n < p.d_out) {
                     elem_t* dst = y + t * p.d_out + n;
                     store_from_f32(dst, load_f32(dst) + p.scale * acc[j][q]);

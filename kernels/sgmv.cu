@@ -286,7 +286,7 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 // rank columns 16*(w % WN) .. +16 of each MMA_RC-column chunk; KM = 32 of d_in per step.
 // ---------------------------------------------------------------------------------------------
 #if !defined(MOLE_DTYPE_F32)
-#include "common/mma.cuh"
+#include "common/tc.cuh"
 
 #define MOLE_SGMV_MMA_WARPS (MOLE_BLOCK_THREADS / 32)
 #define MOLE_SGMV_MMA_WM (MOLE_SGMV_BM / 16)
@@ -300,14 +300,6 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 static_assert(MOLE_SGMV_BM % 16 == 0 && MOLE_SGMV_MMA_WARPS % MOLE_SGMV_MMA_WM == 0,
               "mma shrink: BM must be a multiple of 16 and the warps a multiple of BM / 16");
 static_assert(MOLE_SGMV_KC % 8 == 0, "mma shrink: split boundaries must stay 8-element aligned");
-
-MOLE_DEVICE void sgmv_mma(float* d, const mole_u32* a, const mole_u32* b) {
-#if defined(MOLE_DTYPE_BF16)
-    mole_mma_m16n8k16_bf16(d, a, b, d);
-#else
-    mole_mma_m16n8k16_f16(d, a, b, d);
-#endif
-}
 
 // Issues (and commits, as one group) the cp.async copies of x[rows, k0 .. k0 + KM) into `xs`:
 // 16-byte segments of 8 elements; padding rows and k past the split read nothing (zero fill).
@@ -348,7 +340,6 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     const int lane = mole_lane();
     const int m0 = 16 * (mole_warp_id() / MOLE_SGMV_MMA_WN);
     const int n0 = 16 * (mole_warp_id() % MOLE_SGMV_MMA_WN);
-    const int g = lane / 4, tq = lane % 4;
     MOLE_NO_UNROLL
     for (mole_u32 c0 = 0u; c0 < tile.rank; c0 += MOLE_SGMV_MMA_RC) {
         float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -384,16 +375,15 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
                 mole_u32 af[4], bf[4];
                 mole_ldmatrix_x4(af, &xs[st][m0 + (lane % 16)][kk + (lane / 16) * 8]);
                 mole_ldmatrix_x4_trans(bf, &as[kk + (lane % 16)][n0 + (lane / 16) * 8]);
-                sgmv_mma(acc[0], af, bf);
-                sgmv_mma(acc[1], af, bf + 2);
+                mole_tc_mma(acc[0], af, bf);
+                mole_tc_mma(acc[1], af, bf + 2);
             }
             st = (st + 1) % MOLE_SGMV_STAGES;
         }
-        // c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1] of each n8 tile.
         for (int j = 0; j < 2; ++j) {
             for (int q = 0; q < 4; ++q) {
-                const int r = m0 + g + (q / 2) * 8;
-                const mole_u32 cc = c0 + (mole_u32)(n0 + j * 8 + 2 * tq + (q % 2));
+                const int r = m0 + mole_tc_acc_row(lane, q);
+                const mole_u32 cc = c0 + (mole_u32)(n0 + mole_tc_acc_col(lane, j, q));
                 const int t = rows[r];
                 if (t < 0 || cc >= tile.rank) continue;
                 const mole_u64 ts = (mole_u64)t * p.slots + s;
@@ -441,20 +431,12 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     const int lane = mole_lane();
     const int m0 = 16 * (mole_warp_id() / MOLE_SGMV_MMA_WN);
     const int n0 = 16 * (mole_warp_id() % MOLE_SGMV_MMA_WN);
-    const int g = lane / 4, tq = lane % 4;
+    const int g = lane / 4;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     MOLE_NO_UNROLL
     for (mole_u32 c0 = 0u; c0 < tile.rank; c0 += 16u) {
         __syncthreads();  // the previous chunk's fragments and scales are read
-        for (int i = (int)threadIdx.x; i < 16 * (MOLE_SGMV_MMA_BN / 8); i += (int)blockDim.x) {
-            const int kk = i / (MOLE_SGMV_MMA_BN / 8), seg = i % (MOLE_SGMV_MMA_BN / 8);
-            const mole_u32 c = c0 + (mole_u32)kk;
-            const mole_u64 n = nb + (mole_u64)seg * 8u;
-            const bool live = c < tile.rank && n < p.d_out;  // whole segments: d_out % 8 == 0
-            const elem_t* src = live ? b + (mole_u64)(tile.col_lo + c) * p.d_out + n : b;
-            mole_cp_async_16_zfill(&bs[kk][seg * 8], src, live ? 16 : 0);
-        }
-        mole_cp_async_commit();
+        mole_tc_stage_b<MOLE_SGMV_MMA_BN>(&bs[0][0], b, tile.col_lo, c0, tile.rank, nb, p.d_out);
         // Four threads per row, four ranks each (whole warps: BM * 4 is a multiple of 64).
         for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM * 4; i += (int)blockDim.x) {
             const int r = i / 4, q = i % 4;
@@ -478,17 +460,10 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
                 const float o = mole_shfl_xor(m, d);
                 m = o > m ? o : m;
             }
-            // scale = 2^-E (E = m's exponent), biased exponent kept in [1, 253] so that both
-            // the scale and its inverse are normal; m = 0 gives scale 1.
-            int be = m > 0.0f ? 254 - (int)((mole_float_bits(m) >> 23) & 0xffu) : 127;
-            be = be < 1 ? 1 : (be > 253 ? 253 : be);
-            const float sc = mole_bits_float((mole_u32)be << 23);
-            if (q == 0) rinv[r] = mole_bits_float((mole_u32)(254 - be) << 23);
-            for (int j = 0; j < 4; ++j) {
-                const float hv = v[j] * sc;
-                store_from_f32(&hhi[r][4 * q + j], hv);
-                store_from_f32(&hlo[r][4 * q + j], hv - load_f32(&hhi[r][4 * q + j]));
-            }
+            float inv;
+            const float sc = mole_tc_chunk_scale(m, &inv);
+            if (q == 0) rinv[r] = inv;
+            for (int j = 0; j < 4; ++j) mole_tc_split(&hhi[r][4 * q + j], &hlo[r][4 * q + j], v[j] * sc);
         }
         mole_cp_async_wait_all();
         __syncthreads();
@@ -496,21 +471,12 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
         mole_ldmatrix_x4(ah, &hhi[m0 + (lane % 16)][(lane / 16) * 8]);
         mole_ldmatrix_x4(al, &hlo[m0 + (lane % 16)][(lane / 16) * 8]);
         mole_ldmatrix_x4_trans(bf, &bs[lane % 16][n0 + (lane / 16) * 8]);
-        float part[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-        for (int j = 0; j < 2; ++j) {
-            sgmv_mma(part[j], al, bf + 2 * j);
-            sgmv_mma(part[j], ah, bf + 2 * j);
-        }
-        const float inv_lo = rinv[m0 + g], inv_hi = rinv[m0 + g + 8];
-        for (int j = 0; j < 2; ++j) {
-            for (int q = 0; q < 4; ++q) acc[j][q] += part[j][q] * (q < 2 ? inv_lo : inv_hi);
-        }
+        mole_tc_mma_hilo(acc, ah, al, bf, rinv[m0 + g], rinv[m0 + g + 8]);
     }
-    // c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1] of each n8 tile.
     for (int j = 0; j < 2; ++j) {
         for (int q = 0; q < 4; ++q) {
-            const int r = m0 + g + (q / 2) * 8;
-            const mole_u64 n = nb + (mole_u64)(n0 + j * 8 + 2 * tq + (q % 2));
+            const int r = m0 + mole_tc_acc_row(lane, q);
+            const mole_u64 n = nb + (mole_u64)(n0 + mole_tc_acc_col(lane, j, q));
             const int t = rows[r];
             if (t < 0 || n >= p.d_out) continue;
             const float w = weights[(mole_u64)t * p.slots + s];

@@ -471,3 +471,71 @@ fn tensor_core_and_fma_paths_agree_bit_for_bit_on_exact_data() {
         }
     }
 }
+
+/// An infinite `h'` through every fused expand: the tensor-core one (16-bit dtypes; its hi / lo
+/// split must keep the infinity in hi, not make `lo = inf - inf`), the FMA one and the split one.
+/// One `A` entry is +inf, so `h = x · A` is ±inf in one rank column of expert 0, and every token
+/// is routed to expert 0 (the kernel's mix multiplies `h` by the summed weight of the column's
+/// expert, 0 when unselected, where the reference skips the expert: `0 · inf` would differ).
+/// Where the f64 reference gives ±inf the kernel must give the same infinity.
+#[test]
+fn infinite_h_reaches_y_as_the_reference_infinity() {
+    let spec = method_spec(Method::AdapterServing, 64, 40);
+    let runs = [
+        (FusedVariant::Single, Kernels::Auto),
+        (FusedVariant::Single, Kernels::Fma),
+        (FusedVariant::Split { splits: 2, n_per_block: 32 }, Kernels::Auto),
+    ];
+    for (variant, kernels) in runs {
+        for dtype in DType::ALL {
+            let r = match dtype {
+                DType::F32 => infinite_h::<f32>(&spec, variant, kernels),
+                DType::F16 => infinite_h::<half::f16>(&spec, variant, kernels),
+                DType::BF16 => infinite_h::<half::bf16>(&spec, variant, kernels),
+            };
+            r.unwrap_or_else(|e| panic!("{dtype} {variant:?} {kernels:?}: {e}"));
+        }
+    }
+}
+
+fn infinite_h<T: KernelElement + bytemuck::Pod>(
+    spec: &LayerSpec,
+    variant: FusedVariant,
+    kernels: Kernels,
+) -> Result<(), String> {
+    let tokens = 21;
+    let mut data = SyntheticLayer::<T>::new(spec, tokens, 11);
+    data.adapter_ids = Some(vec![0; tokens]);
+    let (k0, c0) = (5, spec.ranks.cols(0).start + 1);
+    data.a[k0 * spec.total_rank() + c0] = T::from_f64(f64::INFINITY);
+    for t in 0..tokens {
+        // x[t, k0] · inf must be an infinity, never 0 · inf.
+        data.x[t * spec.d_in + k0] = T::from_f64(if t % 2 == 0 { 0.5 } else { -0.75 });
+    }
+    let reference = reference::forward(spec, &data.inputs()).map_err(|e| e.to_string())?;
+    let build = fused::build(T::DTYPE, fused::FusedConfig::DEFAULT);
+    let mut plan = fused::plan(&build, spec, tokens, variant, FusedOutputs::default()).map_err(|e| e.to_string())?;
+    if kernels == Kernels::Fma {
+        plan = plan.without_tensor_cores();
+    }
+    let tensor_cores = T::DTYPE != DType::F32 && kernels == Kernels::Auto && variant == FusedVariant::Single;
+    if plan.uses_tensor_cores() != tensor_cores {
+        return Err(format!("the plan's tensor cores: {}", plan.uses_tensor_cores()));
+    }
+    let got = run_fused(spec, &data, &plan, Schedule::Seeded(4)).y;
+    let (_, bound) = expected(spec, &data, &reference.routing);
+    let want = &reference.y;
+    let infinite = want.iter().filter(|v| v.is_infinite()).count();
+    if infinite < tokens * spec.d_out / 2 {
+        return Err(format!("the reference has only {infinite} infinities"));
+    }
+    let n = spec.d_in + spec.total_rank() + reference.routing.slots + 16;
+    let tol = tolerance_with(T::DTYPE.unit_roundoff(), f64::powi(2.0, -23), n);
+    for (i, ((&g, &w), &p)) in got.iter().zip(want).zip(&bound).enumerate() {
+        let ok = if w.is_finite() { (g - w).abs() <= tol * p } else { g == w || (w.is_nan() && g.is_nan()) };
+        if !ok {
+            return Err(format!("y[{}, {}] = {g}, reference {w}", i / spec.d_out, i % spec.d_out));
+        }
+    }
+    Ok(())
+}

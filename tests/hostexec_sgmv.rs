@@ -414,3 +414,102 @@ fn expand_exact<T: Scalar + bytemuck::Pod>(dtype: DType, p_bits: i32) {
     let differ = fma.iter().zip(&mma).filter(|(a, b)| a != b).count();
     assert_eq!(differ, 0, "{dtype:?}: {differ} of {} elements differ from the FMA expand", fma.len());
 }
+
+/// An infinite `h` (one `A` entry is +inf, so `h = x · A` is ±inf in one rank column of expert 1)
+/// through both expands: the tensor-core one (16-bit dtypes; its hi / lo split must keep the
+/// infinity in hi, not make `lo = inf - inf`) and the FMA one. Where the f64 reference gives ±inf
+/// the kernel must give the same infinity; tokens of the other experts stay within tolerance.
+#[test]
+fn infinite_h_reaches_y_as_the_reference_infinity() {
+    infinite_h::<f16>(DType::F16);
+    infinite_h::<bf16>(DType::BF16);
+    infinite_h::<f32>(DType::F32);
+}
+
+fn infinite_h<T: Scalar + bytemuck::Pod>(dtype: DType) {
+    let (t_n, d_in, d_out, ranks) = (40usize, 32usize, 40usize, [5usize, 16, 3]);
+    let mut rng = Rng::new(7);
+    let mut offs = vec![0usize];
+    for r in ranks {
+        offs.push(offs.last().unwrap() + r);
+    }
+    let r_total = offs[ranks.len()];
+    let offs32: Vec<u32> = offs.iter().map(|&o| o as u32).collect();
+    let layout = RankLayout::from_offsets(offs.clone()).unwrap();
+    let ids: Vec<i32> = (0..t_n).map(|t| (t % ranks.len()) as i32).collect();
+    let w: Vec<f64> =
+        (0..t_n).map(|_| rng.range(0.5, 1.0) as f32 as f64 * if rng.below(2) == 0 { 1.0 } else { -1.0 }).collect();
+    // Magnitudes kept from zero: x[t, k] · inf must be an infinity, never 0 · inf.
+    let mut gen = |n: usize| -> Vec<f64> {
+        (0..n).map(|_| rng.range(0.25, 1.0) * if rng.below(2) == 0 { 1.0 } else { -1.0 }).collect()
+    };
+    let (x_buf, x) = rounded::<T>("x", &gen(t_n * d_in));
+    let mut a_raw = gen(d_in * r_total);
+    a_raw[5 * r_total + offs[1] + 3] = f64::INFINITY;
+    let (a_buf, a) = rounded::<T>("a", &a_raw);
+    let (b_buf, b) = rounded::<T>("b", &gen(r_total * d_out));
+    let y_init = gen(t_n * d_out);
+    let (_, y0) = rounded::<T>("y", &y_init);
+
+    let build = sgmv::build(dtype, SgmvConfig::DEFAULT);
+    let plans = SlotPlans::build(&ids, t_n, 1, ranks.len(), SgmvConfig::DEFAULT.bm as usize).unwrap();
+    let shape = SgmvShape { tokens: t_n, slots: 1, d_in, d_out, scale: 0.5 };
+    let p = sgmv::plan(&build, shape, &offs32, plans.entry_stride).unwrap();
+    let (shrink, expand) = (p.shrink.unwrap(), p.expand.unwrap());
+    let fma = sgmv::expand_launch(p.config, expand.grid.0, d_out as u32, false);
+    assert_eq!(expand.entry != fma.entry, dtype != DType::F32, "{dtype:?}: the plan's expand");
+
+    let routing =
+        Routing { tokens: t_n, slots: 1, experts: ranks.len(), ids: ids.clone(), weights: w.clone(), probs: None };
+    let rplan = RoutingPlan::build(&ids, t_n, 1, ranks.len(), 1).unwrap();
+    let bank = Bank { a: &a, b: &b, ranks: &layout, scale: 0.5, d_in, d_out };
+    let want = grouped_forward(&x, &y0, bank, &routing, &rplan);
+    let abs = |v: &[f64]| v.iter().map(|e| e.abs()).collect::<Vec<f64>>();
+    let (a_abs, b_abs) = (abs(&a), abs(&b));
+    let abs_routing = Routing { weights: abs(&w), ..routing.clone() };
+    let bank_abs = Bank { a: &a_abs, b: &b_abs, ranks: &layout, scale: 0.5, d_in, d_out };
+    let bound = grouped_forward(&abs(&x), &abs(&y0), bank_abs, &abs_routing, &rplan);
+    let infinite = want.iter().filter(|v| v.is_infinite()).count();
+    assert!(infinite >= t_n / 3 * d_out, "{dtype:?}: the reference has only {infinite} infinities");
+    let tol = tolerance_with(dtype.unit_roundoff(), f64::powi(2.0, -23), d_in + 16 + p.params.splits as usize + 8);
+
+    let ro_buf = Buffer::from_slice("rank_offsets", &offs32);
+    let po_buf = Buffer::from_slice("plan_offsets", &plans.offsets);
+    let pe_buf = Buffer::from_slice("plan_entries", &plans.entries);
+    let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+    let w_buf = Buffer::from_slice("weights", &w32);
+    for launch in [expand, fma] {
+        let h_buf = Buffer::<f32>::poisoned("h_part", p.lens.h_part);
+        let (y_buf, _) = rounded::<T>("y", &y_init);
+        let k = Kernel::get(&entry_name(shrink.entry, dtype)).unwrap();
+        let cfg = LaunchConfig::new(shrink.grid, shrink.block).schedule(Schedule::Seeded(3));
+        let args = [
+            Arg::value(p.params),
+            Arg::buffer(&x_buf),
+            Arg::buffer(&a_buf),
+            Arg::buffer(&ro_buf),
+            Arg::buffer(&po_buf),
+            Arg::buffer(&pe_buf),
+            Arg::buffer(&h_buf),
+        ];
+        k.launch(&cfg, &args).unwrap();
+        let k = Kernel::get(&entry_name(launch.entry, dtype)).unwrap();
+        let cfg = LaunchConfig::new(launch.grid, launch.block).schedule(Schedule::Seeded(3));
+        let args = [
+            Arg::value(p.expand_params(0)),
+            Arg::buffer(&h_buf),
+            Arg::buffer(&b_buf),
+            Arg::buffer(&ro_buf),
+            Arg::buffer(&po_buf),
+            Arg::buffer(&pe_buf),
+            Arg::buffer(&w_buf),
+            Arg::buffer(&y_buf),
+        ];
+        k.launch(&cfg, &args).unwrap();
+        let got: Vec<f64> = y_buf.read().iter().map(|v| v.to_f64()).collect();
+        for (i, ((&g, &e), &bnd)) in got.iter().zip(&want).zip(&bound).enumerate() {
+            let ok = if e.is_finite() { (g - e).abs() <= tol * bnd } else { g == e || (e.is_nan() && g.is_nan()) };
+            assert!(ok, "{dtype:?} {}: y[{}, {}] = {g}, reference {e}", launch.entry, i / d_out, i % d_out);
+        }
+    }
+}
