@@ -217,7 +217,9 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
             plan_offsets: stream.clone_htod(&plans.offsets).map_err(&up)?,
             plan_entries: stream.clone_htod(&plans.entries).map_err(&up)?,
             weights: stream.clone_htod(&w32).map_err(&up)?,
-            h_part: stream.alloc_zeros::<f32>(plan.lens.h_part.max(1)).map_err(cuda_err("cuMemAlloc"))?,
+            h_part: stream
+                .alloc_zeros::<f32>(plan.lens.get(crate::exec::Buf::Partials).max(1))
+                .map_err(cuda_err("cuMemAlloc"))?,
             build,
             plan,
             data,

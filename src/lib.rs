@@ -41,6 +41,7 @@ pub mod bench;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod exec;
 pub mod kernels;
 pub mod layer;
 pub mod limits;

@@ -15,6 +15,7 @@
 //! - router statistics (summed per tile by the kernel, in tile order by `gating_stats_finalize`)
 //!   against the reference statistics.
 
+use mole::exec::{Bindings, Buf};
 use mole::kernels::fused::{self, FusedOutputs, FusedPlan, FusedVariant};
 use mole::kernels::gating;
 use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
@@ -25,6 +26,9 @@ use mole::reference::{self, tolerance_with, Routing};
 use mole::synth::SyntheticLayer;
 use mole::{DType, KernelElement, Scalar};
 use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+
+mod host;
+use host::HostBackend;
 use proptest::prelude::*;
 
 /// What a fused launch returned.
@@ -340,28 +344,23 @@ fn grouped_y(spec: &LayerSpec, data: &SyntheticLayer<half::bf16>, schedule: Sche
     let po = Buffer::from_slice("plan_offsets", &plans.offsets);
     let pe = Buffer::from_slice("plan_entries", bytemuck::cast_slice::<_, [u32; 2]>(&plans.entries));
     let w = Buffer::from_slice("weights", &routed.weights);
-    let h = Buffer::<f32>::poisoned("h_part", p.lens.h_part.max(1));
-    let shrink = p.shrink.unwrap();
-    let k = Kernel::get(&sgmv::entry_name(shrink.entry, dtype)).unwrap();
-    let cfg = LaunchConfig::new(shrink.grid, shrink.block).schedule(schedule);
-    let args = [Arg::value(p.params), Arg::buffer(&x), Arg::buffer(&a), Arg::buffer(&ro), Arg::buffer(&po)];
-    k.launch(&cfg, &[&args[..], &[Arg::buffer(&pe), Arg::buffer(&h)]].concat()).unwrap();
-    let expand = p.expand.unwrap();
-    let k = Kernel::get(&sgmv::entry_name(expand.entry, dtype)).unwrap();
-    for s in 0..slots {
-        let cfg = LaunchConfig::new(expand.grid, expand.block).schedule(schedule);
-        let args = [
-            Arg::value(p.expand_params(s)),
-            Arg::buffer(&h),
-            Arg::buffer(&b),
-            Arg::buffer(&ro),
-            Arg::buffer(&po),
-            Arg::buffer(&pe),
-            Arg::buffer(&w),
-            Arg::buffer(&y),
-        ];
-        k.launch(&cfg, &args).unwrap();
+    let h = Buffer::<f32>::poisoned("h_part", p.lens.get(Buf::Partials).max(1));
+    let mut binds = Bindings::new();
+    for (buf, addr) in [
+        (Buf::X, x.device_ptr()),
+        (Buf::A, a.device_ptr()),
+        (Buf::B, b.device_ptr()),
+        (Buf::RankOffsets, ro.device_ptr()),
+        (Buf::PlanOffsets, po.device_ptr()),
+        (Buf::PlanEntries, pe.device_ptr()),
+        (Buf::RouteWeights, w.device_ptr()),
+        (Buf::Partials, h.device_ptr()),
+        (Buf::Y, y.device_ptr()),
+    ] {
+        binds.raw(buf, addr);
     }
+    // SAFETY: every bound address is a live host-execution buffer of the plan's length.
+    unsafe { sgmv::run(&sgmv_build, &p, &binds, &mut HostBackend::new(schedule)) }.unwrap();
     y.read().iter().map(|v| v.to_f64()).collect()
 }
 

@@ -13,13 +13,17 @@
 //! the reference sees them. An element no slot touches must come back bit-exact.
 
 use half::{bf16, f16};
-use mole::kernels::sgmv::{self, entry_name, SgmvConfig, SgmvShape, SlotPlans};
+use mole::exec::{Backend, Bindings, Buf, Launch};
+use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
 use mole::model::RankLayout;
 use mole::plan::{RoutingPlan, TokenSlot};
 use mole::reference::{grouped_forward, tolerance_with, Bank, Routing};
 use mole::synth::Rng;
 use mole::{DType, Scalar};
-use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use mole_hostexec::{Buffer, Schedule};
+
+mod host;
+use host::HostBackend;
 use proptest::prelude::*;
 
 /// How tokens spread over experts.
@@ -163,6 +167,11 @@ fn rounded<T: Scalar + bytemuck::Pod>(name: &str, v: &[f64]) -> (Buffer<T>, Vec<
     (buf, back)
 }
 
+/// Binds `buf` to a host-execution buffer, with its length.
+fn bind<T: bytemuck::Pod>(b: &mut Bindings, buf: Buf, data: &Buffer<T>) {
+    b.sized(buf, data.device_ptr(), data.len());
+}
+
 /// Runs `c` through the kernels, checks it against the reference, and returns `y` as computed.
 fn run_case(c: &Case) -> Result<Vec<f64>, TestCaseError> {
     match c.dtype {
@@ -209,42 +218,28 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
         Buffer::from_slice("plan_entries", &plans.entries)
     };
     let w_buf = if w32.is_empty() { Buffer::poisoned("weights", 1) } else { Buffer::from_slice("weights", &w32) };
-    let h_buf = Buffer::<f32>::poisoned("h_part", nonempty(p.lens.h_part));
-    if let (Some(shrink), Some(expand)) = (p.shrink, p.expand) {
-        let name = if c.force_fma { sgmv::entry::SHRINK } else { shrink.entry };
-        let k = Kernel::get(&entry_name(name, c.dtype)).map_err(|e| fail(e.to_string()))?;
-        let cfg = LaunchConfig::new(shrink.grid, shrink.block).schedule(c.schedule);
-        let args = [
-            Arg::value(p.params),
-            Arg::buffer(&x_buf),
-            Arg::buffer(&a_buf),
-            Arg::buffer(&ro_buf),
-            Arg::buffer(&po_buf),
-            Arg::buffer(&pe_buf),
-            Arg::buffer(&h_buf),
-        ];
-        k.launch(&cfg, &args).map_err(|e| fail(e.to_string()))?;
-        let expand = if c.force_fma_expand {
-            sgmv::expand_launch(p.config, expand.grid.0, p.params.d_out, false)
-        } else {
-            expand
-        };
-        let k = Kernel::get(&entry_name(expand.entry, c.dtype)).map_err(|e| fail(e.to_string()))?;
-        let cfg = LaunchConfig::new(expand.grid, expand.block).schedule(c.schedule);
-        for s in 0..slots {
-            let args = [
-                Arg::value(p.expand_params(s)),
-                Arg::buffer(&h_buf),
-                Arg::buffer(&b_buf),
-                Arg::buffer(&ro_buf),
-                Arg::buffer(&po_buf),
-                Arg::buffer(&pe_buf),
-                Arg::buffer(&w_buf),
-                Arg::buffer(&y_buf),
-            ];
-            k.launch(&cfg, &args).map_err(|e| fail(e.to_string()))?;
-        }
+    let h_buf = Buffer::<f32>::poisoned("h_part", nonempty(p.lens.get(Buf::Partials)));
+    let mut p = p;
+    if c.force_fma {
+        p = p.with_fma_shrink();
     }
+    if c.force_fma_expand {
+        p = p.with_fma_expand();
+    }
+    let mut binds = Bindings::new();
+    bind(&mut binds, Buf::X, &x_buf);
+    bind(&mut binds, Buf::A, &a_buf);
+    bind(&mut binds, Buf::B, &b_buf);
+    bind(&mut binds, Buf::RankOffsets, &ro_buf);
+    bind(&mut binds, Buf::PlanOffsets, &po_buf);
+    bind(&mut binds, Buf::PlanEntries, &pe_buf);
+    bind(&mut binds, Buf::RouteWeights, &w_buf);
+    bind(&mut binds, Buf::Partials, &h_buf);
+    bind(&mut binds, Buf::Y, &y_buf);
+    let mut host = HostBackend::new(c.schedule);
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { sgmv::run(&build, &p, &binds, &mut host) }.map_err(|e| fail(e.to_string()))?;
+    prop_assert_eq!(host.launches, if p.shrink.is_some() { 1 + slots } else { 0 });
     let got: Vec<f64> = y_buf.read().iter().take(t_n * c.d_out).map(|v| v.to_f64()).collect();
 
     let routing = Routing { tokens: t_n, slots, experts: e_n, ids: ids.clone(), weights: w.clone(), probs: None };
@@ -364,10 +359,10 @@ fn expand_exact<T: Scalar + bytemuck::Pod>(dtype: DType, p_bits: i32) {
     let shape = SgmvShape { tokens: t_n, slots: 1, d_in: 16, d_out, scale: 0.75 };
     let p = sgmv::plan(&build, shape, &offs, plans.entry_stride).unwrap();
     let expand = p.expand.unwrap();
-    assert_eq!(expand.entry, sgmv::entry::EXPAND_MMA);
+    assert!(std::ptr::eq(expand.kernel, &sgmv::kernel::EXPAND_MMA));
     // h: 2p-bit values with one exponent per row, all in split 0 (the other splits hold zeros).
     let r_max = p.params.r_max as usize;
-    let mut h = vec![0.0f32; p.lens.h_part];
+    let mut h = vec![0.0f32; p.lens.get(Buf::Partials)];
     let mut w = vec![0.0f32; t_n];
     for t in 0..t_n {
         let k = rng.below(26) as i32 - 8;
@@ -394,19 +389,17 @@ fn expand_exact<T: Scalar + bytemuck::Pod>(dtype: DType, p_bits: i32) {
     let w_buf = Buffer::from_slice("weights", &w);
     let run = |launch: sgmv::SgmvLaunch| -> Vec<u64> {
         let (y_buf, _) = rounded::<T>("y", &y0);
-        let k = Kernel::get(&entry_name(launch.entry, dtype)).unwrap();
-        let cfg = LaunchConfig::new(launch.grid, launch.block).schedule(Schedule::Seeded(5));
-        let args = [
-            Arg::value(p.expand_params(0)),
-            Arg::buffer(&h_buf),
-            Arg::buffer(&b_buf),
-            Arg::buffer(&ro_buf),
-            Arg::buffer(&po_buf),
-            Arg::buffer(&pe_buf),
-            Arg::buffer(&w_buf),
-            Arg::buffer(&y_buf),
-        ];
-        k.launch(&cfg, &args).unwrap();
+        let mut binds = Bindings::new();
+        bind(&mut binds, Buf::Partials, &h_buf);
+        bind(&mut binds, Buf::B, &b_buf);
+        bind(&mut binds, Buf::RankOffsets, &ro_buf);
+        bind(&mut binds, Buf::PlanOffsets, &po_buf);
+        bind(&mut binds, Buf::PlanEntries, &pe_buf);
+        bind(&mut binds, Buf::RouteWeights, &w_buf);
+        bind(&mut binds, Buf::Y, &y_buf);
+        let mut l = Launch::pack(launch.kernel, launch.dims(), &p.expand_params(0), &binds).unwrap();
+        // SAFETY: every bound address is a live host-execution buffer holding what the plan reads.
+        unsafe { HostBackend::new(Schedule::Seeded(5)).launch(&build, &mut l) }.unwrap();
         y_buf.read().iter().map(|v| v.to_f64().to_bits()).collect()
     };
     let fma = run(sgmv::expand_launch(p.config, expand.grid.0, d_out as u32, false));
@@ -455,9 +448,9 @@ fn infinite_h<T: Scalar + bytemuck::Pod>(dtype: DType) {
     let plans = SlotPlans::build(&ids, t_n, 1, ranks.len(), SgmvConfig::DEFAULT.bm as usize).unwrap();
     let shape = SgmvShape { tokens: t_n, slots: 1, d_in, d_out, scale: 0.5 };
     let p = sgmv::plan(&build, shape, &offs32, plans.entry_stride).unwrap();
-    let (shrink, expand) = (p.shrink.unwrap(), p.expand.unwrap());
-    let fma = sgmv::expand_launch(p.config, expand.grid.0, d_out as u32, false);
-    assert_eq!(expand.entry != fma.entry, dtype != DType::F32, "{dtype:?}: the plan's expand");
+    let fma_plan = p.clone().with_fma_expand();
+    let mma = !std::ptr::eq(p.expand.unwrap().kernel, fma_plan.expand.unwrap().kernel);
+    assert_eq!(mma, dtype != DType::F32, "{dtype:?}: the plan's expand");
 
     let routing =
         Routing { tokens: t_n, slots: 1, experts: ranks.len(), ids: ids.clone(), weights: w.clone(), probs: None };
@@ -478,38 +471,26 @@ fn infinite_h<T: Scalar + bytemuck::Pod>(dtype: DType) {
     let pe_buf = Buffer::from_slice("plan_entries", &plans.entries);
     let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
     let w_buf = Buffer::from_slice("weights", &w32);
-    for launch in [expand, fma] {
-        let h_buf = Buffer::<f32>::poisoned("h_part", p.lens.h_part);
+    for plan in [&p, &fma_plan] {
+        let h_buf = Buffer::<f32>::poisoned("h_part", p.lens.get(Buf::Partials));
         let (y_buf, _) = rounded::<T>("y", &y_init);
-        let k = Kernel::get(&entry_name(shrink.entry, dtype)).unwrap();
-        let cfg = LaunchConfig::new(shrink.grid, shrink.block).schedule(Schedule::Seeded(3));
-        let args = [
-            Arg::value(p.params),
-            Arg::buffer(&x_buf),
-            Arg::buffer(&a_buf),
-            Arg::buffer(&ro_buf),
-            Arg::buffer(&po_buf),
-            Arg::buffer(&pe_buf),
-            Arg::buffer(&h_buf),
-        ];
-        k.launch(&cfg, &args).unwrap();
-        let k = Kernel::get(&entry_name(launch.entry, dtype)).unwrap();
-        let cfg = LaunchConfig::new(launch.grid, launch.block).schedule(Schedule::Seeded(3));
-        let args = [
-            Arg::value(p.expand_params(0)),
-            Arg::buffer(&h_buf),
-            Arg::buffer(&b_buf),
-            Arg::buffer(&ro_buf),
-            Arg::buffer(&po_buf),
-            Arg::buffer(&pe_buf),
-            Arg::buffer(&w_buf),
-            Arg::buffer(&y_buf),
-        ];
-        k.launch(&cfg, &args).unwrap();
+        let mut binds = Bindings::new();
+        bind(&mut binds, Buf::X, &x_buf);
+        bind(&mut binds, Buf::A, &a_buf);
+        bind(&mut binds, Buf::B, &b_buf);
+        bind(&mut binds, Buf::RankOffsets, &ro_buf);
+        bind(&mut binds, Buf::PlanOffsets, &po_buf);
+        bind(&mut binds, Buf::PlanEntries, &pe_buf);
+        bind(&mut binds, Buf::RouteWeights, &w_buf);
+        bind(&mut binds, Buf::Partials, &h_buf);
+        bind(&mut binds, Buf::Y, &y_buf);
+        // SAFETY: every bound address is a live host-execution buffer of the bound length.
+        unsafe { sgmv::run(&build, plan, &binds, &mut HostBackend::new(Schedule::Seeded(3))) }.unwrap();
+        let launch = plan.expand.unwrap().kernel.name;
         let got: Vec<f64> = y_buf.read().iter().map(|v| v.to_f64()).collect();
         for (i, ((&g, &e), &bnd)) in got.iter().zip(&want).zip(&bound).enumerate() {
             let ok = if e.is_finite() { (g - e).abs() <= tol * bnd } else { g == e || (e.is_nan() && g.is_nan()) };
-            assert!(ok, "{dtype:?} {}: y[{}, {}] = {g}, reference {e}", launch.entry, i / d_out, i % d_out);
+            assert!(ok, "{dtype:?} {launch}: y[{}, {}] = {g}, reference {e}", i / d_out, i % d_out);
         }
     }
 }

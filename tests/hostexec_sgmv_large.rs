@@ -5,10 +5,14 @@
 //! test needs little memory; it runs the tensor-core and the FMA shrink.
 
 use half::bf16;
-use mole::kernels::sgmv::{self, entry_name, SgmvConfig, SgmvShape, SlotPlans};
+use mole::exec::{Bindings, Buf};
+use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
 use mole::reference::tolerance;
 use mole::DType;
-use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use mole_hostexec::{Buffer, Schedule};
+
+mod host;
+use host::HostBackend;
 
 const D_IN: usize = 1 << 20;
 const TOKENS: usize = 4100;
@@ -63,33 +67,29 @@ fn shrink_offsets_past_2_pow_32_elements() {
     let offs = [0u32, RANK as u32];
     let shape = SgmvShape { tokens: TOKENS, slots: 1, d_in: D_IN, d_out: D_OUT, scale };
     let p = sgmv::plan(&sgmv::build(dtype, SgmvConfig::DEFAULT), shape, &offs, plans.entry_stride).unwrap();
-    let (shrink, expand) = (p.shrink.unwrap(), p.expand.unwrap());
-    assert_eq!(shrink.entry, sgmv::entry::SHRINK_MMA, "bf16 with d_in % 8 == 0 takes the tensor-core shrink");
+    let build = sgmv::build(dtype, SgmvConfig::DEFAULT);
+    let shrink = p.shrink.unwrap();
+    assert!(
+        std::ptr::eq(shrink.kernel, &sgmv::kernel::SHRINK_MMA),
+        "bf16 with d_in % 8 == 0 takes the tensor-core shrink"
+    );
 
     let (ab, bb) = (Buffer::from_slice("a", &a), Buffer::from_slice("b", &b));
     let ro = Buffer::from_slice("rank_offsets", &offs);
     let po = Buffer::from_slice("plan_offsets", &plans.offsets);
     let pe = Buffer::from_slice("plan_entries", &plans.entries);
     let wb = Buffer::from_slice("weights", &weights);
-    for shrink_entry in [shrink.entry, sgmv::entry::SHRINK] {
+    for plan in [p.clone(), p.clone().with_fma_shrink()] {
         let y = Buffer::from_slice("y", &y0);
-        let h = Buffer::<f32>::poisoned("h_part", p.lens.h_part);
-        let k = Kernel::get(&entry_name(shrink_entry, dtype)).unwrap();
-        let cfg = LaunchConfig::new(shrink.grid, shrink.block).schedule(Schedule::Seeded(3));
-        let args = [Arg::value(p.params), Arg::buffer(&x), Arg::buffer(&ab), Arg::buffer(&ro), Arg::buffer(&po)];
-        k.launch(&cfg, &[&args[..], &[Arg::buffer(&pe), Arg::buffer(&h)]].concat()).unwrap();
-        let k = Kernel::get(&entry_name(expand.entry, dtype)).unwrap();
-        let args = [
-            Arg::value(p.expand_params(0)),
-            Arg::buffer(&h),
-            Arg::buffer(&bb),
-            Arg::buffer(&ro),
-            Arg::buffer(&po),
-            Arg::buffer(&pe),
-            Arg::buffer(&wb),
-            Arg::buffer(&y),
-        ];
-        k.launch(&LaunchConfig::new(expand.grid, expand.block), &args).unwrap();
+        let h = Buffer::<f32>::poisoned("h_part", p.lens.get(Buf::Partials));
+        let mut binds = Bindings::new();
+        binds.raw(Buf::X, x.device_ptr()).raw(Buf::A, ab.device_ptr()).raw(Buf::B, bb.device_ptr());
+        binds.raw(Buf::RankOffsets, ro.device_ptr()).raw(Buf::PlanOffsets, po.device_ptr());
+        binds.raw(Buf::PlanEntries, pe.device_ptr()).raw(Buf::RouteWeights, wb.device_ptr());
+        binds.raw(Buf::Partials, h.device_ptr()).raw(Buf::Y, y.device_ptr());
+        // SAFETY: every bound address is a live host-execution buffer of the plan's length.
+        unsafe { sgmv::run(&build, &plan, &binds, &mut HostBackend::new(Schedule::Seeded(3))) }.unwrap();
+        let shrink_entry = plan.shrink.unwrap().kernel.name;
         let got = y.read();
         let tol = tolerance(dtype, RANK + p.params.splits as usize + 8);
         for (row, &t) in rows.iter().zip(&ROUTED) {

@@ -219,6 +219,18 @@ impl<'a> Arg<'a> {
         Arg { bytes: bytemuck::bytes_of(&v).to_vec(), buffer: false, _borrow: PhantomData }
     }
 
+    /// A value parameter given as its bytes (a parameter struct packed elsewhere).
+    pub fn bytes(bytes: &[u8]) -> Arg<'a> {
+        Arg { bytes: bytes.to_vec(), buffer: false, _borrow: PhantomData }
+    }
+
+    /// A pointer parameter given as an address: null, or an address inside a live [`Buffer`]
+    /// (checked at launch, like every buffer argument). The caller keeps that buffer alive for
+    /// the launch.
+    pub fn pointer(address: u64) -> Arg<'a> {
+        Arg { bytes: address.to_ne_bytes().to_vec(), buffer: address != 0, _borrow: PhantomData }
+    }
+
     /// A null pointer.
     pub fn null() -> Arg<'a> {
         Arg { bytes: 0u64.to_ne_bytes().to_vec(), buffer: false, _borrow: PhantomData }
@@ -237,6 +249,17 @@ fn c_str(p: *const c_char) -> &'static str {
     }
     // SAFETY: the runtime's strings are NUL-terminated literals with static storage.
     unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("?")
+}
+
+/// One parameter of a kernel's C++ signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Param {
+    /// Bytes of the parameter itself (8 for a pointer).
+    pub size: usize,
+    /// For a pointer: bytes of the element it points to (0 for `void*`); `None` for a value.
+    pub pointee_size: Option<usize>,
+    /// For a pointer: whether it points to `const` data.
+    pub pointee_const: bool,
 }
 
 /// A kernel compiled for the CPU.
@@ -343,6 +366,21 @@ impl Kernel {
     /// Number of parameters.
     pub fn param_count(&self) -> usize {
         self.info.param_count
+    }
+
+    /// The parameters, as the C++ signature declares them.
+    pub fn params(&self) -> Vec<Param> {
+        (0..self.info.param_count)
+            .map(|i| {
+                // SAFETY: `params` points to `param_count` descriptors of the static kernel table.
+                let p = unsafe { &*self.info.params.add(i) };
+                Param {
+                    size: p.size as usize,
+                    pointee_size: (p.is_pointer != 0).then_some(p.pointee_size as usize),
+                    pointee_const: p.pointee_const != 0,
+                }
+            })
+            .collect()
     }
 
     /// Runs the kernel over the whole grid. Launches are serialised process-wide.

@@ -158,6 +158,11 @@ impl Device {
         &self.stream
     }
 
+    /// Makes the device's context current on the calling thread (launches need it).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))
+    }
+
     /// The disk cache in use, if any.
     pub fn disk_cache(&self) -> Option<&DiskCache> {
         self.disk.as_ref()

@@ -65,6 +65,15 @@ impl Family {
         }
     }
 
+    /// The entry points of a `dtype` build of this family, as described for the launch path.
+    pub fn kernels(self, dtype: DType) -> &'static [&'static crate::exec::KernelDesc] {
+        match self {
+            Family::Gating => &[],
+            Family::Sgmv => sgmv::kernel::for_dtype(dtype),
+            Family::Fused => &[],
+        }
+    }
+
     /// The configurations shipped as PTX (one per dtype at most): what runs when NVRTC is absent.
     pub fn default_builds(self) -> Vec<KernelBuild> {
         match self {

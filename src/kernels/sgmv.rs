@@ -22,9 +22,10 @@
 
 mod launch;
 
-pub use launch::{forward, forward_raw, RawSgmvPointers, SgmvBuffers};
+pub use launch::{forward, forward_raw, run, RawSgmvPointers, SgmvBuffers};
 
 use super::{Family, KernelBuild, BLOCK_THREADS_DEFINE};
+use crate::exec::{Buf, BufLens, Dims, KernelDesc};
 use crate::plan::{RoutingPlan, TokenSlot};
 use crate::{DType, MoleError, Result};
 use bytemuck::{Pod, Zeroable};
@@ -38,28 +39,51 @@ pub const MAX_SLOTS: usize = 4096;
 /// Largest grid `y` / `z` extent.
 const MAX_GRID_YZ: u64 = 65_535;
 
-/// Base names of the entry points; each build appends its dtype suffix.
-pub mod entry {
+/// The entry points.
+pub mod kernel {
+    use crate::exec::{ArgDesc as A, Buf, KernelDesc};
+    use crate::kernels::Family;
+
+    const PARAMS_BYTES: usize = std::mem::size_of::<super::SgmvParams>();
+    const SHRINK_ARGS: &[A] = &[
+        A::input(Buf::X),
+        A::input(Buf::A),
+        A::input(Buf::RankOffsets),
+        A::input(Buf::PlanOffsets),
+        A::input(Buf::PlanEntries),
+        A::output(Buf::Partials),
+    ];
+    const EXPAND_ARGS: &[A] = &[
+        A::input(Buf::Partials),
+        A::input(Buf::B),
+        A::input(Buf::RankOffsets),
+        A::input(Buf::PlanOffsets),
+        A::input(Buf::PlanEntries),
+        A::input(Buf::RouteWeights),
+        A::output(Buf::Y),
+    ];
+    const fn sgmv(name: &'static str, args: &'static [A]) -> KernelDesc {
+        KernelDesc { family: Family::Sgmv, name, params_type: "mole_sgmv_params", params_bytes: PARAMS_BYTES, args }
+    }
+
     /// The split-K shrink of every slot.
-    pub const SHRINK: &str = "sgmv_shrink";
+    pub static SHRINK: KernelDesc = sgmv("sgmv_shrink", SHRINK_ARGS);
     /// The expand of one slot.
-    pub const EXPAND: &str = "sgmv_expand";
+    pub static EXPAND: KernelDesc = sgmv("sgmv_expand", EXPAND_ARGS);
     /// The tensor-core shrink (f16 / bf16 builds only; `d_in % 8 == 0`, `x` 16-byte aligned).
-    pub const SHRINK_MMA: &str = "sgmv_shrink_mma";
+    pub static SHRINK_MMA: KernelDesc = sgmv("sgmv_shrink_mma", SHRINK_ARGS);
     /// The tensor-core expand (f16 / bf16 builds only; `d_out % 8 == 0`, `b` 16-byte aligned).
-    pub const EXPAND_MMA: &str = "sgmv_expand_mma";
+    pub static EXPAND_MMA: KernelDesc = sgmv("sgmv_expand_mma", EXPAND_ARGS);
+
     /// The entry points of a `dtype` build, in file order.
-    pub fn for_dtype(dtype: crate::DType) -> &'static [&'static str] {
+    pub fn for_dtype(dtype: crate::DType) -> &'static [&'static KernelDesc] {
+        static FMA: [&KernelDesc; 2] = [&SHRINK, &EXPAND];
+        static ALL: [&KernelDesc; 4] = [&SHRINK, &EXPAND, &SHRINK_MMA, &EXPAND_MMA];
         match dtype {
-            crate::DType::F32 => &[SHRINK, EXPAND],
-            _ => &[SHRINK, EXPAND, SHRINK_MMA, EXPAND_MMA],
+            crate::DType::F32 => &FMA,
+            _ => &ALL,
         }
     }
-}
-
-/// The full entry-point name of `base` in a `dtype` build, e.g. `sgmv_shrink_bf16`.
-pub fn entry_name(base: &str, dtype: DType) -> String {
-    format!("{base}_{}", dtype.name())
 }
 
 /// The compile-time tiling of a build (the defines of `kernels/sgmv.cu`).
@@ -179,7 +203,7 @@ impl SgmvConfig {
 
 /// The build of `dtype` with tiling `config`.
 pub fn build(dtype: DType, config: SgmvConfig) -> KernelBuild {
-    let entries: Vec<String> = entry::for_dtype(dtype).iter().map(|e| entry_name(e, dtype)).collect();
+    let entries: Vec<String> = kernel::for_dtype(dtype).iter().map(|k| k.entry_name(dtype)).collect();
     let refs: Vec<&str> = entries.iter().map(String::as_str).collect();
     config.defines().into_iter().fold(KernelBuild::new(Family::Sgmv, dtype, &refs), |b, (n, v)| b.define(n, v))
 }
@@ -239,11 +263,11 @@ pub struct SgmvParams {
 // expects.
 unsafe impl cudarc::driver::DeviceRepr for SgmvParams {}
 
-/// Grid, block and static shared memory of one launch.
+/// Grid and block of one launch (the kernels use static shared memory only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SgmvLaunch {
-    /// Base entry name (see [`entry`]).
-    pub entry: &'static str,
+    /// The kernel.
+    pub kernel: &'static KernelDesc,
     /// Blocks `(x, y, z)`.
     pub grid: (u32, u32, u32),
     /// Threads per block.
@@ -251,9 +275,9 @@ pub struct SgmvLaunch {
 }
 
 impl SgmvLaunch {
-    /// As cudarc's launch configuration (the kernels use static shared memory only).
-    pub fn config(&self) -> cudarc::driver::LaunchConfig {
-        cudarc::driver::LaunchConfig { grid_dim: self.grid, block_dim: (self.block, 1, 1), shared_mem_bytes: 0 }
+    /// As launch dimensions.
+    pub fn dims(&self) -> Dims {
+        Dims { grid: self.grid, block: self.block, shared_bytes: 0 }
     }
 }
 
@@ -283,39 +307,35 @@ pub struct SgmvPlan {
     pub shrink: Option<SgmvLaunch>,
     /// The expand launch of one slot, run `slots` times (`None` as for `shrink`).
     pub expand: Option<SgmvLaunch>,
-    /// Element counts: `x [T·d_in]`, `a [d_in·R]`, `b [R·d_out]`, `rank_offsets [E+1]`,
-    /// `plan_offsets [slots·(E+1)]`, `plan_entries [slots·entry_stride]`, `weights [T·slots]`,
-    /// `h_part [splits·T·slots·r_max]` (f32 workspace, need not be initialised), `y [T·d_out]`.
-    pub lens: SgmvLens,
-}
-
-/// Element counts of the buffers of a forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct SgmvLens {
-    /// `x [T, d_in]`.
-    pub x: usize,
-    /// `A [d_in, R]`.
-    pub a: usize,
-    /// `B [R, d_out]`.
-    pub b: usize,
-    /// `rank_offsets [E + 1]` (u32).
-    pub rank_offsets: usize,
-    /// `plan_offsets [slots, E + 1]` (u32).
-    pub plan_offsets: usize,
-    /// `plan_entries [slots, entry_stride]` ([`TokenSlot`]).
-    pub plan_entries: usize,
-    /// `weights [T, slots]` (f32).
-    pub weights: usize,
-    /// `h_part [splits, T·slots, r_max]` (f32 workspace).
-    pub h_part: usize,
-    /// `y [T, d_out]`.
-    pub y: usize,
+    /// Element counts of the buffers: `x`, `a`, `b`, `y`, `rank_offsets [E+1]`,
+    /// `plan_offsets [slots·(E+1)]`, `plan_entries [slots·entry_stride]`, `route_weights
+    /// [T·slots]` and the `partials [splits·T·slots·r_max]` workspace (f32, need not be
+    /// initialised).
+    pub lens: BufLens,
 }
 
 impl SgmvPlan {
     /// The parameters of expand pass `slot`.
     pub fn expand_params(&self, slot: usize) -> SgmvParams {
         SgmvParams { slot: slot as u32, ..self.params }
+    }
+
+    /// The plan with the FMA shrink in place of the tensor-core one (for an `x` that is not
+    /// 16-byte aligned, and for comparing the two).
+    pub fn with_fma_shrink(mut self) -> SgmvPlan {
+        if let Some(s) = &mut self.shrink {
+            s.kernel = &kernel::SHRINK;
+        }
+        self
+    }
+
+    /// The plan with the FMA expand in place of the tensor-core one (for a `b` that is not
+    /// 16-byte aligned, and for comparing the two).
+    pub fn with_fma_expand(mut self) -> SgmvPlan {
+        if let Some(e) = self.expand {
+            self.expand = Some(expand_launch(self.config, e.grid.0, self.params.d_out, false));
+        }
+        self
     }
 }
 
@@ -336,10 +356,10 @@ fn fits_u32(name: &'static str, v: u64) -> Result<u32> {
 /// rank above [`MAX_RANK`], `E` outside `1..=`[`MAX_EXPERTS`], `slots` outside
 /// `1..=`[`MAX_SLOTS`], zero `d_in`/`d_out`, a non-finite scale, sizes past the kernels' 32-bit
 /// parameters (`T < 2^31`, `d_in`, `d_out`, `R`, `entry_stride < 2^32`) or the grid limits.
-/// f16 / bf16 builds with `d_in % 8 == 0` shrink on tensor cores ([`entry::SHRINK_MMA`]), which
+/// f16 / bf16 builds with `d_in % 8 == 0` shrink on tensor cores ([`kernel::SHRINK_MMA`]), which
 /// reads `x` in 16-byte segments: `x` must then be 16-byte aligned (device allocations are;
 /// [`forward_raw`] falls back to the FMA shrink otherwise). f16 / bf16 builds with
-/// `d_out % 8 == 0` expand on tensor cores ([`entry::EXPAND_MMA`]: `h` split into hi + lo 16-bit
+/// `d_out % 8 == 0` expand on tensor cores ([`kernel::EXPAND_MMA`]: `h` split into hi + lo 16-bit
 /// parts, f32 accumulation), which reads `b` in 16-byte segments: `b` must then be 16-byte
 /// aligned ([`forward_raw`] falls back to the FMA expand otherwise). f32 builds and other
 /// `d_out` use the FMA expand. Every other buffer needs only the alignment of its element type.
@@ -394,18 +414,18 @@ pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_s
     let splits = (d_in as u64).div_ceil(per);
     let k_per_split = fits_u32("d_in", per)?;
     let rows = (tokens as u64) * slots as u64;
-    let lens = SgmvLens {
-        x: tokens * d_in,
-        a: d_in * r_total as usize,
-        b: r_total as usize * d_out,
-        rank_offsets: experts + 1,
-        plan_offsets: slots * (experts + 1),
-        plan_entries: slots * entry_stride,
-        weights: tokens * slots,
-        h_part: usize::try_from(splits * rows * r_max as u64)
-            .map_err(|_| MoleError::param("tokens", tokens, "h workspace exceeds the address space"))?,
-        y: tokens * d_out,
-    };
+    let partials = usize::try_from(splits * rows * r_max as u64)
+        .map_err(|_| MoleError::param("tokens", tokens, "h workspace exceeds the address space"))?;
+    let lens = BufLens::new()
+        .with(Buf::X, tokens * d_in)
+        .with(Buf::A, d_in * r_total as usize)
+        .with(Buf::B, r_total as usize * d_out)
+        .with(Buf::RankOffsets, experts + 1)
+        .with(Buf::PlanOffsets, slots * (experts + 1))
+        .with(Buf::PlanEntries, slots * entry_stride)
+        .with(Buf::RouteWeights, tokens * slots)
+        .with(Buf::Partials, partials)
+        .with(Buf::Y, tokens * d_out);
     let params = SgmvParams {
         tokens: tokens as u32,
         slots: slots as u32,
@@ -432,9 +452,9 @@ pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_s
         return Err(MoleError::param("d_out", d_out, "more column blocks than a grid holds"));
     }
     let work = tokens > 0 && tiles > 0 && r_max > 0;
-    let shrink_entry = if build.dtype != DType::F32 && d_in % 8 == 0 { entry::SHRINK_MMA } else { entry::SHRINK };
+    let shrink_kernel = if build.dtype != DType::F32 && d_in % 8 == 0 { &kernel::SHRINK_MMA } else { &kernel::SHRINK };
     let shrink = work.then_some(SgmvLaunch {
-        entry: shrink_entry,
+        kernel: shrink_kernel,
         grid: (tiles as u32, splits as u32, slots as u32),
         block: config.block_threads,
     });
@@ -442,11 +462,11 @@ pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_s
     Ok(SgmvPlan { params, config, shrink, expand, lens })
 }
 
-/// The expand launch of a plan with `tiles` tiles: the tensor-core expand ([`entry::EXPAND_MMA`],
+/// The expand launch of a plan with `tiles` tiles: the tensor-core expand ([`kernel::EXPAND_MMA`],
 /// `mma_bn` columns per block) when `mma`, else the FMA expand (`bn` columns per block).
 pub fn expand_launch(config: SgmvConfig, tiles: u32, d_out: u32, mma: bool) -> SgmvLaunch {
-    let (entry, bn) = if mma { (entry::EXPAND_MMA, config.mma_bn()) } else { (entry::EXPAND, config.bn) };
-    SgmvLaunch { entry, grid: (tiles, d_out.div_ceil(bn), 1), block: config.block_threads }
+    let (kernel, bn) = if mma { (&kernel::EXPAND_MMA, config.mma_bn()) } else { (&kernel::EXPAND, config.bn) };
+    SgmvLaunch { kernel, grid: (tiles, d_out.div_ceil(bn), 1), block: config.block_threads }
 }
 
 /// Per-slot routing plans, packed as the kernels read them.

@@ -161,7 +161,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
             offsets: alloc(d, slots * (e + 1))?,
             entries: alloc(d, slots * grouping.entry_stride)?,
             status: alloc(d, slots)?,
-            h_part: alloc(d, sgmv.lens.h_part)?,
+            h_part: alloc(d, sgmv.lens.get(crate::exec::Buf::Partials))?,
             route,
             grouping,
             gating_build,

@@ -1,32 +1,67 @@
-//! Typed launches of the SGMV kernels on a [`Device`], and a raw-pointer variant for frameworks
-//! that own their buffers. Every buffer length is checked against the [`SgmvPlan`] first.
+//! Running a [`SgmvPlan`]: on bound buffers through any [`Backend`] ([`run`]), on typed device
+//! slices ([`forward`]) or on caller-owned device pointers and stream ([`forward_raw`]). The last
+//! two bind their buffers and call [`run`]: there is one launch path.
 
-use super::{entry_name, SgmvLaunch, SgmvPlan};
-use crate::cuda::cuda_err;
+use super::{kernel, SgmvConfig, SgmvPlan};
 use crate::cuda::Device;
+use crate::exec::{Backend, Bindings, Buf, CudaBackend, Launch, LoadedBuild};
 use crate::kernels::{Family, KernelBuild};
 use crate::plan::TokenSlot;
-use crate::{KernelElement, MoleError, Result};
+use crate::{DType, KernelElement, MoleError, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
-use cudarc::driver::{CudaSlice, PushKernelArg};
-use std::ffi::c_void;
+use cudarc::driver::CudaSlice;
 
-fn check(what: &'static str, got: usize, expected: usize) -> Result<()> {
-    if got != expected {
-        return Err(MoleError::ShapeMismatch { what, expected: vec![expected], got });
-    }
-    Ok(())
-}
-
-fn check_build(build: &KernelBuild, plan: &SgmvPlan, dtype: crate::DType) -> Result<()> {
+fn check_build(build: &KernelBuild, plan: &SgmvPlan, dtype: DType) -> Result<()> {
     if build.family != Family::Sgmv {
         return Err(MoleError::param("build", build, "is not an sgmv build"));
     }
     if build.dtype != dtype {
         return Err(MoleError::param("build", build, "its dtype differs from the buffers' element type"));
     }
-    if super::SgmvConfig::of(build)? != plan.config {
+    if SgmvConfig::of(build)? != plan.config {
         return Err(MoleError::param("build", build, "is not the build the plan was made for"));
+    }
+    Ok(())
+}
+
+/// Runs `plan` (made by [`super::plan`] for `build`) on the buffers of `bindings` through
+/// `backend`: the shrink, then one expand per slot in slot order. Everything is checked before the
+/// first launch: the build, every buffer the plan takes (present; exact lengths where bound with
+/// one), and the launches' argument lists. The tensor-core kernels read `x` (shrink) and `b`
+/// (expand) in 16-byte segments: a binding not 16-byte aligned takes the FMA kernel instead.
+///
+/// # Safety
+/// As [`Backend::launch`]: every bound address the plan takes holds at least the plan's element
+/// count of its [`Buf`]'s type; `rank_offsets` holds the values `plan` validated; the slot plans
+/// have non-decreasing offsets with `offsets[s][E] <= entry_stride` and tokens `< T` or padding
+/// (what [`super::SlotPlans::build`] and the device grouping produce); `partials` and `y` overlap
+/// no other buffer.
+pub unsafe fn run(build: &KernelBuild, plan: &SgmvPlan, bindings: &Bindings, backend: &mut dyn Backend) -> Result<()> {
+    check_build(build, plan, build.dtype)?;
+    bindings.check(&plan.lens, "the sgmv kernels")?;
+    let mut plan = std::borrow::Cow::Borrowed(plan);
+    if plan.shrink.is_some_and(|s| std::ptr::eq(s.kernel, &kernel::SHRINK_MMA))
+        && !bindings.ptr(Buf::X).is_multiple_of(16)
+    {
+        plan = std::borrow::Cow::Owned(plan.into_owned().with_fma_shrink());
+    }
+    if plan.expand.is_some_and(|e| std::ptr::eq(e.kernel, &kernel::EXPAND_MMA))
+        && !bindings.ptr(Buf::B).is_multiple_of(16)
+    {
+        plan = std::borrow::Cow::Owned(plan.into_owned().with_fma_expand());
+    }
+    let (Some(shrink), Some(expand)) = (plan.shrink, plan.expand) else { return Ok(()) };
+    let bindings = bindings.only(&plan.lens);
+    let mut shrink = Launch::pack(shrink.kernel, shrink.dims(), &plan.params, &bindings)?;
+    let mut pass = Launch::pack(expand.kernel, expand.dims(), &plan.expand_params(0), &bindings)?;
+    // SAFETY: the caller's contract; the launches were packed from checked bindings.
+    unsafe { backend.launch(build, &mut shrink) }?;
+    for s in 0..plan.params.slots as usize {
+        if s > 0 {
+            pass = Launch::pack(expand.kernel, expand.dims(), &plan.expand_params(s), &bindings)?;
+        }
+        // SAFETY: as above; passes run in stream order.
+        unsafe { backend.launch(build, &mut pass) }?;
     }
     Ok(())
 }
@@ -53,8 +88,7 @@ pub struct SgmvBuffers<'a, T> {
     pub y: &'a mut CudaSlice<T>,
 }
 
-/// Runs `plan` (made by [`super::plan`] for `build`) on the device's stream: the shrink, then one
-/// expand per slot in slot order.
+/// [`run`] on typed device buffers, on the device's stream.
 ///
 /// The plans in `plan_offsets` / `plan_entries` must be per-slot routing plans padded to the
 /// build's `bm` with non-decreasing offsets and every `offsets[s][E] <= entry_stride` (what
@@ -67,35 +101,23 @@ pub fn forward<T: KernelElement>(
     bufs: SgmvBuffers<'_, T>,
 ) -> Result<()> {
     check_build(build, plan, T::DTYPE)?;
-    let l = plan.lens;
-    check("x", bufs.x.len(), l.x)?;
-    check("a", bufs.a.len(), l.a)?;
-    check("b", bufs.b.len(), l.b)?;
-    check("rank_offsets", bufs.rank_offsets.len(), l.rank_offsets)?;
-    check("plan_offsets", bufs.plan_offsets.len(), l.plan_offsets)?;
-    check("plan_entries", bufs.plan_entries.len(), l.plan_entries)?;
-    check("weights", bufs.weights.len(), l.weights)?;
-    check("h_part", bufs.h_part.len(), l.h_part)?;
-    check("y", bufs.y.len(), l.y)?;
-    let (Some(shrink), Some(expand)) = (plan.shrink, plan.expand) else { return Ok(()) };
     let stream = device.stream();
-    let f = device.function(build, &entry_name(shrink.entry, build.dtype))?;
-    let mut args = stream.launch_builder(&f);
-    args.arg(&plan.params).arg(bufs.x).arg(bufs.a).arg(bufs.rank_offsets).arg(bufs.plan_offsets);
-    args.arg(bufs.plan_entries).arg(&mut *bufs.h_part);
-    // SAFETY: the arguments match `sgmv_shrink`'s signature in sgmv.cu, and every buffer's length
-    // was checked against the plan, whose parameters bound every access.
-    unsafe { args.launch(shrink.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-    let f = device.function(build, &entry_name(expand.entry, build.dtype))?;
-    for s in 0..plan.params.slots as usize {
-        let params = plan.expand_params(s);
-        let mut args = stream.launch_builder(&f);
-        args.arg(&params).arg(&*bufs.h_part).arg(bufs.b).arg(bufs.rank_offsets).arg(bufs.plan_offsets);
-        args.arg(bufs.plan_entries).arg(bufs.weights).arg(&mut *bufs.y);
-        // SAFETY: as above, for `sgmv_expand`; passes run in stream order.
-        unsafe { args.launch(expand.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-    }
-    Ok(())
+    let mut b = crate::exec::TypedBindings::new(stream, T::DTYPE);
+    b.input(Buf::X, bufs.x)
+        .input(Buf::A, bufs.a)
+        .input(Buf::B, bufs.b)
+        .input(Buf::RankOffsets, bufs.rank_offsets)
+        .input(Buf::PlanOffsets, bufs.plan_offsets)
+        .input(Buf::PlanEntries, bufs.plan_entries)
+        .input(Buf::RouteWeights, bufs.weights)
+        .output(Buf::Partials, bufs.h_part)
+        .output(Buf::Y, bufs.y);
+    let loaded = LoadedBuild::load(device, build, kernel::for_dtype(build.dtype))?;
+    device.bind()?;
+    // SAFETY: every address comes from a live slice of the device's context with its length
+    // bound (checked against the plan by `run`); `h_part` and `y` are distinct `&mut` borrows;
+    // the guards in `b` keep each slice's stream ordering until the launches are enqueued.
+    unsafe { run(build, plan, b.bindings()?, &mut CudaBackend::new(&[&loaded], stream.cu_stream())) }
 }
 
 /// Device pointers of a forward (element types and counts as [`SgmvPlan::lens`]).
@@ -121,35 +143,13 @@ pub struct RawSgmvPointers {
     pub y: CUdeviceptr,
 }
 
-/// Launches `launch` of `build` with raw kernel arguments on `stream`.
-///
-/// # Safety
-/// `args` must point to live values matching the kernel's parameter list, and every pointer among
-/// them must satisfy [`forward_raw`]'s contract.
-unsafe fn launch_raw(
-    device: &Device,
-    build: &KernelBuild,
-    launch: &SgmvLaunch,
-    stream: CUstream,
-    args: &mut [*mut c_void],
-) -> Result<()> {
-    let func = device.function(build, &entry_name(launch.entry, build.dtype))?;
-    // SAFETY: forwarded from the caller's contract (arguments, pointers, stream).
-    unsafe { device.launch_raw(&func, launch.config(), stream, args) }
-}
-
-/// [`forward`] on caller-owned device memory and stream; `build`'s dtype is the element type of
+/// [`run`] on caller-owned device memory and stream; `build`'s dtype is the element type of
 /// `x`, `a`, `b` and `y`.
 ///
 /// # Safety
-/// - every pointer is a device allocation of the device's context holding at least the element
-///   count of [`SgmvPlan::lens`] (`x`, `a`, `b`, `y`: the build's dtype; `rank_offsets`,
-///   `plan_offsets`: u32; `plan_entries`: [`TokenSlot`]; `weights`, `h_part`: f32);
-/// - `rank_offsets` holds the values `plan` validated; the slot plans satisfy [`forward`]'s
-///   contract (`offsets[s][E] <= entry_stride`, tokens `< T` or padding);
-/// - `h_part` and `y` overlap no other buffer;
-/// - `stream` is a live stream of the device's context (or null for the legacy default stream),
-///   and the buffers stay alive and untouched by other work until the kernels have finished.
+/// [`run`]'s contract for these pointers, which belong to the device's context; `stream` is a
+/// live stream of that context (or null for the legacy default stream), and the buffers stay
+/// alive and untouched by other work until the kernels have finished.
 pub unsafe fn forward_raw(
     device: &Device,
     build: &KernelBuild,
@@ -157,47 +157,18 @@ pub unsafe fn forward_raw(
     ptrs: RawSgmvPointers,
     stream: CUstream,
 ) -> Result<()> {
-    check_build(build, plan, build.dtype)?;
-    let fields = [
-        ("x", ptrs.x),
-        ("a", ptrs.a),
-        ("b", ptrs.b),
-        ("rank_offsets", ptrs.rank_offsets),
-        ("plan_offsets", ptrs.plan_offsets),
-        ("plan_entries", ptrs.plan_entries),
-        ("weights", ptrs.weights),
-        ("h_part", ptrs.h_part),
-        ("y", ptrs.y),
-    ];
-    if let Some((name, _)) = fields.iter().find(|(_, p)| *p == 0) {
-        return Err(MoleError::MissingInput { name, needed_by: "the sgmv kernels" });
-    }
-    let (Some(mut shrink), Some(mut expand)) = (plan.shrink, plan.expand) else { return Ok(()) };
-    // The tensor-core shrink reads x in 16-byte segments; a misaligned view takes the FMA path.
-    if shrink.entry == super::entry::SHRINK_MMA && !ptrs.x.is_multiple_of(16) {
-        shrink.entry = super::entry::SHRINK;
-    }
-    // The tensor-core expand reads b in 16-byte segments; likewise (with the FMA expand's grid).
-    if expand.entry == super::entry::EXPAND_MMA && !ptrs.b.is_multiple_of(16) {
-        expand = super::expand_launch(plan.config, expand.grid.0, plan.params.d_out, false);
-    }
-    let mut params = plan.params;
-    let mut p = [ptrs.x, ptrs.a, ptrs.rank_offsets, ptrs.plan_offsets, ptrs.plan_entries, ptrs.h_part];
-    let mut args: Vec<*mut c_void> = std::iter::once(&mut params as *mut _ as *mut c_void)
-        .chain(p.iter_mut().map(|v| v as *mut CUdeviceptr as *mut c_void))
-        .collect();
-    // SAFETY: `args` point to the params and six pointers of `sgmv_shrink`, alive for the call;
-    // the pointers satisfy this function's contract.
-    unsafe { launch_raw(device, build, &shrink, stream, &mut args) }?;
-    for s in 0..plan.params.slots as usize {
-        let mut params = plan.expand_params(s);
-        let mut p =
-            [ptrs.h_part, ptrs.b, ptrs.rank_offsets, ptrs.plan_offsets, ptrs.plan_entries, ptrs.weights, ptrs.y];
-        let mut args: Vec<*mut c_void> = std::iter::once(&mut params as *mut _ as *mut c_void)
-            .chain(p.iter_mut().map(|v| v as *mut CUdeviceptr as *mut c_void))
-            .collect();
-        // SAFETY: as above, for `sgmv_expand`'s params and seven pointers.
-        unsafe { launch_raw(device, build, &expand, stream, &mut args) }?;
-    }
-    Ok(())
+    let mut b = Bindings::new();
+    b.raw(Buf::X, ptrs.x)
+        .raw(Buf::A, ptrs.a)
+        .raw(Buf::B, ptrs.b)
+        .raw(Buf::RankOffsets, ptrs.rank_offsets)
+        .raw(Buf::PlanOffsets, ptrs.plan_offsets)
+        .raw(Buf::PlanEntries, ptrs.plan_entries)
+        .raw(Buf::RouteWeights, ptrs.weights)
+        .raw(Buf::Partials, ptrs.h_part)
+        .raw(Buf::Y, ptrs.y);
+    let loaded = LoadedBuild::load(device, build, kernel::for_dtype(build.dtype))?;
+    device.bind()?;
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { run(build, plan, &b, &mut CudaBackend::new(&[&loaded], stream)) }
 }

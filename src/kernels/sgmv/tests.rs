@@ -65,26 +65,35 @@ fn plan_computes_grids_splits_and_lengths() {
     assert_eq!(p.params.r_total, 12);
     assert_eq!(p.shrink.unwrap().grid, (3, 2, 2));
     assert_eq!(p.expand.unwrap().grid, (3, 2, 1));
-    assert_eq!(p.lens.h_part, 2 * 10 * 2 * 8);
-    assert_eq!(p.lens.plan_offsets, 2 * 4);
-    assert_eq!(p.lens.plan_entries, 2 * 96);
+    assert_eq!(p.lens.get(Buf::Partials), 2 * 10 * 2 * 8);
+    assert_eq!(p.lens.get(Buf::PlanOffsets), 2 * 4);
+    assert_eq!(p.lens.get(Buf::PlanEntries), 2 * 96);
     assert_eq!(p.expand_params(1).slot, 1);
     // 16-bit builds shrink on tensor cores when d_in is a multiple of 8.
-    assert_eq!(p.shrink.unwrap().entry, entry::SHRINK);
-    assert_eq!(plan(&b, shape(10, 2, 64, 33), &offs, 96).unwrap().shrink.unwrap().entry, entry::SHRINK_MMA);
+    assert_eq!(p.shrink.unwrap().kernel.name, kernel::SHRINK.name);
+    assert_eq!(plan(&b, shape(10, 2, 64, 33), &offs, 96).unwrap().shrink.unwrap().kernel.name, kernel::SHRINK_MMA.name);
     let f32_build = build(DType::F32, SgmvConfig::DEFAULT);
-    assert_eq!(plan(&f32_build, shape(10, 2, 64, 33), &offs, 96).unwrap().shrink.unwrap().entry, entry::SHRINK);
+    assert_eq!(
+        plan(&f32_build, shape(10, 2, 64, 33), &offs, 96).unwrap().shrink.unwrap().kernel.name,
+        kernel::SHRINK.name
+    );
     // 16-bit builds expand on tensor cores when d_out is a multiple of 8 (mma_bn columns a block).
-    assert_eq!(p.expand.unwrap().entry, entry::EXPAND);
+    assert_eq!(p.expand.unwrap().kernel.name, kernel::EXPAND.name);
     let e = plan(&b, shape(10, 2, 70, 40), &offs, 96).unwrap().expand.unwrap();
-    assert_eq!((e.entry, e.grid), (entry::EXPAND_MMA, (3, 2, 1)));
+    assert_eq!((e.kernel.name, e.grid), (kernel::EXPAND_MMA.name, (3, 2, 1)));
     let f16_build = build(DType::F16, SgmvConfig::DEFAULT);
-    assert_eq!(plan(&f16_build, shape(10, 2, 70, 8), &offs, 96).unwrap().expand.unwrap().entry, entry::EXPAND_MMA);
-    assert_eq!(plan(&f32_build, shape(10, 2, 70, 40), &offs, 96).unwrap().expand.unwrap().entry, entry::EXPAND);
+    assert_eq!(
+        plan(&f16_build, shape(10, 2, 70, 8), &offs, 96).unwrap().expand.unwrap().kernel.name,
+        kernel::EXPAND_MMA.name
+    );
+    assert_eq!(
+        plan(&f32_build, shape(10, 2, 70, 40), &offs, 96).unwrap().expand.unwrap().kernel.name,
+        kernel::EXPAND.name
+    );
     let wide = build(DType::BF16, CONFIG_CANDIDATES[3]);
     assert_eq!(CONFIG_CANDIDATES[3].mma_bn(), 64);
     let e = plan(&wide, shape(10, 2, 70, 136), &offs, 96).unwrap().expand.unwrap();
-    assert_eq!((e.entry, e.grid), (entry::EXPAND_MMA, (6, 3, 1)));
+    assert_eq!((e.kernel.name, e.grid), (kernel::EXPAND_MMA.name, (6, 3, 1)));
     assert_eq!(expand_launch(CONFIG_CANDIDATES[3], 6, 136, false).grid, (6, 3, 1));
     assert_eq!(CONFIG_CANDIDATES.map(|c| c.mma_bn()), [32, 32, 32, 64]);
     // Short d_in: one split.
