@@ -253,7 +253,8 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
         let f = crate::dtype::to_f64_vec;
         let (x, a, b, y) = (f(&d.x), f(&d.a), f(&d.b), f(&d.y));
         let rp = RoutingPlan::build(&r.ids, r.tokens, r.slots, r.experts, 1)?;
-        let bank = Bank { a: &a, b: &b, ranks: &d.ranks, scale: d.scale, d_in: d.d_in, d_out: d.d_out };
+        let bank =
+            Bank { a: &a, b: &b, ranks: &d.ranks, scale: d.scale, expert_scales: None, d_in: d.d_in, d_out: d.d_out };
         Ok((f(&got), reference::grouped_forward(&x, &y, bank, r, &rp)))
     }
 

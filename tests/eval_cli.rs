@@ -76,6 +76,12 @@ fn eval_reports_bad_inputs_without_panicking() {
 }
 
 fn eval_with(spec_text: &str, inputs: &TensorMap) -> (bool, String) {
+    let (ok, err, _) = eval_outputs(spec_text, inputs);
+    (ok, err)
+}
+
+/// `mole eval` on `spec_text` and `inputs`: success, stderr and the outputs it wrote.
+fn eval_outputs(spec_text: &str, inputs: &TensorMap) -> (bool, String, Option<TensorMap>) {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("layer.json");
     std::fs::write(&spec, spec_text).unwrap();
@@ -90,7 +96,44 @@ fn eval_with(spec_text: &str, inputs: &TensorMap) -> (bool, String) {
         .arg(dir.path().join("out.safetensors"))
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let outputs = out.status.success().then(|| load(&dir.path().join("out.safetensors")).unwrap());
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), outputs)
+}
+
+#[test]
+fn eval_applies_per_expert_scales() {
+    // The hand case of `eval_reproduces_the_hand_computed_layer` with expert_scales [-2, 0.5]:
+    // token 0 h' = [0.25·2, 0.75·4] = [0.5, 3] scaled to [-1, 1.5], h'·B = [3.5, 4],
+    // y = 1 + 0.5·[3.5, 4] = [2.75, 3]; token 1 h' = [0.75, 0] scaled to [-1.5, 0],
+    // y = 1 + 0.5·[-1.5, -3] = [0.25, -0.5].
+    let spec = r#"{
+        "d_in": 2, "d_out": 2, "ranks": {"experts": 2, "rank": 1}, "scale": 0.5,
+        "gating": {"type": "routed", "router": {"type": "logits"},
+                   "rule": {"type": "softmax_topk", "k": 2, "weights": "renormalized"}},
+        "expert_scales": [-2.0, 0.5]
+    }"#;
+    let mut inputs = TensorMap::new();
+    inputs.insert("x".into(), HostTensor::float(vec![2, 2], vec![2.0, 4.0, 1.0, 0.0]));
+    inputs.insert("A".into(), HostTensor::float(vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]));
+    inputs.insert("B".into(), HostTensor::float(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]));
+    inputs.insert("y".into(), HostTensor::float(vec![2, 2], vec![1.0; 4]));
+    inputs.insert("logits".into(), HostTensor::float(vec![2, 2], vec![0.0, 3f64.ln(), 3f64.ln(), 0.0]));
+    let (ok, err, out) = eval_outputs(spec, &inputs);
+    assert!(ok, "{err}");
+    let out = out.unwrap();
+    let close = |got: Vec<f64>, want: [f64; 4]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12);
+    let y = floats(&out, "y");
+    assert!(close(y.clone(), [2.75, 3.0, 0.25, -0.5]), "{y:?}");
+    let h_mixed = floats(&out, "h_mixed");
+    assert!(close(h_mixed.clone(), [-1.0, 1.5, -1.5, 0.0]), "{h_mixed:?}");
+    // Routing is untouched by the scales.
+    assert_eq!(out["ids"].values, Values::Int(vec![1, 0, 0, 1]));
+
+    // One scale per bank expert, finite: named when wrong.
+    let (ok, err) = eval_with(&spec.replace("[-2.0, 0.5]", "[-2.0, 0.5, 1.0]"), &inputs);
+    assert!(!ok && err.contains("expert_scales (one per bank expert): expected shape [2]"), "{err}");
+    let (ok, err) = eval_with(&spec.replace("[-2.0, 0.5]", "[-2.0, null]"), &inputs);
+    assert!(!ok && err.contains("expert_scales[1]: expected a number, got null"), "{err}");
 }
 
 #[test]

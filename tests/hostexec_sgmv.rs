@@ -244,7 +244,8 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
 
     let routing = Routing { tokens: t_n, slots, experts: e_n, ids: ids.clone(), weights: w.clone(), probs: None };
     let rplan = RoutingPlan::build(&ids, t_n, slots, e_n, 1).map_err(|e| fail(e.to_string()))?;
-    let bank = Bank { a: &a, b: &b, ranks: &layout, scale: c.scale as f64, d_in: c.d_in, d_out: c.d_out };
+    let bank =
+        Bank { a: &a, b: &b, ranks: &layout, scale: c.scale as f64, expert_scales: None, d_in: c.d_in, d_out: c.d_out };
     let want = grouped_forward(&x, &y0, bank, &routing, &rplan);
 
     let r_max = c.ranks.iter().copied().max().unwrap_or(0);
@@ -455,12 +456,12 @@ fn infinite_h<T: Scalar + bytemuck::Pod>(dtype: DType) {
     let routing =
         Routing { tokens: t_n, slots: 1, experts: ranks.len(), ids: ids.clone(), weights: w.clone(), probs: None };
     let rplan = RoutingPlan::build(&ids, t_n, 1, ranks.len(), 1).unwrap();
-    let bank = Bank { a: &a, b: &b, ranks: &layout, scale: 0.5, d_in, d_out };
+    let bank = Bank { a: &a, b: &b, ranks: &layout, scale: 0.5, expert_scales: None, d_in, d_out };
     let want = grouped_forward(&x, &y0, bank, &routing, &rplan);
     let abs = |v: &[f64]| v.iter().map(|e| e.abs()).collect::<Vec<f64>>();
     let (a_abs, b_abs) = (abs(&a), abs(&b));
     let abs_routing = Routing { weights: abs(&w), ..routing.clone() };
-    let bank_abs = Bank { a: &a_abs, b: &b_abs, ranks: &layout, scale: 0.5, d_in, d_out };
+    let bank_abs = Bank { a: &a_abs, b: &b_abs, ranks: &layout, scale: 0.5, expert_scales: None, d_in, d_out };
     let bound = grouped_forward(&abs(&x), &abs(&y0), bank_abs, &abs_routing, &rplan);
     let infinite = want.iter().filter(|v| v.is_infinite()).count();
     assert!(infinite >= t_n / 3 * d_out, "{dtype:?}: the reference has only {infinite} infinities");

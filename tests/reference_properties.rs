@@ -1,6 +1,9 @@
 //! Property tests of the reference: the identities that tie its formulations together.
 
-use mole::model::{Gating, LayerInputs, LayerSpec, Mix, RankLayout, RankSelection, Router, RoutingRule, TopKWeights};
+use mole::model::{
+    Gating, LayerInputs, LayerSpec, Method, MethodOptions, MethodShape, Mix, RankLayout, RankSelection, Router,
+    RoutingRule, TopKWeights,
+};
 use mole::plan::RoutingPlan;
 use mole::reference::linalg::matmul;
 use mole::reference::mix::{core_merge, expert_scale};
@@ -22,6 +25,26 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
 /// Logits drawn from a few integers so ties are common.
 fn tie_heavy_logits(max_e: usize) -> impl Strategy<Value = Vec<f64>> {
     prop::collection::vec((-3i32..3).prop_map(|v| v as f64 * 0.5), 1..max_e)
+}
+
+/// Per-expert scales with zeros, negatives and general values: one per bank expert.
+fn random_scales(rng: &mut Rng, experts: usize) -> Vec<f64> {
+    (0..experts)
+        .map(|_| match rng.below(4) {
+            0 => 0.0,
+            1 => rng.range(-3.0, -0.25),
+            _ => rng.range(-3.0, 3.0),
+        })
+        .collect()
+}
+
+/// `B [R, d_out]` with the rows of expert `e` times `scales[e]`: the per-expert scales folded in.
+fn fold_into_b(b: &[f64], ranks: &RankLayout, scales: &[f64], d_out: usize) -> Vec<f64> {
+    let mut folded = b.to_vec();
+    for (e, &s) in scales.iter().enumerate() {
+        folded[ranks.cols(e).start * d_out..ranks.cols(e).end * d_out].iter_mut().for_each(|v| *v *= s);
+    }
+    folded
 }
 
 /// A random rank layout with 1..=6 experts of rank 0..=5 (at least one positive).
@@ -104,21 +127,76 @@ proptest! {
         let k = 1 + (k_frac * (e - 1) as f64) as usize;
         let weights = if renorm { TopKWeights::Renormalized } else { TopKWeights::Softmax };
         let rule = RoutingRule::SoftmaxTopK { k, temperature: 1.0, weights };
+        // Per-expert scales on every other case (zeros and negatives among them).
+        let scales = (seed % 2 == 0).then(|| random_scales(&mut Rng::new(seed ^ 0x5ca1e), e));
         let spec = LayerSpec {
             d_in, d_out, ranks: ranks.clone(), scale: 0.75,
             gating: Gating::Routed { router: Router::X { bias: true }, rule }, mix: Mix::ExpertScale,
+            expert_scales: scales.clone(),
         };
         let data = SyntheticLayer::<f64>::new(&spec, tokens, seed);
         let dense = forward(&spec, &data.inputs()).unwrap();
         let r = &dense.routing;
         let plan = RoutingPlan::build(&r.ids, tokens, r.slots, e, 1).unwrap();
-        let bank = Bank { a: &data.a, b: &data.b, ranks: &ranks, scale: 0.75, d_in, d_out };
+        let bank = Bank { a: &data.a, b: &data.b, ranks: &ranks, scale: 0.75, expert_scales: scales.as_deref(), d_in, d_out };
         let grouped = grouped_forward(&data.x, &data.y, bank, r, &plan);
         prop_assert!(max_rel(&grouped, &dense.y) < 1e-12);
         // The delta is not trivially zero whenever some token selected an expert of positive rank.
-        let live = r.ids.iter().zip(&r.weights).any(|(&id, &w)| id >= 0 && w != 0.0 && ranks.rank(id as usize) > 0);
+        let live = r.ids.iter().zip(&r.weights).any(|(&id, &w)| {
+            id >= 0 && w != 0.0 && ranks.rank(id as usize) > 0 && spec.expert_scale(id as usize) != 0.0
+        });
         if live {
             prop_assert!(max_rel(&dense.y, &data.y) > 0.0);
+        }
+    }
+
+    #[test]
+    fn expert_scales_equal_folding_them_into_b(
+        method in 0usize..Method::ALL.len(), experts in 1usize..7, rank in 1usize..5, k_frac in 0.0f64..1.0,
+        ragged in any::<bool>(), tokens in 1usize..12, d_in in 1usize..16, d_out in 1usize..16, seed in any::<u64>()
+    ) {
+        let method = Method::ALL[method];
+        let rank = if method.single_rank_experts() { 1 } else { rank };
+        let k = 1 + (k_frac * (experts - 1) as f64) as usize;
+        let shape = MethodShape { d_in, d_out, experts, rank, k, alpha: 3.0 };
+        let mut rng = Rng::new(seed ^ 0x5ca1e);
+        let mut spec = method.spec(shape).unwrap();
+        // Ragged ranks (zero-rank experts included) where the method allows any layout.
+        if ragged && spec.mix == Mix::ExpertScale && spec.router() != Some(Router::LowRank) {
+            let mut offsets = vec![0];
+            for _ in 0..experts {
+                offsets.push(offsets.last().unwrap() + rng.below(5));
+            }
+            *offsets.last_mut().unwrap() += 1;
+            spec.ranks = RankLayout::from_offsets(offsets).unwrap();
+        }
+        let bank_experts = spec.ranks.num_experts();
+        let scales = random_scales(&mut rng, bank_experts);
+        let options = MethodOptions { expert_scales: Some(scales.clone()), ..MethodOptions::default() };
+        let scaled_spec = LayerSpec { ranks: spec.ranks.clone(), ..method.spec_with(shape, options).unwrap() };
+        prop_assert_eq!(&scaled_spec, &LayerSpec { expert_scales: Some(scales.clone()), ..spec.clone() });
+
+        let data = SyntheticLayer::<f64>::new(&spec, tokens, seed);
+        let scaled = forward(&scaled_spec, &data.inputs()).unwrap();
+        let folded_b = fold_into_b(&data.b, &spec.ranks, &scales, d_out);
+        let mut folded_inputs = data.inputs();
+        folded_inputs.b = &folded_b;
+        let folded = forward(&spec, &folded_inputs).unwrap();
+        prop_assert_eq!(&scaled.routing, &folded.routing);
+        prop_assert!(max_rel(&scaled.y, &folded.y) < 1e-12, "{}: {:?} vs {:?}", method, scaled.y, folded.y);
+        // The scaled h' is what the expand multiplies: y = y0 + scale · h' · B.
+        let delta = matmul(&scaled.h_mixed, &data.b, tokens, spec.total_rank(), d_out);
+        let want: Vec<f64> = data.y.iter().zip(delta).map(|(y, d)| y + spec.scale * d).collect();
+        prop_assert!(max_rel(&scaled.y, &want) < 1e-12);
+        // Unscaled differs wherever a scaled expert contributes (the scales are not all 1).
+        let plain = forward(&spec, &data.inputs()).unwrap();
+        let moved = (0..bank_experts).any(|e| {
+            let cols = spec.ranks.cols(e);
+            scales[e] != 1.0
+                && (0..tokens).any(|t| plain.h_mixed[t * spec.total_rank()..][cols.clone()].iter().any(|&v| v != 0.0))
+        });
+        if moved {
+            prop_assert!(max_rel(&scaled.y, &plain.y) > 0.0, "{}: the scales changed nothing", method);
         }
     }
 
@@ -174,6 +252,7 @@ proptest! {
         let spec = LayerSpec {
             d_in, d_out, ranks: ranks.clone(), scale: 1.5,
             gating: Gating::Given { top_k: None, softmax_topk: false }, mix: Mix::ExpertScale,
+            expert_scales: None,
         };
         let data = SyntheticLayer::<f64>::new(&spec, tokens, seed);
         let one_hot: Vec<f64> = (0..tokens * e).map(|i| if i % e == target { 1.0 } else { 0.0 }).collect();

@@ -420,7 +420,8 @@ fn fits_u32(name: &'static str, v: u64) -> Result<u32> {
 /// Validates a fused forward of `spec` over `tokens` tokens with `build` and computes its
 /// launches and buffer lengths.
 ///
-/// Errors: a build of another family or with bad defines; an invalid spec; `R + E` (x router)
+/// Errors: a build of another family or with bad defines; an invalid spec; per-expert scales
+/// other than 1 ([`LayerSpec::check_kernel_support`]); `R + E` (x router)
 /// over the build's `max_cols`; more than [`gating::MAX_EXPERTS`] routed experts or `k` above
 /// [`gating::MAX_K`]; shared memory over [`MAX_SHARED_BYTES`]; sizes past 32 bits.
 pub fn plan(
@@ -459,6 +460,10 @@ fn plan_inner(
 ) -> Result<FusedPlan> {
     let config = FusedConfig::of(build)?;
     spec.validate()?;
+    if expand {
+        // The expand does not apply per-expert scales yet: refused, never ignored.
+        spec.check_kernel_support()?;
+    }
     let (e, r) = (spec.routed_experts(), if expand { spec.total_rank() } else { 0 });
     let route = gating::plan(&spec.gating, tokens, e, 32)?;
     let router = match spec.gating {

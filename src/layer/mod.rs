@@ -12,6 +12,10 @@
 //!   half the SMs idle (`2 · ceil(T / 16) < SMs`: decode and small batches), the single launch
 //!   (on tensor cores where the build and widths allow) otherwise;
 //! - **grouped** beyond (many experts or large ranks), which needs the expert-scale mix.
+//!
+//! Neither path applies per-expert scales yet: a spec whose `expert_scales` are not all 1 is
+//! refused by [`choose`], [`heuristic`] and [`DeviceLayer::new`]
+//! ([`LayerSpec::check_kernel_support`]); the f64 reference runs it.
 
 mod device;
 
@@ -68,6 +72,7 @@ pub fn fused_fits(build: &KernelBuild, spec: &LayerSpec, tokens: usize) -> bool 
 /// module documentation).
 pub fn heuristic(spec: &LayerSpec, dtype: DType, tokens: usize, sm_count: u32) -> Result<Strategy> {
     spec.validate()?;
+    spec.check_kernel_support()?;
     let build = fused::build(dtype, FusedConfig::DEFAULT);
     if fused_fits(&build, spec, tokens) {
         let tiles = tokens.div_ceil(FusedConfig::DEFAULT.bt as usize);
@@ -90,7 +95,8 @@ pub fn default_build(strategy: Strategy, dtype: DType) -> KernelBuild {
 }
 
 /// The strategy and build for `spec`: the cache's entry for the shape when it has a fresh one,
-/// else the heuristic with the default build.
+/// else the heuristic with the default build. A spec the kernels do not implement
+/// ([`LayerSpec::check_kernel_support`]) is refused first, whatever the cache says.
 pub fn choose(
     spec: &LayerSpec,
     dtype: DType,
@@ -98,6 +104,7 @@ pub fn choose(
     sm_count: u32,
     cache: Option<&TuningCache>,
 ) -> Result<Choice> {
+    spec.check_kernel_support()?;
     let key = ShapeKey::new(spec, dtype, tokens);
     if let Some(entry) = cache.and_then(|c| c.lookup(&key)) {
         return Ok(Choice { strategy: entry.strategy, build: entry.build.clone(), source: ChoiceSource::Tuned });
@@ -140,6 +147,34 @@ mod tests {
         // An invalid spec is its own error, not a quiet fall-through to the grouped path.
         let bad = LayerSpec { d_in: 0, ..Method::MixLora.spec(shape(64, 16)).unwrap() };
         assert_eq!(heuristic(&bad, DType::BF16, 4096, 132), Err(MoleError::ZeroDimension { name: "d_in" }));
+    }
+
+    #[test]
+    fn per_expert_scales_are_refused_by_every_kernel_path() {
+        let reason = |e: MoleError| match e {
+            MoleError::Unsupported(m) => assert!(m.contains("expert_scales") && m.contains("reference only"), "{m}"),
+            other => panic!("not Unsupported: {other}"),
+        };
+        // Fits the fused build (MixLoRA 8 x 16) and, wide, only the grouped path (64 x 16).
+        for experts in [8, 64] {
+            let mut spec = Method::MixLora.spec(shape(experts, 16)).unwrap();
+            spec.expert_scales = Some(vec![1.0; experts]);
+            assert!(heuristic(&spec, DType::BF16, 4096, 132).is_ok(), "scales of 1 change nothing");
+            spec.expert_scales.as_mut().unwrap()[experts - 1] = 0.5;
+            reason(heuristic(&spec, DType::BF16, 4096, 132).unwrap_err());
+            reason(choose(&spec, DType::BF16, 4096, 132, None).unwrap_err());
+            let build = fused::build(DType::BF16, FusedConfig::DEFAULT);
+            for v in [FusedVariant::Single, FusedVariant::Split { splits: 2, n_per_block: 64 }] {
+                reason(fused::plan(&build, &spec, 64, v, FusedOutputs::default()).unwrap_err());
+            }
+            assert!(!fused_fits(&build, &spec, 64));
+            // The grouped path's route-only launch has no expand: routing alone is unaffected.
+            assert!(fused::plan_route_only(&build, &spec, 64, FusedOutputs::default()).is_ok());
+        }
+        // CoMoL: its one bank expert's scale.
+        let mut comol = Method::Comol.spec(shape(4, 16)).unwrap();
+        comol.expert_scales = Some(vec![-2.0]);
+        reason(heuristic(&comol, DType::F16, 4096, 132).unwrap_err());
     }
 
     #[test]

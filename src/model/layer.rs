@@ -1,4 +1,5 @@
-//! The layer descriptor: `y += scale · mix(x · A) · B`, with its gating and mix.
+//! The layer descriptor: `y += scale · (mix(x · A) ⊙ s) · B`, with its gating, mix and optional
+//! per-expert scales `s`.
 
 use super::{Gating, RankLayout, Router, RoutingRule};
 use crate::{limits, MoleError, Result};
@@ -42,6 +43,46 @@ pub struct LayerSpec {
     /// What happens in the low-rank space.
     #[serde(default)]
     pub mix: Mix,
+    /// Optional per-expert scales `s_e`, one per **bank** expert (`ranks.num_experts()`; one for
+    /// CoMoL's shared expert), each finite: PEFT's per-adapter `lora_alpha / r` when adapters
+    /// differ ([`peft_expert_scales`]). After the mix, expert `e`'s rank columns of `h'` are
+    /// multiplied by `s_e`, before the expand:
+    /// `y += scale · Σ_c h'[t, c] · s_{expert(c)} · B[c, :]`, i.e. `scale · Σ_e s_e · w_e · h_e · B_e`
+    /// for the expert-scale mix and `s_0` times the whole delta for CoMoL. This is exactly
+    /// folding `s_e` into the rows of `B` that expert `e` owns. `None` (the default, left out of
+    /// the JSON) means 1 everywhere. The f64 reference ([`crate::reference`]) applies them; the
+    /// fused and grouped kernels refuse a spec whose scales are not all 1
+    /// ([`LayerSpec::check_kernel_support`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_scales: Option<Vec<f64>>,
+}
+
+/// PEFT's per-adapter scale `lora_alpha_e / r_e` for a bank of adapters with their own alphas
+/// (`alphas[e]` for bank expert `e` of `ranks`): the [`LayerSpec::expert_scales`] that reproduce
+/// such a bank with a global `scale` of 1. An expert of rank 0 owns no columns, so its scale
+/// multiplies nothing and is 1.
+///
+/// Errors: `alphas` not one per bank expert; an alpha that is not finite.
+pub fn peft_expert_scales(alphas: &[f64], ranks: &RankLayout) -> Result<Vec<f64>> {
+    let e = ranks.num_experts();
+    if alphas.len() != e {
+        return Err(MoleError::ShapeMismatch {
+            what: "lora_alpha (one per bank expert)",
+            expected: vec![e],
+            got: alphas.len(),
+        });
+    }
+    if let Some(a) = alphas.iter().find(|a| !a.is_finite()) {
+        return Err(MoleError::param("lora_alpha", a, "every adapter's alpha must be finite"));
+    }
+    Ok(alphas
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| match ranks.rank(i) {
+            0 => 1.0,
+            r => a / r as f64,
+        })
+        .collect())
 }
 
 impl LayerSpec {
@@ -87,6 +128,29 @@ impl LayerSpec {
         }
     }
 
+    /// The scale of bank expert `e`: `expert_scales[e]`, or 1 without per-expert scales.
+    pub fn expert_scale(&self, e: usize) -> f64 {
+        self.expert_scales.as_ref().and_then(|s| s.get(e).copied()).unwrap_or(1.0)
+    }
+
+    /// Whether the per-expert scales change the layer (some `s_e != 1`).
+    pub fn has_expert_scales(&self) -> bool {
+        self.expert_scales.as_ref().is_some_and(|s| s.iter().any(|&v| v != 1.0))
+    }
+
+    /// Refuses, with [`MoleError::Unsupported`], what the fused and grouped kernels do not
+    /// implement yet: per-expert scales other than 1 run on the f64 reference only.
+    pub fn check_kernel_support(&self) -> Result<()> {
+        if self.has_expert_scales() {
+            return Err(MoleError::Unsupported(
+                "expert_scales: per-expert scales run on the f64 reference only for now (mole eval, \
+                 mole::reference); the fused and grouped kernels do not apply them yet"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Validates every parameter and combination; shapes of data are checked by
     /// [`crate::model::LayerInputs::validate`].
     pub fn validate(&self) -> Result<()> {
@@ -100,6 +164,19 @@ impl LayerSpec {
         limits::check_max("d_out", self.d_out, limits::MAX_DIM)?;
         if !self.scale.is_finite() {
             return Err(MoleError::param("scale", self.scale, "must be finite"));
+        }
+        if let Some(s) = &self.expert_scales {
+            let e = self.ranks.num_experts();
+            if s.len() != e {
+                return Err(MoleError::ShapeMismatch {
+                    what: "expert_scales (one per bank expert)",
+                    expected: vec![e],
+                    got: s.len(),
+                });
+            }
+            if let Some((i, v)) = s.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(MoleError::param("expert_scales", format!("{v} (expert {i})"), "must be finite"));
+            }
         }
         if let Mix::CoreMerge { cores } = self.mix {
             if cores == 0 {
@@ -142,6 +219,7 @@ mod tests {
                 rule: RoutingRule::SoftmaxTopK { k: 2, temperature: 1.0, weights: TopKWeights::Renormalized },
             },
             mix: Mix::ExpertScale,
+            expert_scales: None,
         }
     }
 
@@ -168,10 +246,58 @@ mod tests {
     }
 
     #[test]
+    fn expert_scales_are_one_finite_value_per_bank_expert() {
+        let mut s = mixlora();
+        s.expert_scales = Some(vec![0.5, -1.0, 0.0, 2.0, 1.0, 1.0, 3.0, 1.0]);
+        assert!(s.validate().is_ok());
+        assert!(s.has_expert_scales() && s.expert_scale(1) == -1.0);
+        s.expert_scales = Some(vec![1.0; 7]);
+        let e = s.validate().unwrap_err();
+        assert_eq!(
+            e,
+            MoleError::ShapeMismatch { what: "expert_scales (one per bank expert)", expected: vec![8], got: 7 }
+        );
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut v = vec![1.0; 8];
+            v[5] = bad;
+            s.expert_scales = Some(v);
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.starts_with("invalid expert_scales = ") && e.contains("(expert 5): must be finite"), "{e}");
+        }
+        // CoMoL: one bank expert, so one scale (not one per core).
+        let mut c = mixlora();
+        c.ranks = RankLayout::uniform(1, 8).unwrap();
+        c.mix = Mix::CoreMerge { cores: 4 };
+        c.expert_scales = Some(vec![0.25]);
+        assert!(c.validate().is_ok());
+        c.expert_scales = Some(vec![0.25; 4]);
+        assert!(matches!(c.validate(), Err(MoleError::ShapeMismatch { got: 4, .. })));
+        // Scales of 1 change nothing: the kernels take them; others are refused by name.
+        s.expert_scales = Some(vec![1.0; 8]);
+        assert!(!s.has_expert_scales() && s.check_kernel_support().is_ok());
+        s.expert_scales = Some(vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5]);
+        let e = s.check_kernel_support().unwrap_err();
+        assert!(matches!(&e, MoleError::Unsupported(m) if m.contains("expert_scales") && m.contains("reference only")));
+    }
+
+    #[test]
+    fn peft_scales_are_alpha_over_rank() {
+        let ranks = RankLayout::from_offsets(vec![0, 4, 4, 12]).unwrap();
+        assert_eq!(peft_expert_scales(&[8.0, 5.0, 4.0], &ranks).unwrap(), vec![2.0, 1.0, 0.5]);
+        assert!(matches!(peft_expert_scales(&[8.0, 4.0], &ranks), Err(MoleError::ShapeMismatch { got: 2, .. })));
+        let e = peft_expert_scales(&[8.0, f64::NAN, 4.0], &ranks).unwrap_err();
+        assert!(e.to_string().contains("lora_alpha"), "{e}");
+    }
+
+    #[test]
     fn spec_json_round_trip() {
-        let s = mixlora();
+        let mut s = mixlora();
         let j = serde_json::to_string_pretty(&s).unwrap();
+        assert!(!j.contains("expert_scales"), "None is left out: {j}");
         let back: LayerSpec = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, s);
+        s.expert_scales = Some(vec![0.5, -1.25, 0.0, 2.0, 1.0, 1e-3, 3.0, 1.0]);
+        let back = LayerSpec::from_json(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
         assert!(serde_json::from_str::<LayerSpec>(&j.replace("\"d_in\"", "\"d_inn\"")).is_err());
     }

@@ -79,8 +79,9 @@ pub struct MethodShape {
 }
 
 /// The options the methods' own code has, with that code's defaults ([`Default`]). Each applies
-/// to the presets named in its documentation and is ignored by the others.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// to the presets named in its documentation and is ignored by the others, except
+/// [`MethodOptions::expert_scales`], which every preset takes.
+#[derive(Clone, Debug, PartialEq)]
 pub struct MethodOptions {
     /// LLaVA-MoLE: whether the router adds a bias (its `nn.Linear` router has one: `true`).
     pub router_bias: bool,
@@ -90,11 +91,17 @@ pub struct MethodOptions {
     /// default path) divides the gate logits by `T` (1 in its code); its per-adapter loop does
     /// not, which is `None`.
     pub temperature: Option<f64>,
+    /// Every preset: per-expert scales `s_e` on top of the preset's global scale
+    /// ([`LayerSpec::expert_scales`]: one per bank expert, so one for CoMoL; `None`, the default,
+    /// means 1). For adapters with their own PEFT `lora_alpha_e / r_e`, pass
+    /// [`super::peft_expert_scales`] and give the shape `alpha = rank` so the global scale of the
+    /// rank-scaled presets is 1.
+    pub expert_scales: Option<Vec<f64>>,
 }
 
 impl Default for MethodOptions {
     fn default() -> Self {
-        MethodOptions { router_bias: true, entropy_eps: 1e-5, temperature: Some(1.0) }
+        MethodOptions { router_bias: true, entropy_eps: 1e-5, temperature: Some(1.0), expert_scales: None }
     }
 }
 
@@ -189,6 +196,7 @@ impl Method {
             scale,
             gating,
             mix: mix.unwrap_or_default(),
+            expert_scales: options.expert_scales,
         };
         spec.validate()?;
         Ok(spec)

@@ -13,6 +13,6 @@ mod spec_json;
 
 pub use gating::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 pub use inputs::LayerInputs;
-pub use layer::{LayerSpec, Mix};
+pub use layer::{peft_expert_scales, LayerSpec, Mix};
 pub use method::{Knob, Method, MethodOptions, MethodShape};
 pub use ranks::RankLayout;

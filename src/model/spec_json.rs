@@ -18,6 +18,8 @@ enum Kind {
     OptCount,
     /// Any JSON number.
     Number,
+    /// An array of JSON numbers.
+    Numbers,
     /// `true` or `false`.
     Bool,
     /// One of these strings.
@@ -91,6 +93,7 @@ const LAYER: &[Field] = &[
     req("scale", Kind::Number),
     req("gating", Kind::Tagged(GATINGS)),
     opt("mix", Kind::Tagged(MIXES)),
+    opt("expert_scales", Kind::Numbers),
 ];
 
 const UNIFORM_RANKS: &[Field] = &[req("experts", Kind::Count), req("rank", Kind::Count)];
@@ -169,6 +172,13 @@ fn check_value(path: &str, kind: &Kind, v: &Value) -> Result<()> {
         Kind::OptCount => check_count(path, v),
         Kind::Number if v.is_number() => Ok(()),
         Kind::Number => Err(err(path, format!("expected a number, got {}", describe(v)))),
+        Kind::Numbers => match v {
+            Value::Array(items) => items.iter().enumerate().try_for_each(|(i, item)| match item {
+                Value::Number(_) => Ok(()),
+                other => Err(err(&format!("{path}[{i}]"), format!("expected a number, got {}", describe(other)))),
+            }),
+            other => Err(err(path, format!("expected an array of numbers, got {}", type_name(other)))),
+        },
         Kind::Bool if v.is_boolean() => Ok(()),
         Kind::Bool => Err(err(path, format!("expected true or false, got {}", describe(v)))),
         Kind::OneOf(values) => match v.as_str() {
@@ -271,6 +281,25 @@ mod tests {
         spec.ranks = crate::model::RankLayout::from_offsets(vec![0, 2, 5, 5, 9]).unwrap();
         spec.gating = crate::model::Gating::Given { top_k: Some(2), softmax_topk: true };
         assert_eq!(LayerSpec::from_json(&serde_json::to_string(&spec).unwrap()).unwrap(), spec);
+        spec.expert_scales = Some(vec![0.5, -2.0, 0.0, 1.25]);
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(text.contains("\"expert_scales\":[0.5,-2.0,0.0,1.25]"), "{text}");
+        assert_eq!(LayerSpec::from_json(&text).unwrap(), spec);
+    }
+
+    #[test]
+    fn expert_scales_are_an_array_of_numbers_one_per_bank_expert() {
+        let with =
+            |scales: &str| MIXLORA.replace("\"scale\": 2.0,", &format!("\"scale\": 2.0, \"expert_scales\": {scales},"));
+        let spec = LayerSpec::from_json(&with("[1, 0.5, 0, -1, 2, 1, 1, 3]")).unwrap();
+        assert_eq!(spec.expert_scales, Some(vec![1.0, 0.5, 0.0, -1.0, 2.0, 1.0, 1.0, 3.0]));
+        let m = message(&with("[1, 0.5, \"x\", -1, 2, 1, 1, 3]"));
+        assert!(m.contains("expert_scales[2]: expected a number, got the string \"x\""), "{m}");
+        assert!(message(&with("2.0")).contains("expert_scales: expected an array of numbers, got a number"));
+        let m = message(&with("[1, 2]"));
+        assert!(m.contains("expert_scales (one per bank expert): expected shape [8]"), "{m}");
+        let m = message(&MIXLORA.replace("\"scale\": 2.0,", "\"scale\": 2.0, \"expert_scale\": [1],"));
+        assert!(m.contains("unknown field `expert_scale` (did you mean `expert_scales`?)"), "{m}");
     }
 
     #[test]

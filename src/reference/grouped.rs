@@ -7,7 +7,8 @@ use crate::model::RankLayout;
 use crate::plan::RoutingPlan;
 use rayon::prelude::*;
 
-/// The LoRA bank of a layer, in f64: `A [d_in, R]`, `B [R, d_out]`, its layout and scale.
+/// The LoRA bank of a layer, in f64: `A [d_in, R]`, `B [R, d_out]`, its layout, scale and
+/// optional per-expert scales.
 #[derive(Clone, Copy, Debug)]
 pub struct Bank<'a> {
     /// `A [d_in, R]`.
@@ -18,16 +19,20 @@ pub struct Bank<'a> {
     pub ranks: &'a RankLayout,
     /// Delta scale.
     pub scale: f64,
+    /// Per-expert scales `s_e`, one per expert of `ranks` (as [`crate::model::LayerSpec::expert_scales`];
+    /// `None` means 1).
+    pub expert_scales: Option<&'a [f64]>,
     /// Input features.
     pub d_in: usize,
     /// Output features.
     pub d_out: usize,
 }
 
-/// `y + scale · Σ_slots w · (x[t] · A[:, cols(e)]) · B[cols(e), :]`, visiting the plan's
-/// segments. The plan must have been built from `routing.ids`.
+/// `y + scale · Σ_slots s_e · w · (x[t] · A[:, cols(e)]) · B[cols(e), :]`, visiting the plan's
+/// segments. The plan must have been built from `routing.ids`, and `expert_scales` (where given)
+/// must hold one value per expert.
 pub fn grouped_forward(x: &[f64], y: &[f64], bank: Bank<'_>, routing: &Routing, plan: &RoutingPlan) -> Vec<f64> {
-    let Bank { a, b, ranks, scale, d_in, d_out } = bank;
+    let Bank { a, b, ranks, scale, expert_scales, d_in, d_out } = bank;
     let (r_total, slots) = (ranks.total_rank(), routing.slots);
     // One expert segment after another; each entry's contribution lands in its (token, slot) row.
     let work: Vec<(usize, usize)> = (0..plan.experts())
@@ -44,7 +49,7 @@ pub fn grouped_forward(x: &[f64], y: &[f64], bank: Bank<'_>, routing: &Routing, 
                 let a_row = &a[i * r_total + cols.start..i * r_total + cols.end];
                 h.iter_mut().zip(a_row).for_each(|(hc, av)| *hc += xi * av);
             }
-            let w = routing.weights[ts];
+            let w = routing.weights[ts] * expert_scales.map_or(1.0, |s| s[e]);
             let mut out = vec![0.0; d_out];
             for (hc, c) in h.iter().zip(cols) {
                 for (o, bv) in out.iter_mut().zip(&b[c * d_out..(c + 1) * d_out]) {

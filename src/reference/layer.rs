@@ -2,7 +2,7 @@
 //! modules beside this one.
 
 use super::linalg::{expand, matmul, shrink};
-use super::mix::{core_merge, expert_scale};
+use super::mix::{core_merge, expert_scale, scale_experts};
 use super::routing::{route, GateInput, Routing};
 use super::stats::{router_stats, RouterStats};
 use crate::dtype::{to_f64_vec, Scalar};
@@ -12,11 +12,12 @@ use crate::{MoleError, Result};
 /// Everything one layer call produces, in f64.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerOutput {
-    /// `y + scale · mix(x · A) · B`, `[T, d_out]`.
+    /// `y + scale · h_mixed · B`, `[T, d_out]`.
     pub y: Vec<f64>,
     /// The shrink output `h = x · A`, `[T, R]`.
     pub h: Vec<f64>,
-    /// The mixed low-rank activations `h'`, `[T, R]`.
+    /// The mixed low-rank activations `h'` times the per-expert scales
+    /// ([`LayerSpec::expert_scales`]), `[T, R]`: what the expand multiplies by `B`.
     pub h_mixed: Vec<f64>,
     /// Router scores `z [T, E]` where the gating has them (computed or given logits).
     pub scores: Option<Vec<f64>>,
@@ -82,11 +83,14 @@ pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Resu
     let z_scores = scores.as_deref().filter(|_| spec.rule().is_some_and(|r| r.has_z_loss()));
     let stats = router_stats(&routing, z_scores, entropy);
 
-    // Mix.
-    let h_mixed = match spec.mix {
+    // Mix, then the per-expert scales (for CoMoL, one scale over the shared expert's columns).
+    let mut h_mixed = match spec.mix {
         Mix::ExpertScale => expert_scale(&h, &routing, &spec.ranks),
         Mix::CoreMerge { .. } => core_merge(&h, &routing, &to_f64_vec(inputs.cores.unwrap_or_default()), r),
     };
+    if let Some(scales) = &spec.expert_scales {
+        scale_experts(&mut h_mixed, &spec.ranks, scales);
+    }
 
     // Expand.
     let y = expand(&h_mixed, &to_f64_vec(inputs.b), &to_f64_vec(inputs.y), spec.scale, t, r, spec.d_out);

@@ -1,5 +1,5 @@
 //! The mix in the low-rank space: expert scaling (the dense masked formulation) and CoMoL's core
-//! merge.
+//! merge; then the per-expert scales of the bank.
 
 use super::routing::Routing;
 use crate::model::RankLayout;
@@ -45,4 +45,15 @@ pub fn core_merge(h: &[f64], routing: &Routing, cores: &[f64], r: usize) -> Vec<
         }
     });
     out
+}
+
+/// The per-expert scales after the mix: `h'[t, cols(e)] *= s_e` for every bank expert `e`
+/// (`scales [E]`, one per expert of `ranks`); the same as folding `s_e` into `B[cols(e), :]`.
+pub fn scale_experts(h_mixed: &mut [f64], ranks: &RankLayout, scales: &[f64]) {
+    let r = ranks.total_rank();
+    h_mixed.par_chunks_mut(r.max(1)).for_each(|row| {
+        for (e, &s) in scales.iter().enumerate() {
+            row[ranks.cols(e)].iter_mut().for_each(|v| *v *= s);
+        }
+    });
 }

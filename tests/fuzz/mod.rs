@@ -64,14 +64,19 @@ pub fn config(default_cases: u32) -> Config {
     Config { cases, failure_persistence: None, ..Config::default() }
 }
 
-/// A small valid layer of any preset.
+/// A small valid layer of any preset, some with per-expert scales.
 pub fn small_spec() -> impl Strategy<Value = LayerSpec> {
-    (0..Method::ALL.len(), 1usize..6, 1usize..6, 1usize..5, 1usize..4, 1usize..4).prop_filter_map(
+    let scales = prop::option::of(prop::collection::vec(-3.0f64..3.0, 5));
+    (0..Method::ALL.len(), 1usize..6, 1usize..6, 1usize..5, 1usize..4, 1usize..4, scales).prop_filter_map(
         "a valid preset shape",
-        |(m, d_in, d_out, experts, rank, k)| {
+        |(m, d_in, d_out, experts, rank, k, scales)| {
             let method = Method::ALL[m];
             let rank = if method.single_rank_experts() { 1 } else { rank };
-            method.spec(MethodShape { d_in, d_out, experts, rank, k: k.min(experts), alpha: 2.0 }).ok()
+            let mut spec =
+                method.spec(MethodShape { d_in, d_out, experts, rank, k: k.min(experts), alpha: 2.0 }).ok()?;
+            // Per-expert scales on some specs, one per bank expert.
+            spec.expert_scales = scales.map(|s| s[..spec.ranks.num_experts()].to_vec());
+            Some(spec)
         },
     )
 }

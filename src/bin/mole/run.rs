@@ -171,7 +171,15 @@ fn cpu_path<T: KernelElement>(
     let start = Instant::now();
     let routing = &reference.routing;
     let plan = RoutingPlan::build(&routing.ids, routing.tokens, routing.slots, routing.experts, 1)?;
-    let bank = Bank { a: &a, b: &b, ranks: &spec.ranks, scale: spec.scale, d_in: spec.d_in, d_out: spec.d_out };
+    let bank = Bank {
+        a: &a,
+        b: &b,
+        ranks: &spec.ranks,
+        scale: spec.scale,
+        expert_scales: spec.expert_scales.as_deref(),
+        d_in: spec.d_in,
+        d_out: spec.d_out,
+    };
     let y = reference::grouped_forward(&x, &y0, bank, routing, &plan);
     let time = start.elapsed().as_secs_f64();
     let max_err = Some(max_scaled_error(&y, &reference.y));
