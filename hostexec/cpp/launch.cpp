@@ -157,7 +157,8 @@ std::string prepare(Launch& l, const LaunchConfig& cfg, const Arg* args, std::si
         std::memcpy(&ptr, home, sizeof ptr);
         BufferView* b = find_buffer(l.buffers, ptr);
         if (!b) return which + " does not point into a hostexec buffer";
-        if (p.pointee_size != 0 && p.pointee_size != b->elem)
+        // A buffer of bytes is untyped memory (a workspace the caller carves into typed regions).
+        if (p.pointee_size != 0 && b->elem != 1 && p.pointee_size != b->elem)
             return which + " points to " + std::to_string(p.pointee_size) + "-byte elements but buffer '" + b->name +
                    "' holds " + std::to_string(b->elem) + "-byte elements";
         if (b->arg < 0) {

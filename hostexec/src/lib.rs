@@ -17,7 +17,8 @@
 //!   access stops the launch with the kernel, buffer, element index, thread and block; buffers
 //!   bound only to `const T*` parameters are read-only for the launch;
 //! - **arguments** are checked against the kernel's C++ signature (count, sizes, element sizes
-//!   behind pointers, buffers for pointers);
+//!   behind pointers, buffers for pointers); a buffer of bytes is untyped memory (a workspace
+//!   carved into typed regions) and matches any element size;
 //! - **architecture primitives**: `mma.sync m16n8k16` and `ldmatrix` with the PTX fragment
 //!   layouts (full warps only), and `cp.async`, whose data lands only at the covering wait;
 //! - **blocks** start in index order, reversed or shuffled ([`Schedule`]); under a seeded

@@ -89,6 +89,14 @@ impl Device {
             });
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("cuCtxCreate"))?;
+        Device::from_context(ctx)
+    }
+
+    /// Adopts a context the caller (a framework) already holds, e.g. candle's or its own
+    /// `CudaContext::new(ordinal)` (cudarc contexts are the device's primary context, shared by
+    /// everyone in the process). Kernels loaded through this device live in that context; the
+    /// device's own stream is new, and every layer call takes the caller's stream anyway.
+    pub fn from_context(ctx: Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(cuda_err("cuDeviceGetAttribute"))?;
         let arch = Arch::from_compute_capability(major, minor)?;
         let name = ctx.name().map_err(cuda_err("cuDeviceGetName"))?;
@@ -97,9 +105,9 @@ impl Device {
             .map_err(cuda_err("cuDeviceGetAttribute"))?;
         let stream = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
         Ok(Device {
+            ordinal: ctx.ordinal(),
             ctx,
             stream,
-            ordinal,
             name,
             compute_capability: (major, minor),
             arch,
