@@ -19,7 +19,7 @@ fn check(what: &'static str, got: usize, expected: usize) -> Result<()> {
 }
 
 fn check_build(build: &KernelBuild, plan: &SgmvPlan, dtype: crate::DType) -> Result<()> {
-    if build.family != Family::Sgmv {
+    if build.family() != Family::Sgmv {
         return Err(MoleError::param("build", build, "is not an sgmv build"));
     }
     if build.dtype != dtype {
