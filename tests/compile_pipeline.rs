@@ -4,7 +4,7 @@
 //! `MOLE_REQUIRE_NVRTC=1` (set by scripts/test.sh), where its absence is a failure.
 
 use mole::cuda::{self, compile_source, Arch, CacheOutcome, Device, DiskCache, Output};
-use mole::kernels::{default_builds, Family, KernelBuild};
+use mole::kernels::{default_builds, gating, sgmv, KernelBuild, SgmvConfig};
 use mole::{DType, MoleError};
 use std::path::PathBuf;
 use std::process::Command;
@@ -159,16 +159,27 @@ fn registered_default_builds_compile_and_hit_the_disk_cache() {
     assert_eq!(cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap().1, CacheOutcome::Hit);
     // Every entry point the build names is in the cubin.
     let c = cuda::compile(&build, Arch::Sm90, Output::Cubin, true).unwrap();
-    for e in &build.entry_points {
+    for e in &build.entry_points() {
         assert!(c.entry(e).is_some(), "{e} missing from:\n{}", c.log);
     }
 }
 
 #[test]
 fn builds_are_validated_before_compiling() {
-    let bad = KernelBuild::new(Family::Gating, DType::F32, &["k"]).define("BAD NAME", 1);
+    // Tilings the kernels' static asserts would reject (the 16-bit one only for the tensor-core
+    // shrink), and a block size no GPU launches.
+    let bad = [
+        KernelBuild::new(DType::F32, SgmvConfig { stages: 3, ..SgmvConfig::DEFAULT }),
+        sgmv::build(DType::F16, SgmvConfig { block_threads: 64, bm: 8, ..SgmvConfig::DEFAULT }),
+        gating::build(DType::F32, 2048),
+    ];
     // Fails the same way with or without NVRTC: validation comes first.
-    assert!(matches!(cuda::compile(&bad, Arch::Sm80, Output::Cubin, false), Err(MoleError::InvalidParameter { .. })));
+    for b in bad {
+        assert!(
+            matches!(cuda::compile(&b, Arch::Sm80, Output::Cubin, false), Err(MoleError::InvalidParameter { .. })),
+            "{b}"
+        );
+    }
 }
 
 /// The project's NVRTC installs (`scripts/install-nvrtc.sh 12` and `13`): `(major, library file)`.

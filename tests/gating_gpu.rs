@@ -181,7 +181,7 @@ fn case<T: KernelElement + DeviceRepr>(dev: &Device, build: &KernelBuild, rng: &
     let t = rng.pick(&[0, 1, 3, 17, 100, 777, 1999]);
     let gating = random_gating(rng, e);
     let (ties, special) = (rng.below(2) == 0, rng.pick(&[0.0, 0.0, 0.05, 0.3]));
-    let threads = build.block_threads().unwrap().unwrap_or(gating::DEFAULT_BLOCK_THREADS);
+    let threads = build.block_threads();
     let desc = format!("{build} T={t} E={e} ties={ties} special={special} {gating:?}");
     let mut z: Vec<T> = (0..t * e).map(|_| T::from_f64(value(rng, ties, special))).collect();
     for row in 0..t {

@@ -20,7 +20,7 @@ fn device_loads_every_default_build_from_cubin_and_from_shipped_ptx() {
     eprintln!("{} ({}, {} SMs)", dev.name(), dev.arch(), dev.sm_count());
     let without = gpu::device_or_skip("module loading").unwrap().without_nvrtc();
     for build in default_builds() {
-        for entry in &build.entry_points {
+        for entry in &build.entry_points() {
             if cuda::nvrtc_present() {
                 dev.function(&build, entry).unwrap_or_else(|e| panic!("{build} {entry}: {e}"));
             }

@@ -61,7 +61,8 @@ fn round_trip_through_the_user_folder() {
     let text = std::fs::read_to_string(&stored.path).unwrap();
     let file: TuningFile = serde_json::from_str(&text).unwrap();
     assert_eq!((file.format_version, &file.gpu), (FORMAT_VERSION, &gpu()));
-    assert!(text.contains("\"strategy\": \"grouped\"") && text.contains("MOLE_SGMV_BM"), "{text}");
+    assert!(text.contains("\"strategy\": \"grouped\""), "{text}");
+    assert!(text.contains("\"family\": \"sgmv\"") && text.contains("\"bm\": 32"), "{text}");
     // A new entry replaces the one of its key; the others stay.
     let newer = TunedEntry { time_ms: 0.5, ..entry(1, 3, &p) };
     assert_eq!(store(dir.path(), &gpu(), std::slice::from_ref(&newer)).unwrap().entries, 3);
@@ -113,6 +114,18 @@ fn corrupt_files_are_ignored_with_a_warning() {
     assert_ne!(other_gpu, good);
     let bad_entry = good.replace("\"strategy\": \"grouped\"", "\"strategy\": \"warp_drive\"");
     assert_ne!(bad_entry, good);
+    // A file of the layout before typed configurations (builds as define strings).
+    let old_format = good.replacen(&format!("\"format_version\": {FORMAT_VERSION}"), "\"format_version\": 1", 1);
+    assert_ne!(old_format, good);
+    // Configurations the kernels cannot be built with, or that are not configurations.
+    let bad_config = good.replacen("\"stages\": 2", "\"stages\": 7", 1);
+    assert_ne!(bad_config, good);
+    let bad_tile = good.replacen("\"bm\": 32", "\"bm\": 3", 1);
+    assert_ne!(bad_tile, good);
+    let text_value = good.replacen("\"bm\": 32", "\"bm\": \"32\"", 1);
+    let unknown_family = good.replacen("\"family\": \"sgmv\"", "\"family\": \"warp\"", 1);
+    assert_ne!(unknown_family, good);
+    let unknown_field = good.replacen("\"bm\": 32", "\"bm\": 32, \"warps\": 4", 1);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"\x00\xffnot json at all{{{".to_vec()),
         ("truncated", good.as_bytes()[..good.len() / 2].to_vec()),
@@ -120,6 +133,12 @@ fn corrupt_files_are_ignored_with_a_warning() {
         ("wrong format_version", wrong_version.into_bytes()),
         ("another gpu", other_gpu.into_bytes()),
         ("unknown strategy", bad_entry.into_bytes()),
+        ("format_version 1", old_format.into_bytes()),
+        ("invalid stages", bad_config.into_bytes()),
+        ("invalid bm", bad_tile.into_bytes()),
+        ("bm as text", text_value.into_bytes()),
+        ("unknown family", unknown_family.into_bytes()),
+        ("unknown config field", unknown_field.into_bytes()),
         ("not an object", b"[1, 2, 3]".to_vec()),
     ];
     for (what, bytes) in cases {
@@ -131,6 +150,12 @@ fn corrupt_files_are_ignored_with_a_warning() {
         assert!(warnings[0].starts_with("ignoring"), "{what}: {warnings:?}");
         if what == "wrong format_version" {
             assert!(warnings[0].contains("format_version 99"), "{warnings:?}");
+        }
+        if what == "format_version 1" {
+            assert!(warnings[0].contains("format_version 1 ") && warnings[0].contains("re-run"), "{warnings:?}");
+        }
+        if what == "invalid stages" {
+            assert!(warnings[0].contains("stages"), "{warnings:?}");
         }
         // Shipped copies of the same bytes are ignored the same way.
         let text = String::from_utf8_lossy(&bytes).into_owned();

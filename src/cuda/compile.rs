@@ -62,7 +62,7 @@ pub fn compile_options(build: &KernelBuild, arch: Arch, output: Output, verbose:
 /// fills [`Compiled::resources`].
 pub fn compile(build: &KernelBuild, arch: Arch, output: Output, verbose: bool) -> Result<Compiled> {
     build.validate()?;
-    let file = build.family.source_file();
+    let file = build.family().source_file();
     let source = sources::source(file)
         .ok_or_else(|| MoleError::Unsupported(format!("kernels/{file} is not embedded in this build of mole")))?;
     let headers: Vec<(&str, &str)> = sources::headers().collect();

@@ -1,7 +1,7 @@
 //! The on-disk cache of compiled kernels, and the key that names an entry.
 //!
 //! An entry is valid only for the exact inputs of its compilation: the kernel sources, the
-//! build (family, dtype, defines), the NVRTC options, the NVRTC version, the architecture and the
+//! build (dtype and typed configuration, as canonical JSON), the NVRTC options, the NVRTC version, the architecture and the
 //! output kind. The key is the canonical text of all of these; its hash names the file and the
 //! full text is stored inside it and compared on load, so a hash collision or a damaged file is
 //! a miss (and a recompile), never a wrong kernel or a crash.
@@ -33,9 +33,7 @@ pub struct CacheKey {
 struct KeyFields<'a> {
     mole: &'a str,
     sources_hash: String,
-    family: crate::kernels::Family,
-    dtype: crate::DType,
-    defines: &'a [(String, String)],
+    build: &'a KernelBuild,
     arch: Arch,
     output: Output,
     options: &'a [String],
@@ -44,8 +42,8 @@ struct KeyFields<'a> {
 
 impl CacheKey {
     /// The key of `build` compiled for `arch` as `output` with `options`, by NVRTC
-    /// `nvrtc_version`, from sources hashing to `sources_hash`. Entry points do not take part:
-    /// they do not change the image.
+    /// `nvrtc_version`, from sources hashing to `sources_hash`. The build takes part as its
+    /// canonical JSON (dtype, family and every configuration field).
     pub fn new(
         build: &KernelBuild,
         arch: Arch,
@@ -57,18 +55,16 @@ impl CacheKey {
         let fields = KeyFields {
             mole: env!("CARGO_PKG_VERSION"),
             sources_hash: format!("{sources_hash:016x}"),
-            family: build.family,
-            dtype: build.dtype,
-            defines: &build.defines,
+            build,
             arch,
             output,
             options,
             nvrtc_version,
         };
-        // Serialising plain strings, numbers and unit enums cannot fail.
+        // Serialising plain strings, numbers, unit enums and the build's structs cannot fail.
         let canonical = serde_json::to_string(&fields).unwrap_or_default();
         let hash = Fnv1a::new().bytes(canonical.as_bytes()).finish();
-        let stem = format!("{}_{}_{}_{hash:016x}", build.family, build.dtype, arch);
+        let stem = format!("{}_{}_{}_{hash:016x}", build.family(), build.dtype, arch);
         CacheKey { canonical, hash, stem, output }
     }
 
@@ -252,11 +248,11 @@ fn load_or_compile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::{Family, KernelBuild};
+    use crate::kernels::{fused, gating, sgmv, FusedConfig, KernelBuild, SgmvConfig};
     use crate::DType;
 
     fn build() -> KernelBuild {
-        KernelBuild::new(Family::Gating, DType::F16, &["gate_f16"]).define("TOPK", 2)
+        gating::build(DType::F16, 64)
     }
 
     fn key_of(b: &KernelBuild, arch: Arch, output: Output, nvrtc: (i32, i32), hash: u64) -> CacheKey {
@@ -274,8 +270,7 @@ mod tests {
             key_of(&b, Arch::Sm90, Output::Ptx, (12, 4), 1),
             key_of(&b, Arch::Sm90, Output::Cubin, (12, 8), 1),
             key_of(&KernelBuild { dtype: DType::BF16, ..b.clone() }, Arch::Sm90, Output::Cubin, (12, 4), 1),
-            key_of(&b.clone().define("X", 1), Arch::Sm90, Output::Cubin, (12, 4), 1),
-            key_of(&build().define("TOPK", 3), Arch::Sm90, Output::Cubin, (12, 4), 1),
+            key_of(&gating::build(DType::F16, 128), Arch::Sm90, Output::Cubin, (12, 4), 1),
             CacheKey::new(&b, Arch::Sm90, Output::Cubin, &["-O3".into()], (12, 4), 1),
         ];
         for (i, v) in variants.iter().enumerate() {
@@ -283,10 +278,47 @@ mod tests {
             assert_ne!(v.hash(), base.hash(), "variant {i}");
             assert_ne!(v.file_name(), base.file_name(), "variant {i}");
         }
-        // Entry points do not change the image, so they do not change the key.
-        let renamed = KernelBuild { entry_points: vec!["other".into()], ..b.clone() };
-        assert_eq!(key_of(&renamed, Arch::Sm90, Output::Cubin, (12, 4), 1), base);
         assert!(base.file_name().starts_with("gating_f16_sm_90_") && base.file_name().ends_with(".cubin"));
+    }
+
+    /// The build takes part in the key by itself (not only through the define options): with
+    /// the options fixed, changing any one configuration field changes the key.
+    #[test]
+    fn key_changes_with_every_config_field() {
+        let key = |b: &KernelBuild| CacheKey::new(b, Arch::Sm90, Output::Cubin, &[], (12, 4), 1);
+        let s = SgmvConfig::DEFAULT;
+        let f = FusedConfig::DEFAULT;
+        let sgmv_variants = [
+            SgmvConfig { block_threads: 256, ..s },
+            SgmvConfig { bm: 64, ..s },
+            SgmvConfig { bn: 64, ..s },
+            SgmvConfig { rc: 16, ..s },
+            SgmvConfig { kc: 32, ..s },
+            SgmvConfig { splits: 4, ..s },
+            SgmvConfig { stages: 1, ..s },
+        ];
+        let fused_variants = [
+            FusedConfig { block_threads: 128, ..f },
+            FusedConfig { bt: 32, ..f },
+            FusedConfig { kc: 64, ..f },
+            FusedConfig { max_cols: 128, ..f },
+        ];
+        let families = [
+            (sgmv::build(DType::F16, s), sgmv_variants.map(|c| sgmv::build(DType::F16, c)).to_vec()),
+            (fused::build(DType::F16, f), fused_variants.map(|c| fused::build(DType::F16, c)).to_vec()),
+            (gating::build(DType::F16, 128), vec![gating::build(DType::F16, 256)]),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for (base, variants) in families {
+            assert!(seen.insert(key(&base).hash()), "{base}");
+            for v in variants {
+                assert_ne!(key(&v).canonical(), key(&base).canonical(), "{v}");
+                assert!(seen.insert(key(&v).hash()), "{v}: same key as another build");
+            }
+        }
+        // The same tiling of another family is another key.
+        let g = key(&gating::build(DType::F16, 256));
+        assert!(g.canonical().contains(r#""family":"gating""#), "{}", g.canonical());
     }
 
     #[test]

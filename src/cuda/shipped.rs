@@ -50,11 +50,11 @@ pub struct PtxManifestEntry {
 
 /// `<family>_<dtype>.ptx`.
 pub fn ptx_file_name(build: &KernelBuild) -> String {
-    format!("{}_{}.ptx", build.family, build.dtype)
+    format!("{}_{}.ptx", build.family(), build.dtype)
 }
 
 fn unit_hash_hex(build: &KernelBuild) -> Result<String> {
-    let file = build.family.source_file();
+    let file = build.family().source_file();
     sources::unit_hash(file)
         .map(|h| format!("{h:016x}"))
         .ok_or_else(|| MoleError::Unsupported(format!("kernels/{file} is not embedded in this build of mole")))
@@ -71,7 +71,8 @@ pub fn generate(builds: &[KernelBuild]) -> Result<Vec<(String, String)>> {
         if entries.iter().any(|e: &PtxManifestEntry| e.file == file) {
             return Err(MoleError::Unsupported(format!(
                 "two default builds of {} {} would both be shipped as ptx/{file}",
-                build.family, build.dtype
+                build.family(),
+                build.dtype
             )));
         }
         let compiled = compile(build, PTX_BASELINE, Output::Ptx, false)?;
@@ -177,7 +178,7 @@ fn find_shipped<'a>(
         return Err(missing(format!(
             "the shipped ptx/{} is stale (built from other sources than kernels/{}); run `mole gen-ptx`",
             entry.file,
-            build.family.source_file()
+            build.family().source_file()
         )));
     }
     file(&entry.file)
@@ -187,13 +188,13 @@ fn find_shipped<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::Family;
+    use crate::kernels::{gating, sgmv, SgmvConfig};
     use crate::DType;
 
     #[test]
     fn file_names() {
-        let b = KernelBuild::new(Family::Gating, DType::BF16, &["k"]).define("A", 1);
-        assert_eq!(ptx_file_name(&b), "gating_bf16.ptx");
+        assert_eq!(ptx_file_name(&gating::build(DType::BF16, 64)), "gating_bf16.ptx");
+        assert_eq!(ptx_file_name(&sgmv::build(DType::F16, SgmvConfig::DEFAULT)), "sgmv_f16.ptx");
     }
 
     #[test]
@@ -206,7 +207,7 @@ mod tests {
             assert_eq!(e.file, ptx_file_name(&e.build));
             let text = sources::shipped_ptx_file(&e.file).unwrap_or_else(|| panic!("{} not embedded", e.file));
             assert!(text.contains(".target sm_80"));
-            for entry in &e.build.entry_points {
+            for entry in &e.build.entry_points() {
                 assert!(text.contains(&format!(".entry {entry}(")), "{entry} missing from {}", e.file);
             }
         }
@@ -214,7 +215,7 @@ mod tests {
 
     #[test]
     fn lookup_checks_the_build_and_the_source_hash() {
-        let build = KernelBuild::new(Family::Gating, DType::F16, &["k"]).define("A", 1);
+        let build = gating::build(DType::F16, 64);
         let manifest = PtxManifest {
             entries: vec![PtxManifestEntry {
                 file: "gating_f16.ptx".into(),
@@ -228,7 +229,7 @@ mod tests {
         assert_eq!(find_shipped(&manifest, &build, "00000000000000aa", files).unwrap(), "PTX TEXT");
         let stale = find_shipped(&manifest, &build, "00000000000000bb", files).unwrap_err();
         assert!(matches!(&stale, MoleError::NvrtcNotFound { detail } if detail.contains("stale")), "{stale}");
-        let other = build.clone().define("B", 2);
+        let other = gating::build(DType::F16, 128);
         assert!(matches!(
             find_shipped(&manifest, &other, "00000000000000aa", files),
             Err(MoleError::NvrtcNotFound { .. })
@@ -242,7 +243,7 @@ mod tests {
 
     #[test]
     fn unknown_builds_have_no_shipped_ptx() {
-        let b = KernelBuild::new(Family::Gating, DType::F32, &["k"]).define("NOT_A_DEFAULT", 12345);
+        let b = gating::build(DType::F32, 1024);
         assert!(matches!(shipped_ptx(&b), Err(MoleError::NvrtcNotFound { .. }) | Err(MoleError::Unsupported(_))));
     }
 

@@ -1,16 +1,22 @@
 //! The kernel registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
 //! which configurations of each are compiled ([`KernelBuild`]).
 //!
-//! Conventions shared with the `.cu` files:
+//! A build is typed: an element type and a [`BuildConfig`] (one tiling struct per family). The
+//! NVRTC defines are generated from it in one place ([`BuildConfig::defines`]), with the
+//! conventions shared with the `.cu` files:
 //! - the element type arrives as exactly one of `MOLE_DTYPE_F32`, `MOLE_DTYPE_F16`,
-//!   `MOLE_DTYPE_BF16`; every other define of a build is passed as `-DNAME=VALUE`;
-//! - a build whose kernels are launched with a fixed block size says so with the define
-//!   [`BLOCK_THREADS_DEFINE`], and one that adds dynamic shared memory with
-//!   [`DYNAMIC_SMEM_DEFINE`] (bytes); `mole check-kernels` checks both against the architecture.
+//!   `MOLE_DTYPE_BF16`; every other define is passed as `-DNAME=VALUE`;
+//! - every build declares the threads per block its kernels are launched with
+//!   ([`BLOCK_THREADS_DEFINE`]), and a build that adds dynamic shared memory declares the bytes
+//!   ([`DYNAMIC_SMEM_DEFINE`]); `mole check-kernels` checks both against the architecture.
 
 pub mod fused;
 pub mod gating;
 pub mod sgmv;
+
+pub use fused::FusedConfig;
+pub use gating::GatingConfig;
+pub use sgmv::SgmvConfig;
 
 use crate::cuda::sources;
 use crate::{DType, MoleError, Result};
@@ -90,46 +96,152 @@ impl fmt::Display for Family {
     }
 }
 
-/// One compilable configuration: a family, a dtype, compile-time defines, and its entry points.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct KernelBuild {
-    /// The source file.
-    pub family: Family,
-    /// Element type, passed as `-DMOLE_DTYPE_<DTYPE>`.
-    pub dtype: DType,
-    /// Extra defines, passed as `-DNAME=VALUE` in this order.
-    pub defines: Vec<(String, String)>,
-    /// The `extern "C"` kernels this configuration provides.
-    pub entry_points: Vec<String>,
+/// The compile-time configuration of a build: one tiling struct per family. Serialised with the
+/// family as a tag, e.g. `{"family":"sgmv","block_threads":128,"bm":32,...}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "lowercase")]
+pub enum BuildConfig {
+    /// `kernels/gating.cu`.
+    Gating(GatingConfig),
+    /// `kernels/sgmv.cu`.
+    Sgmv(SgmvConfig),
+    /// `kernels/fused.cu`.
+    Fused(FusedConfig),
 }
 
-/// Whether `s` is a C identifier (what defines and `extern "C"` entry points must be).
-fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
-        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
-}
-
-impl KernelBuild {
-    /// A build with no extra defines.
-    pub fn new(family: Family, dtype: DType, entry_points: &[&str]) -> Self {
-        KernelBuild {
-            family,
-            dtype,
-            defines: Vec::new(),
-            entry_points: entry_points.iter().map(|s| s.to_string()).collect(),
+impl BuildConfig {
+    /// The source file family.
+    pub fn family(&self) -> Family {
+        match self {
+            BuildConfig::Gating(_) => Family::Gating,
+            BuildConfig::Sgmv(_) => Family::Sgmv,
+            BuildConfig::Fused(_) => Family::Fused,
         }
     }
 
-    /// Adds `-DNAME=VALUE`.
-    pub fn define(mut self, name: &str, value: impl fmt::Display) -> Self {
-        self.defines.push((name.to_string(), value.to_string()));
-        self
+    /// Threads per block the kernels are launched with ([`BLOCK_THREADS_DEFINE`]).
+    pub fn block_threads(&self) -> u32 {
+        match self {
+            BuildConfig::Gating(c) => c.block_threads,
+            BuildConfig::Sgmv(c) => c.block_threads,
+            BuildConfig::Fused(c) => c.block_threads,
+        }
     }
 
-    /// The value of define `name`, if the build sets it.
-    pub fn define_value(&self, name: &str) -> Option<&str> {
-        self.defines.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    /// Dynamic shared memory (bytes) declared for every launch ([`DYNAMIC_SMEM_DEFINE`]); 0
+    /// when the family sizes it per call (fused) or uses static shared memory only (sgmv).
+    pub fn dynamic_shared_bytes(&self) -> u64 {
+        match self {
+            BuildConfig::Gating(c) => c.dynamic_shared_bytes() as u64,
+            BuildConfig::Sgmv(_) | BuildConfig::Fused(_) => 0,
+        }
+    }
+
+    /// The defines of this configuration as `(name, value)`, in the order they are passed to
+    /// NVRTC (the dtype define comes from [`KernelBuild::dtype`]). The one place a typed
+    /// configuration becomes `.cu` defines.
+    pub fn defines(&self) -> Vec<(&'static str, u32)> {
+        match *self {
+            BuildConfig::Gating(c) => {
+                vec![(BLOCK_THREADS_DEFINE, c.block_threads), (DYNAMIC_SMEM_DEFINE, c.dynamic_shared_bytes())]
+            }
+            BuildConfig::Sgmv(c) => vec![
+                (BLOCK_THREADS_DEFINE, c.block_threads),
+                ("MOLE_SGMV_BM", c.bm),
+                ("MOLE_SGMV_BN", c.bn),
+                ("MOLE_SGMV_RC", c.rc),
+                ("MOLE_SGMV_KC", c.kc),
+                ("MOLE_SGMV_SPLITS", c.splits),
+                ("MOLE_SGMV_STAGES", c.stages),
+            ],
+            BuildConfig::Fused(c) => vec![
+                (BLOCK_THREADS_DEFINE, c.block_threads),
+                ("MOLE_FUSED_BT", c.bt),
+                ("MOLE_FUSED_KC", c.kc),
+                ("MOLE_FUSED_MAX_COLS", c.max_cols),
+            ],
+        }
+    }
+
+    /// Checks the constraints the family's `.cu` file asserts for a `dtype` build.
+    pub fn validate(&self, dtype: DType) -> Result<()> {
+        match self {
+            BuildConfig::Gating(c) => c.validate(),
+            BuildConfig::Sgmv(c) => c.validate_for(dtype),
+            BuildConfig::Fused(c) => c.validate(),
+        }
+    }
+}
+
+impl From<GatingConfig> for BuildConfig {
+    fn from(c: GatingConfig) -> Self {
+        BuildConfig::Gating(c)
+    }
+}
+
+impl From<SgmvConfig> for BuildConfig {
+    fn from(c: SgmvConfig) -> Self {
+        BuildConfig::Sgmv(c)
+    }
+}
+
+impl From<FusedConfig> for BuildConfig {
+    fn from(c: FusedConfig) -> Self {
+        BuildConfig::Fused(c)
+    }
+}
+
+/// One compilable configuration: an element type and a typed family configuration. The family,
+/// the NVRTC defines and the entry points all follow from these two.
+///
+/// Deserialising checks the configuration ([`BuildConfig::validate`]): an invalid one from a
+/// file is an error, never a build that fails later.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedBuild")]
+pub struct KernelBuild {
+    /// Element type, passed as `-DMOLE_DTYPE_<DTYPE>`.
+    pub dtype: DType,
+    /// The family and its compile-time configuration.
+    pub config: BuildConfig,
+}
+
+/// What a serialised [`KernelBuild`] holds before it is checked.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UncheckedBuild {
+    dtype: DType,
+    config: BuildConfig,
+}
+
+impl TryFrom<UncheckedBuild> for KernelBuild {
+    type Error = MoleError;
+
+    fn try_from(b: UncheckedBuild) -> Result<Self> {
+        b.config.validate(b.dtype)?;
+        Ok(KernelBuild { dtype: b.dtype, config: b.config })
+    }
+}
+
+impl KernelBuild {
+    /// The build of `dtype` with `config` (unchecked: see [`KernelBuild::validate`]).
+    pub fn new(dtype: DType, config: impl Into<BuildConfig>) -> Self {
+        KernelBuild { dtype, config: config.into() }
+    }
+
+    /// The source file family.
+    pub fn family(&self) -> Family {
+        self.config.family()
+    }
+
+    /// The `extern "C"` kernels this build provides: the family's entry points for the dtype
+    /// (and, for fused builds, the tiling), with the dtype suffix.
+    pub fn entry_points(&self) -> Vec<String> {
+        let d = self.dtype;
+        match self.config {
+            BuildConfig::Gating(_) => gating::entry::ALL.iter().map(|e| gating::entry_name(e, d)).collect(),
+            BuildConfig::Sgmv(_) => sgmv::kernel::for_dtype(d).iter().map(|k| k.entry_name(d)).collect(),
+            BuildConfig::Fused(c) => fused::entry::for_build(d, c).iter().map(|e| fused::entry_name(e, d)).collect(),
+        }
     }
 
     /// The dtype define, e.g. `MOLE_DTYPE_BF16`.
@@ -141,54 +253,32 @@ impl KernelBuild {
         }
     }
 
-    /// The NVRTC define options: the dtype first, then each define as `-DNAME=VALUE`.
+    /// The NVRTC define options: the dtype first, then each of [`BuildConfig::defines`] as
+    /// `-DNAME=VALUE`.
     pub fn define_options(&self) -> Vec<String> {
         std::iter::once(format!("-D{}", self.dtype_define()))
-            .chain(self.defines.iter().map(|(n, v)| format!("-D{n}={v}")))
+            .chain(self.config.defines().into_iter().map(|(n, v)| format!("-D{n}={v}")))
             .collect()
     }
 
-    /// Threads per block declared with [`BLOCK_THREADS_DEFINE`]; `Ok(None)` when not declared.
-    pub fn block_threads(&self) -> Result<Option<u32>> {
-        self.numeric_define(BLOCK_THREADS_DEFINE)
+    /// Threads per block the kernels are launched with.
+    pub fn block_threads(&self) -> u32 {
+        self.config.block_threads()
     }
 
-    /// Dynamic shared memory declared with [`DYNAMIC_SMEM_DEFINE`]; 0 when not declared.
-    pub fn dynamic_shared_bytes(&self) -> Result<u64> {
-        Ok(self.numeric_define(DYNAMIC_SMEM_DEFINE)?.unwrap_or(0) as u64)
+    /// Dynamic shared memory (bytes) the build declares for every launch.
+    pub fn dynamic_shared_bytes(&self) -> u64 {
+        self.config.dynamic_shared_bytes()
     }
 
-    fn numeric_define(&self, name: &'static str) -> Result<Option<u32>> {
-        self.define_value(name)
-            .map(|v| v.trim().parse::<u32>().map_err(|_| MoleError::param(name, v, "expected an unsigned integer")))
-            .transpose()
-    }
-
-    /// Checks that the build can be handed to NVRTC: defines and entry points are C identifiers,
-    /// values hold no control characters, the dtype is not also defined by hand, and the source
-    /// file is embedded in this crate.
+    /// Checks that the build can be handed to NVRTC: the configuration is valid for the dtype
+    /// ([`BuildConfig::validate`]) and the source file is embedded in this crate.
     pub fn validate(&self) -> Result<()> {
-        for (name, value) in &self.defines {
-            if !is_identifier(name) {
-                return Err(MoleError::param("define name", name, "must be a C identifier"));
-            }
-            if name.starts_with("MOLE_DTYPE_") {
-                return Err(MoleError::param("define name", name, "the dtype define comes from `dtype`"));
-            }
-            if value.chars().any(char::is_control) {
-                return Err(MoleError::param("define value", value.escape_debug(), "must not hold control characters"));
-            }
-        }
-        if self.entry_points.is_empty() {
-            return Err(MoleError::Unsupported(format!("{self}: a build needs at least one entry point")));
-        }
-        if let Some(bad) = self.entry_points.iter().find(|e| !is_identifier(e)) {
-            return Err(MoleError::param("entry point", bad, "must be a C identifier"));
-        }
-        if sources::source(self.family.source_file()).is_none() {
+        self.config.validate(self.dtype)?;
+        if sources::source(self.family().source_file()).is_none() {
             return Err(MoleError::Unsupported(format!(
                 "{self}: kernels/{} is not embedded in this build of mole",
-                self.family.source_file()
+                self.family().source_file()
             )));
         }
         Ok(())
@@ -196,10 +286,10 @@ impl KernelBuild {
 }
 
 impl fmt::Display for KernelBuild {
-    /// `gating f16 [TOPK=2, BLOCK=128]`.
+    /// `gating f16 [MOLE_BLOCK_THREADS=128, MOLE_DYNAMIC_SMEM_BYTES=16384]`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} [", self.family, self.dtype)?;
-        for (i, (n, v)) in self.defines.iter().enumerate() {
+        write!(f, "{} {} [", self.family(), self.dtype)?;
+        for (i, (n, v)) in self.config.defines().iter().enumerate() {
             write!(f, "{}{n}={v}", if i == 0 { "" } else { ", " })?;
         }
         f.write_str("]")
@@ -217,69 +307,4 @@ pub fn default_builds() -> Vec<KernelBuild> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn family_names_and_serde() {
-        for f in Family::ALL {
-            assert_eq!(f.source_file(), format!("{}.cu", f.name()));
-            assert_eq!(serde_json::to_string(&f).unwrap(), format!("\"{}\"", f.name()));
-        }
-    }
-
-    #[test]
-    fn define_options_put_the_dtype_first() {
-        let b = KernelBuild::new(Family::Gating, DType::BF16, &["k_bf16"]).define("TOPK", 2).define("BLOCK", 128);
-        assert_eq!(b.define_options(), ["-DMOLE_DTYPE_BF16", "-DTOPK=2", "-DBLOCK=128"]);
-        assert_eq!(b.to_string(), "gating bf16 [TOPK=2, BLOCK=128]");
-        assert_eq!(b.define_value("BLOCK"), Some("128"));
-        assert_eq!(b.define_value("NOPE"), None);
-        let json = serde_json::to_string(&b).unwrap();
-        assert_eq!(serde_json::from_str::<KernelBuild>(&json).unwrap(), b);
-    }
-
-    #[test]
-    fn launch_defines_parse_or_error() {
-        let b = KernelBuild::new(Family::Gating, DType::F32, &["k"]);
-        assert_eq!(b.block_threads().unwrap(), None);
-        assert_eq!(b.dynamic_shared_bytes().unwrap(), 0);
-        let b = b.define(BLOCK_THREADS_DEFINE, 256).define(DYNAMIC_SMEM_DEFINE, 4096);
-        assert_eq!(b.block_threads().unwrap(), Some(256));
-        assert_eq!(b.dynamic_shared_bytes().unwrap(), 4096);
-        let bad = KernelBuild::new(Family::Gating, DType::F32, &["k"]).define(BLOCK_THREADS_DEFINE, "2*64");
-        assert!(matches!(bad.block_threads(), Err(MoleError::InvalidParameter { .. })));
-    }
-
-    #[test]
-    fn validate_rejects_what_nvrtc_or_the_driver_would_choke_on() {
-        let ok = KernelBuild::new(Family::Gating, DType::F16, &["k_f16"]).define("TOPK", 2);
-        let bad = [
-            ok.clone().define("2BAD", 1),
-            ok.clone().define("A B", 1),
-            ok.clone().define("MOLE_DTYPE_F32", 1),
-            ok.clone().define("X", "1\0"),
-            ok.clone().define("X", "1\n#define Y"),
-            KernelBuild { entry_points: vec![], ..ok.clone() },
-            KernelBuild { entry_points: vec!["k\0".into()], ..ok.clone() },
-            KernelBuild { entry_points: vec!["k-1".into()], ..ok.clone() },
-        ];
-        for b in bad {
-            assert!(b.validate().is_err(), "{b:?}");
-        }
-        // The well-formed build is rejected only if gating.cu is not there yet.
-        assert_eq!(ok.validate().is_ok(), sources::source("gating.cu").is_some());
-    }
-
-    #[test]
-    fn defaults_are_one_per_dtype_and_among_the_candidates() {
-        let all = all_candidates();
-        for b in default_builds() {
-            assert!(all.contains(&b), "{b}");
-        }
-        for f in Family::ALL {
-            let d = f.default_builds();
-            assert!(DType::ALL.iter().all(|&t| d.iter().filter(|b| b.dtype == t).count() <= 1));
-        }
-    }
-}
+mod tests;

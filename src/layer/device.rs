@@ -149,7 +149,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
             .into_iter()
             .find(|b| b.dtype == dtype)
             .ok_or_else(|| MoleError::Unsupported(format!("no gating build for {dtype}")))?;
-        let threads = gating_build.block_threads()?.unwrap_or(gating::DEFAULT_BLOCK_THREADS);
+        let threads = gating_build.block_threads();
         let e = spec.routed_experts();
         let grouping = gating::plan_slot_grouping(t, slots, e, config.bm as usize, threads)?;
         let shape = SgmvShape { tokens: t, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };

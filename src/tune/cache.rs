@@ -20,8 +20,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// The version of the file layout this crate reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the file layout this crate reads and writes. Version 2 stores each build as
+/// its typed configuration (`{"dtype":..,"config":{"family":..,..}}`) where version 1 stored
+/// define strings; files of version 1 are ignored as stale (re-run `mole autotune`).
+pub const FORMAT_VERSION: u32 = 2;
 /// The folder under the cache folder that holds the user's tuning files.
 pub const TUNING_SUBDIR: &str = "tuning";
 
@@ -114,7 +116,7 @@ pub struct TunedEntry {
     pub key: ShapeKey,
     /// The chosen strategy.
     pub strategy: Strategy,
-    /// The chosen configuration (family, dtype, defines, entry points).
+    /// The chosen configuration (dtype and typed family configuration), checked when read.
     pub build: KernelBuild,
     /// Median time of the winner, ms.
     pub time_ms: f64,
@@ -181,15 +183,21 @@ struct Header {
 }
 
 impl TuningFile {
-    /// Parses a tuning file; `origin` names it in errors. Errors on malformed JSON and on a
-    /// format version other than [`FORMAT_VERSION`].
+    /// Parses a tuning file; `origin` names it in errors. Errors on malformed JSON, on a
+    /// build whose configuration is invalid, and on a format version other than
+    /// [`FORMAT_VERSION`].
     pub fn parse(text: &str, origin: &str) -> Result<TuningFile> {
         let bad = |e: serde_json::Error| MoleError::io(format!("parsing tuning file {origin}"), e);
         let header: Header = serde_json::from_str(text).map_err(bad)?;
         if header.format_version != FORMAT_VERSION {
+            let hint = if header.format_version < FORMAT_VERSION {
+                " (written by an older mole: re-run `mole autotune`)"
+            } else {
+                " (written by a newer mole)"
+            };
             return Err(MoleError::io(
                 format!("tuning file {origin}"),
-                format!("format_version {} is not the supported {FORMAT_VERSION}", header.format_version),
+                format!("format_version {} is not the supported {FORMAT_VERSION}{hint}", header.format_version),
             ));
         }
         serde_json::from_str(text).map_err(bad)

@@ -172,7 +172,7 @@ pub fn prepare_run<'d>(
         Strategy::Grouped => Family::Sgmv,
         Strategy::Fused | Strategy::FusedSplit => Family::Fused,
     };
-    if build.family != family {
+    if build.family() != family {
         return Err(MoleError::param("build", build, "is not a build of the strategy's kernel family"));
     }
     let choice = Choice { strategy, build: build.clone(), source: ChoiceSource::Tuned };

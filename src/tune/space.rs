@@ -1,7 +1,7 @@
 //! The search space of a shape and its pruning before any timing.
 //!
 //! Candidates come from each family's [`Family::candidates`] (block sizes, warps, pipeline
-//! stages, split-K are the families' defines), mapped to a [`Strategy`] by
+//! stages, split-K are fields of the families' typed configurations), mapped to a [`Strategy`] by
 //! [`strategy_of`], filtered by dtype. Candidate 0 is the documented default (the family's
 //! default build, [`Family::default_builds`]).
 //!
@@ -95,7 +95,7 @@ pub fn blocks_per_sm(entry: &EntryResources, threads: u32, dynamic_shared_bytes:
 
 /// Why a build with these ptxas records must not be timed, or `None` when it may.
 ///
-/// `entries` are the records of the build's `entry_points` (a missing one is a reason);
+/// `entries` are the records of the build's entry points (a missing one is a reason);
 /// `threads` and `dynamic_shared_bytes` are the launch the build declares. Reasons: spills or
 /// any other [`ArchLimits::check`] violation, or fewer than one block per SM
 /// ([`blocks_per_sm`]). The text names the entry point and every violation.
@@ -126,17 +126,17 @@ pub fn prune_reason(
 }
 
 /// [`prune_reason`] for a verbose cubin compile of `build`, with spills of non-inlined callees
-/// charged to the build. Errors when the build's launch defines do not parse.
+/// charged to the build. Errors when the build's configuration is invalid.
 pub fn prune_compiled(build: &KernelBuild, compiled: &Compiled, limits: &ArchLimits) -> Result<Option<String>> {
-    let threads = build.block_threads()?;
-    let dynamic = build.dynamic_shared_bytes()?;
+    build.config.validate(build.dtype)?;
+    let (threads, dynamic) = (Some(build.block_threads()), build.dynamic_shared_bytes());
     let mut reasons: Vec<String> = compiled
         .functions
         .iter()
         .filter(|f| f.spill_stores > 0 || f.spill_loads > 0)
         .map(|f| format!("callee {} spills ({} B stored, {} B loaded)", f.name, f.spill_stores, f.spill_loads))
         .collect();
-    reasons.extend(prune_reason(&compiled.resources, &build.entry_points, threads, dynamic, limits));
+    reasons.extend(prune_reason(&compiled.resources, &build.entry_points(), threads, dynamic, limits));
     Ok((!reasons.is_empty()).then(|| reasons.join("; ")))
 }
 
@@ -246,10 +246,10 @@ mod tests {
     fn strategies_map_families() {
         assert_eq!(strategy_of(Family::Sgmv), &[Strategy::Grouped]);
         assert!(strategy_of(Family::Gating).is_empty());
-        assert!(candidates(DType::F16).iter().all(|c| c.build.family != Family::Gating));
+        assert!(candidates(DType::F16).iter().all(|c| c.build.family() != Family::Gating));
         // Every candidate's family maps to its strategy.
         for dtype in DType::ALL {
-            assert!(candidates(dtype).iter().all(|c| strategy_of(c.build.family).contains(&c.strategy)));
+            assert!(candidates(dtype).iter().all(|c| strategy_of(c.build.family()).contains(&c.strategy)));
         }
     }
 
@@ -321,20 +321,19 @@ mod tests {
         let default = candidates(DType::BF16).remove(0);
         for arch in [Arch::Sm80, Arch::Sm90] {
             let compiled = compile(&default.build, arch, Output::Cubin, true).unwrap();
-            assert_eq!(compiled.resources.len(), default.build.entry_points.len(), "{}", compiled.log);
+            assert_eq!(compiled.resources.len(), default.build.entry_points().len(), "{}", compiled.log);
             let limits = arch.limits();
             assert_eq!(prune_compiled(&default.build, &compiled, &limits).unwrap(), None, "{}", compiled.log);
-            let threads = default.build.block_threads().unwrap();
+            let threads = Some(default.build.block_threads());
             let too_much = limits.max_shared_bytes_per_block as u64 + 1;
-            let why = prune_reason(&compiled.resources, &default.build.entry_points, threads, too_much, &limits);
+            let why = prune_reason(&compiled.resources, &default.build.entry_points(), threads, too_much, &limits);
             assert!(why.is_some_and(|w| w.contains("shared/block")), "{arch}");
             assert_eq!(Pruner::new(arch).screen(&default), Screen::Keep);
         }
-        // A build that does not compile is an error, not a crash.
-        let broken = Candidate {
-            strategy: Strategy::Grouped,
-            build: default.build.clone().define("MOLE_SGMV_BM", "not_a_number"),
-        };
+        // A build that cannot be compiled (its tiling breaks the kernel's constraints) is an
+        // error, not a crash.
+        let bad_tiling = sgmv::SgmvConfig { bm: 3, ..sgmv::SgmvConfig::DEFAULT };
+        let broken = Candidate { strategy: Strategy::Grouped, build: sgmv::build(DType::BF16, bad_tiling) };
         assert!(matches!(Pruner::new(Arch::Sm90).screen(&broken), Screen::Error(_)));
     }
 }

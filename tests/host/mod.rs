@@ -24,7 +24,7 @@ impl HostBackend {
 impl Backend for HostBackend {
     unsafe fn launch(&mut self, build: &KernelBuild, launch: &mut Launch) -> mole::Result<()> {
         // The host layer compiles each source with its defaults: only default builds run here.
-        if !build.family.default_builds().contains(build) {
+        if !build.family().default_builds().contains(build) {
             return Err(MoleError::Unsupported(format!("{build} is not compiled for the CPU (defaults only)")));
         }
         let desc = launch.kernel();

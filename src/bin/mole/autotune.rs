@@ -205,10 +205,11 @@ pub fn run(args: &AutotuneArgs) -> Result<()> {
 
 /// `BLOCK_THREADS=128 BM=32 ...`: the build's defines without their `MOLE_` / family prefixes.
 fn config_cell(strategy: mole::tune::Strategy, build: &mole::kernels::KernelBuild) -> String {
-    let family = format!("{}_", build.family.name().to_ascii_uppercase());
+    let family = format!("{}_", build.family().name().to_ascii_uppercase());
     let defines: Vec<String> = build
-        .defines
-        .iter()
+        .config
+        .defines()
+        .into_iter()
         .map(|(n, v)| {
             let n = n.strip_prefix("MOLE_").unwrap_or(n);
             format!("{}={v}", n.strip_prefix(family.as_str()).unwrap_or(n))

@@ -24,10 +24,11 @@ struct Row {
 }
 
 fn defines_cell(build: &KernelBuild) -> String {
-    if build.defines.is_empty() {
+    let defines = build.config.defines();
+    if defines.is_empty() {
         return "-".into();
     }
-    build.defines.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(",")
+    defines.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// The rows of one compiled (or failed) build.
@@ -35,7 +36,7 @@ fn rows_for(arch: Arch, build: &KernelBuild, result: &mole::Result<Compiled>) ->
     let head = |entry: &str| {
         vec![
             arch.to_string(),
-            build.family.to_string(),
+            build.family().to_string(),
             build.dtype.to_string(),
             defines_cell(build),
             entry.to_string(),
@@ -54,7 +55,9 @@ fn rows_for(arch: Arch, build: &KernelBuild, result: &mole::Result<Compiled>) ->
         }
     };
     let limits = arch.limits();
-    let launch = build.block_threads().and_then(|t| Ok((t, build.dynamic_shared_bytes()?)));
+    // The launch the typed configuration declares (an invalid one did not compile: see above).
+    let launch =
+        build.config.validate(build.dtype).map(|()| (Some(build.block_threads()), build.dynamic_shared_bytes()));
     // Spills in non-inlined callees are charged to every entry of the build.
     let callee_spills: Vec<String> = compiled
         .functions
@@ -63,7 +66,7 @@ fn rows_for(arch: Arch, build: &KernelBuild, result: &mole::Result<Compiled>) ->
         .map(|f| format!("callee {} spills ({} B stored, {} B loaded)", f.name, f.spill_stores, f.spill_loads))
         .collect();
     build
-        .entry_points
+        .entry_points()
         .iter()
         .map(|entry| {
             let mut cells = head(entry);
@@ -170,11 +173,12 @@ pub fn run(args: &CheckKernelsArgs) -> mole::Result<()> {
 mod tests {
     use super::*;
     use mole::cuda::{EntryResources, FunctionFrame};
-    use mole::kernels::{Family, BLOCK_THREADS_DEFINE, DYNAMIC_SMEM_DEFINE};
+    use mole::kernels::gating;
     use mole::DType;
 
+    /// A gating build: its dynamic shared memory is one word per expert (1024) per warp.
     fn build(threads: u32) -> KernelBuild {
-        KernelBuild::new(Family::Gating, DType::F16, &["a_f16", "b_f16"]).define(BLOCK_THREADS_DEFINE, threads)
+        gating::build(DType::F16, threads)
     }
 
     fn compiled(entries: Vec<EntryResources>) -> Compiled {
@@ -185,45 +189,65 @@ mod tests {
         EntryResources { entry: entry.into(), registers, ..Default::default() }
     }
 
+    /// A record of every entry point of `b`, each with `registers` registers.
+    fn all(b: &KernelBuild, registers: u32) -> Vec<EntryResources> {
+        b.entry_points().iter().map(|e| res(e, registers)).collect()
+    }
+
     fn verdicts(rows: &[Row]) -> Vec<&str> {
         rows.iter().map(|r| r.cells.last().unwrap().as_str()).collect()
     }
 
+    fn oks(n: usize) -> Vec<&'static str> {
+        vec!["ok"; n]
+    }
+
     #[test]
     fn clean_build_passes() {
-        let rows = rows_for(Arch::Sm90, &build(256), &Ok(compiled(vec![res("a_f16", 40), res("b_f16", 64)])));
-        assert_eq!(verdicts(&rows), ["ok", "ok"]);
+        let b = build(256);
+        let rows = rows_for(Arch::Sm90, &b, &Ok(compiled(all(&b, 40))));
+        assert_eq!(verdicts(&rows), oks(b.entry_points().len()));
+        assert_eq!(rows[0].cells[3], "MOLE_BLOCK_THREADS=256,MOLE_DYNAMIC_SMEM_BYTES=32768");
         assert_eq!(rows[0].cells[5], "40");
+        // Static (0) plus the declared dynamic shared memory.
+        assert_eq!(rows[0].cells[6], "32768");
         assert_eq!(rows[1].cells[9], "256/1024");
     }
 
     #[test]
     fn spills_limits_missing_entries_and_errors_fail() {
-        let spill = EntryResources { spill_stores: 8, spill_loads: 8, ..res("a_f16", 32) };
-        let rows = rows_for(Arch::Sm90, &build(128), &Ok(compiled(vec![spill, res("b_f16", 32)])));
-        assert_eq!(verdicts(&rows), ["FAIL", "ok"]);
+        let b = build(128);
+        let n = b.entry_points().len();
+        let mut spill = all(&b, 32);
+        spill[0] = EntryResources { spill_stores: 8, spill_loads: 8, ..res(&b.entry_points()[0], 32) };
+        let rows = rows_for(Arch::Sm90, &b, &Ok(compiled(spill)));
+        assert_eq!(verdicts(&rows)[..2], ["FAIL", "ok"]);
         // 128 registers x 1024 threads does not fit the register file.
-        let rows = rows_for(Arch::Sm80, &build(1024), &Ok(compiled(vec![res("a_f16", 128), res("b_f16", 64)])));
-        assert_eq!(verdicts(&rows), ["FAIL", "ok"]);
-        // Dynamic shared memory counts against the limit: 100 KiB fits sm_80 but not sm_86.
-        let smem = build(128).define(DYNAMIC_SMEM_DEFINE, 100 * 1024);
-        let ok = Ok(compiled(vec![res("a_f16", 32), res("b_f16", 32)]));
-        assert_eq!(verdicts(&rows_for(Arch::Sm80, &smem, &ok)), ["ok", "ok"]);
-        assert_eq!(verdicts(&rows_for(Arch::Sm86, &smem, &ok)), ["FAIL", "FAIL"]);
+        let big = build(1024);
+        let mut regs = all(&big, 32);
+        regs[0].registers = 128;
+        let rows = rows_for(Arch::Sm80, &big, &Ok(compiled(regs)));
+        assert_eq!(verdicts(&rows)[..2], ["FAIL", "ok"]);
+        // The declared dynamic shared memory counts against the limit: 800 threads declare
+        // 25 warps x 4 KiB = 100 KiB, which fits sm_80 but not sm_86.
+        let smem = build(800);
+        let ok = Ok(compiled(all(&smem, 32)));
+        assert_eq!(verdicts(&rows_for(Arch::Sm80, &smem, &ok)), oks(n));
+        assert_eq!(verdicts(&rows_for(Arch::Sm86, &smem, &ok)), vec!["FAIL"; n]);
         // An entry point the cubin lacks.
-        let rows = rows_for(Arch::Sm90, &build(128), &Ok(compiled(vec![res("a_f16", 32)])));
-        assert_eq!(verdicts(&rows), ["ok", "FAIL"]);
+        let rows = rows_for(Arch::Sm90, &b, &Ok(compiled(all(&b, 32)[1..].to_vec())));
+        assert_eq!(verdicts(&rows)[..2], ["FAIL", "ok"]);
         // A spilling callee fails every entry of the build.
-        let mut c = compiled(vec![res("a_f16", 32), res("b_f16", 32)]);
+        let mut c = compiled(all(&b, 32));
         c.functions.push(FunctionFrame { name: "_Z1fv".into(), spill_stores: 4, ..Default::default() });
-        assert_eq!(verdicts(&rows_for(Arch::Sm90, &build(128), &Ok(c))), ["FAIL", "FAIL"]);
+        assert_eq!(verdicts(&rows_for(Arch::Sm90, &b, &Ok(c))), vec!["FAIL"; n]);
         // A compile error is one failing row carrying the log.
         let err = MoleError::NvrtcCompile { what: "x".into(), status: "S".into(), log: "bad line".into() };
-        let rows = rows_for(Arch::Sm90, &build(128), &Err(err));
+        let rows = rows_for(Arch::Sm90, &b, &Err(err));
         assert_eq!(verdicts(&rows), ["FAIL"]);
         assert!(rows[0].problems[0].contains("bad line"));
-        // A malformed launch define is reported, not a panic.
-        let rows = rows_for(Arch::Sm90, &build(128).define(DYNAMIC_SMEM_DEFINE, "lots"), &ok);
-        assert_eq!(verdicts(&rows), ["FAIL", "FAIL"]);
+        // An invalid configuration is reported on every entry, not a panic.
+        let rows = rows_for(Arch::Sm90, &build(100), &Ok(compiled(all(&build(100), 32))));
+        assert_eq!(verdicts(&rows), vec!["FAIL"; n]);
     }
 }

@@ -145,7 +145,7 @@ impl RawFusedPointers {
 }
 
 fn check_build(build: &KernelBuild, plan: &FusedPlan, dtype: DType) -> Result<()> {
-    if build.family != Family::Fused {
+    if build.family() != Family::Fused {
         return Err(MoleError::param("build", build, "is not a fused build"));
     }
     if build.dtype != dtype {

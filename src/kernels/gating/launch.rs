@@ -29,7 +29,7 @@ pub(super) fn check_plan_build(build: &KernelBuild, dtype: DType, what: &'static
 }
 
 pub(super) fn check_build(build: &KernelBuild, dtype: DType) -> Result<u32> {
-    if build.family != Family::Gating {
+    if build.family() != Family::Gating {
         return Err(MoleError::param("build", build, "is not a gating build"));
     }
     if build.dtype != dtype {

@@ -1,6 +1,7 @@
 use super::launch::{check_group, check_route, check_stats, RouteLens, StatsLens};
 use super::*;
 use crate::cuda::sources;
+use crate::kernels::Family;
 use crate::model::Router;
 use crate::plan::TokenSlot;
 use std::mem::{offset_of, size_of};
@@ -133,17 +134,17 @@ fn candidates_cover_every_dtype_and_block_size() {
     assert_eq!(c.len(), DType::ALL.len() * BLOCK_THREADS_CANDIDATES.len());
     for d in DType::ALL {
         for t in BLOCK_THREADS_CANDIDATES {
-            let b = c.iter().find(|b| b.dtype == d && b.block_threads().unwrap() == Some(t)).expect("build");
-            assert_eq!(b.family, Family::Gating);
-            assert_eq!(b.dynamic_shared_bytes().unwrap(), (t / 32 * 4096) as u64);
-            assert_eq!(b.entry_points.len(), entry::ALL.len());
-            assert!(b.entry_points.iter().all(|e| e.ends_with(&format!("_{}", d.name()))));
+            let b = c.iter().find(|b| b.dtype == d && b.block_threads() == t).expect("build");
+            assert_eq!(b.family(), Family::Gating);
+            assert_eq!(b.dynamic_shared_bytes(), (t / 32 * 4096) as u64);
+            assert_eq!(b.entry_points().len(), entry::ALL.len());
+            assert!(b.entry_points().iter().all(|e| e.ends_with(&format!("_{}", d.name()))));
             b.validate().unwrap();
         }
     }
     let defaults = default_builds();
     assert_eq!(defaults, Family::Gating.default_builds());
-    assert!(defaults.iter().all(|b| b.block_threads().unwrap() == Some(DEFAULT_BLOCK_THREADS)));
+    assert!(defaults.iter().all(|b| b.block_threads() == DEFAULT_BLOCK_THREADS));
     assert_eq!(entry_name(entry::GIVEN, DType::BF16), "gating_given_bf16");
 }
 
@@ -299,7 +300,7 @@ fn route_arguments_are_validated() {
     assert!(shape(RouteLens { probs_len: Some(1), ..ok }));
     // Wrong dtype, family or input kind.
     assert!(matches!(check_route(&b, DType::F32, &g, 10, 8, ok), Err(MoleError::InvalidParameter { .. })));
-    let other = KernelBuild { family: Family::Gating, ..build(DType::BF16, 64) };
+    let other = crate::kernels::sgmv::build(DType::F16, crate::kernels::SgmvConfig::DEFAULT);
     assert!(check_route(&other, DType::F16, &g, 10, 8, ok).is_err());
     let w = lens(InputKind::Weights, 10, 8, 2);
     assert!(matches!(check_route(&b, DType::F16, &g, 10, 8, w), Err(MoleError::Unsupported(_))));
@@ -312,10 +313,9 @@ fn route_arguments_are_validated() {
     assert!(matches!(check_route(&b, DType::F16, &mag, 10, 8, ok), Err(MoleError::UnexpectedInput { .. })));
     let a = lens(InputKind::AdapterIds, 10, 8, 1);
     assert!(check_route(&b, DType::F16, &Gating::AdapterIds, 10, 8, RouteLens { probs_len: None, ..a }).is_ok());
-    // A build with a bad block-size define is a typed error, not a panic.
-    let bad = build(DType::F16, 64).define(crate::kernels::BLOCK_THREADS_DEFINE, 100);
-    let bad = KernelBuild { defines: bad.defines[1..].to_vec(), ..bad };
-    assert!(check_route(&bad, DType::F16, &g, 10, 8, ok).is_err());
+    // A build with a bad block size is a typed error, not a panic.
+    let bad = build(DType::F16, 100);
+    assert!(matches!(check_route(&bad, DType::F16, &g, 10, 8, ok), Err(MoleError::InvalidParameter { .. })));
 }
 
 #[test]

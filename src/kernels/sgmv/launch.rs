@@ -12,7 +12,7 @@ use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::CudaSlice;
 
 fn check_build(build: &KernelBuild, plan: &SgmvPlan, dtype: DType) -> Result<()> {
-    if build.family != Family::Sgmv {
+    if build.family() != Family::Sgmv {
         return Err(MoleError::param("build", build, "is not an sgmv build"));
     }
     if build.dtype != dtype {

@@ -33,21 +33,21 @@ fn params_layout_matches_the_c_struct() {
 
 #[test]
 fn defaults_match_the_cu_file() {
-    let c = SgmvConfig::DEFAULT;
-    for (name, v) in c.defines() {
+    for (name, v) in BuildConfig::Sgmv(SgmvConfig::DEFAULT).defines() {
         let line = format!("#define {name} {v}");
         assert!(sgmv_cu().contains(&line), "sgmv.cu lacks `{line}`");
     }
     for b in candidates() {
-        assert_eq!(SgmvConfig::of(&b).unwrap().defines().map(|d| d.1), {
-            let c = CONFIG_CANDIDATES.iter().find(|c| build(b.dtype, **c) == b).unwrap();
-            c.defines().map(|d| d.1)
-        });
+        let c = SgmvConfig::of(&b).unwrap();
+        assert!(CONFIG_CANDIDATES.contains(&c), "{b}");
+        assert_eq!(build(b.dtype, c), b);
         b.validate().unwrap();
     }
     assert_eq!(default_builds().len(), 3);
     // Both pipeline depths are compiled by the candidates.
     assert!(CONFIG_CANDIDATES.iter().any(|c| c.stages == 1) && CONFIG_CANDIDATES.iter().any(|c| c.stages == 2));
+    // Another family's build has no sgmv configuration.
+    assert!(SgmvConfig::of(&crate::kernels::gating::build(DType::F32, 128)).is_err());
 }
 
 fn shape(tokens: usize, slots: usize, d_in: usize, d_out: usize) -> SgmvShape {
@@ -125,15 +125,12 @@ fn plan_rejects_bad_arguments() {
         plan(&b, shape(4, 1, 8, 32 * 65_536), &ok, 64),
         plan(&b, shape(4, 1, 8, 8), &ok, 1 << 32),
         plan(&crate::kernels::gating::default_builds()[0], shape(4, 1, 8, 8), &ok, 64),
-        plan(&KernelBuild::new(Family::Sgmv, DType::F32, &["k"]).define("MOLE_SGMV_BM", 3), shape(4, 1, 8, 8), &ok, 64),
+        plan(&build(DType::F32, SgmvConfig { bm: 3, ..SgmvConfig::DEFAULT }), shape(4, 1, 8, 8), &ok, 64),
+        plan(&build(DType::F32, SgmvConfig { stages: 3, ..SgmvConfig::DEFAULT }), shape(4, 1, 8, 8), &ok, 64),
+        plan(&build(DType::F32, SgmvConfig { stages: 0, ..SgmvConfig::DEFAULT }), shape(4, 1, 8, 8), &ok, 64),
+        // A tiling valid for f32 but not for the tensor-core shrink of a 16-bit build.
         plan(
-            &KernelBuild::new(Family::Sgmv, DType::F32, &["k"]).define("MOLE_SGMV_STAGES", 3),
-            shape(4, 1, 8, 8),
-            &ok,
-            64,
-        ),
-        plan(
-            &KernelBuild::new(Family::Sgmv, DType::F32, &["k"]).define("MOLE_SGMV_STAGES", 0),
+            &build(DType::BF16, SgmvConfig { block_threads: 64, bm: 8, ..SgmvConfig::DEFAULT }),
             shape(4, 1, 8, 8),
             &ok,
             64,
