@@ -68,7 +68,7 @@ impl Family {
     /// The entry points of a `dtype` build of this family, as described for the launch path.
     pub fn kernels(self, dtype: DType) -> &'static [&'static crate::exec::KernelDesc] {
         match self {
-            Family::Gating => &[],
+            Family::Gating => &gating::kernel::ALL,
             Family::Sgmv => sgmv::kernel::for_dtype(dtype),
             Family::Fused => &[],
         }
