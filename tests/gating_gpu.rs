@@ -12,6 +12,7 @@ mod gpu;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use mole::cuda::Device;
+use mole::exec::Buf;
 use mole::kernels::gating::{self, DeviceGateInput, GroupOutputs, InputKind, RouteOutputs, StatsInputs, StatsPlan};
 use mole::kernels::KernelBuild;
 use mole::model::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
@@ -272,9 +273,9 @@ fn case<T: KernelElement + DeviceRepr>(dev: &Device, build: &KernelBuild, rng: &
     // The routing plan of the kernel's ids: exactly the host's.
     let block = rng.pick(&[1, 1, 4, 16]);
     let gp = gating::plan_grouping(t, slots, e, block, threads).map_err(|err| format!("{desc}: {err}"))?;
-    let mut gws = zeros::<u32>(dev, gp.workspace_words);
+    let mut gws = zeros::<u32>(dev, gp.lens.get(Buf::PlanWorkspace));
     let (mut counts, mut offsets, mut status) = (zeros::<u32>(dev, e), zeros::<u32>(dev, e + 1), zeros::<u32>(dev, 1));
-    let mut entries = zeros::<TokenSlot>(dev, gp.max_entries);
+    let mut entries = zeros::<TokenSlot>(dev, gp.lens.get(Buf::PlanEntries));
     let outs = GroupOutputs { counts: &mut counts, offsets: &mut offsets, entries: &mut entries, status: &mut status };
     gating::group(dev, build, &gp, &ids, &mut gws, outs).map_err(|err| format!("{desc}: group: {err}"))?;
     let host = RoutingPlan::build(&gids, t, slots, e, block).map_err(|err| format!("{desc}: host plan: {err}"))?;

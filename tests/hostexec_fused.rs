@@ -94,7 +94,7 @@ fn run_fused<T: KernelElement + bytemuck::Pod>(
         k.launch(&cfg, &args).unwrap_or_else(|e| panic!("{}: {e}", launch.entry));
     }
     if let (Some(sp), Some(ws), Some(out)) = (&plan.stats, &ws, &stats) {
-        let k = Kernel::get(&gating::entry_name(gating::entry::STATS_FINALIZE, dtype)).unwrap();
+        let k = Kernel::get(&gating::kernel::STATS_FINALIZE.entry_name(dtype)).unwrap();
         let cfg = LaunchConfig::new(1, sp.finalize.block).schedule(schedule);
         k.launch(&cfg, &[Arg::value(sp.params), Arg::buffer(ws), Arg::buffer(out)]).unwrap();
     }

@@ -1,15 +1,19 @@
 //! The routing kernels of `kernels/gating.cu`, run on the CPU through `mole-hostexec` (the real
 //! sources, unmodified), against the f64 reference: every routing rule on one small input with
-//! ties, NaN, all-masked and +inf tokens, each under three thread schedules.
+//! ties, NaN, all-masked and +inf tokens, each under three thread schedules. The kernels run
+//! through the library's launch path ([`mole::kernels::gating::run_route`]) on the CPU backend.
 
 mod common;
+mod host;
 
-use common::Input;
-use mole::kernels::gating::{entry_name, plan, RoutePlan};
+use common::{bind, gating_build, Input};
+use host::HostBackend;
+use mole::exec::{Bindings, Buf};
+use mole::kernels::gating::{plan, run_route, RoutePlan};
 use mole::model::{Gating, RankSelection, Router, RoutingRule, TopKWeights};
 use mole::reference::routing::{route, GateInput, Routing};
 use mole::DType;
-use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use mole_hostexec::{Buffer, Schedule};
 
 const TOKENS: usize = 37; // more tokens than warps in a block: several blocks, grid-stride loops
 const EXPERTS: usize = 40; // more experts than lanes: a lane owns several
@@ -36,21 +40,24 @@ fn close(got: f32, want: f64) -> bool {
 /// Runs the plan's kernel on the CPU and compares ids, weights and probabilities with `want`.
 fn check(gating: &Gating, dtype: DType, input: &Input, bias: Option<&Input>, want: &Routing, schedule: Schedule) {
     let p: RoutePlan = plan(gating, TOKENS, EXPERTS, BLOCK_THREADS).unwrap();
-    let launch = p.launch.unwrap();
-    let kernel = Kernel::get(&entry_name(launch.entry, dtype)).unwrap_or_else(|e| panic!("{e}"));
     let ids = Buffer::<i32>::poisoned("ids", TOKENS * p.slots);
     let weights = Buffer::<f32>::poisoned("weights", TOKENS * p.slots);
     let probs = Buffer::<f32>::poisoned("probs", TOKENS * EXPERTS);
-    let args = [
-        Arg::value(p.params),
-        input.arg(),
-        bias.map_or(Arg::null(), Input::arg),
-        Arg::buffer(&ids),
-        Arg::buffer(&weights),
-        if p.writes_probs { Arg::buffer(&probs) } else { Arg::null() },
-    ];
-    let cfg = LaunchConfig::new(launch.grid, launch.block).shared(launch.shared_bytes).schedule(schedule);
-    kernel.launch(&cfg, &args).unwrap_or_else(|e| panic!("{gating:?} {dtype:?} {schedule:?}: {e}"));
+    let mut b = Bindings::new();
+    input.bind(&mut b, Buf::GateInput);
+    if let Some(bias) = bias {
+        bias.bind(&mut b, Buf::SelectionBias);
+    }
+    bind(&mut b, Buf::Ids, &ids);
+    bind(&mut b, Buf::RouteWeights, &weights);
+    if p.writes_probs {
+        bind(&mut b, Buf::Probs, &probs);
+    }
+    let mut host = HostBackend::new(schedule);
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { run_route(&gating_build(dtype), &p, &b, &mut host) }
+        .unwrap_or_else(|e| panic!("{gating:?} {dtype:?} {schedule:?}: {e}"));
+    assert_eq!(host.launches, 1);
     let what = format!("{gating:?} {dtype:?} {schedule:?}");
     assert_eq!(ids.read(), want.ids, "ids of {what}");
     let w = weights.read();
@@ -115,11 +122,13 @@ fn every_routing_rule_matches_the_reference() {
     let ids = Buffer::from_slice("adapter_ids", &adapter_ids);
     let want = route(&Gating::AdapterIds, GateInput::AdapterIds(&adapter_ids), TOKENS, EXPERTS).unwrap();
     let p = plan(&Gating::AdapterIds, TOKENS, EXPERTS, BLOCK_THREADS).unwrap();
-    let launch = p.launch.unwrap();
-    let kernel = Kernel::get(&entry_name(launch.entry, dtype)).unwrap();
     let (out_ids, out_w) = (Buffer::<i32>::poisoned("ids", TOKENS), Buffer::<f32>::poisoned("weights", TOKENS));
-    let args = [Arg::value(p.params), Arg::buffer(&ids), Arg::buffer(&out_ids), Arg::buffer(&out_w)];
-    kernel.launch(&LaunchConfig::new(launch.grid, launch.block), &args).unwrap();
+    let mut b = Bindings::new();
+    bind(&mut b, Buf::AdapterIds, &ids);
+    bind(&mut b, Buf::Ids, &out_ids);
+    bind(&mut b, Buf::RouteWeights, &out_w);
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { run_route(&gating_build(dtype), &p, &b, &mut HostBackend::new(Schedule::Forward)) }.unwrap();
     assert_eq!(out_ids.read(), want.ids);
     assert_eq!(out_w.read(), want.weights.iter().map(|&w| w as f32).collect::<Vec<_>>());
 }

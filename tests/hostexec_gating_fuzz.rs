@@ -8,11 +8,19 @@
 //! entropy against its threshold, two distinct biased scores closer than f32 can tell apart):
 //! there f32 and f64 may legitimately decide differently, so such tokens are checked for shape
 //! only and counted; the test requires them to be rare.
+//!
+//! Every kernel runs through the library's launch path (`run_route`, `run_stats`, `run_group`,
+//! `run_group_slots` of [`mole::kernels::gating`]) on the CPU backend.
 
 mod common;
+mod host;
 
-use common::Input;
-use mole::kernels::gating::{entry_name, plan, plan_grouping, plan_slot_grouping, KernelLaunch, StatsPlan};
+use common::{bind, gating_build, Input};
+use host::HostBackend;
+use mole::exec::{Bindings, Buf};
+use mole::kernels::gating::{
+    plan, plan_grouping, plan_slot_grouping, run_group, run_group_slots, run_route, run_stats, StatsPlan,
+};
 use mole::kernels::sgmv::SlotPlans;
 use mole::model::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 use mole::plan::{RoutingPlan, TokenSlot};
@@ -20,7 +28,7 @@ use mole::reference::routing::{descending_order, normalized_entropy, route, sigm
 use mole::reference::{router_stats, tolerance_with, Routing};
 use mole::synth::Rng;
 use mole::DType;
-use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use mole_hostexec::{Buffer, Schedule};
 use proptest::prelude::*;
 
 const BLOCK_THREADS: u32 = 128;
@@ -160,24 +168,25 @@ fn run_case(c: &Case) -> Result<usize, TestCaseError> {
     let ids = Buffer::<i32>::poisoned("ids", t * slots);
     let weights = Buffer::<f32>::poisoned("weights", t * slots);
     let probs = Buffer::<f32>::poisoned("probs", t * e);
-    if let Some(launch) = rp.launch {
-        let kernel =
-            Kernel::get(&entry_name(launch.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
-        let cfg = LaunchConfig::new(launch.grid, launch.block).shared(launch.shared_bytes).schedule(c.schedule);
-        let args: Vec<Arg<'_>> = if c.gating == Gating::AdapterIds {
-            vec![Arg::value(rp.params), Arg::buffer(&adapter_buf), Arg::buffer(&ids), Arg::buffer(&weights)]
-        } else {
-            vec![
-                Arg::value(rp.params),
-                input.arg(),
-                if bias_used { bias.arg() } else { Arg::null() },
-                Arg::buffer(&ids),
-                Arg::buffer(&weights),
-                if rp.writes_probs { Arg::buffer(&probs) } else { Arg::null() },
-            ]
-        };
-        kernel.launch(&cfg, &args).map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
+    let mut binds = Bindings::new();
+    if c.gating == Gating::AdapterIds {
+        bind(&mut binds, Buf::AdapterIds, &adapter_buf);
+    } else {
+        input.bind(&mut binds, Buf::GateInput);
     }
+    if bias_used {
+        bias.bind(&mut binds, Buf::SelectionBias);
+    }
+    bind(&mut binds, Buf::Ids, &ids);
+    bind(&mut binds, Buf::RouteWeights, &weights);
+    if rp.writes_probs {
+        bind(&mut binds, Buf::Probs, &probs);
+    }
+    let mut host = HostBackend::new(c.schedule);
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { run_route(&gating_build(c.dtype), &rp, &binds, &mut host) }
+        .map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
+    prop_assert_eq!(host.launches, usize::from(t > 0), "{:?}", c);
     let (got_ids, got_w) = (ids.read(), weights.read());
     let tol = 4.0 * tolerance_with(f64::powi(2.0, -24), f64::powi(2.0, -24), e + 8);
     let close = |g: f32, w: f64| (g as f64 - w).abs() <= tol * w.abs().max(1.0);
@@ -225,17 +234,19 @@ fn check_stats(c: &Case, want: &Routing, scores: &Input, z: &[f64]) -> Result<()
     let probs = Buffer::from_slice("probs", &probs_f32);
     let workspace = Buffer::<u32>::poisoned("workspace", sp.workspace_words);
     let out = Buffer::<f32>::poisoned("stats", sp.out_len);
-    let probs_arg = if sp.params.has_probs != 0 { Arg::buffer(&probs) } else { Arg::null() };
-    if let Some(l) = sp.partial {
-        let k = Kernel::get(&entry_name(l.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
-        let args = [Arg::value(sp.params), Arg::buffer(&ids), probs_arg, scores.arg(), Arg::buffer(&workspace)];
-        let cfg = LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(c.schedule);
-        k.launch(&cfg, &args).map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
+    let mut binds = Bindings::new();
+    bind(&mut binds, Buf::Ids, &ids);
+    if sp.params.has_probs != 0 {
+        bind(&mut binds, Buf::Probs, &probs);
     }
-    let l = sp.finalize;
-    let k = Kernel::get(&entry_name(l.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
-    let cfg = LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(c.schedule);
-    k.launch(&cfg, &[Arg::value(sp.params), Arg::buffer(&workspace), Arg::buffer(&out)])
+    if has_scores {
+        scores.bind(&mut binds, Buf::GateInput);
+    }
+    bind(&mut binds, Buf::StatsWorkspace, &workspace);
+    bind(&mut binds, Buf::StatsOut, &out);
+    let mut host = HostBackend::new(c.schedule);
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { run_stats(&gating_build(c.dtype), &sp, &binds, &mut host) }
         .map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
     let got = sp.decode(&out.read()).map_err(|err| TestCaseError::fail(err.to_string()))?;
     // Sums over T tokens of f32 values: the reduction length is T (and E inside each term).
@@ -277,39 +288,27 @@ fn check_plan(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
         RoutingPlan::build(&want.ids, t, slots, e, block).map_err(|err| TestCaseError::fail(err.to_string()))?;
     let gp = plan_grouping(t, slots, e, block, BLOCK_THREADS).map_err(|err| TestCaseError::fail(err.to_string()))?;
     let ids = Buffer::from_slice("ids", &want.ids);
-    let workspace = Buffer::<u32>::poisoned("workspace", gp.workspace_words);
+    let workspace = Buffer::<u32>::poisoned("workspace", gp.lens.get(Buf::PlanWorkspace));
     let counts = Buffer::<u32>::poisoned("counts", e);
     let offsets = Buffer::<u32>::poisoned("offsets", e + 1);
-    let entries = Buffer::<TokenSlot>::poisoned("entries", gp.max_entries.max(1));
+    let entries = Buffer::<TokenSlot>::poisoned("entries", gp.lens.get(Buf::PlanEntries).max(1));
     let status = Buffer::<u32>::poisoned("status", 1);
-    let launch = |l: KernelLaunch, args: &[Arg<'_>]| launch_plan_kernel(c, l, args);
-    if let Some(l) = gp.count {
-        launch(l, &[Arg::value(gp.params), Arg::buffer(&ids), Arg::buffer(&workspace)])?;
-    }
-    let scan_args = [
-        Arg::value(gp.params),
-        Arg::buffer(&workspace),
-        Arg::buffer(&counts),
-        Arg::buffer(&offsets),
-        Arg::buffer(&entries),
-        Arg::buffer(&status),
-    ];
-    launch(gp.scan, &scan_args)?;
-    if let Some(l) = gp.scatter {
-        launch(l, &[Arg::value(gp.params), Arg::buffer(&ids), Arg::buffer(&workspace), Arg::buffer(&entries)])?;
-    }
+    let mut binds = Bindings::new();
+    bind(&mut binds, Buf::Ids, &ids);
+    bind(&mut binds, Buf::PlanWorkspace, &workspace);
+    bind(&mut binds, Buf::PlanCounts, &counts);
+    bind(&mut binds, Buf::PlanOffsets, &offsets);
+    bind(&mut binds, Buf::PlanEntries, &entries);
+    bind(&mut binds, Buf::PlanStatus, &status);
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { run_group(&gating_build(c.dtype), &gp, &binds, &mut HostBackend::new(c.schedule)) }
+        .map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
     prop_assert_eq!(status.read(), vec![0], "{:?}", c);
     prop_assert_eq!(counts.read(), expected.counts.clone(), "{:?}", c);
     prop_assert_eq!(offsets.read(), expected.offsets.clone(), "{:?}", c);
     let got_entries = entries.read();
     prop_assert_eq!(&got_entries[..expected.entries.len()], &expected.entries[..], "{:?}", c);
     Ok(())
-}
-
-fn launch_plan_kernel(c: &Case, l: KernelLaunch, args: &[Arg<'_>]) -> Result<(), TestCaseError> {
-    let k = Kernel::get(&entry_name(l.entry, c.dtype)).map_err(|err| TestCaseError::fail(err.to_string()))?;
-    let cfg = LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(c.schedule);
-    k.launch(&cfg, args).map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))
 }
 
 /// The plan kernels in column mode (one launch set per slot, into shared packed buffers) on the
@@ -328,33 +327,27 @@ fn check_slot_plans(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
         expected_entries[s * stride..s * stride + from.len()].copy_from_slice(from);
     }
     let ids = Buffer::from_slice("ids", &want.ids);
-    let workspace = Buffer::<u32>::poisoned("workspace", sp.workspace_words);
-    let counts = Buffer::<u32>::poisoned("counts", sp.counts_len());
-    let offsets = Buffer::<u32>::poisoned("offsets", sp.offsets_len());
+    let lens = sp.lens();
+    let workspace = Buffer::<u32>::poisoned("workspace", lens.get(Buf::PlanWorkspace));
+    let counts = Buffer::<u32>::poisoned("counts", lens.get(Buf::PlanCounts));
+    let offsets = Buffer::<u32>::poisoned("offsets", lens.get(Buf::PlanOffsets));
     // Not the poison bytes (0xFF, which equal padding): the kernels must write every padding entry.
     let garbage = TokenSlot { token: 0xDEAD, slot: 0xBEEF };
-    let entries = Buffer::from_slice("entries", &vec![garbage; sp.entries_len().max(1)]);
+    let entries = Buffer::from_slice("entries", &vec![garbage; lens.get(Buf::PlanEntries).max(1)]);
     let status = Buffer::<u32>::poisoned("status", slots);
-    let g = sp.grouping;
-    for s in 0..slots {
-        let params = Arg::value(sp.params(s));
-        if let Some(l) = g.count {
-            launch_plan_kernel(c, l, &[params.clone(), Arg::buffer(&ids), Arg::buffer(&workspace)])?;
-        }
-        let scan_args = [
-            params.clone(),
-            Arg::buffer(&workspace),
-            Arg::buffer(&counts),
-            Arg::buffer(&offsets),
-            Arg::buffer(&entries),
-            Arg::buffer(&status),
-        ];
-        launch_plan_kernel(c, g.scan, &scan_args)?;
-        if let Some(l) = g.scatter {
-            let args = [params, Arg::buffer(&ids), Arg::buffer(&workspace), Arg::buffer(&entries)];
-            launch_plan_kernel(c, l, &args)?;
-        }
-    }
+    let mut binds = Bindings::new();
+    bind(&mut binds, Buf::Ids, &ids);
+    bind(&mut binds, Buf::PlanWorkspace, &workspace);
+    bind(&mut binds, Buf::PlanCounts, &counts);
+    bind(&mut binds, Buf::PlanOffsets, &offsets);
+    bind(&mut binds, Buf::PlanEntries, &entries);
+    bind(&mut binds, Buf::PlanStatus, &status);
+    let mut host = HostBackend::new(c.schedule);
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { run_group_slots(&gating_build(c.dtype), &sp, &binds, &mut host) }
+        .map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
+    let per_slot = if sp.grouping.count.is_some() { 3 } else { 1 };
+    prop_assert_eq!(host.launches, slots * per_slot, "{:?}", c);
     prop_assert_eq!(status.read(), vec![0; slots], "{:?}", c);
     prop_assert_eq!(offsets.read(), expected.offsets, "{:?} bm {}", c, bm);
     let got_entries = entries.read();

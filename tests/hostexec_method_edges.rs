@@ -2,17 +2,22 @@
 //! kernels (`kernels/gating.cu`, whose rules `kernels/common/routing.cuh` shares with the fused
 //! kernels) run on the CPU through `mole-hostexec`, against the f64 reference: a DynMoLE entropy
 //! threshold of 1 never switches every expert on, top-p of 1 keeps every expert, and the
-//! statistics give each method's load-balancing loss.
+//! statistics give each method's load-balancing loss. The kernels run through the library's
+//! launch path ([`mole::kernels::gating::run_route`], [`mole::kernels::gating::run_stats`]) on
+//! the CPU backend.
 
 mod common;
+mod host;
 
-use common::Input;
-use mole::kernels::gating::{entry_name, plan, StatsPlan};
+use common::{bind, gating_build, Input};
+use host::HostBackend;
+use mole::exec::{Bindings, Buf};
+use mole::kernels::gating::{self, plan, StatsPlan};
 use mole::model::{Gating, Method, MethodShape, Router, RoutingRule, TopKWeights};
 use mole::reference::routing::{route, GateInput, Routing};
 use mole::reference::{router_stats, tolerance_with, RouterStats};
 use mole::DType;
-use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use mole_hostexec::{Buffer, Schedule};
 
 const BLOCK_THREADS: u32 = 128;
 
@@ -23,22 +28,21 @@ fn routed(rule: RoutingRule) -> Gating {
 /// Runs the routing kernel of `gating` on f32 scores; returns ids, weights and probabilities.
 fn run_route(gating: &Gating, scores: &[f32], tokens: usize, experts: usize) -> (Vec<i32>, Vec<f32>, Vec<f32>) {
     let p = plan(gating, tokens, experts, BLOCK_THREADS).unwrap();
-    let launch = p.launch.unwrap();
-    let kernel = Kernel::get(&entry_name(launch.entry, DType::F32)).unwrap_or_else(|e| panic!("{e}"));
     let (input, _) = Input::new("scores", DType::F32, scores);
     let ids = Buffer::<i32>::poisoned("ids", tokens * p.slots);
     let weights = Buffer::<f32>::poisoned("weights", tokens * p.slots);
     let probs = Buffer::<f32>::poisoned("probs", tokens * experts);
-    let args = [
-        Arg::value(p.params),
-        input.arg(),
-        Arg::null(),
-        Arg::buffer(&ids),
-        Arg::buffer(&weights),
-        if p.writes_probs { Arg::buffer(&probs) } else { Arg::null() },
-    ];
-    let cfg = LaunchConfig::new(launch.grid, launch.block).shared(launch.shared_bytes).schedule(Schedule::Reverse);
-    kernel.launch(&cfg, &args).unwrap_or_else(|e| panic!("{gating:?}: {e}"));
+    let mut b = Bindings::new();
+    input.bind(&mut b, Buf::GateInput);
+    bind(&mut b, Buf::Ids, &ids);
+    bind(&mut b, Buf::RouteWeights, &weights);
+    if p.writes_probs {
+        bind(&mut b, Buf::Probs, &probs);
+    }
+    let mut host = HostBackend::new(Schedule::Reverse);
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { gating::run_route(&gating_build(DType::F32), &p, &b, &mut host) }
+        .unwrap_or_else(|e| panic!("{gating:?}: {e}"));
     (ids.read(), weights.read(), if p.writes_probs { probs.read() } else { vec![] })
 }
 
@@ -117,16 +121,20 @@ fn run_stats(gating: &Gating, want: &Routing, scores: &[f32]) -> (StatsPlan, Rou
     let (scores, _) = Input::new("scores", DType::F32, scores);
     let workspace = Buffer::<u32>::poisoned("workspace", sp.workspace_words);
     let out = Buffer::<f32>::poisoned("stats", sp.out_len);
-    let probs_arg = if sp.params.has_probs != 0 { Arg::buffer(&probs) } else { Arg::null() };
-    let scores_arg = if sp.params.has_scores != 0 { scores.arg() } else { Arg::null() };
-    let l = sp.partial.unwrap();
-    let k = Kernel::get(&entry_name(l.entry, DType::F32)).unwrap();
-    let args = [Arg::value(sp.params), Arg::buffer(&ids), probs_arg, scores_arg, Arg::buffer(&workspace)];
-    k.launch(&LaunchConfig::new(l.grid, l.block).shared(l.shared_bytes).schedule(Schedule::Seeded(5)), &args).unwrap();
-    let l = sp.finalize;
-    let k = Kernel::get(&entry_name(l.entry, DType::F32)).unwrap();
-    k.launch(&LaunchConfig::new(l.grid, l.block), &[Arg::value(sp.params), Arg::buffer(&workspace), Arg::buffer(&out)])
-        .unwrap();
+    let mut b = Bindings::new();
+    bind(&mut b, Buf::Ids, &ids);
+    if sp.params.has_probs != 0 {
+        bind(&mut b, Buf::Probs, &probs);
+    }
+    if sp.params.has_scores != 0 {
+        scores.bind(&mut b, Buf::GateInput);
+    }
+    bind(&mut b, Buf::StatsWorkspace, &workspace);
+    bind(&mut b, Buf::StatsOut, &out);
+    let mut host = HostBackend::new(Schedule::Seeded(5));
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { gating::run_stats(&gating_build(DType::F32), &sp, &b, &mut host) }.unwrap();
+    assert_eq!(host.launches, 2);
     let got = sp.decode(&out.read()).unwrap();
     (sp, got)
 }

@@ -591,7 +591,7 @@ fn plan_inner(
         },
         partial: None,
         finalize: KernelLaunch {
-            entry: gating::entry::STATS_FINALIZE,
+            kernel: &gating::kernel::STATS_FINALIZE,
             grid: 1,
             block: gating::DEFAULT_BLOCK_THREADS,
             shared_bytes: 0,

@@ -4,21 +4,27 @@
 //!
 //! This module mirrors the `.cu` file: the `#[repr(C)]` parameter structs and `#[repr(u32)]`
 //! enums match their C twins (both sides assert every size and offset), and the pure planning
-//! functions ([`plan`], [`plan_stats`], [`plan_grouping`]) validate a call and compute its grid,
-//! block, shared memory and workspace without touching a GPU. [`route`], [`router_stats`] and
-//! [`group`] launch them on a [`crate::cuda::Device`]; the `*_raw` variants take raw pointers.
+//! functions ([`plan`], [`plan_stats`], [`plan_grouping`], [`plan_slot_grouping`]) validate a
+//! call and compute its launches and the length of every buffer ([`crate::exec::BufLens`])
+//! without touching a GPU. Each call kind runs on bound buffers through any
+//! [`crate::exec::Backend`] ([`run_route`], [`run_stats`], [`run_group`], [`run_group_slots`]):
+//! the typed functions ([`route`], [`router_stats`], [`group`], [`group_slots`]) and the raw-pointer
+//! ones (`*_raw`) bind their buffers and call them, on a [`crate::cuda::Device`].
 
 mod launch;
 mod slots;
 
-pub use slots::{group_slots, group_slots_raw, plan_slot_grouping, SlotGroupOutputs, SlotGroupingPlan};
+pub use slots::{
+    group_slots, group_slots_raw, plan_slot_grouping, run_group_slots, SlotGroupOutputs, SlotGroupingPlan,
+};
 
 pub use launch::{
-    group, group_raw, route, route_raw, router_stats, router_stats_raw, DeviceGateInput, GroupOutputs,
-    RawGroupPointers, RawRoutePointers, RawStatsPointers, RouteOutputs, StatsInputs,
+    group, group_raw, route, route_raw, router_stats, router_stats_raw, run_group, run_route, run_stats,
+    DeviceGateInput, GroupOutputs, RawGroupPointers, RawRoutePointers, RawStatsPointers, RouteOutputs, StatsInputs,
 };
 
 use super::{BuildConfig, KernelBuild};
+use crate::exec::{Buf, BufLens, Dims, KernelDesc};
 use crate::model::{Entropy, Gating, RankSelection, RoutingRule, TopKWeights};
 use crate::reference::RouterStats;
 use crate::{DType, MoleError, Result};
@@ -39,49 +45,102 @@ const MAX_GRID_BLOCKS: u64 = 1 << 16;
 /// workspaces stay small and the final in-order passes short.
 const MAX_CHUNKS: u64 = 1024;
 
-/// Base names of the entry points; each build appends its dtype suffix (`_f32`, `_f16`, `_bf16`).
-pub mod entry {
-    /// Softmax top-k.
-    pub const SOFTMAX_TOPK: &str = "gating_softmax_topk";
-    /// Top-p, DynMoLE and dense softmax (a prefix of the descending order).
-    pub const SOFTMAX_PREFIX: &str = "gating_softmax_prefix";
-    /// SMoRA sigmoid top-k.
-    pub const SIGMOID_TOPK: &str = "gating_sigmoid_topk";
-    /// FlyLoRA magnitude top-k.
-    pub const MAGNITUDE_TOPK: &str = "gating_magnitude_topk";
-    /// Given weights.
-    pub const GIVEN: &str = "gating_given";
-    /// Adapter ids.
-    pub const ADAPTER_IDS: &str = "gating_adapter_ids";
-    /// Router statistics, per-chunk partials.
-    pub const STATS_PARTIAL: &str = "gating_stats_partial";
-    /// Router statistics, the in-order final sum.
-    pub const STATS_FINALIZE: &str = "gating_stats_finalize";
-    /// Routing plan phase 1: per-chunk expert counts.
-    pub const PLAN_COUNT: &str = "gating_plan_count";
-    /// Routing plan phase 2: scan, offsets, padding.
-    pub const PLAN_SCAN: &str = "gating_plan_scan";
-    /// Routing plan phase 3: in-order scatter.
-    pub const PLAN_SCATTER: &str = "gating_plan_scatter";
-    /// Every entry point, in file order.
-    pub const ALL: [&str; 11] = [
-        SOFTMAX_TOPK,
-        SOFTMAX_PREFIX,
-        SIGMOID_TOPK,
-        MAGNITUDE_TOPK,
-        GIVEN,
-        ADAPTER_IDS,
-        STATS_PARTIAL,
-        STATS_FINALIZE,
-        PLAN_COUNT,
-        PLAN_SCAN,
-        PLAN_SCATTER,
-    ];
-}
+/// The entry points.
+pub mod kernel {
+    use crate::exec::{ArgDesc as A, Buf, KernelDesc};
+    use crate::kernels::Family;
 
-/// The full entry-point name of `base` in a `dtype` build, e.g. `gating_given_bf16`.
-pub fn entry_name(base: &str, dtype: DType) -> String {
-    format!("{base}_{}", dtype.name())
+    const fn gating(
+        name: &'static str,
+        params_type: &'static str,
+        params_bytes: usize,
+        args: &'static [A],
+    ) -> KernelDesc {
+        KernelDesc { family: Family::Gating, name, params_type, params_bytes, args }
+    }
+    const GATING: (&str, usize) = ("mole_gating_params", std::mem::size_of::<super::GatingParams>());
+    const STATS: (&str, usize) = ("mole_stats_params", std::mem::size_of::<super::StatsParams>());
+    const PLAN: (&str, usize) = ("mole_plan_params", std::mem::size_of::<super::PlanParams>());
+    /// Scores (or given weights), the selection bias (null where the rule has none, or ignores
+    /// it), ids, weights, and probabilities (null: not written).
+    const SCORE_ARGS: &[A] = &[
+        A::input(Buf::GateInput),
+        A::optional_input(Buf::SelectionBias),
+        A::output(Buf::Ids),
+        A::output(Buf::RouteWeights),
+        A::optional_output(Buf::Probs),
+    ];
+
+    /// Softmax top-k.
+    pub static SOFTMAX_TOPK: KernelDesc = gating("gating_softmax_topk", GATING.0, GATING.1, SCORE_ARGS);
+    /// Top-p, DynMoLE and dense softmax (a prefix of the descending order).
+    pub static SOFTMAX_PREFIX: KernelDesc = gating("gating_softmax_prefix", GATING.0, GATING.1, SCORE_ARGS);
+    /// SMoRA sigmoid top-k.
+    pub static SIGMOID_TOPK: KernelDesc = gating("gating_sigmoid_topk", GATING.0, GATING.1, SCORE_ARGS);
+    /// FlyLoRA magnitude top-k (its probabilities argument is never written).
+    pub static MAGNITUDE_TOPK: KernelDesc = gating("gating_magnitude_topk", GATING.0, GATING.1, SCORE_ARGS);
+    /// Given weights (in [`Buf::GateInput`]).
+    pub static GIVEN: KernelDesc = gating("gating_given", GATING.0, GATING.1, SCORE_ARGS);
+    /// Adapter ids.
+    pub static ADAPTER_IDS: KernelDesc = gating(
+        "gating_adapter_ids",
+        GATING.0,
+        GATING.1,
+        &[A::input(Buf::AdapterIds), A::output(Buf::Ids), A::output(Buf::RouteWeights)],
+    );
+    /// Router statistics, per-chunk partials (probabilities and scores null where not given).
+    pub static STATS_PARTIAL: KernelDesc = gating(
+        "gating_stats_partial",
+        STATS.0,
+        STATS.1,
+        &[
+            A::input(Buf::Ids),
+            A::optional_input(Buf::Probs),
+            A::optional_input(Buf::GateInput),
+            A::output(Buf::StatsWorkspace),
+        ],
+    );
+    /// Router statistics, the in-order final sum.
+    pub static STATS_FINALIZE: KernelDesc =
+        gating("gating_stats_finalize", STATS.0, STATS.1, &[A::input(Buf::StatsWorkspace), A::output(Buf::StatsOut)]);
+    /// Routing plan phase 1: per-chunk expert counts.
+    pub static PLAN_COUNT: KernelDesc =
+        gating("gating_plan_count", PLAN.0, PLAN.1, &[A::input(Buf::Ids), A::output(Buf::PlanWorkspace)]);
+    /// Routing plan phase 2: scan, offsets, padding.
+    pub static PLAN_SCAN: KernelDesc = gating(
+        "gating_plan_scan",
+        PLAN.0,
+        PLAN.1,
+        &[
+            A::output(Buf::PlanWorkspace),
+            A::output(Buf::PlanCounts),
+            A::output(Buf::PlanOffsets),
+            A::output(Buf::PlanEntries),
+            A::output(Buf::PlanStatus),
+        ],
+    );
+    /// Routing plan phase 3: in-order scatter.
+    pub static PLAN_SCATTER: KernelDesc = gating(
+        "gating_plan_scatter",
+        PLAN.0,
+        PLAN.1,
+        &[A::input(Buf::Ids), A::input(Buf::PlanWorkspace), A::output(Buf::PlanEntries)],
+    );
+
+    /// Every entry point, in file order (every dtype builds them all).
+    pub static ALL: [&KernelDesc; 11] = [
+        &SOFTMAX_TOPK,
+        &SOFTMAX_PREFIX,
+        &SIGMOID_TOPK,
+        &MAGNITUDE_TOPK,
+        &GIVEN,
+        &ADAPTER_IDS,
+        &STATS_PARTIAL,
+        &STATS_FINALIZE,
+        &PLAN_COUNT,
+        &PLAN_SCAN,
+        &PLAN_SCATTER,
+    ];
 }
 
 /// Every configuration worth compiling: each dtype at each of [`BLOCK_THREADS_CANDIDATES`]. The
@@ -330,11 +389,11 @@ unsafe impl cudarc::driver::DeviceRepr for StatsParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for PlanParams {}
 
-/// Grid, block and dynamic shared memory of one kernel launch.
+/// One kernel launch: the kernel, its grid, block and dynamic shared memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelLaunch {
-    /// Base entry name (see [`entry`]).
-    pub entry: &'static str,
+    /// The kernel (one of [`kernel`]).
+    pub kernel: &'static KernelDesc,
     /// Blocks (x only).
     pub grid: u32,
     /// Threads per block (x only).
@@ -344,6 +403,11 @@ pub struct KernelLaunch {
 }
 
 impl KernelLaunch {
+    /// As launch dimensions.
+    pub fn dims(&self) -> Dims {
+        Dims { grid: (self.grid, 1, 1), block: self.block, shared_bytes: self.shared_bytes }
+    }
+
     /// As cudarc's launch configuration.
     pub fn config(&self) -> cudarc::driver::LaunchConfig {
         cudarc::driver::LaunchConfig {
@@ -373,7 +437,9 @@ pub struct RoutePlan {
     /// The launch; `None` when there are no tokens (nothing is launched).
     pub launch: Option<KernelLaunch>,
     /// The kernel (also set when `launch` is `None`).
-    pub entry: &'static str,
+    pub kernel: &'static KernelDesc,
+    /// Threads per block the plan was made for (the build's).
+    pub block_threads: u32,
     /// What the kernel reads.
     pub input: InputKind,
     /// Whether `selection_bias [E]` is read.
@@ -382,6 +448,11 @@ pub struct RoutePlan {
     pub writes_probs: bool,
     /// Slots per token.
     pub slots: usize,
+    /// Element counts of the buffers: the input ([`Buf::GateInput`] `[T, E]` or
+    /// [`Buf::AdapterIds`] `[T]`), [`Buf::SelectionBias`] `[E]` when [`RoutePlan::uses_bias`],
+    /// [`Buf::Ids`] and [`Buf::RouteWeights`] `[T, slots]`, and [`Buf::Probs`] `[T, E]` when
+    /// [`RoutePlan::writes_probs`] (an optional output: the kernel skips it when absent).
+    pub lens: BufLens,
 }
 
 fn check_block_threads(threads: u32) -> Result<()> {
@@ -458,19 +529,19 @@ pub fn plan(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) 
         signed_select: 0,
         entropy_eps: 0.0,
     };
-    let (kind, entry, input, writes_probs) = match *gating {
+    let (kind, kernel, input, writes_probs): (_, &'static KernelDesc, _, _) = match *gating {
         Gating::Routed { rule, .. } => match rule {
             RoutingRule::SoftmaxTopK { k, temperature, weights } => {
                 check_top_k(k)?;
                 p.k = k as u32;
                 p.temperature = positive_f32("temperature", temperature)?;
                 p.weights = WeightMode::from(weights) as u32;
-                (RuleKind::SoftmaxTopK, entry::SOFTMAX_TOPK, InputKind::Scores, true)
+                (RuleKind::SoftmaxTopK, &kernel::SOFTMAX_TOPK, InputKind::Scores, true)
             }
             RoutingRule::TopP { p: threshold, temperature } => {
                 p.temperature = positive_f32("temperature", temperature)?;
                 p.threshold = threshold_f32(threshold);
-                (RuleKind::TopP, entry::SOFTMAX_PREFIX, InputKind::Scores, true)
+                (RuleKind::TopP, &kernel::SOFTMAX_PREFIX, InputKind::Scores, true)
             }
             RoutingRule::DynMole { q, top_p, keep_top_k, entropy_threshold, entropy_eps } => {
                 let kind = EntropyKind::for_q(q);
@@ -481,24 +552,24 @@ pub fn plan(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) 
                 p.entropy_threshold = threshold_f32(entropy_threshold);
                 p.entropy_scale = kind.scale(q, experts);
                 p.entropy_eps = entropy_eps as f32;
-                (RuleKind::DynMole, entry::SOFTMAX_PREFIX, InputKind::Scores, true)
+                (RuleKind::DynMole, &kernel::SOFTMAX_PREFIX, InputKind::Scores, true)
             }
             RoutingRule::DenseSoftmax { temperature } => {
                 p.temperature = positive_f32("temperature", temperature)?;
-                (RuleKind::DenseSoftmax, entry::SOFTMAX_PREFIX, InputKind::Scores, true)
+                (RuleKind::DenseSoftmax, &kernel::SOFTMAX_PREFIX, InputKind::Scores, true)
             }
             RoutingRule::SigmoidTopK { k, bias } => {
                 check_top_k(k)?;
                 p.k = k as u32;
                 p.use_bias = bias as u32;
-                (RuleKind::SigmoidTopK, entry::SIGMOID_TOPK, InputKind::Scores, true)
+                (RuleKind::SigmoidTopK, &kernel::SIGMOID_TOPK, InputKind::Scores, true)
             }
             RoutingRule::MagnitudeTopK { k, bias, selection } => {
                 check_top_k(k)?;
                 p.k = k as u32;
                 p.use_bias = bias as u32;
                 p.signed_select = (selection == RankSelection::Signed) as u32;
-                (RuleKind::MagnitudeTopK, entry::MAGNITUDE_TOPK, InputKind::Scores, false)
+                (RuleKind::MagnitudeTopK, &kernel::MAGNITUDE_TOPK, InputKind::Scores, false)
             }
         },
         Gating::Given { top_k, softmax_topk } => {
@@ -507,28 +578,37 @@ pub fn plan(gating: &Gating, tokens: usize, experts: usize, block_threads: u32) 
             }
             p.k = top_k.unwrap_or(experts) as u32;
             p.softmax_kept = softmax_topk as u32;
-            (RuleKind::Given, entry::GIVEN, InputKind::Weights, true)
+            (RuleKind::Given, &kernel::GIVEN, InputKind::Weights, true)
         }
-        Gating::AdapterIds => (RuleKind::AdapterIds, entry::ADAPTER_IDS, InputKind::AdapterIds, false),
+        Gating::AdapterIds => (RuleKind::AdapterIds, &kernel::ADAPTER_IDS, InputKind::AdapterIds, false),
     };
     p.rule = kind as u32;
     let launch = (tokens > 0).then(|| match kind {
         // One thread per token, no shared memory.
         RuleKind::AdapterIds => KernelLaunch {
-            entry,
+            kernel,
             grid: grid_for(tokens as u64, block_threads as u64),
             block: block_threads,
             shared_bytes: 0,
         },
         // One warp per token, E staged floats per warp.
         _ => KernelLaunch {
-            entry,
+            kernel,
             grid: grid_for(tokens as u64, (block_threads / 32) as u64),
             block: block_threads,
             shared_bytes: block_threads / 32 * experts as u32 * 4,
         },
     });
-    Ok(RoutePlan { params: p, launch, entry, input, uses_bias: p.use_bias != 0, writes_probs, slots })
+    let uses_bias = p.use_bias != 0;
+    let input_buf =
+        if input == InputKind::AdapterIds { (Buf::AdapterIds, tokens) } else { (Buf::GateInput, tokens * experts) };
+    let lens = BufLens::new()
+        .with(input_buf.0, input_buf.1)
+        .with(Buf::SelectionBias, if uses_bias { experts } else { 0 })
+        .with(Buf::Ids, tokens * slots)
+        .with(Buf::RouteWeights, tokens * slots)
+        .with(Buf::Probs, if writes_probs { tokens * experts } else { 0 });
+    Ok(RoutePlan { params: p, launch, kernel, block_threads, input, uses_bias, writes_probs, slots, lens })
 }
 
 /// A validated router-statistics launch: per-chunk partials into a workspace, then one block sums
@@ -609,12 +689,12 @@ pub fn plan_stats(
     };
     let warps = (block_threads / 32) as u64;
     let partial = (chunks > 0).then(|| KernelLaunch {
-        entry: entry::STATS_PARTIAL,
+        kernel: &kernel::STATS_PARTIAL,
         grid: grid_for(chunks, warps),
         block: block_threads,
         shared_bytes: block_threads / 32 * experts as u32 * 4,
     });
-    let finalize = KernelLaunch { entry: entry::STATS_FINALIZE, grid: 1, block: block_threads, shared_bytes: 0 };
+    let finalize = KernelLaunch { kernel: &kernel::STATS_FINALIZE, grid: 1, block: block_threads, shared_bytes: 0 };
     let workspace_words = stats_workspace_words(chunks as usize, experts).max(1);
     Ok(StatsPlan { params, partial, finalize, workspace_words, out_len: stats_out_len(experts), entropy })
 }
@@ -630,6 +710,21 @@ impl StatsPlan {
             _ => (false, None),
         };
         plan_stats(tokens, experts, route.slots, route.writes_probs, has_scores, entropy, block_threads)
+    }
+
+    /// Element counts of the buffers: [`Buf::Ids`] `[T, slots]`, [`Buf::Probs`] and
+    /// [`Buf::GateInput`] (the scores of the z-loss) `[T, E]` when the plan takes them,
+    /// [`Buf::StatsWorkspace`] (at least `workspace_words`) and [`Buf::StatsOut`] `[4E + 2]`.
+    /// Derived from the fields, which the fused kernels also fill in for their own statistics.
+    pub fn lens(&self) -> BufLens {
+        let p = &self.params;
+        let (t, e) = (p.tokens as usize, p.experts as usize);
+        BufLens::new()
+            .with(Buf::Ids, t * p.slots as usize)
+            .with(Buf::Probs, if p.has_probs != 0 { t * e } else { 0 })
+            .with(Buf::GateInput, if p.has_scores != 0 { t * e } else { 0 })
+            .with(Buf::StatsWorkspace, self.workspace_words)
+            .with(Buf::StatsOut, self.out_len)
     }
 
     /// Turns the kernel output `out [4E + 2]` into [`RouterStats`] with the reference's
@@ -662,11 +757,11 @@ pub struct GroupingPlan {
     pub scan: KernelLaunch,
     /// Phase 3 (in-order scatter); `None` when there are no entries.
     pub scatter: Option<KernelLaunch>,
-    /// Workspace size in 4-byte words.
-    pub workspace_words: usize,
-    /// Capacity the entries buffer needs: `T * slots + min(E, T * slots) * (block - 1)`. The
-    /// plan's real length is `offsets[E]`; entries past it are left untouched.
-    pub max_entries: usize,
+    /// Element counts of the buffers: [`Buf::Ids`] `[T, slots]`, the [`Buf::PlanWorkspace`]
+    /// (capacity), [`Buf::PlanCounts`] `[E]`, [`Buf::PlanOffsets`] `[E + 1]`, [`Buf::PlanStatus`]
+    /// `[1]` and the [`Buf::PlanEntries`] capacity `T * slots + min(E, T * slots) * (block - 1)`
+    /// (the plan's real length is `offsets[E]`; entries past it are left untouched).
+    pub lens: BufLens,
 }
 
 /// Plans the routing plan of `ids [T, slots]` over `experts` experts with segments padded to a
@@ -703,19 +798,24 @@ pub fn plan_grouping(
         column: 0,
         entry_stride: 0,
     };
-    let warp_launch = |entry| KernelLaunch {
-        entry,
+    let warp_launch = |kernel| KernelLaunch {
+        kernel,
         grid: grid_for(chunks, (block_threads / 32) as u64),
         block: block_threads,
         shared_bytes: block_threads / 32 * experts as u32 * 4,
     };
     Ok(GroupingPlan {
         params,
-        count: (chunks > 0).then(|| warp_launch(entry::PLAN_COUNT)),
-        scan: KernelLaunch { entry: entry::PLAN_SCAN, grid: 1, block: block_threads, shared_bytes: 32 * 4 },
-        scatter: (chunks > 0).then(|| warp_launch(entry::PLAN_SCATTER)),
-        workspace_words: (chunks as usize * (experts + 1)).max(1),
-        max_entries: max_entries as usize,
+        count: (chunks > 0).then(|| warp_launch(&kernel::PLAN_COUNT)),
+        scan: KernelLaunch { kernel: &kernel::PLAN_SCAN, grid: 1, block: block_threads, shared_bytes: 32 * 4 },
+        scatter: (chunks > 0).then(|| warp_launch(&kernel::PLAN_SCATTER)),
+        lens: BufLens::new()
+            .with(Buf::Ids, tokens * slots)
+            .with(Buf::PlanWorkspace, (chunks as usize * (experts + 1)).max(1))
+            .with(Buf::PlanCounts, experts)
+            .with(Buf::PlanOffsets, experts + 1)
+            .with(Buf::PlanEntries, max_entries as usize)
+            .with(Buf::PlanStatus, 1),
     })
 }
 

@@ -74,7 +74,7 @@ impl Family {
     /// The entry points of a `dtype` build of this family, as described for the launch path.
     pub fn kernels(self, dtype: DType) -> &'static [&'static crate::exec::KernelDesc] {
         match self {
-            Family::Gating => &[],
+            Family::Gating => &gating::kernel::ALL,
             Family::Sgmv => sgmv::kernel::for_dtype(dtype),
             Family::Fused => &[],
         }
@@ -238,7 +238,7 @@ impl KernelBuild {
     pub fn entry_points(&self) -> Vec<String> {
         let d = self.dtype;
         match self.config {
-            BuildConfig::Gating(_) => gating::entry::ALL.iter().map(|e| gating::entry_name(e, d)).collect(),
+            BuildConfig::Gating(_) => gating::kernel::ALL.iter().map(|k| k.entry_name(d)).collect(),
             BuildConfig::Sgmv(_) => sgmv::kernel::for_dtype(d).iter().map(|k| k.entry_name(d)).collect(),
             BuildConfig::Fused(c) => fused::entry::for_build(d, c).iter().map(|e| fused::entry_name(e, d)).collect(),
         }

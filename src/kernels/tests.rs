@@ -45,7 +45,7 @@ fn default_builds_pass_the_same_defines_as_ever() {
 #[test]
 fn entry_points_follow_family_dtype_and_tiling() {
     let g = gating::build(DType::F16, 64);
-    assert_eq!(g.entry_points().len(), gating::entry::ALL.len());
+    assert_eq!(g.entry_points().len(), gating::kernel::ALL.len());
     assert_eq!(g.entry_points()[0], "gating_softmax_topk_f16");
     assert_eq!(sgmv::build(DType::F32, SgmvConfig::DEFAULT).entry_points(), ["sgmv_shrink_f32", "sgmv_expand_f32"]);
     assert_eq!(sgmv::build(DType::BF16, SgmvConfig::DEFAULT).entry_points().len(), 4);

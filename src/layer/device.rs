@@ -158,7 +158,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
         Ok(Grouped {
             ids: alloc(d, route.lens.routing)?,
             weights: alloc(d, route.lens.routing)?,
-            workspace: alloc(d, grouping.workspace_words)?,
+            workspace: alloc(d, grouping.lens().get(crate::exec::Buf::PlanWorkspace))?,
             counts: alloc(d, slots * e)?,
             offsets: alloc(d, slots * (e + 1))?,
             entries: alloc(d, slots * grouping.entry_stride)?,

@@ -1,8 +1,10 @@
 //! Helpers shared by the tests that run kernels through the host execution layer.
 
 use half::{bf16, f16};
+use mole::exec::{Bindings, Buf};
+use mole::kernels::{gating, KernelBuild};
 use mole::DType;
-use mole_hostexec::{Arg, Buffer};
+use mole_hostexec::Buffer;
 
 /// A buffer of a build's element type, built from f32 values rounded to it.
 pub enum Input {
@@ -30,12 +32,22 @@ impl Input {
         }
     }
 
-    /// The launch argument.
-    pub fn arg(&self) -> Arg<'_> {
+    /// Binds the buffer to `buf`, with its length.
+    pub fn bind(&self, b: &mut Bindings, buf: Buf) {
         match self {
-            Input::F32(b) => Arg::buffer(b),
-            Input::F16(b) => Arg::buffer(b),
-            Input::Bf16(b) => Arg::buffer(b),
+            Input::F32(x) => bind(b, buf, x),
+            Input::F16(x) => bind(b, buf, x),
+            Input::Bf16(x) => bind(b, buf, x),
         }
     }
+}
+
+/// Binds a host-execution buffer to `buf`, with its length.
+pub fn bind<T: bytemuck::Pod>(b: &mut Bindings, buf: Buf, data: &Buffer<T>) {
+    b.sized(buf, data.device_ptr(), data.len());
+}
+
+/// The default gating build of `dtype` (what the host execution layer compiles).
+pub fn gating_build(dtype: DType) -> KernelBuild {
+    gating::default_builds().into_iter().find(|b| b.dtype == dtype).expect("a default gating build per dtype")
 }

@@ -333,7 +333,7 @@ unsafe fn launch_all(
             .find(|b| b.dtype == build.dtype)
             .ok_or_else(|| MoleError::Unsupported(format!("no gating build for {}", build.dtype)))?;
         let finalize: &KernelLaunch = &stats.finalize;
-        let func = device.function(&gating_build, &gating::entry_name(finalize.entry, build.dtype))?;
+        let func = device.function(&gating_build, &finalize.kernel.entry_name(build.dtype))?;
         let mut sp = stats.params;
         let (mut ws, mut out) = (p.stats_ws, p.stats_out);
         let mut args = [arg(&mut sp), arg(&mut ws), arg(&mut out)];

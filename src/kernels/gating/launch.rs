@@ -1,24 +1,26 @@
-//! Typed launches of the gating kernels on a [`Device`], and raw-pointer variants for frameworks
-//! that own their buffers. Every argument is validated (build, dtype, lengths, rule limits) by
-//! pure functions before anything touches the GPU.
+//! Running the gating kernels: each call kind on bound buffers through any [`Backend`]
+//! ([`run_route`], [`run_stats`], [`run_group`]; per-slot plans in the `slots` module), on typed
+//! device slices ([`route`], [`router_stats`], [`group`]) or on caller-owned device pointers and
+//! stream (the `*_raw` functions). The typed and raw functions bind their buffers and call the
+//! `run_*` function of their kind: there is one launch path, and it checks everything (build,
+//! dtype, which buffers are present, their lengths, the launches' argument lists) before the
+//! first launch.
 
-use super::{build_threads_of, entry_name, plan, GroupingPlan, InputKind, KernelLaunch, RoutePlan, StatsPlan};
-use crate::cuda::cuda_err;
+use super::{build_threads_of, plan, GroupingPlan, InputKind, KernelLaunch, PlanParams, RoutePlan, StatsPlan};
 use crate::cuda::Device;
+use crate::exec::{Backend, Bindings, Buf, CudaBackend, Launch, LoadedBuild, TypedBindings};
 use crate::kernels::{Family, KernelBuild};
 use crate::model::Gating;
 use crate::plan::TokenSlot;
 use crate::{DType, KernelElement, MoleError, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
-use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
-use std::ffi::c_void;
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
 // SAFETY: `TokenSlot` is `#[repr(C)]` {u32, u32} (Pod), the layout of `mole_token_slot`.
 unsafe impl DeviceRepr for TokenSlot {}
 // SAFETY: all-zero bits are a valid `TokenSlot` (token 0, slot 0).
 unsafe impl ValidAsZeroBits for TokenSlot {}
 
-/// The block size of a gating build, after checking that it is one and has the wanted dtype.
 /// Checks `build` against `dtype` and that a plan made for `plan_threads` threads per block
 /// (`what`) suits it.
 pub(super) fn check_plan_build(build: &KernelBuild, dtype: DType, what: &'static str, plan_threads: u32) -> Result<()> {
@@ -28,6 +30,7 @@ pub(super) fn check_plan_build(build: &KernelBuild, dtype: DType, what: &'static
     Ok(())
 }
 
+/// The block size of a gating build, after checking that it is one and has the wanted dtype.
 pub(super) fn check_build(build: &KernelBuild, dtype: DType) -> Result<u32> {
     if build.family() != Family::Gating {
         return Err(MoleError::param("build", build, "is not a gating build"));
@@ -38,64 +41,79 @@ pub(super) fn check_build(build: &KernelBuild, dtype: DType) -> Result<u32> {
     build_threads_of(build)
 }
 
-pub(super) fn check_buffer(what: &'static str, len: usize, expected: &[usize]) -> Result<()> {
-    let n: usize = expected.iter().product();
-    if len != n {
-        return Err(MoleError::ShapeMismatch { what, expected: expected.to_vec(), got: len });
+/// `launch` packed with `params` and the pointers of `bindings`.
+fn pack<P: bytemuck::Pod>(launch: &KernelLaunch, params: &P, bindings: &Bindings) -> Result<Launch> {
+    Launch::pack(launch.kernel, launch.dims(), params, bindings)
+}
+
+/// `build` loaded on `device` with the kernels of `launches` resolved, the device's context made
+/// current; `None` when nothing is launched (no module is loaded for that).
+pub(super) fn load(
+    device: &Device,
+    build: &KernelBuild,
+    launches: &[Option<KernelLaunch>],
+) -> Result<Option<LoadedBuild>> {
+    let kernels: Vec<_> = launches.iter().flatten().map(|l| l.kernel).collect();
+    if kernels.is_empty() {
+        return Ok(None);
+    }
+    let loaded = LoadedBuild::load(device, build, &kernels)?;
+    device.bind()?;
+    Ok(Some(loaded))
+}
+
+/// Runs the launches of `packed`, in order.
+///
+/// # Safety
+/// As [`Backend::launch`] for every launch.
+pub(super) unsafe fn launch_all(
+    build: &KernelBuild,
+    packed: &mut [Option<Launch>],
+    backend: &mut dyn Backend,
+) -> Result<()> {
+    for launch in packed.iter_mut().flatten() {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { backend.launch(build, launch) }?;
     }
     Ok(())
 }
 
-/// Element counts of the buffers of a routing call, for validation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct RouteLens {
-    pub input: InputKind,
-    pub input_len: usize,
-    pub bias_len: Option<usize>,
-    pub ids_len: usize,
-    pub weights_len: usize,
-    pub probs_len: Option<usize>,
-}
-
-/// Plans a routing call and checks every buffer against the plan.
-pub(super) fn check_route(
+/// Runs routing `plan` (made by [`plan`] for `build`'s block size) on the buffers of `bindings`
+/// through `backend`: the input ([`Buf::GateInput`] or [`Buf::AdapterIds`], as
+/// [`RoutePlan::input`]), [`Buf::SelectionBias`] exactly when [`RoutePlan::uses_bias`],
+/// [`Buf::Ids`], [`Buf::RouteWeights`], and [`Buf::Probs`] when wanted (only for rules that
+/// [`RoutePlan::writes_probs`]). Lengths as [`RoutePlan::lens`], exact where bound with one.
+/// Nothing is launched for zero tokens (the buffers are still checked).
+///
+/// Errors: the build (family, block size), a missing buffer, a selection bias the rule does not
+/// add or probabilities it does not compute ([`MoleError::UnexpectedInput`]: a spec mistake), a
+/// bound length that differs from the plan's.
+///
+/// # Safety
+/// As [`Backend::launch`]: every bound address the plan takes holds at least the plan's element
+/// count of its [`Buf`]'s type, and the outputs overlap nothing else.
+pub unsafe fn run_route(
     build: &KernelBuild,
-    dtype: DType,
-    gating: &Gating,
-    tokens: usize,
-    experts: usize,
-    lens: RouteLens,
-) -> Result<RoutePlan> {
-    let threads = check_build(build, dtype)?;
-    let plan = plan(gating, tokens, experts, threads)?;
-    if lens.input != plan.input {
-        return Err(MoleError::Unsupported(format!("gating {gating:?} reads {:?}, got {:?}", plan.input, lens.input)));
+    plan: &RoutePlan,
+    bindings: &Bindings,
+    backend: &mut dyn Backend,
+) -> Result<()> {
+    check_plan_build(build, build.dtype, "route plan", plan.block_threads)?;
+    let given = |buf| bindings.ptr(buf) != 0;
+    if given(Buf::SelectionBias) && !plan.uses_bias {
+        return Err(MoleError::UnexpectedInput { name: "selection_bias", reason: "the rule has bias: false" });
     }
-    match lens.input {
-        InputKind::Scores => check_buffer("scores", lens.input_len, &[tokens, experts])?,
-        InputKind::Weights => check_buffer("weights", lens.input_len, &[tokens, experts])?,
-        InputKind::AdapterIds => check_buffer("adapter_ids", lens.input_len, &[tokens])?,
+    if given(Buf::Probs) && !plan.writes_probs {
+        return Err(MoleError::UnexpectedInput { name: "probs", reason: "the rule computes no probabilities" });
     }
-    match (plan.uses_bias, lens.bias_len) {
-        (true, Some(n)) => check_buffer("selection_bias", n, &[experts])?,
-        (true, None) => {
-            return Err(MoleError::MissingInput { name: "selection_bias", needed_by: "the rule (bias: true)" })
-        }
-        (false, Some(_)) => {
-            return Err(MoleError::UnexpectedInput { name: "selection_bias", reason: "the rule has bias: false" })
-        }
-        (false, None) => {}
+    let mut lens = plan.lens;
+    if !given(Buf::Probs) {
+        lens.set(Buf::Probs, 0);
     }
-    check_buffer("ids", lens.ids_len, &[tokens, plan.slots])?;
-    check_buffer("routing weights", lens.weights_len, &[tokens, plan.slots])?;
-    match (plan.writes_probs, lens.probs_len) {
-        (true, Some(n)) => check_buffer("probs", n, &[tokens, experts])?,
-        (false, Some(_)) => {
-            return Err(MoleError::UnexpectedInput { name: "probs", reason: "the rule computes no probabilities" })
-        }
-        _ => {}
-    }
-    Ok(plan)
+    bindings.check(&lens, "the routing kernel")?;
+    let mut packed = [plan.launch.map(|l| pack(&l, &plan.params, bindings)).transpose()?];
+    // SAFETY: the caller's contract; the launch was packed from checked bindings.
+    unsafe { launch_all(build, &mut packed, backend) }
 }
 
 /// The device buffers a routing call reads, by [`InputKind`].
@@ -125,13 +143,9 @@ pub struct RouteOutputs<'a> {
     pub probs: Option<&'a mut CudaSlice<f32>>,
 }
 
-pub(super) fn function(device: &Device, build: &KernelBuild, launch: &KernelLaunch) -> Result<CudaFunction> {
-    device.function(build, &entry_name(launch.entry, build.dtype))
-}
-
 /// Routes `tokens` tokens over `experts` experts under `gating` with the kernels of `build`
-/// (whose dtype must be `T`'s), on the device's stream. Returns the plan that was launched;
-/// nothing is launched for zero tokens.
+/// (whose dtype must be `T`'s), on the device's stream, through [`run_route`]. Returns the plan
+/// that was launched; nothing is launched for zero tokens.
 pub fn route<T: KernelElement>(
     device: &Device,
     build: &KernelBuild,
@@ -141,54 +155,34 @@ pub fn route<T: KernelElement>(
     input: DeviceGateInput<'_, T>,
     out: RouteOutputs<'_>,
 ) -> Result<RoutePlan> {
-    let (kind, input_len, bias_len) = match input {
-        DeviceGateInput::Scores { scores, selection_bias } => {
-            (InputKind::Scores, scores.len(), selection_bias.map(CudaSlice::len))
-        }
-        DeviceGateInput::Weights(w) => (InputKind::Weights, w.len(), None),
-        DeviceGateInput::AdapterIds(a) => (InputKind::AdapterIds, a.len(), None),
-    };
-    let lens = RouteLens {
-        input: kind,
-        input_len,
-        bias_len,
-        ids_len: out.ids.len(),
-        weights_len: out.weights.len(),
-        probs_len: out.probs.as_ref().map(|p| p.len()),
-    };
-    let plan = check_route(build, T::DTYPE, gating, tokens, experts, lens)?;
-    let Some(launch) = plan.launch else { return Ok(plan) };
-    let func = function(device, build, &launch)?;
+    let plan = plan(gating, tokens, experts, check_build(build, T::DTYPE)?)?;
     let stream = device.stream();
-    let null: CUdeviceptr = 0;
-    let mut args = stream.launch_builder(&func);
-    args.arg(&plan.params);
-    match input {
+    let mut b = TypedBindings::new(stream, T::DTYPE);
+    let kind = match input {
         DeviceGateInput::Scores { scores, selection_bias } => {
-            args.arg(scores);
-            match selection_bias {
-                Some(b) => args.arg(b),
-                None => args.arg(&null),
-            };
+            b.input(Buf::GateInput, scores).input_opt(Buf::SelectionBias, selection_bias);
+            InputKind::Scores
         }
         DeviceGateInput::Weights(w) => {
-            args.arg(w).arg(&null);
+            b.input(Buf::GateInput, w);
+            InputKind::Weights
         }
         DeviceGateInput::AdapterIds(a) => {
-            args.arg(a);
+            b.input(Buf::AdapterIds, a);
+            InputKind::AdapterIds
         }
+    };
+    // Scores and given weights bind the same buffer: the variant tells them apart.
+    if kind != plan.input {
+        return Err(MoleError::Unsupported(format!("gating {gating:?} reads {:?}, got {kind:?}", plan.input)));
     }
-    args.arg(out.ids).arg(out.weights);
-    if kind != InputKind::AdapterIds {
-        match out.probs {
-            Some(p) => args.arg(p),
-            None => args.arg(&null),
-        };
-    }
-    // SAFETY: the argument list matches the kernel's signature in gating.cu (params by value,
-    // then the input, bias, ids, weights and probs pointers; adapter ids take no bias or probs),
-    // and every buffer's length was checked against the plan, which bounds every access.
-    unsafe { args.launch(launch.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
+    b.output(Buf::Ids, out.ids).output(Buf::RouteWeights, out.weights).output_opt(Buf::Probs, out.probs);
+    let loaded = load(device, build, &[plan.launch])?;
+    let builds: Vec<&LoadedBuild> = loaded.iter().collect();
+    // SAFETY: every address comes from a live slice of the device's context with its length
+    // bound (checked against the plan by `run_route`); the outputs are distinct `&mut` borrows;
+    // the guards in `b` keep each slice's stream ordering until the launch is enqueued.
+    unsafe { run_route(build, &plan, b.bindings()?, &mut CudaBackend::new(&builds, stream.cu_stream())) }?;
     Ok(plan)
 }
 
@@ -207,34 +201,9 @@ pub struct RawRoutePointers {
     pub probs: CUdeviceptr,
 }
 
-/// Launches `launch` of `build` with raw kernel arguments on `stream`.
-///
-/// # Safety
-/// `args` must point to live values matching the kernel's parameter list, and every pointer among
-/// them must satisfy the calling function's contract.
-pub(super) unsafe fn launch_raw(
-    device: &Device,
-    build: &KernelBuild,
-    launch: &KernelLaunch,
-    stream: CUstream,
-    args: &mut [*mut c_void],
-) -> Result<()> {
-    let func = function(device, build, launch)?;
-    // SAFETY: forwarded from the caller's contract (arguments, pointers, stream).
-    unsafe { device.launch_raw(&func, launch.config(), stream, args) }
-}
-
-pub(super) fn require(name: &'static str, ptr: CUdeviceptr) -> Result<()> {
-    if ptr == 0 {
-        return Err(MoleError::MissingInput { name, needed_by: "the gating kernel" });
-    }
-    Ok(())
-}
-
-/// [`route`] on caller-owned device memory and stream.
-///
-/// The call validates everything it can see (build, rule, limits, which pointers must be
-/// non-null, no bias or probs where the rule takes none) and returns the launched plan.
+/// [`route`] on caller-owned device memory and stream, through [`run_route`]. Presence is
+/// checked (which pointers must be non-null, no bias or probabilities where the rule takes none);
+/// lengths are the caller's promise. Returns the launched plan.
 ///
 /// # Safety
 /// - every non-zero pointer is a device allocation of the device's context, holding the element
@@ -251,33 +220,56 @@ pub unsafe fn route_raw(
     ptrs: RawRoutePointers,
     stream: CUstream,
 ) -> Result<RoutePlan> {
-    let threads = check_build(build, build.dtype)?;
-    let plan = plan(gating, tokens, experts, threads)?;
-    let Some(launch) = plan.launch else { return Ok(plan) };
-    require("input", ptrs.input)?;
-    require("ids", ptrs.ids)?;
-    require("weights", ptrs.weights)?;
-    if plan.uses_bias {
-        require("selection_bias", ptrs.selection_bias)?;
-    } else if ptrs.selection_bias != 0 {
-        return Err(MoleError::UnexpectedInput { name: "selection_bias", reason: "the rule has bias: false" });
-    }
-    if !plan.writes_probs && ptrs.probs != 0 {
-        return Err(MoleError::UnexpectedInput { name: "probs", reason: "the rule computes no probabilities" });
-    }
-    let mut params = plan.params;
-    let mut p = ptrs;
-    let a = |v: &mut CUdeviceptr| v as *mut CUdeviceptr as *mut c_void;
-    let mut args: Vec<*mut c_void> = vec![&mut params as *mut _ as *mut c_void, a(&mut p.input)];
-    if plan.input == InputKind::AdapterIds {
-        args.extend([a(&mut p.ids), a(&mut p.weights)]);
-    } else {
-        args.extend([a(&mut p.selection_bias), a(&mut p.ids), a(&mut p.weights), a(&mut p.probs)]);
-    }
-    // SAFETY: the argument list matches the kernel signature (see `route`); the pointers are the
-    // caller's responsibility per this function's contract.
-    unsafe { launch_raw(device, build, &launch, stream, &mut args) }?;
+    let plan = plan(gating, tokens, experts, check_build(build, build.dtype)?)?;
+    let input = if plan.input == InputKind::AdapterIds { Buf::AdapterIds } else { Buf::GateInput };
+    let mut b = Bindings::new();
+    b.raw(input, ptrs.input)
+        .raw(Buf::SelectionBias, ptrs.selection_bias)
+        .raw(Buf::Ids, ptrs.ids)
+        .raw(Buf::RouteWeights, ptrs.weights)
+        .raw(Buf::Probs, ptrs.probs);
+    let loaded = load(device, build, &[plan.launch])?;
+    let builds: Vec<&LoadedBuild> = loaded.iter().collect();
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { run_route(build, &plan, &b, &mut CudaBackend::new(&builds, stream)) }?;
     Ok(plan)
+}
+
+/// Runs statistics `plan` on the buffers of `bindings` through `backend`: the per-chunk partials
+/// (when there are tokens), then the in-order final sum into [`Buf::StatsOut`]. [`Buf::Probs`]
+/// and [`Buf::GateInput`] (the raw scores of the z-loss) must be bound exactly when the plan takes
+/// them; lengths as [`StatsPlan::lens`] (the workspace is a capacity).
+///
+/// # Safety
+/// As [`run_route`].
+pub unsafe fn run_stats(
+    build: &KernelBuild,
+    plan: &StatsPlan,
+    bindings: &Bindings,
+    backend: &mut dyn Backend,
+) -> Result<()> {
+    check_plan_build(build, build.dtype, "stats plan", plan.finalize.block)?;
+    for (buf, wanted) in [(Buf::Probs, plan.params.has_probs != 0), (Buf::GateInput, plan.params.has_scores != 0)] {
+        match (bindings.ptr(buf) != 0, wanted) {
+            (false, true) => {
+                return Err(MoleError::MissingInput { name: buf.name(), needed_by: "the statistics plan" })
+            }
+            (true, false) => {
+                return Err(MoleError::UnexpectedInput {
+                    name: buf.name(),
+                    reason: "the statistics plan does not use it",
+                })
+            }
+            _ => {}
+        }
+    }
+    bindings.check(&plan.lens(), "the statistics kernels")?;
+    let mut packed = [
+        plan.partial.map(|l| pack(&l, &plan.params, bindings)).transpose()?,
+        Some(pack(&plan.finalize, &plan.params, bindings)?),
+    ];
+    // SAFETY: the caller's contract; the launches were packed from checked bindings.
+    unsafe { launch_all(build, &mut packed, backend) }
 }
 
 /// The device buffers [`router_stats`] reads.
@@ -291,59 +283,8 @@ pub struct StatsInputs<'a, T> {
     pub scores: Option<&'a CudaSlice<T>>,
 }
 
-/// Checks that `plan` suits the build and which optional inputs are present.
-pub(super) fn check_stats_plan(
-    build: &KernelBuild,
-    dtype: DType,
-    plan: &StatsPlan,
-    has_probs: bool,
-    has_scores: bool,
-) -> Result<()> {
-    check_plan_build(build, dtype, "stats plan", plan.finalize.block)?;
-    for (name, present, wanted) in
-        [("probs", has_probs, plan.params.has_probs != 0), ("scores", has_scores, plan.params.has_scores != 0)]
-    {
-        match (present, wanted) {
-            (false, true) => return Err(MoleError::MissingInput { name, needed_by: "the statistics plan" }),
-            (true, false) => {
-                return Err(MoleError::UnexpectedInput { name, reason: "the statistics plan does not use it" })
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Element counts of the buffers of a statistics call, for validation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct StatsLens {
-    pub ids: usize,
-    pub probs: Option<usize>,
-    pub scores: Option<usize>,
-    pub workspace: usize,
-    pub out: usize,
-}
-
-/// Checks a statistics call's buffers against `plan` and the build.
-pub(super) fn check_stats(build: &KernelBuild, dtype: DType, plan: &StatsPlan, lens: StatsLens) -> Result<()> {
-    check_stats_plan(build, dtype, plan, lens.probs.is_some(), lens.scores.is_some())?;
-    let (t, e, s) = (plan.params.tokens as usize, plan.params.experts as usize, plan.params.slots as usize);
-    check_buffer("ids", lens.ids, &[t, s])?;
-    if let Some(n) = lens.probs {
-        check_buffer("probs", n, &[t, e])?;
-    }
-    if let Some(n) = lens.scores {
-        check_buffer("scores", n, &[t, e])?;
-    }
-    if lens.workspace < plan.workspace_words {
-        let (what, expected) = ("stats workspace", vec![plan.workspace_words]);
-        return Err(MoleError::ShapeMismatch { what, expected, got: lens.workspace });
-    }
-    check_buffer("stats output", lens.out, &[plan.out_len])
-}
-
 /// Router statistics of a routed batch into `out [4E + 2]` (decode with [`StatsPlan::decode`]),
-/// reduced in a fixed order: the same inputs give bitwise the same output.
+/// reduced in a fixed order: the same inputs give bitwise the same output. Through [`run_stats`].
 pub fn router_stats<T: KernelElement>(
     device: &Device,
     build: &KernelBuild,
@@ -352,38 +293,18 @@ pub fn router_stats<T: KernelElement>(
     workspace: &mut CudaSlice<u32>,
     out: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let lens = StatsLens {
-        ids: inputs.ids.len(),
-        probs: inputs.probs.map(CudaSlice::len),
-        scores: inputs.scores.map(CudaSlice::len),
-        workspace: workspace.len(),
-        out: out.len(),
-    };
-    check_stats(build, T::DTYPE, plan, lens)?;
+    check_build(build, T::DTYPE)?;
     let stream = device.stream();
-    let null: CUdeviceptr = 0;
-    if let Some(launch) = plan.partial {
-        let func = function(device, build, &launch)?;
-        let mut args = stream.launch_builder(&func);
-        args.arg(&plan.params).arg(inputs.ids);
-        match inputs.probs {
-            Some(p) => args.arg(p),
-            None => args.arg(&null),
-        };
-        match inputs.scores {
-            Some(s) => args.arg(s),
-            None => args.arg(&null),
-        };
-        args.arg(&mut *workspace);
-        // SAFETY: arguments match gating_stats_partial; buffer lengths were checked above.
-        unsafe { args.launch(launch.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-    }
-    let func = function(device, build, &plan.finalize)?;
-    let mut args = stream.launch_builder(&func);
-    args.arg(&plan.params).arg(&*workspace).arg(out);
-    // SAFETY: arguments match gating_stats_finalize; buffer lengths were checked above.
-    unsafe { args.launch(plan.finalize.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-    Ok(())
+    let mut b = TypedBindings::new(stream, T::DTYPE);
+    b.input(Buf::Ids, inputs.ids)
+        .input_opt(Buf::Probs, inputs.probs)
+        .input_opt(Buf::GateInput, inputs.scores)
+        .output(Buf::StatsWorkspace, workspace)
+        .output(Buf::StatsOut, out);
+    let loaded = load(device, build, &[plan.partial, Some(plan.finalize)])?;
+    let builds: Vec<&LoadedBuild> = loaded.iter().collect();
+    // SAFETY: as in `route`: live slices with their lengths bound, checked by `run_stats`.
+    unsafe { run_stats(build, plan, b.bindings()?, &mut CudaBackend::new(&builds, stream.cu_stream())) }
 }
 
 /// Device pointers of a statistics call (0 for an absent optional buffer).
@@ -395,13 +316,13 @@ pub struct RawStatsPointers {
     pub probs: CUdeviceptr,
     /// `scores [T, E]` (build dtype), or 0.
     pub scores: CUdeviceptr,
-    /// `workspace_words` u32.
+    /// The plan's workspace length, u32.
     pub workspace: CUdeviceptr,
     /// `out [4E + 2]` (f32).
     pub out: CUdeviceptr,
 }
 
-/// [`router_stats`] on caller-owned device memory and stream.
+/// [`router_stats`] on caller-owned device memory and stream, through [`run_stats`].
 ///
 /// # Safety
 /// As [`route_raw`]: every non-zero pointer holds the count and type [`RawStatsPointers`]
@@ -414,28 +335,46 @@ pub unsafe fn router_stats_raw(
     ptrs: RawStatsPointers,
     stream: CUstream,
 ) -> Result<()> {
-    // Lengths are the caller's promise; presence is checked here.
-    check_stats_plan(build, build.dtype, plan, ptrs.probs != 0, ptrs.scores != 0)?;
-    require("out", ptrs.out)?;
-    require("workspace", ptrs.workspace)?;
-    let mut params = plan.params;
-    let mut p = ptrs;
-    let a = |v: &mut CUdeviceptr| v as *mut CUdeviceptr as *mut c_void;
-    if let Some(launch) = plan.partial {
-        require("ids", p.ids)?;
-        let mut args = [
-            &mut params as *mut _ as *mut c_void,
-            a(&mut p.ids),
-            a(&mut p.probs),
-            a(&mut p.scores),
-            a(&mut p.workspace),
-        ];
-        // SAFETY: arguments match gating_stats_partial; pointers per this function's contract.
-        unsafe { launch_raw(device, build, &launch, stream, &mut args) }?;
-    }
-    let mut args = [&mut params as *mut _ as *mut c_void, a(&mut p.workspace), a(&mut p.out)];
-    // SAFETY: arguments match gating_stats_finalize; pointers per this function's contract.
-    unsafe { launch_raw(device, build, &plan.finalize, stream, &mut args) }
+    let mut b = Bindings::new();
+    b.raw(Buf::Ids, ptrs.ids)
+        .raw(Buf::Probs, ptrs.probs)
+        .raw(Buf::GateInput, ptrs.scores)
+        .raw(Buf::StatsWorkspace, ptrs.workspace)
+        .raw(Buf::StatsOut, ptrs.out);
+    check_build(build, build.dtype)?;
+    let loaded = load(device, build, &[plan.partial, Some(plan.finalize)])?;
+    let builds: Vec<&LoadedBuild> = loaded.iter().collect();
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { run_stats(build, plan, &b, &mut CudaBackend::new(&builds, stream)) }
+}
+
+/// The three plan launches of `plan` (count and scatter when there are entries), packed with
+/// `params`.
+pub(super) fn pack_plan(plan: &GroupingPlan, params: &PlanParams, bindings: &Bindings) -> Result<[Option<Launch>; 3]> {
+    Ok([
+        plan.count.map(|l| pack(&l, params, bindings)).transpose()?,
+        Some(pack(&plan.scan, params, bindings)?),
+        plan.scatter.map(|l| pack(&l, params, bindings)).transpose()?,
+    ])
+}
+
+/// Runs grouping `plan` on the buffers of `bindings` through `backend`: count, scan and scatter
+/// (the scan alone when there are no entries). Lengths as [`GroupingPlan::lens`] (workspace and
+/// entries are capacities).
+///
+/// # Safety
+/// As [`run_route`].
+pub unsafe fn run_group(
+    build: &KernelBuild,
+    plan: &GroupingPlan,
+    bindings: &Bindings,
+    backend: &mut dyn Backend,
+) -> Result<()> {
+    check_plan_build(build, build.dtype, "grouping plan", plan.scan.block)?;
+    bindings.check(&plan.lens, "the routing-plan kernels")?;
+    let mut packed = pack_plan(plan, &plan.params, bindings)?;
+    // SAFETY: the caller's contract; the launches were packed from checked bindings.
+    unsafe { launch_all(build, &mut packed, backend) }
 }
 
 /// The device buffers [`group`] writes.
@@ -445,38 +384,35 @@ pub struct GroupOutputs<'a> {
     pub counts: &'a mut CudaSlice<u32>,
     /// Segment starts, `[E + 1]`.
     pub offsets: &'a mut CudaSlice<u32>,
-    /// At least [`GroupingPlan::max_entries`] entries.
+    /// At least the plan's [`Buf::PlanEntries`] length (see [`GroupingPlan::lens`]).
     pub entries: &'a mut CudaSlice<TokenSlot>,
     /// `[1]`: 1 when an id outside `-1..E` was skipped, else 0.
     pub status: &'a mut CudaSlice<u32>,
 }
 
-pub(super) fn check_group(
+/// The bindings of a grouping call's typed buffers.
+pub(super) fn bind_group<'a>(
+    device: &'a Device,
     build: &KernelBuild,
-    plan: &GroupingPlan,
-    ids_len: usize,
-    workspace_len: usize,
-    out_lens: [usize; 4],
-) -> Result<()> {
-    check_plan_build(build, build.dtype, "grouping plan", plan.scan.block)?;
-    let (t, s, e) = (plan.params.tokens as usize, plan.params.slots as usize, plan.params.experts as usize);
-    check_buffer("ids", ids_len, &[t, s])?;
-    let [counts, offsets, entries, status] = out_lens;
-    check_buffer("counts", counts, &[e])?;
-    check_buffer("offsets", offsets, &[e + 1])?;
-    check_buffer("status", status, &[1])?;
-    for (what, got, need) in
-        [("entries", entries, plan.max_entries), ("plan workspace", workspace_len, plan.workspace_words)]
-    {
-        if got < need {
-            return Err(MoleError::ShapeMismatch { what, expected: vec![need], got });
-        }
-    }
-    Ok(())
+    ids: &'a CudaSlice<i32>,
+    workspace: &'a mut CudaSlice<u32>,
+    out: [&'a mut CudaSlice<u32>; 3],
+    entries: &'a mut CudaSlice<TokenSlot>,
+) -> TypedBindings<'a> {
+    let [counts, offsets, status] = out;
+    let mut b = TypedBindings::new(device.stream(), build.dtype);
+    b.input(Buf::Ids, ids)
+        .output(Buf::PlanWorkspace, workspace)
+        .output(Buf::PlanCounts, counts)
+        .output(Buf::PlanOffsets, offsets)
+        .output(Buf::PlanEntries, entries)
+        .output(Buf::PlanStatus, status);
+    b
 }
 
 /// Builds the routing plan of `ids` on the device (see [`crate::plan::RoutingPlan`]): the same
-/// counts, offsets and entries as the host, padding included. Any build dtype will do.
+/// counts, offsets and entries as the host, padding included, through [`run_group`]. Any build
+/// dtype will do.
 pub fn group(
     device: &Device,
     build: &KernelBuild,
@@ -485,28 +421,12 @@ pub fn group(
     workspace: &mut CudaSlice<u32>,
     out: GroupOutputs<'_>,
 ) -> Result<()> {
-    let out_lens = [out.counts.len(), out.offsets.len(), out.entries.len(), out.status.len()];
-    check_group(build, plan, ids.len(), workspace.len(), out_lens)?;
-    let stream = device.stream();
-    if let Some(launch) = plan.count {
-        let func = function(device, build, &launch)?;
-        // SAFETY: arguments match gating_plan_count; lengths checked above.
-        unsafe { stream.launch_builder(&func).arg(&plan.params).arg(ids).arg(&mut *workspace).launch(launch.config()) }
-            .map_err(cuda_err("cuLaunchKernel"))?;
-    }
-    let func = function(device, build, &plan.scan)?;
-    let mut args = stream.launch_builder(&func);
-    args.arg(&plan.params).arg(&mut *workspace).arg(out.counts).arg(out.offsets).arg(&mut *out.entries).arg(out.status);
-    // SAFETY: arguments match gating_plan_scan; lengths checked above.
-    unsafe { args.launch(plan.scan.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-    if let Some(launch) = plan.scatter {
-        let func = function(device, build, &launch)?;
-        let mut args = stream.launch_builder(&func);
-        args.arg(&plan.params).arg(ids).arg(&*workspace).arg(out.entries);
-        // SAFETY: arguments match gating_plan_scatter; lengths checked above.
-        unsafe { args.launch(launch.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-    }
-    Ok(())
+    check_build(build, build.dtype)?;
+    let b = bind_group(device, build, ids, workspace, [out.counts, out.offsets, out.status], out.entries);
+    let loaded = load(device, build, &[plan.count, Some(plan.scan), plan.scatter])?;
+    let builds: Vec<&LoadedBuild> = loaded.iter().collect();
+    // SAFETY: as in `route`: live slices with their lengths bound, checked by `run_group`.
+    unsafe { run_group(build, plan, b.bindings()?, &mut CudaBackend::new(&builds, device.stream().cu_stream())) }
 }
 
 /// Device pointers of a grouping call.
@@ -514,19 +434,33 @@ pub fn group(
 pub struct RawGroupPointers {
     /// `ids [T, slots]` (i32).
     pub ids: CUdeviceptr,
-    /// `workspace_words` u32.
+    /// The plan's workspace length, u32.
     pub workspace: CUdeviceptr,
     /// `counts [E]` (u32).
     pub counts: CUdeviceptr,
     /// `offsets [E + 1]` (u32).
     pub offsets: CUdeviceptr,
-    /// `max_entries` [`TokenSlot`]s.
+    /// The plan's [`Buf::PlanEntries`] capacity, [`TokenSlot`]s.
     pub entries: CUdeviceptr,
     /// `status [1]` (u32).
     pub status: CUdeviceptr,
 }
 
-/// [`group`] on caller-owned device memory and stream.
+impl RawGroupPointers {
+    /// The pointers as bindings (lengths unknown).
+    pub(super) fn bindings(&self) -> Bindings {
+        let mut b = Bindings::new();
+        b.raw(Buf::Ids, self.ids)
+            .raw(Buf::PlanWorkspace, self.workspace)
+            .raw(Buf::PlanCounts, self.counts)
+            .raw(Buf::PlanOffsets, self.offsets)
+            .raw(Buf::PlanEntries, self.entries)
+            .raw(Buf::PlanStatus, self.status);
+        b
+    }
+}
+
+/// [`group`] on caller-owned device memory and stream, through [`run_group`].
 ///
 /// # Safety
 /// As [`route_raw`]: every pointer holds the count and type [`RawGroupPointers`] documents for
@@ -540,33 +474,8 @@ pub unsafe fn group_raw(
     stream: CUstream,
 ) -> Result<()> {
     check_build(build, build.dtype)?;
-    let mut p = ptrs;
-    for (name, v) in [("workspace", p.workspace), ("counts", p.counts), ("offsets", p.offsets), ("status", p.status)] {
-        require(name, v)?;
-    }
-    let mut params = plan.params;
-    let a = |v: &mut CUdeviceptr| v as *mut CUdeviceptr as *mut c_void;
-    if let Some(launch) = plan.count {
-        require("ids", p.ids)?;
-        require("entries", p.entries)?;
-        let mut args = [&mut params as *mut _ as *mut c_void, a(&mut p.ids), a(&mut p.workspace)];
-        // SAFETY: arguments match gating_plan_count; pointers per this function's contract.
-        unsafe { launch_raw(device, build, &launch, stream, &mut args) }?;
-    }
-    let mut args = [
-        &mut params as *mut _ as *mut c_void,
-        a(&mut p.workspace),
-        a(&mut p.counts),
-        a(&mut p.offsets),
-        a(&mut p.entries),
-        a(&mut p.status),
-    ];
-    // SAFETY: arguments match gating_plan_scan; pointers per this function's contract.
-    unsafe { launch_raw(device, build, &plan.scan, stream, &mut args) }?;
-    if let Some(launch) = plan.scatter {
-        let mut args = [&mut params as *mut _ as *mut c_void, a(&mut p.ids), a(&mut p.workspace), a(&mut p.entries)];
-        // SAFETY: arguments match gating_plan_scatter; pointers per this function's contract.
-        unsafe { launch_raw(device, build, &launch, stream, &mut args) }?;
-    }
-    Ok(())
+    let loaded = load(device, build, &[plan.count, Some(plan.scan), plan.scatter])?;
+    let builds: Vec<&LoadedBuild> = loaded.iter().collect();
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { run_group(build, plan, &ptrs.bindings(), &mut CudaBackend::new(&builds, stream)) }
 }

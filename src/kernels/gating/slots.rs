@@ -4,22 +4,24 @@
 //! and `entries [slots, entry_stride]` with `entry_stride = `[`entry_capacity`], entries past each
 //! plan's length filled with [`TokenSlot::PADDING`].
 
-use super::launch::{check_buffer, check_plan_build, function, launch_raw, require, RawGroupPointers};
+use super::launch::{bind_group, check_build, check_plan_build, launch_all, load, pack_plan, RawGroupPointers};
 use super::{plan_grouping, GroupingPlan, PlanParams};
-use crate::cuda::{cuda_err, Device};
+use crate::cuda::Device;
+use crate::exec::{Backend, Bindings, Buf, BufLens, CudaBackend, LoadedBuild};
 use crate::kernels::sgmv::entry_capacity;
 use crate::kernels::KernelBuild;
 use crate::plan::TokenSlot;
 use crate::{MoleError, Result};
-use cudarc::driver::sys::{CUdeviceptr, CUstream};
-use cudarc::driver::{CudaSlice, PushKernelArg};
-use std::ffi::c_void;
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::CudaSlice;
 
 /// A validated launch set of per-slot routing plans: the three plan kernels once per slot, slot
 /// `s` with [`SlotGroupingPlan::params`]`(s)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotGroupingPlan {
-    /// The launches of one slot; its parameters are those of slot 0.
+    /// The launches of one slot (its parameters are those of slot 0) and the buffers of the
+    /// whole call (see [`SlotGroupingPlan::lens`]): in column mode every launch addresses the
+    /// packed buffers.
     pub grouping: GroupingPlan,
     /// Slots (plans).
     pub slots: usize,
@@ -27,8 +29,6 @@ pub struct SlotGroupingPlan {
     pub experts: usize,
     /// Entries between two plans: [`entry_capacity`]`(T, E, block)`, which fits any routing.
     pub entry_stride: usize,
-    /// Workspace size in 4-byte words (reused by every slot, in stream order).
-    pub workspace_words: usize,
 }
 
 impl SlotGroupingPlan {
@@ -38,19 +38,12 @@ impl SlotGroupingPlan {
         PlanParams { column: s as u32, ..self.grouping.params }
     }
 
-    /// Length of `counts [slots, E]`.
-    pub fn counts_len(&self) -> usize {
-        self.slots * self.experts
-    }
-
-    /// Length of `offsets [slots, E + 1]`.
-    pub fn offsets_len(&self) -> usize {
-        self.slots * (self.experts + 1)
-    }
-
-    /// Length of `entries [slots, entry_stride]`.
-    pub fn entries_len(&self) -> usize {
-        self.slots * self.entry_stride
+    /// Element counts of the buffers: [`Buf::Ids`] `[T, slots]`, the [`Buf::PlanWorkspace`]
+    /// (capacity, reused by every slot in stream order), [`Buf::PlanCounts`] `[slots, E]`,
+    /// [`Buf::PlanOffsets`] `[slots, E + 1]`, [`Buf::PlanEntries`] `[slots, entry_stride]`
+    /// (padding included) and [`Buf::PlanStatus`] `[slots]`.
+    pub fn lens(&self) -> &BufLens {
+        &self.grouping.lens
     }
 }
 
@@ -77,14 +70,52 @@ pub fn plan_slot_grouping(
         return Err(MoleError::param("tokens", tokens, "slot plan capacity exceeds 2^32 entries"));
     }
     let entry_stride = entry_capacity(tokens, experts, block);
-    if slots.checked_mul(entry_stride).is_none() || slots.checked_mul(experts + 1).is_none() {
+    let ids = tokens.checked_mul(slots);
+    let (Some(ids), Some(entries), Some(offsets)) =
+        (ids, slots.checked_mul(entry_stride), slots.checked_mul(experts + 1))
+    else {
         return Err(MoleError::param("slots", slots, "packed slot plans exceed the address space"));
-    }
+    };
     grouping.params.ids_stride = ids_stride;
     grouping.params.entry_stride = entry_stride as u32;
-    grouping.max_entries = entry_stride;
-    let workspace_words = grouping.workspace_words;
-    Ok(SlotGroupingPlan { grouping, slots, experts, entry_stride, workspace_words })
+    let workspace = grouping.lens.get(Buf::PlanWorkspace);
+    grouping.lens = BufLens::new()
+        .with(Buf::Ids, ids)
+        .with(Buf::PlanWorkspace, workspace)
+        .with(Buf::PlanCounts, slots * experts)
+        .with(Buf::PlanOffsets, offsets)
+        .with(Buf::PlanEntries, entries)
+        .with(Buf::PlanStatus, slots);
+    Ok(SlotGroupingPlan { grouping, slots, experts, entry_stride })
+}
+
+/// Runs the per-slot plans of `plan` on the buffers of `bindings` through `backend`: the plan
+/// kernels once per slot, in slot order, slot `s` reading column `s` of [`Buf::Ids`] and writing
+/// plan `s` of the packed outputs. Lengths as [`SlotGroupingPlan::lens`]; everything is checked
+/// before the first launch.
+///
+/// # Safety
+/// As [`super::run_route`].
+pub unsafe fn run_group_slots(
+    build: &KernelBuild,
+    plan: &SlotGroupingPlan,
+    bindings: &Bindings,
+    backend: &mut dyn Backend,
+) -> Result<()> {
+    check_plan_build(build, build.dtype, "slot grouping plan", plan.grouping.scan.block)?;
+    bindings.check(plan.lens(), "the routing-plan kernels")?;
+    // Every slot packs the same kernels from the same bindings: slot 0 checks them all.
+    let mut packed = pack_plan(&plan.grouping, &plan.params(0), bindings)?;
+    for s in 0..plan.slots {
+        if s > 0 {
+            packed = pack_plan(&plan.grouping, &plan.params(s), bindings)?;
+        }
+        // SAFETY: the caller's contract; slot `s` < slots writes counts[s*E..][..E],
+        // offsets[s*(E+1)..][..E+1], entries[s*entry_stride..][..entry_stride] and status[s],
+        // inside the checked lengths (offsets[E] <= entry_capacity); passes run in stream order.
+        unsafe { launch_all(build, &mut packed, backend) }?;
+    }
+    Ok(())
 }
 
 /// The device buffers [`group_slots`] writes.
@@ -100,35 +131,9 @@ pub struct SlotGroupOutputs<'a> {
     pub status: &'a mut CudaSlice<u32>,
 }
 
-/// Checks a per-slot grouping call's buffer lengths (`[counts, offsets, entries, status]`).
-pub(super) fn check_group_slots(
-    build: &KernelBuild,
-    plan: &SlotGroupingPlan,
-    ids_len: usize,
-    workspace_len: usize,
-    out_lens: [usize; 4],
-) -> Result<()> {
-    check_plan_build(build, build.dtype, "slot grouping plan", plan.grouping.scan.block)?;
-    check_buffer("ids", ids_len, &[plan.grouping.params.tokens as usize, plan.slots])?;
-    let [counts, offsets, entries, status] = out_lens;
-    check_buffer("counts", counts, &[plan.slots, plan.experts])?;
-    check_buffer("offsets", offsets, &[plan.slots, plan.experts + 1])?;
-    check_buffer("entries", entries, &[plan.slots, plan.entry_stride])?;
-    check_buffer("status", status, &[plan.slots])?;
-    if workspace_len < plan.workspace_words {
-        return Err(MoleError::ShapeMismatch {
-            what: "plan workspace",
-            expected: vec![plan.workspace_words],
-            got: workspace_len,
-        });
-    }
-    Ok(())
-}
-
 /// Builds the per-slot routing plans of `ids [T, slots]` on the device, in the packed layout of
-/// [`crate::kernels::sgmv::SlotPlans`] at `entry_stride = `[`SlotGroupingPlan::entry_stride`]:
-/// the plan kernels run once per slot, in slot order, on the device's stream, reading column `s`
-/// of `ids` in place. Every buffer is checked before the first launch. Any build dtype will do.
+/// [`crate::kernels::sgmv::SlotPlans`] at `entry_stride = `[`SlotGroupingPlan::entry_stride`],
+/// through [`run_group_slots`] on the device's stream. Any build dtype will do.
 pub fn group_slots(
     device: &Device,
     build: &KernelBuild,
@@ -137,44 +142,21 @@ pub fn group_slots(
     workspace: &mut CudaSlice<u32>,
     out: SlotGroupOutputs<'_>,
 ) -> Result<()> {
-    let out_lens = [out.counts.len(), out.offsets.len(), out.entries.len(), out.status.len()];
-    check_group_slots(build, plan, ids.len(), workspace.len(), out_lens)?;
+    check_build(build, build.dtype)?;
+    let b = bind_group(device, build, ids, workspace, [out.counts, out.offsets, out.status], out.entries);
     let g = &plan.grouping;
-    let count = g.count.map(|l| function(device, build, &l).map(|f| (l, f))).transpose()?;
-    let scan = function(device, build, &g.scan)?;
-    let scatter = g.scatter.map(|l| function(device, build, &l).map(|f| (l, f))).transpose()?;
-    let stream = device.stream();
-    for s in 0..plan.slots {
-        let params = plan.params(s);
-        if let Some((l, f)) = &count {
-            let mut args = stream.launch_builder(f);
-            args.arg(&params).arg(ids).arg(&mut *workspace);
-            // SAFETY: arguments match gating_plan_count; the kernel reads ids [T, slots] at
-            // column `s` < slots and writes workspace_words words, lengths checked above.
-            unsafe { args.launch(l.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-        }
-        let mut args = stream.launch_builder(&scan);
-        args.arg(&params).arg(&mut *workspace).arg(&mut *out.counts).arg(&mut *out.offsets);
-        args.arg(&mut *out.entries).arg(&mut *out.status);
-        // SAFETY: arguments match gating_plan_scan; slot `s` writes counts[s*E..][..E],
-        // offsets[s*(E+1)..][..E+1], entries[s*entry_stride..][..entry_stride] and status[s],
-        // inside the buffers whose lengths were checked above.
-        unsafe { args.launch(g.scan.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-        if let Some((l, f)) = &scatter {
-            let mut args = stream.launch_builder(f);
-            args.arg(&params).arg(ids).arg(&*workspace).arg(&mut *out.entries);
-            // SAFETY: arguments match gating_plan_scatter; writes stay inside plan `s`'s
-            // entry_stride entries (offsets[E] <= entry_capacity), lengths checked above.
-            unsafe { args.launch(l.config()) }.map_err(cuda_err("cuLaunchKernel"))?;
-        }
-    }
-    Ok(())
+    let loaded = load(device, build, &[g.count, Some(g.scan), g.scatter])?;
+    let builds: Vec<&LoadedBuild> = loaded.iter().collect();
+    // SAFETY: every address comes from a live slice of the device's context with its length
+    // bound (checked against the plan by `run_group_slots`); the outputs are distinct borrows.
+    unsafe { run_group_slots(build, plan, b.bindings()?, &mut CudaBackend::new(&builds, device.stream().cu_stream())) }
 }
 
-/// [`group_slots`] on caller-owned device memory and stream. The pointers are those of
-/// [`RawGroupPointers`] with the per-slot lengths: `ids [T, slots]` (i32), `workspace_words`
-/// u32, `counts [slots, E]`, `offsets [slots, E + 1]` (u32), `entries [slots, entry_stride]`
-/// ([`TokenSlot`]) and `status [slots]` (u32). Presence is checked before any launch.
+/// [`group_slots`] on caller-owned device memory and stream, through [`run_group_slots`]. The
+/// pointers are those of [`RawGroupPointers`] with the per-slot lengths of
+/// [`SlotGroupingPlan::lens`]: `ids [T, slots]` (i32), the workspace (u32), `counts [slots, E]`,
+/// `offsets [slots, E + 1]` (u32), `entries [slots, entry_stride]` ([`TokenSlot`]) and
+/// `status [slots]` (u32). Presence is checked before any launch.
 ///
 /// # Safety
 /// - every pointer is a device allocation of the device's context holding at least the element
@@ -189,52 +171,18 @@ pub unsafe fn group_slots_raw(
     ptrs: RawGroupPointers,
     stream: CUstream,
 ) -> Result<()> {
-    check_plan_build(build, build.dtype, "slot grouping plan", plan.grouping.scan.block)?;
-    let mut p = ptrs;
-    for (name, v) in [
-        ("workspace", p.workspace),
-        ("counts", p.counts),
-        ("offsets", p.offsets),
-        ("status", p.status),
-        ("entries", p.entries),
-    ] {
-        require(name, v)?;
-    }
+    check_build(build, build.dtype)?;
     let g = &plan.grouping;
-    if g.count.is_some() {
-        require("ids", p.ids)?;
-    }
-    let a = |v: &mut CUdeviceptr| v as *mut CUdeviceptr as *mut c_void;
-    for s in 0..plan.slots {
-        let mut params = plan.params(s);
-        if let Some(launch) = g.count {
-            let mut args = [&mut params as *mut _ as *mut c_void, a(&mut p.ids), a(&mut p.workspace)];
-            // SAFETY: arguments match gating_plan_count; pointers per this function's contract.
-            unsafe { launch_raw(device, build, &launch, stream, &mut args) }?;
-        }
-        let mut args = [
-            &mut params as *mut _ as *mut c_void,
-            a(&mut p.workspace),
-            a(&mut p.counts),
-            a(&mut p.offsets),
-            a(&mut p.entries),
-            a(&mut p.status),
-        ];
-        // SAFETY: arguments match gating_plan_scan; pointers per this function's contract.
-        unsafe { launch_raw(device, build, &g.scan, stream, &mut args) }?;
-        if let Some(launch) = g.scatter {
-            let mut args =
-                [&mut params as *mut _ as *mut c_void, a(&mut p.ids), a(&mut p.workspace), a(&mut p.entries)];
-            // SAFETY: arguments match gating_plan_scatter; pointers per this function's contract.
-            unsafe { launch_raw(device, build, &launch, stream, &mut args) }?;
-        }
-    }
-    Ok(())
+    let loaded = load(device, build, &[g.count, Some(g.scan), g.scatter])?;
+    let builds: Vec<&LoadedBuild> = loaded.iter().collect();
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { run_group_slots(build, plan, &ptrs.bindings(), &mut CudaBackend::new(&builds, stream)) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gating::tests::{bound, record};
     use crate::kernels::gating::{build, MAX_CHUNKS};
     use crate::DType;
 
@@ -242,16 +190,21 @@ mod tests {
     fn slot_plan_bounds() {
         let p = plan_slot_grouping(1000, 3, 8, 16, 128).unwrap();
         assert_eq!(p.entry_stride, entry_capacity(1000, 8, 16));
-        assert_eq!(p.grouping.max_entries, p.entry_stride);
         assert_eq!((p.slots, p.experts), (3, 8));
         let q = p.params(2);
         assert_eq!((q.tokens, q.slots, q.ids_stride, q.column, q.entry_stride), (1000, 1, 3, 2, 1000 + 8 * 15));
         assert_eq!((q.chunk_entries, q.chunks), (1024, 1));
-        assert_eq!(p.workspace_words, 9);
+        let want = BufLens::new()
+            .with(Buf::Ids, 3000)
+            .with(Buf::PlanWorkspace, 9)
+            .with(Buf::PlanCounts, 24)
+            .with(Buf::PlanOffsets, 27)
+            .with(Buf::PlanEntries, 3 * p.entry_stride)
+            .with(Buf::PlanStatus, 3);
+        assert_eq!(p.lens(), &want);
         let (c, sc) = (p.grouping.count.unwrap(), p.grouping.scatter.unwrap());
         assert_eq!((c.grid, c.block, c.shared_bytes), (1, 128, 4 * 8 * 4));
         assert_eq!((sc.grid, p.grouping.scan.grid, p.grouping.scan.shared_bytes), (1, 1, 128));
-        assert_eq!((p.counts_len(), p.offsets_len(), p.entries_len()), (24, 27, 3 * p.entry_stride));
         // Many tokens: bounded chunks, one warp each.
         let big = plan_slot_grouping(5_000_000, 2, 64, 32, 256).unwrap();
         assert!(big.grouping.params.chunks as u64 <= MAX_CHUNKS);
@@ -261,7 +214,7 @@ mod tests {
         let empty = plan_slot_grouping(0, 2, 4, 8, 128).unwrap();
         assert!(empty.grouping.count.is_none() && empty.grouping.scatter.is_none());
         assert_eq!(empty.entry_stride, entry_capacity(0, 4, 8));
-        assert_eq!(empty.workspace_words, 1);
+        assert_eq!(empty.lens().get(Buf::PlanWorkspace), 1);
     }
 
     #[test]
@@ -276,21 +229,26 @@ mod tests {
 
         let b = build(DType::BF16, 128);
         let p = plan_slot_grouping(10, 2, 4, 4, 128).unwrap();
-        let ok = [8, 10, p.entries_len(), 2];
-        assert!(check_group_slots(&b, &p, 20, p.workspace_words, ok).is_ok());
-        assert!(check_group_slots(&b, &p, 10, p.workspace_words, ok).is_err());
-        assert!(check_group_slots(&b, &p, 20, 0, ok).is_err());
-        for bad in [
-            [4, 10, p.entries_len(), 2],
-            [8, 5, p.entries_len(), 2],
-            [8, 10, p.entry_stride, 2],
-            [8, 10, p.entries_len(), 1],
-        ] {
-            assert!(matches!(
-                check_group_slots(&b, &p, 20, p.workspace_words, bad),
-                Err(MoleError::ShapeMismatch { .. })
-            ));
+        // SAFETY: the recorder keeps the launches without touching the fake addresses.
+        let run = |binds: &Bindings, b: &KernelBuild| record(|r| unsafe { run_group_slots(b, &p, binds, r) });
+        let ok = bound(p.lens());
+        let launches = run(&ok, &b).unwrap();
+        assert_eq!(launches.len(), 3 * 2);
+        let columns: Vec<u32> =
+            launches.iter().map(|l| bytemuck::pod_read_unaligned::<PlanParams>(l.params()).column).collect();
+        assert_eq!(columns, [0, 0, 0, 1, 1, 1]);
+        let with = |buf: Buf, n: usize| {
+            let mut x = ok;
+            x.sized(buf, ok.ptr(buf), n);
+            run(&x, &b)
+        };
+        assert!(with(Buf::Ids, 10).is_err());
+        assert!(with(Buf::PlanWorkspace, 0).is_err());
+        for (buf, n) in
+            [(Buf::PlanCounts, 4), (Buf::PlanOffsets, 5), (Buf::PlanEntries, p.entry_stride), (Buf::PlanStatus, 1)]
+        {
+            assert!(matches!(with(buf, n), Err(MoleError::ShapeMismatch { .. })), "{buf:?}");
         }
-        assert!(check_group_slots(&build(DType::BF16, 64), &p, 20, p.workspace_words, ok).is_err());
+        assert!(run(&ok, &build(DType::BF16, 64)).is_err());
     }
 }

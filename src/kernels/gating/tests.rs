@@ -1,6 +1,6 @@
-use super::launch::{check_group, check_route, check_stats, RouteLens, StatsLens};
 use super::*;
 use crate::cuda::sources;
+use crate::exec::{Bindings, Recorder};
 use crate::kernels::Family;
 use crate::model::Router;
 use crate::plan::TokenSlot;
@@ -123,8 +123,9 @@ fn enums_match_the_c_enums() {
     assert!(cu.contains(&format!("#define MOLE_GATING_MAX_EXPERTS {MAX_EXPERTS}")));
     assert!(cu.contains(&format!("#define MOLE_GATING_MAX_K {MAX_K}")));
     assert!(cu.contains(&format!("#define MOLE_BLOCK_THREADS {DEFAULT_BLOCK_THREADS}")));
-    for e in entry::ALL {
-        assert!(cu.contains(&format!("MOLE_ENTRY({e})(")), "{e}");
+    for k in kernel::ALL {
+        assert!(cu.contains(&format!("MOLE_ENTRY({})(", k.name)), "{}", k.name);
+        assert_eq!(k.family, Family::Gating);
     }
 }
 
@@ -137,7 +138,7 @@ fn candidates_cover_every_dtype_and_block_size() {
             let b = c.iter().find(|b| b.dtype == d && b.block_threads() == t).expect("build");
             assert_eq!(b.family(), Family::Gating);
             assert_eq!(b.dynamic_shared_bytes(), (t / 32 * 4096) as u64);
-            assert_eq!(b.entry_points().len(), entry::ALL.len());
+            assert_eq!(b.entry_points().len(), kernel::ALL.len());
             assert!(b.entry_points().iter().all(|e| e.ends_with(&format!("_{}", d.name()))));
             b.validate().unwrap();
         }
@@ -145,14 +146,21 @@ fn candidates_cover_every_dtype_and_block_size() {
     let defaults = default_builds();
     assert_eq!(defaults, Family::Gating.default_builds());
     assert!(defaults.iter().all(|b| b.block_threads() == DEFAULT_BLOCK_THREADS));
-    assert_eq!(entry_name(entry::GIVEN, DType::BF16), "gating_given_bf16");
+    assert_eq!(kernel::GIVEN.entry_name(DType::BF16), "gating_given_bf16");
+    assert_eq!(Family::Gating.kernels(DType::F16), &kernel::ALL[..]);
 }
 
 #[test]
 fn plan_grid_block_and_shared_memory() {
     let p = plan(&topk(2), 1000, 64, 128).unwrap();
     let l = p.launch.unwrap();
-    assert_eq!((l.entry, l.grid, l.block, l.shared_bytes), (entry::SOFTMAX_TOPK, 250, 128, 4 * 64 * 4));
+    assert_eq!((l.kernel, l.grid, l.block, l.shared_bytes), (&kernel::SOFTMAX_TOPK, 250, 128, 4 * 64 * 4));
+    let want = BufLens::new()
+        .with(Buf::GateInput, 64_000)
+        .with(Buf::Ids, 2000)
+        .with(Buf::RouteWeights, 2000)
+        .with(Buf::Probs, 64_000);
+    assert_eq!((p.lens, p.block_threads), (want, 128));
     assert_eq!((p.params.tokens, p.params.experts, p.params.slots, p.params.k), (1000, 64, 2, 2));
     assert_eq!(p.params.rule, RuleKind::SoftmaxTopK as u32);
     assert_eq!(p.params.weights, WeightMode::Renormalized as u32);
@@ -163,11 +171,15 @@ fn plan_grid_block_and_shared_memory() {
     // Adapter ids: a thread per token, no shared memory.
     let a = plan(&Gating::AdapterIds, 1000, 4, 256).unwrap();
     let l = a.launch.unwrap();
-    assert_eq!((l.entry, l.grid, l.shared_bytes, a.slots), (entry::ADAPTER_IDS, 4, 0, 1));
+    assert_eq!((l.kernel, l.grid, l.shared_bytes, a.slots), (&kernel::ADAPTER_IDS, 4, 0, 1));
     assert!(!a.writes_probs && a.input == InputKind::AdapterIds);
+    let want = BufLens::new().with(Buf::AdapterIds, 1000).with(Buf::Ids, 1000).with(Buf::RouteWeights, 1000);
+    assert_eq!(a.lens, want);
+    let sig = plan(&routed(RoutingRule::SigmoidTopK { k: 2, bias: true }), 10, 8, 128).unwrap();
+    assert_eq!((sig.lens.get(Buf::SelectionBias), sig.lens.get(Buf::Probs)), (8, 80));
     // Dynamic rules fill E slots from the prefix kernel.
     let d = plan(&routed(RoutingRule::TopP { p: 0.5, temperature: 2.0 }), 10, 1024, 256).unwrap();
-    assert_eq!((d.entry, d.slots, d.params.temperature), (entry::SOFTMAX_PREFIX, 1024, 2.0));
+    assert_eq!((d.kernel, d.slots, d.params.temperature), (&kernel::SOFTMAX_PREFIX, 1024, 2.0));
     assert_eq!(d.launch.unwrap().shared_bytes, 8 * 1024 * 4);
 }
 
@@ -180,7 +192,7 @@ fn zero_tokens_launch_nothing() {
     let s = plan_stats(0, 4, 2, true, true, Some(Entropy::SHANNON), 128).unwrap();
     assert!(s.partial.is_none() && s.params.chunks == 0 && s.finalize.grid == 1);
     let g = plan_grouping(0, 2, 4, 8, 128).unwrap();
-    assert!(g.count.is_none() && g.scatter.is_none() && g.max_entries == 0 && g.scan.grid == 1);
+    assert!(g.count.is_none() && g.scatter.is_none() && g.lens.get(Buf::PlanEntries) == 0 && g.scan.grid == 1);
 }
 
 #[test]
@@ -237,6 +249,13 @@ fn stats_plan_chunks_and_decode() {
     let s = plan_stats(100_000, 16, 2, true, true, Some(Entropy::SHANNON), 128).unwrap();
     assert!(s.params.chunks as u64 <= MAX_CHUNKS && s.params.chunks * s.params.chunk_tokens >= 100_000);
     assert_eq!(s.workspace_words, s.params.chunks as usize * 66);
+    let want = BufLens::new()
+        .with(Buf::Ids, 200_000)
+        .with(Buf::Probs, 1_600_000)
+        .with(Buf::GateInput, 1_600_000)
+        .with(Buf::StatsWorkspace, s.workspace_words)
+        .with(Buf::StatsOut, 66);
+    assert_eq!(s.lens(), want);
     assert_eq!(s.partial.unwrap().grid, s.params.chunks.div_ceil(4));
     assert_eq!(s.params.entropy, EntropyKind::Shannon as u32);
     let small = plan_stats(10, 4, 1, false, true, Some(Entropy::SHANNON), 64).unwrap();
@@ -270,8 +289,14 @@ fn stats_plan_chunks_and_decode() {
 fn grouping_plan_bounds() {
     let g = plan_grouping(1000, 2, 8, 16, 128).unwrap();
     assert_eq!((g.params.chunk_entries, g.params.chunks), (1024, 2));
-    assert_eq!(g.max_entries, 2000 + 8 * 15);
-    assert_eq!(g.workspace_words, 2 * 9);
+    let want = BufLens::new()
+        .with(Buf::Ids, 2000)
+        .with(Buf::PlanWorkspace, 2 * 9)
+        .with(Buf::PlanCounts, 8)
+        .with(Buf::PlanOffsets, 9)
+        .with(Buf::PlanEntries, 2000 + 8 * 15)
+        .with(Buf::PlanStatus, 1);
+    assert_eq!(g.lens, want);
     assert_eq!(g.count.unwrap().shared_bytes, 4 * 8 * 4);
     assert_eq!(g.scan.shared_bytes, 128);
     let big = plan_grouping(10_000_000, 8, 64, 1, 256).unwrap();
@@ -281,57 +306,107 @@ fn grouping_plan_bounds() {
     assert!(plan_grouping(1 << 30, 8, 4, 1, 128).is_err());
 }
 
-fn lens(input: InputKind, t: usize, e: usize, slots: usize) -> RouteLens {
-    let input_len = if input == InputKind::AdapterIds { t } else { t * e };
-    RouteLens { input, input_len, bias_len: None, ids_len: t * slots, weights_len: t * slots, probs_len: Some(t * e) }
+/// Every buffer of `lens` bound at a distinct fake address with its exact length.
+pub(super) fn bound(lens: &BufLens) -> Bindings {
+    let mut b = Bindings::new();
+    for (buf, n) in lens.taken() {
+        b.sized(buf, 0x1000 * (buf as u64 + 1), n);
+    }
+    b
+}
+
+/// The launches `run` hands to a recorder (which dereferences no pointer), or its error.
+pub(super) fn record(run: impl FnOnce(&mut Recorder) -> Result<()>) -> Result<Vec<crate::exec::Launch>> {
+    let mut r = Recorder::default();
+    run(&mut r)?;
+    Ok(r.launches.into_iter().map(|(_, l)| l).collect())
+}
+
+fn route_with(b: &KernelBuild, p: &RoutePlan, binds: &Bindings) -> Result<Vec<crate::exec::Launch>> {
+    // SAFETY: the recorder keeps the launches without touching the fake addresses.
+    record(|r| unsafe { run_route(b, p, binds, r) })
 }
 
 #[test]
 fn route_arguments_are_validated() {
     let b = build(DType::F16, 64);
-    let g = topk(2);
-    let ok = lens(InputKind::Scores, 10, 8, 2);
-    assert!(check_route(&b, DType::F16, &g, 10, 8, ok).is_ok());
-    assert!(check_route(&b, DType::F16, &g, 10, 8, RouteLens { probs_len: None, ..ok }).is_ok());
-    let shape = |l| matches!(check_route(&b, DType::F16, &g, 10, 8, l), Err(MoleError::ShapeMismatch { .. }));
-    assert!(shape(RouteLens { input_len: 79, ..ok }));
-    assert!(shape(RouteLens { ids_len: 21, ..ok }));
-    assert!(shape(RouteLens { weights_len: 10, ..ok }));
-    assert!(shape(RouteLens { probs_len: Some(1), ..ok }));
-    // Wrong dtype, family or input kind.
-    assert!(matches!(check_route(&b, DType::F32, &g, 10, 8, ok), Err(MoleError::InvalidParameter { .. })));
+    let p = plan(&topk(2), 10, 8, 64).unwrap();
+    let ok = bound(&p.lens);
+    let launches = route_with(&b, &p, &ok).unwrap();
+    assert_eq!(launches.len(), 1);
+    // The pointers go in the kernel's order; the absent bias is null.
+    let addr = |buf: Buf| ok.ptr(buf);
+    let want = [addr(Buf::GateInput), 0, addr(Buf::Ids), addr(Buf::RouteWeights), addr(Buf::Probs)];
+    assert_eq!(launches[0].ptrs(), want);
+    assert_eq!(launches[0].params(), bytemuck::bytes_of(&p.params));
+    // Probabilities are optional: passed as null when not bound.
+    let mut no_probs = ok;
+    no_probs.raw(Buf::Probs, 0);
+    assert_eq!(route_with(&b, &p, &no_probs).unwrap()[0].ptrs()[4], 0);
+    let shape = |buf: Buf, n: usize| {
+        let mut bad = ok;
+        bad.sized(buf, ok.ptr(buf), n);
+        matches!(route_with(&b, &p, &bad), Err(MoleError::ShapeMismatch { .. }))
+    };
+    assert!(shape(Buf::GateInput, 79));
+    assert!(shape(Buf::Ids, 21));
+    assert!(shape(Buf::RouteWeights, 10));
+    assert!(shape(Buf::Probs, 1));
+    let mut missing = ok;
+    missing.raw(Buf::Ids, 0);
+    assert_eq!(
+        route_with(&b, &p, &missing).unwrap_err(),
+        MoleError::MissingInput { name: "ids", needed_by: "the routing kernel" }
+    );
+    // The plan suits any dtype's build of its block size (the typed calls check the elements);
+    // not another family or block size.
+    assert!(route_with(&build(DType::F32, 64), &p, &ok).is_ok());
     let other = crate::kernels::sgmv::build(DType::F16, crate::kernels::SgmvConfig::DEFAULT);
-    assert!(check_route(&other, DType::F16, &g, 10, 8, ok).is_err());
-    let w = lens(InputKind::Weights, 10, 8, 2);
-    assert!(matches!(check_route(&b, DType::F16, &g, 10, 8, w), Err(MoleError::Unsupported(_))));
+    assert!(route_with(&other, &p, &ok).is_err());
+    assert!(route_with(&build(DType::F16, 128), &p, &ok).is_err());
     // Bias presence follows the rule; magnitude top-k has no probabilities.
-    let sig = routed(RoutingRule::SigmoidTopK { k: 2, bias: true });
-    assert!(matches!(check_route(&b, DType::F16, &sig, 10, 8, ok), Err(MoleError::MissingInput { .. })));
-    assert!(check_route(&b, DType::F16, &sig, 10, 8, RouteLens { bias_len: Some(8), ..ok }).is_ok());
-    assert!(check_route(&b, DType::F16, &g, 10, 8, RouteLens { bias_len: Some(8), ..ok }).is_err());
+    let sig = plan(&routed(RoutingRule::SigmoidTopK { k: 2, bias: true }), 10, 8, 64).unwrap();
+    assert!(matches!(route_with(&b, &sig, &ok), Err(MoleError::MissingInput { name: "selection_bias", .. })));
+    let with_bias = bound(&sig.lens);
+    assert_eq!(route_with(&b, &sig, &with_bias).unwrap()[0].ptrs()[1], with_bias.ptr(Buf::SelectionBias));
+    assert!(matches!(route_with(&b, &p, &with_bias), Err(MoleError::UnexpectedInput { name: "selection_bias", .. })));
     let mag = routed(RoutingRule::MagnitudeTopK { k: 2, bias: false, selection: RankSelection::Magnitude });
-    assert!(matches!(check_route(&b, DType::F16, &mag, 10, 8, ok), Err(MoleError::UnexpectedInput { .. })));
-    let a = lens(InputKind::AdapterIds, 10, 8, 1);
-    assert!(check_route(&b, DType::F16, &Gating::AdapterIds, 10, 8, RouteLens { probs_len: None, ..a }).is_ok());
+    let mag = plan(&mag, 10, 8, 64).unwrap();
+    assert!(matches!(route_with(&b, &mag, &ok), Err(MoleError::UnexpectedInput { name: "probs", .. })));
+    assert_eq!(route_with(&b, &mag, &no_probs).unwrap()[0].ptrs()[4], 0);
+    let a = plan(&Gating::AdapterIds, 10, 8, 64).unwrap();
+    assert!(matches!(route_with(&b, &a, &no_probs), Err(MoleError::MissingInput { name: "adapter_ids", .. })));
+    let l = route_with(&b, &a, &bound(&a.lens)).unwrap();
+    assert_eq!(l[0].kernel(), &kernel::ADAPTER_IDS);
+    // Zero tokens: checked, nothing launched.
+    let none = plan(&topk(2), 0, 8, 64).unwrap();
+    assert!(route_with(&b, &none, &Bindings::new()).unwrap().is_empty());
     // A build with a bad block size is a typed error, not a panic.
-    let bad = build(DType::F16, 100);
-    assert!(matches!(check_route(&bad, DType::F16, &g, 10, 8, ok), Err(MoleError::InvalidParameter { .. })));
+    assert!(route_with(&build(DType::F16, 100), &p, &ok).is_err());
 }
 
 #[test]
 fn stats_and_group_arguments_are_validated() {
     let b = build(DType::F32, 128);
     let s = plan_stats(10, 4, 2, true, false, Some(Entropy::SHANNON), 128).unwrap();
-    let ok = StatsLens { ids: 20, probs: Some(40), scores: None, workspace: s.workspace_words, out: 18 };
-    assert!(check_stats(&b, DType::F32, &s, ok).is_ok());
-    assert!(matches!(
-        check_stats(&b, DType::F32, &s, StatsLens { probs: None, ..ok }),
-        Err(MoleError::MissingInput { .. })
-    ));
-    assert!(check_stats(&b, DType::F32, &s, StatsLens { scores: Some(40), ..ok }).is_err());
-    assert!(check_stats(&b, DType::F32, &s, StatsLens { workspace: 0, ..ok }).is_err());
-    assert!(check_stats(&b, DType::F32, &s, StatsLens { out: 17, ..ok }).is_err());
-    assert!(check_stats(&build(DType::F32, 64), DType::F32, &s, ok).is_err());
+    // SAFETY: the recorder keeps the launches without touching the fake addresses.
+    let stats = |binds: &Bindings, b: &KernelBuild| record(|r| unsafe { run_stats(b, &s, binds, r) });
+    let ok = bound(&s.lens());
+    let l = stats(&ok, &b).unwrap();
+    assert_eq!((l.len(), l[0].kernel(), l[1].kernel()), (2, &kernel::STATS_PARTIAL, &kernel::STATS_FINALIZE));
+    assert_eq!(l[0].ptrs(), [ok.ptr(Buf::Ids), ok.ptr(Buf::Probs), 0, ok.ptr(Buf::StatsWorkspace)]);
+    assert_eq!(l[1].ptrs(), [ok.ptr(Buf::StatsWorkspace), ok.ptr(Buf::StatsOut)]);
+    let with = |buf: Buf, ptr: u64, n: usize| {
+        let mut x = ok;
+        x.sized(buf, ptr, n);
+        stats(&x, &b)
+    };
+    assert!(matches!(with(Buf::Probs, 0, 40), Err(MoleError::MissingInput { name: "probs", .. })));
+    assert!(matches!(with(Buf::GateInput, 0x99, 40), Err(MoleError::UnexpectedInput { name: "gate_input", .. })));
+    assert!(matches!(with(Buf::StatsWorkspace, 0x99, 0), Err(MoleError::ShapeMismatch { .. })));
+    assert!(with(Buf::StatsWorkspace, 0x99, s.workspace_words + 5).is_ok());
+    assert!(matches!(with(Buf::StatsOut, 0x99, 17), Err(MoleError::ShapeMismatch { .. })));
+    assert!(stats(&ok, &build(DType::F32, 64)).is_err());
     // No slot to read the top-1 expert from, and an eps the reference would refuse.
     assert!(matches!(plan_stats(10, 4, 0, true, false, None, 128), Err(MoleError::ZeroDimension { name: "slots" })));
     for eps in [f64::NAN, -1e-5, 1.0] {
@@ -339,12 +414,25 @@ fn stats_and_group_arguments_are_validated() {
         assert!(plan_stats(10, 4, 2, true, false, h, 128).is_err(), "eps {eps}");
     }
     let g = plan_grouping(10, 2, 4, 4, 128).unwrap();
-    let outs = [4, 5, g.max_entries, 1];
-    assert!(check_group(&b, &g, 20, g.workspace_words, outs).is_ok());
-    assert!(check_group(&b, &g, 19, g.workspace_words, outs).is_err());
-    assert!(check_group(&b, &g, 20, 0, outs).is_err());
-    assert!(check_group(&b, &g, 20, g.workspace_words, [4, 5, g.max_entries - 1, 1]).is_err());
-    assert!(check_group(&b, &g, 20, g.workspace_words, [4, 4, g.max_entries, 1]).is_err());
+    // SAFETY: as above.
+    let group = |binds: &Bindings| record(|r| unsafe { run_group(&b, &g, binds, r) });
+    let ok = bound(&g.lens);
+    let l = group(&ok).unwrap();
+    let kernels: Vec<_> = l.iter().map(|l| l.kernel().name).collect();
+    assert_eq!(kernels, ["gating_plan_count", "gating_plan_scan", "gating_plan_scatter"]);
+    let scan = [Buf::PlanWorkspace, Buf::PlanCounts, Buf::PlanOffsets, Buf::PlanEntries, Buf::PlanStatus];
+    assert_eq!(l[1].ptrs(), scan.map(|buf| ok.ptr(buf)));
+    let with = |buf: Buf, n: usize| {
+        let mut x = ok;
+        x.sized(buf, ok.ptr(buf), n);
+        group(&x)
+    };
+    assert!(with(Buf::Ids, 19).is_err());
+    assert!(with(Buf::PlanWorkspace, 0).is_err());
+    let entries = g.lens.get(Buf::PlanEntries);
+    assert!(with(Buf::PlanEntries, entries - 1).is_err());
+    assert!(with(Buf::PlanEntries, entries + 3).is_ok());
+    assert!(with(Buf::PlanOffsets, 4).is_err());
 }
 
 #[test]
