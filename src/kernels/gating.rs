@@ -38,6 +38,22 @@ const MAX_GRID_BLOCKS: u64 = 1 << 16;
 /// workspaces stay small and the final in-order passes short.
 const MAX_CHUNKS: u64 = 1024;
 
+/// The entry points described for the launch path (see [`crate::exec`]).
+pub mod kernel {
+    use crate::exec::{ArgDesc as A, Buf, KernelDesc};
+    use crate::kernels::Family;
+
+    /// Router statistics, the in-order final sum: the workspace's rows into `stats_out` (no
+    /// workspace when there are no rows: zero tokens).
+    pub static STATS_FINALIZE: KernelDesc = KernelDesc {
+        family: Family::Gating,
+        name: "gating_stats_finalize",
+        params_type: "mole_stats_params",
+        params_bytes: std::mem::size_of::<super::StatsParams>(),
+        args: &[A::optional_input(Buf::StatsWorkspace), A::output(Buf::StatsOut)],
+    };
+}
+
 /// Base names of the entry points; each build appends its dtype suffix (`_f32`, `_f16`, `_bf16`).
 pub mod entry {
     /// Softmax top-k.

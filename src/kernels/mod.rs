@@ -13,9 +13,13 @@ pub mod gating;
 pub mod sgmv;
 
 use crate::cuda::sources;
+use crate::exec::KernelDesc;
 use crate::{DType, MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// The gating kernels described so far (the statistics' final sum the fused family launches).
+static STATS_FINALIZE: &KernelDesc = &gating::kernel::STATS_FINALIZE;
 
 /// Define naming the threads per block a build's kernels are launched with.
 pub const BLOCK_THREADS_DEFINE: &str = "MOLE_BLOCK_THREADS";
@@ -65,12 +69,13 @@ impl Family {
         }
     }
 
-    /// The entry points of a `dtype` build of this family, as described for the launch path.
-    pub fn kernels(self, dtype: DType) -> &'static [&'static crate::exec::KernelDesc] {
+    /// The entry points of `build` (a build of this family), as described for the launch path.
+    /// Which exist depends on the build: the fused tensor-core kernel only in some tilings.
+    pub fn kernels(self, build: &KernelBuild) -> &'static [&'static KernelDesc] {
         match self {
-            Family::Gating => &[],
-            Family::Sgmv => sgmv::kernel::for_dtype(dtype),
-            Family::Fused => &[],
+            Family::Gating => std::slice::from_ref(&STATS_FINALIZE),
+            Family::Sgmv => sgmv::kernel::for_dtype(build.dtype),
+            Family::Fused => fused::kernel::for_build(build),
         }
     }
 
