@@ -15,7 +15,8 @@
 //! as per-tile rows, summed in tile order by the gating kernels' `gating_stats_finalize`.
 //!
 //! [`plan`] validates a call and computes grids, shared memory and every buffer's length without a
-//! GPU; the `launch` child module runs it on a [`crate::cuda::Device`].
+//! GPU; [`run`] runs it through any [`crate::exec::Backend`], and [`forward`] / [`forward_raw`]
+//! bind device buffers and call it.
 
 mod launch;
 #[cfg(test)]

@@ -182,8 +182,13 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
             ..FusedBuffers::default()
         };
         if let Some(plan) = &self.fused {
-            let bufs =
-                FusedBuffers { a: Some(&self.a), b: Some(&self.b), y: Some(&mut self.y), hz_part: self.hz_part.as_mut(), ..bufs };
+            let bufs = FusedBuffers {
+                a: Some(&self.a),
+                b: Some(&self.b),
+                y: Some(&mut self.y),
+                hz_part: self.hz_part.as_mut(),
+                ..bufs
+            };
             return fused::forward(self.device, &self.choice.build, plan, bufs);
         }
         let g = self.grouped.as_mut().ok_or_else(|| MoleError::Unsupported("layer has no plan".into()))?;

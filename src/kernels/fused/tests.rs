@@ -130,7 +130,10 @@ fn mixlora_plan_has_one_launch_and_exact_lengths() {
     let lens = |bufs: &[Buf]| bufs.iter().map(|&b| p.lens.get(b)).collect::<Vec<_>>();
     assert_eq!(lens(&[Buf::X, Buf::A, Buf::B, Buf::Y]), [1000 * 4096, 4096 * 128, 128 * 4096, 1000 * 4096]);
     assert_eq!(lens(&[Buf::RouterWeight, Buf::RouterBias, Buf::GateInput]), [4096 * 8, 0, 0]);
-    assert_eq!(lens(&[Buf::Ids, Buf::RouteWeights, Buf::Probs, Buf::RankOffsets, Buf::Cores]), [2000, 2000, 8000, 9, 0]);
+    assert_eq!(
+        lens(&[Buf::Ids, Buf::RouteWeights, Buf::Probs, Buf::RankOffsets, Buf::Cores]),
+        [2000, 2000, 8000, 9, 0]
+    );
     assert_eq!(lens(&[Buf::StatsWorkspace, Buf::StatsOut, Buf::Partials]), [63 * 34, 34, 0]);
     let stats = p.stats.unwrap();
     assert_eq!(
