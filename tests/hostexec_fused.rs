@@ -17,7 +17,6 @@
 
 use mole::exec::{Bindings, Buf};
 use mole::kernels::fused::{self, FusedOutputs, FusedPlan, FusedVariant};
-use mole::kernels::gating;
 use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
 use mole::model::{LayerSpec, Method, MethodShape, Mix};
 use mole::reference::linalg::{expand, shrink};
@@ -25,7 +24,7 @@ use mole::reference::mix::{core_merge, expert_scale};
 use mole::reference::{self, tolerance_with, Routing};
 use mole::synth::SyntheticLayer;
 use mole::{DType, KernelElement, Scalar};
-use mole_hostexec::{Arg, Buffer, Kernel, LaunchConfig, Schedule};
+use mole_hostexec::{Buffer, Schedule};
 
 mod host;
 use host::HostBackend;
@@ -39,67 +38,72 @@ struct FusedResult {
     stats: Vec<f32>,
 }
 
-fn opt_buf<T: bytemuck::Pod>(name: &str, data: Option<&[T]>, want: usize) -> Option<Buffer<T>> {
-    (want > 0).then(|| Buffer::from_slice(name, data.unwrap_or_else(|| panic!("{name} missing"))))
+/// A buffer bound as `buf`, with its length.
+fn bind<T: bytemuck::Pod>(binds: &mut Bindings, buf: Buf, b: &Option<Buffer<T>>) {
+    if let Some(b) = b {
+        binds.sized(buf, b.device_ptr(), b.len());
+    }
 }
 
-fn arg<'a, T: bytemuck::Pod>(b: &'a Option<Buffer<T>>) -> Arg<'a> {
-    b.as_ref().map_or(Arg::null(), Arg::buffer)
-}
-
-/// Runs `plan` of `spec` on `data` through the host execution layer.
+/// Runs `plan` of `spec` on `data` through the library's launch path ([`fused::run`]) on the host
+/// execution layer. Every tensor `data` has is bound, whether the plan takes it or not (the path
+/// passes null for the others); the outputs and workspaces the plan takes are poisoned.
 fn run_fused<T: KernelElement + bytemuck::Pod>(
     spec: &LayerSpec,
     data: &SyntheticLayer<T>,
     plan: &FusedPlan,
     schedule: Schedule,
 ) -> FusedResult {
-    let l = plan.lens;
-    let dtype = T::DTYPE;
+    let build = fused::build(T::DTYPE, plan.config);
     let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
-    let x = opt_buf("x", Some(&data.x), l.x);
-    let a = opt_buf("a", Some(&data.a), l.a);
-    let b = opt_buf("b", Some(&data.b), l.b);
-    let y = opt_buf("y", Some(&data.y), l.y);
-    let rw = opt_buf("router_weight", data.router_weight.as_deref(), l.router_weight);
-    let rb = opt_buf("router_bias", data.router_bias.as_deref(), l.router_bias);
-    let gate_in = data.logits.as_deref().or(data.weights.as_deref());
-    let gi = opt_buf("gate_in", gate_in, l.gate_in);
-    let ai = opt_buf("adapter_ids", data.adapter_ids.as_deref(), l.adapter_ids);
-    let sb = opt_buf("selection_bias", data.selection_bias.as_deref(), l.selection_bias);
-    let ro = opt_buf("rank_offsets", Some(&offsets), l.rank_offsets);
-    let co = opt_buf("cores", data.cores.as_deref(), l.cores);
-    let poisoned = |name: &str, n: usize| (n > 0).then(|| Buffer::<u32>::poisoned(name, n));
-    let ids = (l.routing > 0).then(|| Buffer::<i32>::poisoned("ids", l.routing));
-    let w = (l.routing > 0).then(|| Buffer::<f32>::poisoned("weights", l.routing));
-    let probs = (l.probs > 0).then(|| Buffer::<f32>::poisoned("probs", l.probs));
-    let ws = poisoned("stats_ws", l.stats_ws);
-    let stats = (l.stats_out > 0).then(|| Buffer::<f32>::poisoned("stats_out", l.stats_out));
-    let hz = (l.hz_part > 0).then(|| Buffer::<f32>::poisoned("hz_part", l.hz_part));
-    for launch in &plan.launches {
-        let k = Kernel::get(&fused::entry_name(launch.entry, dtype)).unwrap();
-        let cfg = LaunchConfig::new(launch.grid, launch.block).shared(launch.shared_bytes).schedule(schedule);
-        let gate = [arg(&rw), arg(&rb), arg(&gi), arg(&ai), arg(&sb), arg(&ro), arg(&co)];
-        let outs = [arg(&ids), arg(&w), arg(&probs), arg(&ws)];
-        let mut args = vec![Arg::value(plan.params)];
-        match launch.entry {
-            fused::entry::LAYER | fused::entry::LAYER_MMA => args.extend([arg(&x), arg(&a), arg(&b), arg(&y)]),
-            fused::entry::SPLIT_SHRINK => args.extend([arg(&x), arg(&a), arg(&rw), arg(&hz)]),
-            _ => args.extend([arg(&hz), arg(&b), arg(&y)]),
-        }
-        if launch.entry != fused::entry::SPLIT_SHRINK {
-            args.extend(gate);
-            args.extend(outs);
-        }
-        k.launch(&cfg, &args).unwrap_or_else(|e| panic!("{}: {e}", launch.entry));
+    let given = |name: &str, v: Option<&[T]>| v.map(|v| Buffer::from_slice(name, v));
+    let (x, a, b) = (given("x", Some(&data.x)), given("a", Some(&data.a)), given("b", Some(&data.b)));
+    let y = given("y", Some(&data.y));
+    let rw = given("router_weight", data.router_weight.as_deref());
+    let rb = given("router_bias", data.router_bias.as_deref());
+    let gi = given("gate_in", data.logits.as_deref().or(data.weights.as_deref()));
+    let ai = data.adapter_ids.as_deref().map(|v| Buffer::from_slice("adapter_ids", v));
+    let sb = given("selection_bias", data.selection_bias.as_deref());
+    let ro = Some(Buffer::from_slice("rank_offsets", &offsets));
+    let co = given("cores", data.cores.as_deref());
+    let len = |buf| plan.lens.get(buf);
+    fn poisoned<U: bytemuck::Pod>(name: &str, n: usize) -> Option<Buffer<U>> {
+        (n > 0).then(|| Buffer::poisoned(name, n))
     }
-    if let (Some(sp), Some(ws), Some(out)) = (&plan.stats, &ws, &stats) {
-        let k = Kernel::get(&gating::kernel::STATS_FINALIZE.entry_name(dtype)).unwrap();
-        let cfg = LaunchConfig::new(1, sp.finalize.block).schedule(schedule);
-        k.launch(&cfg, &[Arg::value(sp.params), Arg::buffer(ws), Arg::buffer(out)]).unwrap();
+    let ids = poisoned::<i32>("ids", len(Buf::Ids));
+    let w = poisoned::<f32>("weights", len(Buf::RouteWeights));
+    let probs = poisoned::<f32>("probs", len(Buf::Probs));
+    let ws = poisoned::<u32>("stats_ws", len(Buf::StatsWorkspace));
+    let stats = poisoned::<f32>("stats_out", len(Buf::StatsOut));
+    let hz = poisoned::<f32>("hz_part", len(Buf::Partials));
+    let mut binds = Bindings::new();
+    for (buf, t) in [
+        (Buf::X, &x),
+        (Buf::A, &a),
+        (Buf::B, &b),
+        (Buf::Y, &y),
+        (Buf::RouterWeight, &rw),
+        (Buf::RouterBias, &rb),
+        (Buf::GateInput, &gi),
+        (Buf::SelectionBias, &sb),
+        (Buf::Cores, &co),
+    ] {
+        bind(&mut binds, buf, t);
     }
+    bind(&mut binds, Buf::AdapterIds, &ai);
+    bind(&mut binds, Buf::RankOffsets, &ro);
+    bind(&mut binds, Buf::Ids, &ids);
+    for (buf, f) in [(Buf::RouteWeights, &w), (Buf::Probs, &probs), (Buf::StatsOut, &stats), (Buf::Partials, &hz)] {
+        bind(&mut binds, buf, f);
+    }
+    bind(&mut binds, Buf::StatsWorkspace, &ws);
+    let mut backend = HostBackend::new(schedule);
+    // SAFETY: every bound address is a live host-execution buffer of its bound length.
+    unsafe { fused::run(&build, plan, &binds, &mut backend) }.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(backend.launches, plan.launches.len() + plan.stats.is_some() as usize);
+    let touched = plan.lens.get(Buf::Y) > 0;
     FusedResult {
-        y: y.map_or_else(Vec::new, |y| y.read().iter().map(|v| v.to_f64()).collect()),
+        y: y.filter(|_| touched).map_or_else(Vec::new, |y| y.read().iter().map(|v| v.to_f64()).collect()),
         ids: ids.map_or_else(Vec::new, |b| b.read()),
         weights: w.map_or_else(Vec::new, |b| b.read()),
         stats: stats.map_or_else(Vec::new, |b| b.read()),

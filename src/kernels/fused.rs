@@ -15,47 +15,93 @@
 //! as per-tile rows, summed in tile order by the gating kernels' `gating_stats_finalize`.
 //!
 //! [`plan`] validates a call and computes grids, shared memory and every buffer's length without a
-//! GPU; the `launch` child module runs it on a [`crate::cuda::Device`].
+//! GPU; [`run`] runs it through any [`crate::exec::Backend`], and [`forward`] / [`forward_raw`]
+//! bind device buffers and call it.
 
 mod launch;
 #[cfg(test)]
 mod tests;
 
-pub use launch::{forward, forward_raw, FusedBuffers, RawFusedPointers};
+pub use launch::{forward, forward_raw, run, stats_build, FusedBuffers, RawFusedPointers};
 
 use super::gating::{self, EntropyKind, GatingParams, KernelLaunch, StatsParams, StatsPlan};
 use super::{BuildConfig, KernelBuild};
+use crate::exec::{Buf, BufLens, Dims, KernelDesc};
 use crate::model::{Gating, LayerSpec, Mix, Router};
 use crate::{DType, MoleError, Result};
 use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
 
-/// Base names of the entry points; each build appends its dtype suffix.
-pub mod entry {
-    /// The whole layer, one launch.
-    pub const LAYER: &str = "fused_layer";
-    /// Split variant, stage 1: split-K shrink into the workspace.
-    pub const SPLIT_SHRINK: &str = "fused_split_shrink";
-    /// Split variant, stage 2: slice sum, routing, mix and a block of the expand.
-    pub const SPLIT_EXPAND: &str = "fused_split_expand";
-    /// The whole layer on tensor cores (16-bit builds whose tile is whole m16 tiles; see
-    /// [`super::FusedConfig::has_tensor_cores`]).
-    pub const LAYER_MMA: &str = "fused_layer_mma";
+/// The entry points.
+pub mod kernel {
+    use crate::exec::{ArgDesc as A, Buf, KernelDesc};
+    use crate::kernels::Family;
+
+    const PARAMS_BYTES: usize = std::mem::size_of::<super::FusedParams>();
+
+    /// `head`, then `MOLE_FUSED_GATE_ARGS`: every gate tensor is null where a plan takes none;
+    /// `rank_offsets` is `$ro` (required by the kernels that always expand).
+    macro_rules! with_gate_args {
+        ($ro:expr; $($head:expr),*) => {
+            &[
+                $($head,)*
+                A::optional_input(Buf::RouterWeight),
+                A::optional_input(Buf::RouterBias),
+                A::optional_input(Buf::GateInput),
+                A::optional_input(Buf::AdapterIds),
+                A::optional_input(Buf::SelectionBias),
+                $ro,
+                A::optional_input(Buf::Cores),
+                A::optional_output(Buf::Ids),
+                A::optional_output(Buf::RouteWeights),
+                A::optional_output(Buf::Probs),
+                A::optional_output(Buf::StatsWorkspace),
+            ]
+        };
+    }
+
+    const fn fused(name: &'static str, args: &'static [A]) -> KernelDesc {
+        KernelDesc { family: Family::Fused, name, params_type: "mole_fused_params", params_bytes: PARAMS_BYTES, args }
+    }
+
+    /// The whole layer, one launch. A route-only plan takes no `A`, `B`, `y` or `rank_offsets`,
+    /// and no `x` when the router reads none.
+    pub static LAYER: KernelDesc = fused(
+        "fused_layer",
+        with_gate_args!(A::optional_input(Buf::RankOffsets);
+            A::optional_input(Buf::X), A::optional_input(Buf::A), A::optional_input(Buf::B), A::optional_output(Buf::Y)),
+    );
+    /// Split variant, stage 1: split-K shrink into the workspace (`router_weight`: x router only).
+    pub static SPLIT_SHRINK: KernelDesc = fused(
+        "fused_split_shrink",
+        &[A::input(Buf::X), A::input(Buf::A), A::optional_input(Buf::RouterWeight), A::output(Buf::Partials)],
+    );
+    /// Split variant, stage 2: slice sum, routing, mix and a block of the expand (no workspace
+    /// when nothing is shrunk).
+    pub static SPLIT_EXPAND: KernelDesc = fused(
+        "fused_split_expand",
+        with_gate_args!(A::input(Buf::RankOffsets);
+            A::optional_input(Buf::Partials), A::input(Buf::B), A::output(Buf::Y)),
+    );
+    /// The whole layer on tensor cores (16-bit builds whose tile is whole m16 tiles, see
+    /// [`super::FusedConfig::has_tensor_cores`]; `x` and `B` 16-byte aligned).
+    pub static LAYER_MMA: KernelDesc = fused(
+        "fused_layer_mma",
+        with_gate_args!(A::input(Buf::RankOffsets);
+            A::input(Buf::X), A::input(Buf::A), A::input(Buf::B), A::output(Buf::Y)),
+    );
+
     /// Every entry point, in file order.
-    pub const ALL: [&str; 4] = [LAYER, SPLIT_SHRINK, SPLIT_EXPAND, LAYER_MMA];
+    pub static ALL: [&KernelDesc; 4] = [&LAYER, &SPLIT_SHRINK, &SPLIT_EXPAND, &LAYER_MMA];
+
     /// The entry points of a build of `dtype` with tiling `config`.
-    pub fn for_build(dtype: crate::DType, config: super::FusedConfig) -> &'static [&'static str] {
+    pub fn for_config(dtype: crate::DType, config: super::FusedConfig) -> &'static [&'static KernelDesc] {
         if config.has_tensor_cores(dtype) {
             &ALL
         } else {
             &ALL[..3]
         }
     }
-}
-
-/// The full entry-point name of `base` in a `dtype` build, e.g. `fused_layer_bf16`.
-pub fn entry_name(base: &str, dtype: DType) -> String {
-    format!("{base}_{}", dtype.name())
 }
 
 /// The most dynamic shared memory a launch may use without opting in (bytes).
@@ -274,8 +320,8 @@ pub struct FusedOutputs {
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FusedLaunch {
-    /// Base entry name (see [`entry`]).
-    pub entry: &'static str,
+    /// The kernel (see [`kernel`]).
+    pub kernel: &'static KernelDesc,
     /// Blocks `(x, y)`.
     pub grid: (u32, u32),
     /// Threads per block.
@@ -285,52 +331,15 @@ pub struct FusedLaunch {
 }
 
 impl FusedLaunch {
-    /// As cudarc's launch configuration.
-    pub fn config(&self) -> cudarc::driver::LaunchConfig {
-        cudarc::driver::LaunchConfig {
-            grid_dim: (self.grid.0, self.grid.1, 1),
-            block_dim: (self.block, 1, 1),
-            shared_mem_bytes: self.shared_bytes,
-        }
+    /// As launch dimensions.
+    pub fn dims(&self) -> Dims {
+        Dims { grid: (self.grid.0, self.grid.1, 1), block: self.block, shared_bytes: self.shared_bytes }
     }
-}
 
-/// Element counts of every buffer of a call; 0 marks a buffer the call does not take (its
-/// pointer must be null / its slice absent).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FusedLens {
-    /// `x [T, d_in]`.
-    pub x: usize,
-    /// `A [d_in, R]`.
-    pub a: usize,
-    /// `B [R, d_out]`.
-    pub b: usize,
-    /// `y [T, d_out]`.
-    pub y: usize,
-    /// `router_weight`: `[d_in, E]` (x router) or `[R, E]` (h router).
-    pub router_weight: usize,
-    /// `router_bias [E]`.
-    pub router_bias: usize,
-    /// `logits` or given `weights` `[T, E]`.
-    pub gate_in: usize,
-    /// `adapter_ids [T]` (i32).
-    pub adapter_ids: usize,
-    /// `selection_bias [E]`.
-    pub selection_bias: usize,
-    /// `rank_offsets [E + 1]` (u32).
-    pub rank_offsets: usize,
-    /// `cores [C, R, R]`.
-    pub cores: usize,
-    /// `ids` and `weights` `[T, slots]`.
-    pub routing: usize,
-    /// `probs [T, E]` (f32).
-    pub probs: usize,
-    /// Statistics workspace (u32 words): counts `[tiles, 2E]`, then f32 sums `[tiles, 2E + 2]`.
-    pub stats_ws: usize,
-    /// Statistics output `[4E + 2]` (f32).
-    pub stats_out: usize,
-    /// Split workspace `[splits, T, shrink_cols]` (f32).
-    pub hz_part: usize,
+    /// Whether this is the tensor-core kernel.
+    pub fn uses_tensor_cores(&self) -> bool {
+        std::ptr::eq(self.kernel, &kernel::LAYER_MMA)
+    }
 }
 
 /// A validated fused call.
@@ -348,8 +357,15 @@ pub struct FusedPlan {
     pub fma_fallback: Option<FusedLaunch>,
     /// The statistics' final sum (the gating kernels' `gating_stats_finalize`), when asked for.
     pub stats: Option<StatsPlan>,
-    /// Buffer lengths.
-    pub lens: FusedLens,
+    /// Element counts of the buffers the call takes (0: none, passed as null): `x [T, d_in]`,
+    /// `a [d_in, R]`, `b [R, d_out]`, `y [T, d_out]`, `router_weight` (`[d_in, E]` x router,
+    /// `[R, E]` h router), `router_bias [E]`, `gate_input [T, E]` (logits or given weights),
+    /// `adapter_ids [T]`, `selection_bias [E]`, `rank_offsets [E + 1]`, `cores [C, R, R]`, the
+    /// routing outputs `ids` and `route_weights [T, slots]`, `probs [T, E]`, the statistics
+    /// workspace (u32 words: counts `[tiles, 2E]`, then f32 sums `[tiles, 2E + 2]`) and output
+    /// `stats_out [4E + 2]`, and the split workspace `partials [splits, T, shrink_cols]` (f32).
+    /// The workspaces need not be initialised.
+    pub lens: BufLens,
 }
 
 impl FusedPlan {
@@ -357,7 +373,7 @@ impl FusedPlan {
     /// `x` or `B` are not 16-byte aligned, and for comparing the two.
     pub fn without_tensor_cores(mut self) -> FusedPlan {
         if let Some(fma) = self.fma_fallback.take() {
-            for l in self.launches.iter_mut().filter(|l| l.entry == entry::LAYER_MMA) {
+            for l in self.launches.iter_mut().filter(|l| l.uses_tensor_cores()) {
                 *l = fma;
             }
         }
@@ -366,7 +382,7 @@ impl FusedPlan {
 
     /// Whether a launch runs on tensor cores.
     pub fn uses_tensor_cores(&self) -> bool {
-        self.launches.iter().any(|l| l.entry == entry::LAYER_MMA)
+        self.launches.iter().any(FusedLaunch::uses_tensor_cores)
     }
 }
 
@@ -529,7 +545,7 @@ fn plan_inner(
         match variant {
             FusedVariant::Single => {
                 let fma = FusedLaunch {
-                    entry: entry::LAYER,
+                    kernel: &kernel::LAYER,
                     grid: (tiles32, 1),
                     block: config.block_threads,
                     shared_bytes: shrink_smem as u32,
@@ -541,7 +557,7 @@ fn plan_inner(
                     && spec.d_out.is_multiple_of(8)
                     && mma_bytes <= MAX_SHARED_BYTES;
                 if mma {
-                    launches.push(FusedLaunch { entry: entry::LAYER_MMA, shared_bytes: mma_bytes as u32, ..fma });
+                    launches.push(FusedLaunch { kernel: &kernel::LAYER_MMA, shared_bytes: mma_bytes as u32, ..fma });
                     fma_fallback = Some(fma);
                 } else {
                     launches.push(fma);
@@ -554,14 +570,14 @@ fn plan_inner(
                 }
                 if shrink_cols > 0 {
                     launches.push(FusedLaunch {
-                        entry: entry::SPLIT_SHRINK,
+                        kernel: &kernel::SPLIT_SHRINK,
                         grid: (tiles32, splits),
                         block: config.block_threads,
                         shared_bytes: shrink_smem as u32,
                     });
                 }
                 launches.push(FusedLaunch {
-                    entry: entry::SPLIT_EXPAND,
+                    kernel: &kernel::SPLIT_EXPAND,
                     grid: (tiles32, n_blocks as u32),
                     block: config.block_threads,
                     shared_bytes: expand_smem as u32,
@@ -572,7 +588,7 @@ fn plan_inner(
     if let Some(l) = launches.iter().chain(&fma_fallback).find(|l| l.shared_bytes as u64 > MAX_SHARED_BYTES) {
         return Err(MoleError::Unsupported(format!(
             "{}: {} bytes of shared memory exceed {MAX_SHARED_BYTES}: use a smaller tile or the grouped path",
-            l.entry, l.shared_bytes
+            l.kernel.name, l.shared_bytes
         )));
     }
     let stats = outputs.stats.then(|| StatsPlan {
@@ -602,35 +618,41 @@ fn plan_inner(
     });
     let n = tokens;
     let split_ws = matches!(variant, FusedVariant::Split { .. }) && shrink_cols > 0;
-    let lens = FusedLens {
-        x: if shrink_cols > 0 { n * spec.d_in } else { 0 },
-        a: if expand { spec.d_in * r } else { 0 },
-        b: if expand { r * spec.d_out } else { 0 },
-        y: if expand { n * spec.d_out } else { 0 },
-        router_weight: match router {
-            RouterKind::X => spec.d_in * e,
-            RouterKind::H => spec.total_rank() * e,
-            _ => 0,
-        },
-        router_bias: if router_bias { e } else { 0 },
-        gate_in: if matches!(router, RouterKind::Logits) || matches!(spec.gating, Gating::Given { .. }) {
-            n * e
-        } else {
-            0
-        },
-        adapter_ids: if spec.gating == Gating::AdapterIds { n } else { 0 },
-        selection_bias: if spec.rule().is_some_and(|r| r.uses_selection_bias()) { e } else { 0 },
-        rank_offsets: if expand { spec.ranks.num_experts() + 1 } else { 0 },
-        cores: match spec.mix {
-            Mix::CoreMerge { cores } if expand => cores * r * r,
-            _ => 0,
-        },
-        routing: if outputs.routing { n * params.gate.slots as usize } else { 0 },
-        probs: if outputs.probs && has_probs { n * e } else { 0 },
-        stats_ws: stats.as_ref().map_or(0, |s| s.workspace_words),
-        stats_out: stats.as_ref().map_or(0, |s| s.out_len),
-        hz_part: if split_ws { splits as usize * n * shrink_cols } else { 0 },
-    };
+    let routing = if outputs.routing { n * params.gate.slots as usize } else { 0 };
+    let lens = BufLens::new()
+        .with(Buf::X, if shrink_cols > 0 { n * spec.d_in } else { 0 })
+        .with(Buf::A, if expand { spec.d_in * r } else { 0 })
+        .with(Buf::B, if expand { r * spec.d_out } else { 0 })
+        .with(Buf::Y, if expand { n * spec.d_out } else { 0 })
+        .with(
+            Buf::RouterWeight,
+            match router {
+                RouterKind::X => spec.d_in * e,
+                RouterKind::H => spec.total_rank() * e,
+                _ => 0,
+            },
+        )
+        .with(Buf::RouterBias, if router_bias { e } else { 0 })
+        .with(
+            Buf::GateInput,
+            if matches!(router, RouterKind::Logits) || matches!(spec.gating, Gating::Given { .. }) { n * e } else { 0 },
+        )
+        .with(Buf::AdapterIds, if spec.gating == Gating::AdapterIds { n } else { 0 })
+        .with(Buf::SelectionBias, if spec.rule().is_some_and(|r| r.uses_selection_bias()) { e } else { 0 })
+        .with(Buf::RankOffsets, if expand { spec.ranks.num_experts() + 1 } else { 0 })
+        .with(
+            Buf::Cores,
+            match spec.mix {
+                Mix::CoreMerge { cores } if expand => cores * r * r,
+                _ => 0,
+            },
+        )
+        .with(Buf::Ids, routing)
+        .with(Buf::RouteWeights, routing)
+        .with(Buf::Probs, if outputs.probs && has_probs { n * e } else { 0 })
+        .with(Buf::StatsWorkspace, stats.as_ref().map_or(0, |s| s.workspace_words))
+        .with(Buf::StatsOut, stats.as_ref().map_or(0, |s| s.out_len))
+        .with(Buf::Partials, if split_ws { splits as usize * n * shrink_cols } else { 0 });
     let variant = if expand { variant } else { FusedVariant::Single };
     Ok(FusedPlan { params, config, variant, launches, fma_fallback, stats, lens })
 }

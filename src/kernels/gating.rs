@@ -101,8 +101,13 @@ pub mod kernel {
         ],
     );
     /// Router statistics, the in-order final sum.
-    pub static STATS_FINALIZE: KernelDesc =
-        gating("gating_stats_finalize", STATS.0, STATS.1, &[A::input(Buf::StatsWorkspace), A::output(Buf::StatsOut)]);
+    /// (No workspace when there are no rows: zero tokens in the fused statistics.)
+    pub static STATS_FINALIZE: KernelDesc = gating(
+        "gating_stats_finalize",
+        STATS.0,
+        STATS.1,
+        &[A::optional_input(Buf::StatsWorkspace), A::output(Buf::StatsOut)],
+    );
     /// Routing plan phase 1: per-chunk expert counts.
     pub static PLAN_COUNT: KernelDesc =
         gating("gating_plan_count", PLAN.0, PLAN.1, &[A::input(Buf::Ids), A::output(Buf::PlanWorkspace)]);

@@ -19,6 +19,7 @@ pub use gating::GatingConfig;
 pub use sgmv::SgmvConfig;
 
 use crate::cuda::sources;
+use crate::exec::KernelDesc;
 use crate::{DType, MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -68,15 +69,6 @@ impl Family {
             Family::Gating => gating::candidates(),
             Family::Sgmv => sgmv::candidates(),
             Family::Fused => fused::candidates(),
-        }
-    }
-
-    /// The entry points of a `dtype` build of this family, as described for the launch path.
-    pub fn kernels(self, dtype: DType) -> &'static [&'static crate::exec::KernelDesc] {
-        match self {
-            Family::Gating => &gating::kernel::ALL,
-            Family::Sgmv => sgmv::kernel::for_dtype(dtype),
-            Family::Fused => &[],
         }
     }
 
@@ -236,11 +228,16 @@ impl KernelBuild {
     /// The `extern "C"` kernels this build provides: the family's entry points for the dtype
     /// (and, for fused builds, the tiling), with the dtype suffix.
     pub fn entry_points(&self) -> Vec<String> {
-        let d = self.dtype;
+        self.kernels().iter().map(|k| k.entry_name(self.dtype)).collect()
+    }
+
+    /// The entry points of this build, as described for the launch path (see [`crate::exec`]):
+    /// the fused tensor-core kernel exists only in 16-bit builds of some tilings.
+    pub fn kernels(&self) -> &'static [&'static KernelDesc] {
         match self.config {
-            BuildConfig::Gating(_) => gating::kernel::ALL.iter().map(|k| k.entry_name(d)).collect(),
-            BuildConfig::Sgmv(_) => sgmv::kernel::for_dtype(d).iter().map(|k| k.entry_name(d)).collect(),
-            BuildConfig::Fused(c) => fused::entry::for_build(d, c).iter().map(|e| fused::entry_name(e, d)).collect(),
+            BuildConfig::Gating(_) => &gating::kernel::ALL,
+            BuildConfig::Sgmv(_) => sgmv::kernel::for_dtype(self.dtype),
+            BuildConfig::Fused(c) => fused::kernel::for_config(self.dtype, c),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use super::Choice;
 use crate::cuda::{cuda_err, Device};
+use crate::exec::Buf;
 use crate::kernels::fused::{self, FusedBuffers, FusedConfig, FusedOutputs, FusedPlan, FusedVariant};
 use crate::kernels::gating::{self, SlotGroupOutputs, SlotGroupingPlan};
 use crate::kernels::sgmv::{self, SgmvBuffers, SgmvPlan, SgmvShape};
@@ -69,15 +70,6 @@ fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(device: &Device, n: us
     device.stream().alloc_zeros::<T>(n.max(1)).map_err(cuda_err("cuMemAlloc"))
 }
 
-/// `Some(slice)` where the plan takes the buffer (`want > 0`).
-fn when<S>(want: usize, s: Option<S>) -> Option<S> {
-    if want > 0 {
-        s
-    } else {
-        None
-    }
-}
-
 impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
     /// Uploads `data` and plans `choice` for it. Fused split plans are sized for the device's SMs.
     ///
@@ -129,8 +121,9 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
                     FusedVariant::split_for(config, t, spec.d_in, spec.d_out, device.sm_count())
                 };
                 let plan = fused::plan(&layer.choice.build, spec, t, variant, FusedOutputs::default())?;
-                if plan.lens.hz_part > 0 {
-                    layer.hz_part = Some(alloc(device, plan.lens.hz_part)?);
+                let partials = plan.lens.get(Buf::Partials);
+                if partials > 0 {
+                    layer.hz_part = Some(alloc(device, partials)?);
                 }
                 layer.fused = Some(plan);
             }
@@ -156,14 +149,14 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
         let sgmv = sgmv::plan(&self.choice.build, shape, offsets, grouping.entry_stride)?;
         let d = self.device;
         Ok(Grouped {
-            ids: alloc(d, route.lens.routing)?,
-            weights: alloc(d, route.lens.routing)?,
-            workspace: alloc(d, grouping.lens().get(crate::exec::Buf::PlanWorkspace))?,
+            ids: alloc(d, route.lens.get(Buf::Ids))?,
+            weights: alloc(d, route.lens.get(Buf::RouteWeights))?,
+            workspace: alloc(d, grouping.lens().get(Buf::PlanWorkspace))?,
             counts: alloc(d, slots * e)?,
             offsets: alloc(d, slots * (e + 1))?,
             entries: alloc(d, slots * grouping.entry_stride)?,
             status: alloc(d, slots)?,
-            h_part: alloc(d, sgmv.lens.get(crate::exec::Buf::Partials))?,
+            h_part: alloc(d, sgmv.lens.get(Buf::Partials))?,
             route,
             grouping,
             gating_build,
@@ -178,49 +171,31 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
 
     /// Enqueues one forward on the device's stream (`y` accumulates across calls).
     pub fn forward(&mut self) -> Result<()> {
-        let gate = |l: &FusedPlan| {
-            let l = l.lens;
-            (
-                when(l.router_weight, self.router_weight.as_ref()),
-                when(l.router_bias, self.router_bias.as_ref()),
-                when(l.gate_in, self.gate_in.as_ref()),
-                when(l.adapter_ids, self.adapter_ids.as_ref()),
-                when(l.selection_bias, self.selection_bias.as_ref()),
-            )
+        // Every tensor the layer has; each plan takes the ones it needs (the others pass as null).
+        let bufs = FusedBuffers {
+            x: Some(&self.x),
+            router_weight: self.router_weight.as_ref(),
+            router_bias: self.router_bias.as_ref(),
+            gate_in: self.gate_in.as_ref(),
+            adapter_ids: self.adapter_ids.as_ref(),
+            selection_bias: self.selection_bias.as_ref(),
+            rank_offsets: Some(&self.rank_offsets),
+            cores: self.cores.as_ref(),
+            ..FusedBuffers::default()
         };
         if let Some(plan) = &self.fused {
-            let (router_weight, router_bias, gate_in, adapter_ids, selection_bias) = gate(plan);
             let bufs = FusedBuffers {
-                x: Some(&self.x),
                 a: Some(&self.a),
                 b: Some(&self.b),
                 y: Some(&mut self.y),
-                router_weight,
-                router_bias,
-                gate_in,
-                adapter_ids,
-                selection_bias,
-                rank_offsets: Some(&self.rank_offsets),
-                cores: when(plan.lens.cores, self.cores.as_ref()),
                 hz_part: self.hz_part.as_mut(),
-                ..FusedBuffers::default()
+                ..bufs
             };
             return fused::forward(self.device, &self.choice.build, plan, bufs);
         }
         let g = self.grouped.as_mut().ok_or_else(|| MoleError::Unsupported("layer has no plan".into()))?;
-        let l = g.route.lens;
         let route_build = fused::build(T::DTYPE, FusedConfig::DEFAULT);
-        let bufs = FusedBuffers {
-            x: when(l.x, Some(&self.x)),
-            router_weight: when(l.router_weight, self.router_weight.as_ref()),
-            router_bias: when(l.router_bias, self.router_bias.as_ref()),
-            gate_in: when(l.gate_in, self.gate_in.as_ref()),
-            adapter_ids: when(l.adapter_ids, self.adapter_ids.as_ref()),
-            selection_bias: when(l.selection_bias, self.selection_bias.as_ref()),
-            ids: Some(&mut g.ids),
-            weights: Some(&mut g.weights),
-            ..FusedBuffers::default()
-        };
+        let bufs = FusedBuffers { ids: Some(&mut g.ids), weights: Some(&mut g.weights), ..bufs };
         fused::forward(self.device, &route_build, &g.route, bufs)?;
         let out = SlotGroupOutputs {
             counts: &mut g.counts,
