@@ -49,6 +49,7 @@ pub mod model;
 pub mod outfile;
 pub mod plan;
 pub mod reference;
+pub mod runtime;
 pub mod synth;
 #[cfg(feature = "cli")]
 pub mod tensors;

@@ -1,0 +1,302 @@
+//! The layer runtime: what a framework calls. A [`CompiledLayer`] is built once per layer from a
+//! device (or a framework's adopted context), a [`LayerSpec`], a dtype and an optional tuning
+//! cache; it owns the layer's constants on the device (the rank offsets) and the loaded kernels,
+//! chooses the strategy per token bucket and memoises plans per token count ([`LayerPlanner`]).
+//!
+//! [`CompiledLayer::forward`] runs on the caller's memory and stream: typed cudarc views
+//! ([`LayerIo`]) or raw device pointers ([`CompiledLayer::forward_raw`]), plus one workspace of
+//! [`CompiledLayer::workspace_bytes`] bytes. A forward allocates nothing, copies nothing between
+//! host and device, never synchronises, and launches the same kernels with the same arguments
+//! every time for a given token count and set of addresses, so it can be captured in a CUDA graph
+//! (call [`CompiledLayer::prepare`] for each token count first: the first forward of a new token
+//! bucket may compile kernels).
+
+mod plan;
+
+pub use plan::{LayerPlan, LayerPlanner, Path, CALLER_BUFS, WORKSPACE_ALIGN, WORKSPACE_BUFS};
+
+use crate::cuda::{cuda_err, Device};
+use crate::exec::{Bindings, Buf, CudaBackend, LoadedBuild, TypedBindings};
+use crate::kernels::{Family, KernelBuild};
+use crate::model::LayerSpec;
+use crate::tune::TuningCache;
+use crate::{DType, KernelElement, MoleError, Result};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use std::sync::{Arc, Mutex};
+
+/// The caller's tensors of a forward, as cudarc views (a `CudaSlice` gives one with `as_view()`,
+/// a part of a larger buffer with `slice(..)`). Optional tensors are those the spec may take
+/// (see [`LayerSpec`]'s tensor contract).
+pub struct LayerIo<'a, T> {
+    /// `x [T, d_in]`.
+    pub x: CudaView<'a, T>,
+    /// `A [d_in, R]`.
+    pub a: CudaView<'a, T>,
+    /// `B [R, d_out]`.
+    pub b: CudaView<'a, T>,
+    /// `y [T, d_out]`, updated in place.
+    pub y: CudaViewMut<'a, T>,
+    /// `router_weight` (`[d_in, E]` or `[R, E]`).
+    pub router_weight: Option<CudaView<'a, T>>,
+    /// `router_bias [E]`.
+    pub router_bias: Option<CudaView<'a, T>>,
+    /// Router logits or gate weights the caller computed, `[T, E]`.
+    pub gate_input: Option<CudaView<'a, T>>,
+    /// `adapter_ids [T]`.
+    pub adapter_ids: Option<CudaView<'a, i32>>,
+    /// `selection_bias [E]`.
+    pub selection_bias: Option<CudaView<'a, T>>,
+    /// `cores [C, R, R]` (CoMoL).
+    pub cores: Option<CudaView<'a, T>>,
+    /// The workspace, at least [`CompiledLayer::workspace_bytes`] bytes (need not be
+    /// initialised; may be shared by layers that do not run concurrently).
+    pub workspace: CudaViewMut<'a, u8>,
+}
+
+impl<'a, T> LayerIo<'a, T> {
+    /// The four tensors every layer takes, and the workspace; no optional tensor.
+    pub fn new(
+        x: CudaView<'a, T>,
+        a: CudaView<'a, T>,
+        b: CudaView<'a, T>,
+        y: CudaViewMut<'a, T>,
+        workspace: CudaViewMut<'a, u8>,
+    ) -> Self {
+        LayerIo {
+            x,
+            a,
+            b,
+            y,
+            router_weight: None,
+            router_bias: None,
+            gate_input: None,
+            adapter_ids: None,
+            selection_bias: None,
+            cores: None,
+            workspace,
+        }
+    }
+}
+
+/// Device addresses of the caller's tensors (0: absent), element types as [`LayerIo`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerPointers {
+    /// `x`.
+    pub x: CUdeviceptr,
+    /// `A`.
+    pub a: CUdeviceptr,
+    /// `B`.
+    pub b: CUdeviceptr,
+    /// `y`.
+    pub y: CUdeviceptr,
+    /// `router_weight`.
+    pub router_weight: CUdeviceptr,
+    /// `router_bias`.
+    pub router_bias: CUdeviceptr,
+    /// Router logits or gate weights.
+    pub gate_input: CUdeviceptr,
+    /// `adapter_ids`.
+    pub adapter_ids: CUdeviceptr,
+    /// `selection_bias`.
+    pub selection_bias: CUdeviceptr,
+    /// `cores`.
+    pub cores: CUdeviceptr,
+    /// The workspace.
+    pub workspace: CUdeviceptr,
+    /// Its size in bytes.
+    pub workspace_bytes: usize,
+}
+
+impl LayerPointers {
+    fn bind(&self, b: &mut Bindings) {
+        for (buf, ptr) in [
+            (Buf::X, self.x),
+            (Buf::A, self.a),
+            (Buf::B, self.b),
+            (Buf::Y, self.y),
+            (Buf::RouterWeight, self.router_weight),
+            (Buf::RouterBias, self.router_bias),
+            (Buf::GateInput, self.gate_input),
+            (Buf::AdapterIds, self.adapter_ids),
+            (Buf::SelectionBias, self.selection_bias),
+            (Buf::Cores, self.cores),
+        ] {
+            b.raw(buf, ptr);
+        }
+    }
+}
+
+/// One MoLE layer, ready to run on caller-owned memory (see the module documentation).
+pub struct CompiledLayer {
+    ctx: Arc<CudaContext>,
+    device: Arc<Device>,
+    planner: LayerPlanner,
+    /// The rank offsets on the device, and their address (uploaded before construction returns).
+    rank_offsets: (CudaSlice<u32>, CUdeviceptr),
+    loaded: Mutex<Vec<Arc<LoadedBuild>>>,
+}
+
+impl std::fmt::Debug for CompiledLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledLayer").field("planner", &self.planner).finish_non_exhaustive()
+    }
+}
+
+impl CompiledLayer {
+    /// Builds the layer on `device` (see [`Device::new`], or [`Device::from_context`] to adopt a
+    /// framework's context): validates the spec, uploads the rank offsets (synchronously, on the
+    /// device's stream) and keeps `tuning` for the strategy choices. Kernels are loaded on first
+    /// use of each build ([`CompiledLayer::prepare`]).
+    pub fn new(device: Arc<Device>, spec: &LayerSpec, dtype: DType, tuning: Option<TuningCache>) -> Result<Self> {
+        let planner = LayerPlanner::new(spec, dtype, device.sm_count(), tuning)?;
+        let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
+        let stream = device.stream();
+        let slice = stream.clone_htod(&offsets).map_err(cuda_err("cuMemcpyHtoD"))?;
+        let (ptr, guard) = slice.device_ptr(stream);
+        drop(guard);
+        // Forwards on other streams read the offsets without waiting on anything.
+        stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
+        Ok(CompiledLayer {
+            ctx: device.context().clone(),
+            device,
+            planner,
+            rank_offsets: (slice, ptr),
+            loaded: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The layer with every token count run by `choice` (see [`LayerPlanner::with_choice`]).
+    pub fn with_choice(self, choice: crate::layer::Choice) -> Self {
+        CompiledLayer { planner: self.planner.with_choice(choice), ..self }
+    }
+
+    /// The planner (strategy choices and plans; no GPU needed).
+    pub fn planner(&self) -> &LayerPlanner {
+        &self.planner
+    }
+
+    /// The plan of a forward over `tokens` tokens, with its kernels loaded: after this, a
+    /// forward of `tokens` tokens compiles nothing (what a CUDA graph capture needs).
+    pub fn prepare(&self, tokens: usize) -> Result<Arc<LayerPlan>> {
+        let plan = self.planner.plan(tokens)?;
+        for build in plan.path.builds() {
+            self.loaded(build)?;
+        }
+        Ok(plan)
+    }
+
+    /// Workspace bytes a forward over `tokens` tokens needs.
+    pub fn workspace_bytes(&self, tokens: usize) -> Result<usize> {
+        self.planner.workspace_bytes(tokens)
+    }
+
+    fn loaded(&self, build: &KernelBuild) -> Result<Arc<LoadedBuild>> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = loaded.iter().find(|l| l.build() == build) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(LoadedBuild::load(&self.device, build, build.kernels())?);
+        loaded.push(l.clone());
+        Ok(l)
+    }
+
+    /// Runs `plan` on `bindings` (caller buffers and workspace bound) on `stream`.
+    ///
+    /// # Safety
+    /// [`LayerPlanner::launch`]'s contract, with `stream` a live stream of the layer's context.
+    unsafe fn launch(&self, plan: &LayerPlan, bindings: &mut Bindings, stream: CUstream) -> Result<()> {
+        bindings.sized(Buf::RankOffsets, self.rank_offsets.1, self.rank_offsets.0.len());
+        let builds: Vec<Arc<LoadedBuild>> =
+            plan.path.builds().into_iter().map(|b| self.loaded(b)).collect::<Result<_>>()?;
+        let refs: Vec<&LoadedBuild> = builds.iter().map(|b| b.as_ref()).collect();
+        self.ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))?;
+        // SAFETY: forwarded from the caller's contract; the rank offsets are the layer's own.
+        unsafe { self.planner.launch(plan, bindings, &mut CudaBackend::new(&refs, stream)) }
+    }
+
+    /// One forward over `tokens` tokens on the caller's typed views and `stream` (which must
+    /// belong to the layer's context): `y += delta`. Checks every view's length and element type
+    /// against the plan before launching anything.
+    pub fn forward<T: KernelElement>(&self, stream: &CudaStream, tokens: usize, io: LayerIo<'_, T>) -> Result<()> {
+        if T::DTYPE != self.planner.dtype() {
+            return Err(MoleError::Unsupported(format!(
+                "the layer was built for {}, the tensors are {}",
+                self.planner.dtype(),
+                T::DTYPE
+            )));
+        }
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(MoleError::Unsupported("the stream belongs to another context than the layer's".into()));
+        }
+        let plan = self.planner.plan(tokens)?;
+        let LayerIo {
+            x,
+            a,
+            b,
+            mut y,
+            router_weight,
+            router_bias,
+            gate_input,
+            adapter_ids,
+            selection_bias,
+            cores,
+            mut workspace,
+        } = io;
+        if workspace.len() < plan.workspace_bytes {
+            return Err(MoleError::ShapeMismatch {
+                what: "workspace",
+                expected: vec![plan.workspace_bytes],
+                got: workspace.len(),
+            });
+        }
+        let mut tb = TypedBindings::new(stream, T::DTYPE);
+        tb.input(Buf::X, &x).input(Buf::A, &a).input(Buf::B, &b).output(Buf::Y, &mut y);
+        tb.input_opt(Buf::RouterWeight, router_weight.as_ref())
+            .input_opt(Buf::RouterBias, router_bias.as_ref())
+            .input_opt(Buf::GateInput, gate_input.as_ref())
+            .input_opt(Buf::AdapterIds, adapter_ids.as_ref())
+            .input_opt(Buf::SelectionBias, selection_bias.as_ref())
+            .input_opt(Buf::Cores, cores.as_ref());
+        let (base, workspace_guard) = workspace.device_ptr_mut(stream);
+        let mut bindings = *tb.bindings()?;
+        plan.bind_workspace(&mut bindings, base);
+        // SAFETY: every address comes from a live view of the stream's context with its length
+        // bound and checked against the plan; `y` and the workspace are distinct `&mut` views;
+        // the guards in `tb` keep each view's stream ordering until the launches are enqueued.
+        let r = unsafe { self.launch(&plan, &mut bindings, stream.cu_stream()) };
+        drop((tb, workspace_guard));
+        r
+    }
+
+    /// [`CompiledLayer::forward`] on raw device pointers and a raw stream.
+    ///
+    /// # Safety
+    /// Every non-zero pointer is a device allocation of the layer's context holding at least the
+    /// plan's element count of its buffer ([`LayerPlan::lens`], element types as [`LayerIo`]);
+    /// the workspace holds `workspace_bytes >= ` [`CompiledLayer::workspace_bytes`] bytes;
+    /// `y` and the workspace overlap nothing else; `stream` is a live stream of the layer's
+    /// context (or null for the legacy default stream), and the buffers stay alive and untouched
+    /// by other work until the kernels have finished.
+    pub unsafe fn forward_raw(&self, stream: CUstream, tokens: usize, ptrs: LayerPointers) -> Result<()> {
+        let plan = self.planner.plan(tokens)?;
+        if ptrs.workspace_bytes < plan.workspace_bytes {
+            return Err(MoleError::ShapeMismatch {
+                what: "workspace",
+                expected: vec![plan.workspace_bytes],
+                got: ptrs.workspace_bytes,
+            });
+        }
+        if plan.workspace_bytes > 0 && ptrs.workspace == 0 {
+            return Err(MoleError::MissingInput { name: "workspace", needed_by: "the layer" });
+        }
+        let mut bindings = Bindings::new();
+        ptrs.bind(&mut bindings);
+        plan.bind_workspace(&mut bindings, ptrs.workspace);
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { self.launch(&plan, &mut bindings, stream) }
+    }
+}
+
+/// The families a layer's strategies use (for documentation and loading).
+pub const FAMILIES: [Family; 3] = [Family::Fused, Family::Gating, Family::Sgmv];

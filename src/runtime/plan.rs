@@ -1,0 +1,286 @@
+//! The pure half of the runtime: what a forward of `T` tokens launches and which workspace it
+//! needs, memoised, with no GPU. [`LayerPlanner::launch`] runs a plan through any
+//! [`Backend`], so the whole sequence (routing, slot plans, SGMV) runs on the CPU execution
+//! layer in tests and on a recorder in the host-cost benchmark.
+
+use crate::exec::{Backend, Bindings, Buf, BufLens};
+use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedPlan, FusedVariant};
+use crate::kernels::gating::{self, SlotGroupingPlan};
+use crate::kernels::sgmv::{self, SgmvPlan, SgmvShape};
+use crate::kernels::KernelBuild;
+use crate::layer::{choose, Choice};
+use crate::model::LayerSpec;
+use crate::tune::{token_bucket, Strategy, TuningCache};
+use crate::{DType, MoleError, Result};
+use std::sync::{Arc, Mutex};
+
+/// Buffers the runtime carves out of the caller's workspace, in carving order.
+pub const WORKSPACE_BUFS: [Buf; 9] = [
+    Buf::Partials,
+    Buf::Ids,
+    Buf::RouteWeights,
+    Buf::PlanWorkspace,
+    Buf::PlanCounts,
+    Buf::PlanOffsets,
+    Buf::PlanEntries,
+    Buf::PlanStatus,
+    Buf::StatsWorkspace,
+];
+
+/// Alignment of each workspace region, bytes (what the tensor-core kernels' 16-byte loads and
+/// the allocator's own alignment give every buffer).
+pub const WORKSPACE_ALIGN: usize = 256;
+
+/// Buffers the caller passes to a forward (the runtime owns the rank offsets).
+pub const CALLER_BUFS: [Buf; 10] = [
+    Buf::X,
+    Buf::A,
+    Buf::B,
+    Buf::Y,
+    Buf::RouterWeight,
+    Buf::RouterBias,
+    Buf::GateInput,
+    Buf::AdapterIds,
+    Buf::SelectionBias,
+    Buf::Cores,
+];
+
+/// The launches of one strategy.
+// Plans are built once per token count and shared behind an `Arc`: the size difference costs
+// nothing where it matters.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Path {
+    /// The fused kernels (one launch, or the split pair).
+    Fused {
+        /// The fused build.
+        build: KernelBuild,
+        /// Its plan.
+        plan: FusedPlan,
+    },
+    /// Route-only fused launch, per-slot routing plans on the device, SGMV shrink and expands.
+    Grouped {
+        /// The fused build of the routing launch.
+        route_build: KernelBuild,
+        /// The routing launch.
+        route: FusedPlan,
+        /// The gating build of the slot plans.
+        gating_build: KernelBuild,
+        /// The slot plans.
+        grouping: SlotGroupingPlan,
+        /// The SGMV build.
+        sgmv_build: KernelBuild,
+        /// The SGMV launches.
+        sgmv: SgmvPlan,
+    },
+}
+
+impl Path {
+    /// The builds the path launches kernels of.
+    pub fn builds(&self) -> Vec<&KernelBuild> {
+        match self {
+            Path::Fused { build, .. } => vec![build],
+            Path::Grouped { route_build, gating_build, sgmv_build, .. } => vec![route_build, gating_build, sgmv_build],
+        }
+    }
+
+    /// Every buffer any launch of the path takes, with the largest length asked for.
+    pub fn lens(&self) -> BufLens {
+        let all: Vec<BufLens> = match self {
+            Path::Fused { plan, .. } => vec![plan.lens],
+            Path::Grouped { route, grouping, sgmv, .. } => vec![route.lens, *grouping.lens(), sgmv.lens],
+        };
+        let mut out = BufLens::new();
+        for lens in &all {
+            for (buf, n) in lens.taken() {
+                out.set(buf, out.get(buf).max(n));
+            }
+        }
+        out
+    }
+}
+
+/// A forward of a given token count: the strategy, its launches and the workspace layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerPlan {
+    /// Tokens.
+    pub tokens: usize,
+    /// The strategy and build, and whether a tuning entry chose them.
+    pub choice: Choice,
+    /// The launches.
+    pub path: Path,
+    /// Every buffer the launches take, with its length.
+    pub lens: BufLens,
+    /// `(buffer, byte offset)` of each workspace region.
+    pub regions: Vec<(Buf, usize)>,
+    /// Workspace bytes.
+    pub workspace_bytes: usize,
+}
+
+impl LayerPlan {
+    /// Binds the workspace regions at `base` into `bindings`, with their lengths.
+    pub fn bind_workspace(&self, bindings: &mut Bindings, base: u64) {
+        for &(buf, offset) in &self.regions {
+            bindings.sized(buf, base + offset as u64, self.lens.get(buf));
+        }
+    }
+}
+
+/// Plans of one layer, memoised: the strategy per token bucket, the launches per token count.
+#[derive(Debug)]
+pub struct LayerPlanner {
+    spec: LayerSpec,
+    dtype: DType,
+    sm_count: u32,
+    tuning: Option<TuningCache>,
+    forced: Option<Choice>,
+    choices: Mutex<Vec<(u32, Choice)>>,
+    plans: Mutex<Vec<Arc<LayerPlan>>>,
+}
+
+/// Token counts whose plans are kept; past it the memo starts over (a decode loop reuses a few).
+const MEMO_PLANS: usize = 64;
+
+impl LayerPlanner {
+    /// A planner for `spec` in `dtype` on a GPU with `sm_count` SMs, choosing from `tuning` where
+    /// it has an entry and by the heuristic otherwise. Errors: an invalid spec.
+    pub fn new(spec: &LayerSpec, dtype: DType, sm_count: u32, tuning: Option<TuningCache>) -> Result<Self> {
+        spec.validate()?;
+        Ok(LayerPlanner {
+            spec: spec.clone(),
+            dtype,
+            sm_count,
+            tuning,
+            forced: None,
+            choices: Mutex::new(Vec::new()),
+            plans: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The planner with every token count run by `choice` (benchmarks and the autotuner time
+    /// one strategy and build at a time). Errors at planning time when `choice` cannot run the
+    /// layer.
+    pub fn with_choice(self, choice: Choice) -> Self {
+        LayerPlanner { forced: Some(choice), choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self }
+    }
+
+    /// The layer.
+    pub fn spec(&self) -> &LayerSpec {
+        &self.spec
+    }
+
+    /// The element type of `x`, `A`, `B`, `y` and the router tensors.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The plan of a forward over `tokens` tokens (memoised). Errors: zero tokens, and every
+    /// error of the chosen strategy's plans.
+    pub fn plan(&self, tokens: usize) -> Result<Arc<LayerPlan>> {
+        if tokens == 0 {
+            return Err(MoleError::ZeroDimension { name: "tokens" });
+        }
+        // A poisoned lock only means a panic elsewhere; the memo is still a valid memo.
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = plans.iter().find(|p| p.tokens == tokens) {
+            return Ok(p.clone());
+        }
+        let plan = Arc::new(self.make_plan(tokens)?);
+        if plans.len() >= MEMO_PLANS {
+            plans.clear();
+        }
+        plans.push(plan.clone());
+        Ok(plan)
+    }
+
+    fn choice(&self, tokens: usize) -> Result<Choice> {
+        if let Some(c) = &self.forced {
+            if c.build.dtype != self.dtype {
+                return Err(MoleError::param("build", &c.build, "its dtype differs from the layer's"));
+            }
+            return Ok(c.clone());
+        }
+        let bucket = token_bucket(tokens);
+        let mut choices = self.choices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = choices.iter().find(|(b, _)| *b == bucket) {
+            return Ok(c.clone());
+        }
+        let c = choose(&self.spec, self.dtype, tokens, self.sm_count, self.tuning.as_ref())?;
+        choices.push((bucket, c.clone()));
+        Ok(c)
+    }
+
+    fn make_plan(&self, tokens: usize) -> Result<LayerPlan> {
+        let (spec, dtype) = (&self.spec, self.dtype);
+        let choice = self.choice(tokens)?;
+        let path = match choice.strategy {
+            Strategy::Fused | Strategy::FusedSplit => {
+                let config = FusedConfig::of(&choice.build)?;
+                let variant = if choice.strategy == Strategy::Fused {
+                    FusedVariant::Single
+                } else {
+                    FusedVariant::split_for(config, tokens, spec.d_in, spec.d_out, self.sm_count)
+                };
+                let plan = fused::plan(&choice.build, spec, tokens, variant, FusedOutputs::default())?;
+                Path::Fused { build: choice.build.clone(), plan }
+            }
+            Strategy::Grouped => {
+                let route_build = fused::build(dtype, FusedConfig::DEFAULT);
+                let route = fused::plan_route_only(&route_build, spec, tokens, FusedOutputs::default())?;
+                let slots = route.params.gate.slots as usize;
+                let config = sgmv::SgmvConfig::of(&choice.build)?;
+                let gating_build = gating::default_builds()
+                    .into_iter()
+                    .find(|b| b.dtype == dtype)
+                    .ok_or_else(|| MoleError::Unsupported(format!("no gating build for {dtype}")))?;
+                let threads = gating_build.block_threads();
+                let e = spec.routed_experts();
+                let grouping = gating::plan_slot_grouping(tokens, slots, e, config.bm as usize, threads)?;
+                let shape = SgmvShape { tokens, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
+                let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
+                let sgmv = sgmv::plan(&choice.build, shape, &offsets, grouping.entry_stride)?;
+                Path::Grouped { route_build, route, gating_build, grouping, sgmv_build: choice.build.clone(), sgmv }
+            }
+        };
+        let lens = path.lens();
+        let mut regions = Vec::new();
+        let mut bytes = 0usize;
+        for buf in WORKSPACE_BUFS {
+            let n = lens.bytes(buf, dtype);
+            if n > 0 {
+                regions.push((buf, bytes));
+                bytes = (bytes + n).div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN;
+            }
+        }
+        Ok(LayerPlan { tokens, choice, path, lens, regions, workspace_bytes: bytes })
+    }
+
+    /// Workspace bytes a forward over `tokens` tokens needs (0 when it needs none).
+    pub fn workspace_bytes(&self, tokens: usize) -> Result<usize> {
+        Ok(self.plan(tokens)?.workspace_bytes)
+    }
+
+    /// Runs `plan` through `backend` on `bindings`, which hold the caller's buffers, the rank
+    /// offsets and the workspace regions ([`LayerPlan::bind_workspace`]).
+    ///
+    /// # Safety
+    /// As [`Backend::launch`]: every bound address holds at least the plan's length of its
+    /// buffer ([`LayerPlan::lens`]); the rank offsets are the spec's; `y` and the workspace
+    /// overlap nothing else.
+    pub unsafe fn launch(&self, plan: &LayerPlan, bindings: &Bindings, backend: &mut dyn Backend) -> Result<()> {
+        bindings.check(&plan.lens, "the layer")?;
+        match &plan.path {
+            // SAFETY: forwarded from the caller's contract, checked against the plan above.
+            Path::Fused { build, plan } => unsafe { fused::run(build, plan, bindings, backend) },
+            Path::Grouped { route_build, route, gating_build, grouping, sgmv_build, sgmv } => {
+                // SAFETY: as above; the three stages run in stream order, each reading what the
+                // previous one wrote into the workspace.
+                unsafe {
+                    fused::run(route_build, route, bindings, backend)?;
+                    gating::run_group_slots(gating_build, grouping, bindings, backend)?;
+                    sgmv::run(sgmv_build, sgmv, bindings, backend)
+                }
+            }
+        }
+    }
+}

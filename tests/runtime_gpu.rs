@@ -1,0 +1,201 @@
+//! The layer runtime (`mole::runtime::CompiledLayer`) on the GPU, as a framework uses it: its
+//! own context adopted, its own stream, tensors as views into larger buffers (aligned and
+//! misaligned), raw pointers, and a forward captured in a CUDA graph and replayed on new
+//! inputs. Every output is compared with the f64 reference. Needs a GPU: without one each test
+//! prints a note and returns.
+
+mod gpu;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+use mole::cuda::Device;
+use mole::model::{LayerSpec, Method, MethodShape};
+use mole::runtime::{CompiledLayer, LayerIo, LayerPointers};
+use mole::synth::SyntheticLayer;
+use mole::tune::Strategy;
+use mole::{reference, DType, MoleError};
+use std::sync::Arc;
+
+/// A framework's context (the device's primary context) adopted by mole, and a stream of its own.
+fn adopted() -> Option<(Arc<Device>, Arc<CudaStream>)> {
+    gpu::device_or_skip("the runtime GPU tests")?;
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    Some((Arc::new(Device::from_context(ctx).unwrap()), stream))
+}
+
+fn spec(method: Method) -> LayerSpec {
+    method.spec(MethodShape { d_in: 512, d_out: 384, experts: 8, rank: 16, k: 2, alpha: 32.0 }).unwrap()
+}
+
+/// `data`'s tensors uploaded with `pad` leading elements each (views start `pad` in).
+struct Uploaded {
+    x: CudaSlice<bf16>,
+    a: CudaSlice<bf16>,
+    b: CudaSlice<bf16>,
+    y: CudaSlice<bf16>,
+    router_weight: Option<CudaSlice<bf16>>,
+    workspace: CudaSlice<u8>,
+    pad: usize,
+}
+
+fn upload(stream: &Arc<CudaStream>, data: &SyntheticLayer<bf16>, pad: usize, workspace: usize) -> Uploaded {
+    let put = |v: &[bf16]| {
+        let mut host = vec![bf16::from_f32(f32::NAN); pad];
+        host.extend_from_slice(v);
+        stream.clone_htod(&host).unwrap()
+    };
+    Uploaded {
+        x: put(&data.x),
+        a: put(&data.a),
+        b: put(&data.b),
+        y: put(&data.y),
+        router_weight: data.router_weight.as_deref().map(put),
+        workspace: stream.alloc_zeros::<u8>(workspace.max(1) + 256).unwrap(),
+        pad,
+    }
+}
+
+impl Uploaded {
+    fn io(&mut self) -> LayerIo<'_, bf16> {
+        let p = self.pad;
+        let mut io = LayerIo::new(
+            self.x.slice(p..),
+            self.a.slice(p..),
+            self.b.slice(p..),
+            self.y.slice_mut(p..),
+            self.workspace.slice_mut(..),
+        );
+        io.router_weight = self.router_weight.as_ref().map(|w| w.slice(p..));
+        io
+    }
+
+    fn y(&self, stream: &Arc<CudaStream>) -> Vec<f64> {
+        let host = stream.clone_dtoh(&self.y).unwrap();
+        host[self.pad..].iter().map(|v| v.to_f64()).collect()
+    }
+}
+
+fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    let err = reference::max_scaled_error(got, want);
+    assert!(err <= tol, "{what}: error {err:.3e} > {tol:.3e}");
+}
+
+fn tolerance(spec: &LayerSpec, strategy: Strategy) -> f64 {
+    let roundings = if strategy == Strategy::Grouped { spec.slots() as f64 + 1.0 } else { 2.0 };
+    reference::tolerance(DType::BF16, spec.d_in + spec.total_rank() + 16) * roundings
+}
+
+#[test]
+#[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
+fn forward_on_views_in_an_adopted_context_matches_the_reference() {
+    let Some((device, stream)) = adopted() else { return };
+    for method in [Method::MixLora, Method::XLora, Method::Smora] {
+        let spec = spec(method);
+        for tokens in [1usize, 37, 300] {
+            let layer = CompiledLayer::new(device.clone(), &spec, DType::BF16, None).unwrap();
+            let plan = layer.prepare(tokens).unwrap();
+            let data = SyntheticLayer::<bf16>::new(&spec, tokens, 5);
+            let want = reference::forward(&spec, &data.inputs()).unwrap().y;
+            // Padding 8 keeps 16-byte alignment (tensor cores); 3 does not (FMA fallbacks).
+            for pad in [0usize, 8, 3] {
+                let mut u = upload(&stream, &data, pad, plan.workspace_bytes);
+                layer.forward(&stream, tokens, u.io()).unwrap();
+                let what = format!("{method} T={tokens} pad={pad} {}", plan.choice.strategy);
+                assert_close(&u.y(&stream), &want, tolerance(&spec, plan.choice.strategy), &what);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
+fn grouped_and_fused_choices_agree_with_the_reference() {
+    let Some((device, stream)) = adopted() else { return };
+    let spec = spec(Method::MixLora);
+    let tokens = 300;
+    let data = SyntheticLayer::<bf16>::new(&spec, tokens, 9);
+    let want = reference::forward(&spec, &data.inputs()).unwrap().y;
+    for strategy in Strategy::ALL {
+        let choice = mole::layer::Choice {
+            strategy,
+            build: mole::layer::default_build(strategy, DType::BF16),
+            source: mole::layer::ChoiceSource::Heuristic,
+        };
+        let layer = CompiledLayer::new(device.clone(), &spec, DType::BF16, None).unwrap().with_choice(choice);
+        let bytes = layer.workspace_bytes(tokens).unwrap();
+        let mut u = upload(&stream, &data, 0, bytes);
+        layer.forward(&stream, tokens, u.io()).unwrap();
+        assert_close(&u.y(&stream), &want, tolerance(&spec, strategy), &format!("{strategy}"));
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
+fn a_captured_graph_replays_on_new_inputs() {
+    let Some((device, stream)) = adopted() else { return };
+    let spec = spec(Method::MixLora);
+    let tokens = 16;
+    let layer = CompiledLayer::new(device.clone(), &spec, DType::BF16, None).unwrap();
+    let plan = layer.prepare(tokens).unwrap();
+    let first = SyntheticLayer::<bf16>::new(&spec, tokens, 1);
+    let mut u = upload(&stream, &first, 0, plan.workspace_bytes);
+    let ptrs = {
+        let ptr = |s: &CudaSlice<bf16>| s.device_ptr(&stream).0;
+        LayerPointers {
+            x: ptr(&u.x),
+            a: ptr(&u.a),
+            b: ptr(&u.b),
+            y: u.y.device_ptr_mut(&stream).0,
+            router_weight: u.router_weight.as_ref().map_or(0, ptr),
+            workspace: u.workspace.device_ptr_mut(&stream).0,
+            workspace_bytes: plan.workspace_bytes,
+            ..LayerPointers::default()
+        }
+    };
+    stream.synchronize().unwrap();
+    stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    // SAFETY: the pointers are live allocations of the adopted context with the plan's lengths.
+    unsafe { layer.forward_raw(stream.cu_stream(), tokens, ptrs) }.unwrap();
+    let graph = stream
+        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+        .unwrap()
+        .expect("a graph");
+    // Nothing ran during the capture; each replay runs on what the buffers hold then.
+    for seed in [2u64, 3] {
+        let next = SyntheticLayer::<bf16>::new(&spec, tokens, seed);
+        stream.memcpy_htod(&next.x, &mut u.x).unwrap();
+        stream.memcpy_htod(&next.y, &mut u.y).unwrap();
+        graph.launch().unwrap();
+        let mut inputs = next.inputs();
+        inputs.a = &first.a;
+        inputs.b = &first.b;
+        inputs.router_weight = first.router_weight.as_deref();
+        let want = reference::forward(&spec, &inputs).unwrap().y;
+        assert_close(&u.y(&stream), &want, tolerance(&spec, plan.choice.strategy), &format!("replay {seed}"));
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
+fn bad_calls_are_typed_errors_before_any_launch() {
+    let Some((device, stream)) = adopted() else { return };
+    let spec = spec(Method::MixLora);
+    let layer = CompiledLayer::new(device.clone(), &spec, DType::BF16, None).unwrap();
+    let tokens = 8;
+    let bytes = layer.workspace_bytes(tokens).unwrap();
+    let data = SyntheticLayer::<bf16>::new(&spec, tokens, 4);
+    let mut u = upload(&stream, &data, 0, bytes);
+    let err = layer.forward(&stream, tokens + 1, u.io()).unwrap_err();
+    assert!(matches!(err, MoleError::ShapeMismatch { what: "x", .. }), "{err}");
+    let mut io = u.io();
+    io.router_weight = None;
+    assert!(matches!(layer.forward(&stream, tokens, io), Err(MoleError::MissingInput { name: "router_weight", .. })));
+    let mut small = u.workspace.slice_mut(..bytes - 1);
+    let io = LayerIo::new(u.x.slice(..), u.a.slice(..), u.b.slice(..), u.y.slice_mut(..), small.slice_mut(..));
+    assert!(matches!(layer.forward(&stream, tokens, io), Err(MoleError::ShapeMismatch { what: "workspace", .. })));
+    // None of the refused calls launched anything: y is what was uploaded.
+    stream.synchronize().unwrap();
+    let untouched: Vec<f64> = data.y.iter().map(|v| v.to_f64()).collect();
+    assert_eq!(u.y(&stream), untouched);
+}
