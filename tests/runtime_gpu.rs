@@ -17,11 +17,11 @@ use mole::{reference, DType, MoleError};
 use std::sync::Arc;
 
 /// A framework's context (the device's primary context) adopted by mole, and a stream of its own.
-fn adopted() -> Option<(Arc<Device>, Arc<CudaStream>)> {
+fn adopted() -> Option<(Device, Arc<CudaStream>)> {
     gpu::device_or_skip("the runtime GPU tests")?;
     let ctx = CudaContext::new(0).unwrap();
     let stream = ctx.new_stream().unwrap();
-    Some((Arc::new(Device::from_context(ctx).unwrap()), stream))
+    Some((Device::from_context(ctx).unwrap(), stream))
 }
 
 fn spec(method: Method) -> LayerSpec {
@@ -93,7 +93,7 @@ fn forward_on_views_in_an_adopted_context_matches_the_reference() {
     for method in [Method::MixLora, Method::XLora, Method::Smora] {
         let spec = spec(method);
         for tokens in [1usize, 37, 300] {
-            let layer = CompiledLayer::new(device.clone(), &spec, DType::BF16, None).unwrap();
+            let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap();
             let plan = layer.prepare(tokens).unwrap();
             let data = SyntheticLayer::<bf16>::new(&spec, tokens, 5);
             let want = reference::forward(&spec, &data.inputs()).unwrap().y;
@@ -122,7 +122,7 @@ fn grouped_and_fused_choices_agree_with_the_reference() {
             build: mole::layer::default_build(strategy, DType::BF16),
             source: mole::layer::ChoiceSource::Heuristic,
         };
-        let layer = CompiledLayer::new(device.clone(), &spec, DType::BF16, None).unwrap().with_choice(choice);
+        let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap().with_choice(choice);
         let bytes = layer.workspace_bytes(tokens).unwrap();
         let mut u = upload(&stream, &data, 0, bytes);
         layer.forward(&stream, tokens, u.io()).unwrap();
@@ -136,7 +136,7 @@ fn a_captured_graph_replays_on_new_inputs() {
     let Some((device, stream)) = adopted() else { return };
     let spec = spec(Method::MixLora);
     let tokens = 16;
-    let layer = CompiledLayer::new(device.clone(), &spec, DType::BF16, None).unwrap();
+    let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap();
     let plan = layer.prepare(tokens).unwrap();
     let first = SyntheticLayer::<bf16>::new(&spec, tokens, 1);
     let mut u = upload(&stream, &first, 0, plan.workspace_bytes);
@@ -181,7 +181,7 @@ fn a_captured_graph_replays_on_new_inputs() {
 fn bad_calls_are_typed_errors_before_any_launch() {
     let Some((device, stream)) = adopted() else { return };
     let spec = spec(Method::MixLora);
-    let layer = CompiledLayer::new(device.clone(), &spec, DType::BF16, None).unwrap();
+    let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap();
     let tokens = 8;
     let bytes = layer.workspace_bytes(tokens).unwrap();
     let data = SyntheticLayer::<bf16>::new(&spec, tokens, 4);

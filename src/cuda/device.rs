@@ -42,10 +42,12 @@ fn nvrtc_targets(arch: Arch) -> bool {
 }
 
 /// One GPU: a CUDA context, a stream to launch on, and a cache of loaded kernel modules.
+/// Cloning is cheap and shares the context, the stream and the loaded modules.
 ///
 /// Creating one needs only the driver. Kernels are compiled with NVRTC for the device's exact
 /// architecture (cubin, cached on disk across processes); without NVRTC the PTX shipped in
 /// `ptx/` is used, which covers the default builds only.
+#[derive(Clone)]
 pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -56,7 +58,7 @@ pub struct Device {
     sm_count: u32,
     disk: Option<DiskCache>,
     use_nvrtc: bool,
-    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    modules: Arc<Mutex<HashMap<String, Arc<CudaModule>>>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -114,7 +116,7 @@ impl Device {
             sm_count: sm_count.max(0) as u32,
             disk: DiskCache::from_env(),
             use_nvrtc: nvrtc_targets(arch),
-            modules: Mutex::new(HashMap::new()),
+            modules: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 

@@ -130,7 +130,7 @@ impl LayerPointers {
 /// One MoLE layer, ready to run on caller-owned memory (see the module documentation).
 pub struct CompiledLayer {
     ctx: Arc<CudaContext>,
-    device: Arc<Device>,
+    device: Device,
     planner: LayerPlanner,
     /// The rank offsets on the device, and their address (uploaded before construction returns).
     rank_offsets: (CudaSlice<u32>, CUdeviceptr),
@@ -148,7 +148,7 @@ impl CompiledLayer {
     /// framework's context): validates the spec, uploads the rank offsets (synchronously, on the
     /// device's stream) and keeps `tuning` for the strategy choices. Kernels are loaded on first
     /// use of each build ([`CompiledLayer::prepare`]).
-    pub fn new(device: Arc<Device>, spec: &LayerSpec, dtype: DType, tuning: Option<TuningCache>) -> Result<Self> {
+    pub fn new(device: &Device, spec: &LayerSpec, dtype: DType, tuning: Option<TuningCache>) -> Result<Self> {
         let planner = LayerPlanner::new(spec, dtype, device.sm_count(), tuning)?;
         let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
         let stream = device.stream();
@@ -159,7 +159,7 @@ impl CompiledLayer {
         stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
         Ok(CompiledLayer {
             ctx: device.context().clone(),
-            device,
+            device: device.clone(),
             planner,
             rank_offsets: (slice, ptr),
             loaded: Mutex::new(Vec::new()),
