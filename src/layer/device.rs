@@ -1,57 +1,36 @@
-//! [`DeviceLayer`]: one layer's tensors on the device and its forward through the chosen
-//! strategy, with a check against the f64 reference.
+//! [`DeviceLayer`]: one layer's synthetic tensors on the device, run through the layer runtime
+//! ([`CompiledLayer`]) with a fixed strategy and build, and checked against the f64 reference.
+//! What `mole run`, the benchmarks and the autotuner time.
 
 use super::Choice;
 use crate::cuda::{cuda_err, Device};
-use crate::exec::Buf;
-use crate::kernels::fused::{self, FusedBuffers, FusedConfig, FusedOutputs, FusedPlan, FusedVariant};
-use crate::kernels::gating::{self, SlotGroupOutputs, SlotGroupingPlan};
-use crate::kernels::sgmv::{self, SgmvBuffers, SgmvPlan, SgmvShape};
 use crate::model::LayerSpec;
-use crate::plan::TokenSlot;
 use crate::reference::{self, max_scaled_error};
+use crate::runtime::{CompiledLayer, LayerIo, LayerPlan};
 use crate::synth::SyntheticLayer;
 use crate::tune::Strategy;
 use crate::{KernelElement, MoleError, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use std::sync::Arc;
 
-/// The grouped path's extra state: routing outputs, slot plans and the SGMV workspace.
-struct Grouped {
-    route: FusedPlan,
-    grouping: SlotGroupingPlan,
-    gating_build: crate::kernels::KernelBuild,
-    sgmv: SgmvPlan,
-    ids: CudaSlice<i32>,
-    weights: CudaSlice<f32>,
-    workspace: CudaSlice<u32>,
-    counts: CudaSlice<u32>,
-    offsets: CudaSlice<u32>,
-    entries: CudaSlice<TokenSlot>,
-    status: CudaSlice<u32>,
-    h_part: CudaSlice<f32>,
-}
-
 /// One layer on the device: inputs uploaded once, `y` updated by every [`DeviceLayer::forward`].
 pub struct DeviceLayer<'d, T: DeviceRepr> {
     device: &'d Device,
     spec: LayerSpec,
     data: SyntheticLayer<T>,
-    choice: Choice,
-    fused: Option<FusedPlan>,
-    grouped: Option<Grouped>,
+    layer: CompiledLayer,
+    plan: Arc<LayerPlan>,
     x: CudaSlice<T>,
     a: CudaSlice<T>,
     b: CudaSlice<T>,
     y: CudaSlice<T>,
     router_weight: Option<CudaSlice<T>>,
     router_bias: Option<CudaSlice<T>>,
-    gate_in: Option<CudaSlice<T>>,
+    gate_input: Option<CudaSlice<T>>,
     adapter_ids: Option<CudaSlice<i32>>,
     selection_bias: Option<CudaSlice<T>>,
-    rank_offsets: CudaSlice<u32>,
     cores: Option<CudaSlice<T>>,
-    hz_part: Option<CudaSlice<f32>>,
+    workspace: CudaSlice<u8>,
     /// The f64 reference `y`, computed on first use (or given, see [`DeviceLayer::with_reference`]).
     reference: Option<Arc<Vec<f64>>>,
 }
@@ -64,14 +43,9 @@ fn upload_opt<T: DeviceRepr>(device: &Device, v: Option<&[T]>) -> Result<Option<
     v.map(|v| upload(device, v)).transpose()
 }
 
-fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(device: &Device, n: usize) -> Result<CudaSlice<T>> {
-    let bytes = crate::limits::Footprint::new().add("a workspace", &[n.max(1)], std::mem::size_of::<T>())?.bytes();
-    crate::limits::check_device(device, &format!("a workspace of {n} elements"), bytes)?;
-    device.stream().alloc_zeros::<T>(n.max(1)).map_err(cuda_err("cuMemAlloc"))
-}
-
 impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
-    /// Uploads `data` and plans `choice` for it. Fused split plans are sized for the device's SMs.
+    /// Uploads `data` and prepares `choice` for it (kernels loaded, workspace allocated). Fused
+    /// split plans are sized for the device's SMs.
     ///
     /// Errors, before anything reaches the device: `data` that does not fit `spec` (shapes,
     /// tensors present or missing, adapter ids), per-expert scales other than 1
@@ -89,9 +63,13 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
         let t = data.tokens;
         let inputs = SyntheticLayer::<T>::bytes(spec, t)?;
         crate::limits::check_device(device, &format!("the layer's inputs on {t} tokens"), inputs)?;
-        let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
-        let gate_in = data.logits.as_deref().or(data.weights.as_deref());
-        let mut layer = DeviceLayer {
+        let layer = CompiledLayer::new(device, spec, T::DTYPE, None)?.with_choice(choice);
+        let plan = layer.prepare(t)?;
+        let ws = plan.workspace_bytes.max(1);
+        crate::limits::check_device(device, &format!("a workspace of {ws} bytes"), ws as u64)?;
+        let workspace = device.stream().alloc_zeros::<u8>(ws).map_err(cuda_err("cuMemAlloc"))?;
+        let gate_input = data.logits.as_deref().or(data.weights.as_deref());
+        Ok(DeviceLayer {
             device,
             spec: spec.clone(),
             x: upload(device, &data.x)?,
@@ -100,122 +78,39 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
             y: upload(device, &data.y)?,
             router_weight: upload_opt(device, data.router_weight.as_deref())?,
             router_bias: upload_opt(device, data.router_bias.as_deref())?,
-            gate_in: upload_opt(device, gate_in)?,
+            gate_input: upload_opt(device, gate_input)?,
             adapter_ids: upload_opt(device, data.adapter_ids.as_deref())?,
             selection_bias: upload_opt(device, data.selection_bias.as_deref())?,
-            rank_offsets: upload(device, &offsets)?,
             cores: upload_opt(device, data.cores.as_deref())?,
-            hz_part: None,
+            workspace,
             reference: None,
-            fused: None,
-            grouped: None,
-            choice,
+            layer,
+            plan,
             data,
-        };
-        match layer.choice.strategy {
-            Strategy::Fused | Strategy::FusedSplit => {
-                let config = FusedConfig::of(&layer.choice.build)?;
-                let variant = if layer.choice.strategy == Strategy::Fused {
-                    FusedVariant::Single
-                } else {
-                    FusedVariant::split_for(config, t, spec.d_in, spec.d_out, device.sm_count())
-                };
-                let plan = fused::plan(&layer.choice.build, spec, t, variant, FusedOutputs::default())?;
-                let partials = plan.lens.get(Buf::Partials);
-                if partials > 0 {
-                    layer.hz_part = Some(alloc(device, partials)?);
-                }
-                layer.fused = Some(plan);
-            }
-            Strategy::Grouped => layer.grouped = Some(layer.plan_grouped(&offsets)?),
-        }
-        Ok(layer)
-    }
-
-    fn plan_grouped(&self, offsets: &[u32]) -> Result<Grouped> {
-        let (spec, t, dtype) = (&self.spec, self.data.tokens, T::DTYPE);
-        let route =
-            fused::plan_route_only(&fused::build(dtype, FusedConfig::DEFAULT), spec, t, FusedOutputs::default())?;
-        let slots = route.params.gate.slots as usize;
-        let config = sgmv::SgmvConfig::of(&self.choice.build)?;
-        let gating_build = gating::default_builds()
-            .into_iter()
-            .find(|b| b.dtype == dtype)
-            .ok_or_else(|| MoleError::Unsupported(format!("no gating build for {dtype}")))?;
-        let threads = gating_build.block_threads();
-        let e = spec.routed_experts();
-        let grouping = gating::plan_slot_grouping(t, slots, e, config.bm as usize, threads)?;
-        let shape = SgmvShape { tokens: t, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
-        let sgmv = sgmv::plan(&self.choice.build, shape, offsets, grouping.entry_stride)?;
-        let d = self.device;
-        Ok(Grouped {
-            ids: alloc(d, route.lens.get(Buf::Ids))?,
-            weights: alloc(d, route.lens.get(Buf::RouteWeights))?,
-            workspace: alloc(d, grouping.lens().get(Buf::PlanWorkspace))?,
-            counts: alloc(d, slots * e)?,
-            offsets: alloc(d, slots * (e + 1))?,
-            entries: alloc(d, slots * grouping.entry_stride)?,
-            status: alloc(d, slots)?,
-            h_part: alloc(d, sgmv.lens.get(Buf::Partials))?,
-            route,
-            grouping,
-            gating_build,
-            sgmv,
         })
     }
 
     /// The strategy and build this layer runs.
     pub fn choice(&self) -> &Choice {
-        &self.choice
+        &self.plan.choice
     }
 
     /// Enqueues one forward on the device's stream (`y` accumulates across calls).
     pub fn forward(&mut self) -> Result<()> {
-        // Every tensor the layer has; each plan takes the ones it needs (the others pass as null).
-        let bufs = FusedBuffers {
-            x: Some(&self.x),
-            router_weight: self.router_weight.as_ref(),
-            router_bias: self.router_bias.as_ref(),
-            gate_in: self.gate_in.as_ref(),
-            adapter_ids: self.adapter_ids.as_ref(),
-            selection_bias: self.selection_bias.as_ref(),
-            rank_offsets: Some(&self.rank_offsets),
-            cores: self.cores.as_ref(),
-            ..FusedBuffers::default()
-        };
-        if let Some(plan) = &self.fused {
-            let bufs = FusedBuffers {
-                a: Some(&self.a),
-                b: Some(&self.b),
-                y: Some(&mut self.y),
-                hz_part: self.hz_part.as_mut(),
-                ..bufs
-            };
-            return fused::forward(self.device, &self.choice.build, plan, bufs);
-        }
-        let g = self.grouped.as_mut().ok_or_else(|| MoleError::Unsupported("layer has no plan".into()))?;
-        let route_build = fused::build(T::DTYPE, FusedConfig::DEFAULT);
-        let bufs = FusedBuffers { ids: Some(&mut g.ids), weights: Some(&mut g.weights), ..bufs };
-        fused::forward(self.device, &route_build, &g.route, bufs)?;
-        let out = SlotGroupOutputs {
-            counts: &mut g.counts,
-            offsets: &mut g.offsets,
-            entries: &mut g.entries,
-            status: &mut g.status,
-        };
-        gating::group_slots(self.device, &g.gating_build, &g.grouping, &g.ids, &mut g.workspace, out)?;
-        let bufs = SgmvBuffers {
-            x: &self.x,
-            a: &self.a,
-            b: &self.b,
-            rank_offsets: &self.rank_offsets,
-            plan_offsets: &g.offsets,
-            plan_entries: &g.entries,
-            weights: &g.weights,
-            h_part: &mut g.h_part,
-            y: &mut self.y,
-        };
-        sgmv::forward(self.device, &self.choice.build, &g.sgmv, bufs)
+        let mut io = LayerIo::new(
+            self.x.as_view(),
+            self.a.as_view(),
+            self.b.as_view(),
+            self.y.as_view_mut(),
+            self.workspace.as_view_mut(),
+        );
+        io.router_weight = self.router_weight.as_ref().map(|s| s.as_view());
+        io.router_bias = self.router_bias.as_ref().map(|s| s.as_view());
+        io.gate_input = self.gate_input.as_ref().map(|s| s.as_view());
+        io.adapter_ids = self.adapter_ids.as_ref().map(|s| s.as_view());
+        io.selection_bias = self.selection_bias.as_ref().map(|s| s.as_view());
+        io.cores = self.cores.as_ref().map(|s| s.as_view());
+        self.layer.forward(self.device.stream(), self.data.tokens, io)
     }
 
     /// Resets `y`, runs one forward and returns `(y, reference y)` in f64.
@@ -260,7 +155,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
     /// rounded once (fused) or once per slot pass (grouped).
     pub fn tolerance(&self) -> f64 {
         let slots = self.spec.slots() as f64;
-        let roundings = if self.grouped.is_some() { slots + 1.0 } else { 2.0 };
+        let roundings = if self.plan.choice.strategy == Strategy::Grouped { slots + 1.0 } else { 2.0 };
         reference::tolerance(T::DTYPE, self.spec.d_in + self.spec.total_rank() + 16) * roundings
     }
 
@@ -269,7 +164,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
     pub fn bytes(&self) -> f64 {
         let el = T::DTYPE.size_bytes() as f64;
         let (s, t) = (&self.spec, self.data.tokens as f64);
-        let x_reads = if self.grouped.is_some() { 1.0 + s.slots() as f64 } else { 1.0 };
+        let x_reads = if self.plan.choice.strategy == Strategy::Grouped { 1.0 + s.slots() as f64 } else { 1.0 };
         let weights = (s.total_rank() * (s.d_in + s.d_out)) as f64
             + self.router_weight.as_ref().map_or(0, CudaSlice::len) as f64
             + self.cores.as_ref().map_or(0, CudaSlice::len) as f64;
