@@ -56,4 +56,9 @@ pub mod tensors;
 pub mod tune;
 
 pub use dtype::{DType, KernelElement, Scalar};
+
+/// The README's Rust examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 pub use error::{MoleError, Result};
