@@ -6,9 +6,9 @@
 //!   plan, packing every launch (parameters and pointers in the described order) and handing it
 //!   to the backend (here a counting recorder).
 //! - `before/*`: the per-forward host work of the launch path the runtime replaced, driver calls
-//!   excluded: for every launch, the module cache key (NVRTC options, NVRTC version, JSON,
-//!   hash) and the entry-point name rebuilt, as `Device::function` did on every launch. Needs
-//!   NVRTC; skipped without it.
+//!   excluded: for every launch, the build validated, the module cache key (NVRTC options, NVRTC
+//!   version, JSON, hash) and the entry-point name rebuilt, as the per-launch function lookup
+//!   did. Needs NVRTC; skipped without it.
 //!
 //! Run: `cargo bench --bench host_cost` (no GPU needed).
 
@@ -73,8 +73,7 @@ fn bench(c: &mut Criterion) {
                 bench.iter(|| {
                     let mut n = 0;
                     for (build, launch) in &launches {
-                        build.validate().unwrap();
-                        let key = CacheKey::for_cubin(build, Arch::Sm90).unwrap();
+                        let key = CacheKey::for_cubin(&build.unit().unwrap(), Arch::Sm90).unwrap();
                         n += key.hash() as usize ^ launch.kernel().entry_name(build.dtype).len();
                     }
                     black_box(n)

@@ -143,22 +143,22 @@ fn registered_default_builds_compile_and_hit_the_disk_cache() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = DiskCache::at(dir.path());
-    let (first, outcome) = cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap();
+    let (first, outcome) = cuda::cubin_cached(&build.unit().unwrap(), Arch::Sm90, Some(&cache)).unwrap();
     assert_eq!(outcome, CacheOutcome::Compiled);
-    let (second, outcome) = cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap();
+    let (second, outcome) = cuda::cubin_cached(&build.unit().unwrap(), Arch::Sm90, Some(&cache)).unwrap();
     assert_eq!((outcome, &second), (CacheOutcome::Hit, &first));
     // Damage the entry: it is recompiled and rewritten, not trusted and not a crash.
-    let key = cuda::CacheKey::for_cubin(&build, Arch::Sm90).unwrap();
+    let key = cuda::CacheKey::for_cubin(&build.unit().unwrap(), Arch::Sm90).unwrap();
     let path = cache.path(&key);
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
     std::fs::write(&path, &bytes).unwrap();
-    let (third, outcome) = cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap();
+    let (third, outcome) = cuda::cubin_cached(&build.unit().unwrap(), Arch::Sm90, Some(&cache)).unwrap();
     assert_eq!((outcome, &third), (CacheOutcome::Compiled, &first));
-    assert_eq!(cuda::cubin_cached(&build, Arch::Sm90, Some(&cache)).unwrap().1, CacheOutcome::Hit);
+    assert_eq!(cuda::cubin_cached(&build.unit().unwrap(), Arch::Sm90, Some(&cache)).unwrap().1, CacheOutcome::Hit);
     // Every entry point the build names is in the cubin.
-    let c = cuda::compile(&build, Arch::Sm90, Output::Cubin, true).unwrap();
+    let c = cuda::compile(&build.unit().unwrap(), Arch::Sm90, Output::Cubin, true).unwrap();
     for e in &build.entry_points() {
         assert!(c.entry(e).is_some(), "{e} missing from:\n{}", c.log);
     }
@@ -176,7 +176,10 @@ fn builds_are_validated_before_compiling() {
     // Fails the same way with or without NVRTC: validation comes first.
     for b in bad {
         assert!(
-            matches!(cuda::compile(&b, Arch::Sm80, Output::Cubin, false), Err(MoleError::InvalidParameter { .. })),
+            matches!(
+                b.unit().and_then(|u| cuda::compile(&u, Arch::Sm80, Output::Cubin, false)),
+                Err(MoleError::InvalidParameter { .. })
+            ),
             "{b}"
         );
     }

@@ -4,7 +4,6 @@ use super::arch::Arch;
 use super::nvrtc::{api, Api, Program as RawProgram};
 use super::ptxas::{parse_ptxas_log, EntryResources, FunctionFrame};
 use super::sources;
-use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::{c_char, c_int, CString};
@@ -41,35 +40,51 @@ impl Compiled {
     }
 }
 
-/// The NVRTC options for `build` on `arch`: `-std=c++17`, the target, `-default-device`, the
-/// build's defines (dtype first), and `--ptxas-options=-v` for a verbose cubin.
-pub fn compile_options(build: &KernelBuild, arch: Arch, output: Output, verbose: bool) -> Vec<String> {
+/// One module to compile: an embedded kernel source and its defines, with the text that
+/// identifies it. The kernel registry makes one per build (`mole::kernels::KernelBuild::unit`);
+/// this layer knows nothing else of builds.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CompileUnit {
+    /// The source file, relative to `kernels/`.
+    pub file: &'static str,
+    /// The `-DNAME[=VALUE]` options, in order.
+    pub defines: Vec<String>,
+    /// Canonical text of what chose the defines (the build as JSON): part of every cache key.
+    pub identity: String,
+    /// Short name for file names, e.g. `sgmv_f16`.
+    pub stem: String,
+    /// Name for messages, e.g. `sgmv f16 [MOLE_BLOCK_THREADS=128, ...]`.
+    pub label: String,
+}
+
+/// The NVRTC options for `unit` on `arch`: `-std=c++17`, the target, `-default-device`, the
+/// unit's defines, and `--ptxas-options=-v` for a verbose cubin.
+pub fn compile_options(unit: &CompileUnit, arch: Arch, output: Output, verbose: bool) -> Vec<String> {
     let target = match output {
         Output::Cubin => arch.name(),
         Output::Ptx => arch.virtual_name(),
     };
     let mut options =
         vec!["-std=c++17".to_string(), format!("--gpu-architecture={target}"), "-default-device".to_string()];
-    options.extend(build.define_options());
+    options.extend(unit.defines.iter().cloned());
     if verbose && output == Output::Cubin {
         options.push("--ptxas-options=-v".to_string());
     }
     options
 }
 
-/// Compiles `build` for `arch` from the embedded sources, with the embedded headers available
+/// Compiles `unit` for `arch` from the embedded sources, with the embedded headers available
 /// as `#include "common/x.cuh"`. `verbose` adds the ptxas resource report (cubin only) and
 /// fills [`Compiled::resources`].
-pub fn compile(build: &KernelBuild, arch: Arch, output: Output, verbose: bool) -> Result<Compiled> {
-    build.validate()?;
-    let file = build.family().source_file();
+pub fn compile(unit: &CompileUnit, arch: Arch, output: Output, verbose: bool) -> Result<Compiled> {
+    let file = unit.file;
     let source = sources::source(file)
         .ok_or_else(|| MoleError::Unsupported(format!("kernels/{file} is not embedded in this build of mole")))?;
     let headers: Vec<(&str, &str)> = sources::headers().collect();
-    let options = compile_options(build, arch, output, verbose);
+    let options = compile_options(unit, arch, output, verbose);
     compile_source(file, source, &headers, &options, output).map_err(|e| match e {
         MoleError::NvrtcCompile { status, log, .. } => {
-            MoleError::NvrtcCompile { what: format!("{build} for {}", arch_target(arch, output)), status, log }
+            MoleError::NvrtcCompile { what: format!("{} for {}", unit.label, arch_target(arch, output)), status, log }
         }
         other => other,
     })

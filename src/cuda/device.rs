@@ -1,33 +1,42 @@
 //! A GPU with its context, a stream, and the kernel modules loaded on it.
 
 use super::arch::Arch;
+use super::compile::CompileUnit;
 use super::cuda_err;
 use super::module_cache::{cubin_cached, CacheKey, DiskCache};
 use super::nvrtc::nvrtc_version;
 use super::probe::driver_present;
-use super::shipped::shipped_ptx;
-use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};
-use cudarc::driver::{sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{sys::CUdevice_attribute, CudaContext, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// A kernel module the device can load: the unit NVRTC compiles for the device's own
+/// architecture, and the PTX shipped for the same unit, which the driver JITs when NVRTC is
+/// absent. The kernel registry implements it for its builds (`mole::kernels::KernelBuild`).
+pub trait ModuleSource {
+    /// The unit to compile (checked: an invalid configuration is an error here).
+    fn unit(&self) -> Result<CompileUnit>;
+    /// The shipped PTX of the unit; an error when none is shipped for it.
+    fn shipped_ptx(&self) -> Result<&'static str>;
+}
+
 /// Where a module's code comes from on this machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum ModuleSource {
+enum CodeSource {
     /// Compiled by NVRTC for the device's own architecture (through the disk cache).
     Cubin(CacheKey),
     /// The shipped PTX, JIT-compiled by the driver (no NVRTC).
     ShippedPtx,
 }
 
-impl ModuleSource {
-    /// The in-process cache key: modules are per build and per source of code.
-    fn memo_key(&self, build: &KernelBuild) -> String {
+impl CodeSource {
+    /// The in-process cache key: modules are per unit and per source of code.
+    fn memo_key(&self, unit: &CompileUnit) -> String {
         match self {
-            ModuleSource::Cubin(key) => key.canonical().to_string(),
-            ModuleSource::ShippedPtx => format!("shipped-ptx {}", serde_json::to_string(build).unwrap_or_default()),
+            CodeSource::Cubin(key) => key.canonical().to_string(),
+            CodeSource::ShippedPtx => format!("shipped-ptx {}", unit.identity),
         }
     }
 }
@@ -178,68 +187,28 @@ impl Device {
         self.disk.as_ref()
     }
 
-    /// The module of `build`, loaded once per device and build.
-    pub fn module(&self, build: &KernelBuild) -> Result<Arc<CudaModule>> {
-        build.validate()?;
-        let source = if self.use_nvrtc {
-            ModuleSource::Cubin(CacheKey::for_cubin(build, self.arch)?)
+    /// The module of `source`, loaded once per device and unit.
+    pub fn module(&self, source: &dyn ModuleSource) -> Result<Arc<CudaModule>> {
+        let unit = source.unit()?;
+        let code_source = if self.use_nvrtc {
+            CodeSource::Cubin(CacheKey::for_cubin(&unit, self.arch)?)
         } else {
-            ModuleSource::ShippedPtx
+            CodeSource::ShippedPtx
         };
-        let memo = source.memo_key(build);
+        let memo = code_source.memo_key(&unit);
         // A poisoned lock only means another thread panicked while inserting; the map is
         // still a valid map of loaded modules.
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(module) = modules.get(&memo) {
             return Ok(module.clone());
         }
-        let code = match source {
-            ModuleSource::Cubin(_) => Ptx::from_binary(cubin_cached(build, self.arch, self.disk.as_ref())?.0),
-            ModuleSource::ShippedPtx => Ptx::from_src(shipped_ptx(build)?),
+        let code = match code_source {
+            CodeSource::Cubin(_) => Ptx::from_binary(cubin_cached(&unit, self.arch, self.disk.as_ref())?.0),
+            CodeSource::ShippedPtx => Ptx::from_src(source.shipped_ptx()?),
         };
         let module = self.ctx.load_module(code).map_err(cuda_err("cuModuleLoadData"))?;
         modules.insert(memo, module.clone());
         Ok(module)
-    }
-
-    /// Kernel `entry` of `build`, ready to launch on [`Device::stream`]. `entry` must be one of
-    /// the build's entry points.
-    pub fn function(&self, build: &KernelBuild, entry: &str) -> Result<CudaFunction> {
-        if !build.entry_points().iter().any(|e| e == entry) {
-            return Err(MoleError::param("entry", entry, "is not one of the build's entry points"));
-        }
-        let module = self.module(build)?;
-        module.load_function(entry).map_err(cuda_err("cuModuleGetFunction"))
-    }
-
-    /// Launches `func` (a function of this device's context) with raw kernel arguments on
-    /// `stream`, for the raw-pointer entry points of frameworks that own their buffers.
-    ///
-    /// # Safety
-    /// `args` must point to live values matching the kernel's parameter list, every device
-    /// pointer among them must be valid for what the kernel accesses, and `stream` must be a live
-    /// stream of this device's context.
-    pub unsafe fn launch_raw(
-        &self,
-        func: &CudaFunction,
-        config: cudarc::driver::LaunchConfig,
-        stream: cudarc::driver::sys::CUstream,
-        args: &mut [*mut std::ffi::c_void],
-    ) -> Result<()> {
-        self.context().bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))?;
-        // SAFETY: forwarded from the caller (arguments, stream); `func` belongs to this device's
-        // context, which is current on this thread.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                func.cu_function(),
-                config.grid_dim,
-                config.block_dim,
-                config.shared_mem_bytes,
-                stream,
-                args,
-            )
-        }
-        .map_err(cuda_err("cuLaunchKernel"))
     }
 }
 
@@ -254,8 +223,6 @@ mod tests {
         let new_enough = nvrtc_version().is_ok_and(|v| v >= (12, 8));
         assert_eq!(nvrtc_targets(Arch::Sm100), new_enough);
     }
-    use crate::kernels::gating;
-    use crate::DType;
 
     #[test]
     fn no_driver_is_a_typed_error() {
@@ -274,11 +241,17 @@ mod tests {
 
     #[test]
     fn module_sources_have_distinct_memo_keys() {
-        let b = gating::build(DType::F32, 128);
-        let key = CacheKey::new(&b, Arch::Sm90, crate::cuda::Output::Cubin, &[], (12, 4), 1);
-        let cubin = ModuleSource::Cubin(key).memo_key(&b);
-        let ptx = ModuleSource::ShippedPtx.memo_key(&b);
+        let unit = |stages: u32| CompileUnit {
+            file: "sgmv.cu",
+            defines: vec![format!("-DSTAGES={stages}")],
+            identity: format!("{{\"stages\":{stages}}}"),
+            stem: "sgmv_f32".into(),
+            label: "sgmv".into(),
+        };
+        let key = CacheKey::new(&unit(1), Arch::Sm90, crate::cuda::Output::Cubin, &[], (12, 4), 1);
+        let cubin = CodeSource::Cubin(key).memo_key(&unit(1));
+        let ptx = CodeSource::ShippedPtx.memo_key(&unit(1));
         assert_ne!(cubin, ptx);
-        assert_ne!(ptx, ModuleSource::ShippedPtx.memo_key(&gating::build(DType::F32, 64)));
+        assert_ne!(ptx, CodeSource::ShippedPtx.memo_key(&unit(2)));
     }
 }

@@ -15,13 +15,12 @@ mod module_cache;
 mod nvrtc;
 mod probe;
 mod ptxas;
-pub mod shipped;
 pub mod sources;
 mod timing;
 
 pub use arch::{Arch, ArchLimits, Violation};
-pub use compile::{compile, compile_options, compile_source, Compiled, Output};
-pub use device::Device;
+pub use compile::{compile, compile_options, compile_source, CompileUnit, Compiled, Output};
+pub use device::{Device, ModuleSource};
 pub use module_cache::{
     cache_dir_from, cubin_cached, default_cache_dir, CacheKey, CacheOutcome, DiskCache, CACHE_DIR_ENV,
 };

@@ -7,10 +7,9 @@
 //! a miss (and a recompile), never a wrong kernel or a crash.
 
 use super::arch::Arch;
-use super::compile::{compile, compile_options, Output};
+use super::compile::{compile, compile_options, CompileUnit, Output};
 use super::nvrtc::nvrtc_version;
 use super::sources::{sources_hash, Fnv1a};
-use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};
 use serde::Serialize;
 use std::ffi::OsString;
@@ -33,7 +32,7 @@ pub struct CacheKey {
 struct KeyFields<'a> {
     mole: &'a str,
     sources_hash: String,
-    build: &'a KernelBuild,
+    unit: &'a str,
     arch: Arch,
     output: Output,
     options: &'a [String],
@@ -41,11 +40,11 @@ struct KeyFields<'a> {
 }
 
 impl CacheKey {
-    /// The key of `build` compiled for `arch` as `output` with `options`, by NVRTC
-    /// `nvrtc_version`, from sources hashing to `sources_hash`. The build takes part as its
-    /// canonical JSON (dtype, family and every configuration field).
+    /// The key of `unit` compiled for `arch` as `output` with `options`, by NVRTC
+    /// `nvrtc_version`, from sources hashing to `sources_hash`. The unit takes part as its
+    /// identity (a build's canonical JSON: dtype, family and every configuration field).
     pub fn new(
-        build: &KernelBuild,
+        unit: &CompileUnit,
         arch: Arch,
         output: Output,
         options: &[String],
@@ -55,7 +54,7 @@ impl CacheKey {
         let fields = KeyFields {
             mole: env!("CARGO_PKG_VERSION"),
             sources_hash: format!("{sources_hash:016x}"),
-            build,
+            unit: &unit.identity,
             arch,
             output,
             options,
@@ -64,15 +63,15 @@ impl CacheKey {
         // Serialising plain strings, numbers, unit enums and the build's structs cannot fail.
         let canonical = serde_json::to_string(&fields).unwrap_or_default();
         let hash = Fnv1a::new().bytes(canonical.as_bytes()).finish();
-        let stem = format!("{}_{}_{}_{hash:016x}", build.family(), build.dtype, arch);
+        let stem = format!("{}_{}_{hash:016x}", unit.stem, arch);
         CacheKey { canonical, hash, stem, output }
     }
 
-    /// The key for the cubin the library itself compiles for `build` on `arch`, with the
+    /// The key for the cubin the library itself compiles for `unit` on `arch`, with the
     /// embedded sources and the loaded NVRTC.
-    pub fn for_cubin(build: &KernelBuild, arch: Arch) -> Result<Self> {
-        let options = compile_options(build, arch, Output::Cubin, false);
-        Ok(CacheKey::new(build, arch, Output::Cubin, &options, nvrtc_version()?, sources_hash()))
+    pub fn for_cubin(unit: &CompileUnit, arch: Arch) -> Result<Self> {
+        let options = compile_options(unit, arch, Output::Cubin, false);
+        Ok(CacheKey::new(unit, arch, Output::Cubin, &options, nvrtc_version()?, sources_hash()))
     }
 
     /// The canonical text of all inputs (stored in the cache file and compared on load).
@@ -222,11 +221,11 @@ pub enum CacheOutcome {
     Compiled,
 }
 
-/// The cubin of `build` for `arch`: from `cache` when it holds a valid entry, else compiled
+/// The cubin of `unit` for `arch`: from `cache` when it holds a valid entry, else compiled
 /// with NVRTC and stored. A failed store is not an error: the cache only saves time.
-pub fn cubin_cached(build: &KernelBuild, arch: Arch, cache: Option<&DiskCache>) -> Result<(Vec<u8>, CacheOutcome)> {
-    let key = CacheKey::for_cubin(build, arch)?;
-    load_or_compile(&key, cache, || Ok(compile(build, arch, Output::Cubin, false)?.image))
+pub fn cubin_cached(unit: &CompileUnit, arch: Arch, cache: Option<&DiskCache>) -> Result<(Vec<u8>, CacheOutcome)> {
+    let key = CacheKey::for_cubin(unit, arch)?;
+    load_or_compile(&key, cache, || Ok(compile(unit, arch, Output::Cubin, false)?.image))
 }
 
 /// The image for `key` from `cache`, or from `compile` (then stored).
@@ -256,7 +255,8 @@ mod tests {
     }
 
     fn key_of(b: &KernelBuild, arch: Arch, output: Output, nvrtc: (i32, i32), hash: u64) -> CacheKey {
-        CacheKey::new(b, arch, output, &compile_options(b, arch, output, false), nvrtc, hash)
+        let u = b.unit().unwrap();
+        CacheKey::new(&u, arch, output, &compile_options(&u, arch, output, false), nvrtc, hash)
     }
 
     #[test]
@@ -271,7 +271,7 @@ mod tests {
             key_of(&b, Arch::Sm90, Output::Cubin, (12, 8), 1),
             key_of(&KernelBuild { dtype: DType::BF16, ..b.clone() }, Arch::Sm90, Output::Cubin, (12, 4), 1),
             key_of(&gating::build(DType::F16, 128), Arch::Sm90, Output::Cubin, (12, 4), 1),
-            CacheKey::new(&b, Arch::Sm90, Output::Cubin, &["-O3".into()], (12, 4), 1),
+            CacheKey::new(&b.unit().unwrap(), Arch::Sm90, Output::Cubin, &["-O3".into()], (12, 4), 1),
         ];
         for (i, v) in variants.iter().enumerate() {
             assert_ne!(v.canonical(), base.canonical(), "variant {i}");
@@ -285,7 +285,7 @@ mod tests {
     /// the options fixed, changing any one configuration field changes the key.
     #[test]
     fn key_changes_with_every_config_field() {
-        let key = |b: &KernelBuild| CacheKey::new(b, Arch::Sm90, Output::Cubin, &[], (12, 4), 1);
+        let key = |b: &KernelBuild| CacheKey::new(&b.unit().unwrap(), Arch::Sm90, Output::Cubin, &[], (12, 4), 1);
         let s = SgmvConfig::DEFAULT;
         let f = FusedConfig::DEFAULT;
         let sgmv_variants = [
@@ -318,7 +318,7 @@ mod tests {
         }
         // The same tiling of another family is another key.
         let g = key(&gating::build(DType::F16, 256));
-        assert!(g.canonical().contains(r#""family":"gating""#), "{}", g.canonical());
+        assert!(g.canonical().contains(r#"\"family\":\"gating\""#), "{}", g.canonical());
     }
 
     #[test]

@@ -13,12 +13,13 @@
 pub mod fused;
 pub mod gating;
 pub mod sgmv;
+pub mod shipped;
 
 pub use fused::FusedConfig;
 pub use gating::GatingConfig;
 pub use sgmv::SgmvConfig;
 
-use crate::cuda::sources;
+use crate::cuda::{sources, CompileUnit, ModuleSource};
 use crate::exec::KernelDesc;
 use crate::{DType, MoleError, Result};
 use serde::{Deserialize, Serialize};
@@ -241,6 +242,20 @@ impl KernelBuild {
         }
     }
 
+    /// What NVRTC compiles for this build (validated first): the family's source file, the
+    /// define options, and the build's canonical JSON as its identity.
+    pub fn unit(&self) -> Result<CompileUnit> {
+        self.validate()?;
+        let identity = serde_json::to_string(self).map_err(|e| MoleError::io("serialising a kernel build", e))?;
+        Ok(CompileUnit {
+            file: self.family().source_file(),
+            defines: self.define_options(),
+            identity,
+            stem: format!("{}_{}", self.family(), self.dtype),
+            label: self.to_string(),
+        })
+    }
+
     /// The dtype define, e.g. `MOLE_DTYPE_BF16`.
     pub fn dtype_define(&self) -> &'static str {
         match self.dtype {
@@ -305,3 +320,13 @@ pub fn default_builds() -> Vec<KernelBuild> {
 
 #[cfg(test)]
 mod tests;
+
+impl ModuleSource for KernelBuild {
+    fn unit(&self) -> Result<CompileUnit> {
+        KernelBuild::unit(self)
+    }
+
+    fn shipped_ptx(&self) -> Result<&'static str> {
+        shipped::shipped_ptx(self)
+    }
+}

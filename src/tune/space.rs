@@ -182,7 +182,7 @@ impl Pruner {
 }
 
 fn screen_build(build: &KernelBuild, arch: Arch) -> Screen {
-    let compiled = match compile(build, arch, Output::Cubin, true) {
+    let compiled = match build.unit().and_then(|u| compile(&u, arch, Output::Cubin, true)) {
         Ok(c) => c,
         Err(MoleError::NvrtcCompile { status, log, .. }) => {
             return Screen::Error(format!("compile error ({status}): {}", log.lines().next().unwrap_or("")))
@@ -320,7 +320,7 @@ mod tests {
         }
         let default = candidates(DType::BF16).remove(0);
         for arch in [Arch::Sm80, Arch::Sm90] {
-            let compiled = compile(&default.build, arch, Output::Cubin, true).unwrap();
+            let compiled = compile(&default.build.unit().unwrap(), arch, Output::Cubin, true).unwrap();
             assert_eq!(compiled.resources.len(), default.build.entry_points().len(), "{}", compiled.log);
             let limits = arch.limits();
             assert_eq!(prune_compiled(&default.build, &compiled, &limits).unwrap(), None, "{}", compiled.log);

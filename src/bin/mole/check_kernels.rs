@@ -135,8 +135,10 @@ pub fn run(args: &CheckKernelsArgs) -> mole::Result<()> {
     println!("check-kernels: {} configuration(s) x {} arch(es) with NVRTC {major}.{minor}", builds.len(), archs.len());
     let jobs: Vec<(Arch, &KernelBuild)> = archs.iter().flat_map(|&a| builds.iter().map(move |b| (a, b))).collect();
     // NVRTC is thread-safe; each job is an independent program.
-    let results: Vec<mole::Result<Compiled>> =
-        jobs.par_iter().map(|&(arch, build)| cuda::compile(build, arch, Output::Cubin, true)).collect();
+    let results: Vec<mole::Result<Compiled>> = jobs
+        .par_iter()
+        .map(|&(arch, build)| build.unit().and_then(|u| cuda::compile(&u, arch, Output::Cubin, true)))
+        .collect();
 
     let groups: Vec<Vec<Row>> =
         jobs.iter().zip(&results).map(|(&(arch, build), result)| rows_for(arch, build, result)).collect();

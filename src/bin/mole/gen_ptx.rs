@@ -1,8 +1,8 @@
 //! `mole gen-ptx`: writes the PTX shipped for machines without NVRTC (`ptx/`), or with
 //! `--check` verifies that the committed files match what the current sources compile to.
 
-use mole::cuda::shipped::{self, PtxManifest, StaleFile, MANIFEST_FILE};
 use mole::kernels::default_builds;
+use mole::kernels::shipped::{self, PtxManifest, StaleFile, MANIFEST_FILE};
 use mole::MoleError;
 use std::path::{Path, PathBuf};
 

@@ -3,11 +3,8 @@
 //! JIT-compiles for any newer GPU, plus `manifest.json` saying what each file was built from.
 //! `mole gen-ptx` writes them; `mole gen-ptx --check` fails when they are stale.
 
-use super::arch::Arch;
-use super::compile::{compile, Output};
-use super::nvrtc::nvrtc_version;
-use super::sources;
-use crate::kernels::KernelBuild;
+use super::KernelBuild;
+use crate::cuda::{compile, nvrtc_version, sources, Arch, Output};
 use crate::{MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -75,7 +72,7 @@ pub fn generate(builds: &[KernelBuild]) -> Result<Vec<(String, String)>> {
                 build.dtype
             )));
         }
-        let compiled = compile(build, PTX_BASELINE, Output::Ptx, false)?;
+        let compiled = compile(&build.unit()?, PTX_BASELINE, Output::Ptx, false)?;
         let text = String::from_utf8(compiled.image)
             .map_err(|_| MoleError::Unsupported(format!("NVRTC returned PTX for {build} that is not UTF-8")))?;
         entries.push(PtxManifestEntry {
