@@ -37,6 +37,8 @@
 #![warn(missing_docs)]
 
 #[cfg(feature = "cli")]
+pub mod autotune;
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod cuda;
 pub mod dtype;

@@ -2,9 +2,10 @@
 //! a warning, user results over shipped ones, `MOLE_CACHE_DIR`, and concurrent writers (threads
 //! and processes) losing nothing.
 
+use mole::autotune::candidates;
 use mole::model::{Method, MethodShape};
 use mole::tune::cache::{EntrySource, TUNING_SUBDIR};
-use mole::tune::{candidates, store, GpuId, Provenance, ShapeKey, TunedEntry, TuningCache, TuningFile, FORMAT_VERSION};
+use mole::tune::{store, GpuId, Provenance, ShapeKey, TunedEntry, TuningCache, TuningFile, FORMAT_VERSION};
 use mole::DType;
 use std::path::Path;
 use std::process::Command;

@@ -173,7 +173,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
 }
 
 #[cfg(feature = "cli")]
-impl<T: KernelElement + DeviceRepr> crate::tune::TunableRun for DeviceLayer<'_, T> {
+impl<T: KernelElement + DeviceRepr> crate::autotune::TunableRun for DeviceLayer<'_, T> {
     fn run(&mut self) -> Result<()> {
         self.forward()
     }

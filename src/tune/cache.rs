@@ -11,8 +11,7 @@
 //! atomically, so concurrent tuning processes lose nothing and readers never see a partial file.
 
 use super::key::ShapeKey;
-use super::space::Candidate;
-use super::Strategy;
+use super::{Candidate, Strategy};
 use crate::cuda::{default_cache_dir, nvrtc_version, sources, Device};
 use crate::kernels::KernelBuild;
 use crate::{MoleError, Result};

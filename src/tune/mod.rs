@@ -1,37 +1,20 @@
-//! The autotuner: per GPU and per shape, the fastest correct kernel configuration and strategy,
-//! found once by measurement and kept by value in a JSON cache.
+//! Tuning results and their lookup: per GPU and per shape, the strategy and kernel build that
+//! measured fastest, kept by value in a JSON cache. This is what a framework needs to run tuned
+//! layers; the search that fills the cache is `mole::autotune` (feature `cli`).
 //!
 //! - [`key`]: [`ShapeKey`], what a result is valid for (exact dimensions, E, k, dtype, method;
 //!   tokens bucketed to powers of two).
-//! - [`space`]: the [`Candidate`]s of a shape (candidate 0 is the default) and their pruning from
-//!   the ptxas report before any timing.
-//! - `measure` (feature `cli`): timing on the device through `TunableRun` (warm-up, L2 flush,
-//!   CUDA events, median) and `prepare_run`, where each [`Strategy`] plugs in.
-//! - `tuner` (feature `cli`): `tune_shape`, the search of one shape with its per-candidate
-//!   `Outcome`s.
 //! - [`cache`]: [`TuningCache`] and [`store`], one file per GPU, user results over shipped ones,
 //!   stale and corrupt data ignored with a warning, atomic merged writes.
-//!
-//! Without the `cli` feature only the lookup is compiled (keys, candidates, the cache): what a
-//! framework needs to run tuned layers. `mole autotune` drives all of it for the standard shapes
-//! of common models.
+//! - [`Strategy`] and [`Candidate`]: how a layer is computed, and a strategy with its build.
 
 pub mod cache;
 pub mod key;
-#[cfg(feature = "cli")]
-pub mod measure;
-pub mod space;
-#[cfg(feature = "cli")]
-pub mod tuner;
 
 pub use cache::{store, GpuId, Provenance, Stored, TunedEntry, TuningCache, TuningFile, FORMAT_VERSION};
 pub use key::{token_bucket, ShapeKey};
-#[cfg(feature = "cli")]
-pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};
-pub use space::{candidates, candidates_for, Candidate, Pruner};
-#[cfg(feature = "cli")]
-pub use tuner::{tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};
 
+use crate::kernels::KernelBuild;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -58,6 +41,21 @@ impl Strategy {
             Strategy::Fused => "fused",
             Strategy::FusedSplit => "fused_split",
         }
+    }
+}
+
+/// One point of the search space: a strategy and the kernel build it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    /// How the layer is computed.
+    pub strategy: Strategy,
+    /// The kernel configuration, by value.
+    pub build: KernelBuild,
+}
+
+impl fmt::Display for Candidate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.strategy, self.build)
     }
 }
 

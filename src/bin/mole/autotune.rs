@@ -4,12 +4,11 @@
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use mole::autotune::{tune_shape, MeasureOptions, Outcome, Pruner, ShapeResult, TuneOptions};
 use mole::cuda::{copy_bandwidth_gbs, Arch, Device};
 use mole::model::{LayerSpec, Method, MethodShape};
 use mole::tune::cache::user_tuning_dir;
-use mole::tune::{
-    store, tune_shape, GpuId, MeasureOptions, Outcome, Provenance, Pruner, ShapeKey, ShapeResult, TuneOptions,
-};
+use mole::tune::{store, GpuId, Provenance, ShapeKey};
 use mole::{DType, MoleError, Result};
 use serde::Deserialize;
 use std::collections::HashSet;

@@ -9,28 +9,11 @@
 //! [`ArchLimits::check`] violation, or an occupancy below one block per SM ([`prune_reason`], a
 //! pure function of the report so that it is tested from real ptxas logs).
 
-use super::Strategy;
 use crate::cuda::{compile, Arch, ArchLimits, Compiled, EntryResources, Output};
 use crate::kernels::{Family, KernelBuild};
+use crate::tune::{Candidate, Strategy};
 use crate::{DType, MoleError, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fmt;
-
-/// One point of the search space: a strategy and the kernel build it runs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Candidate {
-    /// How the layer is computed.
-    pub strategy: Strategy,
-    /// The kernel configuration, by value.
-    pub build: KernelBuild,
-}
-
-impl fmt::Display for Candidate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.strategy, self.build)
-    }
-}
 
 /// The strategies a family's builds serve, or none for families that are not (yet) a whole
 /// layer path. Adding a family to the search space is one arm here (plus its arm in

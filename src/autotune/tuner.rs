@@ -2,13 +2,12 @@
 //! choose the fastest correct one. A candidate that is pruned, fails or is wrong is recorded and
 //! skipped; it never aborts the search and is never chosen.
 
-use super::cache::{Provenance, TunedEntry};
-use super::key::ShapeKey;
 use super::measure::{measure, prepare_run, reference_y, MeasureOptions};
-use super::space::{candidates_for, Candidate, Pruner, Screen};
+use super::space::{candidates_for, Pruner, Screen};
 use crate::cuda::{nvrtc_present, Device};
 use crate::kernels::Family;
 use crate::model::LayerSpec;
+use crate::tune::{Candidate, Provenance, ShapeKey, TunedEntry};
 use crate::{DType, MoleError, Result};
 use std::cmp::Ordering;
 use std::time::{Duration, Instant};

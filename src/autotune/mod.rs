@@ -1,0 +1,18 @@
+//! The autotuner's search (feature `cli`): per GPU and per shape, every candidate strategy and
+//! kernel build, pruned from the ptxas report, timed on the device, checked against the f64
+//! reference; the winners go to the tuning cache ([`crate::tune`]). `mole autotune` drives it
+//! for the standard shapes of common models.
+//!
+//! - [`space`]: the [`Candidate`](crate::tune::Candidate)s of a shape (candidate 0 is the
+//!   default) and their pruning before any timing.
+//! - [`measure`](mod@measure): timing on the device through [`TunableRun`] (warm-up, L2 flush, CUDA events,
+//!   median) and [`prepare_run`], where each strategy plugs in.
+//! - [`tuner`]: [`tune_shape`], the search of one shape with its per-candidate [`Outcome`]s.
+
+pub mod measure;
+pub mod space;
+pub mod tuner;
+
+pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};
+pub use space::{candidates, candidates_for, Pruner};
+pub use tuner::{tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};
