@@ -144,7 +144,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
             .ok_or_else(|| MoleError::Unsupported(format!("no gating build for {dtype}")))?;
         let threads = gating_build.block_threads();
         let e = spec.routed_experts();
-        let grouping = gating::plan_slot_grouping(t, slots, e, config.bm as usize, threads)?;
+        let grouping = gating::plan_slot_grouping(t, slots, 0..e, e, config.bm as usize, threads)?;
         let shape = SgmvShape { tokens: t, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
         let sgmv = sgmv::plan(&self.choice.build, shape, offsets, grouping.entry_stride)?;
         let d = self.device;
