@@ -418,7 +418,7 @@ fn shard_plans_skip_other_shards_and_flag_only_invalid_ids() {
     let (global, window, t) = (12usize, 4..8usize, 40usize);
     let mut ids = Vec::with_capacity(t * 3);
     for i in 0..t as i32 {
-        ids.push([-1, 2, 4, 5, 7, 8, 11, 0][i as usize % 8]);
+        ids.push([-1, 2, 4, 5, 6, 7, 8, 11, 0][i as usize % 9]);
         ids.push(if i == 17 { global as i32 } else { (i * 5) % global as i32 });
         ids.push(if i == 3 { -2 } else { 4 + i % 4 });
     }
