@@ -168,6 +168,9 @@ fn expert_shards_through_the_runtime_sum_to_the_layer() {
     uneven.ranks = RankLayout::from_offsets(vec![0, 3, 3, 10, 12, 20, 21, 29, 32]).unwrap();
     check_shards::<f32>(&uneven, 3, 41, "uneven ranks");
     check_shards::<half::f16>(&uneven, 2, 7, "uneven ranks");
+    // What an all-to-all shard runs: the gate weights it received, over the global experts.
+    uneven.gating = mole::model::Gating::Given { top_k: Some(1), softmax_topk: false };
+    check_shards::<half::bf16>(&uneven, 3, 23, "given weights");
 }
 
 #[test]
