@@ -107,33 +107,43 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 // ---------------------------------------------------------------------------------------------
 // Counting experts 32 entries at a time: lanes holding the same expert form a group (match_any);
 // the group's first lane updates the expert's counter, so no two lanes write one counter and no
-// atomics are needed. Ids outside 0..E are skipped (-1 is an empty slot, anything else invalid).
+// atomics are needed. The experts counted are a window [base, base + E) of `global` experts (an
+// expert-parallel shard; base 0 and global E for a whole layer) and are numbered from 0 within
+// it. Other ids are skipped: -1 (an empty slot) and ids of other windows silently, ids outside
+// -1..global as invalid.
 // ---------------------------------------------------------------------------------------------
 
-struct mole_group {
-    bool valid;      // the lane holds an expert id in 0..E
-    int id;          // the id (-1 when not valid)
-    int rank;        // lanes of the same group below this one
-    int size;        // lanes in the group
-    bool invalid;    // the lane holds an id that is neither -1 nor in 0..E
+struct mole_experts {
+    int base;    // first expert of the window
+    int count;   // E: experts in the window
+    int global;  // experts of the whole layer (ids in -1..global are valid)
 };
 
-MOLE_DEVICE mole_group group_entry(const int* ids, mole_u64 i, mole_u64 end, int experts, mole_u64 stride = 1) {
+struct mole_group {
+    bool valid;      // the lane holds an expert id in the window
+    int id;          // the id within the window (-1 when not valid)
+    int rank;        // lanes of the same group below this one
+    int size;        // lanes in the group
+    bool invalid;    // the lane holds an id outside -1..global
+};
+
+MOLE_DEVICE mole_group group_entry(const int* ids, mole_u64 i, mole_u64 end, mole_experts x, mole_u64 stride = 1) {
     const int raw = i < end ? ids[i * stride] : -1;
-    const bool valid = raw >= 0 && raw < experts;
-    const mole_u32 peers = mole_match_any(valid ? raw : -1);
-    return mole_group{valid, valid ? raw : -1, mole_popc(peers & mole_lanes_below()), mole_popc(peers),
-                      !valid && raw != -1};
+    // raw >= base >= 0 first, so raw - base cannot overflow.
+    const bool valid = raw >= x.base && raw - x.base < x.count;
+    const int id = valid ? raw - x.base : -1;
+    const mole_u32 peers = mole_match_any(id);
+    return mole_group{valid, id, mole_popc(peers & mole_lanes_below()), mole_popc(peers), raw < -1 || raw >= x.global};
 }
 
 // Per-expert counts of ids[begin, end) into cnt[E]; returns whether any lane saw an invalid id.
-MOLE_DEVICE bool count_experts(mole_u32* cnt, const int* ids, mole_u64 begin, mole_u64 end, int experts,
+MOLE_DEVICE bool count_experts(mole_u32* cnt, const int* ids, mole_u64 begin, mole_u64 end, mole_experts x,
                                mole_u64 stride = 1) {
-    for (int e = mole_lane(); e < experts; e += MOLE_WARP_SIZE) cnt[e] = 0;
+    for (int e = mole_lane(); e < x.count; e += MOLE_WARP_SIZE) cnt[e] = 0;
     mole_syncwarp();
     bool invalid = false;
     for (mole_u64 base = begin; base < end; base += MOLE_WARP_SIZE) {
-        const mole_group g = group_entry(ids, base + mole_lane(), end, experts, stride);
+        const mole_group g = group_entry(ids, base + mole_lane(), end, x, stride);
         invalid = invalid || g.invalid;
         if (g.valid && g.rank == 0) cnt[g.id] += g.size;
         mole_syncwarp();
@@ -202,7 +212,7 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
             ws_sum[2 * n] = z_loss;
             ws_sum[2 * n + 1] = entropy;
         }
-        count_experts(cnt, ids, t0 * p.slots, (t0 + len) * p.slots, n);
+        count_experts(cnt, ids, t0 * p.slots, (t0 + len) * p.slots, mole_experts{0, n, n});
         // Per expert, tokens in order (lanes read neighbouring experts: coalesced).
         for (int e = mole_lane(); e < n; e += MOLE_WARP_SIZE) {
             ws_cnt[e] = cnt[e];
@@ -265,8 +275,11 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 //      padding entries; status;
 //   3. plan_scatter: warp c writes its chunk's entries in order from its per-expert bases.
 // Entry i = t * slots + s is (token t, slot s). Tokens are ascending inside each segment because
-// chunks and the entries inside a chunk are visited in order. Ids outside 0..E other than -1 are
-// skipped and reported in status (1); duplicate experts within a token are not detected here.
+// chunks and the entries inside a chunk are visited in order. The plan covers experts
+// [expert_base, expert_base + E) of global_experts, numbered from 0 (an expert-parallel shard;
+// base 0 and global_experts = E for a whole layer); -1 and the other shards' ids are skipped,
+// ids outside -1..global_experts are skipped and reported in status (1). Duplicate experts within
+// a token are not detected here.
 //   workspace: chunk counts u32 [chunks][E], then an invalid-id flag u32 [chunks].
 // Column mode (slots = 1, ids_stride = row length): entry i = (token i, slot 0) reads
 // ids[i * ids_stride + column]; counts, offsets, entries and status go to column * E,
@@ -284,8 +297,10 @@ struct mole_plan_params {
     mole_u32 ids_stride;      // ids element distance between entries (1: the full plan)
     mole_u32 column;          // column of ids read, and the index of the plan written
     mole_u32 entry_stride;    // entries between two plans, all written (0: the full plan)
+    mole_u32 expert_base;     // ids in [expert_base, expert_base + E) are planned, as id - expert_base
+    mole_u32 global_experts;  // ids in -1..global_experts outside that window are skipped silently
 };
-static_assert(sizeof(mole_plan_params) == 36, "mole_plan_params layout");
+static_assert(sizeof(mole_plan_params) == 44, "mole_plan_params layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, tokens) == 0, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, slots) == 4, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, experts) == 8, "layout");
@@ -295,6 +310,12 @@ static_assert(MOLE_OFFSET_OF(mole_plan_params, chunks) == 20, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, ids_stride) == 24, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, column) == 28, "layout");
 static_assert(MOLE_OFFSET_OF(mole_plan_params, entry_stride) == 32, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, expert_base) == 36, "layout");
+static_assert(MOLE_OFFSET_OF(mole_plan_params, global_experts) == 40, "layout");
+
+MOLE_DEVICE mole_experts plan_experts(const mole_plan_params& p) {
+    return mole_experts{(int)p.expert_base, (int)p.experts, (int)p.global_experts};
+}
 
 // plan::TokenSlot.
 struct mole_token_slot {
@@ -315,7 +336,7 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     ids += p.column;
     for (mole_u64 c = first_warp_item(); c < p.chunks; c += warp_item_stride()) {
         const bool invalid =
-            count_experts(cnt, ids, c * p.chunk_entries, chunk_end(p, c), (int)p.experts, p.ids_stride);
+            count_experts(cnt, ids, c * p.chunk_entries, chunk_end(p, c), plan_experts(p), p.ids_stride);
         for (mole_u32 e = mole_lane(); e < p.experts; e += MOLE_WARP_SIZE) workspace[c * p.experts + e] = cnt[e];
         if (mole_lane() == 0) workspace[(mole_u64)p.chunks * p.experts + c] = invalid ? 1u : 0u;
         mole_syncwarp();  // cnt is reused by the next chunk
@@ -342,7 +363,7 @@ MOLE_DEVICE mole_u32 block_exclusive_scan(mole_u32 v, mole_u32& total) {
 MOLE_DEVICE mole_u32 padded(mole_u32 count, mole_u32 block) { return (count + block - 1) / block * block; }
 
 // Grid: one block; dynamic shared memory 128 bytes. Writes counts [E], offsets [E + 1], the
-// padding entries and status [1] (1 when an invalid id was skipped).
+// padding entries and status [1] (1 when an id outside -1..global_experts was skipped).
 MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     MOLE_ENTRY(gating_plan_scan)(const mole_plan_params p, mole_u32* __restrict__ workspace,
                                  mole_u32* __restrict__ counts, mole_u32* __restrict__ offsets,
@@ -403,7 +424,7 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
         const mole_u64 end = chunk_end(p, c);
         for (mole_u64 base = c * p.chunk_entries; base < end; base += MOLE_WARP_SIZE) {
             const mole_u64 i = base + mole_lane();
-            const mole_group g = group_entry(ids, i, end, (int)p.experts, p.ids_stride);
+            const mole_group g = group_entry(ids, i, end, plan_experts(p), p.ids_stride);
             const mole_token_slot entry{(mole_u32)(i / p.slots), (mole_u32)(i % p.slots)};
             if (g.valid) entries[cursor[g.id] + g.rank] = entry;
             mole_syncwarp();  // every lane has read its cursor before the group's first lane moves it

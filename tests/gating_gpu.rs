@@ -272,7 +272,7 @@ fn case<T: KernelElement + DeviceRepr>(dev: &Device, build: &KernelBuild, rng: &
 
     // The routing plan of the kernel's ids: exactly the host's.
     let block = rng.pick(&[1, 1, 4, 16]);
-    let gp = gating::plan_grouping(t, slots, e, block, threads).map_err(|err| format!("{desc}: {err}"))?;
+    let gp = gating::plan_grouping(t, slots, 0..e, e, block, threads).map_err(|err| format!("{desc}: {err}"))?;
     let mut gws = zeros::<u32>(dev, gp.lens.get(Buf::PlanWorkspace));
     let (mut counts, mut offsets, mut status) = (zeros::<u32>(dev, e), zeros::<u32>(dev, e + 1), zeros::<u32>(dev, 1));
     let mut entries = zeros::<TokenSlot>(dev, gp.lens.get(Buf::PlanEntries));

@@ -19,7 +19,8 @@ use common::{bind, gating_build, Input};
 use host::HostBackend;
 use mole::exec::{Bindings, Buf};
 use mole::kernels::gating::{
-    plan, plan_grouping, plan_slot_grouping, run_group, run_group_slots, run_route, run_stats, StatsPlan,
+    plan, plan_grouping, plan_slot_grouping, run_group, run_group_slots, run_route, run_stats, SlotGroupingPlan,
+    StatsPlan,
 };
 use mole::kernels::sgmv::SlotPlans;
 use mole::model::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
@@ -30,6 +31,7 @@ use mole::synth::Rng;
 use mole::DType;
 use mole_hostexec::{Buffer, Schedule};
 use proptest::prelude::*;
+use std::ops::Range;
 
 const BLOCK_THREADS: u32 = 128;
 /// A decision closer than this to its threshold (in f64) may go either way in f32.
@@ -280,13 +282,33 @@ fn check_stats(c: &Case, want: &Routing, scores: &Input, z: &[f64]) -> Result<()
     Ok(())
 }
 
-/// The routing-plan kernels on the reference ids, against `RoutingPlan::build`.
+/// The experts a plan covers, drawn from the seed: the whole layer half the time, else an
+/// expert-parallel shard `lo..hi` of it.
+fn expert_window(e: usize, seed: u64) -> Range<usize> {
+    if (seed >> 40) & 1 == 0 || e == 1 {
+        return 0..e;
+    }
+    let lo = (seed >> 41) as usize % e;
+    lo..lo + 1 + (seed >> 52) as usize % (e - lo)
+}
+
+/// What a plan over `window` sees: ids of the window renumbered from 0, every other id empty.
+fn window_ids(ids: &[i32], window: &Range<usize>) -> Vec<i32> {
+    let local = |id: i32| usize::try_from(id).ok().filter(|i| window.contains(i)).map(|i| (i - window.start) as i32);
+    ids.iter().map(|&id| local(id).unwrap_or(-1)).collect()
+}
+
+/// The routing-plan kernels on the reference ids (over a window of the experts, see
+/// [`expert_window`]), against `RoutingPlan::build` of the window's ids.
 fn check_plan(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
-    let (t, e, slots) = (c.tokens, c.experts, want.slots);
+    let (t, slots) = (c.tokens, want.slots);
+    let window = expert_window(c.experts, c.seed);
+    let e = window.len();
     let block = 1 + (c.seed % 5) as usize * 3;
-    let expected =
-        RoutingPlan::build(&want.ids, t, slots, e, block).map_err(|err| TestCaseError::fail(err.to_string()))?;
-    let gp = plan_grouping(t, slots, e, block, BLOCK_THREADS).map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let expected = RoutingPlan::build(&window_ids(&want.ids, &window), t, slots, e, block)
+        .map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let gp = plan_grouping(t, slots, window.clone(), c.experts, block, BLOCK_THREADS)
+        .map_err(|err| TestCaseError::fail(err.to_string()))?;
     let ids = Buffer::from_slice("ids", &want.ids);
     let workspace = Buffer::<u32>::poisoned("workspace", gp.lens.get(Buf::PlanWorkspace));
     let counts = Buffer::<u32>::poisoned("counts", e);
@@ -303,30 +325,36 @@ fn check_plan(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
     // SAFETY: every bound address is a live host-execution buffer of the bound length.
     unsafe { run_group(&gating_build(c.dtype), &gp, &binds, &mut HostBackend::new(c.schedule)) }
         .map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
-    prop_assert_eq!(status.read(), vec![0], "{:?}", c);
-    prop_assert_eq!(counts.read(), expected.counts.clone(), "{:?}", c);
+    prop_assert_eq!(status.read(), vec![0], "{:?} {:?}", c, window);
+    prop_assert_eq!(counts.read(), expected.counts.clone(), "{:?} {:?}", c, window);
     prop_assert_eq!(offsets.read(), expected.offsets.clone(), "{:?}", c);
     let got_entries = entries.read();
     prop_assert_eq!(&got_entries[..expected.entries.len()], &expected.entries[..], "{:?}", c);
     Ok(())
 }
 
-/// The plan kernels in column mode (one launch set per slot, into shared packed buffers) on the
-/// reference ids, against `SlotPlans::build` repacked at the device's entry stride: offsets and
-/// entries, padding included, must be equal.
-fn check_slot_plans(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
-    let (t, e, slots) = (c.tokens, c.experts, want.slots);
-    let bm = [1, 4, 16, 32][(c.seed >> 8) as usize % 4];
-    let expected = SlotPlans::build(&want.ids, t, slots, e, bm).map_err(|err| TestCaseError::fail(err.to_string()))?;
-    let sp = plan_slot_grouping(t, slots, e, bm, BLOCK_THREADS).map_err(|err| TestCaseError::fail(err.to_string()))?;
-    let stride = sp.entry_stride;
-    prop_assert!(stride >= expected.entry_stride, "{:?}: stride {} < {}", c, stride, expected.entry_stride);
-    let mut expected_entries = vec![TokenSlot::PADDING; slots * stride];
-    for s in 0..slots {
-        let from = &expected.entries[s * expected.entry_stride..(s + 1) * expected.entry_stride];
-        expected_entries[s * stride..s * stride + from.len()].copy_from_slice(from);
-    }
-    let ids = Buffer::from_slice("ids", &want.ids);
+/// The outputs of the column-mode plan kernels.
+struct SlotPlanOutputs {
+    counts: Vec<u32>,
+    offsets: Vec<u32>,
+    entries: Vec<TokenSlot>,
+    status: Vec<u32>,
+    launches: usize,
+}
+
+/// Runs the plan kernels in column mode over `ids [t, slots]` for the experts `window` of
+/// `global` on the CPU, outputs poisoned (entries with garbage that is not padding).
+fn run_slot_plans(
+    ids: &[i32],
+    t: usize,
+    slots: usize,
+    (window, global): (Range<usize>, usize),
+    bm: usize,
+    dtype: DType,
+    schedule: Schedule,
+) -> mole::Result<(SlotGroupingPlan, SlotPlanOutputs)> {
+    let sp = plan_slot_grouping(t, slots, window, global, bm, BLOCK_THREADS)?;
+    let ids = Buffer::from_slice("ids", ids);
     let lens = sp.lens();
     let workspace = Buffer::<u32>::poisoned("workspace", lens.get(Buf::PlanWorkspace));
     let counts = Buffer::<u32>::poisoned("counts", lens.get(Buf::PlanCounts));
@@ -342,17 +370,74 @@ fn check_slot_plans(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
     bind(&mut binds, Buf::PlanOffsets, &offsets);
     bind(&mut binds, Buf::PlanEntries, &entries);
     bind(&mut binds, Buf::PlanStatus, &status);
-    let mut host = HostBackend::new(c.schedule);
+    let mut host = HostBackend::new(schedule);
     // SAFETY: every bound address is a live host-execution buffer of the bound length.
-    unsafe { run_group_slots(&gating_build(c.dtype), &sp, &binds, &mut host) }
+    unsafe { run_group_slots(&gating_build(dtype), &sp, &binds, &mut host) }?;
+    let out = SlotPlanOutputs {
+        counts: counts.read(),
+        offsets: offsets.read(),
+        entries: entries.read(),
+        status: status.read(),
+        launches: host.launches,
+    };
+    Ok((sp, out))
+}
+
+/// The plan kernels in column mode (one launch set per slot, into shared packed buffers) on the
+/// reference ids (over a window of the experts, see [`expert_window`]), against
+/// `SlotPlans::build` of the window's ids repacked at the device's entry stride: offsets and
+/// entries, padding included, must be equal.
+fn check_slot_plans(c: &Case, want: &Routing) -> Result<(), TestCaseError> {
+    let (t, slots) = (c.tokens, want.slots);
+    let window = expert_window(c.experts, c.seed >> 1);
+    let bm = [1, 4, 16, 32][(c.seed >> 8) as usize % 4];
+    let expected = SlotPlans::build(&window_ids(&want.ids, &window), t, slots, window.len(), bm)
+        .map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let (sp, got) = run_slot_plans(&want.ids, t, slots, (window.clone(), c.experts), bm, c.dtype, c.schedule)
         .map_err(|err| TestCaseError::fail(format!("{c:?}: {err}")))?;
+    let stride = sp.entry_stride;
+    prop_assert!(stride >= expected.entry_stride, "{:?}: stride {} < {}", c, stride, expected.entry_stride);
+    let mut expected_entries = vec![TokenSlot::PADDING; slots * stride];
+    for s in 0..slots {
+        let from = &expected.entries[s * expected.entry_stride..(s + 1) * expected.entry_stride];
+        expected_entries[s * stride..s * stride + from.len()].copy_from_slice(from);
+    }
     let per_slot = if sp.grouping.count.is_some() { 3 } else { 1 };
-    prop_assert_eq!(host.launches, slots * per_slot, "{:?}", c);
-    prop_assert_eq!(status.read(), vec![0; slots], "{:?}", c);
-    prop_assert_eq!(offsets.read(), expected.offsets, "{:?} bm {}", c, bm);
-    let got_entries = entries.read();
-    prop_assert_eq!(&got_entries[..slots * stride], &expected_entries[..], "{:?} bm {}", c, bm);
+    prop_assert_eq!(got.launches, slots * per_slot, "{:?}", c);
+    prop_assert_eq!(got.status, vec![0; slots], "{:?} {:?}", c, window);
+    prop_assert_eq!(got.offsets, expected.offsets, "{:?} {:?} bm {}", c, window, bm);
+    prop_assert_eq!(&got.entries[..slots * stride], &expected_entries[..], "{:?} {:?} bm {}", c, window, bm);
     Ok(())
+}
+
+/// A shard's plans skip the other shards' ids without a word and flag only ids outside
+/// `-1..E_global`: column 0 holds the shard's ids, other shards' ids and empty slots; column 1
+/// also an id of E_global; column 2 a negative id other than -1.
+#[test]
+fn shard_plans_skip_other_shards_and_flag_only_invalid_ids() {
+    let (global, window, t) = (12usize, 4..8usize, 40usize);
+    let mut ids = Vec::with_capacity(t * 3);
+    for i in 0..t as i32 {
+        ids.push([-1, 2, 4, 5, 6, 7, 8, 11, 0][i as usize % 9]);
+        ids.push(if i == 17 { global as i32 } else { (i * 5) % global as i32 });
+        ids.push(if i == 3 { -2 } else { 4 + i % 4 });
+    }
+    for (bm, schedule) in [(1, Schedule::Forward), (4, Schedule::Seeded(3))] {
+        let (_, got) = run_slot_plans(&ids, t, 3, (window.clone(), global), bm, DType::F32, schedule).unwrap();
+        assert_eq!(got.status, [0, 1, 1], "bm {bm}");
+        // Counts are the window's own ids, renumbered from 0; the flagged ids are skipped.
+        let mut want = vec![0u32; 3 * window.len()];
+        for (i, &id) in ids.iter().enumerate() {
+            if id >= 0 && window.contains(&(id as usize)) {
+                want[(i % 3) * window.len() + id as usize - window.start] += 1;
+            }
+        }
+        assert_eq!(got.counts, want, "bm {bm}");
+        assert!(want.iter().all(|&n| n > 0));
+    }
+    // The whole layer flags what the shard skipped silently only when it is past E_global.
+    let (_, whole) = run_slot_plans(&ids, t, 3, (0..global, global), 1, DType::F32, Schedule::Forward).unwrap();
+    assert_eq!(whole.status, [0, 1, 1]);
 }
 
 proptest! {

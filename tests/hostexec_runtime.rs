@@ -10,7 +10,7 @@ mod host;
 use host::HostBackend;
 use mole::exec::{Bindings, Buf};
 use mole::layer::{default_build, Choice, ChoiceSource, STANDARD_METHODS};
-use mole::model::{LayerSpec, MethodShape, Mix, Router};
+use mole::model::{ExpertShard, LayerInputs, LayerSpec, MethodShape, Mix, RankLayout, Router};
 use mole::reference;
 use mole::runtime::LayerPlanner;
 use mole::synth::SyntheticLayer;
@@ -26,10 +26,11 @@ fn buffer<T: bytemuck::Pod>(name: &str, v: &[T]) -> Buffer<T> {
     }
 }
 
-/// Runs `spec` over `tokens` tokens with `choice` (the heuristic's when `None`); returns the
-/// strategy, `y` and the reference `y`.
+/// Runs `spec` (or its expert shard `shard`) over `tokens` tokens with `choice` (the
+/// heuristic's when `None`); returns the strategy, `y` and the reference `y`.
 fn run<T: KernelElement>(
     spec: &LayerSpec,
+    shard: Option<ExpertShard>,
     tokens: usize,
     choice: Option<Choice>,
     seed: u64,
@@ -39,14 +40,21 @@ fn run<T: KernelElement>(
     if let Some(c) = choice {
         planner = planner.with_choice(c);
     }
+    if let Some(s) = shard {
+        planner = planner.with_shard(s).unwrap();
+    }
     let plan = planner.plan(tokens).unwrap();
     let data = SyntheticLayer::<T>::new(spec, tokens, seed);
-    let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
+    let offsets = planner.rank_offsets().unwrap();
+    let (a, b_shard) = match shard {
+        Some(s) => s.take_bank(&spec.ranks, spec.d_in, &data.a, &data.b).unwrap(),
+        None => (data.a.clone(), data.b.clone()),
+    };
     let gate_input = data.logits.as_deref().or(data.weights.as_deref());
     let tensors: Vec<(Buf, Option<Buffer<T>>)> = vec![
         (Buf::X, Some(buffer("x", &data.x))),
-        (Buf::A, Some(buffer("a", &data.a))),
-        (Buf::B, Some(buffer("b", &data.b))),
+        (Buf::A, Some(buffer("a", &a))),
+        (Buf::B, Some(buffer("b", &b_shard))),
         (Buf::Y, Some(buffer("y", &data.y))),
         (Buf::RouterWeight, data.router_weight.as_deref().map(|v| buffer("router_weight", v))),
         (Buf::RouterBias, data.router_bias.as_deref().map(|v| buffer("router_bias", v))),
@@ -74,8 +82,11 @@ fn run<T: KernelElement>(
     unsafe { planner.launch(&plan, &b, &mut host) }.unwrap_or_else(|e| panic!("{}: {e}", plan.choice.strategy));
     assert!(host.launches > 0);
     let y = tensors[3].1.as_ref().unwrap().read().iter().map(|v| v.to_f64()).collect();
-    let want = reference::forward(spec, &data.inputs()).unwrap().y;
-    (plan.choice.strategy, y, want)
+    let want = match shard {
+        Some(s) => reference::forward_shard(spec, s, &LayerInputs { a: &a, b: &b_shard, ..data.inputs() }),
+        None => reference::forward(spec, &data.inputs()),
+    };
+    (plan.choice.strategy, y, want.unwrap().y)
 }
 
 fn tolerance(spec: &LayerSpec, dtype: DType, strategy: Strategy) -> f64 {
@@ -88,7 +99,7 @@ fn grouped_runs(spec: &LayerSpec) -> bool {
 }
 
 fn check<T: KernelElement>(spec: &LayerSpec, tokens: usize, choice: Option<Choice>, what: &str) {
-    let (strategy, got, want) = run::<T>(spec, tokens, choice, tokens as u64 + 17);
+    let (strategy, got, want) = run::<T>(spec, None, tokens, choice, tokens as u64 + 17);
     let err = reference::max_scaled_error(&got, &want);
     let tol = tolerance(spec, T::DTYPE, strategy);
     assert!(err <= tol, "{what} {} {strategy} T={tokens}: error {err:.3e} > {tol:.3e}", T::DTYPE);
@@ -114,6 +125,80 @@ fn every_method_through_the_runtime_matches_the_reference() {
     let spec =
         spec.0.spec(MethodShape { d_in: 32, d_out: 24, experts: spec.1, rank: 4, k: spec.3, alpha: 2.0 }).unwrap();
     check::<f32>(&spec, 20, None, "f32");
+}
+
+/// Each shard of a partition through the runtime against the shard reference, and their deltas,
+/// summed, against the whole layer's: within the sum of the shards' bounds.
+fn check_shards<T: KernelElement>(spec: &LayerSpec, shards: usize, tokens: usize, what: &str) {
+    let seed = tokens as u64 + 5;
+    let y0: Vec<f64> = SyntheticLayer::<T>::new(spec, tokens, seed).y.iter().map(|v| v.to_f64()).collect();
+    let full = reference::forward(spec, &SyntheticLayer::<T>::new(spec, tokens, seed).inputs()).unwrap().y;
+    let tol = tolerance(spec, T::DTYPE, Strategy::Grouped);
+    let (mut sum, mut bound) = (y0.clone(), vec![0.0; y0.len()]);
+    for shard in ExpertShard::partition(spec.ranks.num_experts(), shards).unwrap() {
+        let (strategy, got, want) = run::<T>(spec, Some(shard), tokens, None, seed);
+        assert_eq!(strategy, Strategy::Grouped);
+        let err = reference::max_scaled_error(&got, &want);
+        assert!(err <= tol, "{what} {} {shard:?} T={tokens}: error {err:.3e} > {tol:.3e}", T::DTYPE);
+        assert!(want.iter().zip(&y0).any(|(w, y)| w != y), "{what} {shard:?}: the shard adds nothing");
+        for i in 0..sum.len() {
+            sum[i] += got[i] - y0[i];
+            bound[i] += tol * (1.0 + want[i].abs());
+        }
+    }
+    for (i, ((s, f), b)) in sum.iter().zip(&full).zip(&bound).enumerate() {
+        assert!((s - f).abs() <= *b, "{what} {} in {shards} shards T={tokens}: y[{i}] {s} vs {f}", T::DTYPE);
+    }
+}
+
+#[test]
+fn expert_shards_through_the_runtime_sum_to_the_layer() {
+    let shape = |experts, rank, k| MethodShape { d_in: 40, d_out: 24, experts, rank, k, alpha: 2.0 };
+    let mut n = 0;
+    for (method, experts, rank, k) in STANDARD_METHODS {
+        let spec = method.spec(shape(experts, rank.min(8), k)).unwrap();
+        if grouped_runs(&spec) {
+            check_shards::<half::bf16>(&spec, 2 + n % 2, 19, &method.to_string());
+            n += 1;
+        }
+    }
+    assert!(n >= 8, "{n} methods shard");
+    let (method, experts, _, k) = STANDARD_METHODS[0];
+    let mut uneven = method.spec(shape(experts, 4, k)).unwrap();
+    uneven.ranks = RankLayout::from_offsets(vec![0, 3, 3, 10, 12, 20, 21, 29, 32]).unwrap();
+    check_shards::<f32>(&uneven, 3, 41, "uneven ranks");
+    check_shards::<half::f16>(&uneven, 2, 7, "uneven ranks");
+    // What an all-to-all shard runs: the gate weights it received, over the global experts.
+    uneven.gating = mole::model::Gating::Given { top_k: Some(1), softmax_topk: false };
+    check_shards::<half::bf16>(&uneven, 3, 23, "given weights");
+}
+
+#[test]
+fn a_shard_refuses_what_the_grouped_path_cannot_run() {
+    let shape = MethodShape { d_in: 16, d_out: 16, experts: 8, rank: 4, k: 2, alpha: 2.0 };
+    let planner = |m: mole::model::Method| LayerPlanner::new(&m.spec(shape).unwrap(), DType::BF16, 132, None).unwrap();
+    let unsupported = |r: mole::Result<LayerPlanner>| matches!(r, Err(mole::MoleError::Unsupported(_)));
+    assert!(unsupported(planner(mole::model::Method::Comol).with_shard(ExpertShard { first: 0, count: 1 })));
+    let fly = MethodShape { experts: 64, rank: 1, k: 8, ..shape };
+    let fly = LayerPlanner::new(&mole::model::Method::FlyLora.spec(fly).unwrap(), DType::BF16, 132, None).unwrap();
+    assert!(unsupported(fly.with_shard(ExpertShard { first: 0, count: 32 })));
+    let mix = || planner(mole::model::Method::MixLora);
+    assert!(matches!(
+        mix().with_shard(ExpertShard { first: 6, count: 3 }),
+        Err(mole::MoleError::InvalidParameter { .. })
+    ));
+    assert!(matches!(mix().with_shard(ExpertShard { first: 6, count: 0 }), Err(mole::MoleError::ZeroDimension { .. })));
+    // A forced fused choice is refused at planning time; the shard's offsets are its own.
+    let fused = Choice {
+        strategy: Strategy::Fused,
+        build: default_build(Strategy::Fused, DType::BF16),
+        source: ChoiceSource::Heuristic,
+    };
+    let sharded = mix().with_choice(fused).with_shard(ExpertShard { first: 2, count: 3 }).unwrap();
+    assert!(matches!(sharded.plan(4), Err(mole::MoleError::Unsupported(_))));
+    assert_eq!(sharded.rank_offsets().unwrap(), [0, 4, 8, 12]);
+    let plan = mix().with_shard(ExpertShard { first: 2, count: 3 }).unwrap().plan(4).unwrap();
+    assert_eq!((plan.lens.get(Buf::A), plan.lens.get(Buf::B)), (16 * 12, 12 * 16));
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod gpu;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 use mole::cuda::Device;
-use mole::model::{LayerSpec, Method, MethodShape};
+use mole::model::{ExpertShard, LayerInputs, LayerSpec, Method, MethodShape};
 use mole::runtime::{CompiledLayer, LayerIo, LayerPointers};
 use mole::synth::SyntheticLayer;
 use mole::tune::Strategy;
@@ -128,6 +128,31 @@ fn grouped_and_fused_choices_agree_with_the_reference() {
         layer.forward(&stream, tokens, u.io()).unwrap();
         assert_close(&u.y(&stream), &want, tolerance(&spec, strategy), &format!("{strategy}"));
     }
+}
+
+#[test]
+#[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
+fn expert_shards_match_their_reference_and_sum_to_the_layer() {
+    let Some((device, stream)) = adopted() else { return };
+    let spec = spec(Method::MixLora);
+    let tokens = 300;
+    let data = SyntheticLayer::<bf16>::new(&spec, tokens, 13);
+    let y0: Vec<f64> = data.y.iter().map(|v| v.to_f64()).collect();
+    let full = reference::forward(&spec, &data.inputs()).unwrap().y;
+    let tol = tolerance(&spec, Strategy::Grouped);
+    let mut sum = y0.clone();
+    for shard in ExpertShard::partition(spec.ranks.num_experts(), 3).unwrap() {
+        let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap().with_shard(shard).unwrap();
+        let (a, b) = shard.take_bank(&spec.ranks, spec.d_in, &data.a, &data.b).unwrap();
+        let want = reference::forward_shard(&spec, shard, &LayerInputs { a: &a, b: &b, ..data.inputs() }).unwrap().y;
+        let shard_data = SyntheticLayer { a, b, ..data.clone() };
+        let mut u = upload(&stream, &shard_data, 0, layer.workspace_bytes(tokens).unwrap());
+        layer.forward(&stream, tokens, u.io()).unwrap();
+        let got = u.y(&stream);
+        assert_close(&got, &want, tol, &format!("{shard:?}"));
+        sum.iter_mut().zip(got.iter().zip(&y0)).for_each(|(s, (g, y))| *s += g - y);
+    }
+    assert_close(&sum, &full, 3.0 * tol, "the shards' deltas summed");
 }
 
 #[test]

@@ -30,6 +30,7 @@ use crate::reference::RouterStats;
 use crate::{DType, MoleError, Result};
 use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 /// Most experts a gating kernel takes (`MOLE_GATING_MAX_EXPERTS`).
 pub const MAX_EXPERTS: usize = 1024;
@@ -359,7 +360,7 @@ pub(crate) fn threshold_f32(v: f64) -> f32 {
     }
 }
 
-/// Parameters of the routing-plan kernels (C: `mole_plan_params`, 36 bytes). Built by
+/// Parameters of the routing-plan kernels (C: `mole_plan_params`, 44 bytes). Built by
 /// [`plan_grouping`] (the full plan) and [`plan_slot_grouping`] (column mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 #[repr(C)]
@@ -383,6 +384,12 @@ pub struct PlanParams {
     pub column: u32,
     /// Entries between two column plans, every one written (0 for the full plan).
     pub entry_stride: u32,
+    /// First expert planned: ids in `[expert_base, expert_base + experts)` become plan experts
+    /// `id - expert_base` (0 for a whole layer; an expert-parallel shard's first expert).
+    pub expert_base: u32,
+    /// Experts of the whole layer: ids in `-1..global_experts` outside the planned window are
+    /// skipped silently, ids outside it are skipped and reported in the status.
+    pub global_experts: u32,
 }
 
 // SAFETY: plain `#[repr(C)]` structs of 4-byte scalars with no padding (Pod), laid out exactly as
@@ -480,6 +487,22 @@ fn check_experts(experts: usize) -> Result<()> {
         return Err(MoleError::param("experts", experts, "the gating kernels take at most 1024 experts"));
     }
     Ok(())
+}
+
+/// Checks a planned window of experts within `global` experts; returns its base and length.
+fn check_expert_window(window: &Range<usize>, global: usize) -> Result<(u32, usize)> {
+    check_experts(window.len())?;
+    if window.end > global {
+        return Err(MoleError::param(
+            "experts",
+            format!("{window:?} of {global}"),
+            "the planned experts must lie within the layer's",
+        ));
+    }
+    if global > i32::MAX as usize {
+        return Err(MoleError::param("global_experts", global, "must fit in 31 bits (expert ids are i32)"));
+    }
+    Ok((window.start as u32, window.len()))
 }
 
 fn check_tokens(tokens: usize) -> Result<u32> {
@@ -769,17 +792,25 @@ pub struct GroupingPlan {
     pub lens: BufLens,
 }
 
-/// Plans the routing plan of `ids [T, slots]` over `experts` experts with segments padded to a
-/// multiple of `block`.
+/// Plans the routing plan of `ids [T, slots]` over the experts `experts` of `global_experts`,
+/// with segments padded to a multiple of `block`: ids in `experts` become plan experts
+/// `id - experts.start` (`0..E, E` for a whole layer; an expert-parallel shard's range
+/// otherwise), -1 and ids of other experts are skipped, ids outside `-1..global_experts` are
+/// skipped and reported in the status.
+///
+/// Errors: an empty range, more than [`MAX_EXPERTS`] experts in it, a range past
+/// `global_experts` or `global_experts` past `i32`, `block` zero, a bad block size, or a plan
+/// past 2^32 entries.
 pub fn plan_grouping(
     tokens: usize,
     slots: usize,
-    experts: usize,
+    experts: Range<usize>,
+    global_experts: usize,
     block: usize,
     block_threads: u32,
 ) -> Result<GroupingPlan> {
     check_block_threads(block_threads)?;
-    check_experts(experts)?;
+    let (base, experts) = check_expert_window(&experts, global_experts)?;
     if block == 0 {
         return Err(MoleError::ZeroDimension { name: "block" });
     }
@@ -802,6 +833,8 @@ pub fn plan_grouping(
         ids_stride: 1,
         column: 0,
         entry_stride: 0,
+        expert_base: base,
+        global_experts: global_experts as u32,
     };
     let warp_launch = |kernel| KernelLaunch {
         kernel,

@@ -9,6 +9,7 @@ mod inputs;
 mod layer;
 mod method;
 mod ranks;
+mod shard;
 mod spec_json;
 
 pub use gating::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
@@ -16,3 +17,4 @@ pub use inputs::LayerInputs;
 pub use layer::{peft_expert_scales, LayerSpec, Mix};
 pub use method::{Knob, Method, MethodOptions, MethodShape};
 pub use ranks::RankLayout;
+pub use shard::ExpertShard;

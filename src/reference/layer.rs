@@ -6,7 +6,7 @@ use super::mix::{core_merge, expert_scale, scale_experts};
 use super::routing::{route, GateInput, Routing};
 use super::stats::{router_stats, RouterStats};
 use crate::dtype::{to_f64_vec, Scalar};
-use crate::model::{Gating, LayerInputs, LayerSpec, Mix, Router};
+use crate::model::{ExpertShard, Gating, LayerInputs, LayerSpec, Mix, Router};
 use crate::{MoleError, Result};
 
 /// Everything one layer call produces, in f64.
@@ -95,4 +95,108 @@ pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Resu
     // Expand.
     let y = expand(&h_mixed, &to_f64_vec(inputs.b), &to_f64_vec(inputs.y), spec.scale, t, r, spec.d_out);
     Ok(LayerOutput { y, h, h_mixed, scores, routing, stats })
+}
+
+/// The f64 reference forward of the expert shard `shard` of `spec` (see [`ExpertShard`]):
+/// `inputs.a [d_in, R_shard]` and `inputs.b [R_shard, d_out]` hold only the shard's rank columns,
+/// everything else is the whole layer's. It is the whole layer's forward on a bank whose other
+/// experts' columns are zero, so `h` and `h_mixed` are `[T, R]` over the whole bank (zero outside
+/// [`ExpertShard::rank_cols`]) and the routing and statistics are the whole layer's.
+///
+/// Errors: the shard's ([`ExpertShard::validate`]), `A` or `B` not of the shard's size, and every
+/// error of [`forward`].
+pub fn forward_shard<T: Scalar>(
+    spec: &LayerSpec,
+    shard: ExpertShard,
+    inputs: &LayerInputs<'_, T>,
+) -> Result<LayerOutput> {
+    shard.validate(spec)?;
+    let (d_in, d_out, r) = (spec.d_in, spec.d_out, spec.total_rank());
+    let cols = shard.rank_cols(&spec.ranks);
+    let r_shard = cols.len();
+    for (what, got, want) in [
+        ("A (the shard's columns)", inputs.a.len(), d_in * r_shard),
+        ("B (the shard's rows)", inputs.b.len(), r_shard * d_out),
+    ] {
+        if got != want {
+            return Err(MoleError::ShapeMismatch { what, expected: vec![want], got });
+        }
+    }
+    let zero = T::from_f64(0.0);
+    let mut a = vec![zero; d_in * r];
+    if r_shard > 0 {
+        for (row, shard_row) in a.chunks_mut(r).zip(inputs.a.chunks(r_shard)) {
+            row[cols.clone()].copy_from_slice(shard_row);
+        }
+    }
+    let mut b = vec![zero; r * d_out];
+    b[cols.start * d_out..cols.end * d_out].copy_from_slice(inputs.b);
+    forward(spec, &LayerInputs { a: &a, b: &b, ..*inputs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::STANDARD_METHODS;
+    use crate::model::{MethodShape, RankLayout};
+    use crate::synth::SyntheticLayer;
+
+    /// The deltas of the shards of `partition` of `spec` on the same tokens, summed, and the whole
+    /// layer's delta; asserts every shard adds something.
+    fn deltas(spec: &LayerSpec, partition: &[ExpertShard], seed: u64) -> (Vec<f64>, Vec<f64>) {
+        let data = SyntheticLayer::<f64>::new(spec, 29, seed);
+        let y0 = &data.y;
+        let full = forward(spec, &data.inputs()).unwrap().y;
+        let mut sum = vec![0.0; y0.len()];
+        for shard in partition {
+            let (a, b) = shard.take_bank(&spec.ranks, spec.d_in, &data.a, &data.b).unwrap();
+            let y = forward_shard(spec, *shard, &LayerInputs { a: &a, b: &b, ..data.inputs() }).unwrap().y;
+            assert!(y.iter().zip(y0).any(|(y, y0)| y != y0), "{shard:?} adds nothing");
+            sum.iter_mut().zip(y.iter().zip(y0)).for_each(|(s, (y, y0))| *s += y - y0);
+        }
+        (sum, full.iter().zip(y0).map(|(y, y0)| y - y0).collect())
+    }
+
+    #[test]
+    fn the_shards_of_a_partition_sum_to_the_whole_layer() {
+        let shape = |experts, rank, k| MethodShape { d_in: 24, d_out: 20, experts, rank, k, alpha: 2.0 };
+        let mut specs: Vec<LayerSpec> = STANDARD_METHODS
+            .iter()
+            .map(|&(method, experts, rank, k)| method.spec(shape(experts, rank.min(8), k)).unwrap())
+            .filter(|spec| ExpertShard { first: 0, count: 1 }.validate(spec).is_ok())
+            .collect();
+        assert!(specs.len() >= 8, "{} methods shard", specs.len());
+        // Uneven ranks, one expert of rank 0.
+        let mut uneven = specs[0].clone();
+        uneven.ranks = RankLayout::from_offsets(vec![0, 3, 3, 10, 12, 20, 21, 29, 32]).unwrap();
+        specs.push(uneven);
+        for (i, spec) in specs.iter().enumerate() {
+            let experts = spec.ranks.num_experts();
+            for shards in [2, 3] {
+                let partition = ExpertShard::partition(experts, shards).unwrap();
+                let (sum, full) = deltas(spec, &partition, 7 + i as u64);
+                let err = crate::reference::max_scaled_error(&sum, &full);
+                assert!(err <= 1e-12, "{:?} in {shards} shards: {err:.3e}", spec.gating);
+            }
+        }
+        // A shard of every expert is the layer.
+        let data = SyntheticLayer::<f64>::new(&specs[0], 5, 3);
+        let whole = ExpertShard { first: 0, count: specs[0].ranks.num_experts() };
+        assert_eq!(
+            forward_shard(&specs[0], whole, &data.inputs()).unwrap(),
+            forward(&specs[0], &data.inputs()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_shard_takes_its_own_columns_only() {
+        let (method, experts, rank, k) = STANDARD_METHODS[0];
+        let spec = method.spec(MethodShape { d_in: 8, d_out: 8, experts, rank, k, alpha: 2.0 }).unwrap();
+        let data = SyntheticLayer::<f64>::new(&spec, 3, 1);
+        // The whole bank's A is not a shard's.
+        let err = forward_shard(&spec, ExpertShard { first: 2, count: 3 }, &data.inputs()).unwrap_err();
+        assert!(matches!(err, MoleError::ShapeMismatch { .. }), "{err}");
+        let err = forward_shard(&spec, ExpertShard { first: 7, count: 3 }, &data.inputs()).unwrap_err();
+        assert!(matches!(err, MoleError::InvalidParameter { name: "shard", .. }), "{err}");
+    }
 }

@@ -9,7 +9,7 @@
 //! - [`stats`]: router statistics for auxiliary losses.
 //! - [`mix`]: the low-rank mix (expert scaling, CoMoL core merge).
 //! - [`grouped`]: the same layer computed per expert segment of the routing plan.
-//! - [`layer`]: the composed forward.
+//! - [`layer`]: the composed forward (of a whole layer or of an expert shard).
 
 pub mod grouped;
 pub mod layer;
@@ -19,7 +19,7 @@ pub mod routing;
 pub mod stats;
 
 pub use grouped::{grouped_forward, Bank};
-pub use layer::{forward, LayerOutput};
+pub use layer::{forward, forward_shard, LayerOutput};
 pub use routing::{route, GateInput, Routing};
 pub use stats::{flylora_bias_update, router_stats, RouterStats};
 

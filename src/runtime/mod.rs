@@ -31,9 +31,9 @@ use std::sync::{Arc, Mutex};
 pub struct LayerIo<'a, T> {
     /// `x [T, d_in]`.
     pub x: CudaView<'a, T>,
-    /// `A [d_in, R]`.
+    /// `A [d_in, R]` (an expert shard's: `[d_in, R_shard]`).
     pub a: CudaView<'a, T>,
-    /// `B [R, d_out]`.
+    /// `B [R, d_out]` (an expert shard's: `[R_shard, d_out]`).
     pub b: CudaView<'a, T>,
     /// `y [T, d_out]`, updated in place.
     pub y: CudaViewMut<'a, T>,
@@ -150,20 +150,24 @@ impl CompiledLayer {
     /// use of each build ([`CompiledLayer::prepare`]).
     pub fn new(device: &Device, spec: &LayerSpec, dtype: DType, tuning: Option<TuningCache>) -> Result<Self> {
         let planner = LayerPlanner::new(spec, dtype, device.sm_count(), tuning)?;
-        let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
-        let stream = device.stream();
-        let slice = stream.clone_htod(&offsets).map_err(cuda_err("cuMemcpyHtoD"))?;
-        let (ptr, guard) = slice.device_ptr(stream);
-        drop(guard);
-        // Forwards on other streams read the offsets without waiting on anything.
-        stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
+        let rank_offsets = upload_offsets(device, &planner)?;
         Ok(CompiledLayer {
             ctx: device.context().clone(),
             device: device.clone(),
             planner,
-            rank_offsets: (slice, ptr),
+            rank_offsets,
             loaded: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The layer as the expert shard `shard` (expert parallelism; see
+    /// [`LayerPlanner::with_shard`]): forwards take the shard's `A [d_in, R_shard]` and
+    /// `B [R_shard, d_out]` and add the shard's part of the delta. Uploads the shard's rank
+    /// offsets (synchronously). Errors: as [`LayerPlanner::with_shard`].
+    pub fn with_shard(self, shard: crate::model::ExpertShard) -> Result<Self> {
+        let planner = self.planner.with_shard(shard)?;
+        let rank_offsets = upload_offsets(&self.device, &planner)?;
+        Ok(CompiledLayer { planner, rank_offsets, ..self })
     }
 
     /// The layer with every token count run by `choice` (see [`LayerPlanner::with_choice`]).
@@ -296,6 +300,17 @@ impl CompiledLayer {
         // SAFETY: forwarded from the caller's contract.
         unsafe { self.launch(&plan, &mut bindings, stream) }
     }
+}
+
+/// Uploads `planner`'s rank offsets on the device's stream and waits for them: forwards on other
+/// streams read them without waiting on anything.
+fn upload_offsets(device: &Device, planner: &LayerPlanner) -> Result<(CudaSlice<u32>, CUdeviceptr)> {
+    let stream = device.stream();
+    let slice = stream.clone_htod(&planner.rank_offsets()?).map_err(cuda_err("cuMemcpyHtoD"))?;
+    let (ptr, guard) = slice.device_ptr(stream);
+    drop(guard);
+    stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
+    Ok((slice, ptr))
 }
 
 /// The families a layer's strategies use (for documentation and loading).

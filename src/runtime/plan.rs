@@ -8,8 +8,8 @@ use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedPlan, FusedVar
 use crate::kernels::gating::{self, SlotGroupingPlan};
 use crate::kernels::sgmv::{self, SgmvPlan, SgmvShape};
 use crate::kernels::KernelBuild;
-use crate::layer::{choose, Choice};
-use crate::model::LayerSpec;
+use crate::layer::{choose, default_build, Choice, ChoiceSource};
+use crate::model::{ExpertShard, LayerSpec};
 use crate::tune::{token_bucket, Strategy, TuningCache};
 use crate::{DType, MoleError, Result};
 use std::sync::{Arc, Mutex};
@@ -134,6 +134,7 @@ pub struct LayerPlanner {
     sm_count: u32,
     tuning: Option<TuningCache>,
     forced: Option<Choice>,
+    shard: Option<ExpertShard>,
     choices: Mutex<Vec<(u32, Choice)>>,
     plans: Mutex<Vec<Arc<LayerPlan>>>,
 }
@@ -152,6 +153,7 @@ impl LayerPlanner {
             sm_count,
             tuning,
             forced: None,
+            shard: None,
             choices: Mutex::new(Vec::new()),
             plans: Mutex::new(Vec::new()),
         })
@@ -162,6 +164,33 @@ impl LayerPlanner {
     /// layer.
     pub fn with_choice(self, choice: Choice) -> Self {
         LayerPlanner { forced: Some(choice), choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self }
+    }
+
+    /// The planner of the expert shard `shard` of the layer (expert parallelism, see
+    /// [`ExpertShard`]): the caller's `A` and `B` hold the shard's rank columns only, the router
+    /// still scores every expert, and a forward adds the shard's part of the delta. A shard runs
+    /// the grouped path: the default SGMV build, or [`LayerPlanner::with_choice`]'s when it is a
+    /// grouped choice. Errors: the shard's ([`ExpertShard::validate`], a layer the grouped path
+    /// cannot run), and a shard without rank columns.
+    pub fn with_shard(self, shard: ExpertShard) -> Result<Self> {
+        shard.validate(&self.spec)?;
+        shard.ranks(&self.spec.ranks)?;
+        Ok(LayerPlanner { shard: Some(shard), choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self })
+    }
+
+    /// The expert shard the planner plans for (`None`: the whole layer).
+    pub fn shard(&self) -> Option<ExpertShard> {
+        self.shard
+    }
+
+    /// The rank offsets the kernels read ([`Buf::RankOffsets`]): the spec's, or the shard's
+    /// rebased to 0 (`[count + 1]`).
+    pub fn rank_offsets(&self) -> Result<Vec<u32>> {
+        let ranks = match self.shard {
+            Some(shard) => shard.ranks(&self.spec.ranks)?,
+            None => self.spec.ranks.clone(),
+        };
+        Ok(ranks.offsets().iter().map(|&o| o as u32).collect())
     }
 
     /// The layer.
@@ -198,7 +227,19 @@ impl LayerPlanner {
             if c.build.dtype != self.dtype {
                 return Err(MoleError::param("build", &c.build, "its dtype differs from the layer's"));
             }
+            if self.shard.is_some() && c.strategy != Strategy::Grouped {
+                return Err(MoleError::Unsupported(format!(
+                    "an expert shard runs the grouped path only, not the {} strategy",
+                    c.strategy
+                )));
+            }
             return Ok(c.clone());
+        }
+        if self.shard.is_some() {
+            // The tuning cache times whole layers; a shard's shape is not one of them.
+            self.spec.check_kernel_support()?;
+            let build = default_build(Strategy::Grouped, self.dtype);
+            return Ok(Choice { strategy: Strategy::Grouped, build, source: ChoiceSource::Heuristic });
         }
         let bucket = token_bucket(tokens);
         let mut choices = self.choices.lock().unwrap_or_else(|p| p.into_inner());
@@ -235,9 +276,11 @@ impl LayerPlanner {
                     .ok_or_else(|| MoleError::Unsupported(format!("no gating build for {dtype}")))?;
                 let threads = gating_build.block_threads();
                 let e = spec.routed_experts();
-                let grouping = gating::plan_slot_grouping(tokens, slots, e, config.bm as usize, threads)?;
+                // A shard plans its own experts out of the global ids the route writes.
+                let window = self.shard.map_or(0..e, |s| s.experts());
+                let grouping = gating::plan_slot_grouping(tokens, slots, window, e, config.bm as usize, threads)?;
                 let shape = SgmvShape { tokens, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
-                let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
+                let offsets = self.rank_offsets()?;
                 let sgmv = sgmv::plan(&choice.build, shape, &offsets, grouping.entry_stride)?;
                 Path::Grouped { route_build, route, gating_build, grouping, sgmv_build: choice.build.clone(), sgmv }
             }
@@ -265,7 +308,7 @@ impl LayerPlanner {
     ///
     /// # Safety
     /// As [`Backend::launch`]: every bound address holds at least the plan's length of its
-    /// buffer ([`LayerPlan::lens`]); the rank offsets are the spec's; `y` and the workspace
+    /// buffer ([`LayerPlan::lens`]); the rank offsets are [`LayerPlanner::rank_offsets`]; `y` and the workspace
     /// overlap nothing else.
     pub unsafe fn launch(&self, plan: &LayerPlan, bindings: &Bindings, backend: &mut dyn Backend) -> Result<()> {
         bindings.check(&plan.lens, "the layer")?;

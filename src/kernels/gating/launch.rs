@@ -386,7 +386,7 @@ pub struct GroupOutputs<'a> {
     pub offsets: &'a mut CudaSlice<u32>,
     /// At least the plan's [`Buf::PlanEntries`] length (see [`GroupingPlan::lens`]).
     pub entries: &'a mut CudaSlice<TokenSlot>,
-    /// `[1]`: 1 when an id outside `-1..E` was skipped, else 0.
+    /// `[1]`: 1 when an id outside `-1..global_experts` was skipped, else 0.
     pub status: &'a mut CudaSlice<u32>,
 }
 

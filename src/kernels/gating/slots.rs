@@ -14,6 +14,7 @@ use crate::plan::TokenSlot;
 use crate::{MoleError, Result};
 use cudarc::driver::sys::CUstream;
 use cudarc::driver::CudaSlice;
+use std::ops::Range;
 
 /// A validated launch set of per-slot routing plans: the three plan kernels once per slot, slot
 /// `s` with [`SlotGroupingPlan::params`]`(s)`.
@@ -47,16 +48,19 @@ impl SlotGroupingPlan {
     }
 }
 
-/// Plans the per-slot routing plans of `ids [tokens, slots]` over `experts` experts, segments
+/// Plans the per-slot routing plans of `ids [tokens, slots]` over the experts `experts` of
+/// `global_experts` (as [`plan_grouping`]: `0..E, E` for a whole layer, an expert-parallel
+/// shard's range otherwise; plan expert `e` is global expert `experts.start + e`), segments
 /// padded to a multiple of `block` (the SGMV build's `bm`).
 ///
-/// Errors: `slots`, `experts` or `block` zero, more than [`super::MAX_EXPERTS`] experts, a bad
-/// block size, `tokens` or `slots` past 32 bits, or a plan capacity ([`entry_capacity`]) or a
-/// packed buffer past what 32-bit offsets and the host can address.
+/// Errors: `slots`, `experts` or `block` zero, more than [`super::MAX_EXPERTS`] experts, a range
+/// past `global_experts`, a bad block size, `tokens` or `slots` past 32 bits, or a plan capacity
+/// ([`entry_capacity`]) or a packed buffer past what 32-bit offsets and the host can address.
 pub fn plan_slot_grouping(
     tokens: usize,
     slots: usize,
-    experts: usize,
+    experts: Range<usize>,
+    global_experts: usize,
     block: usize,
     block_threads: u32,
 ) -> Result<SlotGroupingPlan> {
@@ -64,7 +68,8 @@ pub fn plan_slot_grouping(
         return Err(MoleError::ZeroDimension { name: "slots" });
     }
     let ids_stride = u32::try_from(slots).map_err(|_| MoleError::param("slots", slots, "must fit in 32 bits"))?;
-    let mut grouping = plan_grouping(tokens, 1, experts, block, block_threads)?;
+    let mut grouping = plan_grouping(tokens, 1, experts, global_experts, block, block_threads)?;
+    let experts = grouping.params.experts as usize;
     let capacity = tokens as u128 + experts as u128 * (block as u128 - 1);
     if capacity > u32::MAX as u128 {
         return Err(MoleError::param("tokens", tokens, "slot plan capacity exceeds 2^32 entries"));
@@ -127,7 +132,7 @@ pub struct SlotGroupOutputs<'a> {
     pub offsets: &'a mut CudaSlice<u32>,
     /// `[slots, entry_stride]` entries, padding included.
     pub entries: &'a mut CudaSlice<TokenSlot>,
-    /// `[slots]`: 1 where column `s` held an id outside `-1..E` (skipped), else 0.
+    /// `[slots]`: 1 where column `s` held an id outside `-1..global_experts` (skipped), else 0.
     pub status: &'a mut CudaSlice<u32>,
 }
 
@@ -188,7 +193,7 @@ mod tests {
 
     #[test]
     fn slot_plan_bounds() {
-        let p = plan_slot_grouping(1000, 3, 8, 16, 128).unwrap();
+        let p = plan_slot_grouping(1000, 3, 0..8, 8, 16, 128).unwrap();
         assert_eq!(p.entry_stride, entry_capacity(1000, 8, 16));
         assert_eq!((p.slots, p.experts), (3, 8));
         let q = p.params(2);
@@ -206,12 +211,12 @@ mod tests {
         assert_eq!((c.grid, c.block, c.shared_bytes), (1, 128, 4 * 8 * 4));
         assert_eq!((sc.grid, p.grouping.scan.grid, p.grouping.scan.shared_bytes), (1, 1, 128));
         // Many tokens: bounded chunks, one warp each.
-        let big = plan_slot_grouping(5_000_000, 2, 64, 32, 256).unwrap();
+        let big = plan_slot_grouping(5_000_000, 2, 0..64, 64, 32, 256).unwrap();
         assert!(big.grouping.params.chunks as u64 <= MAX_CHUNKS);
         assert_eq!(big.grouping.count.unwrap().grid, big.grouping.params.chunks.div_ceil(8));
         assert_eq!(big.entry_stride, entry_capacity(5_000_000, 64, 32));
         // No tokens: only the scan runs (it still writes zero offsets and padding).
-        let empty = plan_slot_grouping(0, 2, 4, 8, 128).unwrap();
+        let empty = plan_slot_grouping(0, 2, 0..4, 4, 8, 128).unwrap();
         assert!(empty.grouping.count.is_none() && empty.grouping.scatter.is_none());
         assert_eq!(empty.entry_stride, entry_capacity(0, 4, 8));
         assert_eq!(empty.lens().get(Buf::PlanWorkspace), 1);
@@ -219,16 +224,16 @@ mod tests {
 
     #[test]
     fn slot_plans_are_validated() {
-        assert!(matches!(plan_slot_grouping(10, 0, 4, 4, 128), Err(MoleError::ZeroDimension { name: "slots" })));
-        assert!(matches!(plan_slot_grouping(10, 2, 0, 4, 128), Err(MoleError::ZeroDimension { .. })));
-        assert!(matches!(plan_slot_grouping(10, 2, 4, 0, 128), Err(MoleError::ZeroDimension { .. })));
-        assert!(plan_slot_grouping(10, 2, 1025, 4, 128).is_err());
-        assert!(plan_slot_grouping(10, 2, 4, 4, 100).is_err());
-        assert!(plan_slot_grouping(u32::MAX as usize, 2, 2, 2, 128).is_err());
-        assert!(plan_slot_grouping(1 << 20, 2, 1024, 1 << 23, 128).is_err());
+        assert!(matches!(plan_slot_grouping(10, 0, 0..4, 4, 4, 128), Err(MoleError::ZeroDimension { name: "slots" })));
+        assert!(matches!(plan_slot_grouping(10, 2, 0..0, 0, 4, 128), Err(MoleError::ZeroDimension { .. })));
+        assert!(matches!(plan_slot_grouping(10, 2, 0..4, 4, 0, 128), Err(MoleError::ZeroDimension { .. })));
+        assert!(plan_slot_grouping(10, 2, 0..1025, 1025, 4, 128).is_err());
+        assert!(plan_slot_grouping(10, 2, 0..4, 4, 4, 100).is_err());
+        assert!(plan_slot_grouping(u32::MAX as usize, 2, 0..2, 2, 2, 128).is_err());
+        assert!(plan_slot_grouping(1 << 20, 2, 0..1024, 1024, 1 << 23, 128).is_err());
 
         let b = build(DType::BF16, 128);
-        let p = plan_slot_grouping(10, 2, 4, 4, 128).unwrap();
+        let p = plan_slot_grouping(10, 2, 0..4, 4, 4, 128).unwrap();
         // SAFETY: the recorder keeps the launches without touching the fake addresses.
         let run = |binds: &Bindings, b: &KernelBuild| record(|r| unsafe { run_group_slots(b, &p, binds, r) });
         let ok = bound(p.lens());

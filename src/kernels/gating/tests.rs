@@ -75,8 +75,8 @@ fn stats_and_plan_params_layout_match_the_c_structs() {
         assert_eq!(*off, 4 * i, "{name}");
         assert_c_offset("mole_stats_params", name, *off);
     }
-    assert_eq!(size_of::<PlanParams>(), 36);
-    assert!(gating_cu().contains("sizeof(mole_plan_params) == 36"));
+    assert_eq!(size_of::<PlanParams>(), 44);
+    assert!(gating_cu().contains("sizeof(mole_plan_params) == 44"));
     let plan = [
         ("tokens", offset_of!(PlanParams, tokens)),
         ("slots", offset_of!(PlanParams, slots)),
@@ -87,6 +87,8 @@ fn stats_and_plan_params_layout_match_the_c_structs() {
         ("ids_stride", offset_of!(PlanParams, ids_stride)),
         ("column", offset_of!(PlanParams, column)),
         ("entry_stride", offset_of!(PlanParams, entry_stride)),
+        ("expert_base", offset_of!(PlanParams, expert_base)),
+        ("global_experts", offset_of!(PlanParams, global_experts)),
     ];
     for (i, (name, off)) in plan.iter().enumerate() {
         assert_eq!(*off, 4 * i, "{name}");
@@ -191,7 +193,7 @@ fn zero_tokens_launch_nothing() {
     }
     let s = plan_stats(0, 4, 2, true, true, Some(Entropy::SHANNON), 128).unwrap();
     assert!(s.partial.is_none() && s.params.chunks == 0 && s.finalize.grid == 1);
-    let g = plan_grouping(0, 2, 4, 8, 128).unwrap();
+    let g = plan_grouping(0, 2, 0..4, 4, 8, 128).unwrap();
     assert!(g.count.is_none() && g.scatter.is_none() && g.lens.get(Buf::PlanEntries) == 0 && g.scan.grid == 1);
 }
 
@@ -287,7 +289,7 @@ fn stats_plan_chunks_and_decode() {
 
 #[test]
 fn grouping_plan_bounds() {
-    let g = plan_grouping(1000, 2, 8, 16, 128).unwrap();
+    let g = plan_grouping(1000, 2, 0..8, 8, 16, 128).unwrap();
     assert_eq!((g.params.chunk_entries, g.params.chunks), (1024, 2));
     let want = BufLens::new()
         .with(Buf::Ids, 2000)
@@ -299,11 +301,30 @@ fn grouping_plan_bounds() {
     assert_eq!(g.lens, want);
     assert_eq!(g.count.unwrap().shared_bytes, 4 * 8 * 4);
     assert_eq!(g.scan.shared_bytes, 128);
-    let big = plan_grouping(10_000_000, 8, 64, 1, 256).unwrap();
+    let big = plan_grouping(10_000_000, 8, 0..64, 64, 1, 256).unwrap();
     assert!(big.params.chunks as u64 <= MAX_CHUNKS && big.params.chunk_entries.is_multiple_of(32));
     assert!(big.params.chunks as u64 * big.params.chunk_entries as u64 >= 80_000_000);
-    assert!(plan_grouping(1, 1, 4, 0, 128).is_err());
-    assert!(plan_grouping(1 << 30, 8, 4, 1, 128).is_err());
+    assert!(plan_grouping(1, 1, 0..4, 4, 0, 128).is_err());
+    assert!(plan_grouping(1 << 30, 8, 0..4, 4, 1, 128).is_err());
+}
+
+#[test]
+fn grouping_plan_over_an_expert_window() {
+    // A shard of experts 8..11 of 16: the plan is sized by the window, ids keep their global
+    // numbering in `ids` and the kernels get the base and the layer's expert count.
+    let g = plan_grouping(1000, 2, 8..11, 16, 16, 128).unwrap();
+    assert_eq!((g.params.experts, g.params.expert_base, g.params.global_experts), (3, 8, 16));
+    assert_eq!((g.lens.get(Buf::PlanCounts), g.lens.get(Buf::PlanOffsets)), (3, 4));
+    assert_eq!(g.lens.get(Buf::PlanEntries), 2000 + 3 * 15);
+    assert_eq!(g.count.unwrap().shared_bytes, 4 * 3 * 4);
+    let whole = plan_grouping(1000, 2, 0..8, 8, 16, 128).unwrap();
+    assert_eq!((whole.params.expert_base, whole.params.global_experts), (0, 8));
+    let param = |r: Result<GroupingPlan>| matches!(r, Err(MoleError::InvalidParameter { .. }));
+    assert!(matches!(plan_grouping(10, 2, 5..5, 16, 4, 128), Err(MoleError::ZeroDimension { .. })));
+    assert!(param(plan_grouping(10, 2, 14..17, 16, 4, 128)));
+    assert!(param(plan_grouping(10, 2, 0..2, 1 << 31, 4, 128)));
+    assert!(param(plan_grouping(10, 2, 0..MAX_EXPERTS + 1, 4096, 4, 128)));
+    assert!(plan_grouping(10, 2, 3000..3000 + MAX_EXPERTS, 4096, 4, 128).is_ok());
 }
 
 /// Every buffer of `lens` bound at a distinct fake address with its exact length.
@@ -413,7 +434,7 @@ fn stats_and_group_arguments_are_validated() {
         let h = Some(Entropy { q: 1.5, eps });
         assert!(plan_stats(10, 4, 2, true, false, h, 128).is_err(), "eps {eps}");
     }
-    let g = plan_grouping(10, 2, 4, 4, 128).unwrap();
+    let g = plan_grouping(10, 2, 0..4, 4, 4, 128).unwrap();
     // SAFETY: as above.
     let group = |binds: &Bindings| record(|r| unsafe { run_group(&b, &g, binds, r) });
     let ok = bound(&g.lens);
