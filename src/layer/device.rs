@@ -145,7 +145,14 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
         let threads = gating_build.block_threads();
         let e = spec.routed_experts();
         let grouping = gating::plan_slot_grouping(t, slots, e, config.bm as usize, threads)?;
-        let shape = SgmvShape { tokens: t, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
+        let shape = SgmvShape {
+            tokens: t,
+            slots,
+            d_in: spec.d_in,
+            d_out: spec.d_out,
+            scale: spec.scale as f32,
+            expert_scales: false,
+        };
         let sgmv = sgmv::plan(&self.choice.build, shape, offsets, grouping.entry_stride)?;
         let d = self.device;
         Ok(Grouped {
@@ -209,6 +216,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
             a: &self.a,
             b: &self.b,
             rank_offsets: &self.rank_offsets,
+            expert_scales: None,
             plan_offsets: &g.offsets,
             plan_entries: &g.entries,
             weights: &g.weights,

@@ -31,7 +31,8 @@ pub const WORKSPACE_BUFS: [Buf; 9] = [
 /// the allocator's own alignment give every buffer).
 pub const WORKSPACE_ALIGN: usize = 256;
 
-/// Buffers the caller passes to a forward (the runtime owns the rank offsets).
+/// Buffers the caller passes to a forward (the runtime owns the layer's constants,
+/// [`super::LayerConstants`]).
 pub const CALLER_BUFS: [Buf; 10] = [
     Buf::X,
     Buf::A,
@@ -236,7 +237,9 @@ impl LayerPlanner {
                 let threads = gating_build.block_threads();
                 let e = spec.routed_experts();
                 let grouping = gating::plan_slot_grouping(tokens, slots, e, config.bm as usize, threads)?;
-                let shape = SgmvShape { tokens, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
+                let (d_in, d_out, scale) = (spec.d_in, spec.d_out, spec.scale as f32);
+                let shape =
+                    SgmvShape { tokens, slots, d_in, d_out, scale, expert_scales: spec.expert_scales.is_some() };
                 let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
                 let sgmv = sgmv::plan(&choice.build, shape, &offsets, grouping.entry_stride)?;
                 Path::Grouped { route_build, route, gating_build, grouping, sgmv_build: choice.build.clone(), sgmv }
