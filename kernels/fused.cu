@@ -7,6 +7,9 @@
 //   h'[t]     = mix(h[t]; ids, w)            expert scale: each column times the summed weights of
 //                                            the selected experts owning it; core merge (CoMoL):
 //                                            h . sum_s w_s C_ids
+//   h'[t, c] *= s_e                          optional per-expert scales (expert_scales, one per
+//                                            bank expert; null: all 1): e the bank expert owning
+//                                            column c (core merge: expert 0 owns every column)
 //   y[t]      = round(y[t] + scale h'[t] . B)  each y element read once and written once
 //
 // The tile's hz [BT, R + E] (f32) lives in shared memory from the shrink to the expand: x is read
@@ -121,6 +124,7 @@ struct fused_gate_tensors {
     const int* adapter_ids;        // [T]
     const elem_t* selection_bias;  // [E]
     const mole_u32* rank_offsets;  // [E + 1]
+    const float* expert_scales;    // [bank experts] or null (all 1)
     const elem_t* cores;           // CoMoL [C, R, R]
     int* out_ids;                  // [T, slots] or null
     float* out_weights;            // [T, slots] or null
@@ -345,11 +349,14 @@ MOLE_DEVICE void stats_tile(const mole_fused_params& p, const fused_gate_tensors
 // Whether expert `id` of a slot can be used (ids outside 0..E contribute nothing).
 MOLE_DEVICE bool valid_expert(int id, mole_u32 experts) { return id >= 0 && (mole_u32)id < experts; }
 
-// h' in place in hz columns [0, R) (one warp per token).
+// h' in place in hz columns [0, R) (one warp per token), times the per-expert scales. A scale
+// of 1 (no expert_scales) multiplies exactly: nothing changes.
 MOLE_DEVICE void mix_tile(const mole_fused_params& p, const fused_gate_tensors& g, const fused_smem& s) {
     constexpr int GROUPS = MOLE_FUSED_MAX_COLS / MOLE_WARP_SIZE;
     const int lane = mole_lane(), slots = (int)p.gate.slots;
     const mole_u32 r = p.rank;
+    // Core merge: the one bank expert's scale covers every column.
+    const float merged_scale = p.mix == MOLE_MIX_CORE_MERGE && g.expert_scales ? g.expert_scales[0] : 1.0f;
     for (int i = mole_warp_id(); i < MOLE_FUSED_BT; i += MOLE_FUSED_WARPS) {
         float* h = s.hz + (mole_u64)i * p.cols;
         const int* ids = s.ids + i * slots;
@@ -360,13 +367,16 @@ MOLE_DEVICE void mix_tile(const mole_fused_params& p, const fused_gate_tensors& 
             const mole_u32 c = (mole_u32)(lane + gi * MOLE_WARP_SIZE);
             out[gi] = 0.0f;
             if (c >= r || p.mix != MOLE_MIX_EXPERT_SCALE) continue;
-            float weight = 0.0f;
+            // The column's bank expert scales it; an unselected one leaves weight 0 anyway.
+            float weight = 0.0f, scale = 1.0f;
             for (int j = 0; j < slots; ++j) {
                 const int id = ids[j];
-                if (valid_expert(id, p.gate.experts) && g.rank_offsets[id] <= c && c < g.rank_offsets[id + 1])
+                if (valid_expert(id, p.gate.experts) && g.rank_offsets[id] <= c && c < g.rank_offsets[id + 1]) {
                     weight += w[j];
+                    if (g.expert_scales) scale = g.expert_scales[id];
+                }
             }
-            out[gi] = weight * h[c];
+            out[gi] = weight * h[c] * scale;
         }
         if (p.mix == MOLE_MIX_CORE_MERGE) {
             // h'[c] = sum_i h[i] * (sum_s w_s C_s[i][c]), the merged core built on the fly.
@@ -389,7 +399,7 @@ MOLE_DEVICE void mix_tile(const mole_fused_params& p, const fused_gate_tensors& 
         MOLE_UNROLL
         for (int gi = 0; gi < GROUPS; ++gi) {
             const mole_u32 c = (mole_u32)(lane + gi * MOLE_WARP_SIZE);
-            if (c < r) h[c] = out[gi];
+            if (c < r) h[c] = out[gi] * merged_scale;
         }
     }
 }
@@ -445,11 +455,11 @@ MOLE_DEVICE void finish_tile(const mole_fused_params& p, const fused_gate_tensor
     const elem_t *__restrict__ router_weight, const elem_t *__restrict__ router_bias,                         \
         const elem_t *__restrict__ gate_in, const int *__restrict__ adapter_ids,                              \
         const elem_t *__restrict__ selection_bias, const mole_u32 *__restrict__ rank_offsets,                 \
-        const elem_t *__restrict__ cores, int *__restrict__ out_ids, float *__restrict__ out_weights,         \
-        float *__restrict__ out_probs, mole_u32 *__restrict__ stats_ws
+        const float *__restrict__ expert_scales, const elem_t *__restrict__ cores, int *__restrict__ out_ids, \
+        float *__restrict__ out_weights, float *__restrict__ out_probs, mole_u32 *__restrict__ stats_ws
 #define MOLE_FUSED_GATE_TENSORS                                                                                \
-    fused_gate_tensors{router_weight, router_bias,  gate_in,   adapter_ids, selection_bias, rank_offsets,    \
-                       cores,         out_ids,      out_weights, out_probs, stats_ws}
+    fused_gate_tensors{router_weight, router_bias, gate_in,     adapter_ids, selection_bias, rank_offsets,   \
+                       expert_scales, cores,       out_ids,     out_weights, out_probs,      stats_ws}
 
 // Grid: ceil(T / BT) blocks. The whole layer for one tile of tokens.
 MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)

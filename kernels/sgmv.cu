@@ -1,6 +1,7 @@
 // Segmented grouped LoRA (SGMV): the expert-scale layer's shrink and expand over per-slot routing
 // plans, with the semantics of src/reference/grouped.rs:
-//   y[t] += scale * sum_s w[t,s] * (x[t] . A[:, cols(e)]) . B[cols(e), :],  e = ids[t,s].
+//   y[t] += scale * sum_s s_e w[t,s] * (x[t] . A[:, cols(e)]) . B[cols(e), :],  e = ids[t,s],
+// where s_e are the optional per-expert scales (expert_scales [E]; null: all 1).
 //
 // Plans: one per slot, plan s built from column s of ids (src/plan.rs with slots = 1, block =
 // MOLE_SGMV_BM): offsets [slots, E+1] and entries [slots, entry_stride] (token; padding =
@@ -12,9 +13,9 @@
 //   writes its own slice: no atomics.
 // expand (one launch per slot, in slot order, grid = tiles x d_out/BN): acc[t,n] = sum_c
 //   (sum_split h_part[split, t*slots+s, c]) * B[lo_e + c, n], splits summed in order, then
-//   y[t,n] = round(y[t,n] + (scale * w[t,s]) * acc). In pass s each token appears at most once,
-//   so rows of y are updated without conflicts and the sum over slots has a fixed order: the
-//   result is deterministic. y is rounded to elem_t after every pass (slots roundings).
+//   y[t,n] = round(y[t,n] + (scale * (w[t,s] * s_e)) * acc). In pass s each token appears at
+//   most once, so rows of y are updated without conflicts and the sum over slots has a fixed
+//   order: the result is deterministic. y is rounded to elem_t after every pass (slots roundings).
 //
 // This is the FMA path (f32 math for every dtype): x/A (shrink) and h/B (expand) are staged in
 // shared memory in chunks of KC along the reduction; every index into a tensor is 64-bit.
@@ -110,13 +111,14 @@ struct sgmv_tile {
     mole_u32 end;      // one past the expert's last entry (padding included)
     mole_u32 col_lo;   // the expert's first column in A / B
     mole_u32 rank;     // r_e (<= r_max)
+    mole_u32 expert;   // e
 };
 
 // Expert of tile `tile` in plan `offs` [E+1]: the last e with offs[e] <= start (empty experts
 // share their successor's offset and are skipped by taking the last).
 MOLE_DEVICE sgmv_tile sgmv_find_tile(const mole_sgmv_params& p, const mole_u32* __restrict__ offs,
                                      const mole_u32* __restrict__ rank_offsets, mole_u32 tile) {
-    sgmv_tile r = {false, 0u, 0u, 0u, 0u};
+    sgmv_tile r = {false, 0u, 0u, 0u, 0u, 0u};
     const mole_u64 start = (mole_u64)tile * MOLE_SGMV_BM;
     if (start >= (mole_u64)offs[p.experts]) return r;
     mole_u32 lo = 0u, hi = p.experts;  // invariant: offs[lo] <= start < offs[hi]
@@ -129,10 +131,16 @@ MOLE_DEVICE sgmv_tile sgmv_find_tile(const mole_sgmv_params& p, const mole_u32* 
     r.begin = (mole_u32)start;
     r.end = offs[lo + 1u];
     r.col_lo = rank_offsets[lo];
+    r.expert = lo;
     const mole_u32 rank = rank_offsets[lo + 1u] - rank_offsets[lo];
     // The host validated rank_offsets; the clamp keeps a corrupted copy from writing past h.
     r.rank = rank < p.r_max ? rank : p.r_max;
     return r;
+}
+
+// The tile's expert scale s_e (1 without per-expert scales: multiplying by it is exact).
+MOLE_DEVICE float sgmv_expert_scale(const sgmv_tile& tile, const float* __restrict__ expert_scales) {
+    return expert_scales ? expert_scales[tile.expert] : 1.0f;
 }
 
 // Loads the tile's tokens into `rows` (-1 for padding and for entries past the expert's end).
@@ -212,10 +220,12 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     }
 }
 
-// Pass `p.slot`: y[t, n] = round(y[t, n] + (scale * w[t, s]) * sum_c h[t, s, c] * B[col_lo + c, n]).
+// Pass `p.slot`:
+//   y[t, n] = round(y[t, n] + (scale * (w[t, s] * s_e)) * sum_c h[t, s, c] * B[col_lo + c, n]).
 MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     MOLE_ENTRY(sgmv_expand)(const mole_sgmv_params p, const float* __restrict__ h_part, const elem_t* __restrict__ b,
-                            const mole_u32* __restrict__ rank_offsets, const mole_u32* __restrict__ plan_offsets,
+                            const mole_u32* __restrict__ rank_offsets, const float* __restrict__ expert_scales,
+                            const mole_u32* __restrict__ plan_offsets,
                             const mole_sgmv_entry* __restrict__ plan_entries, const float* __restrict__ weights,
                             elem_t* __restrict__ y) {
     __shared__ int rows[MOLE_SGMV_BM];
@@ -268,10 +278,11 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     }
     const mole_u64 n = n0 + (mole_u64)col;
     if (n >= p.d_out) return;
+    const float se = sgmv_expert_scale(tile, expert_scales);
     for (int j = 0; j < PER_THREAD; ++j) {
         const int t = rows[row0 + j * ROW_STEP];
         if (t < 0) continue;
-        const float w = weights[(mole_u64)t * p.slots + s];
+        const float w = weights[(mole_u64)t * p.slots + s] * se;
         elem_t* out = y + (mole_u64)t * p.d_out + n;
         store_from_f32(out, load_f32(out) + (p.scale * w) * acc[j]);
     }
@@ -411,7 +422,7 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
 MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     MOLE_ENTRY(sgmv_expand_mma)(const mole_sgmv_params p, const float* __restrict__ h_part,
                                 const elem_t* __restrict__ b, const mole_u32* __restrict__ rank_offsets,
-                                const mole_u32* __restrict__ plan_offsets,
+                                const float* __restrict__ expert_scales, const mole_u32* __restrict__ plan_offsets,
                                 const mole_sgmv_entry* __restrict__ plan_entries, const float* __restrict__ weights,
                                 elem_t* __restrict__ y) {
     __shared__ int rows[MOLE_SGMV_BM];
@@ -473,13 +484,14 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
         mole_ldmatrix_x4_trans(bf, &bs[lane % 16][n0 + (lane / 16) * 8]);
         mole_tc_mma_hilo(acc, ah, al, bf, rinv[m0 + g], rinv[m0 + g + 8]);
     }
+    const float se = sgmv_expert_scale(tile, expert_scales);
     for (int j = 0; j < 2; ++j) {
         for (int q = 0; q < 4; ++q) {
             const int r = m0 + mole_tc_acc_row(lane, q);
             const mole_u64 n = nb + (mole_u64)(n0 + mole_tc_acc_col(lane, j, q));
             const int t = rows[r];
             if (t < 0 || n >= p.d_out) continue;
-            const float w = weights[(mole_u64)t * p.slots + s];
+            const float w = weights[(mole_u64)t * p.slots + s] * se;
             elem_t* out = y + (mole_u64)t * p.d_out + n;
             store_from_f32(out, load_f32(out) + (p.scale * w) * acc[j][q]);
         }

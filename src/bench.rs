@@ -202,6 +202,7 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
             d_in: data.d_in,
             d_out: data.d_out,
             scale: data.scale as f32,
+            expert_scales: false,
         };
         let plan = sgmv::plan(&build, shape, &offsets, plans.entry_stride)?;
         let stream = device.stream();
@@ -233,6 +234,7 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
             a: &self.a,
             b: &self.b,
             rank_offsets: &self.rank_offsets,
+            expert_scales: None,
             plan_offsets: &self.plan_offsets,
             plan_entries: &self.plan_entries,
             weights: &self.weights,

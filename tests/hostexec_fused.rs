@@ -1,8 +1,9 @@
 //! The fused layer kernels (`kernels/fused.cu`) through the host execution layer against the f64
 //! reference [`mole::reference::forward`]: every method preset, every dtype, the single-launch
-//! and split variants, random shapes (odd `d_in` / `d_out`, partial token tiles), random thread
-//! schedules, `y` random and non-zero, every output and workspace poisoned before the launch;
-//! and the fused path against the grouped one (route-only fused launch, then the SGMV kernels).
+//! and split variants, random shapes (odd `d_in` / `d_out`, partial token tiles), per-expert
+//! scales (zero and negative among them) on part of the cases, random thread schedules, `y`
+//! random and non-zero, every output and workspace poisoned before the launch; and the fused path
+//! against the grouped one (route-only fused launch, then the SGMV kernels).
 //!
 //! Checks, per case:
 //! - routing: the kernel's ids equal the reference's on every token but at most one (router
@@ -20,9 +21,10 @@ use mole::kernels::fused::{self, FusedOutputs, FusedPlan, FusedVariant};
 use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
 use mole::model::{LayerSpec, Method, MethodShape, Mix};
 use mole::reference::linalg::{expand, shrink};
-use mole::reference::mix::{core_merge, expert_scale};
+use mole::reference::mix::{core_merge, expert_scale, scale_experts};
 use mole::reference::{self, tolerance_with, Routing};
-use mole::synth::SyntheticLayer;
+use mole::runtime::LayerConstants;
+use mole::synth::{Rng, SyntheticLayer};
 use mole::{DType, KernelElement, Scalar};
 use mole_hostexec::{Buffer, Schedule};
 
@@ -55,7 +57,7 @@ fn run_fused<T: KernelElement + bytemuck::Pod>(
     schedule: Schedule,
 ) -> FusedResult {
     let build = fused::build(T::DTYPE, plan.config);
-    let offsets: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
+    let constants = LayerConstants::of(spec);
     let given = |name: &str, v: Option<&[T]>| v.map(|v| Buffer::from_slice(name, v));
     let (x, a, b) = (given("x", Some(&data.x)), given("a", Some(&data.a)), given("b", Some(&data.b)));
     let y = given("y", Some(&data.y));
@@ -64,7 +66,8 @@ fn run_fused<T: KernelElement + bytemuck::Pod>(
     let gi = given("gate_in", data.logits.as_deref().or(data.weights.as_deref()));
     let ai = data.adapter_ids.as_deref().map(|v| Buffer::from_slice("adapter_ids", v));
     let sb = given("selection_bias", data.selection_bias.as_deref());
-    let ro = Some(Buffer::from_slice("rank_offsets", &offsets));
+    let ro = Some(Buffer::from_slice("rank_offsets", &constants.rank_offsets));
+    let es = constants.expert_scales.as_deref().map(|s| Buffer::from_slice("expert_scales", s));
     let co = given("cores", data.cores.as_deref());
     let len = |buf| plan.lens.get(buf);
     fn poisoned<U: bytemuck::Pod>(name: &str, n: usize) -> Option<Buffer<U>> {
@@ -92,6 +95,7 @@ fn run_fused<T: KernelElement + bytemuck::Pod>(
     }
     bind(&mut binds, Buf::AdapterIds, &ai);
     bind(&mut binds, Buf::RankOffsets, &ro);
+    bind(&mut binds, Buf::ExpertScales, &es);
     bind(&mut binds, Buf::Ids, &ids);
     for (buf, f) in [(Buf::RouteWeights, &w), (Buf::Probs, &probs), (Buf::StatsOut, &stats), (Buf::Partials, &hz)] {
         bind(&mut binds, buf, f);
@@ -110,22 +114,29 @@ fn run_fused<T: KernelElement + bytemuck::Pod>(
     }
 }
 
-/// `y0 + scale · mix(h; routing) · B` and the same on absolute values (the error scale).
+/// `y0 + scale · (mix(h; routing) ⊙ s) · B` and the same on absolute values (the error scale).
 fn expected<T: Scalar>(spec: &LayerSpec, data: &SyntheticLayer<T>, routing: &Routing) -> (Vec<f64>, Vec<f64>) {
     let f = |v: &[T]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
     let abs = |v: Vec<f64>| v.into_iter().map(f64::abs).collect::<Vec<f64>>();
     let (t, r) = (data.tokens, spec.total_rank());
     let (x, a, b, y0) = (f(&data.x), f(&data.a), f(&data.b), f(&data.y));
-    let mix = |h: &[f64], routing: &Routing, cores: &[f64]| match spec.mix {
-        Mix::ExpertScale => expert_scale(h, routing, &spec.ranks),
-        Mix::CoreMerge { .. } => core_merge(h, routing, cores, r),
+    let mix = |h: &[f64], routing: &Routing, cores: &[f64], abs_scales: bool| {
+        let mut mixed = match spec.mix {
+            Mix::ExpertScale => expert_scale(h, routing, &spec.ranks),
+            Mix::CoreMerge { .. } => core_merge(h, routing, cores, r),
+        };
+        if let Some(s) = &spec.expert_scales {
+            let s: Vec<f64> = s.iter().map(|v| if abs_scales { v.abs() } else { *v }).collect();
+            scale_experts(&mut mixed, &spec.ranks, &s);
+        }
+        mixed
     };
     let cores = data.cores.as_deref().map(f).unwrap_or_default();
     let h = shrink(&x, &a, t, spec.d_in, r);
-    let want = expand(&mix(&h, routing, &cores), &b, &y0, spec.scale, t, r, spec.d_out);
+    let want = expand(&mix(&h, routing, &cores, false), &b, &y0, spec.scale, t, r, spec.d_out);
     let abs_routing = Routing { weights: routing.weights.iter().map(|w| w.abs()).collect(), ..routing.clone() };
     let h_abs = shrink(&abs(x), &abs(a), t, spec.d_in, r);
-    let mixed_abs = mix(&h_abs, &abs_routing, &abs(cores));
+    let mixed_abs = mix(&h_abs, &abs_routing, &abs(cores), true);
     let p = expand(&mixed_abs, &abs(b), &abs(y0), spec.scale.abs(), t, r, spec.d_out);
     (want, p)
 }
@@ -249,6 +260,14 @@ fn method_spec(method: Method, d_in: usize, d_out: usize) -> LayerSpec {
     method.spec(shape).unwrap()
 }
 
+/// `spec` with random per-expert scales, one per bank expert, exact in f32: zero, negative,
+/// fractional and large ones.
+fn with_scales(spec: LayerSpec, seed: u64) -> LayerSpec {
+    let mut rng = Rng::new(seed ^ 0x5ca1e);
+    let scales = (0..spec.ranks.num_experts()).map(|_| [0.0, -1.5, 0.75, 2.0, -0.25, 3.5][rng.below(6)]).collect();
+    LayerSpec { expert_scales: Some(scales), ..spec }
+}
+
 fn check_dtype(
     dtype: DType,
     spec: &LayerSpec,
@@ -285,8 +304,10 @@ fn every_method_matches_the_reference_in_every_variant() {
     for (i, method) in Method::ALL.into_iter().enumerate() {
         for (j, dtype) in DType::ALL.into_iter().enumerate() {
             for (d_in, d_out, variant, kernels) in runs {
-                let spec = method_spec(method, d_in, d_out);
                 let seed = (i * 7 + j) as u64;
+                // Per-expert scales on every other case: each method and run sees both.
+                let spec = method_spec(method, d_in, d_out);
+                let spec = if case % 2 == 1 { with_scales(spec, seed) } else { spec };
                 let schedule = [Schedule::Forward, Schedule::Reverse, Schedule::Seeded(seed)][case % 3];
                 case += 1;
                 check_dtype(dtype, &spec, 21, seed, variant, kernels, schedule).unwrap_or_else(|e| {
@@ -317,11 +338,13 @@ proptest! {
         d_in in prop_oneof![1usize..150, (1usize..20).prop_map(|v| 8 * v)],
         d_out in prop_oneof![1usize..90, (1usize..12).prop_map(|v| 8 * v)],
         fma in any::<bool>(),
+        scaled in any::<bool>(),
         tokens in 1usize..40,
         split in prop::option::of((1u32..6, 1u32..4)),
         seed in any::<u64>(),
     ) {
         let spec = method_spec(method, d_in, d_out);
+        let spec = if scaled { with_scales(spec, seed) } else { spec };
         let variant = split.map_or(FusedVariant::Single, |(s, n)| FusedVariant::Split { splits: s, n_per_block: 32 * n });
         let kernels = if fma { Kernels::Fma } else { Kernels::Auto };
         let r = check_dtype(dtype, &spec, tokens, seed, variant, kernels, Schedule::Seeded(seed));
@@ -338,13 +361,17 @@ fn grouped_y(spec: &LayerSpec, data: &SyntheticLayer<half::bf16>, schedule: Sche
     let (t_n, slots, e_n) = (data.tokens, route.params.gate.slots as usize, spec.routed_experts());
     let sgmv_build = sgmv::build(dtype, SgmvConfig::DEFAULT);
     let plans = SlotPlans::build(&routed.ids, t_n, slots, e_n, SgmvConfig::DEFAULT.bm as usize).unwrap();
-    let offs: Vec<u32> = spec.ranks.offsets().iter().map(|&o| o as u32).collect();
-    let shape = SgmvShape { tokens: t_n, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
-    let p = sgmv::plan(&sgmv_build, shape, &offs, plans.entry_stride).unwrap();
+    let constants = LayerConstants::of(spec);
+    let offs = &constants.rank_offsets;
+    let (d_in, d_out, scale, expert_scales) =
+        (spec.d_in, spec.d_out, spec.scale as f32, constants.expert_scales.is_some());
+    let shape = SgmvShape { tokens: t_n, slots, d_in, d_out, scale, expert_scales };
+    let p = sgmv::plan(&sgmv_build, shape, offs, plans.entry_stride).unwrap();
     let (x, a, b) =
         (Buffer::from_slice("x", &data.x), Buffer::from_slice("a", &data.a), Buffer::from_slice("b", &data.b));
     let y = Buffer::from_slice("y", &data.y);
-    let ro = Buffer::from_slice("rank_offsets", &offs);
+    let ro = Buffer::from_slice("rank_offsets", offs);
+    let es = constants.expert_scales.as_deref().map(|s| Buffer::from_slice("expert_scales", s));
     let po = Buffer::from_slice("plan_offsets", &plans.offsets);
     let pe = Buffer::from_slice("plan_entries", bytemuck::cast_slice::<_, [u32; 2]>(&plans.entries));
     let w = Buffer::from_slice("weights", &routed.weights);
@@ -363,6 +390,9 @@ fn grouped_y(spec: &LayerSpec, data: &SyntheticLayer<half::bf16>, schedule: Sche
     ] {
         binds.raw(buf, addr);
     }
+    if let Some(es) = &es {
+        binds.raw(Buf::ExpertScales, es.device_ptr());
+    }
     // SAFETY: every bound address is a live host-execution buffer of the plan's length.
     unsafe { sgmv::run(&sgmv_build, &p, &binds, &mut HostBackend::new(schedule)) }.unwrap();
     y.read().iter().map(|v| v.to_f64()).collect()
@@ -373,7 +403,9 @@ fn fused_and_grouped_paths_agree() {
     for (i, method) in
         [Method::MixLora, Method::DynMole, Method::XLora, Method::AdapterServing, Method::Smora].into_iter().enumerate()
     {
+        // Per-expert scales on every other method.
         let spec = method_spec(method, 96, 64);
+        let spec = if i % 2 == 1 { with_scales(spec, i as u64) } else { spec };
         let data = SyntheticLayer::<half::bf16>::new(&spec, 37, 100 + i as u64);
         let build = fused::build(DType::BF16, fused::FusedConfig::DEFAULT);
         let plan = fused::plan(&build, &spec, 37, FusedVariant::Single, FusedOutputs::default()).unwrap();

@@ -2,8 +2,10 @@
 //! forward (strategy, launches, workspace layout), the caller's tensors and a poisoned byte
 //! workspace are bound exactly as `CompiledLayer::forward` binds them, and `LayerPlanner::launch`
 //! runs every launch (fused; split; routing, device slot plans and SGMV) through the same packing
-//! code the GPU uses. Every standard method, against the f64 reference, under the tolerance of
-//! f32 accumulation over `d_in + R` and one (fused) or `slots + 1` (grouped) roundings of `y`.
+//! code the GPU uses. Every standard method, with and without per-expert scales, against the f64
+//! reference, under the tolerance of f32 accumulation over `d_in + R` and one (fused) or
+//! `slots + 1` (grouped) roundings of `y`. The layer's constants (rank offsets, per-expert scales)
+//! are bound as `CompiledLayer` binds its device copies of them.
 
 mod host;
 
@@ -12,8 +14,8 @@ use mole::exec::{Bindings, Buf};
 use mole::layer::{default_build, Choice, ChoiceSource, STANDARD_METHODS};
 use mole::model::{ExpertShard, LayerInputs, LayerSpec, MethodShape, Mix, RankLayout, Router};
 use mole::reference;
-use mole::runtime::LayerPlanner;
-use mole::synth::SyntheticLayer;
+use mole::runtime::{LayerConstants, LayerPlanner};
+use mole::synth::{Rng, SyntheticLayer};
 use mole::tune::Strategy;
 use mole::{DType, KernelElement};
 use mole_hostexec::{Buffer, Schedule};
@@ -45,11 +47,11 @@ fn run<T: KernelElement>(
     }
     let plan = planner.plan(tokens).unwrap();
     let data = SyntheticLayer::<T>::new(spec, tokens, seed);
-    let offsets = planner.rank_offsets().unwrap();
     let (a, b_shard) = match shard {
         Some(s) => s.take_bank(&spec.ranks, spec.d_in, &data.a, &data.b).unwrap(),
         None => (data.a.clone(), data.b.clone()),
     };
+    let constants = LayerConstants::for_planner(&planner).unwrap();
     let gate_input = data.logits.as_deref().or(data.weights.as_deref());
     let tensors: Vec<(Buf, Option<Buffer<T>>)> = vec![
         (Buf::X, Some(buffer("x", &data.x))),
@@ -63,7 +65,8 @@ fn run<T: KernelElement>(
         (Buf::Cores, data.cores.as_deref().map(|v| buffer("cores", v))),
     ];
     let adapter_ids = data.adapter_ids.as_deref().map(|v| buffer("adapter_ids", v));
-    let rank_offsets = buffer("rank_offsets", &offsets);
+    let rank_offsets = buffer("rank_offsets", &constants.rank_offsets);
+    let expert_scales = constants.expert_scales.as_deref().map(|s| buffer("expert_scales", s));
     let workspace = Buffer::<u8>::poisoned("workspace", plan.workspace_bytes.max(1));
     let mut b = Bindings::new();
     for (buf, t) in &tensors {
@@ -75,6 +78,9 @@ fn run<T: KernelElement>(
         b.sized(Buf::AdapterIds, ids.device_ptr(), ids.len());
     }
     b.sized(Buf::RankOffsets, rank_offsets.device_ptr(), rank_offsets.len());
+    if let Some(s) = &expert_scales {
+        b.sized(Buf::ExpertScales, s.device_ptr(), s.len());
+    }
     plan.bind_workspace(&mut b, workspace.device_ptr());
     let mut host = HostBackend::new(Schedule::Seeded(seed));
     // SAFETY: every bound address is a live host-execution buffer of the bound length; the
@@ -105,19 +111,28 @@ fn check<T: KernelElement>(spec: &LayerSpec, tokens: usize, choice: Option<Choic
     assert!(err <= tol, "{what} {} {strategy} T={tokens}: error {err:.3e} > {tol:.3e}", T::DTYPE);
 }
 
+/// `spec` with random per-expert scales (exact in f32; zero and negative among them).
+fn with_scales(spec: LayerSpec, seed: u64) -> LayerSpec {
+    let mut rng = Rng::new(seed);
+    let scales = (0..spec.ranks.num_experts()).map(|_| [0.0, -1.5, 0.75, 2.0, -0.25, 3.5][rng.below(6)]).collect();
+    LayerSpec { expert_scales: Some(scales), ..spec }
+}
+
 #[test]
 fn every_method_through_the_runtime_matches_the_reference() {
-    for (method, experts, rank, k) in STANDARD_METHODS {
+    for (i, (method, experts, rank, k)) in STANDARD_METHODS.into_iter().enumerate() {
         let spec = method.spec(MethodShape { d_in: 48, d_out: 40, experts, rank, k, alpha: 2.0 }).unwrap();
-        for tokens in [3usize, 37] {
-            check::<half::bf16>(&spec, tokens, None, &method.to_string());
+        for (tokens, scaled) in [(3usize, false), (37, false), (5, true), (37, true)] {
+            let spec = if scaled { with_scales(spec.clone(), i as u64 + tokens as u64) } else { spec.clone() };
+            let what = format!("{method}{}", if scaled { " with expert scales" } else { "" });
+            check::<half::bf16>(&spec, tokens, None, &what);
             if grouped_runs(&spec) {
                 let choice = Choice {
                     strategy: Strategy::Grouped,
                     build: default_build(Strategy::Grouped, DType::BF16),
                     source: ChoiceSource::Heuristic,
                 };
-                check::<half::bf16>(&spec, tokens, Some(choice), &method.to_string());
+                check::<half::bf16>(&spec, tokens, Some(choice), &what);
             }
         }
     }
@@ -125,6 +140,7 @@ fn every_method_through_the_runtime_matches_the_reference() {
     let spec =
         spec.0.spec(MethodShape { d_in: 32, d_out: 24, experts: spec.1, rank: 4, k: spec.3, alpha: 2.0 }).unwrap();
     check::<f32>(&spec, 20, None, "f32");
+    check::<f32>(&with_scales(spec, 3), 20, None, "f32 with expert scales");
 }
 
 /// Each shard of a partition through the runtime against the shard reference, and their deltas,

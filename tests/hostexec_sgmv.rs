@@ -2,10 +2,12 @@
 //! reference [`mole::reference::grouped_forward`]: random shapes (odd `d_in`/`d_out`, ragged
 //! ranks including rank 0, several split-K slices), segment-length distributions that stress the
 //! plans (identical, uniform, zipf, one expert taking every token, many empty experts), every
-//! dtype, random thread schedules, `y` filled with random non-zero data and the `h` workspace
-//! poisoned before the launch.
+//! dtype, per-expert scales (zero and negative among them) on part of the cases, random thread
+//! schedules, `y` filled with random non-zero data and the `h` workspace poisoned before the
+//! launch.
 //!
-//! Tolerance, per output element: with `P = |y| + |scale| Σ_s |w_s| Σ_c (Σ_k |x_k A_kc|) |B_cn|`
+//! Tolerance, per output element: with
+//! `P = |y| + |scale| Σ_s |s_e w_s| Σ_c (Σ_k |x_k A_kc|) |B_cn|`
 //! (the sum of absolute terms), `|got - exact| <= tolerance_with(slots · u, 2^-24, n) · P`, where
 //! `n = d_in + r_max + splits + 8` covers the f32 operations on one path (shrink over the split,
 //! the in-order split sum, the expand over the rank, the weight and the add) and `slots · u`
@@ -50,6 +52,8 @@ struct Case {
     spread: Spread,
     dtype: DType,
     scale: f32,
+    /// Per-expert scales `s_e` (exact in f32), or none (all 1, passed as null).
+    expert_scales: Option<Vec<f32>>,
     /// Shrink with the FMA kernel even where the plan picks the tensor-core one.
     force_fma: bool,
     /// Expand with the FMA kernel even where the plan picks the tensor-core one.
@@ -138,6 +142,8 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             if ranks.iter().all(|&r| r == 0) {
                 ranks[rng.below(experts)] = 7;
             }
+            // Per-expert scales on half the cases, zero and negative ones among them.
+            let expert_scales = (rng.below(2) == 0).then(|| random_scales(&mut rng, experts));
             Case {
                 tokens,
                 slots: slots.min(experts),
@@ -147,6 +153,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 spread,
                 dtype: DType::ALL[d],
                 scale: [0.5, 1.0, 2.0, -1.5][rng.below(4)],
+                expert_scales,
                 force_fma: rng.below(4) == 0,
                 force_fma_expand: rng.below(4) == 0,
                 seed,
@@ -157,6 +164,11 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 },
             }
         })
+}
+
+/// `n` per-expert scales, exact in f32: zero, negative, fractional and large ones.
+fn random_scales(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| [0.0, -1.5, 0.75, 2.0, -0.25, 1.0, 3.5, -2.0][rng.below(8)]).collect()
 }
 
 /// A buffer of `T` from f64 values, and the values as the kernel sees them.
@@ -205,7 +217,8 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
     let build = sgmv::build(c.dtype, SgmvConfig::DEFAULT);
     let bm = SgmvConfig::DEFAULT.bm as usize;
     let plans = SlotPlans::build(&ids, t_n, slots, e_n, bm).map_err(|e| fail(e.to_string()))?;
-    let shape = SgmvShape { tokens: t_n, slots, d_in: c.d_in, d_out: c.d_out, scale: c.scale };
+    let expert_scales = c.expert_scales.is_some();
+    let shape = SgmvShape { tokens: t_n, slots, d_in: c.d_in, d_out: c.d_out, scale: c.scale, expert_scales };
     let p = sgmv::plan(&build, shape, &offs32, plans.entry_stride).map_err(|e| fail(e.to_string()))?;
 
     let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
@@ -218,6 +231,7 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
         Buffer::from_slice("plan_entries", &plans.entries)
     };
     let w_buf = if w32.is_empty() { Buffer::poisoned("weights", 1) } else { Buffer::from_slice("weights", &w32) };
+    let s_buf = c.expert_scales.as_ref().map(|s| Buffer::from_slice("expert_scales", s));
     let h_buf = Buffer::<f32>::poisoned("h_part", nonempty(p.lens.get(Buf::Partials)));
     let mut p = p;
     if c.force_fma {
@@ -236,6 +250,9 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
     bind(&mut binds, Buf::RouteWeights, &w_buf);
     bind(&mut binds, Buf::Partials, &h_buf);
     bind(&mut binds, Buf::Y, &y_buf);
+    if let Some(s) = &s_buf {
+        bind(&mut binds, Buf::ExpertScales, s);
+    }
     let mut host = HostBackend::new(c.schedule);
     // SAFETY: every bound address is a live host-execution buffer of the bound length.
     unsafe { sgmv::run(&build, &p, &binds, &mut host) }.map_err(|e| fail(e.to_string()))?;
@@ -244,8 +261,10 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
 
     let routing = Routing { tokens: t_n, slots, experts: e_n, ids: ids.clone(), weights: w.clone(), probs: None };
     let rplan = RoutingPlan::build(&ids, t_n, slots, e_n, 1).map_err(|e| fail(e.to_string()))?;
-    let bank =
-        Bank { a: &a, b: &b, ranks: &layout, scale: c.scale as f64, expert_scales: None, d_in: c.d_in, d_out: c.d_out };
+    let scales: Option<Vec<f64>> = c.expert_scales.as_ref().map(|s| s.iter().map(|&v| v as f64).collect());
+    let scale_of = |e: usize| scales.as_ref().map_or(1.0, |s| s[e]);
+    let (scale, d_in, d_out) = (c.scale as f64, c.d_in, c.d_out);
+    let bank = Bank { a: &a, b: &b, ranks: &layout, scale, expert_scales: scales.as_deref(), d_in, d_out };
     let want = grouped_forward(&x, &y0, bank, &routing, &rplan);
 
     let r_max = c.ranks.iter().copied().max().unwrap_or(0);
@@ -259,10 +278,11 @@ fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case) -> Result<Vec<f64>, TestCaseEr
             if id < 0 || c.ranks[id as usize] == 0 {
                 continue;
             }
+            let ws = (scale * w[t * slots + s] * scale_of(id as usize)).abs();
             for col in layout.cols(id as usize) {
                 let habs: f64 = (0..c.d_in).map(|k| (x[t * c.d_in + k] * a[k * r_total + col]).abs()).sum();
                 for (nn, bnd) in bound.iter_mut().enumerate() {
-                    *bnd += (c.scale as f64 * w[t * slots + s]).abs() * habs * b[col * c.d_out + nn].abs();
+                    *bnd += ws * habs * b[col * c.d_out + nn].abs();
                 }
             }
         }
@@ -326,6 +346,7 @@ fn many_experts_and_full_rank() {
             spread: Spread::ManyEmpty,
             dtype,
             scale: 2.0,
+            expert_scales: (i > 0).then(|| (0..4096).map(|e| [1.5, -0.5, 0.0, 2.0][e % 4]).collect()),
             force_fma: false,
             force_fma_expand: false,
             seed: 7 + i as u64,
@@ -357,7 +378,7 @@ fn expand_exact<T: Scalar + bytemuck::Pod>(dtype: DType, p_bits: i32) {
     let ids: Vec<i32> = (0..t_n).map(|_| rng.below(ranks.len()) as i32).collect();
     let plans = SlotPlans::build(&ids, t_n, 1, ranks.len(), SgmvConfig::DEFAULT.bm as usize).unwrap();
     let build = sgmv::build(dtype, SgmvConfig::DEFAULT);
-    let shape = SgmvShape { tokens: t_n, slots: 1, d_in: 16, d_out, scale: 0.75 };
+    let shape = SgmvShape { tokens: t_n, slots: 1, d_in: 16, d_out, scale: 0.75, expert_scales: false };
     let p = sgmv::plan(&build, shape, &offs, plans.entry_stride).unwrap();
     let expand = p.expand.unwrap();
     assert!(std::ptr::eq(expand.kernel, &sgmv::kernel::EXPAND_MMA));
@@ -447,7 +468,7 @@ fn infinite_h<T: Scalar + bytemuck::Pod>(dtype: DType) {
 
     let build = sgmv::build(dtype, SgmvConfig::DEFAULT);
     let plans = SlotPlans::build(&ids, t_n, 1, ranks.len(), SgmvConfig::DEFAULT.bm as usize).unwrap();
-    let shape = SgmvShape { tokens: t_n, slots: 1, d_in, d_out, scale: 0.5 };
+    let shape = SgmvShape { tokens: t_n, slots: 1, d_in, d_out, scale: 0.5, expert_scales: false };
     let p = sgmv::plan(&build, shape, &offs32, plans.entry_stride).unwrap();
     let fma_plan = p.clone().with_fma_expand();
     let mma = !std::ptr::eq(p.expand.unwrap().kernel, fma_plan.expand.unwrap().kernel);

@@ -65,7 +65,7 @@ fn shrink_offsets_past_2_pow_32_elements() {
     let bm = SgmvConfig::DEFAULT.bm as usize;
     let plans = SlotPlans::build(&ids, TOKENS, 1, 1, bm).unwrap();
     let offs = [0u32, RANK as u32];
-    let shape = SgmvShape { tokens: TOKENS, slots: 1, d_in: D_IN, d_out: D_OUT, scale };
+    let shape = SgmvShape { tokens: TOKENS, slots: 1, d_in: D_IN, d_out: D_OUT, scale, expert_scales: false };
     let p = sgmv::plan(&sgmv::build(dtype, SgmvConfig::DEFAULT), shape, &offs, plans.entry_stride).unwrap();
     let build = sgmv::build(dtype, SgmvConfig::DEFAULT);
     let shrink = p.shrink.unwrap();

@@ -1,7 +1,7 @@
 //! The layer runtime (`mole::runtime::CompiledLayer`) on the GPU, as a framework uses it: its
 //! own context adopted, its own stream, tensors as views into larger buffers (aligned and
-//! misaligned), raw pointers, and a forward captured in a CUDA graph and replayed on new
-//! inputs. Every output is compared with the f64 reference. Needs a GPU: without one each test
+//! misaligned), raw pointers, a forward captured in a CUDA graph and replayed on new inputs,
+//! and per-expert scales (uploaded by the layer) through every strategy. Every output is compared with the f64 reference. Needs a GPU: without one each test
 //! prints a note and returns.
 
 mod gpu;
@@ -112,21 +112,26 @@ fn forward_on_views_in_an_adopted_context_matches_the_reference() {
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
 fn grouped_and_fused_choices_agree_with_the_reference() {
     let Some((device, stream)) = adopted() else { return };
-    let spec = spec(Method::MixLora);
+    let plain = spec(Method::MixLora);
+    // Per-expert scales, zero and negative among them: the layer uploads and binds them.
+    let scaled = LayerSpec { expert_scales: Some(vec![0.5, -1.0, 0.0, 2.0, 1.0, -0.25, 3.0, 1.5]), ..plain.clone() };
     let tokens = 300;
-    let data = SyntheticLayer::<bf16>::new(&spec, tokens, 9);
-    let want = reference::forward(&spec, &data.inputs()).unwrap().y;
-    for strategy in Strategy::ALL {
-        let choice = mole::layer::Choice {
-            strategy,
-            build: mole::layer::default_build(strategy, DType::BF16),
-            source: mole::layer::ChoiceSource::Heuristic,
-        };
-        let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap().with_choice(choice);
-        let bytes = layer.workspace_bytes(tokens).unwrap();
-        let mut u = upload(&stream, &data, 0, bytes);
-        layer.forward(&stream, tokens, u.io()).unwrap();
-        assert_close(&u.y(&stream), &want, tolerance(&spec, strategy), &format!("{strategy}"));
+    for spec in [plain, scaled] {
+        let data = SyntheticLayer::<bf16>::new(&spec, tokens, 9);
+        let want = reference::forward(&spec, &data.inputs()).unwrap().y;
+        for strategy in Strategy::ALL {
+            let choice = mole::layer::Choice {
+                strategy,
+                build: mole::layer::default_build(strategy, DType::BF16),
+                source: mole::layer::ChoiceSource::Heuristic,
+            };
+            let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap().with_choice(choice);
+            let bytes = layer.workspace_bytes(tokens).unwrap();
+            let mut u = upload(&stream, &data, 0, bytes);
+            layer.forward(&stream, tokens, u.io()).unwrap();
+            let what = format!("{strategy} scales {:?}", spec.expert_scales);
+            assert_close(&u.y(&stream), &want, tolerance(&spec, strategy), &what);
+        }
     }
 }
 

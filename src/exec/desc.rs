@@ -87,6 +87,8 @@ buffers! {
     SelectionBias = "selection_bias", Data, false;
     /// `rank_offsets [E + 1]` of the bank.
     RankOffsets = "rank_offsets", U32, false;
+    /// `expert_scales [bank experts]`: per-expert scales `s_e` of the bank (absent: all 1).
+    ExpertScales = "expert_scales", F32, false;
     /// `cores [C, R, R]` (CoMoL).
     Cores = "cores", Data, false;
     /// Routing output `ids [T, slots]` (-1: empty slot).

@@ -40,7 +40,8 @@ pub mod kernel {
     const PARAMS_BYTES: usize = std::mem::size_of::<super::FusedParams>();
 
     /// `head`, then `MOLE_FUSED_GATE_ARGS`: every gate tensor is null where a plan takes none;
-    /// `rank_offsets` is `$ro` (required by the kernels that always expand).
+    /// `rank_offsets` is `$ro` (required by the kernels that always expand); `expert_scales` is
+    /// null without per-expert scales (and for route-only plans).
     macro_rules! with_gate_args {
         ($ro:expr; $($head:expr),*) => {
             &[
@@ -51,6 +52,7 @@ pub mod kernel {
                 A::optional_input(Buf::AdapterIds),
                 A::optional_input(Buf::SelectionBias),
                 $ro,
+                A::optional_input(Buf::ExpertScales),
                 A::optional_input(Buf::Cores),
                 A::optional_output(Buf::Ids),
                 A::optional_output(Buf::RouteWeights),
@@ -360,7 +362,8 @@ pub struct FusedPlan {
     /// Element counts of the buffers the call takes (0: none, passed as null): `x [T, d_in]`,
     /// `a [d_in, R]`, `b [R, d_out]`, `y [T, d_out]`, `router_weight` (`[d_in, E]` x router,
     /// `[R, E]` h router), `router_bias [E]`, `gate_input [T, E]` (logits or given weights),
-    /// `adapter_ids [T]`, `selection_bias [E]`, `rank_offsets [E + 1]`, `cores [C, R, R]`, the
+    /// `adapter_ids [T]`, `selection_bias [E]`, `rank_offsets [E + 1]`, `expert_scales [bank experts]` (f32,
+    /// when the spec has per-expert scales and the plan expands), `cores [C, R, R]`, the
     /// routing outputs `ids` and `route_weights [T, slots]`, `probs [T, E]`, the statistics
     /// workspace (u32 words: counts `[tiles, 2E]`, then f32 sums `[tiles, 2E + 2]`) and output
     /// `stats_out [4E + 2]`, and the split workspace `partials [splits, T, shrink_cols]` (f32).
@@ -417,8 +420,7 @@ fn fits_u32(name: &'static str, v: u64) -> Result<u32> {
 /// Validates a fused forward of `spec` over `tokens` tokens with `build` and computes its
 /// launches and buffer lengths.
 ///
-/// Errors: a build of another family or with an invalid tiling; an invalid spec; per-expert
-/// scales other than 1 ([`LayerSpec::check_kernel_support`]); `R + E` (x router)
+/// Errors: a build of another family or with an invalid tiling; an invalid spec; `R + E` (x router)
 /// over the build's `max_cols`; more than [`gating::MAX_EXPERTS`] routed experts or `k` above
 /// [`gating::MAX_K`]; shared memory over [`MAX_SHARED_BYTES`]; sizes past 32 bits.
 pub fn plan(
@@ -457,10 +459,6 @@ fn plan_inner(
 ) -> Result<FusedPlan> {
     let config = FusedConfig::of(build)?;
     spec.validate()?;
-    if expand {
-        // The expand does not apply per-expert scales yet: refused, never ignored.
-        spec.check_kernel_support()?;
-    }
     let (e, r) = (spec.routed_experts(), if expand { spec.total_rank() } else { 0 });
     let route = gating::plan(&spec.gating, tokens, e, 32)?;
     let router = match spec.gating {
@@ -640,6 +638,7 @@ fn plan_inner(
         .with(Buf::AdapterIds, if spec.gating == Gating::AdapterIds { n } else { 0 })
         .with(Buf::SelectionBias, if spec.rule().is_some_and(|r| r.uses_selection_bias()) { e } else { 0 })
         .with(Buf::RankOffsets, if expand { spec.ranks.num_experts() + 1 } else { 0 })
+        .with(Buf::ExpertScales, if expand && spec.expert_scales.is_some() { spec.ranks.num_experts() } else { 0 })
         .with(
             Buf::Cores,
             match spec.mix {

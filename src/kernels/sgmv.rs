@@ -1,7 +1,8 @@
 //! The segmented grouped LoRA kernels (`kernels/sgmv.cu`): the expert-scale layer's shrink and
 //! expand over per-slot routing plans, with the semantics of
 //! [`crate::reference::grouped_forward`]:
-//! `y[t] += scale · Σ_s w[t,s] · (x[t] · A[:, cols(e)]) · B[cols(e), :]`, `e = ids[t,s]`.
+//! `y[t] += scale · Σ_s s_e · w[t,s] · (x[t] · A[:, cols(e)]) · B[cols(e), :]`, `e = ids[t,s]`,
+//! with optional per-expert scales `s_e` ([`SgmvShape::expert_scales`]).
 //!
 //! How a forward runs:
 //! 1. **Plans**, one per slot: plan `s` is [`RoutingPlan::build`] over column `s` of `ids` with
@@ -58,6 +59,7 @@ pub mod kernel {
         A::input(Buf::Partials),
         A::input(Buf::B),
         A::input(Buf::RankOffsets),
+        A::optional_input(Buf::ExpertScales),
         A::input(Buf::PlanOffsets),
         A::input(Buf::PlanEntries),
         A::input(Buf::RouteWeights),
@@ -275,6 +277,9 @@ pub struct SgmvShape {
     pub d_out: usize,
     /// Delta scale.
     pub scale: f32,
+    /// Whether the expands take per-expert scales (`expert_scales [E]`, f32: each entry's weight
+    /// times its expert's scale); without them every scale is 1.
+    pub expert_scales: bool,
 }
 
 /// A validated forward: parameters, launches and the element count of every buffer.
@@ -289,7 +294,7 @@ pub struct SgmvPlan {
     /// The expand launch of one slot, run `slots` times (`None` as for `shrink`).
     pub expand: Option<SgmvLaunch>,
     /// Element counts of the buffers: `x`, `a`, `b`, `y`, `rank_offsets [E+1]`,
-    /// `plan_offsets [slots·(E+1)]`, `plan_entries [slots·entry_stride]`, `route_weights
+    /// `expert_scales [E]` (with [`SgmvShape::expert_scales`]), `plan_offsets [slots·(E+1)]`, `plan_entries [slots·entry_stride]`, `route_weights
     /// [T·slots]` and the `partials [splits·T·slots·r_max]` workspace (f32, need not be
     /// initialised).
     pub lens: BufLens,
@@ -346,7 +351,7 @@ fn fits_u32(name: &'static str, v: u64) -> Result<u32> {
 /// `d_out` use the FMA expand. Every other buffer needs only the alignment of its element type.
 pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_stride: usize) -> Result<SgmvPlan> {
     let config = SgmvConfig::of(build)?;
-    let SgmvShape { tokens, slots, d_in, d_out, scale } = shape;
+    let SgmvShape { tokens, slots, d_in, d_out, scale, expert_scales } = shape;
     let experts = rank_offsets.len().saturating_sub(1);
     if experts == 0 {
         return Err(MoleError::ZeroDimension { name: "experts" });
@@ -402,6 +407,7 @@ pub fn plan(build: &KernelBuild, shape: SgmvShape, rank_offsets: &[u32], entry_s
         .with(Buf::A, d_in * r_total as usize)
         .with(Buf::B, r_total as usize * d_out)
         .with(Buf::RankOffsets, experts + 1)
+        .with(Buf::ExpertScales, if expert_scales { experts } else { 0 })
         .with(Buf::PlanOffsets, slots * (experts + 1))
         .with(Buf::PlanEntries, slots * entry_stride)
         .with(Buf::RouteWeights, tokens * slots)

@@ -48,12 +48,10 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
     /// split plans are sized for the device's SMs.
     ///
     /// Errors, before anything reaches the device: `data` that does not fit `spec` (shapes,
-    /// tensors present or missing, adapter ids), per-expert scales other than 1
-    /// ([`LayerSpec::check_kernel_support`]), zero tokens (a no-op has nothing to run or time), a
+    /// tensors present or missing, adapter ids), zero tokens (a no-op has nothing to run or time), a
     /// build of another dtype, and every error of the chosen strategy's plans.
     pub fn new(device: &'d Device, spec: &LayerSpec, data: SyntheticLayer<T>, choice: Choice) -> Result<Self> {
         data.inputs().validate(spec)?;
-        spec.check_kernel_support()?;
         if data.tokens == 0 {
             return Err(MoleError::ZeroDimension { name: "tokens" });
         }

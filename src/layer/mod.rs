@@ -13,9 +13,8 @@
 //!   (on tensor cores where the build and widths allow) otherwise;
 //! - **grouped** beyond (many experts or large ranks), which needs the expert-scale mix.
 //!
-//! Neither path applies per-expert scales yet: a spec whose `expert_scales` are not all 1 is
-//! refused by [`choose`], [`heuristic`] and [`DeviceLayer::new`]
-//! ([`LayerSpec::check_kernel_support`]); the f64 reference runs it.
+//! Both paths apply per-expert scales ([`LayerSpec::expert_scales`]) in their expands; the
+//! strategy does not depend on them.
 
 mod device;
 
@@ -72,7 +71,6 @@ pub fn fused_fits(build: &KernelBuild, spec: &LayerSpec, tokens: usize) -> bool 
 /// module documentation).
 pub fn heuristic(spec: &LayerSpec, dtype: DType, tokens: usize, sm_count: u32) -> Result<Strategy> {
     spec.validate()?;
-    spec.check_kernel_support()?;
     let build = fused::build(dtype, FusedConfig::DEFAULT);
     if fused_fits(&build, spec, tokens) {
         let tiles = tokens.div_ceil(FusedConfig::DEFAULT.bt as usize);
@@ -95,8 +93,7 @@ pub fn default_build(strategy: Strategy, dtype: DType) -> KernelBuild {
 }
 
 /// The strategy and build for `spec`: the cache's entry for the shape when it has a fresh one,
-/// else the heuristic with the default build. A spec the kernels do not implement
-/// ([`LayerSpec::check_kernel_support`]) is refused first, whatever the cache says.
+/// else the heuristic with the default build.
 pub fn choose(
     spec: &LayerSpec,
     dtype: DType,
@@ -104,7 +101,6 @@ pub fn choose(
     sm_count: u32,
     cache: Option<&TuningCache>,
 ) -> Result<Choice> {
-    spec.check_kernel_support()?;
     let key = ShapeKey::new(spec, dtype, tokens);
     if let Some(entry) = cache.and_then(|c| c.lookup(&key)) {
         return Ok(Choice { strategy: entry.strategy, build: entry.build.clone(), source: ChoiceSource::Tuned });
@@ -150,31 +146,35 @@ mod tests {
     }
 
     #[test]
-    fn per_expert_scales_are_refused_by_every_kernel_path() {
-        let reason = |e: MoleError| match e {
-            MoleError::Unsupported(m) => assert!(m.contains("expert_scales") && m.contains("reference only"), "{m}"),
-            other => panic!("not Unsupported: {other}"),
-        };
+    fn per_expert_scales_take_the_same_paths_and_reach_the_expands() {
+        use crate::exec::Buf;
         // Fits the fused build (MixLoRA 8 x 16) and, wide, only the grouped path (64 x 16).
-        for experts in [8, 64] {
+        for (experts, want) in [(8, Strategy::Fused), (64, Strategy::Grouped)] {
             let mut spec = Method::MixLora.spec(shape(experts, 16)).unwrap();
-            spec.expert_scales = Some(vec![1.0; experts]);
-            assert!(heuristic(&spec, DType::BF16, 4096, 132).is_ok(), "scales of 1 change nothing");
-            spec.expert_scales.as_mut().unwrap()[experts - 1] = 0.5;
-            reason(heuristic(&spec, DType::BF16, 4096, 132).unwrap_err());
-            reason(choose(&spec, DType::BF16, 4096, 132, None).unwrap_err());
+            spec.expert_scales = Some((0..experts).map(|e| e as f64 - 2.5).collect());
+            assert_eq!(heuristic(&spec, DType::BF16, 4096, 132).unwrap(), want);
+            assert_eq!(choose(&spec, DType::BF16, 4096, 132, None).unwrap().strategy, want);
             let build = fused::build(DType::BF16, FusedConfig::DEFAULT);
-            for v in [FusedVariant::Single, FusedVariant::Split { splits: 2, n_per_block: 64 }] {
-                reason(fused::plan(&build, &spec, 64, v, FusedOutputs::default()).unwrap_err());
+            // The grouped path's route-only launch has no expand: it takes no scales.
+            let route = fused::plan_route_only(&build, &spec, 64, FusedOutputs::default()).unwrap();
+            assert_eq!(route.lens.get(Buf::ExpertScales), 0);
+            if want == Strategy::Fused {
+                for v in [FusedVariant::Single, FusedVariant::Split { splits: 2, n_per_block: 64 }] {
+                    let p = fused::plan(&build, &spec, 64, v, FusedOutputs::default()).unwrap();
+                    assert_eq!(p.lens.get(Buf::ExpertScales), experts, "{v:?}");
+                }
             }
-            assert!(!fused_fits(&build, &spec, 64));
-            // The grouped path's route-only launch has no expand: routing alone is unaffected.
-            assert!(fused::plan_route_only(&build, &spec, 64, FusedOutputs::default()).is_ok());
         }
         // CoMoL: its one bank expert's scale.
         let mut comol = Method::Comol.spec(shape(4, 16)).unwrap();
         comol.expert_scales = Some(vec![-2.0]);
-        reason(heuristic(&comol, DType::F16, 4096, 132).unwrap_err());
+        assert_eq!(heuristic(&comol, DType::F16, 4096, 132).unwrap(), Strategy::Fused);
+        let build = fused::build(DType::F16, FusedConfig::DEFAULT);
+        let p = fused::plan(&build, &comol, 64, FusedVariant::Single, FusedOutputs::default()).unwrap();
+        assert_eq!(p.lens.get(Buf::ExpertScales), 1);
+        comol.expert_scales = None;
+        let p = fused::plan(&build, &comol, 64, FusedVariant::Single, FusedOutputs::default()).unwrap();
+        assert_eq!(p.lens.get(Buf::ExpertScales), 0);
     }
 
     #[test]

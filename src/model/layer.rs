@@ -50,9 +50,8 @@ pub struct LayerSpec {
     /// `y += scale · Σ_c h'[t, c] · s_{expert(c)} · B[c, :]`, i.e. `scale · Σ_e s_e · w_e · h_e · B_e`
     /// for the expert-scale mix and `s_0` times the whole delta for CoMoL. This is exactly
     /// folding `s_e` into the rows of `B` that expert `e` owns. `None` (the default, left out of
-    /// the JSON) means 1 everywhere. The f64 reference ([`crate::reference`]) applies them; the
-    /// fused and grouped kernels refuse a spec whose scales are not all 1
-    /// ([`LayerSpec::check_kernel_support`]).
+    /// the JSON) means 1 everywhere. The f64 reference ([`crate::reference`]), the fused and
+    /// grouped kernels and the layer runtime ([`crate::runtime`]) apply them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_scales: Option<Vec<f64>>,
 }
@@ -136,19 +135,6 @@ impl LayerSpec {
     /// Whether the per-expert scales change the layer (some `s_e != 1`).
     pub fn has_expert_scales(&self) -> bool {
         self.expert_scales.as_ref().is_some_and(|s| s.iter().any(|&v| v != 1.0))
-    }
-
-    /// Refuses, with [`MoleError::Unsupported`], what the fused and grouped kernels do not
-    /// implement yet: per-expert scales other than 1 run on the f64 reference only.
-    pub fn check_kernel_support(&self) -> Result<()> {
-        if self.has_expert_scales() {
-            return Err(MoleError::Unsupported(
-                "expert_scales: per-expert scales run on the f64 reference only for now (mole eval, \
-                 mole::reference); the fused and grouped kernels do not apply them yet"
-                    .into(),
-            ));
-        }
-        Ok(())
     }
 
     /// Validates every parameter and combination; shapes of data are checked by
@@ -272,12 +258,11 @@ mod tests {
         assert!(c.validate().is_ok());
         c.expert_scales = Some(vec![0.25; 4]);
         assert!(matches!(c.validate(), Err(MoleError::ShapeMismatch { got: 4, .. })));
-        // Scales of 1 change nothing: the kernels take them; others are refused by name.
+        // Scales of 1 change nothing.
         s.expert_scales = Some(vec![1.0; 8]);
-        assert!(!s.has_expert_scales() && s.check_kernel_support().is_ok());
+        assert!(!s.has_expert_scales());
         s.expert_scales = Some(vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5]);
-        let e = s.check_kernel_support().unwrap_err();
-        assert!(matches!(&e, MoleError::Unsupported(m) if m.contains("expert_scales") && m.contains("reference only")));
+        assert!(s.has_expert_scales());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The layer runtime: what a framework calls. A [`CompiledLayer`] is built once per layer from a
 //! device (or a framework's adopted context), a [`LayerSpec`], a dtype and an optional tuning
-//! cache; it owns the layer's constants on the device (the rank offsets) and the loaded kernels,
+//! cache; it owns the layer's constants on the device ([`LayerConstants`]: the rank offsets and
+//! the per-expert scales) and the loaded kernels,
 //! chooses the strategy per token bucket and memoises plans per token count ([`LayerPlanner`]).
 //!
 //! [`CompiledLayer::forward`] runs on the caller's memory and stream: typed cudarc views
@@ -127,13 +128,49 @@ impl LayerPointers {
     }
 }
 
+/// The constants of a layer that its kernels read from device memory, as the runtime uploads them
+/// once per layer and binds them to every forward.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerConstants {
+    /// `rank_offsets [E + 1]` ([`Buf::RankOffsets`]).
+    pub rank_offsets: Vec<u32>,
+    /// `expert_scales [bank experts]` in f32 ([`Buf::ExpertScales`]), when the spec has them.
+    pub expert_scales: Option<Vec<f32>>,
+}
+
+impl LayerConstants {
+    /// The constants of the whole layer `spec`.
+    pub fn of(spec: &LayerSpec) -> Self {
+        LayerConstants {
+            rank_offsets: spec.ranks.offsets().iter().map(|&o| o as u32).collect(),
+            expert_scales: spec.expert_scales.as_ref().map(|s| s.iter().map(|&v| v as f32).collect()),
+        }
+    }
+
+    /// The constants `planner` runs with: its rank offsets and the spec's per-expert scales (a
+    /// shard's own: offsets rebased to 0, the scales of its experts).
+    pub fn for_planner(planner: &LayerPlanner) -> Result<Self> {
+        let experts = planner.shard().map_or(0..planner.spec().ranks.num_experts(), |s| s.experts());
+        let scales = planner.spec().expert_scales.as_ref();
+        Ok(LayerConstants {
+            rank_offsets: planner.rank_offsets()?,
+            expert_scales: scales.map(|s| s[experts].iter().map(|&v| v as f32).collect()),
+        })
+    }
+}
+
+/// A constant on the device: the slice (kept alive) and its address.
+type DeviceConstant<T> = (CudaSlice<T>, CUdeviceptr);
+
 /// One MoLE layer, ready to run on caller-owned memory (see the module documentation).
 pub struct CompiledLayer {
     ctx: Arc<CudaContext>,
     device: Device,
     planner: LayerPlanner,
-    /// The rank offsets on the device, and their address (uploaded before construction returns).
-    rank_offsets: (CudaSlice<u32>, CUdeviceptr),
+    /// The rank offsets on the device (uploaded before construction returns).
+    rank_offsets: DeviceConstant<u32>,
+    /// The per-expert scales on the device, when the spec has them.
+    expert_scales: Option<DeviceConstant<f32>>,
     loaded: Mutex<Vec<Arc<LoadedBuild>>>,
 }
 
@@ -145,17 +182,18 @@ impl std::fmt::Debug for CompiledLayer {
 
 impl CompiledLayer {
     /// Builds the layer on `device` (see [`Device::new`], or [`Device::from_context`] to adopt a
-    /// framework's context): validates the spec, uploads the rank offsets (synchronously, on the
-    /// device's stream) and keeps `tuning` for the strategy choices. Kernels are loaded on first
-    /// use of each build ([`CompiledLayer::prepare`]).
+    /// framework's context): validates the spec, uploads its [`LayerConstants`] (synchronously,
+    /// on the device's stream) and keeps `tuning` for the strategy choices. Kernels are loaded on
+    /// first use of each build ([`CompiledLayer::prepare`]).
     pub fn new(device: &Device, spec: &LayerSpec, dtype: DType, tuning: Option<TuningCache>) -> Result<Self> {
         let planner = LayerPlanner::new(spec, dtype, device.sm_count(), tuning)?;
-        let rank_offsets = upload_offsets(device, &planner)?;
+        let (rank_offsets, expert_scales) = upload_constants(device, &planner)?;
         Ok(CompiledLayer {
             ctx: device.context().clone(),
             device: device.clone(),
             planner,
             rank_offsets,
+            expert_scales,
             loaded: Mutex::new(Vec::new()),
         })
     }
@@ -166,8 +204,8 @@ impl CompiledLayer {
     /// offsets (synchronously). Errors: as [`LayerPlanner::with_shard`].
     pub fn with_shard(self, shard: crate::model::ExpertShard) -> Result<Self> {
         let planner = self.planner.with_shard(shard)?;
-        let rank_offsets = upload_offsets(&self.device, &planner)?;
-        Ok(CompiledLayer { planner, rank_offsets, ..self })
+        let (rank_offsets, expert_scales) = upload_constants(&self.device, &planner)?;
+        Ok(CompiledLayer { planner, rank_offsets, expert_scales, ..self })
     }
 
     /// The layer with every token count run by `choice` (see [`LayerPlanner::with_choice`]).
@@ -211,11 +249,14 @@ impl CompiledLayer {
     /// [`LayerPlanner::launch`]'s contract, with `stream` a live stream of the layer's context.
     unsafe fn launch(&self, plan: &LayerPlan, bindings: &mut Bindings, stream: CUstream) -> Result<()> {
         bindings.sized(Buf::RankOffsets, self.rank_offsets.1, self.rank_offsets.0.len());
+        if let Some((slice, ptr)) = &self.expert_scales {
+            bindings.sized(Buf::ExpertScales, *ptr, slice.len());
+        }
         let builds: Vec<Arc<LoadedBuild>> =
             plan.path.builds().into_iter().map(|b| self.loaded(b)).collect::<Result<_>>()?;
         let refs: Vec<&LoadedBuild> = builds.iter().map(|b| b.as_ref()).collect();
         self.ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))?;
-        // SAFETY: forwarded from the caller's contract; the rank offsets are the layer's own.
+        // SAFETY: forwarded from the caller's contract; the constants are the layer's own.
         unsafe { self.planner.launch(plan, bindings, &mut CudaBackend::new(&refs, stream)) }
     }
 
@@ -302,14 +343,25 @@ impl CompiledLayer {
     }
 }
 
-/// Uploads `planner`'s rank offsets on the device's stream and waits for them: forwards on other
-/// streams read them without waiting on anything.
-fn upload_offsets(device: &Device, planner: &LayerPlanner) -> Result<(CudaSlice<u32>, CUdeviceptr)> {
+/// Uploads `planner`'s [`LayerConstants`] on the device's stream and waits for them: forwards on
+/// other streams read them without waiting on anything.
+fn upload_constants(
+    device: &Device,
+    planner: &LayerPlanner,
+) -> Result<(DeviceConstant<u32>, Option<DeviceConstant<f32>>)> {
+    let constants = LayerConstants::for_planner(planner)?;
     let stream = device.stream();
-    let slice = stream.clone_htod(&planner.rank_offsets()?).map_err(cuda_err("cuMemcpyHtoD"))?;
+    let rank_offsets = upload(stream, &constants.rank_offsets)?;
+    let expert_scales = constants.expert_scales.as_deref().map(|s| upload(stream, s)).transpose()?;
+    stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
+    Ok((rank_offsets, expert_scales))
+}
+
+/// Copies `values` to a new device slice on `stream` (asynchronously: the caller synchronises).
+fn upload<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, values: &[T]) -> Result<DeviceConstant<T>> {
+    let slice = stream.clone_htod(values).map_err(cuda_err("cuMemcpyHtoD"))?;
     let (ptr, guard) = slice.device_ptr(stream);
     drop(guard);
-    stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))?;
     Ok((slice, ptr))
 }
 

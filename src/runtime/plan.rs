@@ -31,7 +31,8 @@ pub const WORKSPACE_BUFS: [Buf; 9] = [
 /// the allocator's own alignment give every buffer).
 pub const WORKSPACE_ALIGN: usize = 256;
 
-/// Buffers the caller passes to a forward (the runtime owns the rank offsets).
+/// Buffers the caller passes to a forward (the runtime owns the layer's constants,
+/// [`super::LayerConstants`]).
 pub const CALLER_BUFS: [Buf; 10] = [
     Buf::X,
     Buf::A,
@@ -237,7 +238,6 @@ impl LayerPlanner {
         }
         if self.shard.is_some() {
             // The tuning cache times whole layers; a shard's shape is not one of them.
-            self.spec.check_kernel_support()?;
             let build = default_build(Strategy::Grouped, self.dtype);
             return Ok(Choice { strategy: Strategy::Grouped, build, source: ChoiceSource::Heuristic });
         }
@@ -279,7 +279,9 @@ impl LayerPlanner {
                 // A shard plans its own experts out of the global ids the route writes.
                 let window = self.shard.map_or(0..e, |s| s.experts());
                 let grouping = gating::plan_slot_grouping(tokens, slots, window, e, config.bm as usize, threads)?;
-                let shape = SgmvShape { tokens, slots, d_in: spec.d_in, d_out: spec.d_out, scale: spec.scale as f32 };
+                let (d_in, d_out, scale) = (spec.d_in, spec.d_out, spec.scale as f32);
+                let shape =
+                    SgmvShape { tokens, slots, d_in, d_out, scale, expert_scales: spec.expert_scales.is_some() };
                 let offsets = self.rank_offsets()?;
                 let sgmv = sgmv::plan(&choice.build, shape, &offsets, grouping.entry_stride)?;
                 Path::Grouped { route_build, route, gating_build, grouping, sgmv_build: choice.build.clone(), sgmv }

@@ -32,6 +32,8 @@ pub struct FusedBuffers<'a, T> {
     pub selection_bias: Option<&'a CudaSlice<T>>,
     /// `rank_offsets [E + 1]`: the values of the spec the plan was made for.
     pub rank_offsets: Option<&'a CudaSlice<u32>>,
+    /// `expert_scales [bank experts]`: the spec's per-expert scales, in f32.
+    pub expert_scales: Option<&'a CudaSlice<f32>>,
     /// `cores [C, R, R]`.
     pub cores: Option<&'a CudaSlice<T>>,
     /// Output `ids [T, slots]`.
@@ -61,6 +63,7 @@ impl<T> Default for FusedBuffers<'_, T> {
             adapter_ids: None,
             selection_bias: None,
             rank_offsets: None,
+            expert_scales: None,
             cores: None,
             ids: None,
             weights: None,
@@ -98,6 +101,8 @@ pub struct RawFusedPointers {
     pub selection_bias: CUdeviceptr,
     /// `rank_offsets`.
     pub rank_offsets: CUdeviceptr,
+    /// `expert_scales` (f32).
+    pub expert_scales: CUdeviceptr,
     /// `cores`.
     pub cores: CUdeviceptr,
     /// Output `ids`.
@@ -147,7 +152,8 @@ pub fn stats_build(dtype: DType) -> Result<KernelBuild> {
 /// # Safety
 /// As [`Backend::launch`]: every bound address the plan takes holds at least the plan's element
 /// count of its [`Buf`]'s type; `rank_offsets` holds the offsets of the spec the plan was made
-/// for (`adapter_ids` may hold any value: ids outside `0..E` contribute nothing); `y`, the outputs
+/// for, `expert_scales` (where the plan takes them) one finite value per bank expert
+/// (`adapter_ids` may hold any value: ids outside `0..E` contribute nothing); `y`, the outputs
 /// and the workspaces overlap no other buffer.
 pub unsafe fn run(build: &KernelBuild, plan: &FusedPlan, bindings: &Bindings, backend: &mut dyn Backend) -> Result<()> {
     check_build(build, plan, build.dtype)?;
@@ -233,6 +239,7 @@ pub fn forward<T: KernelElement>(
         .input_opt(Buf::AdapterIds, bufs.adapter_ids)
         .input_opt(Buf::SelectionBias, bufs.selection_bias)
         .input_opt(Buf::RankOffsets, bufs.rank_offsets)
+        .input_opt(Buf::ExpertScales, bufs.expert_scales)
         .input_opt(Buf::Cores, bufs.cores)
         .output_opt(Buf::Ids, bufs.ids)
         .output_opt(Buf::RouteWeights, bufs.weights)
@@ -272,6 +279,7 @@ pub unsafe fn forward_raw(
         .raw(Buf::AdapterIds, ptrs.adapter_ids)
         .raw(Buf::SelectionBias, ptrs.selection_bias)
         .raw(Buf::RankOffsets, ptrs.rank_offsets)
+        .raw(Buf::ExpertScales, ptrs.expert_scales)
         .raw(Buf::Cores, ptrs.cores)
         .raw(Buf::Ids, ptrs.ids)
         .raw(Buf::RouteWeights, ptrs.weights)

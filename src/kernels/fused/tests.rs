@@ -263,6 +263,7 @@ fn run_packs_the_plans_launches_then_the_statistics_sum() {
             0,
             at(Buf::RankOffsets),
             0,
+            0,
             at(Buf::Ids),
             at(Buf::RouteWeights),
             at(Buf::Probs),
@@ -273,7 +274,25 @@ fn run_packs_the_plans_launches_then_the_statistics_sum() {
     // A buffer the plan does not take is passed as null even when bound.
     let mut extra = b;
     extra.sized(Buf::Cores, 0x50_0000, 3);
-    assert_eq!(record(&default_build(), &p, &extra).unwrap().launches[0].1.ptrs()[10], 0);
+    assert_eq!(record(&default_build(), &p, &extra).unwrap().launches[0].1.ptrs()[11], 0);
+    // Per-expert scales: after `rank_offsets` in every expanding launch (single and split).
+    let scaled = LayerSpec { expert_scales: Some(vec![0.5; 8]), ..spec };
+    for variant in [FusedVariant::Single, FusedVariant::Split { splits: 2, n_per_block: 512 }] {
+        let p = plan(&default_build(), &scaled, 40, variant, outputs).unwrap();
+        assert_eq!(p.lens.get(Buf::ExpertScales), 8);
+        let b = bind_all(&p);
+        let rec = record(&default_build(), &p, &b).unwrap();
+        let expand = &rec.launches[rec.launches.len() - 2].1;
+        let (ro, es) = match variant {
+            FusedVariant::Single => (9, 10),
+            _ => (8, 9),
+        };
+        assert_eq!(&expand.ptrs()[ro..=es], [b.ptr(Buf::RankOffsets), b.ptr(Buf::ExpertScales)], "{variant:?}");
+        let mut missing = b;
+        missing.raw(Buf::ExpertScales, 0);
+        let err = record(&default_build(), &p, &missing).unwrap_err();
+        assert!(matches!(err, MoleError::MissingInput { name: "expert_scales", .. }), "{err}");
+    }
 }
 
 #[test]

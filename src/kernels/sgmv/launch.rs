@@ -32,7 +32,8 @@ fn check_build(build: &KernelBuild, plan: &SgmvPlan, dtype: DType) -> Result<()>
 ///
 /// # Safety
 /// As [`Backend::launch`]: every bound address the plan takes holds at least the plan's element
-/// count of its [`Buf`]'s type; `rank_offsets` holds the values `plan` validated; the slot plans
+/// count of its [`Buf`]'s type; `rank_offsets` holds the values `plan` validated;
+/// `expert_scales` (where taken) holds one value per expert; the slot plans
 /// have non-decreasing offsets with `offsets[s][E] <= entry_stride` and tokens `< T` or padding
 /// (what [`super::SlotPlans::build`] and the device grouping produce); `partials` and `y` overlap
 /// no other buffer.
@@ -76,6 +77,8 @@ pub struct SgmvBuffers<'a, T> {
     pub b: &'a CudaSlice<T>,
     /// `rank_offsets [E + 1]`: the same values `plan` validated.
     pub rank_offsets: &'a CudaSlice<u32>,
+    /// `expert_scales [E]` (f32), when the plan takes them ([`super::SgmvShape::expert_scales`]).
+    pub expert_scales: Option<&'a CudaSlice<f32>>,
     /// Slot plans' offsets `[slots, E + 1]` (see [`super::SlotPlans`]).
     pub plan_offsets: &'a CudaSlice<u32>,
     /// Slot plans' entries `[slots, entry_stride]`.
@@ -107,6 +110,7 @@ pub fn forward<T: KernelElement>(
         .input(Buf::A, bufs.a)
         .input(Buf::B, bufs.b)
         .input(Buf::RankOffsets, bufs.rank_offsets)
+        .input_opt(Buf::ExpertScales, bufs.expert_scales)
         .input(Buf::PlanOffsets, bufs.plan_offsets)
         .input(Buf::PlanEntries, bufs.plan_entries)
         .input(Buf::RouteWeights, bufs.weights)
@@ -131,6 +135,8 @@ pub struct RawSgmvPointers {
     pub b: CUdeviceptr,
     /// `rank_offsets [E + 1]` (u32).
     pub rank_offsets: CUdeviceptr,
+    /// `expert_scales [E]` (f32; 0 when the plan takes none).
+    pub expert_scales: CUdeviceptr,
     /// `plan_offsets [slots, E + 1]` (u32).
     pub plan_offsets: CUdeviceptr,
     /// `plan_entries [slots, entry_stride]` ([`TokenSlot`]).
@@ -162,6 +168,7 @@ pub unsafe fn forward_raw(
         .raw(Buf::A, ptrs.a)
         .raw(Buf::B, ptrs.b)
         .raw(Buf::RankOffsets, ptrs.rank_offsets)
+        .raw(Buf::ExpertScales, ptrs.expert_scales)
         .raw(Buf::PlanOffsets, ptrs.plan_offsets)
         .raw(Buf::PlanEntries, ptrs.plan_entries)
         .raw(Buf::RouteWeights, ptrs.weights)

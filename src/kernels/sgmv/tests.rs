@@ -51,7 +51,7 @@ fn defaults_match_the_cu_file() {
 }
 
 fn shape(tokens: usize, slots: usize, d_in: usize, d_out: usize) -> SgmvShape {
-    SgmvShape { tokens, slots, d_in, d_out, scale: 2.0 }
+    SgmvShape { tokens, slots, d_in, d_out, scale: 2.0, expert_scales: false }
 }
 
 #[test]
@@ -68,6 +68,10 @@ fn plan_computes_grids_splits_and_lengths() {
     assert_eq!(p.lens.get(Buf::Partials), 2 * 10 * 2 * 8);
     assert_eq!(p.lens.get(Buf::PlanOffsets), 2 * 4);
     assert_eq!(p.lens.get(Buf::PlanEntries), 2 * 96);
+    assert_eq!(p.lens.get(Buf::ExpertScales), 0);
+    let scaled = plan(&b, SgmvShape { expert_scales: true, ..shape(10, 2, 70, 33) }, &offs, 96).unwrap();
+    assert_eq!(scaled.lens.get(Buf::ExpertScales), 3);
+    assert_eq!(scaled.lens, p.lens.with(Buf::ExpertScales, 3));
     assert_eq!(p.expand_params(1).slot, 1);
     // 16-bit builds shrink on tensor cores when d_in is a multiple of 8.
     assert_eq!(p.shrink.unwrap().kernel.name, kernel::SHRINK.name);
@@ -138,6 +142,52 @@ fn plan_rejects_bad_arguments() {
     ];
     for (i, r) in bad.into_iter().enumerate() {
         assert!(r.is_err(), "case {i} should fail");
+    }
+}
+
+/// The shrink, then one expand per slot, each with its pointers in the described order: the
+/// expands take `expert_scales` after `rank_offsets` when the plan has them, null otherwise.
+#[test]
+fn run_packs_the_shrink_then_one_expand_per_slot() {
+    use crate::exec::{Bindings, Recorder};
+    let b = build(DType::BF16, SgmvConfig::DEFAULT);
+    let offs = [0u32, 4, 4, 12];
+    for expert_scales in [false, true] {
+        let p = plan(&b, SgmvShape { expert_scales, ..shape(10, 2, 64, 40) }, &offs, 96).unwrap();
+        let mut binds = Bindings::new();
+        for buf in Buf::ALL {
+            binds.raw(buf, 0x1000 * (buf as u64 + 1));
+        }
+        let mut rec = Recorder::default();
+        // SAFETY: the recorder keeps the launches and dereferences nothing.
+        unsafe { run(&b, &p, &binds, &mut rec) }.unwrap();
+        let at = |buf: Buf| binds.ptr(buf);
+        let names: Vec<&str> = rec.launches.iter().map(|(_, l)| l.kernel().name).collect();
+        assert_eq!(names, ["sgmv_shrink_mma", "sgmv_expand_mma", "sgmv_expand_mma"]);
+        let shrink = [Buf::X, Buf::A, Buf::RankOffsets, Buf::PlanOffsets, Buf::PlanEntries, Buf::Partials];
+        assert_eq!(rec.launches[0].1.ptrs(), shrink.map(at));
+        let scales = if expert_scales { at(Buf::ExpertScales) } else { 0 };
+        for (slot, (_, l)) in rec.launches[1..].iter().enumerate() {
+            let want = [
+                at(Buf::Partials),
+                at(Buf::B),
+                at(Buf::RankOffsets),
+                scales,
+                at(Buf::PlanOffsets),
+                at(Buf::PlanEntries),
+                at(Buf::RouteWeights),
+                at(Buf::Y),
+            ];
+            assert_eq!(l.ptrs(), want, "expert_scales {expert_scales}");
+            assert_eq!(l.params(), bytemuck::bytes_of(&p.expand_params(slot)));
+        }
+        // A plan with scales refuses to run without them.
+        if expert_scales {
+            binds.raw(Buf::ExpertScales, 0);
+            // SAFETY: refused before any launch.
+            let err = unsafe { run(&b, &p, &binds, &mut Recorder::default()) }.unwrap_err();
+            assert_eq!(err, MoleError::MissingInput { name: "expert_scales", needed_by: "the sgmv kernels" });
+        }
     }
 }
 
