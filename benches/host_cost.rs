@@ -15,8 +15,8 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use mole::cuda::{Arch, CacheKey};
 use mole::exec::{Bindings, Buf, Recorder};
-use mole::layer::{default_build, Choice, ChoiceSource};
 use mole::model::{LayerSpec, Method, MethodShape};
+use mole::runtime::{default_build, Choice, ChoiceSource};
 use mole::runtime::{LayerPlanner, CALLER_BUFS};
 use mole::tune::Strategy;
 use mole::DType;

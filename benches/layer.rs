@@ -4,9 +4,11 @@
 //! the grouped path. Without a GPU it prints why and measures nothing.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mole::autotune::DeviceLayer;
 use mole::cuda::{time_on_device, Device};
-use mole::layer::{choose, DeviceLayer, STANDARD_METHODS};
 use mole::model::MethodShape;
+use mole::model::STANDARD_METHODS;
+use mole::runtime::choose;
 use mole::synth::SyntheticLayer;
 use mole::tune::{GpuId, TuningCache};
 use mole::DType;

@@ -45,13 +45,14 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod kernels;
-pub mod layer;
 pub mod limits;
 pub mod model;
 pub mod outfile;
 pub mod plan;
 pub mod reference;
 pub mod runtime;
+// Synthetic layer data: for the command line, the benchmarks and the tests.
+#[cfg(any(test, feature = "cli"))]
 pub mod synth;
 #[cfg(feature = "cli")]
 pub mod tensors;

@@ -11,9 +11,10 @@ mod host;
 
 use host::HostBackend;
 use mole::exec::{Bindings, Buf};
-use mole::layer::{default_build, Choice, ChoiceSource, STANDARD_METHODS};
+use mole::model::STANDARD_METHODS;
 use mole::model::{ExpertShard, LayerInputs, LayerSpec, MethodShape, Mix, RankLayout, Router};
 use mole::reference;
+use mole::runtime::{default_build, Choice, ChoiceSource};
 use mole::runtime::{LayerConstants, LayerPlanner};
 use mole::synth::{Rng, SyntheticLayer};
 use mole::tune::Strategy;

@@ -1,4 +1,4 @@
-//! Whole layers through the layer API (`mole::layer::DeviceLayer`) on the GPU against the f64
+//! Whole layers through the layer API (`mole::autotune::DeviceLayer`) on the GPU against the f64
 //! reference: every standard method, every strategy that can run it (fused single launch on
 //! tensor cores and FMA widths, fused split, grouped), every dtype, with the tolerance
 //! `DeviceLayer::tolerance` (f32 accumulation over `d_in + R`, one or `slots + 1` roundings of
@@ -6,9 +6,11 @@
 
 mod gpu;
 
+use mole::autotune::DeviceLayer;
 use mole::cuda::Device;
-use mole::layer::{default_build, Choice, ChoiceSource, DeviceLayer, STANDARD_METHODS};
+use mole::model::STANDARD_METHODS;
 use mole::model::{LayerSpec, MethodShape, Mix, Router};
+use mole::runtime::{default_build, Choice, ChoiceSource};
 use mole::synth::SyntheticLayer;
 use mole::tune::Strategy;
 use mole::{DType, KernelElement};

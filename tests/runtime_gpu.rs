@@ -120,10 +120,10 @@ fn grouped_and_fused_choices_agree_with_the_reference() {
         let data = SyntheticLayer::<bf16>::new(&spec, tokens, 9);
         let want = reference::forward(&spec, &data.inputs()).unwrap().y;
         for strategy in Strategy::ALL {
-            let choice = mole::layer::Choice {
+            let choice = mole::runtime::Choice {
                 strategy,
-                build: mole::layer::default_build(strategy, DType::BF16),
-                source: mole::layer::ChoiceSource::Heuristic,
+                build: mole::runtime::default_build(strategy, DType::BF16),
+                source: mole::runtime::ChoiceSource::Heuristic,
             };
             let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap().with_choice(choice);
             let bytes = layer.workspace_bytes(tokens).unwrap();

@@ -2,10 +2,11 @@
 //! an L2 flush before every timed run (outside the event pair), CUDA events around the run only,
 //! and the median of many runs. Every strategy plugs in through [`TunableRun`].
 
+use crate::autotune::DeviceLayer;
 use crate::cuda::{cuda_err, Device};
 use crate::kernels::{Family, KernelBuild};
-use crate::layer::{Choice, ChoiceSource, DeviceLayer};
 use crate::model::LayerSpec;
+use crate::runtime::{Choice, ChoiceSource};
 use crate::synth::SyntheticLayer;
 use crate::tune::Strategy;
 use crate::{DType, KernelElement, MoleError, Result};

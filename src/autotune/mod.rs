@@ -9,10 +9,12 @@
 //!   median) and [`prepare_run`], where each strategy plugs in.
 //! - [`tuner`]: [`tune_shape`], the search of one shape with its per-candidate [`Outcome`]s.
 
+mod device_layer;
 pub mod measure;
 pub mod space;
 pub mod tuner;
 
+pub use device_layer::DeviceLayer;
 pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};
 pub use space::{candidates, candidates_for, Pruner};
 pub use tuner::{tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};

@@ -47,13 +47,13 @@ pub fn candidates(dtype: DType) -> Vec<Candidate> {
 }
 
 /// The candidates of one shape: [`candidates`] with the documented heuristic's choice first
-/// ([`crate::layer::heuristic`] with its default build: what runs without tuning), so that
+/// ([`crate::runtime::heuristic`] with its default build: what runs without tuning), so that
 /// candidate 0 is the default every speed-up is measured against. Without a heuristic choice
 /// (a layer no strategy fits) the order of [`candidates`] stands.
 pub fn candidates_for(spec: &crate::model::LayerSpec, dtype: DType, tokens: usize, sm_count: u32) -> Vec<Candidate> {
     let mut all = candidates(dtype);
-    if let Ok(strategy) = crate::layer::heuristic(spec, dtype, tokens, sm_count) {
-        let default = Candidate { strategy, build: crate::layer::default_build(strategy, dtype) };
+    if let Ok(strategy) = crate::runtime::heuristic(spec, dtype, tokens, sm_count) {
+        let default = Candidate { strategy, build: crate::runtime::default_build(strategy, dtype) };
         if let Some(i) = all.iter().position(|c| *c == default) {
             let c = all.remove(i);
             all.insert(0, c);

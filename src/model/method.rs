@@ -292,6 +292,22 @@ impl fmt::Display for Method {
     }
 }
 
+/// The methods `mole bench layer`, `benches/layer.rs` and the runtime tests run, with their usual settings:
+/// `(method, experts, rank per expert, k)`.
+pub const STANDARD_METHODS: [(Method, usize, usize, usize); 11] = [
+    (Method::MixLora, 8, 16, 2),
+    (Method::MixLoraDynamic, 8, 16, 2),
+    (Method::DynMole, 6, 24, 2),
+    (Method::LlavaMoleSparse, 8, 16, 1),
+    (Method::LlavaMoleDense, 8, 16, 2),
+    (Method::LoraMoe, 8, 16, 2),
+    (Method::XLora, 8, 16, 8),
+    (Method::Smora, 64, 1, 8),
+    (Method::FlyLora, 64, 1, 8),
+    (Method::Comol, 8, 16, 2),
+    (Method::FlexOlmo, 8, 16, 2),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

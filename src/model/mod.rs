@@ -15,6 +15,6 @@ mod spec_json;
 pub use gating::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 pub use inputs::LayerInputs;
 pub use layer::{peft_expert_scales, LayerSpec, Mix};
-pub use method::{Knob, Method, MethodOptions, MethodShape};
+pub use method::{Knob, Method, MethodOptions, MethodShape, STANDARD_METHODS};
 pub use ranks::RankLayout;
 pub use shard::ExpertShard;

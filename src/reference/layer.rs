@@ -137,7 +137,7 @@ pub fn forward_shard<T: Scalar>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::STANDARD_METHODS;
+    use crate::model::STANDARD_METHODS;
     use crate::model::{MethodShape, RankLayout};
     use crate::synth::SyntheticLayer;
 

@@ -12,8 +12,10 @@
 //! (call [`CompiledLayer::prepare`] for each token count first: the first forward of a new token
 //! bucket may compile kernels).
 
+mod choice;
 mod plan;
 
+pub use choice::{choose, default_build, fused_fits, heuristic, Choice, ChoiceSource};
 pub use plan::{LayerPlan, LayerPlanner, Path, CALLER_BUFS, WORKSPACE_ALIGN, WORKSPACE_BUFS};
 
 use crate::cuda::{cuda_err, Device};
@@ -209,7 +211,7 @@ impl CompiledLayer {
     }
 
     /// The layer with every token count run by `choice` (see [`LayerPlanner::with_choice`]).
-    pub fn with_choice(self, choice: crate::layer::Choice) -> Self {
+    pub fn with_choice(self, choice: crate::runtime::Choice) -> Self {
         CompiledLayer { planner: self.planner.with_choice(choice), ..self }
     }
 

@@ -8,8 +8,8 @@ use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedPlan, FusedVar
 use crate::kernels::gating::{self, SlotGroupingPlan};
 use crate::kernels::sgmv::{self, SgmvPlan, SgmvShape};
 use crate::kernels::KernelBuild;
-use crate::layer::{choose, default_build, Choice, ChoiceSource};
 use crate::model::{ExpertShard, LayerSpec};
+use crate::runtime::{choose, default_build, Choice, ChoiceSource};
 use crate::tune::{token_bucket, Strategy, TuningCache};
 use crate::{DType, MoleError, Result};
 use std::sync::{Arc, Mutex};

@@ -4,9 +4,11 @@
 
 use clap::Args;
 use cudarc::driver::DeviceRepr;
+use mole::autotune::DeviceLayer;
 use mole::cuda::{time_on_device, Device};
-use mole::layer::{choose, default_build, Choice, ChoiceSource, DeviceLayer, STANDARD_METHODS};
+use mole::model::STANDARD_METHODS;
 use mole::model::{LayerSpec, MethodShape, Mix, Router};
+use mole::runtime::{choose, default_build, Choice, ChoiceSource};
 use mole::synth::SyntheticLayer;
 use mole::tune::{GpuId, Strategy, TuningCache};
 use mole::{DType, KernelElement, Result};

@@ -3,12 +3,13 @@
 
 use clap::Args;
 use cudarc::driver::DeviceRepr;
-use mole::layer::{ChoiceSource, DeviceLayer};
+use mole::autotune::DeviceLayer;
 use mole::model::{Knob, LayerSpec, Method, MethodShape, Mix};
 use mole::plan::RoutingPlan;
 use mole::reference::max_scaled_error;
 use mole::reference::LayerOutput;
 use mole::reference::{self, Bank};
+use mole::runtime::ChoiceSource;
 use mole::synth::SyntheticLayer;
 use mole::{limits, DType, KernelElement, MoleError, Result};
 use std::sync::Arc;
@@ -198,7 +199,7 @@ fn gpu_layer<T: KernelElement + DeviceRepr>(
     let gpu = mole::tune::GpuId::of_device(device);
     let (cache, warnings) = mole::tune::TuningCache::load_for(&gpu);
     warnings.iter().for_each(|w| eprintln!("warning: {w}"));
-    let choice = mole::layer::choose(spec, T::DTYPE, data.tokens, device.sm_count(), Some(&cache))?;
+    let choice = mole::runtime::choose(spec, T::DTYPE, data.tokens, device.sm_count(), Some(&cache))?;
     let source = if choice.source == ChoiceSource::Tuned { "tuned" } else { "heuristic" };
     let path = format!("GPU {} ({source}; {})", choice.strategy, choice.build);
     let mut layer =

@@ -1,6 +1,5 @@
-//! The layer API: one MoLE layer forward on the GPU through the fused kernels
-//! ([`crate::kernels::fused`]) or the grouped path (route-only fused launch, device slot plans,
-//! SGMV kernels), chosen per GPU and shape.
+//! The strategy of a layer call: the fused kernels ([`crate::kernels::fused`]) or the grouped
+//! path (route-only fused launch, device slot plans, SGMV kernels), chosen per GPU and shape.
 //!
 //! **How the strategy is chosen** ([`choose`]): a fresh entry of the tuning cache for the shape
 //! key ([`crate::tune::ShapeKey`]) wins; without one, the documented heuristic
@@ -16,31 +15,11 @@
 //! Both paths apply per-expert scales ([`LayerSpec::expert_scales`]) in their expands; the
 //! strategy does not depend on them.
 
-mod device;
-
-pub use device::DeviceLayer;
-
 use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedVariant};
 use crate::kernels::{sgmv, KernelBuild};
-use crate::model::{LayerSpec, Method, Mix};
+use crate::model::{LayerSpec, Mix};
 use crate::tune::{ShapeKey, Strategy, TuningCache};
 use crate::{DType, MoleError, Result};
-
-/// The methods `mole bench layer` and `benches/layer.rs` profile, with their usual settings:
-/// `(method, experts, rank per expert, k)`.
-pub const STANDARD_METHODS: [(Method, usize, usize, usize); 11] = [
-    (Method::MixLora, 8, 16, 2),
-    (Method::MixLoraDynamic, 8, 16, 2),
-    (Method::DynMole, 6, 24, 2),
-    (Method::LlavaMoleSparse, 8, 16, 1),
-    (Method::LlavaMoleDense, 8, 16, 2),
-    (Method::LoraMoe, 8, 16, 2),
-    (Method::XLora, 8, 16, 8),
-    (Method::Smora, 64, 1, 8),
-    (Method::FlyLora, 64, 1, 8),
-    (Method::Comol, 8, 16, 2),
-    (Method::FlexOlmo, 8, 16, 2),
-];
 
 /// Where a choice came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +91,7 @@ pub fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::MethodShape;
+    use crate::model::{Method, MethodShape, STANDARD_METHODS};
 
     #[test]
     fn every_standard_method_has_a_path_at_d_4096() {

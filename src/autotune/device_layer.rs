@@ -2,10 +2,10 @@
 //! ([`CompiledLayer`]) with a fixed strategy and build, and checked against the f64 reference.
 //! What `mole run`, the benchmarks and the autotuner time.
 
-use super::Choice;
 use crate::cuda::{cuda_err, Device};
 use crate::model::LayerSpec;
 use crate::reference::{self, max_scaled_error};
+use crate::runtime::Choice;
 use crate::runtime::{CompiledLayer, LayerIo, LayerPlan};
 use crate::synth::SyntheticLayer;
 use crate::tune::Strategy;
