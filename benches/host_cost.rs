@@ -14,7 +14,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mole::cuda::{Arch, CacheKey};
-use mole::exec::{Bindings, Buf, Recorder};
+use mole::kernels::exec::{Bindings, Buf, Recorder};
 use mole::model::{LayerSpec, Method, MethodShape};
 use mole::runtime::{default_build, Choice, ChoiceSource};
 use mole::runtime::{LayerPlanner, CALLER_BUFS};

@@ -219,7 +219,7 @@ impl<'d, T: KernelElement + DeviceRepr> GroupedRun<'d, T> {
             plan_entries: stream.clone_htod(&plans.entries).map_err(&up)?,
             weights: stream.clone_htod(&w32).map_err(&up)?,
             h_part: stream
-                .alloc_zeros::<f32>(plan.lens.get(crate::exec::Buf::Partials).max(1))
+                .alloc_zeros::<f32>(plan.lens.get(crate::kernels::exec::Buf::Partials).max(1))
                 .map_err(cuda_err("cuMemAlloc"))?,
             build,
             plan,

@@ -43,7 +43,6 @@ pub mod bench;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
-pub mod exec;
 pub mod kernels;
 pub mod limits;
 pub mod model;

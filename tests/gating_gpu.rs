@@ -12,7 +12,7 @@ mod gpu;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use mole::cuda::Device;
-use mole::exec::Buf;
+use mole::kernels::exec::Buf;
 use mole::kernels::gating::{self, DeviceGateInput, GroupOutputs, InputKind, RouteOutputs, StatsInputs, StatsPlan};
 use mole::kernels::KernelBuild;
 use mole::model::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};

@@ -16,7 +16,7 @@
 //! - router statistics (summed per tile by the kernel, in tile order by `gating_stats_finalize`)
 //!   against the reference statistics.
 
-use mole::exec::{Bindings, Buf};
+use mole::kernels::exec::{Bindings, Buf};
 use mole::kernels::fused::{self, FusedOutputs, FusedPlan, FusedVariant};
 use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
 use mole::model::{LayerSpec, Method, MethodShape, Mix};

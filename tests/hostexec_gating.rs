@@ -8,7 +8,7 @@ mod host;
 
 use common::{bind, gating_build, Input};
 use host::HostBackend;
-use mole::exec::{Bindings, Buf};
+use mole::kernels::exec::{Bindings, Buf};
 use mole::kernels::gating::{plan, run_route, RoutePlan};
 use mole::model::{Gating, RankSelection, Router, RoutingRule, TopKWeights};
 use mole::reference::routing::{route, GateInput, Routing};

@@ -17,7 +17,7 @@ mod host;
 
 use common::{bind, gating_build, Input};
 use host::HostBackend;
-use mole::exec::{Bindings, Buf};
+use mole::kernels::exec::{Bindings, Buf};
 use mole::kernels::gating::{
     plan, plan_grouping, plan_slot_grouping, run_group, run_group_slots, run_route, run_stats, SlotGroupingPlan,
     StatsPlan,

@@ -11,7 +11,7 @@ mod host;
 
 use common::{bind, gating_build, Input};
 use host::HostBackend;
-use mole::exec::{Bindings, Buf};
+use mole::kernels::exec::{Bindings, Buf};
 use mole::kernels::gating::{self, plan, StatsPlan};
 use mole::model::{Gating, Method, MethodShape, Router, RoutingRule, TopKWeights};
 use mole::reference::routing::{route, GateInput, Routing};

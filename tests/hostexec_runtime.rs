@@ -10,7 +10,7 @@
 mod host;
 
 use host::HostBackend;
-use mole::exec::{Bindings, Buf};
+use mole::kernels::exec::{Bindings, Buf};
 use mole::model::STANDARD_METHODS;
 use mole::model::{ExpertShard, LayerInputs, LayerSpec, MethodShape, Mix, RankLayout, Router};
 use mole::reference;

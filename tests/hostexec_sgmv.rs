@@ -15,7 +15,7 @@
 //! the reference sees them. An element no slot touches must come back bit-exact.
 
 use half::{bf16, f16};
-use mole::exec::{Backend, Bindings, Buf, Launch};
+use mole::kernels::exec::{Backend, Bindings, Buf, Launch};
 use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
 use mole::model::RankLayout;
 use mole::plan::{RoutingPlan, TokenSlot};

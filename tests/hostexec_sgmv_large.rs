@@ -5,7 +5,7 @@
 //! test needs little memory; it runs the tensor-core and the FMA shrink.
 
 use half::bf16;
-use mole::exec::{Bindings, Buf};
+use mole::kernels::exec::{Bindings, Buf};
 use mole::kernels::sgmv::{self, SgmvConfig, SgmvShape, SlotPlans};
 use mole::reference::tolerance;
 use mole::DType;

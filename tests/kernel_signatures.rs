@@ -1,10 +1,10 @@
-//! Every kernel description ([`mole::exec::KernelDesc`]) against the kernel's C++ signature as
+//! Every kernel description ([`mole::kernels::exec::KernelDesc`]) against the kernel's C++ signature as
 //! the CPU execution layer compiled it: the parameter struct's size first, then one pointer per
 //! described argument, each to elements of the described size, `const` exactly for inputs.
 //! Argument order among same-typed pointers is what the execution tests check (they run the
 //! launch path and compare with the reference).
 
-use mole::exec::Access;
+use mole::kernels::exec::Access;
 use mole::kernels::Family;
 use mole_hostexec::Kernel;
 

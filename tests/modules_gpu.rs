@@ -4,8 +4,8 @@
 mod gpu;
 
 use mole::cuda::{self, DiskCache};
-use mole::exec::LoadedBuild;
 use mole::kernels::default_builds;
+use mole::kernels::exec::LoadedBuild;
 
 #[test]
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]

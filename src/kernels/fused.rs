@@ -15,7 +15,7 @@
 //! as per-tile rows, summed in tile order by the gating kernels' `gating_stats_finalize`.
 //!
 //! [`plan`] validates a call and computes grids, shared memory and every buffer's length without a
-//! GPU; [`run`] runs it through any [`crate::exec::Backend`], and [`forward`] / [`forward_raw`]
+//! GPU; [`run`] runs it through any [`crate::kernels::exec::Backend`], and [`forward`] / [`forward_raw`]
 //! bind device buffers and call it.
 
 mod launch;
@@ -26,7 +26,7 @@ pub use launch::{forward, forward_raw, run, stats_build, FusedBuffers, RawFusedP
 
 use super::gating::{self, EntropyKind, GatingParams, KernelLaunch, StatsParams, StatsPlan};
 use super::{BuildConfig, KernelBuild};
-use crate::exec::{Buf, BufLens, Dims, KernelDesc};
+use crate::kernels::exec::{Buf, BufLens, Dims, KernelDesc};
 use crate::model::{Gating, LayerSpec, Mix, Router};
 use crate::{DType, MoleError, Result};
 use bytemuck::{Pod, Zeroable};
@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 /// The entry points.
 pub mod kernel {
-    use crate::exec::{ArgDesc as A, Buf, KernelDesc};
+    use crate::kernels::exec::{ArgDesc as A, Buf, KernelDesc};
     use crate::kernels::Family;
 
     const PARAMS_BYTES: usize = std::mem::size_of::<super::FusedParams>();

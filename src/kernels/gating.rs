@@ -5,9 +5,9 @@
 //! This module mirrors the `.cu` file: the `#[repr(C)]` parameter structs and `#[repr(u32)]`
 //! enums match their C twins (both sides assert every size and offset), and the pure planning
 //! functions ([`plan`], [`plan_stats`], [`plan_grouping`], [`plan_slot_grouping`]) validate a
-//! call and compute its launches and the length of every buffer ([`crate::exec::BufLens`])
+//! call and compute its launches and the length of every buffer ([`crate::kernels::exec::BufLens`])
 //! without touching a GPU. Each call kind runs on bound buffers through any
-//! [`crate::exec::Backend`] ([`run_route`], [`run_stats`], [`run_group`], [`run_group_slots`]):
+//! [`crate::kernels::exec::Backend`] ([`run_route`], [`run_stats`], [`run_group`], [`run_group_slots`]):
 //! the typed functions ([`route`], [`router_stats`], [`group`], [`group_slots`]) and the raw-pointer
 //! ones (`*_raw`) bind their buffers and call them, on a [`crate::cuda::Device`].
 
@@ -24,7 +24,7 @@ pub use launch::{
 };
 
 use super::{BuildConfig, KernelBuild};
-use crate::exec::{Buf, BufLens, Dims, KernelDesc};
+use crate::kernels::exec::{Buf, BufLens, Dims, KernelDesc};
 use crate::model::{Entropy, Gating, RankSelection, RoutingRule, TopKWeights};
 use crate::reference::RouterStats;
 use crate::{DType, MoleError, Result};
@@ -48,7 +48,7 @@ const MAX_CHUNKS: u64 = 1024;
 
 /// The entry points.
 pub mod kernel {
-    use crate::exec::{ArgDesc as A, Buf, KernelDesc};
+    use crate::kernels::exec::{ArgDesc as A, Buf, KernelDesc};
     use crate::kernels::Family;
 
     const fn gating(

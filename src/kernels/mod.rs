@@ -1,4 +1,5 @@
-//! The kernel registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
+//! The kernels: [`exec`], the description of every entry point and the one launch path;
+//! [`gating`], [`sgmv`] and [`fused`], one module per op family; and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
 //! which configurations of each are compiled ([`KernelBuild`]).
 //!
 //! A build is typed: an element type and a [`BuildConfig`] (one tiling struct per family). The
@@ -10,6 +11,7 @@
 //!   ([`BLOCK_THREADS_DEFINE`]), and a build that adds dynamic shared memory declares the bytes
 //!   ([`DYNAMIC_SMEM_DEFINE`]); `mole check-kernels` checks both against the architecture.
 
+pub mod exec;
 pub mod fused;
 pub mod gating;
 pub mod sgmv;
@@ -20,7 +22,7 @@ pub use gating::GatingConfig;
 pub use sgmv::SgmvConfig;
 
 use crate::cuda::{sources, CompileUnit, ModuleSource};
-use crate::exec::KernelDesc;
+use crate::kernels::exec::KernelDesc;
 use crate::{DType, MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -232,7 +234,7 @@ impl KernelBuild {
         self.kernels().iter().map(|k| k.entry_name(self.dtype)).collect()
     }
 
-    /// The entry points of this build, as described for the launch path (see [`crate::exec`]):
+    /// The entry points of this build, as described for the launch path (see [`crate::kernels::exec`]):
     /// the fused tensor-core kernel exists only in 16-bit builds of some tilings.
     pub fn kernels(&self) -> &'static [&'static KernelDesc] {
         match self.config {

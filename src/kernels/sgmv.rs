@@ -26,7 +26,7 @@ mod launch;
 pub use launch::{forward, forward_raw, run, RawSgmvPointers, SgmvBuffers};
 
 use super::{BuildConfig, KernelBuild};
-use crate::exec::{Buf, BufLens, Dims, KernelDesc};
+use crate::kernels::exec::{Buf, BufLens, Dims, KernelDesc};
 use crate::plan::{RoutingPlan, TokenSlot};
 use crate::{DType, MoleError, Result};
 use bytemuck::{Pod, Zeroable};
@@ -43,7 +43,7 @@ const MAX_GRID_YZ: u64 = 65_535;
 
 /// The entry points.
 pub mod kernel {
-    use crate::exec::{ArgDesc as A, Buf, KernelDesc};
+    use crate::kernels::exec::{ArgDesc as A, Buf, KernelDesc};
     use crate::kernels::Family;
 
     const PARAMS_BYTES: usize = std::mem::size_of::<super::SgmvParams>();

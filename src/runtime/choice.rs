@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn per_expert_scales_take_the_same_paths_and_reach_the_expands() {
-        use crate::exec::Buf;
+        use crate::kernels::exec::Buf;
         // Fits the fused build (MixLoRA 8 x 16) and, wide, only the grouped path (64 x 16).
         for (experts, want) in [(8, Strategy::Fused), (64, Strategy::Grouped)] {
             let mut spec = Method::MixLora.spec(shape(experts, 16)).unwrap();

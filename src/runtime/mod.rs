@@ -19,7 +19,7 @@ pub use choice::{choose, default_build, fused_fits, heuristic, Choice, ChoiceSou
 pub use plan::{LayerPlan, LayerPlanner, Path, CALLER_BUFS, WORKSPACE_ALIGN, WORKSPACE_BUFS};
 
 use crate::cuda::{cuda_err, Device};
-use crate::exec::{Bindings, Buf, CudaBackend, LoadedBuild, TypedBindings};
+use crate::kernels::exec::{Bindings, Buf, CudaBackend, LoadedBuild, TypedBindings};
 use crate::kernels::{Family, KernelBuild};
 use crate::model::LayerSpec;
 use crate::tune::TuningCache;

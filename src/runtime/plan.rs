@@ -3,7 +3,7 @@
 //! [`Backend`], so the whole sequence (routing, slot plans, SGMV) runs on the CPU execution
 //! layer in tests and on a recorder in the host-cost benchmark.
 
-use crate::exec::{Backend, Bindings, Buf, BufLens};
+use crate::kernels::exec::{Backend, Bindings, Buf, BufLens};
 use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedPlan, FusedVariant};
 use crate::kernels::gating::{self, SlotGroupingPlan};
 use crate::kernels::sgmv::{self, SgmvPlan, SgmvShape};

@@ -1,7 +1,7 @@
 //! Helpers shared by the tests that run kernels through the host execution layer.
 
 use half::{bf16, f16};
-use mole::exec::{Bindings, Buf};
+use mole::kernels::exec::{Bindings, Buf};
 use mole::kernels::{gating, KernelBuild};
 use mole::DType;
 use mole_hostexec::Buffer;

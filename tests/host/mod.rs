@@ -1,7 +1,7 @@
 //! The CPU execution layer as a launch backend: the launches the library packs for the GPU
 //! (argument order, null pointers, fallbacks) run unmodified on the host.
 
-use mole::exec::{Backend, Launch};
+use mole::kernels::exec::{Backend, Launch};
 use mole::kernels::KernelBuild;
 use mole::MoleError;
 use mole_hostexec::{Arg, Kernel, LaunchConfig, Schedule};

@@ -4,7 +4,7 @@
 
 use super::{FusedConfig, FusedPlan};
 use crate::cuda::Device;
-use crate::exec::{Backend, Bindings, Buf, CudaBackend, Dims, Launch, LoadedBuild, TypedBindings};
+use crate::kernels::exec::{Backend, Bindings, Buf, CudaBackend, Dims, Launch, LoadedBuild, TypedBindings};
 use crate::kernels::{gating, Family, KernelBuild};
 use crate::{DType, KernelElement, MoleError, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};

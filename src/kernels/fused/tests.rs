@@ -1,6 +1,6 @@
 use super::*;
 use crate::cuda::sources;
-use crate::exec::{Bindings, Recorder};
+use crate::kernels::exec::{Bindings, Recorder};
 use crate::model::{Method, MethodShape};
 use std::mem::{offset_of, size_of};
 

@@ -8,7 +8,7 @@
 
 use super::{build_threads_of, plan, GroupingPlan, InputKind, KernelLaunch, PlanParams, RoutePlan, StatsPlan};
 use crate::cuda::Device;
-use crate::exec::{Backend, Bindings, Buf, CudaBackend, Launch, LoadedBuild, TypedBindings};
+use crate::kernels::exec::{Backend, Bindings, Buf, CudaBackend, Launch, LoadedBuild, TypedBindings};
 use crate::kernels::{Family, KernelBuild};
 use crate::model::Gating;
 use crate::plan::TokenSlot;

@@ -7,7 +7,7 @@
 use super::launch::{bind_group, check_build, check_plan_build, launch_all, load, pack_plan, RawGroupPointers};
 use super::{plan_grouping, GroupingPlan, PlanParams};
 use crate::cuda::Device;
-use crate::exec::{Backend, Bindings, Buf, BufLens, CudaBackend, LoadedBuild};
+use crate::kernels::exec::{Backend, Bindings, Buf, BufLens, CudaBackend, LoadedBuild};
 use crate::kernels::sgmv::entry_capacity;
 use crate::kernels::KernelBuild;
 use crate::plan::TokenSlot;

@@ -1,6 +1,6 @@
 use super::*;
 use crate::cuda::sources;
-use crate::exec::{Bindings, Recorder};
+use crate::kernels::exec::{Bindings, Recorder};
 use crate::kernels::Family;
 use crate::model::Router;
 use crate::plan::TokenSlot;
@@ -337,13 +337,13 @@ pub(super) fn bound(lens: &BufLens) -> Bindings {
 }
 
 /// The launches `run` hands to a recorder (which dereferences no pointer), or its error.
-pub(super) fn record(run: impl FnOnce(&mut Recorder) -> Result<()>) -> Result<Vec<crate::exec::Launch>> {
+pub(super) fn record(run: impl FnOnce(&mut Recorder) -> Result<()>) -> Result<Vec<crate::kernels::exec::Launch>> {
     let mut r = Recorder::default();
     run(&mut r)?;
     Ok(r.launches.into_iter().map(|(_, l)| l).collect())
 }
 
-fn route_with(b: &KernelBuild, p: &RoutePlan, binds: &Bindings) -> Result<Vec<crate::exec::Launch>> {
+fn route_with(b: &KernelBuild, p: &RoutePlan, binds: &Bindings) -> Result<Vec<crate::kernels::exec::Launch>> {
     // SAFETY: the recorder keeps the launches without touching the fake addresses.
     record(|r| unsafe { run_route(b, p, binds, r) })
 }

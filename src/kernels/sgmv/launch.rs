@@ -4,7 +4,7 @@
 
 use super::{kernel, SgmvConfig, SgmvPlan};
 use crate::cuda::Device;
-use crate::exec::{Backend, Bindings, Buf, CudaBackend, Launch, LoadedBuild};
+use crate::kernels::exec::{Backend, Bindings, Buf, CudaBackend, Launch, LoadedBuild};
 use crate::kernels::{Family, KernelBuild};
 use crate::plan::TokenSlot;
 use crate::{DType, KernelElement, MoleError, Result};
@@ -105,7 +105,7 @@ pub fn forward<T: KernelElement>(
 ) -> Result<()> {
     check_build(build, plan, T::DTYPE)?;
     let stream = device.stream();
-    let mut b = crate::exec::TypedBindings::new(stream, T::DTYPE);
+    let mut b = crate::kernels::exec::TypedBindings::new(stream, T::DTYPE);
     b.input(Buf::X, bufs.x)
         .input(Buf::A, bufs.a)
         .input(Buf::B, bufs.b)

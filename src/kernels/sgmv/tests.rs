@@ -149,7 +149,7 @@ fn plan_rejects_bad_arguments() {
 /// expands take `expert_scales` after `rank_offsets` when the plan has them, null otherwise.
 #[test]
 fn run_packs_the_shrink_then_one_expand_per_slot() {
-    use crate::exec::{Bindings, Recorder};
+    use crate::kernels::exec::{Bindings, Recorder};
     let b = build(DType::BF16, SgmvConfig::DEFAULT);
     let offs = [0u32, 4, 4, 12];
     for expert_scales in [false, true] {
