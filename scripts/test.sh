@@ -24,6 +24,14 @@ if cargo tree -e normal -p mole --prefix none | grep -E '^(clap|indicatif|safete
   echo "the library's default build depends on the command line's crates (above)" >&2
   exit 1
 fi
+# What a framework sees: the default build's public items (rustdoc's list of all items) stay few.
+cargo doc --no-deps -p mole --quiet
+items=$(grep -o '<li><a href="[^"]*">' target/doc/mole/all.html | wc -l)
+echo "public items in the default build: $items"
+if [ "$items" -gt 80 ]; then
+  echo "the default build exposes $items public items (at most 80): put internals behind the \`internals\` feature" >&2
+  exit 1
+fi
 cargo run --release --features cli -- check-kernels --arch sm_80,sm_90
 MOLE_NVRTC_PATH="$NVRTC13/libnvrtc.so.13" cargo run --release --features cli -- check-kernels --arch sm_80,sm_90,sm_100
 MOLE_NVRTC_PATH="$NVRTC12" cargo run --release --features cli -- gen-ptx --check

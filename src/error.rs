@@ -152,7 +152,7 @@ pub enum MoleError {
         /// What is wrong, with the closest valid name where there is one.
         message: String,
     },
-    /// A size derived from the inputs is over its documented limit (see [`crate::limits`]) or
+    /// A size derived from the inputs is over its documented limit (see `crate::limits`) or
     /// overflows when multiplied out.
     #[error("{what} = {value} is too large: {limit}")]
     TooLarge {

@@ -12,7 +12,7 @@
 //! MeteoRA), dense soft weights (X-LoRA, LoRAMoE), dynamic-k (DynMoLE), rank-wise experts
 //! (SMoRA, FlyLoRA) and soft-merged cores (CoMoL). [`model`](mod@model) describes a layer,
 //! [`reference`](mod@reference) computes it in f64 on the CPU (the oracle for every kernel),
-//! [`plan`](mod@plan) groups routed tokens per expert, [`kernels`](mod@kernels) holds the typed
+//! `plan` groups routed tokens per expert, `kernels` holds the typed
 //! launch layer of each CUDA op family and [`cuda`](mod@cuda) compiles and loads them.
 //!
 //! ```
@@ -36,6 +36,20 @@
 
 #![warn(missing_docs)]
 
+/// Declares a module that is public API with the `internals` feature and crate-private without
+/// it (what only the command line, the tests and the benchmarks call; a framework links the
+/// runtime). Private, its unused parts are not dead code: the feature makes them public.
+macro_rules! internal_mod {
+    ($name:ident) => {
+        #[cfg(feature = "internals")]
+        pub mod $name;
+        #[cfg(not(feature = "internals"))]
+        #[allow(dead_code, unused_imports)]
+        pub(crate) mod $name;
+    };
+}
+pub(crate) use internal_mod;
+
 #[cfg(feature = "cli")]
 pub mod autotune;
 #[cfg(feature = "cli")]
@@ -43,10 +57,10 @@ pub mod bench;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
-pub mod kernels;
-pub mod limits;
+internal_mod!(kernels);
+internal_mod!(limits);
 pub mod model;
-pub mod outfile;
+internal_mod!(outfile);
 pub mod plan;
 pub mod reference;
 pub mod runtime;

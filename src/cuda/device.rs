@@ -83,7 +83,7 @@ impl std::fmt::Debug for Device {
 }
 
 impl Device {
-    /// Opens GPU `ordinal` with the disk cache of [`DiskCache::from_env`]. Errors with
+    /// Opens GPU `ordinal` with the disk cache of `DiskCache::from_env`. Errors with
     /// [`MoleError::CudaDriverNotFound`] when libcuda is missing, [`MoleError::Cuda`] when the
     /// driver fails (e.g. no such GPU), [`MoleError::Unsupported`] for an architecture the
     /// kernels do not target.

@@ -223,7 +223,7 @@ impl Method {
     }
 
     /// Checks the knobs this preset uses, naming the one that is wrong: positive dimensions
-    /// within [`crate::limits`], `1 <= k <= experts` where `k` is used, rank 1 for FlyLoRA, a
+    /// within `crate::limits`, `1 <= k <= experts` where `k` is used, rank 1 for FlyLoRA, a
     /// finite alpha.
     pub fn check_shape(self, s: &MethodShape) -> Result<()> {
         use crate::limits::{check_max, MAX_DIM, MAX_EXPERTS};

@@ -49,8 +49,8 @@ impl From<RankLayout> for RankLayoutRepr {
 }
 
 impl RankLayout {
-    /// `experts` experts of `rank` columns each (at most [`limits::MAX_EXPERTS`] experts and
-    /// [`limits::MAX_TOTAL_RANK`] columns, checked before anything is allocated).
+    /// `experts` experts of `rank` columns each (at most `limits::MAX_EXPERTS` experts and
+    /// `limits::MAX_TOTAL_RANK` columns, checked before anything is allocated).
     pub fn uniform(experts: usize, rank: usize) -> Result<Self> {
         if experts == 0 {
             return Err(MoleError::ZeroDimension { name: "experts" });

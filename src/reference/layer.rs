@@ -56,7 +56,7 @@ pub fn router_scores<T: Scalar>(
 }
 
 /// The f64 reference forward of one layer. Validates the spec and every input first, and checks
-/// the memory it needs against what the host has ([`crate::limits::check_host`]); zero tokens
+/// the memory it needs against what the host has (`crate::limits::check_host`); zero tokens
 /// return empty outputs.
 pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Result<LayerOutput> {
     inputs.validate(spec)?;

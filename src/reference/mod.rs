@@ -4,19 +4,21 @@
 //! over tokens with rayon; simple beats fast. Inputs may be any [`crate::Scalar`]; all
 //! arithmetic is f64.
 //!
-//! - [`linalg`]: shrink `h = x · A` and expand `y + scale · h' · B`.
-//! - [`routing`]: scores to `(expert, weight)` slots, one function per rule.
-//! - [`stats`]: router statistics for auxiliary losses.
-//! - [`mix`]: the low-rank mix (expert scaling, CoMoL core merge).
-//! - [`grouped`]: the same layer computed per expert segment of the routing plan.
-//! - [`layer`]: the composed forward (of a whole layer or of an expert shard).
+//! - `linalg`: shrink `h = x · A` and expand `y + scale · h' · B`.
+//! - `routing`: scores to `(expert, weight)` slots, one function per rule.
+//! - `stats`: router statistics for auxiliary losses.
+//! - `mix`: the low-rank mix (expert scaling, CoMoL core merge).
+//! - `grouped`: the same layer computed per expert segment of the routing plan.
+//! - `layer`: the composed forward (of a whole layer or of an expert shard).
 
-pub mod grouped;
-pub mod layer;
-pub mod linalg;
-pub mod mix;
-pub mod routing;
-pub mod stats;
+// The building blocks are public API with the `internals` feature; the composed forwards,
+// routing and statistics below are what a framework cross-checks against.
+crate::internal_mod!(grouped);
+crate::internal_mod!(layer);
+crate::internal_mod!(linalg);
+crate::internal_mod!(mix);
+crate::internal_mod!(routing);
+crate::internal_mod!(stats);
 
 pub use grouped::{grouped_forward, Bank};
 pub use layer::{forward, forward_shard, LayerOutput};

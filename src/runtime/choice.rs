@@ -41,7 +41,7 @@ pub struct Choice {
     pub source: ChoiceSource,
 }
 
-/// Whether the fused kernels of `build` take `spec` (every check of [`fused::plan`]).
+/// Whether the fused kernels of `build` take `spec` (every check of `fused::plan`).
 pub fn fused_fits(build: &KernelBuild, spec: &LayerSpec, tokens: usize) -> bool {
     fused::plan(build, spec, tokens.max(1), FusedVariant::Single, FusedOutputs::default()).is_ok()
 }

@@ -15,12 +15,16 @@
 mod choice;
 mod plan;
 
-pub use choice::{choose, default_build, fused_fits, heuristic, Choice, ChoiceSource};
-pub use plan::{LayerPlan, LayerPlanner, Path, CALLER_BUFS, WORKSPACE_ALIGN, WORKSPACE_BUFS};
+pub use choice::{choose, default_build, heuristic, Choice, ChoiceSource};
+pub use plan::{LayerPlan, LayerPlanner, Path};
+/// What the runtime binds itself (the caller's buffers, the workspace regions and their
+/// alignment), public API with the `internals` feature.
+#[cfg(feature = "internals")]
+pub use plan::{CALLER_BUFS, WORKSPACE_ALIGN, WORKSPACE_BUFS};
 
 use crate::cuda::{cuda_err, Device};
 use crate::kernels::exec::{Bindings, Buf, CudaBackend, LoadedBuild, TypedBindings};
-use crate::kernels::{Family, KernelBuild};
+use crate::kernels::KernelBuild;
 use crate::model::LayerSpec;
 use crate::tune::TuningCache;
 use crate::{DType, KernelElement, MoleError, Result};
@@ -134,9 +138,9 @@ impl LayerPointers {
 /// once per layer and binds them to every forward.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerConstants {
-    /// `rank_offsets [E + 1]` ([`Buf::RankOffsets`]).
+    /// `rank_offsets [E + 1]` (`Buf::RankOffsets`).
     pub rank_offsets: Vec<u32>,
-    /// `expert_scales [bank experts]` in f32 ([`Buf::ExpertScales`]), when the spec has them.
+    /// `expert_scales [bank experts]` in f32 (`Buf::ExpertScales`), when the spec has them.
     pub expert_scales: Option<Vec<f32>>,
 }
 
@@ -366,6 +370,3 @@ fn upload<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, values: &[T])
     drop(guard);
     Ok((slice, ptr))
 }
-
-/// The families a layer's strategies use (for documentation and loading).
-pub const FAMILIES: [Family; 3] = [Family::Fused, Family::Gating, Family::Sgmv];

@@ -33,6 +33,7 @@ pub const WORKSPACE_ALIGN: usize = 256;
 
 /// Buffers the caller passes to a forward (the runtime owns the layer's constants,
 /// [`super::LayerConstants`]).
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
 pub const CALLER_BUFS: [Buf; 10] = [
     Buf::X,
     Buf::A,
@@ -184,7 +185,7 @@ impl LayerPlanner {
         self.shard
     }
 
-    /// The rank offsets the kernels read ([`Buf::RankOffsets`]): the spec's, or the shard's
+    /// The rank offsets the kernels read (`Buf::RankOffsets`): the spec's, or the shard's
     /// rebased to 0 (`[count + 1]`).
     pub fn rank_offsets(&self) -> Result<Vec<u32>> {
         let ranks = match self.shard {
@@ -309,7 +310,7 @@ impl LayerPlanner {
     /// offsets and the workspace regions ([`LayerPlan::bind_workspace`]).
     ///
     /// # Safety
-    /// As [`Backend::launch`]: every bound address holds at least the plan's length of its
+    /// As `Backend::launch`: every bound address holds at least the plan's length of its
     /// buffer ([`LayerPlan::lens`]); the rank offsets are [`LayerPlanner::rank_offsets`]; `y` and the workspace
     /// overlap nothing else.
     pub unsafe fn launch(&self, plan: &LayerPlan, bindings: &Bindings, backend: &mut dyn Backend) -> Result<()> {

@@ -5,7 +5,7 @@
 //! NVRTC version as the running process ([`Provenance`]). Stale entries, unreadable or corrupt
 //! files and files of another format version are ignored with a warning, never an error.
 //!
-//! Precedence: the user's cache folder (`<`[`default_cache_dir`]`>/tuning/`, so
+//! Precedence: the user's cache folder (`<``default_cache_dir``>/tuning/`, so
 //! `MOLE_CACHE_DIR` moves it) over the files shipped in the repository's `tuning/` folder
 //! (embedded at build time). [`store`] merges under an exclusive file lock and replaces the file
 //! atomically, so concurrent tuning processes lose nothing and readers never see a partial file.
@@ -74,7 +74,7 @@ impl GpuId {
 /// What a tuning result was measured with; an entry is fresh only for the same values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Provenance {
-    /// Hex of [`sources::sources_hash`] (16 digits).
+    /// Hex of `sources::sources_hash` (16 digits).
     pub sources_hash: String,
     /// NVRTC's version, when NVRTC is loaded.
     pub nvrtc_version: Option<(i32, i32)>,
@@ -219,14 +219,14 @@ pub struct TuningCache {
     entries: HashMap<ShapeKey, (TunedEntry, EntrySource)>,
 }
 
-/// The user's tuning folder: `<`[`default_cache_dir`]`>/tuning`, if the environment names one.
+/// The user's tuning folder: `<``default_cache_dir``>/tuning`, if the environment names one.
 pub fn user_tuning_dir() -> Option<PathBuf> {
     default_cache_dir().map(|d| d.join(TUNING_SUBDIR))
 }
 
 impl TuningCache {
     /// The cache of `gpu` for this process: the user folder ([`user_tuning_dir`]) over the
-    /// embedded shipped files, checked against [`Provenance::current`]. Never fails; every file
+    /// embedded shipped files, checked against `Provenance::current`. Never fails; every file
     /// or entry that is skipped is explained in the returned warnings.
     pub fn load_for(gpu: &GpuId) -> (TuningCache, Vec<String>) {
         let shipped: Vec<(&str, &str)> = sources::shipped_tuning_files().collect();

@@ -25,7 +25,7 @@ pub struct ShapeKey {
     /// Storage dtype.
     pub dtype: DType,
     /// Stable tag of the gating and mix, e.g. `routed.x.softmax_topk.expert_scale`
-    /// (see [`method_tag`]).
+    /// (see `method_tag`).
     pub method: String,
     /// Tokens rounded up to a power of two (see [`token_bucket`]).
     pub token_bucket: u32,
@@ -72,7 +72,7 @@ impl fmt::Display for ShapeKey {
 }
 
 /// `tokens` rounded up to the next power of two (0 and 1 give 1), capped at
-/// [`MAX_TOKEN_BUCKET`].
+/// `MAX_TOKEN_BUCKET`.
 pub fn token_bucket(tokens: usize) -> u32 {
     let t = tokens.clamp(1, MAX_TOKEN_BUCKET as usize);
     t.checked_next_power_of_two().map_or(MAX_TOKEN_BUCKET, |p| p.min(MAX_TOKEN_BUCKET as usize) as u32)

@@ -2,17 +2,20 @@
 //! measured fastest, kept by value in a JSON cache. This is what a framework needs to run tuned
 //! layers; the search that fills the cache is `mole::autotune` (feature `cli`).
 //!
-//! - [`key`]: [`ShapeKey`], what a result is valid for (exact dimensions, E, k, dtype, method;
+//! - `key`: `ShapeKey`, what a result is valid for (exact dimensions, E, k, dtype, method;
 //!   tokens bucketed to powers of two).
-//! - [`cache`]: [`TuningCache`] and [`store`], one file per GPU, user results over shipped ones,
+//! - `cache`: `TuningCache` and `store`, one file per GPU, user results over shipped ones,
 //!   stale and corrupt data ignored with a warning, atomic merged writes.
 //! - [`Strategy`] and [`Candidate`]: how a layer is computed, and a strategy with its build.
 
-pub mod cache;
-pub mod key;
+crate::internal_mod!(cache);
+crate::internal_mod!(key);
 
-pub use cache::{store, GpuId, Provenance, Stored, TunedEntry, TuningCache, TuningFile, FORMAT_VERSION};
+pub use cache::{user_tuning_dir, EntrySource, GpuId, TunedEntry, TuningCache, FORMAT_VERSION};
 pub use key::{token_bucket, ShapeKey};
+/// Writing tuning files (the autotuner's side), public API with the `internals` feature.
+#[cfg(feature = "internals")]
+pub use cache::{store, Provenance, Stored, TuningFile};
 
 use crate::kernels::KernelBuild;
 use serde::{Deserialize, Serialize};
