@@ -11,11 +11,11 @@
 crate::internal_mod!(cache);
 crate::internal_mod!(key);
 
-pub use cache::{user_tuning_dir, EntrySource, GpuId, TunedEntry, TuningCache, FORMAT_VERSION};
-pub use key::{token_bucket, ShapeKey};
 /// Writing tuning files (the autotuner's side), public API with the `internals` feature.
 #[cfg(feature = "internals")]
 pub use cache::{store, Provenance, Stored, TuningFile};
+pub use cache::{user_tuning_dir, EntrySource, GpuId, TunedEntry, TuningCache, FORMAT_VERSION};
+pub use key::{token_bucket, ShapeKey};
 
 use crate::kernels::KernelBuild;
 use serde::{Deserialize, Serialize};
