@@ -50,7 +50,7 @@ fn bench(c: &mut Criterion) {
         let launches = {
             let mut rec = Recorder::default();
             let mut b = caller_bindings();
-            plan.bind_workspace(&mut b, 0x7d00_0000_0000);
+            plan.bind_workspace(&mut b, 0x7d00_0000_0000).unwrap();
             // SAFETY: the recorder dereferences nothing.
             unsafe { planner.launch(&plan, &b, &mut rec) }.unwrap();
             rec.launches
@@ -61,7 +61,7 @@ fn bench(c: &mut Criterion) {
             bench.iter(|| {
                 let plan = planner.plan(black_box(tokens)).unwrap();
                 let mut b = base;
-                plan.bind_workspace(&mut b, 0x7d00_0000_0000);
+                plan.bind_workspace(&mut b, 0x7d00_0000_0000).unwrap();
                 let mut rec = Recorder { count_only: true, ..Recorder::default() };
                 // SAFETY: the recorder dereferences nothing.
                 unsafe { planner.launch(&plan, &b, &mut rec) }.unwrap();

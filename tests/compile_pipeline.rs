@@ -207,7 +207,18 @@ fn mole_info_at(exe: &std::path::Path, dir: &std::path::Path, env: &[(&str, &std
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run mole info");
+    // A binary copied moments ago may still be open for writing in a child another test thread
+    // forked meanwhile (ETXTBSY): try again shortly.
+    let mut tries = 0;
+    let out = loop {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => break r.expect("run mole info"),
+        }
+    };
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("NVRTC")).collect()
 }

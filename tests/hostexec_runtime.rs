@@ -82,7 +82,7 @@ fn run<T: KernelElement>(
     if let Some(s) = &expert_scales {
         b.sized(Buf::ExpertScales, s.device_ptr(), s.len());
     }
-    plan.bind_workspace(&mut b, workspace.device_ptr());
+    plan.bind_workspace(&mut b, workspace.device_ptr()).unwrap();
     let mut host = HostBackend::new(Schedule::Seeded(seed));
     // SAFETY: every bound address is a live host-execution buffer of the bound length; the
     // workspace holds the plan's bytes.
@@ -219,7 +219,7 @@ fn a_shard_refuses_what_the_grouped_path_cannot_run() {
 }
 
 #[test]
-fn a_misaligned_or_missing_tensor_is_refused_before_any_launch() {
+fn a_short_or_missing_tensor_or_a_misaligned_workspace_is_refused_before_any_launch() {
     let (method, experts, rank, k) = STANDARD_METHODS[0];
     let spec = method.spec(MethodShape { d_in: 16, d_out: 16, experts, rank, k, alpha: 2.0 }).unwrap();
     let planner = LayerPlanner::new(&spec, DType::BF16, 132, None).unwrap();
@@ -236,4 +236,11 @@ fn a_misaligned_or_missing_tensor_is_refused_before_any_launch() {
     let err = unsafe { planner.launch(&plan, &b, &mut host) }.unwrap_err();
     assert!(matches!(err, mole::MoleError::MissingInput { name: "a", .. }), "{err}");
     assert_eq!(host.launches, 0);
+    // The workspace's regions are aligned relative to its base: the base must be aligned too.
+    let split = planner.plan(1).unwrap();
+    assert!(split.workspace_bytes > 0, "the split variant has a workspace");
+    let workspace = Buffer::<u8>::poisoned("workspace", split.workspace_bytes + 256);
+    split.bind_workspace(&mut b, workspace.device_ptr()).unwrap();
+    let err = split.bind_workspace(&mut b, workspace.device_ptr() + 4).unwrap_err();
+    assert!(matches!(err, mole::MoleError::InvalidParameter { name: "workspace", .. }), "{err}");
 }

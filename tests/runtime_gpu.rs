@@ -35,6 +35,11 @@ struct Uploaded {
     b: CudaSlice<bf16>,
     y: CudaSlice<bf16>,
     router_weight: Option<CudaSlice<bf16>>,
+    router_bias: Option<CudaSlice<bf16>>,
+    gate_input: Option<CudaSlice<bf16>>,
+    selection_bias: Option<CudaSlice<bf16>>,
+    cores: Option<CudaSlice<bf16>>,
+    adapter_ids: Option<CudaSlice<i32>>,
     workspace: CudaSlice<u8>,
     pad: usize,
 }
@@ -51,6 +56,15 @@ fn upload(stream: &Arc<CudaStream>, data: &SyntheticLayer<bf16>, pad: usize, wor
         b: put(&data.b),
         y: put(&data.y),
         router_weight: data.router_weight.as_deref().map(put),
+        router_bias: data.router_bias.as_deref().map(put),
+        gate_input: data.logits.as_deref().or(data.weights.as_deref()).map(put),
+        selection_bias: data.selection_bias.as_deref().map(put),
+        cores: data.cores.as_deref().map(put),
+        adapter_ids: data.adapter_ids.as_deref().map(|ids| {
+            let mut host = vec![-1i32; pad];
+            host.extend_from_slice(ids);
+            stream.clone_htod(&host).unwrap()
+        }),
         workspace: stream.alloc_zeros::<u8>(workspace.max(1) + 256).unwrap(),
         pad,
     }
@@ -67,6 +81,11 @@ impl Uploaded {
             self.workspace.slice_mut(..),
         );
         io.router_weight = self.router_weight.as_ref().map(|w| w.slice(p..));
+        io.router_bias = self.router_bias.as_ref().map(|w| w.slice(p..));
+        io.gate_input = self.gate_input.as_ref().map(|w| w.slice(p..));
+        io.selection_bias = self.selection_bias.as_ref().map(|w| w.slice(p..));
+        io.cores = self.cores.as_ref().map(|w| w.slice(p..));
+        io.adapter_ids = self.adapter_ids.as_ref().map(|w| w.slice(p..));
         io
     }
 
@@ -90,19 +109,29 @@ fn tolerance(spec: &LayerSpec, strategy: Strategy) -> f64 {
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
 fn forward_on_views_in_an_adopted_context_matches_the_reference() {
     let Some((device, stream)) = adopted() else { return };
-    for method in [Method::MixLora, Method::XLora, Method::Smora] {
+    for method in [Method::MixLora, Method::XLora, Method::Smora, Method::Comol] {
         let spec = spec(method);
+        // The grouped path needs the expert-scale mix and a router that does not read h.
+        let grouped = spec.mix == mole::model::Mix::ExpertScale
+            && !matches!(spec.router(), Some(mole::model::Router::H { .. } | mole::model::Router::LowRank));
         for tokens in [1usize, 37, 300] {
-            let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap();
-            let plan = layer.prepare(tokens).unwrap();
             let data = SyntheticLayer::<bf16>::new(&spec, tokens, 5);
             let want = reference::forward(&spec, &data.inputs()).unwrap().y;
-            // Padding 8 keeps 16-byte alignment (tensor cores); 3 does not (FMA fallbacks).
-            for pad in [0usize, 8, 3] {
-                let mut u = upload(&stream, &data, pad, plan.workspace_bytes);
-                layer.forward(&stream, tokens, u.io()).unwrap();
-                let what = format!("{method} T={tokens} pad={pad} {}", plan.choice.strategy);
-                assert_close(&u.y(&stream), &want, tolerance(&spec, plan.choice.strategy), &what);
+            for strategy in Strategy::ALL.into_iter().filter(|&s| grouped || s != Strategy::Grouped) {
+                let choice = mole::runtime::Choice {
+                    strategy,
+                    build: mole::runtime::default_build(strategy, DType::BF16),
+                    source: mole::runtime::ChoiceSource::Heuristic,
+                };
+                let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap().with_choice(choice);
+                let plan = layer.prepare(tokens).unwrap();
+                // Padding 8 keeps 16-byte alignment (tensor cores); 3 does not (FMA fallbacks).
+                for pad in [0usize, 8, 3] {
+                    let mut u = upload(&stream, &data, pad, plan.workspace_bytes);
+                    layer.forward(&stream, tokens, u.io()).unwrap();
+                    let what = format!("{method} T={tokens} pad={pad} {strategy}");
+                    assert_close(&u.y(&stream), &want, tolerance(&spec, strategy), &what);
+                }
             }
         }
     }
@@ -215,7 +244,8 @@ fn bad_calls_are_typed_errors_before_any_launch() {
     let tokens = 8;
     let bytes = layer.workspace_bytes(tokens).unwrap();
     let data = SyntheticLayer::<bf16>::new(&spec, tokens, 4);
-    let mut u = upload(&stream, &data, 0, bytes);
+    // Room for the workspace of one token more, so that the short `x` is what is refused.
+    let mut u = upload(&stream, &data, 0, layer.workspace_bytes(tokens + 1).unwrap().max(bytes));
     let err = layer.forward(&stream, tokens + 1, u.io()).unwrap_err();
     assert!(matches!(err, MoleError::ShapeMismatch { what: "x", .. }), "{err}");
     let mut io = u.io();
@@ -224,6 +254,10 @@ fn bad_calls_are_typed_errors_before_any_launch() {
     let mut small = u.workspace.slice_mut(..bytes - 1);
     let io = LayerIo::new(u.x.slice(..), u.a.slice(..), u.b.slice(..), u.y.slice_mut(..), small.slice_mut(..));
     assert!(matches!(layer.forward(&stream, tokens, io), Err(MoleError::ShapeMismatch { what: "workspace", .. })));
+    let mut shifted = u.workspace.slice_mut(4..);
+    let io = LayerIo::new(u.x.slice(..), u.a.slice(..), u.b.slice(..), u.y.slice_mut(..), shifted.slice_mut(..));
+    let err = layer.forward(&stream, tokens, io).unwrap_err();
+    assert!(matches!(err, MoleError::InvalidParameter { name: "workspace", .. }), "{err}");
     // None of the refused calls launched anything: y is what was uploaded.
     stream.synchronize().unwrap();
     let untouched: Vec<f64> = data.y.iter().map(|v| v.to_f64()).collect();

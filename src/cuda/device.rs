@@ -107,6 +107,8 @@ impl Device {
     /// `CudaContext::new(ordinal)` (cudarc contexts are the device's primary context, shared by
     /// everyone in the process). Kernels loaded through this device live in that context; the
     /// device's own stream is new, and every layer call takes the caller's stream anyway.
+    /// Creating that stream is what cudarc does on any second stream: a context still in
+    /// single-stream mode is synchronised once and cudarc's per-slice event tracking turns on.
     pub fn from_context(ctx: Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(cuda_err("cuDeviceGetAttribute"))?;
         let arch = Arch::from_compute_capability(major, minor)?;

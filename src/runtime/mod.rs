@@ -6,11 +6,15 @@
 //!
 //! [`CompiledLayer::forward`] runs on the caller's memory and stream: typed cudarc views
 //! ([`LayerIo`]) or raw device pointers ([`CompiledLayer::forward_raw`]), plus one workspace of
-//! [`CompiledLayer::workspace_bytes`] bytes. A forward allocates nothing, copies nothing between
-//! host and device, never synchronises, and launches the same kernels with the same arguments
-//! every time for a given token count and set of addresses, so it can be captured in a CUDA graph
-//! (call [`CompiledLayer::prepare`] for each token count first: the first forward of a new token
-//! bucket may compile kernels).
+//! [`CompiledLayer::workspace_bytes`] bytes (256-byte aligned, as every allocation is). A forward
+//! allocates no device memory, copies nothing between host and device, never synchronises, and
+//! launches the same kernels with the same arguments every time for a given token count and set of
+//! addresses. [`CompiledLayer::forward_raw`] can therefore be captured in a CUDA graph (call
+//! [`CompiledLayer::prepare`] for each token count first: the first forward of a new token bucket
+//! may compile kernels). The typed [`CompiledLayer::forward`] goes through cudarc's stream-ordering
+//! events of each view, which a capture would take in: capture the raw call. A captured graph
+//! reads the layer's constants, so it must not outlive the layer; dropping a layer waits for the
+//! work of its context first.
 
 mod choice;
 mod plan;
@@ -166,7 +170,18 @@ impl LayerConstants {
 }
 
 /// A constant on the device: the slice (kept alive) and its address.
-type DeviceConstant<T> = (CudaSlice<T>, CUdeviceptr);
+struct DeviceConstant<T> {
+    slice: CudaSlice<T>,
+    ptr: CUdeviceptr,
+}
+
+impl<T> Drop for DeviceConstant<T> {
+    /// Kernels on the caller's streams (or a replayed graph) may still read the constant: wait
+    /// for the context's work before it is freed.
+    fn drop(&mut self) {
+        let _ = self.slice.context().synchronize();
+    }
+}
 
 /// One MoLE layer, ready to run on caller-owned memory (see the module documentation).
 pub struct CompiledLayer {
@@ -254,8 +269,8 @@ impl CompiledLayer {
     /// # Safety
     /// [`LayerPlanner::launch`]'s contract, with `stream` a live stream of the layer's context.
     unsafe fn launch(&self, plan: &LayerPlan, bindings: &mut Bindings, stream: CUstream) -> Result<()> {
-        bindings.sized(Buf::RankOffsets, self.rank_offsets.1, self.rank_offsets.0.len());
-        if let Some((slice, ptr)) = &self.expert_scales {
+        bindings.sized(Buf::RankOffsets, self.rank_offsets.ptr, self.rank_offsets.slice.len());
+        if let Some(DeviceConstant { slice, ptr }) = &self.expert_scales {
             bindings.sized(Buf::ExpertScales, *ptr, slice.len());
         }
         let builds: Vec<Arc<LoadedBuild>> =
@@ -311,7 +326,7 @@ impl CompiledLayer {
             .input_opt(Buf::Cores, cores.as_ref());
         let (base, workspace_guard) = workspace.device_ptr_mut(stream);
         let mut bindings = *tb.bindings()?;
-        plan.bind_workspace(&mut bindings, base);
+        plan.bind_workspace(&mut bindings, base)?;
         // SAFETY: every address comes from a live view of the stream's context with its length
         // bound and checked against the plan; `y` and the workspace are distinct `&mut` views;
         // the guards in `tb` keep each view's stream ordering until the launches are enqueued.
@@ -343,7 +358,7 @@ impl CompiledLayer {
         }
         let mut bindings = Bindings::new();
         ptrs.bind(&mut bindings);
-        plan.bind_workspace(&mut bindings, ptrs.workspace);
+        plan.bind_workspace(&mut bindings, ptrs.workspace)?;
         // SAFETY: forwarded from the caller's contract.
         unsafe { self.launch(&plan, &mut bindings, stream) }
     }
@@ -368,5 +383,5 @@ fn upload<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, values: &[T])
     let slice = stream.clone_htod(values).map_err(cuda_err("cuMemcpyHtoD"))?;
     let (ptr, guard) = slice.device_ptr(stream);
     drop(guard);
-    Ok((slice, ptr))
+    Ok(DeviceConstant { slice, ptr })
 }

@@ -120,11 +120,18 @@ pub struct LayerPlan {
 }
 
 impl LayerPlan {
-    /// Binds the workspace regions at `base` into `bindings`, with their lengths.
-    pub fn bind_workspace(&self, bindings: &mut Bindings, base: u64) {
+    /// Binds the workspace regions at `base` into `bindings`, with their lengths. Errors when
+    /// `base` is not [`WORKSPACE_ALIGN`]-byte aligned (the regions' alignment is relative to it,
+    /// and the kernels read them with aligned vector and 8-byte accesses) and the plan has a
+    /// workspace.
+    pub fn bind_workspace(&self, bindings: &mut Bindings, base: u64) -> Result<()> {
+        if !self.regions.is_empty() && !base.is_multiple_of(WORKSPACE_ALIGN as u64) {
+            return Err(MoleError::param("workspace", format!("{base:#x}"), "must be 256-byte aligned"));
+        }
         for &(buf, offset) in &self.regions {
             bindings.sized(buf, base + offset as u64, self.lens.get(buf));
         }
+        Ok(())
     }
 }
 
@@ -247,7 +254,9 @@ impl LayerPlanner {
         if let Some((_, c)) = choices.iter().find(|(b, _)| *b == bucket) {
             return Ok(c.clone());
         }
-        let c = choose(&self.spec, self.dtype, tokens, self.sm_count, self.tuning.as_ref())?;
+        // Every token count of a bucket runs what the bucket's largest one would: the choice (and
+        // so the order of every reduction) does not depend on which count was planned first.
+        let c = choose(&self.spec, self.dtype, bucket as usize, self.sm_count, self.tuning.as_ref())?;
         choices.push((bucket, c.clone()));
         Ok(c)
     }
@@ -328,5 +337,48 @@ impl LayerPlanner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Method, MethodShape};
+
+    /// The strategy of a token count does not depend on which counts were planned before it:
+    /// a bucket runs what its largest count would (fused split below `2 · ceil(T / 16) < SMs`).
+    #[test]
+    fn choices_do_not_depend_on_the_planning_order() {
+        let spec = Method::MixLora
+            .spec(MethodShape { d_in: 256, d_out: 256, experts: 8, rank: 16, k: 2, alpha: 32.0 })
+            .unwrap();
+        let planner = |order: &[usize]| {
+            let p = LayerPlanner::new(&spec, DType::BF16, 132, None).unwrap();
+            for &t in order {
+                p.plan(t).unwrap();
+            }
+            p
+        };
+        let (up, down) = (planner(&[1030, 2048]), planner(&[2048, 1030]));
+        for t in [1030, 1500, 2048] {
+            assert_eq!(up.plan(t).unwrap().choice, down.plan(t).unwrap().choice, "T={t}");
+        }
+        assert_eq!(up.plan(1030).unwrap().choice.strategy, Strategy::Fused);
+        assert_eq!(up.plan(16).unwrap().choice.strategy, Strategy::FusedSplit);
+    }
+
+    #[test]
+    fn workspace_regions_are_aligned_and_disjoint() {
+        let spec = Method::MixLora
+            .spec(MethodShape { d_in: 256, d_out: 256, experts: 64, rank: 16, k: 2, alpha: 32.0 })
+            .unwrap();
+        let p = LayerPlanner::new(&spec, DType::BF16, 132, None).unwrap().plan(37).unwrap();
+        assert!(matches!(p.path, Path::Grouped { .. }));
+        let mut end = 0;
+        for &(buf, offset) in &p.regions {
+            assert!(offset % WORKSPACE_ALIGN == 0 && offset >= end, "{buf:?} at {offset}");
+            end = offset + p.lens.bytes(buf, DType::BF16);
+        }
+        assert!(end <= p.workspace_bytes && p.regions.len() >= 6);
     }
 }
