@@ -121,7 +121,7 @@ pub struct LayerPlan {
 
 impl LayerPlan {
     /// Binds the workspace regions at `base` into `bindings`, with their lengths. Errors when
-    /// `base` is not [`WORKSPACE_ALIGN`]-byte aligned (the regions' alignment is relative to it,
+    /// `base` is not `WORKSPACE_ALIGN` (256)-byte aligned (the regions' alignment is relative to it,
     /// and the kernels read them with aligned vector and 8-byte accesses) and the plan has a
     /// workspace.
     pub fn bind_workspace(&self, bindings: &mut Bindings, base: u64) -> Result<()> {
