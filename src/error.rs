@@ -152,7 +152,7 @@ pub enum MoleError {
         /// What is wrong, with the closest valid name where there is one.
         message: String,
     },
-    /// A size derived from the inputs is over its documented limit (see `crate::limits`) or
+    /// A size derived from the inputs is over its documented limit (see the size limits) or
     /// overflows when multiplied out.
     #[error("{what} = {value} is too large: {limit}")]
     TooLarge {
@@ -166,8 +166,8 @@ pub enum MoleError {
     /// An allocation would need more memory than is available; nothing was allocated.
     #[error(
         "{what} would need {} of {memory} memory but {} is available; reduce it (tokens, dimensions) or free memory",
-        crate::limits::format_bytes(*needed),
-        crate::limits::format_bytes(*available)
+        format_bytes(*needed),
+        format_bytes(*available)
     )]
     OutOfMemory {
         /// What would have been allocated, naming the input that sized it.
@@ -209,12 +209,18 @@ impl MoleError {
     }
 }
 
-/// Checks that `data` holds exactly `shape.iter().product()` elements (a product that
-/// overflows is [`MoleError::TooLarge`], never a wrapped length).
-pub fn check_len<T>(what: &'static str, data: &[T], shape: &[usize]) -> Result<()> {
-    let expected = crate::limits::elements(what, shape)?;
-    if data.len() != expected {
-        return Err(MoleError::ShapeMismatch { what, expected: shape.to_vec(), got: data.len() });
+/// `1536` as `1.5 KiB`: bytes in the largest binary unit that keeps the number at least 1.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
     }
-    Ok(())
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }

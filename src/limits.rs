@@ -6,9 +6,8 @@
 //! a layer's buffers, their total is checked against the host memory available
 //! ([`check_host`]: `MemAvailable` of `/proc/meminfo`, capped by `MOLE_MEMORY_LIMIT` or
 //! [`set_host_memory_limit`]); before a GPU path uploads or allocates, against the device's free
-//! memory ([`check_device`]). Either failure names the input and the bytes it would need.
+//! memory (`Device::check_memory`). Either failure names the input and the bytes it would need.
 
-use crate::model::{LayerSpec, Router};
 use crate::{MoleError, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -52,6 +51,16 @@ pub fn elements(what: &str, dims: &[usize]) -> Result<usize> {
     })
 }
 
+/// Checks that `data` holds exactly `shape.iter().product()` elements (a product that
+/// overflows is [`MoleError::TooLarge`], never a wrapped length).
+pub fn check_len<T>(what: &'static str, data: &[T], shape: &[usize]) -> Result<()> {
+    let expected = elements(what, shape)?;
+    if data.len() != expected {
+        return Err(MoleError::ShapeMismatch { what, expected: shape.to_vec(), got: data.len() });
+    }
+    Ok(())
+}
+
 /// A running total of bytes to allocate, each term multiplied out with checked arithmetic.
 #[derive(Clone, Debug, Default)]
 pub struct Footprint {
@@ -81,29 +90,6 @@ impl Footprint {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
-}
-
-/// The bytes the f64 reference ([`crate::reference::forward`]) allocates for `spec` on `tokens`
-/// tokens: the inputs widened to f64, `h`, `h'`, the scores and probabilities, the routing and
-/// the output `y`, each counted once (an upper bound, not a measurement).
-pub fn reference_bytes(spec: &LayerSpec, tokens: usize) -> Result<u64> {
-    let (t, r, e) = (tokens, spec.total_rank(), spec.routed_experts());
-    let (d_in, d_out, slots) = (spec.d_in, spec.d_out, spec.slots());
-    let w_rows = if matches!(spec.router(), Some(Router::H { .. })) { r } else { d_in };
-    let merge_threads = if spec.core_count() > 0 { rayon::current_num_threads() } else { 0 };
-    Ok(Footprint::new()
-        .add("x [T, d_in]", &[2, t, d_in], 8)?
-        .add("A [d_in, R]", &[d_in, r], 8)?
-        .add("B [R, d_out]", &[r, d_out], 8)?
-        .add("y [T, d_out]", &[3, t, d_out], 8)?
-        .add("h and h' [T, R]", &[3, t, r], 8)?
-        .add("scores and probabilities [T, E]", &[4, t, e], 8)?
-        .add("router_weight", &[w_rows, e], 8)?
-        .add("routing [T, slots]", &[t, slots], 12)?
-        .add("cores [C, R, R]", &[spec.core_count(), r, r], 8)?
-        // The core merge builds one merged [R, R] core per token, one at a time per thread.
-        .add("merged cores [threads, R, R]", &[merge_threads, r, r], 8)?
-        .bytes())
 }
 
 /// Sets (or with `None` clears) a cap on the host memory `mole` plans to use, below the
@@ -157,35 +143,7 @@ pub fn check_host(what: &str, bytes: u64) -> Result<()> {
     }
 }
 
-/// Checks that `bytes` of device memory are free on `device` for `what` before allocating them.
-pub fn check_device(device: &crate::cuda::Device, what: &str, bytes: u64) -> Result<()> {
-    let (free, _total) = device.context().mem_get_info().map_err(crate::cuda::cuda_err("cuMemGetInfo"))?;
-    if bytes > free as u64 {
-        return Err(MoleError::OutOfMemory {
-            what: what.to_string(),
-            needed: bytes,
-            available: free as u64,
-            memory: "device",
-        });
-    }
-    Ok(())
-}
-
-/// `1536` as `1.5 KiB`: bytes in the largest binary unit that keeps the number at least 1.
-pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
+pub use crate::error::format_bytes;
 
 #[cfg(test)]
 mod tests {
@@ -219,21 +177,5 @@ mod tests {
         assert!(matches!(e, MoleError::OutOfMemory { memory: "host", .. }), "{e}");
         assert!(e.to_string().starts_with("--tokens 65536 would need 8192.0 PiB of host memory"), "{e}");
         assert!(check_host("a little", 1024).is_ok());
-    }
-
-    #[test]
-    fn only_core_merge_layers_count_cores() {
-        use crate::model::{Method, MethodShape};
-        // A serving bank of 1024 adapters at r = 16 on d = 64: a few MiB, not E·R² cores.
-        let shape = MethodShape { d_in: 64, d_out: 64, experts: 1024, rank: 16, k: 2, alpha: 32.0 };
-        let serving = Method::AdapterServing.spec(shape).unwrap();
-        let bytes = reference_bytes(&serving, 4).unwrap();
-        assert!(bytes < 32 << 20, "{}", format_bytes(bytes));
-        assert!(check_host("adapter serving", bytes).is_ok());
-        // CoMoL's C cores of [R, R] are counted, with one merged core per thread.
-        let comol = Method::Comol.spec(MethodShape { experts: 8, rank: 64, ..shape }).unwrap();
-        let with_cores = reference_bytes(&comol, 4).unwrap();
-        let cores = (8 + rayon::current_num_threads() as u64) * 64 * 64 * 8;
-        assert!(with_cores >= cores, "{} < {}", format_bytes(with_cores), format_bytes(cores));
     }
 }

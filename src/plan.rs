@@ -54,7 +54,7 @@ impl RoutingPlan {
     /// Errors on a wrong length, an id outside `-1..experts`, an expert repeated within a
     /// token, `block == 0`, or more entries than 32-bit offsets can address.
     pub fn build(ids: &[i32], tokens: usize, slots: usize, experts: usize, block: usize) -> Result<Self> {
-        crate::error::check_len("ids", ids, &[tokens, slots])?;
+        crate::limits::check_len("ids", ids, &[tokens, slots])?;
         if experts == 0 {
             return Err(MoleError::ZeroDimension { name: "experts" });
         }

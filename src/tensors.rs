@@ -191,7 +191,7 @@ pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
     limits::check_max("tokens (rows of `x`)", tokens, limits::MAX_TOKENS)?;
     let (r, e, d_in, d_out) = (spec.total_rank(), spec.routed_experts(), spec.d_in, spec.d_out);
     // The reference's buffers and the encoded outputs, before any of them is allocated.
-    let need = limits::reference_bytes(spec, tokens)?.saturating_mul(2);
+    let need = crate::reference::host_bytes(spec, tokens)?.saturating_mul(2);
     limits::check_host(&format!("this layer on {tokens} tokens (the f64 reference and its outputs)"), need)?;
     let required = |name: &'static str, shape: &[usize]| {
         float(inputs, name, shape)?.ok_or(MoleError::MissingInput { name, needed_by: "every layer" })

@@ -169,7 +169,7 @@ fn the_statistics_kernels_give_each_methods_loss() {
         }
         let (g, w) = (got.entropy.unwrap(), reference.entropy.unwrap());
         assert!(close(g, w), "{method}: entropy {g} vs {w}");
-        let (g, w) = (method.load_balancing_loss(&got).unwrap(), method.load_balancing_loss(&reference).unwrap());
+        let (g, w) = (got.load_balancing_loss(method).unwrap(), reference.load_balancing_loss(method).unwrap());
         assert!(close(g, w), "{method}: loss {g} vs {w}");
     }
     // The three forms differ on the same statistics (so each method's test pins its own).

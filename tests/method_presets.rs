@@ -144,7 +144,7 @@ fn each_method_computes_its_own_load_balancing_loss() {
     // 0.5 · 0.35 + 0.5 · 0.4 = 0.375 (the Switch form would give 3 · Σ P = 3).
     let dense = stats_of(RoutingRule::DenseSoftmax { temperature: 1.0 });
     assert_eq!(dense.top1_fraction, vec![0.5, 0.5, 0.0]);
-    assert!(close(Method::LlavaMoleDense.load_balancing_loss(&dense).unwrap(), 0.375));
+    assert!(close(dense.load_balancing_loss(Method::LlavaMoleDense).unwrap(), 0.375));
     assert!(close(dense.switch_load_balancing_loss().unwrap(), 3.0));
     // DynMoLE with top_p 0.6, keep 1, threshold 1 (never switches): token 0 keeps expert 0,
     // token 1 expert 1. Masked mean [0.25, 0.25, 0]: 3 · (0.25 · 0.35 + 0.25 · 0.4) = 0.5625;
@@ -153,13 +153,13 @@ fn each_method_computes_its_own_load_balancing_loss() {
     let dm = stats_of(rule);
     let masked = dm.masked_mean_prob.clone().unwrap();
     assert!(close(masked[0], 0.25) && close(masked[1], 0.25) && masked[2] == 0.0, "{masked:?}");
-    assert!(close(Method::DynMole.load_balancing_loss(&dm).unwrap(), 0.5625));
-    assert!(close(Method::MixLora.load_balancing_loss(&dm).unwrap(), 1.125));
+    assert!(close(dm.load_balancing_loss(Method::DynMole).unwrap(), 0.5625));
+    assert!(close(dm.load_balancing_loss(Method::MixLora).unwrap(), 1.125));
     // MixLoRA top-1 selects the same experts: the Switch form, 1.125.
     let top1 = stats_of(RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Renormalized });
-    assert!(close(Method::MixLora.load_balancing_loss(&top1).unwrap(), 1.125));
-    assert!(close(Method::MixLoraDynamic.load_balancing_loss(&top1).unwrap(), 1.125));
-    assert_eq!(Method::HydraLora.load_balancing_loss(&top1), None);
+    assert!(close(top1.load_balancing_loss(Method::MixLora).unwrap(), 1.125));
+    assert!(close(top1.load_balancing_loss(Method::MixLoraDynamic).unwrap(), 1.125));
+    assert_eq!(top1.load_balancing_loss(Method::HydraLora), None);
 }
 
 #[test]

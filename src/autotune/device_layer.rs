@@ -60,11 +60,11 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
         }
         let t = data.tokens;
         let inputs = SyntheticLayer::<T>::bytes(spec, t)?;
-        crate::limits::check_device(device, &format!("the layer's inputs on {t} tokens"), inputs)?;
+        device.check_memory(&format!("the layer's inputs on {t} tokens"), inputs)?;
         let layer = CompiledLayer::new(device, spec, T::DTYPE, None)?.with_choice(choice);
         let plan = layer.prepare(t)?;
         let ws = plan.workspace_bytes.max(1);
-        crate::limits::check_device(device, &format!("a workspace of {ws} bytes"), ws as u64)?;
+        device.check_memory(&format!("a workspace of {ws} bytes"), ws as u64)?;
         let workspace = device.stream().alloc_zeros::<u8>(ws).map_err(cuda_err("cuMemAlloc"))?;
         let gate_input = data.logits.as_deref().or(data.weights.as_deref());
         Ok(DeviceLayer {
@@ -128,7 +128,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
     /// Uses `y` as the f64 reference output of this layer's data (shared between the candidates
     /// of one tuned shape, so the reference runs once).
     pub fn with_reference(mut self, y: Arc<Vec<f64>>) -> Result<Self> {
-        crate::error::check_len("reference y", &y, &[self.data.tokens, self.spec.d_out])?;
+        crate::limits::check_len("reference y", &y, &[self.data.tokens, self.spec.d_out])?;
         self.reference = Some(y);
         Ok(self)
     }

@@ -179,6 +179,20 @@ impl Device {
         &self.stream
     }
 
+    /// Checks that `bytes` of device memory are free for `what` before allocating them.
+    pub fn check_memory(&self, what: &str, bytes: u64) -> Result<()> {
+        let (free, _total) = self.ctx.mem_get_info().map_err(cuda_err("cuMemGetInfo"))?;
+        if bytes > free as u64 {
+            return Err(MoleError::OutOfMemory {
+                what: what.to_string(),
+                needed: bytes,
+                available: free as u64,
+                memory: "device",
+            });
+        }
+        Ok(())
+    }
+
     /// Makes the device's context current on the calling thread (launches need it).
     pub fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))

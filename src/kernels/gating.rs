@@ -759,7 +759,7 @@ impl StatsPlan {
     /// `Option`s: `mean_prob` and `masked_mean_prob` with probabilities, `z_loss` with scores,
     /// `entropy` when an entropy was asked for.
     pub fn decode(&self, out: &[f32]) -> Result<RouterStats> {
-        crate::error::check_len("router stats output", out, &[self.out_len])?;
+        crate::limits::check_len("router stats output", out, &[self.out_len])?;
         let e = self.params.experts as usize;
         let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
         let probs = self.params.has_probs != 0;

@@ -476,7 +476,7 @@ impl SlotPlans {
     /// Builds plan `s` from column `s` of `ids [tokens, slots]` with segments padded to `block`
     /// (the build's `bm`). Errors as [`RoutingPlan::build`].
     pub fn build(ids: &[i32], tokens: usize, slots: usize, experts: usize, block: usize) -> Result<Self> {
-        crate::error::check_len("ids", ids, &[tokens, slots])?;
+        crate::limits::check_len("ids", ids, &[tokens, slots])?;
         // Duplicates across slots of one token are an error of the routing, as in the reference.
         RoutingPlan::build(ids, tokens, slots, experts, 1)?;
         let plans: Vec<RoutingPlan> = (0..slots)

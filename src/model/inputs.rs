@@ -1,7 +1,7 @@
 //! Borrowed host tensors for one layer call, validated against a [`LayerSpec`].
 
 use super::{Gating, LayerSpec, Mix, Router};
-use crate::error::check_len;
+use crate::limits::check_len;
 use crate::{MoleError, Result};
 
 /// The tensors of one layer call (row-major host slices). Which optional tensors are required

@@ -1,7 +1,6 @@
 //! Presets: the published MoLE methods expressed as [`LayerSpec`]s.
 
 use super::{Gating, LayerSpec, Mix, RankLayout, RankSelection, Router, RoutingRule, TopKWeights};
-use crate::reference::RouterStats;
 use crate::{MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -249,19 +248,6 @@ impl Method {
     /// Whether every expert of this method is a single rank (FlyLoRA's shape needs `rank = 1`).
     pub fn single_rank_experts(self) -> bool {
         matches!(self, Method::FlyLora | Method::FlyLoraPeft)
-    }
-
-    /// This method's load-balancing loss from the router statistics of one call, the form its
-    /// code computes (before its coefficient): MixLoRA (static and dynamic) the Switch form,
-    /// DynMoLE its masked-probability form, LLaVA-MoLE its top-1 form (see [`RouterStats`]).
-    /// `None` for methods whose code has no such loss, or without probabilities.
-    pub fn load_balancing_loss(self, stats: &RouterStats) -> Option<f64> {
-        match self {
-            Method::MixLora | Method::MixLoraDynamic => stats.switch_load_balancing_loss(),
-            Method::DynMole => stats.dynmole_load_balancing_loss(),
-            Method::LlavaMoleSparse | Method::LlavaMoleDense => stats.llava_mole_load_balancing_loss(),
-            _ => None,
-        }
     }
 
     /// The kebab-case name used on the command line and in JSON.

@@ -61,7 +61,7 @@ pub fn router_scores<T: Scalar>(
 pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Result<LayerOutput> {
     inputs.validate(spec)?;
     let (t, r, e) = (inputs.tokens, spec.total_rank(), spec.routed_experts());
-    let need = crate::limits::reference_bytes(spec, t)?;
+    let need = super::host_bytes(spec, t)?;
     crate::limits::check_host(&format!("the f64 reference of this layer on {t} tokens"), need)?;
     let x = to_f64_vec(inputs.x);
 

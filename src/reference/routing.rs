@@ -2,7 +2,7 @@
 //! [`crate::model::RoutingRule`]: slots in descending score order, ties to the lower index,
 //! NaN as `-inf`, empty slots `(-1, 0)`.
 
-use crate::error::check_len;
+use crate::limits::check_len;
 use crate::model::{Entropy, Gating, RankSelection, RoutingRule, TopKWeights};
 use crate::plan::EMPTY_SLOT;
 use crate::{MoleError, Result};

@@ -2,6 +2,7 @@
 //! load-balancing losses of the methods that use them.
 
 use super::routing::{logsumexp, normalized_entropy, Routing};
+use crate::model::Method;
 use crate::model::Entropy;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,19 @@ fn weighted_dot(a: &[f64], b: &[f64], scale: f64) -> f64 {
 }
 
 impl RouterStats {
+    /// `method`'s load-balancing loss from these statistics of one call, the form its
+    /// code computes (before its coefficient): MixLoRA (static and dynamic) the Switch form,
+    /// DynMoLE its masked-probability form, LLaVA-MoLE its top-1 form (see the `*_load_balancing_loss` methods).
+    /// `None` for methods whose code has no such loss, or without probabilities.
+    pub fn load_balancing_loss(&self, method: Method) -> Option<f64> {
+        match method {
+            Method::MixLora | Method::MixLoraDynamic => self.switch_load_balancing_loss(),
+            Method::DynMole => self.dynmole_load_balancing_loss(),
+            Method::LlavaMoleSparse | Method::LlavaMoleDense => self.llava_mole_load_balancing_loss(),
+            _ => None,
+        }
+    }
+
     /// MixLoRA's, MoLA's and MixLoRA dynamic's load-balancing loss (the Switch / Mixtral form):
     /// `E · Σ_e selected_fraction[e] · mean_prob[e]`. `None` without probabilities.
     pub fn switch_load_balancing_loss(&self) -> Option<f64> {

@@ -96,7 +96,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
 fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) -> Result<()> {
     // The synthetic inputs, the f64 reference and the CPU path's f64 copies, before any of them.
-    let ref_bytes = limits::reference_bytes(spec, args.tokens)?;
+    let ref_bytes = mole::reference::host_bytes(spec, args.tokens)?;
     let need = SyntheticLayer::<T>::bytes(spec, args.tokens)?.saturating_add(ref_bytes.saturating_mul(2));
     let what = format!("mole run --tokens {} --d {} (inputs, the f64 reference and its check)", args.tokens, args.d);
     limits::check_host(&what, need)?;
