@@ -188,8 +188,8 @@ fn cpu_path<T: KernelElement>(
 }
 
 /// The GPU path: the layer runtime ([`mole::runtime`], through `DeviceLayer`) with the strategy
-/// the tuning cache or the heuristic picks; routing, mix and expand all run on the device. Time is the median of 20
-/// event-timed runs.
+/// the tuning cache or the heuristic picks; routing, mix and expand all run on the device. Time
+/// is the median of 20 event-timed runs.
 fn gpu_layer<T: KernelElement + DeviceRepr>(
     device: &mole::cuda::Device,
     spec: &LayerSpec,
