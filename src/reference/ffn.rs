@@ -543,6 +543,68 @@ mod tests {
     }
 
     #[test]
+    fn every_gating_input_routes_the_block() {
+        let spec = spec(topk(1, false), Activation::Gelu);
+        let data = Data::new(&spec, 6, 8);
+        let routed = ffn_forward(&spec, &data.inputs(&spec)).unwrap();
+        // Given logits x · W_r through the same rule: the same block.
+        let logits = matmul(&data.x, &data.router_weight, data.tokens, spec.d, spec.experts);
+        let rule = match spec.gating {
+            Gating::Routed { rule, .. } => rule,
+            _ => unreachable!(),
+        };
+        let by_logits = FfnSpec { gating: Gating::Routed { router: Router::Logits, rule }, ..spec.clone() };
+        let inputs = FfnInputs { router_weight: None, logits: Some(&logits), ..data.inputs(&spec) };
+        assert_eq!(ffn_forward(&by_logits, &inputs).unwrap().y, routed.y);
+        // Adapter ids (one-hot, weight 1) and one-hot given weights pick the same experts; -1 adds
+        // nothing.
+        let mut ids: Vec<i32> = routed.routing.ids.clone();
+        ids[3] = -1;
+        let by_ids = FfnSpec { gating: Gating::AdapterIds, ..spec.clone() };
+        let inputs = FfnInputs { router_weight: None, adapter_ids: Some(&ids), ..data.inputs(&spec) };
+        let out = ffn_forward(&by_ids, &inputs).unwrap();
+        let mut one_hot = vec![0.0; data.tokens * spec.experts];
+        for (t, &id) in ids.iter().enumerate() {
+            let row = t * spec.d..(t + 1) * spec.d;
+            if id < 0 {
+                assert!(out.y[row].iter().all(|&v| v == 0.0), "token {t}");
+                continue;
+            }
+            one_hot[t * spec.experts + id as usize] = 1.0;
+            assert_eq!(out.y[row.clone()], routed.y[row], "token {t}");
+        }
+        let given = FfnSpec { gating: Gating::Given { top_k: Some(1), softmax_topk: false }, ..spec.clone() };
+        let inputs = FfnInputs { router_weight: None, weights: Some(&one_hot), ..data.inputs(&spec) };
+        assert_eq!(ffn_forward(&given, &inputs).unwrap().y, out.y);
+        // f32 inputs widen exactly: the block of the f32-rounded tensors.
+        let r32 = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
+        let (x, w) = (r32(&data.x), r32(&data.router_weight));
+        let base = [r32(&data.base[0]), r32(&data.base[1]), r32(&data.base[2])];
+        let banks: Vec<(Vec<f32>, Vec<f32>)> =
+            data.banks.iter().map(|b| b.as_ref().map(|(a, b)| (r32(a), r32(b))).unwrap()).collect();
+        let narrow = FfnInputs {
+            router_weight: Some(&w[..]),
+            gate_a: Some(&banks[0].0[..]),
+            gate_b: Some(&banks[0].1[..]),
+            up_a: Some(&banks[1].0[..]),
+            up_b: Some(&banks[1].1[..]),
+            down_a: Some(&banks[2].0[..]),
+            down_b: Some(&banks[2].1[..]),
+            ..FfnInputs::new(data.tokens, &x[..], &base[0][..], &base[1][..], &base[2][..])
+        };
+        let got = ffn_forward(&spec, &narrow).unwrap();
+        let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
+        let widened = Data {
+            x: wide(&x),
+            router_weight: wide(&w),
+            base: [wide(&base[0]), wide(&base[1]), wide(&base[2])],
+            banks: [0, 1, 2].map(|p| Some((wide(&banks[p].0), wide(&banks[p].1)))),
+            ..data
+        };
+        assert_eq!(got, ffn_forward(&spec, &widened.inputs(&spec)).unwrap());
+    }
+
+    #[test]
     fn inputs_are_checked_by_name() {
         let spec = spec(topk(2, false), Activation::Silu);
         let data = Data::new(&spec, 4, 6);
