@@ -2,8 +2,10 @@
 //!
 //! Every layer is `h = x · A` (shrink), `h' = mix(h)` with weights from [`Gating`] (mix), and
 //! `y += scale · h' · B` (expand), over one LoRA bank whose [`RankLayout`] says which rank
-//! columns belong to which expert.
+//! columns belong to which expert. [`FfnSpec`] describes MixLoRA's FFN-expert block instead,
+//! whose experts are whole LoRA-adapted FFNs sharing the frozen base.
 
+mod ffn;
 mod gating;
 mod inputs;
 mod layer;
@@ -12,6 +14,7 @@ mod ranks;
 mod shard;
 mod spec_json;
 
+pub use ffn::{Activation, FfnSpec, ProjectionLora};
 pub use gating::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 pub use inputs::LayerInputs;
 pub use layer::{peft_expert_scales, LayerSpec, Mix};

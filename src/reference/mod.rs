@@ -10,9 +10,11 @@
 //! - `mix`: the low-rank mix (expert scaling, CoMoL core merge).
 //! - `grouped`: the same layer computed per expert segment of the routing plan.
 //! - `layer`: the composed forward (of a whole layer or of an expert shard).
+//! - `ffn`: the FFN-expert block (MixLoRA), experts that are whole LoRA-adapted FFNs.
 
 // The building blocks are public API with the `internals` feature; the composed forwards,
 // routing and statistics below are what a framework cross-checks against.
+crate::internal_mod!(ffn);
 crate::internal_mod!(grouped);
 crate::internal_mod!(layer);
 crate::internal_mod!(linalg);
@@ -20,6 +22,7 @@ crate::internal_mod!(mix);
 crate::internal_mod!(routing);
 crate::internal_mod!(stats);
 
+pub use ffn::{ffn_forward, FfnInputs, FfnOutput};
 pub use grouped::{grouped_forward, Bank};
 pub use layer::{forward, forward_shard, LayerOutput};
 pub use routing::{route, GateInput, Routing};
