@@ -116,12 +116,10 @@ pub fn forward<T: KernelElement>(
         .input(Buf::RouteWeights, bufs.weights)
         .output(Buf::Partials, bufs.h_part)
         .output(Buf::Y, bufs.y);
-    let loaded = LoadedBuild::load(device, build, kernel::for_dtype(build.dtype))?;
-    device.bind()?;
     // SAFETY: every address comes from a live slice of the device's context with its length
     // bound (checked against the plan by `run`); `h_part` and `y` are distinct `&mut` borrows;
     // the guards in `b` keep each slice's stream ordering until the launches are enqueued.
-    unsafe { run(build, plan, b.bindings()?, &mut CudaBackend::new(&[&loaded], stream.cu_stream())) }
+    unsafe { run_on_device(device, build, plan, b.bindings()?, stream.cu_stream()) }
 }
 
 /// Device pointers of a forward (element types and counts as [`SgmvPlan::lens`]).
@@ -174,8 +172,23 @@ pub unsafe fn forward_raw(
         .raw(Buf::RouteWeights, ptrs.weights)
         .raw(Buf::Partials, ptrs.h_part)
         .raw(Buf::Y, ptrs.y);
-    let loaded = LoadedBuild::load(device, build, kernel::for_dtype(build.dtype))?;
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { run_on_device(device, build, plan, &b, stream) }
+}
+
+/// [`run`] on `device` with `build` loaded, on `stream`.
+///
+/// # Safety
+/// [`run`]'s contract, with the addresses in `device`'s context and `stream` one of its streams.
+unsafe fn run_on_device(
+    device: &Device,
+    build: &KernelBuild,
+    plan: &SgmvPlan,
+    bindings: &Bindings,
+    stream: CUstream,
+) -> Result<()> {
+    let loaded = LoadedBuild::load(device, build, build.kernels())?;
     device.bind()?;
     // SAFETY: forwarded from the caller's contract.
-    unsafe { run(build, plan, &b, &mut CudaBackend::new(&[&loaded], stream)) }
+    unsafe { run(build, plan, bindings, &mut CudaBackend::new(&[&loaded], stream)) }
 }
