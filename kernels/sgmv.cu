@@ -22,6 +22,7 @@
 // Mirrored by src/kernels/sgmv.rs.
 #include "common/arch.cuh"
 #include "common/dtype.cuh"
+#include "common/segments.cuh"
 
 // Threads per block of both kernels.
 #ifndef MOLE_BLOCK_THREADS
@@ -57,7 +58,6 @@
 
 #define MOLE_SGMV_MAX_RANK 256
 #define MOLE_SGMV_MAX_EXPERTS 4096
-#define MOLE_SGMV_PADDING 0xffffffffu
 
 static_assert(MOLE_BLOCK_THREADS % 32 == 0 && MOLE_BLOCK_THREADS >= 32 && MOLE_BLOCK_THREADS <= 1024,
               "MOLE_BLOCK_THREADS must be a multiple of 32 in 32..1024");
@@ -97,14 +97,9 @@ static_assert(MOLE_OFFSET_OF(mole_sgmv_params, entry_stride) == 36, "layout");
 static_assert(MOLE_OFFSET_OF(mole_sgmv_params, slot) == 40, "layout");
 static_assert(MOLE_OFFSET_OF(mole_sgmv_params, scale) == 44, "layout");
 
-// A plan entry (Rust: plan::TokenSlot); only the token is read, the pass gives the slot.
-struct mole_sgmv_entry {
-    mole_u32 token;
-    mole_u32 slot;
-};
-static_assert(sizeof(mole_sgmv_entry) == 8 && MOLE_OFFSET_OF(mole_sgmv_entry, slot) == 4, "TokenSlot");
+typedef mole_plan_entry mole_sgmv_entry;
 
-// The tile a block works on: its expert's rank columns and its entries.
+// The tile a block works on: its plan tile and its expert's rank columns.
 struct sgmv_tile {
     bool live;         // false: past the plan's end (the whole block exits)
     mole_u32 begin;    // first entry
@@ -114,22 +109,16 @@ struct sgmv_tile {
     mole_u32 expert;   // e
 };
 
-// Expert of tile `tile` in plan `offs` [E+1]: the last e with offs[e] <= start (empty experts
-// share their successor's offset and are skipped by taking the last).
+// Tile `tile` of plan `offs` [E+1] (mole_find_plan_tile) with its expert's columns.
 MOLE_DEVICE sgmv_tile sgmv_find_tile(const mole_sgmv_params& p, const mole_u32* __restrict__ offs,
                                      const mole_u32* __restrict__ rank_offsets, mole_u32 tile) {
     sgmv_tile r = {false, 0u, 0u, 0u, 0u, 0u};
-    const mole_u64 start = (mole_u64)tile * MOLE_SGMV_BM;
-    if (start >= (mole_u64)offs[p.experts]) return r;
-    mole_u32 lo = 0u, hi = p.experts;  // invariant: offs[lo] <= start < offs[hi]
-    while (hi - lo > 1u) {
-        const mole_u32 mid = lo + (hi - lo) / 2u;
-        if ((mole_u64)offs[mid] <= start) lo = mid;
-        else hi = mid;
-    }
+    const mole_plan_tile t = mole_find_plan_tile(offs, p.experts, tile, MOLE_SGMV_BM);
+    if (!t.live) return r;
+    const mole_u32 lo = t.expert;
     r.live = true;
-    r.begin = (mole_u32)start;
-    r.end = offs[lo + 1u];
+    r.begin = t.begin;
+    r.end = t.end;
     r.col_lo = rank_offsets[lo];
     r.expert = lo;
     const mole_u32 rank = rank_offsets[lo + 1u] - rank_offsets[lo];
@@ -146,15 +135,8 @@ MOLE_DEVICE float sgmv_expert_scale(const sgmv_tile& tile, const float* __restri
 // Loads the tile's tokens into `rows` (-1 for padding and for entries past the expert's end).
 MOLE_DEVICE void sgmv_load_rows(const sgmv_tile& tile, const mole_sgmv_entry* __restrict__ entries, mole_u32 tokens,
                                 int* rows) {
-    for (int i = (int)threadIdx.x; i < MOLE_SGMV_BM; i += (int)blockDim.x) {
-        const mole_u32 e = tile.begin + (mole_u32)i;
-        int t = -1;
-        if (e < tile.end) {
-            const mole_u32 tok = entries[e].token;
-            if (tok != MOLE_SGMV_PADDING && tok < tokens) t = (int)tok;
-        }
-        rows[i] = t;
-    }
+    const mole_plan_tile t = {tile.live, tile.begin, tile.end, tile.expert};
+    mole_load_plan_rows(t, entries, tokens, MOLE_SGMV_BM, rows);
 }
 
 // h_part[split, t*slots + s, c] = x[t, k range of split] . A[k range, col_lo + c], c < r_e.

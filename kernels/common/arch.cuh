@@ -56,6 +56,7 @@ MOLE_DEVICE float mole_bits_float(mole_u32 b) { return __uint_as_float(b); }
 MOLE_DEVICE float mole_expf(float x) { return expf(x); }
 MOLE_DEVICE float mole_expm1f(float x) { return expm1f(x); }
 MOLE_DEVICE float mole_logf(float x) { return logf(x); }
+MOLE_DEVICE float mole_erff(float x) { return erff(x); }
 MOLE_DEVICE float mole_fabsf(float x) { return fabsf(x); }
 
 // Byte offset of a field, for layout asserts. NVRTC has no offsetof builtin, so there a constexpr

@@ -1,5 +1,5 @@
 //! The kernels: [`exec`], the description of every entry point and the one launch path;
-//! [`gating`], [`sgmv`] and [`fused`], one module per op family; and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
+//! [`gating`], [`sgmv`], [`fused`] and [`ffn`], one module per op family; and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
 //! which configurations of each are compiled ([`KernelBuild`]).
 //!
 //! A build is typed: an element type and a [`BuildConfig`] (one tiling struct per family). The
@@ -12,11 +12,13 @@
 //!   ([`DYNAMIC_SMEM_DEFINE`]); `mole check-kernels` checks both against the architecture.
 
 pub mod exec;
+pub mod ffn;
 pub mod fused;
 pub mod gating;
 pub mod sgmv;
 pub mod shipped;
 
+pub use ffn::FfnConfig;
 pub use fused::FusedConfig;
 pub use gating::GatingConfig;
 pub use sgmv::SgmvConfig;
@@ -42,11 +44,14 @@ pub enum Family {
     Sgmv,
     /// The fused layer: router, gating, shrink, mix and expand in one pass (`kernels/fused.cu`).
     Fused,
+    /// The FFN-expert block's activation and down shrink between the dense projections
+    /// (`kernels/ffn.cu`).
+    Ffn,
 }
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 3] = [Family::Gating, Family::Sgmv, Family::Fused];
+    pub const ALL: [Family; 4] = [Family::Gating, Family::Sgmv, Family::Fused, Family::Ffn];
 
     /// The source file, relative to `kernels/`.
     pub fn source_file(self) -> &'static str {
@@ -54,6 +59,7 @@ impl Family {
             Family::Gating => "gating.cu",
             Family::Sgmv => "sgmv.cu",
             Family::Fused => "fused.cu",
+            Family::Ffn => "ffn.cu",
         }
     }
 
@@ -63,6 +69,7 @@ impl Family {
             Family::Gating => "gating",
             Family::Sgmv => "sgmv",
             Family::Fused => "fused",
+            Family::Ffn => "ffn",
         }
     }
 
@@ -72,6 +79,7 @@ impl Family {
             Family::Gating => gating::candidates(),
             Family::Sgmv => sgmv::candidates(),
             Family::Fused => fused::candidates(),
+            Family::Ffn => ffn::candidates(),
         }
     }
 
@@ -81,6 +89,7 @@ impl Family {
             Family::Gating => gating::default_builds(),
             Family::Sgmv => sgmv::default_builds(),
             Family::Fused => fused::default_builds(),
+            Family::Ffn => ffn::default_builds(),
         }
     }
 }
@@ -102,6 +111,8 @@ pub enum BuildConfig {
     Sgmv(SgmvConfig),
     /// `kernels/fused.cu`.
     Fused(FusedConfig),
+    /// `kernels/ffn.cu`.
+    Ffn(FfnConfig),
 }
 
 impl BuildConfig {
@@ -111,6 +122,7 @@ impl BuildConfig {
             BuildConfig::Gating(_) => Family::Gating,
             BuildConfig::Sgmv(_) => Family::Sgmv,
             BuildConfig::Fused(_) => Family::Fused,
+            BuildConfig::Ffn(_) => Family::Ffn,
         }
     }
 
@@ -120,6 +132,7 @@ impl BuildConfig {
             BuildConfig::Gating(c) => c.block_threads,
             BuildConfig::Sgmv(c) => c.block_threads,
             BuildConfig::Fused(c) => c.block_threads,
+            BuildConfig::Ffn(c) => c.block_threads,
         }
     }
 
@@ -128,7 +141,7 @@ impl BuildConfig {
     pub fn dynamic_shared_bytes(&self) -> u64 {
         match self {
             BuildConfig::Gating(c) => c.dynamic_shared_bytes() as u64,
-            BuildConfig::Sgmv(_) | BuildConfig::Fused(_) => 0,
+            BuildConfig::Sgmv(_) | BuildConfig::Fused(_) | BuildConfig::Ffn(_) => 0,
         }
     }
 
@@ -155,6 +168,13 @@ impl BuildConfig {
                 ("MOLE_FUSED_KC", c.kc),
                 ("MOLE_FUSED_MAX_COLS", c.max_cols),
             ],
+            BuildConfig::Ffn(c) => vec![
+                (BLOCK_THREADS_DEFINE, c.block_threads),
+                ("MOLE_FFN_BM", c.bm),
+                ("MOLE_FFN_BN", c.bn),
+                ("MOLE_FFN_KC", c.kc),
+                ("MOLE_FFN_MAX_RANK", c.max_rank),
+            ],
         }
     }
 
@@ -164,6 +184,7 @@ impl BuildConfig {
             BuildConfig::Gating(c) => c.validate(),
             BuildConfig::Sgmv(c) => c.validate_for(dtype),
             BuildConfig::Fused(c) => c.validate(),
+            BuildConfig::Ffn(c) => c.validate(),
         }
     }
 }
@@ -177,6 +198,12 @@ impl From<GatingConfig> for BuildConfig {
 impl From<SgmvConfig> for BuildConfig {
     fn from(c: SgmvConfig) -> Self {
         BuildConfig::Sgmv(c)
+    }
+}
+
+impl From<FfnConfig> for BuildConfig {
+    fn from(c: FfnConfig) -> Self {
+        BuildConfig::Ffn(c)
     }
 }
 
@@ -241,6 +268,7 @@ impl KernelBuild {
             BuildConfig::Gating(_) => &gating::kernel::ALL,
             BuildConfig::Sgmv(_) => sgmv::kernel::for_dtype(self.dtype),
             BuildConfig::Fused(c) => fused::kernel::for_config(self.dtype, c),
+            BuildConfig::Ffn(_) => &ffn::kernel::ALL,
         }
     }
 

@@ -23,7 +23,7 @@
 
 mod launch;
 
-pub use launch::{forward, forward_raw, run, RawSgmvPointers, SgmvBuffers};
+pub use launch::{forward, forward_raw, run, run_expands, run_shrink, RawSgmvPointers, SgmvBuffers};
 
 use super::{BuildConfig, KernelBuild};
 use crate::kernels::exec::{Buf, BufLens, Dims, KernelDesc};

@@ -249,4 +249,5 @@ inline float mole_bits_float(unsigned int b) { return __uint_as_float(b); }
 inline float mole_expf(float x) { return ::expf(x); }
 inline float mole_expm1f(float x) { return ::expm1f(x); }
 inline float mole_logf(float x) { return ::logf(x); }
+inline float mole_erff(float x) { return ::erff(x); }
 inline float mole_fabsf(float x) { return ::fabsf(x); }

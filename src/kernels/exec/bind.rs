@@ -42,6 +42,11 @@ impl BufLens {
         Buf::ALL.into_iter().map(|b| (b, self.get(b))).filter(|&(_, n)| n > 0)
     }
 
+    /// Only the buffers `kernel`'s arguments name (what one of a plan's launches takes).
+    pub fn for_kernel(&self, kernel: &KernelDesc) -> BufLens {
+        kernel.args.iter().fold(BufLens::new(), |acc, a| acc.with(a.buf, self.get(a.buf)))
+    }
+
     /// Bytes of buffer `buf` in a `dtype` build.
     pub fn bytes(&self, buf: Buf, dtype: DType) -> usize {
         self.get(buf) * buf.elem().size(dtype)
@@ -110,6 +115,18 @@ impl Bindings {
             }
         }
         Ok(())
+    }
+
+    /// The bindings with buffer `to` bound as `from` is, for each `(to, from)`: how a composed
+    /// forward hands one of its buffers to a kernel that names it otherwise (the FFN block's
+    /// gate bank as the `a` of an SGMV shrink).
+    pub fn aliased(&self, pairs: &[(Buf, Buf)]) -> Bindings {
+        let mut out = *self;
+        for &(to, from) in pairs {
+            out.ptr[to as usize] = self.ptr(from);
+            out.len[to as usize] = self.len(from);
+        }
+        out
     }
 
     /// The bindings with every buffer `lens` does not take cleared, so kernels see null for them.

@@ -113,6 +113,36 @@ buffers! {
     PlanEntries = "plan_entries", TokenSlot, true;
     /// Routing plan: 1 where an id outside `-1..E` was skipped, `[plans]`.
     PlanStatus = "plan_status", U32, false;
+    /// FFN block: the gate bank's `A^g [d, R_g]`.
+    GateA = "gate_a", Data, false;
+    /// FFN block: the gate bank's `B^g [R_g, f]`.
+    GateB = "gate_b", Data, false;
+    /// FFN block: the up bank's `A^u [d, R_u]`.
+    UpA = "up_a", Data, false;
+    /// FFN block: the up bank's `B^u [R_u, f]`.
+    UpB = "up_b", Data, false;
+    /// FFN block: the down bank's `A^d [f, R_d]`.
+    DownA = "down_a", Data, false;
+    /// FFN block: the down bank's `B^d [R_d, d]`.
+    DownB = "down_b", Data, false;
+    /// FFN block: `rank_offsets [E + 1]` of the gate bank.
+    GateRankOffsets = "gate_rank_offsets", U32, false;
+    /// FFN block: `rank_offsets [E + 1]` of the up bank.
+    UpRankOffsets = "up_rank_offsets", U32, false;
+    /// FFN block: `rank_offsets [E + 1]` of the down bank.
+    DownRankOffsets = "down_rank_offsets", U32, false;
+    /// FFN block: the base gate output `x · W_gate [T, f]`.
+    GateOut = "gate_out", Data, false;
+    /// FFN block: the base up output `x · W_up [T, f]`.
+    UpOut = "up_out", Data, false;
+    /// FFN block: `a_mix = Σ_s w_s · a_e [T, f]`, what the base down projection multiplies.
+    AMix = "a_mix", Data, false;
+    /// FFN block: the gate shrink's split-K partials (f32 workspace).
+    GatePartials = "gate_partials", F32, true;
+    /// FFN block: the up shrink's split-K partials (f32 workspace).
+    UpPartials = "up_partials", F32, true;
+    /// FFN block: the down shrink's per-f-slice partials (f32 workspace).
+    DownPartials = "down_partials", F32, true;
 }
 
 /// How a kernel uses a pointer argument.

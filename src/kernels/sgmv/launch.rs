@@ -40,28 +40,62 @@ fn check_build(build: &KernelBuild, plan: &SgmvPlan, dtype: DType) -> Result<()>
 pub unsafe fn run(build: &KernelBuild, plan: &SgmvPlan, bindings: &Bindings, backend: &mut dyn Backend) -> Result<()> {
     check_build(build, plan, build.dtype)?;
     bindings.check(&plan.lens, "the sgmv kernels")?;
-    let mut plan = std::borrow::Cow::Borrowed(plan);
-    if plan.shrink.is_some_and(|s| std::ptr::eq(s.kernel, &kernel::SHRINK_MMA))
-        && !bindings.ptr(Buf::X).is_multiple_of(16)
-    {
-        plan = std::borrow::Cow::Owned(plan.into_owned().with_fma_shrink());
+    // SAFETY: the caller's contract.
+    unsafe {
+        run_shrink(build, plan, bindings, backend)?;
+        run_expands(build, plan, bindings, backend)
     }
+}
+
+/// The shrink of [`run`] alone (`h_part` from `x` and `A`): the buffers its kernel takes are
+/// checked, the others ignored. For a composed forward that consumes `h_part` itself.
+///
+/// # Safety
+/// [`run`]'s contract for the buffers the shrink takes.
+pub unsafe fn run_shrink(
+    build: &KernelBuild,
+    plan: &SgmvPlan,
+    bindings: &Bindings,
+    backend: &mut dyn Backend,
+) -> Result<()> {
+    check_build(build, plan, build.dtype)?;
+    let Some(mut shrink) = plan.shrink else { return Ok(()) };
+    if std::ptr::eq(shrink.kernel, &kernel::SHRINK_MMA) && !bindings.ptr(Buf::X).is_multiple_of(16) {
+        shrink.kernel = &kernel::SHRINK;
+    }
+    let lens = plan.lens.for_kernel(shrink.kernel);
+    bindings.check(&lens, "the sgmv shrink")?;
+    let mut launch = Launch::pack(shrink.kernel, shrink.dims(), &plan.params, &bindings.only(&lens))?;
+    // SAFETY: the caller's contract; the launch was packed from checked bindings.
+    unsafe { backend.launch(build, &mut launch) }
+}
+
+/// The expands of [`run`] alone, one per slot in slot order, from a `h_part` already written
+/// (`plan.params.splits` slices): the buffers the expand takes are checked, the others ignored.
+///
+/// # Safety
+/// [`run`]'s contract for the buffers the expand takes; `h_part` holds every slice of every
+/// planned `(token, slot)` row.
+pub unsafe fn run_expands(
+    build: &KernelBuild,
+    plan: &SgmvPlan,
+    bindings: &Bindings,
+    backend: &mut dyn Backend,
+) -> Result<()> {
+    check_build(build, plan, build.dtype)?;
+    let mut plan = std::borrow::Cow::Borrowed(plan);
     if plan.expand.is_some_and(|e| std::ptr::eq(e.kernel, &kernel::EXPAND_MMA))
         && !bindings.ptr(Buf::B).is_multiple_of(16)
     {
         plan = std::borrow::Cow::Owned(plan.into_owned().with_fma_expand());
     }
-    let (Some(shrink), Some(expand)) = (plan.shrink, plan.expand) else { return Ok(()) };
-    let bindings = bindings.only(&plan.lens);
-    let mut shrink = Launch::pack(shrink.kernel, shrink.dims(), &plan.params, &bindings)?;
-    let mut pass = Launch::pack(expand.kernel, expand.dims(), &plan.expand_params(0), &bindings)?;
-    // SAFETY: the caller's contract; the launches were packed from checked bindings.
-    unsafe { backend.launch(build, &mut shrink) }?;
+    let Some(expand) = plan.expand else { return Ok(()) };
+    let lens = plan.lens.for_kernel(expand.kernel);
+    bindings.check(&lens, "the sgmv expand")?;
+    let bindings = bindings.only(&lens);
     for s in 0..plan.params.slots as usize {
-        if s > 0 {
-            pass = Launch::pack(expand.kernel, expand.dims(), &plan.expand_params(s), &bindings)?;
-        }
-        // SAFETY: as above; passes run in stream order.
+        let mut pass = Launch::pack(expand.kernel, expand.dims(), &plan.expand_params(s), &bindings)?;
+        // SAFETY: the caller's contract; passes run in stream order.
         unsafe { backend.launch(build, &mut pass) }?;
     }
     Ok(())
