@@ -11,7 +11,7 @@ fn mole(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn main_job_checks_against_the_reference() {
-    for method in ["mix-lora", "dyn-mole", "smora", "comol", "adapter-serving"] {
+    for method in ["mix-lora-per-linear", "dyn-mole", "smora", "comol", "adapter-serving"] {
         let (ok, text) =
             mole(&["run", "--method", method, "--tokens", "33", "--d", "96", "--experts", "6", "--rank", "4"]);
         assert!(ok, "{method}: {text}");

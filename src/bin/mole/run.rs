@@ -18,7 +18,7 @@ use std::time::Instant;
 #[derive(Args)]
 pub struct RunArgs {
     /// Method preset.
-    #[arg(long, value_enum, default_value_t = Method::MixLora)]
+    #[arg(long, value_enum, default_value_t = Method::MixLoraPerLinear)]
     method: Method,
     /// Tokens (0 is a no-op: nothing runs and no throughput is printed).
     #[arg(long, default_value_t = 2048)]
@@ -32,7 +32,7 @@ pub struct RunArgs {
     /// Rank per expert; not taken by fly-lora, whose experts are single ranks [default: 16].
     #[arg(long)]
     rank: Option<usize>,
-    /// Experts per token, 1..=experts; taken only by the top-k methods (mix-lora, meteo-ra,
+    /// Experts per token, 1..=experts; taken only by the top-k methods (mix-lora-per-linear, meteo-ra,
     /// flex-olmo, x-lora, smora, fly-lora, comol) [default: 2].
     #[arg(long)]
     k: Option<usize>,
