@@ -38,6 +38,16 @@ impl Activation {
     }
 }
 
+impl fmt::Display for Activation {
+    /// The JSON and command-line name, `silu` or `gelu`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Activation::Silu => "silu",
+            Activation::Gelu => "gelu",
+        })
+    }
+}
+
 /// `erf(z) = 2/√π · e^{-z²} · Σ_n 2^n z^{2n+1} / (1·3·…·(2n+1))`.
 fn erf(z: f64) -> f64 {
     if z.is_nan() {

@@ -8,6 +8,7 @@ mod check_kernels;
 mod gen_ptx;
 mod info;
 mod run;
+mod run_ffn;
 
 use clap::{Parser, Subcommand};
 use std::io::Read;
