@@ -23,7 +23,9 @@ use mole::DType;
 use std::hint::black_box;
 
 fn spec() -> LayerSpec {
-    Method::MixLora.spec(MethodShape { d_in: 4096, d_out: 4096, experts: 8, rank: 16, k: 2, alpha: 32.0 }).unwrap()
+    Method::MixLoraPerLinear
+        .spec(MethodShape { d_in: 4096, d_out: 4096, experts: 8, rank: 16, k: 2, alpha: 32.0 })
+        .unwrap()
 }
 
 /// Caller tensors at made-up, 256-byte aligned addresses (nothing is dereferenced).

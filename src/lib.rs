@@ -19,7 +19,7 @@
 //! use mole::model::{LayerInputs, Method, MethodShape};
 //!
 //! let shape = MethodShape { d_in: 8, d_out: 4, experts: 4, rank: 2, k: 2, alpha: 4.0 };
-//! let spec = Method::MixLora.spec(shape)?;
+//! let spec = Method::MixLoraPerLinear.spec(shape)?;
 //! let t = 3;
 //! let x: Vec<f32> = (0..t * 8).map(|i| (i as f32 * 0.37).sin()).collect();
 //! let a: Vec<f32> = (0..8 * 8).map(|i| (i as f32 * 0.11).cos()).collect();
@@ -61,7 +61,7 @@ internal_mod!(kernels);
 internal_mod!(limits);
 pub mod model;
 internal_mod!(outfile);
-pub mod plan;
+internal_mod!(plan);
 pub mod reference;
 pub mod runtime;
 // Synthetic layer data: for the command line, the benchmarks and the tests.

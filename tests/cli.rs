@@ -11,7 +11,7 @@ fn mole(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn main_job_checks_against_the_reference() {
-    for method in ["mix-lora", "dyn-mole", "smora", "comol", "adapter-serving"] {
+    for method in ["mix-lora-per-linear", "dyn-mole", "smora", "comol", "adapter-serving"] {
         let (ok, text) =
             mole(&["run", "--method", method, "--tokens", "33", "--d", "96", "--experts", "6", "--rank", "4"]);
         assert!(ok, "{method}: {text}");
@@ -89,9 +89,35 @@ fn help_lists_the_dtypes_and_the_cpu_path_counts_f64_bytes() {
     assert!(!ok && text.contains("[possible values: f32, f16, bf16]"), "{text}");
     if mole::cuda::Device::new(0).is_err() {
         // 8 bytes · (100 · (256 + 2 · 256) + 16 · (256 + 256)) = 679,936 bytes: f64, not bf16's 0.2 MB.
-        let (ok, text) =
-            mole(&["run", "--tokens", "100", "--d", "256", "--experts", "4", "--rank", "4", "--dtype", "bf16"]);
+        let args = ["--tokens", "100", "--d", "256", "--experts", "4", "--rank", "4", "--dtype", "bf16"];
+        let (ok, text) = mole(&[&["run", "--method", "mix-lora-per-linear"][..], &args[..]].concat());
         assert!(ok && text.contains("of the 0.7 MB that must move"), "{text}");
+    }
+}
+
+#[test]
+fn the_block_runs_by_default_and_checks_its_knobs() {
+    let small = ["--d", "64", "--f", "96", "--experts", "6", "--rank", "4"];
+    let run = |extra: &[&str]| mole(&[&["run"][..], &small[..], extra].concat());
+    // The default method is the block; without --tokens the CPU picks (and prints) a count.
+    let (ok, text) = run(&[]);
+    assert!(ok && text.contains("block: mix-lora d=64 f=96 E=6 r=4 slots/token=2 activation=silu"), "{text}");
+    assert!(text.contains("tokens: 2048 (no --tokens") && text.contains("check: PASS"), "{text}");
+    let (ok, text) = run(&["--method", "mix-lora-dynamic", "--activation", "gelu", "--tokens", "9", "--dtype", "f32"]);
+    assert!(ok && text.contains("slots/token=6 activation=gelu T=9") && text.contains("check: PASS"), "{text}");
+    // Knobs the preset does not read are refused by name.
+    let (ok, text) = run(&["--method", "mix-lora-dynamic", "--k", "2", "--tokens", "4"]);
+    assert!(!ok && text.contains("--k 2: mix-lora-dynamic does not take --k"), "{text}");
+    let (ok, text) = mole(&["run", "--method", "dyn-mole", "--f", "96", "--tokens", "4", "--d", "16"]);
+    assert!(!ok && text.contains("--f 96: dyn-mole does not take --f"), "{text}");
+    let (ok, text) = mole(&["run", "--method", "smora", "--activation", "gelu", "--tokens", "4", "--d", "16"]);
+    assert!(!ok && text.contains("--activation gelu: smora does not take --activation"), "{text}");
+    let (ok, text) = mole(&["run", "--f", "0", "--tokens", "4", "--d", "16"]);
+    assert!(!ok && text.contains("f must be positive"), "{text}");
+    // --help lists both kinds of preset.
+    let (ok, text) = mole(&["run", "--help"]);
+    for name in ["mix-lora,", "mix-lora-dynamic,", "mix-lora-per-linear,", "mix-lora-dynamic-per-linear,", "comol"] {
+        assert!(ok && text.contains(name), "{name}: {text}");
     }
 }
 

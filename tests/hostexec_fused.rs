@@ -320,7 +320,7 @@ fn every_method_matches_the_reference_in_every_variant() {
 
 #[test]
 fn the_plan_takes_tensor_cores_where_it_can() {
-    let spec = method_spec(Method::MixLora, 96, 40);
+    let spec = method_spec(Method::MixLoraPerLinear, 96, 40);
     for (dtype, want) in [(DType::F32, false), (DType::F16, true), (DType::BF16, true)] {
         let build = fused::build(dtype, fused::FusedConfig::DEFAULT);
         let plan = fused::plan(&build, &spec, 5, FusedVariant::Single, FusedOutputs::default()).unwrap();
@@ -400,8 +400,9 @@ fn grouped_y(spec: &LayerSpec, data: &SyntheticLayer<half::bf16>, schedule: Sche
 
 #[test]
 fn fused_and_grouped_paths_agree() {
-    for (i, method) in
-        [Method::MixLora, Method::DynMole, Method::XLora, Method::AdapterServing, Method::Smora].into_iter().enumerate()
+    for (i, method) in [Method::MixLoraPerLinear, Method::DynMole, Method::XLora, Method::AdapterServing, Method::Smora]
+        .into_iter()
+        .enumerate()
     {
         // Per-expert scales on every other method.
         let spec = method_spec(method, 96, 64);

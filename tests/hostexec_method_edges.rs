@@ -148,8 +148,13 @@ fn the_statistics_kernels_give_each_methods_loss() {
     // Sums over T tokens of f32 values.
     let tol = 4.0 * tolerance_with(f64::powi(2.0, -24), f64::powi(2.0, -24), tokens + experts + 8);
     let close = |g: f64, w: f64| (g - w).abs() <= tol * w.abs().max(1.0);
-    let methods =
-        [Method::MixLora, Method::MixLoraDynamic, Method::DynMole, Method::LlavaMoleSparse, Method::LlavaMoleDense];
+    let methods = [
+        Method::MixLoraPerLinear,
+        Method::MixLoraDynamicPerLinear,
+        Method::DynMole,
+        Method::LlavaMoleSparse,
+        Method::LlavaMoleDense,
+    ];
     for method in methods {
         // The preset's rule on given logits (the router itself is not under test here).
         let gating = routed(method.spec(shape).unwrap().rule().unwrap());

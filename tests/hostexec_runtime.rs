@@ -199,7 +199,7 @@ fn a_shard_refuses_what_the_grouped_path_cannot_run() {
     let fly = MethodShape { experts: 64, rank: 1, k: 8, ..shape };
     let fly = LayerPlanner::new(&mole::model::Method::FlyLora.spec(fly).unwrap(), DType::BF16, 132, None).unwrap();
     assert!(unsupported(fly.with_shard(ExpertShard { first: 0, count: 32 })));
-    let mix = || planner(mole::model::Method::MixLora);
+    let mix = || planner(mole::model::Method::MixLoraPerLinear);
     assert!(matches!(
         mix().with_shard(ExpertShard { first: 6, count: 3 }),
         Err(mole::MoleError::InvalidParameter { .. })

@@ -154,11 +154,11 @@ fn each_method_computes_its_own_load_balancing_loss() {
     let masked = dm.masked_mean_prob.clone().unwrap();
     assert!(close(masked[0], 0.25) && close(masked[1], 0.25) && masked[2] == 0.0, "{masked:?}");
     assert!(close(dm.load_balancing_loss(Method::DynMole).unwrap(), 0.5625));
-    assert!(close(dm.load_balancing_loss(Method::MixLora).unwrap(), 1.125));
+    assert!(close(dm.load_balancing_loss(Method::MixLoraPerLinear).unwrap(), 1.125));
     // MixLoRA top-1 selects the same experts: the Switch form, 1.125.
     let top1 = stats_of(RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Renormalized });
-    assert!(close(top1.load_balancing_loss(Method::MixLora).unwrap(), 1.125));
-    assert!(close(top1.load_balancing_loss(Method::MixLoraDynamic).unwrap(), 1.125));
+    assert!(close(top1.load_balancing_loss(Method::MixLoraPerLinear).unwrap(), 1.125));
+    assert!(close(top1.load_balancing_loss(Method::MixLoraDynamicPerLinear).unwrap(), 1.125));
     assert_eq!(top1.load_balancing_loss(Method::HydraLora), None);
 }
 

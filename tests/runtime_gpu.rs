@@ -109,7 +109,7 @@ fn tolerance(spec: &LayerSpec, strategy: Strategy) -> f64 {
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
 fn forward_on_views_in_an_adopted_context_matches_the_reference() {
     let Some((device, stream)) = adopted() else { return };
-    for method in [Method::MixLora, Method::XLora, Method::Smora, Method::Comol] {
+    for method in [Method::MixLoraPerLinear, Method::XLora, Method::Smora, Method::Comol] {
         let spec = spec(method);
         // The grouped path needs the expert-scale mix and a router that does not read h.
         let grouped = spec.mix == mole::model::Mix::ExpertScale
@@ -141,7 +141,7 @@ fn forward_on_views_in_an_adopted_context_matches_the_reference() {
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
 fn grouped_and_fused_choices_agree_with_the_reference() {
     let Some((device, stream)) = adopted() else { return };
-    let plain = spec(Method::MixLora);
+    let plain = spec(Method::MixLoraPerLinear);
     // Per-expert scales, zero and negative among them: the layer uploads and binds them.
     let scaled = LayerSpec { expert_scales: Some(vec![0.5, -1.0, 0.0, 2.0, 1.0, -0.25, 3.0, 1.5]), ..plain.clone() };
     let tokens = 300;
@@ -168,7 +168,7 @@ fn grouped_and_fused_choices_agree_with_the_reference() {
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
 fn expert_shards_match_their_reference_and_sum_to_the_layer() {
     let Some((device, stream)) = adopted() else { return };
-    let spec = spec(Method::MixLora);
+    let spec = spec(Method::MixLoraPerLinear);
     let tokens = 300;
     let data = SyntheticLayer::<bf16>::new(&spec, tokens, 13);
     let y0: Vec<f64> = data.y.iter().map(|v| v.to_f64()).collect();
@@ -193,7 +193,7 @@ fn expert_shards_match_their_reference_and_sum_to_the_layer() {
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
 fn a_captured_graph_replays_on_new_inputs() {
     let Some((device, stream)) = adopted() else { return };
-    let spec = spec(Method::MixLora);
+    let spec = spec(Method::MixLoraPerLinear);
     let tokens = 16;
     let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap();
     let plan = layer.prepare(tokens).unwrap();
@@ -239,7 +239,7 @@ fn a_captured_graph_replays_on_new_inputs() {
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
 fn bad_calls_are_typed_errors_before_any_launch() {
     let Some((device, stream)) = adopted() else { return };
-    let spec = spec(Method::MixLora);
+    let spec = spec(Method::MixLoraPerLinear);
     let layer = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap();
     let tokens = 8;
     let bytes = layer.workspace_bytes(tokens).unwrap();

@@ -21,7 +21,7 @@ fn provenance() -> Provenance {
 /// A distinct key per `i` (token buckets 1, 2, 4, ... then other d_out).
 fn key(i: usize) -> ShapeKey {
     let shape = MethodShape { d_in: 64, d_out: 48 + 8 * (i / 20), experts: 8, rank: 4, k: 2, alpha: 8.0 };
-    ShapeKey::new(&Method::MixLora.spec(shape).unwrap(), DType::BF16, 1 << (i % 20))
+    ShapeKey::new(&Method::MixLoraPerLinear.spec(shape).unwrap(), DType::BF16, 1 << (i % 20))
 }
 
 fn entry(i: usize, candidate: usize, p: &Provenance) -> TunedEntry {
@@ -295,7 +295,7 @@ fn autotune_without_a_gpu_says_so_and_exits_cleanly() {
     }
     let cache = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mole"))
-        .args(["autotune", "--model", "llama3-8b", "--method", "mixlora,comol"])
+        .args(["autotune", "--model", "llama3-8b", "--method", "mix-lora-per-linear,comol"])
         .env("MOLE_CACHE_DIR", cache.path())
         .output()
         .unwrap();

@@ -71,7 +71,7 @@ def spec_problems(layer, t, ref):
     sel = ids >= 0
     nsel, wsum = sel.sum(1), w.sum(1)
     slots = {"llava-mole-sparse": 1, "adapter-serving": 1, "x-lora": e if k >= e else k}
-    dynamic = ("mix-lora-dynamic", "dyn-mole", "llava-mole-dense", "lora-moe")
+    dynamic = ("mix-lora-dynamic-per-linear", "dyn-mole", "llava-mole-dense", "lora-moe")
     want_slots = e if layer.method in dynamic else slots.get(layer.method, k)
     problems = []
     if ids.shape != (tokens, want_slots):
@@ -84,13 +84,13 @@ def spec_problems(layer, t, ref):
 
     probs_at = ref["probs"].gather(1, ids.clamp(min=0)) * sel if "probs" in ref else None
     m = layer.method
-    if m in ("mix-lora", "comol"):
+    if m in ("mix-lora-per-linear", "comol"):
         expect((nsel == k).all() and torch.allclose(wsum, torch.ones_like(wsum)), "top-k weights renormalised to 1")
     elif m == "flex-olmo":
         expect((nsel == k).all() and torch.allclose(w, probs_at), "top-k weights are the softmax probabilities")
     elif m in ("llava-mole-dense", "lora-moe"):
         expect((nsel == e).all() and torch.allclose(wsum, torch.ones_like(wsum)), "dense softmax over every expert")
-    elif m == "mix-lora-dynamic":
+    elif m == "mix-lora-dynamic-per-linear":
         expect(torch.allclose(w, probs_at) and (wsum > 0.8).all(), "top-p 0.8: raw probabilities summing past 0.8")
     elif m == "dyn-mole":
         expect(torch.allclose(w, probs_at) and (nsel >= 2).all(), "DynMoLE: raw probabilities, keep-top-2")

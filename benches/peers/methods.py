@@ -13,8 +13,8 @@ import torch
 
 # (method, experts, rank, k): the crate's STANDARD_METHODS (src/layer/mod.rs) plus adapter serving.
 STANDARD = [
-    ("mix-lora", 8, 16, 2),
-    ("mix-lora-dynamic", 8, 16, 2),
+    ("mix-lora-per-linear", 8, 16, 2),
+    ("mix-lora-dynamic-per-linear", 8, 16, 2),
     ("dyn-mole", 6, 24, 2),
     ("llava-mole-sparse", 8, 16, 1),
     ("llava-mole-dense", 8, 16, 2),
@@ -67,11 +67,11 @@ class Layer:
         m, e, k = self.method, self.experts, self.k
         per_rank = self.alpha / self.rank
         scale, mix, ranks = per_rank, {"type": "expert_scale"}, {"experts": e, "rank": self.rank}
-        if m in ("mix-lora", "meteo-ra"):
+        if m in ("mix-lora-per-linear", "meteo-ra"):
             gating = _routed(X_ROUTER, _topk(k, "renormalized"))
         elif m == "flex-olmo":
             gating = _routed(X_ROUTER, _topk(k, "softmax"))
-        elif m == "mix-lora-dynamic":
+        elif m == "mix-lora-dynamic-per-linear":
             gating = _routed(X_ROUTER, {"type": "top_p", "p": 0.8, "temperature": 1.0})
         elif m == "dyn-mole":
             rule = {"type": "dynmole", "q": 1.1, "top_p": 0.75, "keep_top_k": 2, "entropy_threshold": 0.9}

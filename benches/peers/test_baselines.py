@@ -27,7 +27,7 @@ import baselines  # noqa: E402
 import formulations  # noqa: E402
 from methods import STANDARD, Layer  # noqa: E402
 
-REQUIRED = ("mix-lora", "dyn-mole", "x-lora", "smora", "comol", "adapter-serving")
+REQUIRED = ("mix-lora-per-linear", "dyn-mole", "x-lora", "smora", "comol", "adapter-serving")
 
 
 def mole_binary():
@@ -99,7 +99,7 @@ class TinySet(unittest.TestCase):
 
     def test_bf16_every_baseline_agrees_with_the_reference(self):
         status = self.check_run("bf16", [1, 16], 2)
-        self.assertEqual(status[("mix-lora", "grouped_mm")] == "ok",
+        self.assertEqual(status[("mix-lora-per-linear", "grouped_mm")] == "ok",
                          formulations.grouped_mm_unsupported(torch.device("cpu"), torch.bfloat16) is None)
 
     def test_f32_every_baseline_agrees_with_the_reference(self):
@@ -124,18 +124,18 @@ class SpecDrift(unittest.TestCase):
 
         def drifted(layer):
             spec = original(layer)
-            if layer.method == "mix-lora":
+            if layer.method == "mix-lora-per-linear":
                 spec["gating"]["rule"]["weights"] = "softmax"
             return spec
 
         Layer.spec = drifted
         try:
-            rc, rows = run_in_process("mix-lora,flex-olmo")
+            rc, rows = run_in_process("mix-lora-per-linear,flex-olmo")
         finally:
             Layer.spec = original
         self.assertEqual(rc, 1)
         for r in rows:
-            if r["method"] == "mix-lora":
+            if r["method"] == "mix-lora-per-linear":
                 self.assertIn("spec disagrees with the method: top-k weights renormalised", r["status"])
             else:
                 self.assertEqual(r["status"], "ok", r)
@@ -165,10 +165,10 @@ class WrongBaselines(unittest.TestCase):
             self.assertIsNone(r["time_us"], r)
 
     def test_gates_ten_percent_low(self):
-        self.run_mutant(lambda ids, w: (ids, w * 0.9), "mix-lora,smora,comol")
+        self.run_mutant(lambda ids, w: (ids, w * 0.9), "mix-lora-per-linear,smora,comol")
 
     def test_tokens_sent_to_the_next_expert(self):
-        self.run_mutant(lambda ids, w: (torch.where(ids >= 0, (ids + 1) % 8, ids), w), "mix-lora,adapter-serving")
+        self.run_mutant(lambda ids, w: (torch.where(ids >= 0, (ids + 1) % 8, ids), w), "mix-lora-per-linear,adapter-serving")
 
 
 if __name__ == "__main__":

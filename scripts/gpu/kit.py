@@ -254,7 +254,7 @@ def steps_for(kit):
                                        "--runs", "20", "--out", os.path.join(w, "peers.json")], 110,
                  json_out="peers.json"),
             Step("autotune (Llama-3-8B, MixLoRA and SMoRA, 60 s budget)",
-                 [MOLE, "autotune", "--model", "llama3-8b", "--method", "mixlora,smora", "--budget", "60", "--runs",
+                 [MOLE, "autotune", "--model", "llama3-8b", "--method", "mix-lora-per-linear,smora", "--budget", "60", "--runs",
                   "20", "--out", os.path.join(w, "tuning")], 110),
         ]
     return correctness, timing

@@ -38,11 +38,11 @@ class ResultsTest(unittest.TestCase):
 
     def test_speedup_is_against_the_fastest_checked_baseline(self):
         res = self.make(
-            [layer_row("mix-lora", 256, 10.0), layer_row("mix-lora", 4096, 50.0)],
-            [peer_row("mix-lora", 256, "dense", "ok", 40.0), peer_row("mix-lora", 256, "loop", "ok", 25.0),
+            [layer_row("mix-lora-per-linear", 256, 10.0), layer_row("mix-lora-per-linear", 4096, 50.0)],
+            [peer_row("mix-lora-per-linear", 256, "dense", "ok", 40.0), peer_row("mix-lora-per-linear", 256, "loop", "ok", 25.0),
              # A failed baseline is never the fastest, however fast it was.
-             peer_row("mix-lora", 256, "grouped_mm", "failed: check", 1.0),
-             peer_row("mix-lora", 4096, "dense", "skipped: no", None)])
+             peer_row("mix-lora-per-linear", 256, "grouped_mm", "failed: check", 1.0),
+             peer_row("mix-lora-per-linear", 4096, "dense", "skipped: no", None)])
         first, second = res["layers"]
         self.assertEqual(first["fastest_baseline_us"], 25.0)
         self.assertAlmostEqual(first["speedup_vs_fastest"], 2.5)
@@ -65,8 +65,8 @@ class ResultsTest(unittest.TestCase):
 
     def test_rows_of_a_baseline_run_without_torch_do_not_break_the_report(self):
         # baselines.py writes only these fields when torch cannot be imported.
-        res = self.make([layer_row("mix-lora", 16, 5.0)],
-                        [{"method": "mix-lora", "baseline": "dense", "status": "skipped: no torch"},
+        res = self.make([layer_row("mix-lora-per-linear", 16, 5.0)],
+                        [{"method": "mix-lora-per-linear", "baseline": "dense", "status": "skipped: no torch"},
                          {"method": "comol", "baseline": "loop", "status": "skipped: no torch"}])
         self.assertIsNone(res["layers"][0]["fastest_baseline_us"])
         self.assertIn("| comol | - | loop | skipped: no torch |", kit.report(res))
@@ -84,9 +84,9 @@ class ResultsTest(unittest.TestCase):
         self.assertEqual(cut.status, "cut")
 
     def test_methods_are_parsed_from_short_help(self):
-        text = ("      --method <METHOD>    Method preset [default: mix-lora] [possible values: mix-lora, "
+        text = ("      --method <METHOD>    Method preset [default: mix-lora-per-linear] [possible values: mix-lora-per-linear, "
                 "dyn-mole, smora]\n      --tokens <TOKENS>    Tokens [default: 2048]\n")
-        self.assertEqual(kit.parse_methods(text), ["mix-lora", "dyn-mole", "smora"])
+        self.assertEqual(kit.parse_methods(text), ["mix-lora-per-linear", "dyn-mole", "smora"])
         self.assertEqual(kit.parse_methods("no such option"), [])
 
 

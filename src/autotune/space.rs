@@ -212,14 +212,14 @@ mod tests {
         use crate::kernels::fused;
         use crate::model::{Method, MethodShape};
         let shape = |experts, rank| MethodShape { d_in: 4096, d_out: 4096, experts, rank, k: 2, alpha: 32.0 };
-        let mixlora = Method::MixLora.spec(shape(8, 16)).unwrap();
+        let mixlora = Method::MixLoraPerLinear.spec(shape(8, 16)).unwrap();
         let fused_default = fused::build(DType::BF16, fused::FusedConfig::DEFAULT);
         for (tokens, strategy) in [(4096, Strategy::Fused), (1, Strategy::FusedSplit)] {
             let c = candidates_for(&mixlora, DType::BF16, tokens, 132);
             assert_eq!(c[0], Candidate { strategy, build: fused_default.clone() }, "T={tokens}");
             assert_eq!(c.len(), candidates(DType::BF16).len());
         }
-        let wide = Method::MixLora.spec(shape(64, 16)).unwrap();
+        let wide = Method::MixLoraPerLinear.spec(shape(64, 16)).unwrap();
         let c = candidates_for(&wide, DType::BF16, 4096, 132);
         let sgmv_default = sgmv::build(DType::BF16, sgmv::SgmvConfig::DEFAULT);
         assert_eq!(c[0], Candidate { strategy: Strategy::Grouped, build: sgmv_default });

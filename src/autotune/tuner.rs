@@ -246,7 +246,7 @@ mod tests {
         assert!(matches!(&reports[2].outcome, Outcome::Failed(e) if e.contains("boom")));
         assert_eq!(reports[3].outcome, Outcome::Chosen);
         assert!(reports[4..].iter().all(|r| matches!(r.outcome, Outcome::Pruned(_))));
-        let key = ShapeKey::new(&Method::MixLora.spec(shape()).unwrap(), DType::BF16, 16);
+        let key = ShapeKey::new(&Method::MixLoraPerLinear.spec(shape()).unwrap(), DType::BF16, 16);
         let e = entry_of(&key, &reports, &Provenance::current()).unwrap();
         assert_eq!((e.time_ms, e.default_time_ms, e.speedup()), (1.0, Some(2.0), Some(2.0)));
         assert_eq!(e.candidate(), s[3]);
@@ -267,7 +267,7 @@ mod tests {
             );
         assert!(matches!(reports[0].outcome, Outcome::Failed(_)));
         assert!(reports.iter().all(|r| r.outcome != Outcome::Chosen));
-        let key = ShapeKey::new(&Method::MixLora.spec(shape()).unwrap(), DType::BF16, 16);
+        let key = ShapeKey::new(&Method::MixLoraPerLinear.spec(shape()).unwrap(), DType::BF16, 16);
         assert_eq!(entry_of(&key, &reports, &Provenance::current()), None);
     }
 

@@ -6,13 +6,17 @@
 //! a_e = act(g_e) ⊙ u_e                        out_e = a_e·W_down + s_d·(a_e·A^d_e)·B^d_e
 //! y   = Σ_{selected e} w_e · out_e
 //! ```
+//!
+//! [`FfnMethod`] builds the block of MixLoRA and MixLoRA dynamic from a few knobs ([`FfnShape`]).
 
-use super::{Gating, RankLayout, Router};
+use super::{Gating, RankLayout, Router, RoutingRule, TopKWeights};
 use crate::{limits, MoleError, Result};
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// The activation applied to the gate projection, `a = act(g) ⊙ u`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// `g · sigmoid(g)` (SwiGLU, as MixLoRA on LLaMA).
@@ -31,6 +35,16 @@ impl Activation {
             Activation::Silu => g / (1.0 + (-g).exp()),
             Activation::Gelu => 0.5 * g * (1.0 + erf(g / std::f64::consts::SQRT_2)),
         }
+    }
+}
+
+impl fmt::Display for Activation {
+    /// The JSON and command-line name, `silu` or `gelu`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Activation::Silu => "silu",
+            Activation::Gelu => "gelu",
+        })
     }
 }
 
@@ -154,10 +168,110 @@ impl FfnSpec {
     }
 }
 
+/// A published FFN-expert block: MixLoRA's experts are whole LoRA-adapted FFNs sharing the
+/// frozen base. [`FfnMethod::spec`] builds the block as TUDB-Labs/MoE-PEFT
+/// `moe_peft/adapters/mixlora/model.py` computes it (`MixtralSparseMoe`, `DynamicSparseMoe`): LoRA
+/// of one rank on the gate, up and down projections, scale `alpha / rank`, a router on `x`
+/// without bias, and the routing rule of the per-linear preset of the same name
+/// ([`super::Method::MixLoraPerLinear`], [`super::Method::MixLoraDynamicPerLinear`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum FfnMethod {
+    /// MixLoRA (`MixtralSparseMoe`): softmax top-k, renormalised.
+    MixLora,
+    /// MixLoRA dynamic (`DynamicSparseMoe`): top-p (p = 0.8) over the softmax probabilities, raw
+    /// weights, through the first expert whose cumulative sum exceeds p.
+    MixLoraDynamic,
+}
+
+/// The knobs an [`FfnMethod`] is instantiated with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FfnShape {
+    /// Model features (the FFN's input and output width).
+    pub d: usize,
+    /// Intermediate features of the FFN (11008 on LLaMA-2-7B).
+    pub f: usize,
+    /// Routed experts.
+    pub experts: usize,
+    /// LoRA rank of every expert on every projection.
+    pub rank: usize,
+    /// Experts per token (MixLoRA's top-k; the dynamic block decides per token and ignores it).
+    pub k: usize,
+    /// LoRA alpha; the scale is `alpha / rank`.
+    pub alpha: f64,
+    /// The gate activation (SiLU on LLaMA).
+    pub activation: Activation,
+}
+
+impl FfnMethod {
+    /// Every block preset, in a fixed order.
+    pub const ALL: [FfnMethod; 2] = [FfnMethod::MixLora, FfnMethod::MixLoraDynamic];
+
+    /// Builds and validates the block of this method; the knobs are checked first, each error
+    /// naming the knob (`d`, `f`, `experts`, `rank`, `k`, `alpha`).
+    pub fn spec(self, s: FfnShape) -> Result<FfnSpec> {
+        let dims =
+            [("d", s.d, limits::MAX_DIM), ("f", s.f, limits::MAX_DIM), ("experts", s.experts, limits::MAX_EXPERTS)];
+        for (name, value, max) in dims.into_iter().chain([("rank", s.rank, limits::MAX_TOTAL_RANK)]) {
+            if value == 0 {
+                return Err(MoleError::ZeroDimension { name });
+            }
+            limits::check_max(name, value, max)?;
+        }
+        if self.uses_k() && (s.k == 0 || s.k > s.experts) {
+            return Err(MoleError::InvalidK { k: s.k, experts: s.experts });
+        }
+        if !s.alpha.is_finite() {
+            return Err(MoleError::param("alpha", s.alpha, "must be finite"));
+        }
+        let rule = match self {
+            FfnMethod::MixLora => {
+                RoutingRule::SoftmaxTopK { k: s.k, temperature: 1.0, weights: TopKWeights::Renormalized }
+            }
+            FfnMethod::MixLoraDynamic => RoutingRule::TopP { p: 0.8, temperature: 1.0 },
+        };
+        let lora = || -> Result<Option<ProjectionLora>> {
+            Ok(Some(ProjectionLora { ranks: RankLayout::uniform(s.experts, s.rank)?, scale: s.alpha / s.rank as f64 }))
+        };
+        let spec = FfnSpec {
+            d: s.d,
+            f: s.f,
+            activation: s.activation,
+            gating: Gating::Routed { router: Router::X { bias: false }, rule },
+            experts: s.experts,
+            gate: lora()?,
+            up: lora()?,
+            down: lora()?,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Whether this preset reads [`FfnShape::k`] (MixLoRA's top-k does; the dynamic block's
+    /// top-p decides per token).
+    pub fn uses_k(self) -> bool {
+        self == FfnMethod::MixLora
+    }
+
+    /// The kebab-case name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            FfnMethod::MixLora => "mix-lora",
+            FfnMethod::MixLoraDynamic => "mix-lora-dynamic",
+        }
+    }
+}
+
+impl fmt::Display for FfnMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{RoutingRule, TopKWeights};
 
     fn mixlora(k: usize) -> FfnSpec {
         let lora = |rank, scale| Some(ProjectionLora { ranks: RankLayout::uniform(4, rank).unwrap(), scale });
@@ -221,5 +335,49 @@ mod tests {
             r#"{"d":8,"f":16,"experts":2,"gating":{"type":"adapter_ids"},"rank":4}"#
         )
         .is_err());
+    }
+
+    fn shape() -> FfnShape {
+        FfnShape { d: 64, f: 96, experts: 8, rank: 4, k: 2, alpha: 16.0, activation: Activation::Gelu }
+    }
+
+    #[test]
+    fn block_presets_follow_mixlora() {
+        let spec = FfnMethod::MixLora.spec(shape()).unwrap();
+        let rule = RoutingRule::SoftmaxTopK { k: 2, temperature: 1.0, weights: TopKWeights::Renormalized };
+        assert_eq!(spec.gating, Gating::Routed { router: Router::X { bias: false }, rule });
+        assert_eq!((spec.d, spec.f, spec.experts, spec.activation, spec.slots()), (64, 96, 8, Activation::Gelu, 2));
+        for (name, lora) in spec.projections() {
+            let lora = lora.unwrap_or_else(|| panic!("{name} has no LoRA"));
+            assert_eq!((lora.ranks.clone(), lora.scale), (RankLayout::uniform(8, 4).unwrap(), 4.0), "{name}");
+        }
+        let dynamic = FfnMethod::MixLoraDynamic.spec(FfnShape { k: 0, ..shape() }).unwrap();
+        let rule = RoutingRule::TopP { p: 0.8, temperature: 1.0 };
+        assert_eq!(dynamic.gating, Gating::Routed { router: Router::X { bias: false }, rule });
+        assert_eq!(dynamic.slots(), 8);
+        // The block's rules are the per-linear presets' rules.
+        let linear = |m: crate::model::Method| {
+            let s = crate::model::MethodShape { d_in: 64, d_out: 64, experts: 8, rank: 4, k: 2, alpha: 16.0 };
+            m.spec(s).unwrap().gating
+        };
+        assert_eq!(linear(crate::model::Method::MixLoraPerLinear), spec.gating);
+        assert_eq!(linear(crate::model::Method::MixLoraDynamicPerLinear), dynamic.gating);
+        for m in FfnMethod::ALL {
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{m}\""));
+        }
+    }
+
+    #[test]
+    fn block_knobs_are_checked_by_name() {
+        let s = shape();
+        assert_eq!(FfnMethod::MixLora.spec(FfnShape { f: 0, ..s }), Err(MoleError::ZeroDimension { name: "f" }));
+        assert_eq!(FfnMethod::MixLora.spec(FfnShape { rank: 0, ..s }), Err(MoleError::ZeroDimension { name: "rank" }));
+        assert_eq!(FfnMethod::MixLora.spec(FfnShape { k: 9, ..s }), Err(MoleError::InvalidK { k: 9, experts: 8 }));
+        assert_eq!(FfnMethod::MixLora.spec(FfnShape { k: 0, ..s }), Err(MoleError::InvalidK { k: 0, experts: 8 }));
+        let e = FfnMethod::MixLoraDynamic.spec(FfnShape { d: limits::MAX_DIM + 1, ..s }).unwrap_err();
+        assert!(e.to_string().starts_with("d = "), "{e}");
+        let e = FfnMethod::MixLora.spec(FfnShape { alpha: f64::INFINITY, ..s }).unwrap_err();
+        assert!(matches!(e, MoleError::InvalidParameter { name: "alpha", .. }), "{e}");
+        assert!(!FfnMethod::MixLoraDynamic.uses_k() && FfnMethod::MixLora.uses_k());
     }
 }

@@ -13,10 +13,16 @@ use std::fmt;
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
-    /// MixLoRA / MoLA: router on x, softmax top-k, renormalised.
-    MixLora,
-    /// MixLoRA dynamic: top-p (p = 0.8) over softmax probabilities.
-    MixLoraDynamic,
+    /// MixLoRA's routing (router on x, softmax top-k, renormalised; as MoLA) applied to one
+    /// linear layer's LoRA deltas separately. It equals MixLoRA's FFN-expert block
+    /// ([`super::FfnMethod::MixLora`]) only at k = 1; for k > 1 it is a different model (the
+    /// block mixes whole expert FFNs, through the activation).
+    MixLoraPerLinear,
+    /// MixLoRA dynamic's routing (top-p, p = 0.8, over softmax probabilities) applied to one
+    /// linear layer's LoRA deltas separately. A different model from the dynamic FFN-expert block
+    /// ([`super::FfnMethod::MixLoraDynamic`]): there the raw weights scale whole expert FFNs
+    /// (base included) and several experts mix through the activation.
+    MixLoraDynamicPerLinear,
     /// DynMoLE: Tsallis-entropy switch (q = 1.1, threshold 0.9, `eps` 1e-5 added to the
     /// probabilities) between all experts and top-p (0.75) with keep-top-2.
     DynMole,
@@ -107,8 +113,8 @@ impl Default for MethodOptions {
 impl Method {
     /// Every preset, in a fixed order.
     pub const ALL: [Method; 15] = [
-        Method::MixLora,
-        Method::MixLoraDynamic,
+        Method::MixLoraPerLinear,
+        Method::MixLoraDynamicPerLinear,
         Method::DynMole,
         Method::LlavaMoleSparse,
         Method::LlavaMoleDense,
@@ -140,14 +146,16 @@ impl Method {
         let llava = |rule| Gating::Routed { router: Router::X { bias: options.router_bias }, rule };
         let per_rank = s.alpha / s.rank as f64;
         let (ranks, scale, gating, mix) = match self {
-            Method::MixLora => (None, per_rank, routed(topk(TopKWeights::Renormalized)), None),
+            Method::MixLoraPerLinear => (None, per_rank, routed(topk(TopKWeights::Renormalized)), None),
             Method::MeteoRa => {
                 let temperature = options.temperature.unwrap_or(1.0);
                 let rule = RoutingRule::SoftmaxTopK { k: s.k, temperature, weights: TopKWeights::Renormalized };
                 (None, per_rank, routed(rule), None)
             }
             Method::FlexOlmo => (None, per_rank, routed(topk(TopKWeights::Softmax)), None),
-            Method::MixLoraDynamic => (None, per_rank, routed(RoutingRule::TopP { p: 0.8, temperature: 1.0 }), None),
+            Method::MixLoraDynamicPerLinear => {
+                (None, per_rank, routed(RoutingRule::TopP { p: 0.8, temperature: 1.0 }), None)
+            }
             Method::DynMole => {
                 let rule = RoutingRule::DynMole {
                     q: 1.1,
@@ -210,7 +218,7 @@ impl Method {
             Knob::Rank => !self.single_rank_experts(),
             Knob::K => !matches!(
                 self,
-                Method::MixLoraDynamic
+                Method::MixLoraDynamicPerLinear
                     | Method::DynMole
                     | Method::LlavaMoleSparse
                     | Method::LlavaMoleDense
@@ -253,8 +261,8 @@ impl Method {
     /// The kebab-case name used on the command line and in JSON.
     pub fn name(self) -> &'static str {
         match self {
-            Method::MixLora => "mix-lora",
-            Method::MixLoraDynamic => "mix-lora-dynamic",
+            Method::MixLoraPerLinear => "mix-lora-per-linear",
+            Method::MixLoraDynamicPerLinear => "mix-lora-dynamic-per-linear",
             Method::DynMole => "dyn-mole",
             Method::LlavaMoleSparse => "llava-mole-sparse",
             Method::LlavaMoleDense => "llava-mole-dense",
@@ -280,9 +288,10 @@ impl fmt::Display for Method {
 
 /// The methods `mole bench layer`, `benches/layer.rs` and the runtime tests run, with their usual settings:
 /// `(method, experts, rank per expert, k)`.
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
 pub const STANDARD_METHODS: [(Method, usize, usize, usize); 11] = [
-    (Method::MixLora, 8, 16, 2),
-    (Method::MixLoraDynamic, 8, 16, 2),
+    (Method::MixLoraPerLinear, 8, 16, 2),
+    (Method::MixLoraDynamicPerLinear, 8, 16, 2),
     (Method::DynMole, 6, 24, 2),
     (Method::LlavaMoleSparse, 8, 16, 1),
     (Method::LlavaMoleDense, 8, 16, 2),
@@ -310,7 +319,7 @@ mod tests {
         }
         let bad = MethodShape { d_in: 64, d_out: 48, experts: 8, rank: 4, k: 2, alpha: 16.0 };
         assert!(Method::FlyLora.spec(bad).is_err());
-        assert!(Method::MixLora.spec(MethodShape { k: 9, ..bad }).is_err());
+        assert!(Method::MixLoraPerLinear.spec(MethodShape { k: 9, ..bad }).is_err());
     }
 
     #[test]
@@ -327,8 +336,11 @@ mod tests {
         let e = Method::FlyLora.spec(MethodShape { rank: 16, ..s }).unwrap_err();
         assert!(e.to_string().contains("invalid rank = 16"), "{e}");
         assert!(!Method::FlyLora.uses(Knob::Rank));
-        assert_eq!(Method::MixLora.spec(MethodShape { d_in: 0, ..s }), Err(MoleError::ZeroDimension { name: "d_in" }));
-        assert!(Method::MixLora
+        assert_eq!(
+            Method::MixLoraPerLinear.spec(MethodShape { d_in: 0, ..s }),
+            Err(MoleError::ZeroDimension { name: "d_in" })
+        );
+        assert!(Method::MixLoraPerLinear
             .spec(MethodShape { experts: 1 << 40, ..s })
             .unwrap_err()
             .to_string()

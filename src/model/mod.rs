@@ -14,10 +14,15 @@ mod ranks;
 mod shard;
 mod spec_json;
 
-pub use ffn::{Activation, FfnSpec, ProjectionLora};
+pub use ffn::{Activation, FfnMethod, FfnShape, FfnSpec, ProjectionLora};
 pub use gating::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
 pub use inputs::LayerInputs;
 pub use layer::{peft_expert_scales, LayerSpec, Mix};
-pub use method::{Knob, Method, MethodOptions, MethodShape, STANDARD_METHODS};
+pub use method::{Knob, Method, MethodOptions, MethodShape};
+// The benchmarks' and tests' method list: public with `internals`.
+#[cfg(feature = "internals")]
+pub use method::STANDARD_METHODS;
+#[cfg(all(test, not(feature = "internals")))]
+pub(crate) use method::STANDARD_METHODS;
 pub use ranks::RankLayout;
 pub use shard::ExpertShard;

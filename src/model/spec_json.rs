@@ -1,4 +1,4 @@
-//! Reading a [`LayerSpec`] from JSON strictly: only the documented object form, every field
+//! Reading a [`LayerSpec`] (or an [`FfnSpec`]) from JSON strictly: only the documented object form, every field
 //! known at every level. Errors name the field by its path (`gating.rule.temprature`) and the
 //! closest valid name, never a serde type.
 //!
@@ -6,7 +6,7 @@
 //! also deny unknown fields) and validated. A test checks that every form serde writes passes
 //! the schema, so the two cannot drift apart unnoticed.
 
-use super::LayerSpec;
+use super::{FfnSpec, LayerSpec};
 use crate::{MoleError, Result};
 use serde_json::Value;
 
@@ -28,6 +28,8 @@ enum Kind {
     Tagged(&'static [Variant]),
     /// The bank layout: offsets `[0, ...]` or `{"experts": E, "rank": r}`.
     Ranks,
+    /// An object with these fields, or `null` (absent).
+    OptObject(&'static [Field]),
 }
 
 struct Field {
@@ -94,6 +96,19 @@ const LAYER: &[Field] = &[
     req("gating", Kind::Tagged(GATINGS)),
     opt("mix", Kind::Tagged(MIXES)),
     opt("expert_scales", Kind::Numbers),
+];
+
+const PROJECTION_LORA: &[Field] = &[req("ranks", Kind::Ranks), req("scale", Kind::Number)];
+
+const FFN: &[Field] = &[
+    req("d", Kind::Count),
+    req("f", Kind::Count),
+    opt("activation", Kind::OneOf(&["silu", "gelu"])),
+    req("gating", Kind::Tagged(GATINGS)),
+    req("experts", Kind::Count),
+    opt("gate", Kind::OptObject(PROJECTION_LORA)),
+    opt("up", Kind::OptObject(PROJECTION_LORA)),
+    opt("down", Kind::OptObject(PROJECTION_LORA)),
 ];
 
 const UNIFORM_RANKS: &[Field] = &[req("experts", Kind::Count), req("rank", Kind::Count)];
@@ -187,6 +202,8 @@ fn check_value(path: &str, kind: &Kind, v: &Value) -> Result<()> {
             None => Err(err(path, format!("expected a string, got {}", describe(v)))),
         },
         Kind::Tagged(variants) => check_tagged(path, variants, v),
+        Kind::OptObject(_) if v.is_null() => Ok(()),
+        Kind::OptObject(fields) => check_object(path, fields, v, None),
         Kind::Ranks => match v {
             Value::Array(items) => {
                 items.iter().enumerate().try_for_each(|(i, item)| check_count(&format!("{path}[{i}]"), item))
@@ -250,6 +267,19 @@ impl LayerSpec {
         let doc: Value = serde_json::from_str(text).map_err(|e| err("", format!("not valid JSON: {e}")))?;
         check_object("", LAYER, &doc, None)?;
         let spec: LayerSpec = serde_json::from_value(doc).map_err(|e| err("", e.to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+impl FfnSpec {
+    /// Parses and validates an FFN-expert block written as JSON (a `mole eval --spec` file with
+    /// the field `"f"`). As [`LayerSpec::from_json`]: only the documented object form, errors
+    /// ([`MoleError::InvalidSpec`]) naming the field's path.
+    pub fn from_json(text: &str) -> Result<FfnSpec> {
+        let doc: Value = serde_json::from_str(text).map_err(|e| err("", format!("not valid JSON: {e}")))?;
+        check_object("", FFN, &doc, None)?;
+        let spec: FfnSpec = serde_json::from_value(doc).map_err(|e| err("", e.to_string()))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -353,5 +383,33 @@ mod tests {
         assert!(m.contains("total rank (experts x rank) = 65536 x 281474976710656 is too large"), "{m}");
         assert!(message(&MIXLORA.replace("\"d_in\": 64", "\"d_in\": 1099511627776"))
             .contains("d_in = 1099511627776 is too large"));
+    }
+
+    #[test]
+    fn ffn_blocks_parse_strictly() {
+        use crate::model::{Activation, FfnMethod, FfnShape};
+        for m in FfnMethod::ALL {
+            let shape = FfnShape { d: 16, f: 24, experts: 4, rank: 2, k: 2, alpha: 4.0, activation: Activation::Gelu };
+            let mut spec = m.spec(shape).unwrap();
+            let text = serde_json::to_string(&spec).unwrap();
+            assert_eq!(FfnSpec::from_json(&text).unwrap_or_else(|e| panic!("{m}: {e}\n{text}")), spec);
+            spec.up = None;
+            let text = serde_json::to_string(&spec).unwrap();
+            assert_eq!(FfnSpec::from_json(&text).unwrap(), spec);
+        }
+        let text = r#"{"d": 8, "f": 16, "experts": 2, "gating": {"type": "adapter_ids"},
+                       "gate": {"ranks": {"experts": 2, "rank": 2}, "scael": 1.0}}"#;
+        let m = FfnSpec::from_json(text).unwrap_err().to_string();
+        assert!(m.contains("gate.scael") && m.contains("did you mean `scale`"), "{m}");
+        let m = FfnSpec::from_json(&text.replace(r#""scael": 1.0"#, r#""scale": 1.0"#).replace("16", "-1"))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("f: expected a non-negative integer, got -1"), "{m}");
+        let m = FfnSpec::from_json(
+            r#"{"d": 8, "f": 16, "experts": 2, "activation": "relu", "gating": {"type": "adapter_ids"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(m.contains("activation") && m.contains("relu"), "{m}");
     }
 }

@@ -195,11 +195,16 @@ impl<'s> Block<'s> {
         }
     }
 
-    /// `a_e = act(g_e) ⊙ u_e` of one token `x_row [d]`, `[f]`.
-    fn activation(&self, x_row: &[f64], e: usize) -> Vec<f64> {
+    /// The base gate and up outputs of one token `x_row [d]`, `(x·W_gate, x·W_up)`, each `[f]`:
+    /// they do not depend on the expert, so a token computes them once.
+    fn base_gate_up(&self, x_row: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let (d, f) = (self.spec.d, self.spec.f);
-        let mut g = matmul(x_row, &self.base_gate, 1, d, f);
-        let mut u = matmul(x_row, &self.base_up, 1, d, f);
+        (matmul(x_row, &self.base_gate, 1, d, f), matmul(x_row, &self.base_up, 1, d, f))
+    }
+
+    /// `a_e = act(g_e) ⊙ u_e` of one token `x_row [d]` from its base outputs, `[f]`.
+    fn activation(&self, x_row: &[f64], (g_base, u_base): &(Vec<f64>, Vec<f64>), e: usize) -> Vec<f64> {
+        let (mut g, mut u) = (g_base.clone(), u_base.clone());
         if let Some(lora) = &self.gate {
             lora.add_delta(x_row, e, 1.0, &mut g);
         }
@@ -213,7 +218,7 @@ impl<'s> Block<'s> {
     /// tests sum to check the linearity trick).
     #[cfg(test)]
     fn expert_out(&self, x_row: &[f64], e: usize) -> (Vec<f64>, Vec<f64>) {
-        let a = self.activation(x_row, e);
+        let a = self.activation(x_row, &self.base_gate_up(x_row), e);
         let mut out = matmul(&a, &self.base_down, 1, self.spec.f, self.spec.d);
         if let Some(lora) = &self.down {
             lora.add_delta(&a, e, 1.0, &mut out);
@@ -221,12 +226,19 @@ impl<'s> Block<'s> {
         (out, a)
     }
 
-    /// One token through the block with the linearity trick: `(y [d], a_mix [f])`.
+    /// One token through the block with the linearity trick: `(y [d], a_mix [f])`. The base gate
+    /// and up projections run once per token, the base down projection once on `a_mix`.
     fn token(&self, x_row: &[f64], slots: impl Iterator<Item = (usize, f64)>) -> (Vec<f64>, Vec<f64>) {
         let mut a_mix = vec![0.0; self.spec.f];
         let mut delta = vec![0.0; self.spec.d];
+        let mut slots = slots.peekable();
+        if slots.peek().is_none() {
+            // No expert selected (an empty adapter slot): the block adds nothing.
+            return (delta, a_mix);
+        }
+        let base = self.base_gate_up(x_row);
         for (e, w) in slots {
-            let a = self.activation(x_row, e);
+            let a = self.activation(x_row, &base, e);
             a_mix.iter_mut().zip(&a).for_each(|(m, a)| *m += w * a);
             if let Some(lora) = &self.down {
                 lora.add_delta(&a, e, w, &mut delta);

@@ -27,6 +27,29 @@ pub struct LayerOutput {
     pub stats: RouterStats,
 }
 
+/// The bytes the f64 reference ([`forward`]) allocates for `spec` on `tokens`
+/// tokens: the inputs widened to f64, `h`, `h'`, the scores and probabilities, the routing and
+/// the output `y`, each counted once (an upper bound, not a measurement).
+pub fn host_bytes(spec: &LayerSpec, tokens: usize) -> Result<u64> {
+    let (t, r, e) = (tokens, spec.total_rank(), spec.routed_experts());
+    let (d_in, d_out, slots) = (spec.d_in, spec.d_out, spec.slots());
+    let w_rows = if matches!(spec.router(), Some(Router::H { .. })) { r } else { d_in };
+    let merge_threads = if spec.core_count() > 0 { rayon::current_num_threads() } else { 0 };
+    Ok(crate::limits::Footprint::new()
+        .add("x [T, d_in]", &[2, t, d_in], 8)?
+        .add("A [d_in, R]", &[d_in, r], 8)?
+        .add("B [R, d_out]", &[r, d_out], 8)?
+        .add("y [T, d_out]", &[3, t, d_out], 8)?
+        .add("h and h' [T, R]", &[3, t, r], 8)?
+        .add("scores and probabilities [T, E]", &[4, t, e], 8)?
+        .add("router_weight", &[w_rows, e], 8)?
+        .add("routing [T, slots]", &[t, slots], 12)?
+        .add("cores [C, R, R]", &[spec.core_count(), r, r], 8)?
+        // The core merge builds one merged [R, R] core per token, one at a time per thread.
+        .add("merged cores [threads, R, R]", &[merge_threads, r, r], 8)?
+        .bytes())
+}
+
 fn opt<T: Scalar>(v: Option<&[T]>) -> Option<Vec<f64>> {
     v.map(to_f64_vec)
 }
@@ -61,7 +84,7 @@ pub fn router_scores<T: Scalar>(
 pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Result<LayerOutput> {
     inputs.validate(spec)?;
     let (t, r, e) = (inputs.tokens, spec.total_rank(), spec.routed_experts());
-    let need = super::host_bytes(spec, t)?;
+    let need = host_bytes(spec, t)?;
     crate::limits::check_host(&format!("the f64 reference of this layer on {t} tokens"), need)?;
     let x = to_f64_vec(inputs.x);
 

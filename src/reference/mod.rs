@@ -23,36 +23,17 @@ crate::internal_mod!(routing);
 crate::internal_mod!(stats);
 
 pub use ffn::{ffn_forward, FfnInputs, FfnOutput};
+// The grouped formulation checks the grouped kernels: public with `internals`.
+#[cfg(feature = "internals")]
 pub use grouped::{grouped_forward, Bank};
+// The reference's memory estimate: public with `internals` (the command line checks it).
+#[cfg(feature = "internals")]
+pub use layer::host_bytes;
 pub use layer::{forward, forward_shard, LayerOutput};
 pub use routing::{route, GateInput, Routing};
 pub use stats::{flylora_bias_update, router_stats, RouterStats};
 
-use crate::model::{LayerSpec, Router};
-use crate::{DType, Result};
-
-/// The bytes the f64 reference ([`crate::reference::forward`]) allocates for `spec` on `tokens`
-/// tokens: the inputs widened to f64, `h`, `h'`, the scores and probabilities, the routing and
-/// the output `y`, each counted once (an upper bound, not a measurement).
-pub fn host_bytes(spec: &LayerSpec, tokens: usize) -> Result<u64> {
-    let (t, r, e) = (tokens, spec.total_rank(), spec.routed_experts());
-    let (d_in, d_out, slots) = (spec.d_in, spec.d_out, spec.slots());
-    let w_rows = if matches!(spec.router(), Some(Router::H { .. })) { r } else { d_in };
-    let merge_threads = if spec.core_count() > 0 { rayon::current_num_threads() } else { 0 };
-    Ok(crate::limits::Footprint::new()
-        .add("x [T, d_in]", &[2, t, d_in], 8)?
-        .add("A [d_in, R]", &[d_in, r], 8)?
-        .add("B [R, d_out]", &[r, d_out], 8)?
-        .add("y [T, d_out]", &[3, t, d_out], 8)?
-        .add("h and h' [T, R]", &[3, t, r], 8)?
-        .add("scores and probabilities [T, E]", &[4, t, e], 8)?
-        .add("router_weight", &[w_rows, e], 8)?
-        .add("routing [T, slots]", &[t, slots], 12)?
-        .add("cores [C, R, R]", &[spec.core_count(), r, r], 8)?
-        // The core merge builds one merged [R, R] core per token, one at a time per thread.
-        .add("merged cores [threads, R, R]", &[merge_threads, r, r], 8)?
-        .bytes())
-}
+use crate::DType;
 
 /// Relative error bound for a result of a length-`reduction_len` dot product computed from
 /// `dtype` inputs with f32 accumulation and stored as `dtype`, as a multiple of the sum of
@@ -79,6 +60,7 @@ pub fn tolerance_with(u_store: f64, u_acc: f64, reduction_len: usize) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::layer::host_bytes;
     use super::*;
 
     #[test]

@@ -45,7 +45,7 @@ impl RouterStats {
     /// `None` for methods whose code has no such loss, or without probabilities.
     pub fn load_balancing_loss(&self, method: Method) -> Option<f64> {
         match method {
-            Method::MixLora | Method::MixLoraDynamic => self.switch_load_balancing_loss(),
+            Method::MixLoraPerLinear | Method::MixLoraDynamicPerLinear => self.switch_load_balancing_loss(),
             Method::DynMole => self.dynmole_load_balancing_loss(),
             Method::LlavaMoleSparse | Method::LlavaMoleDense => self.llava_mole_load_balancing_loss(),
             _ => None,

@@ -110,17 +110,17 @@ mod tests {
 
     #[test]
     fn heuristic_prefers_fused_while_it_fits() {
-        let mixlora = Method::MixLora.spec(shape(8, 16)).unwrap();
+        let mixlora = Method::MixLoraPerLinear.spec(shape(8, 16)).unwrap();
         assert_eq!(heuristic(&mixlora, DType::BF16, 4096, 132).unwrap(), Strategy::Fused);
         assert_eq!(heuristic(&mixlora, DType::BF16, 16, 132).unwrap(), Strategy::FusedSplit);
         // 64 experts of rank 16: R = 1024 columns, beyond the fused build.
-        let wide = Method::MixLora.spec(shape(64, 16)).unwrap();
+        let wide = Method::MixLoraPerLinear.spec(shape(64, 16)).unwrap();
         assert_eq!(heuristic(&wide, DType::BF16, 4096, 132).unwrap(), Strategy::Grouped);
         // CoMoL with a rank the fused build cannot hold has no path.
         let comol = Method::Comol.spec(shape(4, 512)).unwrap();
         assert!(heuristic(&comol, DType::BF16, 4096, 132).is_err());
         // An invalid spec is its own error, not a quiet fall-through to the grouped path.
-        let bad = LayerSpec { d_in: 0, ..Method::MixLora.spec(shape(64, 16)).unwrap() };
+        let bad = LayerSpec { d_in: 0, ..Method::MixLoraPerLinear.spec(shape(64, 16)).unwrap() };
         assert_eq!(heuristic(&bad, DType::BF16, 4096, 132), Err(MoleError::ZeroDimension { name: "d_in" }));
     }
 
@@ -129,7 +129,7 @@ mod tests {
         use crate::kernels::exec::Buf;
         // Fits the fused build (MixLoRA 8 x 16) and, wide, only the grouped path (64 x 16).
         for (experts, want) in [(8, Strategy::Fused), (64, Strategy::Grouped)] {
-            let mut spec = Method::MixLora.spec(shape(experts, 16)).unwrap();
+            let mut spec = Method::MixLoraPerLinear.spec(shape(experts, 16)).unwrap();
             spec.expert_scales = Some((0..experts).map(|e| e as f64 - 2.5).collect());
             assert_eq!(heuristic(&spec, DType::BF16, 4096, 132).unwrap(), want);
             assert_eq!(choose(&spec, DType::BF16, 4096, 132, None).unwrap().strategy, want);

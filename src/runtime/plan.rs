@@ -349,7 +349,7 @@ mod tests {
     /// a bucket runs what its largest count would (fused split below `2 · ceil(T / 16) < SMs`).
     #[test]
     fn choices_do_not_depend_on_the_planning_order() {
-        let spec = Method::MixLora
+        let spec = Method::MixLoraPerLinear
             .spec(MethodShape { d_in: 256, d_out: 256, experts: 8, rank: 16, k: 2, alpha: 32.0 })
             .unwrap();
         let planner = |order: &[usize]| {
@@ -369,7 +369,7 @@ mod tests {
 
     #[test]
     fn workspace_regions_are_aligned_and_disjoint() {
-        let spec = Method::MixLora
+        let spec = Method::MixLoraPerLinear
             .spec(MethodShape { d_in: 256, d_out: 256, experts: 64, rank: 16, k: 2, alpha: 32.0 })
             .unwrap();
         let p = LayerPlanner::new(&spec, DType::BF16, 132, None).unwrap().plan(37).unwrap();

@@ -142,7 +142,7 @@ mod tests {
 
     #[test]
     fn keys_of_the_presets() {
-        let spec = Method::MixLora.spec(shape(8, 16, 2)).unwrap();
+        let spec = Method::MixLoraPerLinear.spec(shape(8, 16, 2)).unwrap();
         let key = ShapeKey::new(&spec, DType::BF16, 3);
         assert_eq!(
             key,
@@ -162,7 +162,7 @@ mod tests {
         assert_ne!(ShapeKey::new(&spec, DType::BF16, 5), key);
         assert_ne!(ShapeKey::new(&spec, DType::F16, 4), key);
         // k is part of the key through the slots.
-        assert_ne!(ShapeKey::new(&Method::MixLora.spec(shape(8, 16, 1)).unwrap(), DType::BF16, 4), key);
+        assert_ne!(ShapeKey::new(&Method::MixLoraPerLinear.spec(shape(8, 16, 1)).unwrap(), DType::BF16, 4), key);
 
         let dyn_mole = ShapeKey::new(&Method::DynMole.spec(shape(6, 24, 2)).unwrap(), DType::BF16, 16);
         assert_eq!((dyn_mole.slots, dyn_mole.method.as_str()), (6, "routed.x.dynmole.expert_scale"));

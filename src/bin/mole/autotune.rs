@@ -20,9 +20,10 @@ pub struct AutotuneArgs {
     /// Model presets whose projections are tuned: llama2-7b, llama3-8b or all.
     #[arg(long, default_value = "all")]
     model: String,
-    /// Methods (mixlora, dynmole, smora, comol, or any preset name such as mix-lora);
-    /// repeat or separate with commas.
-    #[arg(long, value_delimiter = ',', default_values_t = ["mixlora".to_string(), "dynmole".into(), "smora".into(), "comol".into()])]
+    /// Per-linear method presets (mix-lora-per-linear, dynmole, smora, comol, or any preset name,
+    /// dashes optional); repeat or separate with commas. `mixlora` is refused: it names the FFN
+    /// block, which is not tuned here.
+    #[arg(long, value_delimiter = ',', default_values_t = ["mix-lora-per-linear".to_string(), "dynmole".into(), "smora".into(), "comol".into()])]
     method: Vec<String>,
     /// Tune the shapes of this JSON file instead of the presets: a list of
     /// {"d_in", "d_out", "experts", "rank", "k", "tokens", "method"}.
@@ -63,15 +64,25 @@ const LLAMA2_7B: [(usize, usize); 3] = [(4096, 4096), (4096, 11008), (11008, 409
 /// `(d_in, d_out)` of Llama-3-8B's projections: q/o, k/v (grouped-query), gate/up, down.
 const LLAMA3_8B: [(usize, usize); 4] = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)];
 
-/// A method from its command-line name: a preset name with or without dashes (`mixlora`,
-/// `mix-lora`, `dyn_mole`).
+/// A method from its command-line name: a per-linear preset name with or without dashes
+/// (`mix-lora-per-linear`, `mixloraperlinear`, `dyn_mole`). `mixlora` and `mixlora-dynamic` name
+/// MixLoRA's FFN-expert block (`mix-lora`), a different model from the per-linear presets for
+/// k > 1, so they are refused rather than read as the per-linear ones.
 fn parse_method(name: &str) -> Result<Method> {
     let norm = |s: &str| s.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
     let want = norm(name);
+    if want == "mixlora" || want == "mixloradynamic" {
+        return Err(MoleError::InvalidParameter {
+            name: "method",
+            value: name.to_string(),
+            reason: "names MixLoRA's FFN-expert block, which autotune does not tune; \
+                     the per-linear presets are mix-lora-per-linear and mix-lora-dynamic-per-linear",
+        });
+    }
     Method::ALL.into_iter().find(|m| norm(m.name()) == want).ok_or_else(|| MoleError::InvalidParameter {
         name: "method",
         value: name.to_string(),
-        reason: "expected a preset such as mixlora, dynmole, smora, comol",
+        reason: "expected a preset such as mix-lora-per-linear, dynmole, smora, comol",
     })
 }
 
@@ -258,8 +269,14 @@ mod tests {
 
     #[test]
     fn method_names_parse_loosely() {
-        assert_eq!(parse_method("mixlora").unwrap(), Method::MixLora);
-        assert_eq!(parse_method("MixLoRA").unwrap(), Method::MixLora);
+        assert_eq!(parse_method("mix-lora-per-linear").unwrap(), Method::MixLoraPerLinear);
+        assert_eq!(parse_method("MixLoRA_per_linear").unwrap(), Method::MixLoraPerLinear);
+        assert_eq!(parse_method("mixloradynamicperlinear").unwrap(), Method::MixLoraDynamicPerLinear);
+        // The block's names are not silently read as the per-linear presets.
+        for block in ["mixlora", "MixLoRA", "mix-lora", "mix-lora-dynamic"] {
+            let e = parse_method(block).unwrap_err().to_string();
+            assert!(e.contains("FFN-expert block") && e.contains("mix-lora-per-linear"), "{block}: {e}");
+        }
         assert_eq!(parse_method("dyn-mole").unwrap(), Method::DynMole);
         assert_eq!(parse_method("dynmole").unwrap(), Method::DynMole);
         assert!(parse_method("nope").is_err());

@@ -8,6 +8,7 @@ mod check_kernels;
 mod gen_ptx;
 mod info;
 mod run;
+mod run_ffn;
 
 use clap::{Parser, Subcommand};
 use std::io::Read;
@@ -28,10 +29,11 @@ enum Command {
     /// Run a realistic MoLE layer through the best available backend, check it against the
     /// f64 reference, and print time and throughput.
     Run(run::RunArgs),
-    /// Run one layer spec through the f64 reference on tensors from a safetensors file and write
-    /// `y`, the routing ids and weights, the router statistics and `h`.
+    /// Run one layer spec (or an FFN-expert block: a spec with "f") through the f64 reference on
+    /// tensors from a safetensors file and write `y`, the routing ids and weights, the router
+    /// statistics and `h` (`a_mix` for a block).
     Eval {
-        /// Layer spec (JSON; see the README).
+        /// Layer or FFN-block spec (JSON; see the README).
         #[arg(long)]
         spec: PathBuf,
         /// Input tensors (safetensors).
@@ -70,9 +72,10 @@ fn eval(spec: &Path, inputs: &Path, out: &Path) -> mole::Result<()> {
             limit: format!("at most {limit} bytes"),
         });
     }
-    let spec = mole::model::LayerSpec::from_json(&text)?;
+    // A layer spec, or an FFN-expert block when the object has "f" (see `EvalSpec`).
+    let spec = mole::tensors::EvalSpec::from_json(&text)?;
     let tensors = mole::tensors::load(inputs)?;
-    let outputs = mole::tensors::eval(&spec, &tensors)?;
+    let outputs = spec.eval(&tensors)?;
     mole::tensors::save(out, &outputs)?;
     for (name, t) in &outputs {
         println!("{name:>18} {:?}", t.shape);

@@ -1,10 +1,13 @@
-//! `mole run`: the main job. A realistic layer through the best available backend, checked
-//! against the f64 reference, with time and throughput.
+//! `mole run`: the main job. A realistic layer (a per-linear preset) or FFN-expert block (a block
+//! preset, `run_ffn`) through the best available backend, checked against the f64 reference,
+//! with time and throughput.
 
-use clap::Args;
+use crate::run_ffn;
+use clap::builder::PossibleValue;
+use clap::{Args, ValueEnum};
 use cudarc::driver::DeviceRepr;
 use mole::autotune::DeviceLayer;
-use mole::model::{Knob, LayerSpec, Method, MethodShape, Mix};
+use mole::model::{Activation, FfnMethod, Knob, LayerSpec, Method, MethodShape, Mix};
 use mole::plan::RoutingPlan;
 use mole::reference::max_scaled_error;
 use mole::reference::LayerOutput;
@@ -15,71 +18,134 @@ use mole::{limits, DType, KernelElement, MoleError, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// What `mole run --method` names: an FFN-expert block preset or a per-linear preset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMethod {
+    /// MixLoRA's FFN-expert block (`mix-lora`, `mix-lora-dynamic`).
+    Block(FfnMethod),
+    /// A preset on one linear layer's LoRA deltas.
+    Linear(Method),
+}
+
+impl RunMethod {
+    /// Every preset `--method` takes: the block presets, then the per-linear ones.
+    fn all() -> &'static [RunMethod] {
+        static ALL: std::sync::LazyLock<Vec<RunMethod>> = std::sync::LazyLock::new(|| {
+            let blocks = FfnMethod::ALL.into_iter().map(RunMethod::Block);
+            blocks.chain(Method::ALL.into_iter().map(RunMethod::Linear)).collect()
+        });
+        &ALL
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            RunMethod::Block(m) => m.name(),
+            RunMethod::Linear(m) => m.name(),
+        }
+    }
+}
+
+impl ValueEnum for RunMethod {
+    fn value_variants<'a>() -> &'a [Self] {
+        RunMethod::all()
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.name()))
+    }
+}
+
 #[derive(Args)]
 pub struct RunArgs {
-    /// Method preset.
-    #[arg(long, value_enum, default_value_t = Method::MixLora)]
-    method: Method,
-    /// Tokens (0 is a no-op: nothing runs and no throughput is printed).
-    #[arg(long, default_value_t = 2048)]
-    tokens: usize,
-    /// Model dimension (d_in = d_out).
+    /// Method preset: an FFN-expert block (mix-lora, mix-lora-dynamic: MixLoRA's experts are
+    /// whole LoRA FFNs) or a per-linear preset (the routing applied to one linear layer's LoRA).
+    #[arg(long, value_enum, default_value = "mix-lora")]
+    pub(crate) method: RunMethod,
+    /// Tokens (0 is a no-op: nothing runs and no throughput is printed) [default: 2048; for a
+    /// block on the CPU, a count that keeps the run to about 20 s on 2 cores].
+    #[arg(long)]
+    pub(crate) tokens: Option<usize>,
+    /// Model dimension (d_in = d_out; the block's d).
     #[arg(long, default_value_t = 4096)]
-    d: usize,
+    pub(crate) d: usize,
+    /// The block's intermediate size (block presets only) [default: 11008, LLaMA-2-7B's MLP].
+    #[arg(long)]
+    pub(crate) f: Option<usize>,
+    /// The block's gate activation (block presets only) [default: silu].
+    #[arg(long, value_enum)]
+    pub(crate) activation: Option<Activation>,
     /// Experts (adapters, rank groups for smora, cores for comol) [default: 8].
     #[arg(long)]
-    experts: Option<usize>,
+    pub(crate) experts: Option<usize>,
     /// Rank per expert; not taken by fly-lora, whose experts are single ranks [default: 16].
     #[arg(long)]
-    rank: Option<usize>,
-    /// Experts per token, 1..=experts; taken only by the top-k methods (mix-lora, meteo-ra,
-    /// flex-olmo, x-lora, smora, fly-lora, comol) [default: 2].
+    pub(crate) rank: Option<usize>,
+    /// Experts per token, 1..=experts; taken only by the top-k methods (mix-lora,
+    /// mix-lora-per-linear, meteo-ra, flex-olmo, x-lora, smora, fly-lora, comol) [default: 2].
     #[arg(long)]
-    k: Option<usize>,
+    pub(crate) k: Option<usize>,
     /// Storage dtype of the inputs.
     #[arg(long, value_enum, default_value_t = DType::BF16)]
-    dtype: DType,
+    pub(crate) dtype: DType,
     /// Seed of the synthetic inputs.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
+}
+
+/// The error for a knob given to a preset that does not read it.
+pub(crate) fn not_taken(flag: &str, value: impl std::fmt::Display, method: &str, why: &str) -> MoleError {
+    MoleError::Unsupported(format!("{flag} {value}: {method} does not take {flag} ({why}); leave it out"))
 }
 
 /// The preset's shape from the knobs: defaults where a knob is not given, and an error naming
 /// a knob given to a method that does not read it.
-fn method_shape(args: &RunArgs) -> Result<MethodShape> {
-    let method = args.method;
+fn method_shape(method: Method, args: &RunArgs) -> Result<MethodShape> {
     for (knob, flag, given) in [(Knob::Rank, "--rank", args.rank), (Knob::K, "--k", args.k)] {
         if let (false, Some(v)) = (method.uses(knob), given) {
-            return Err(MoleError::Unsupported(format!(
-                "{flag} {v}: {method} does not take {flag} ({}); leave it out",
-                match knob {
-                    Knob::Rank => "its experts are single ranks",
-                    _ => "its rule decides how many experts each token gets",
-                }
-            )));
+            let why = match knob {
+                Knob::Rank => "its experts are single ranks",
+                _ => "its rule decides how many experts each token gets",
+            };
+            return Err(not_taken(flag, v, method.name(), why));
         }
     }
+    let block_only = "only the FFN-block presets (mix-lora, mix-lora-dynamic) have it";
+    if let Some(f) = args.f {
+        return Err(not_taken("--f", f, method.name(), block_only));
+    }
+    if let Some(a) = args.activation {
+        return Err(not_taken("--activation", a, method.name(), block_only));
+    }
     limits::check_max("--d", args.d, limits::MAX_DIM)?;
-    limits::check_max("--tokens", args.tokens, limits::MAX_TOKENS)?;
+    limits::check_max("--tokens", tokens(args), limits::MAX_TOKENS)?;
     let rank = args.rank.unwrap_or(if method.uses(Knob::Rank) { 16 } else { 1 });
     let (experts, k) = (args.experts.unwrap_or(8), args.k.unwrap_or(2));
     Ok(MethodShape { d_in: args.d, d_out: args.d, experts, rank, k, alpha: 2.0 * rank as f64 })
 }
 
+/// The per-linear presets' token count.
+fn tokens(args: &RunArgs) -> usize {
+    args.tokens.unwrap_or(2048)
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
-    let spec = args.method.spec(method_shape(args)?)?;
+    let method = match args.method {
+        RunMethod::Block(block) => return run_ffn::run(block, args),
+        RunMethod::Linear(method) => method,
+    };
+    let spec = method.spec(method_shape(method, args)?)?;
     println!(
         "layer: {} d_in={} d_out={} E={} R={} slots/token={} T={} dtype={}",
-        args.method,
+        method,
         spec.d_in,
         spec.d_out,
         spec.routed_experts(),
         spec.total_rank(),
         spec.slots(),
-        args.tokens,
+        tokens(args),
         args.dtype
     );
-    if args.tokens == 0 {
+    if tokens(args) == 0 {
         println!("tokens = 0: nothing to run (a no-op), so no time or throughput to report");
         return Ok(());
     }
@@ -96,11 +162,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
 fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) -> Result<()> {
     // The synthetic inputs, the f64 reference and the CPU path's f64 copies, before any of them.
-    let ref_bytes = mole::reference::host_bytes(spec, args.tokens)?;
-    let need = SyntheticLayer::<T>::bytes(spec, args.tokens)?.saturating_add(ref_bytes.saturating_mul(2));
-    let what = format!("mole run --tokens {} --d {} (inputs, the f64 reference and its check)", args.tokens, args.d);
+    let tokens = tokens(args);
+    let ref_bytes = mole::reference::host_bytes(spec, tokens)?;
+    let need = SyntheticLayer::<T>::bytes(spec, tokens)?.saturating_add(ref_bytes.saturating_mul(2));
+    let what = format!("mole run --tokens {tokens} --d {} (inputs, the f64 reference and its check)", args.d);
     limits::check_host(&what, need)?;
-    let data = SyntheticLayer::<T>::new(spec, args.tokens, args.seed);
+    let data = SyntheticLayer::<T>::new(spec, tokens, args.seed);
     let inputs = data.inputs();
 
     let start = Instant::now();
@@ -108,7 +175,7 @@ fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) ->
     let ref_time = start.elapsed().as_secs_f64();
 
     let device = mole::cuda::Device::new(0).ok();
-    let Outcome { path, max_err, time, tol, element_bytes } = match &device {
+    let outcome = match &device {
         Some(device) => gpu_layer(device, spec, &data, &reference.y)?,
         None => cpu_path(spec, &data, &reference, ref_time)?,
     };
@@ -116,41 +183,52 @@ fn run_typed<T: KernelElement + DeviceRepr>(spec: &LayerSpec, args: &RunArgs) ->
     let selected: usize = reference.routing.ids.iter().filter(|&&id| id >= 0).count();
     let active_rank = selected as f64 * spec.total_rank() as f64 / spec.routed_experts() as f64;
     let flops = 2.0 * active_rank * (spec.d_in + spec.d_out) as f64;
-    let (t, r) = (args.tokens as f64, spec.total_rank() as f64);
-    let bytes = element_bytes as f64 * (t * (spec.d_in + 2 * spec.d_out) as f64 + r * (spec.d_in + spec.d_out) as f64);
-    println!("path: {path}");
+    let (t, r) = (tokens as f64, spec.total_rank() as f64);
+    let bytes =
+        outcome.element_bytes as f64 * (t * (spec.d_in + 2 * spec.d_out) as f64 + r * (spec.d_in + spec.d_out) as f64);
+    report(&outcome, tokens, flops, bytes, ("dense f64", ref_time))
+}
+
+/// Prints the path, its time and throughput (`flops` useful, `bytes` that must move) and the
+/// reference's time (`reference`: its label and seconds), then checks the path's error against
+/// its tolerance.
+pub(crate) fn report(o: &Outcome, tokens: usize, flops: f64, bytes: f64, reference: (&str, f64)) -> Result<()> {
+    println!("path: {}", o.path);
     println!(
         "time: {:.3} ms  ({:.0} tokens/s, {:.2} GFLOP/s useful, {:.2} GB/s of the {:.1} MB that must move)",
-        time * 1e3,
-        args.tokens as f64 / time,
-        flops / time / 1e9,
-        bytes / time / 1e9,
+        o.time * 1e3,
+        tokens as f64 / o.time,
+        flops / o.time / 1e9,
+        bytes / o.time / 1e9,
         bytes / 1e6
     );
-    println!("reference (dense f64): {:.3} ms", ref_time * 1e3);
-    let Some(max_err) = max_err else {
+    println!("reference ({}): {:.3} ms", reference.0, reference.1 * 1e3);
+    let Some(max_err) = o.max_err else {
         println!("check: none (this path is the f64 reference itself; a GPU runs the kernels)");
         return Ok(());
     };
-    println!("check: max scaled error {max_err:.3e} (tolerance {tol:.3e})");
-    if max_err > tol {
-        return Err(MoleError::Unsupported(format!("result differs from the reference: {max_err:.3e} > {tol:.3e}")));
+    println!("check: max scaled error {max_err:.3e} (tolerance {:.3e})", o.tol);
+    if max_err > o.tol {
+        return Err(MoleError::Unsupported(format!(
+            "result differs from the reference: {max_err:.3e} > {:.3e}",
+            o.tol
+        )));
     }
     println!("check: PASS");
     Ok(())
 }
 
 /// What a backend ran, how long it took and how far it is from the reference.
-struct Outcome {
-    path: String,
+pub(crate) struct Outcome {
+    pub(crate) path: String,
     /// Max scaled error against the f64 reference (`|got - want| / (1 + |want|)`); `None` where
     /// the path is the reference itself.
-    max_err: Option<f64>,
+    pub(crate) max_err: Option<f64>,
     /// Seconds per forward.
-    time: f64,
-    tol: f64,
+    pub(crate) time: f64,
+    pub(crate) tol: f64,
     /// Bytes per element of the data the path moves (the storage dtype, or 8 for f64).
-    element_bytes: usize,
+    pub(crate) element_bytes: usize,
 }
 
 /// The CPU path: the grouped formulation (per-expert segments of the routing plan, the strategy

@@ -104,7 +104,7 @@ fn configs_validate_and_round_trip_through_builds() {
 
 #[test]
 fn mixlora_plan_has_one_launch_and_exact_lengths() {
-    let spec = Method::MixLora.spec(shape()).unwrap();
+    let spec = Method::MixLoraPerLinear.spec(shape()).unwrap();
     let outputs = FusedOutputs { routing: true, probs: true, stats: true };
     let p = plan(&default_build(), &spec, 1000, FusedVariant::Single, outputs).unwrap();
     assert_eq!(p.launches.len(), 1);
@@ -123,7 +123,7 @@ fn mixlora_plan_has_one_launch_and_exact_lengths() {
     // f32 builds and odd widths have no tensor-core launch.
     let f32_build = build(DType::F32, FusedConfig::DEFAULT);
     assert!(!plan(&f32_build, &spec, 1000, FusedVariant::Single, outputs).unwrap().uses_tensor_cores());
-    let odd = Method::MixLora.spec(MethodShape { d_in: 4095, ..shape() }).unwrap();
+    let odd = Method::MixLoraPerLinear.spec(MethodShape { d_in: 4095, ..shape() }).unwrap();
     assert!(!plan(&default_build(), &odd, 1000, FusedVariant::Single, outputs).unwrap().uses_tensor_cores());
     assert_eq!((p.params.rank, p.params.cols, p.params.shrink_cols), (128, 136, 136));
     assert_eq!(p.params.router, RouterKind::X as u32);
@@ -144,7 +144,7 @@ fn mixlora_plan_has_one_launch_and_exact_lengths() {
 
 #[test]
 fn split_plan_lowers_splits_and_sizes_the_workspace() {
-    let spec = Method::MixLora.spec(shape()).unwrap();
+    let spec = Method::MixLoraPerLinear.spec(shape()).unwrap();
     let variant = FusedVariant::Split { splits: 8, n_per_block: 512 };
     let p = plan(&default_build(), &spec, 3, variant, FusedOutputs::default()).unwrap();
     assert_eq!(p.launches.len(), 2);
@@ -153,7 +153,7 @@ fn split_plan_lowers_splits_and_sizes_the_workspace() {
     assert_eq!((p.params.splits, p.params.k_per_split), (8, 512));
     assert_eq!(p.lens.get(Buf::Partials), 8 * 3 * 136);
     // d_in = 100 in 8 slices of whole 32-wide chunks: 4 slices of 32 (the last partial).
-    let small = Method::MixLora.spec(MethodShape { d_in: 100, ..shape() }).unwrap();
+    let small = Method::MixLoraPerLinear.spec(MethodShape { d_in: 100, ..shape() }).unwrap();
     let p = plan(&default_build(), &small, 3, variant, FusedOutputs::default()).unwrap();
     assert_eq!((p.params.splits, p.params.k_per_split), (4, 32));
     let v = FusedVariant::split_for(FusedConfig::DEFAULT, 1, 4096, 4096, 132);
@@ -189,10 +189,10 @@ fn every_method_plans_and_needs_exactly_its_tensors() {
 
 #[test]
 fn plans_reject_what_the_kernels_cannot_take() {
-    let wide = Method::MixLora.spec(MethodShape { experts: 64, rank: 16, ..shape() }).unwrap();
+    let wide = Method::MixLoraPerLinear.spec(MethodShape { experts: 64, rank: 16, ..shape() }).unwrap();
     let err = plan(&default_build(), &wide, 10, FusedVariant::Single, FusedOutputs::default()).unwrap_err();
     assert!(err.to_string().contains("grouped path"), "{err}");
-    let spec = Method::MixLora.spec(shape()).unwrap();
+    let spec = Method::MixLoraPerLinear.spec(shape()).unwrap();
     let bad = FusedVariant::Split { splits: 0, n_per_block: 64 };
     assert!(plan(&default_build(), &spec, 10, bad, FusedOutputs::default()).is_err());
     let sgmv = crate::kernels::sgmv::default_builds().remove(0);
@@ -207,7 +207,7 @@ fn plans_reject_what_the_kernels_cannot_take() {
 
 #[test]
 fn route_only_plans_skip_the_bank() {
-    let spec = Method::MixLora.spec(shape()).unwrap();
+    let spec = Method::MixLoraPerLinear.spec(shape()).unwrap();
     let p = plan_route_only(&default_build(), &spec, 100, FusedOutputs::default()).unwrap();
     assert_eq!((p.params.rank, p.params.cols, p.params.shrink_cols, p.params.expand), (0, 8, 8, 0));
     let lens = |bufs: &[Buf]| bufs.iter().map(|&b| p.lens.get(b)).collect::<Vec<_>>();
@@ -235,7 +235,7 @@ fn record(build: &KernelBuild, plan: &FusedPlan, bindings: &Bindings) -> Result<
 
 #[test]
 fn run_packs_the_plans_launches_then_the_statistics_sum() {
-    let spec = Method::MixLora.spec(shape()).unwrap();
+    let spec = Method::MixLoraPerLinear.spec(shape()).unwrap();
     let outputs = FusedOutputs { routing: true, probs: true, stats: true };
     let p = plan(&default_build(), &spec, 40, FusedVariant::Single, outputs).unwrap();
     let b = bind_all(&p);
@@ -297,7 +297,7 @@ fn run_packs_the_plans_launches_then_the_statistics_sum() {
 
 #[test]
 fn run_falls_back_to_fma_for_unaligned_views_and_checks_before_launching() {
-    let spec = Method::MixLora.spec(shape()).unwrap();
+    let spec = Method::MixLoraPerLinear.spec(shape()).unwrap();
     let p = plan(&default_build(), &spec, 40, FusedVariant::Single, FusedOutputs::default()).unwrap();
     assert!(p.uses_tensor_cores());
     for buf in [Buf::X, Buf::B] {

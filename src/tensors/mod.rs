@@ -1,15 +1,17 @@
-//! Named host tensors and their safetensors files, and `eval`: one layer spec run by the
-//! reference on named tensors, so any framework can cross-check its numbers against ours.
-//!
-//! Input names: `x [T, d_in]`, `A [d_in, R]`, `B [R, d_out]`, optional `y [T, d_out]` (zeros if
-//! absent), and what the spec needs of `router_weight`, `router_bias`, `logits`, `weights`,
-//! `adapter_ids` (integer), `selection_bias`, `cores`. Float inputs may be f16, bf16, f32 or f64.
-//! Output names: `y`, `h`, `h_mixed`, `scores`, `ids` (i32), `weights`, `probs`,
-//! `selected_fraction`, `top1_fraction`, `mean_prob`, `masked_mean_prob`, `z_loss`, `entropy`,
-//! all f64 except `ids`.
+//! Named host tensors and their safetensors files, and `eval`: one spec run by the reference on
+//! named tensors, so any framework can cross-check its numbers against ours. [`EvalSpec`] tells
+//! a MoLE layer (`layer`, [`eval`]) from an FFN-expert block (`ffn`, [`eval_ffn`]).
+//! Float inputs may be f16, bf16, f32 or f64, ids i32 or i64; outputs are f64, ids i32.
 
-use crate::model::{LayerInputs, LayerSpec};
-use crate::{limits, reference};
+mod ffn;
+mod layer;
+
+pub use ffn::{eval_ffn, FFN_INPUT_NAMES};
+pub use layer::{eval, INPUT_NAMES};
+
+use crate::limits;
+use crate::model::{FfnSpec, LayerSpec};
+use crate::reference::{RouterStats, Routing};
 use crate::{MoleError, Result};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::BTreeMap;
@@ -174,106 +176,96 @@ fn float<'a>(m: &'a TensorMap, name: &str, shape: &[usize]) -> Result<Option<&'a
     }
 }
 
-/// Runs `spec` through the f64 reference on named tensors and returns the named outputs.
-pub fn eval(spec: &LayerSpec, inputs: &TensorMap) -> Result<TensorMap> {
-    spec.validate()?;
-    let x_t = inputs.get("x").ok_or(MoleError::MissingInput { name: "x", needed_by: "every layer" })?;
+/// The tokens of `x [T, d]` (an error naming `x` when it is missing or not `[T, d]`), at most
+/// [`limits::MAX_TOKENS`].
+fn tokens_of(inputs: &TensorMap, d: usize, needed_by: &'static str) -> Result<usize> {
+    let x_t = inputs.get("x").ok_or(MoleError::MissingInput { name: "x", needed_by })?;
     let tokens = match x_t.shape.as_slice() {
-        [t, d] if *d == spec.d_in => *t,
-        _ => {
-            return Err(MoleError::WrongShape {
-                name: "x".into(),
-                expected: vec![0, spec.d_in],
-                got: x_t.shape.clone(),
-            })
-        }
+        [t, w] if *w == d => *t,
+        _ => return Err(MoleError::WrongShape { name: "x".into(), expected: vec![0, d], got: x_t.shape.clone() }),
     };
     limits::check_max("tokens (rows of `x`)", tokens, limits::MAX_TOKENS)?;
-    let (r, e, d_in, d_out) = (spec.total_rank(), spec.routed_experts(), spec.d_in, spec.d_out);
-    // The reference's buffers and the encoded outputs, before any of them is allocated.
-    let need = crate::reference::host_bytes(spec, tokens)?.saturating_mul(2);
-    limits::check_host(&format!("this layer on {tokens} tokens (the f64 reference and its outputs)"), need)?;
-    let required = |name: &'static str, shape: &[usize]| {
-        float(inputs, name, shape)?.ok_or(MoleError::MissingInput { name, needed_by: "every layer" })
-    };
-    let x = required("x", &[tokens, d_in])?;
-    let a = required("A", &[d_in, r])?;
-    let b = required("B", &[r, d_out])?;
-    let zeros = vec![0.0; tokens * d_out];
-    let y = float(inputs, "y", &[tokens, d_out])?.unwrap_or(&zeros);
-    let mut li = LayerInputs::new(tokens, x, a, b, y);
-    let w_rows = match spec.router() {
-        Some(crate::model::Router::H { .. }) => r,
-        _ => d_in,
-    };
-    li.router_weight = float(inputs, "router_weight", &[w_rows, e])?;
-    li.router_bias = float(inputs, "router_bias", &[e])?;
-    li.logits = float(inputs, "logits", &[tokens, e])?;
-    li.weights = float(inputs, "weights", &[tokens, e])?;
-    li.selection_bias = float(inputs, "selection_bias", &[e])?;
-    li.cores = float(inputs, "cores", &[e, r, r])?;
-    let ids: Option<Vec<i32>> = match inputs.get("adapter_ids") {
-        None => None,
-        Some(t) => match &t.values {
-            Values::Int(v) if t.shape == [tokens] => Some(
-                v.iter()
-                    .enumerate()
-                    .map(|(token, &id)| match i32::try_from(id) {
-                        // In range (e <= MAX_EXPERTS) or out of it, as the reference reports it.
-                        Ok(id) if id >= -1 && (id as i64) < e as i64 => Ok(id),
-                        _ => Err(MoleError::ExpertIdOutOfRange { token, slot: 0, id, experts: e }),
-                    })
-                    .collect::<Result<_>>()?,
-            ),
-            Values::Int(_) => {
-                return Err(MoleError::WrongShape {
-                    name: "adapter_ids".into(),
-                    expected: vec![tokens],
-                    got: t.shape.clone(),
-                })
-            }
-            Values::Float(_) => return Err(MoleError::io("tensor `adapter_ids`", "expected integers (i32 or i64)")),
-        },
-    };
-    li.adapter_ids = ids.as_deref();
-    if let Some(extra) = inputs.keys().find(|k| !INPUT_NAMES.contains(&k.as_str())) {
-        return Err(MoleError::io(
-            format!("tensor `{extra}`"),
-            format!("unknown input name; expected one of {INPUT_NAMES:?}"),
-        ));
-    }
-
-    let out = reference::forward(spec, &li)?;
-    let slots = out.routing.slots;
-    let mut m = TensorMap::new();
-    m.insert("y".into(), HostTensor::float(vec![tokens, d_out], out.y));
-    m.insert("h".into(), HostTensor::float(vec![tokens, r], out.h));
-    m.insert("h_mixed".into(), HostTensor::float(vec![tokens, r], out.h_mixed));
-    if let Some(z) = out.scores {
-        m.insert("scores".into(), HostTensor::float(vec![tokens, e], z));
-    }
-    m.insert("ids".into(), HostTensor::int(vec![tokens, slots], out.routing.ids.iter().map(|&i| i as i64).collect()));
-    m.insert("weights".into(), HostTensor::float(vec![tokens, slots], out.routing.weights));
-    if let Some(p) = out.routing.probs {
-        m.insert("probs".into(), HostTensor::float(vec![tokens, e], p));
-    }
-    m.insert("selected_fraction".into(), HostTensor::float(vec![e], out.stats.selected_fraction));
-    m.insert("top1_fraction".into(), HostTensor::float(vec![e], out.stats.top1_fraction));
-    if let Some(p) = out.stats.mean_prob {
-        m.insert("mean_prob".into(), HostTensor::float(vec![e], p));
-    }
-    if let Some(p) = out.stats.masked_mean_prob {
-        m.insert("masked_mean_prob".into(), HostTensor::float(vec![e], p));
-    }
-    if let Some(z) = out.stats.z_loss {
-        m.insert("z_loss".into(), HostTensor::float(vec![], vec![z]));
-    }
-    if let Some(h) = out.stats.entropy {
-        m.insert("entropy".into(), HostTensor::float(vec![], vec![h]));
-    }
-    Ok(m)
+    Ok(tokens)
 }
 
-/// Every input name `eval` accepts.
-pub const INPUT_NAMES: [&str; 11] =
-    ["x", "y", "A", "B", "router_weight", "router_bias", "logits", "weights", "adapter_ids", "selection_bias", "cores"];
+/// `adapter_ids [T]` as i32, each in `-1..experts` (else the error the reference gives).
+fn adapter_ids(inputs: &TensorMap, tokens: usize, experts: usize) -> Result<Option<Vec<i32>>> {
+    let Some(t) = inputs.get("adapter_ids") else { return Ok(None) };
+    match &t.values {
+        Values::Int(v) if t.shape == [tokens] => v
+            .iter()
+            .enumerate()
+            .map(|(token, &id)| match i32::try_from(id) {
+                // In range (experts <= MAX_EXPERTS) or out of it, as the reference reports it.
+                Ok(id) if id >= -1 && (id as i64) < experts as i64 => Ok(id),
+                _ => Err(MoleError::ExpertIdOutOfRange { token, slot: 0, id, experts }),
+            })
+            .collect::<Result<_>>()
+            .map(Some),
+        Values::Int(_) => {
+            Err(MoleError::WrongShape { name: "adapter_ids".into(), expected: vec![tokens], got: t.shape.clone() })
+        }
+        Values::Float(_) => Err(MoleError::io("tensor `adapter_ids`", "expected integers (i32 or i64)")),
+    }
+}
+
+/// An error naming the first input that is not one of `names`.
+fn check_names(inputs: &TensorMap, names: &[&str]) -> Result<()> {
+    match inputs.keys().find(|k| !names.contains(&k.as_str())) {
+        Some(extra) => {
+            Err(MoleError::io(format!("tensor `{extra}`"), format!("unknown input name; expected one of {names:?}")))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The routing and router-statistics outputs every eval writes: `ids`, `weights`, `probs`,
+/// `selected_fraction`, `top1_fraction`, `mean_prob`, `masked_mean_prob`, `z_loss`, `entropy`.
+fn insert_routing(m: &mut TensorMap, routing: Routing, stats: RouterStats) {
+    let (tokens, slots, e) = (routing.tokens, routing.slots, routing.experts);
+    m.insert("ids".into(), HostTensor::int(vec![tokens, slots], routing.ids.iter().map(|&i| i as i64).collect()));
+    m.insert("weights".into(), HostTensor::float(vec![tokens, slots], routing.weights));
+    if let Some(p) = routing.probs {
+        m.insert("probs".into(), HostTensor::float(vec![tokens, e], p));
+    }
+    m.insert("selected_fraction".into(), HostTensor::float(vec![e], stats.selected_fraction));
+    m.insert("top1_fraction".into(), HostTensor::float(vec![e], stats.top1_fraction));
+    if let Some(p) = stats.mean_prob {
+        m.insert("mean_prob".into(), HostTensor::float(vec![e], p));
+    }
+    if let Some(p) = stats.masked_mean_prob {
+        m.insert("masked_mean_prob".into(), HostTensor::float(vec![e], p));
+    }
+    if let Some(z) = stats.z_loss {
+        m.insert("z_loss".into(), HostTensor::float(vec![], vec![z]));
+    }
+    if let Some(h) = stats.entropy {
+        m.insert("entropy".into(), HostTensor::float(vec![], vec![h]));
+    }
+}
+
+/// What `mole eval` runs: a MoLE layer, or an FFN-expert block when the spec's JSON object has
+/// the field `"f"` (the FFN's intermediate size, which no layer spec has).
+#[derive(Clone, Debug, PartialEq)]
+pub enum EvalSpec {
+    /// A MoLE layer ([`LayerSpec::from_json`]), run by [`eval`].
+    Layer(LayerSpec),
+    /// An FFN-expert block ([`FfnSpec::from_json`]), run by [`eval_ffn`].
+    Ffn(FfnSpec),
+}
+
+impl EvalSpec {
+    /// Parses a spec file: an FFN block when its top-level object has `"f"`, else a layer.
+    pub fn from_json(text: &str) -> Result<EvalSpec> {
+        let is_ffn = serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v.get("f").is_some());
+        Ok(if is_ffn { EvalSpec::Ffn(FfnSpec::from_json(text)?) } else { EvalSpec::Layer(LayerSpec::from_json(text)?) })
+    }
+
+    /// Runs the spec through the f64 reference on named tensors.
+    pub fn eval(&self, inputs: &TensorMap) -> Result<TensorMap> {
+        match self {
+            EvalSpec::Layer(spec) => eval(spec, inputs),
+            EvalSpec::Ffn(spec) => eval_ffn(spec, inputs),
+        }
+    }
+}
