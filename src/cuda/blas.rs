@@ -348,8 +348,10 @@ fn workspace_bytes(compute_capability: (i32, i32)) -> usize {
 ///   thread first, so it may be used from any thread;
 /// - calls are serialised by a lock: each sets the handle's stream and that stream's workspace,
 ///   then enqueues the product, and returns without waiting for it;
-/// - every stream given costs one workspace ([`Device::check_memory`]'d, 4 or 32 MiB), kept
-///   until the `Blas` is dropped; dropping it waits for the context's work, then frees them.
+/// - every stream given costs one workspace (4 or 32 MiB, checked against the free memory),
+///   allocated by the first call on that stream (so make one before capturing the stream into
+///   a CUDA graph) and kept until the `Blas` is dropped, which waits for the context's work and
+///   then frees them.
 pub struct Blas {
     device: Device,
     inner: Mutex<Inner>,
