@@ -125,6 +125,24 @@ pub enum MoleError {
         /// What was tried.
         detail: String,
     },
+    /// cuBLAS (libcublas) could not be loaded.
+    #[error(
+        "cuBLAS (libcublas.so.13 or .12) was not found: `pip install nvidia-cublas` (CUDA 13) or \
+         `nvidia-cublas-cu12` (CUDA 12) into the active Python environment (PyTorch's wheels bring \
+         one), install the CUDA toolkit, or set MOLE_CUBLAS_PATH to the library or its folder ({detail})"
+    )]
+    CublasNotFound {
+        /// What was tried.
+        detail: String,
+    },
+    /// A matrix given by device pointer does not fit its shape, its memory or its stream.
+    #[error("{operand}: {reason}")]
+    InvalidOperand {
+        /// Which operand, with its shape, e.g. `A [m, k] = [3, 33]`.
+        operand: String,
+        /// What is wrong, with the numbers.
+        reason: String,
+    },
     /// A CUDA driver call failed.
     #[error("CUDA driver error in {call}: {message}")]
     Cuda {

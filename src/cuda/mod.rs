@@ -7,12 +7,18 @@
 //! virtual environments, `python3`'s `sys.path`).
 //! Compiled cubins are cached in `MOLE_CACHE_DIR`, else `$XDG_CACHE_HOME/mole`, else
 //! `$HOME/.cache/mole` (`default_cache_dir`).
+//! cuBLAS 12 or 13, for the dense base products of the FFN-expert block, is found the same way
+//! (`MOLE_CUBLAS_PATH` first; `Blas`, with the `internals` feature).
 
 mod arch;
+// cuBLAS serves only the `internals` API for now (the FFN-expert block's base products).
+#[cfg_attr(not(feature = "internals"), allow(dead_code))]
+mod blas;
 // Parts of these serve only the `internals` API (the command line's tools and the tests).
 #[cfg_attr(not(feature = "internals"), allow(dead_code))]
 mod compile;
 mod device;
+mod dylib;
 mod module_cache;
 mod nvrtc;
 mod probe;
@@ -30,6 +36,7 @@ pub use probe::{driver_present, list_gpus, GpuInfo};
 #[cfg_attr(not(feature = "internals"), allow(unused_imports))]
 mod internal {
     pub use super::arch::{ArchLimits, Violation};
+    pub use super::blas::{cublas_library, Blas, CublasLibrary, DeviceMatrix, Gemm, CUBLAS_PATH_ENV};
     pub use super::compile::{compile, compile_options, compile_source, CompileUnit, Compiled, Output};
     pub use super::device::ModuleSource;
     pub use super::module_cache::{

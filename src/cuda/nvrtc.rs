@@ -1,7 +1,7 @@
 //! NVRTC, loaded at run time by our own small binding, so that CUDA 12 (`libnvrtc.so.12`) and
 //! CUDA 13 (`libnvrtc.so.13`) both work whichever CUDA version the crate's bindings name.
 //!
-//! Where NVRTC is looked for, in order (the first that loads wins):
+//! Where NVRTC is looked for, in order (the first that loads wins; the search is `dylib`'s):
 //! 1. the file (or folder) in `MOLE_NVRTC_PATH` ([`NVRTC_PATH_ENV`]): an error if it does not load;
 //! 2. the library search by soname, newest first: `libnvrtc.so.13`, `libnvrtc.so.12`,
 //!    `libnvrtc.so` (`LD_LIBRARY_PATH`, the linker cache);
@@ -11,21 +11,25 @@
 //!    the current directory and the executable upwards), `$VIRTUAL_ENV`, `$CONDA_PREFIX`, and
 //!    last the `sys.path` of `python3`.
 
+use super::dylib::{dlopen, loaded_path, Search};
 use crate::{MoleError, Result};
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 /// Environment variable naming the NVRTC library to use: a `libnvrtc.so.*` file, or a folder
 /// holding one. When set, nothing else is tried.
 pub const NVRTC_PATH_ENV: &str = "MOLE_NVRTC_PATH";
 
-/// Sonames tried through the system's library search, newest major first.
-const SONAMES: [&str; 3] = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
-
-/// The wheels' library folders under a site-packages root, newest first: `nvidia-cuda-nvrtc`
-/// (CUDA 13) and `nvidia-cuda-nvrtc-cu12`.
-const WHEEL_LAYOUTS: [&str; 2] = ["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"];
+/// Where NVRTC is looked for (see the module's documentation); `.nvrtc/` is what
+/// `scripts/install-nvrtc.sh` installs: `nvidia-cuda-nvrtc` (CUDA 13) and
+/// `nvidia-cuda-nvrtc-cu12`.
+const SEARCH: Search = Search {
+    env: NVRTC_PATH_ENV,
+    sonames: &["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"],
+    wheel_layouts: &["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"],
+    project_dir: Some(".nvrtc"),
+};
 
 /// `nvrtcResult`: 0 is success.
 pub(crate) type Status = c_int;
@@ -97,153 +101,12 @@ struct Loaded {
 /// The outcome of looking for NVRTC, decided once per process.
 fn loaded() -> &'static std::result::Result<Loaded, String> {
     static LOADED: OnceLock<std::result::Result<Loaded, String>> = OnceLock::new();
-    LOADED.get_or_init(|| {
-        let mut tried = Vec::new();
-        if let Some(value) = std::env::var_os(NVRTC_PATH_ENV).filter(|v| !v.is_empty()) {
-            let path = PathBuf::from(value);
-            if !path.is_absolute() {
-                return Err(format!("{NVRTC_PATH_ENV}={} is not an absolute path", path.display()));
-            }
-            let file = if path.is_dir() { find_in_folder(&path) } else { Some(path.clone()) };
-            let file = file.ok_or_else(|| {
-                format!("{NVRTC_PATH_ENV}={} is a folder with no libnvrtc.so.13 / .so.12 / .so in it", path.display())
-            })?;
-            return open(&file.to_string_lossy(), NVRTC_PATH_ENV)
-                .map_err(|e| format!("{NVRTC_PATH_ENV}={}: {e}", file.display()));
-        }
-        // A soname that is not installed is the expected case: only files that exist but fail
-        // to load are worth reporting.
-        if let Some(l) = SONAMES.iter().find_map(|name| open(name, "library search").ok()) {
-            return Ok(l);
-        }
-        for (root, how) in candidate_folders() {
-            if let Some(file) = find_in_folder(&root) {
-                match open(&file.to_string_lossy(), &how) {
-                    Ok(l) => return Ok(l),
-                    Err(e) => tried.push(format!("{}: {e}", file.display())),
-                }
-            }
-        }
-        let mut detail = format!(
-            "tried {} through the library search, the CUDA toolkit folders and the PyPI wheel folders",
-            SONAMES.join(", ")
-        );
-        if !tried.is_empty() {
-            detail.push_str(&format!("; found but could not load: {}", tried.join("; ")));
-        }
-        Err(detail)
-    })
-}
-
-/// The first NVRTC library directly in `folder`, newest first.
-fn find_in_folder(folder: &Path) -> Option<PathBuf> {
-    SONAMES.iter().map(|name| folder.join(name)).find(|p| p.is_file())
-}
-
-/// Folders that may hold NVRTC, in search order, each with how it was found.
-fn candidate_folders() -> Vec<(PathBuf, String)> {
-    let mut folders = Vec::new();
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(home) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-            for sub in ["lib64", "lib"] {
-                folders.push((PathBuf::from(&home).join(sub), format!("${var}/{sub}")));
-            }
-        }
-    }
-    for sub in ["lib64", "lib"] {
-        folders.push((PathBuf::from("/usr/local/cuda").join(sub), format!("/usr/local/cuda/{sub}")));
-    }
-    let mut roots: Vec<(PathBuf, String)> = project_installs();
-    for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
-        if let Some(prefix) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-            roots.extend(site_packages_under(Path::new(&prefix)).into_iter().map(|p| (p, format!("${var}"))));
-        }
-    }
-    push_wheel_layouts(&mut folders, &roots);
-    if folders.iter().all(|(f, _)| find_in_folder(f).is_none()) {
-        // Last resort, and only then: asking python3 costs a process start.
-        let roots: Vec<_> = python_sys_path().into_iter().map(|p| (p, "python3 sys.path".to_string())).collect();
-        push_wheel_layouts(&mut folders, &roots);
-    }
-    folders
-}
-
-fn push_wheel_layouts(folders: &mut Vec<(PathBuf, String)>, roots: &[(PathBuf, String)]) {
-    for layout in WHEEL_LAYOUTS {
-        for (root, how) in roots {
-            folders.push((root.join(layout), format!("wheel under {how}")));
-        }
-    }
-}
-
-/// The project's own NVRTC installs (`.nvrtc/cu13`, `.nvrtc/cu12`), from the current directory
-/// and the executable's folder upwards.
-fn project_installs() -> Vec<(PathBuf, String)> {
-    let mut starts = Vec::new();
-    if let Ok(cwd) = std::env::current_dir() {
-        starts.push(cwd);
-    }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        starts.push(dir);
-    }
-    let mut roots = Vec::new();
-    for start in starts {
-        for dir in start.ancestors() {
-            for major in ["cu13", "cu12"] {
-                let root = dir.join(".nvrtc").join(major);
-                if root.is_dir() && !roots.iter().any(|(r, _)| r == &root) {
-                    roots.push((root, format!(".nvrtc/{major} in {}", dir.display())));
-                }
-            }
-        }
-    }
-    roots
-}
-
-fn site_packages_under(prefix: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(prefix.join("lib")) else { return Vec::new() };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("python"))
-        .map(|e| e.path().join("site-packages"))
-        .collect()
-}
-
-fn python_sys_path() -> Vec<PathBuf> {
-    use std::io::Read;
-    use std::process::{Command, Stdio};
-    let child = Command::new("python3")
-        .args(["-c", "import sys; print('\\n'.join(p for p in sys.path if p))"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn();
-    let Ok(mut child) = child else { return Vec::new() };
-    // A broken interpreter must not hang library code: five seconds, then nothing.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => break,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Vec::new();
-            }
-        }
-    }
-    let mut out = String::new();
-    match child.stdout.take().map(|mut o| o.read_to_string(&mut out)) {
-        Some(Ok(_)) => out.lines().map(PathBuf::from).collect(),
-        _ => Vec::new(),
-    }
+    LOADED.get_or_init(|| SEARCH.load(open))
 }
 
 /// Loads `name` (a soname or a path) and resolves every entry point.
 fn open(name: &str, found_by: &str) -> std::result::Result<Loaded, String> {
-    // SAFETY: loading libnvrtc runs only its own initialisers, which have no preconditions.
-    let lib = unsafe { libloading::Library::new(name) }.map_err(|e| e.to_string())?;
+    let lib = dlopen(name)?;
     macro_rules! sym {
         ($name:literal) => {
             // SAFETY: the symbol is NVRTC's C entry point of that name, and the field it is
@@ -268,21 +131,8 @@ fn open(name: &str, found_by: &str) -> std::result::Result<Loaded, String> {
     // SAFETY: both pointers are valid for writes.
     let status = unsafe { (api.version)(&mut major, &mut minor) };
     api.check("nvrtcVersion", status).map_err(|e| format!("{name}: {e}"))?;
-    // A soname resolves to a file the dynamic loader chose; another libnvrtc (a framework's) may
-    // be mapped too, so only a file whose name starts with the soname is taken.
-    let path = if name.contains('/') { None } else { mapped_path(name) }.unwrap_or_else(|| PathBuf::from(name));
+    let path = loaded_path(name);
     Ok(Loaded { api, info: NvrtcLibrary { path, version: (major, minor), found_by: found_by.to_string() }, _lib: lib })
-}
-
-/// The file of a mapped library whose name starts with `prefix` (a soname), from `/proc/self/maps`.
-fn mapped_path(prefix: &str) -> Option<PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().filter_map(|l| l.split_whitespace().nth(5)).map(PathBuf::from).find(|p| {
-        p.file_name().is_some_and(|n| {
-            let n = n.to_string_lossy();
-            n.starts_with(prefix) && !n.contains("builtins")
-        })
-    })
 }
 
 /// NVRTC's entry points, or [`MoleError::NvrtcNotFound`] saying what was tried.
@@ -323,12 +173,12 @@ mod tests {
     #[test]
     fn folders_are_searched_newest_major_first() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(find_in_folder(dir.path()), None);
+        assert_eq!(SEARCH.find_in_folder(dir.path()), None);
         std::fs::write(dir.path().join("libnvrtc.so"), b"").unwrap();
         std::fs::write(dir.path().join("libnvrtc.so.12"), b"").unwrap();
-        assert_eq!(find_in_folder(dir.path()), Some(dir.path().join("libnvrtc.so.12")));
+        assert_eq!(SEARCH.find_in_folder(dir.path()), Some(dir.path().join("libnvrtc.so.12")));
         std::fs::write(dir.path().join("libnvrtc.so.13"), b"").unwrap();
-        assert_eq!(find_in_folder(dir.path()), Some(dir.path().join("libnvrtc.so.13")));
+        assert_eq!(SEARCH.find_in_folder(dir.path()), Some(dir.path().join("libnvrtc.so.13")));
     }
 
     #[test]

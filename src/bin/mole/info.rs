@@ -33,4 +33,11 @@ pub fn print() {
         ),
         Err(e) => println!("NVRTC: not available: {e}"),
     }
+    match cuda::cublas_library() {
+        Ok(lib) => {
+            let (major, minor, patch) = lib.version;
+            println!("cuBLAS: {major}.{minor}.{patch} from {} (found by {})", lib.path.display(), lib.found_by)
+        }
+        Err(e) => println!("cuBLAS: not available (only the FFN block's base products need it): {e}"),
+    }
 }
