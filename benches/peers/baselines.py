@@ -3,11 +3,16 @@
 against the crate's f64 reference (`mole eval`) on the same inputs before it is timed.
 
     python3 benches/peers/baselines.py --mole PATH --device cuda|cpu --dtype bf16|f16|f32 \\
-        --shapes standard|tiny [--tokens 1,16,256,4096] [--runs 20] --out FILE.json
+        --shapes standard|tiny [--tokens 1,16,256,4096] [--runs 20] [--methods LIST] \\
+        [--blocks layer,ffn] [--ffn-f 11008,14336] [--ffn-activation silu|gelu] --out FILE.json
 
-`standard`: d_in = d_out = 4096, tokens 1,16,256,4096; `tiny`: d = 64, tokens 1,16,64, 5 runs (CPU
-smoke tests). Methods are the crate's standard set plus adapter serving (`methods.STANDARD`);
-baselines are described in `formulations.py`, the tolerance and near-tie rules in `check.py`.
+`standard`: d_in = d_out = 4096, tokens 1,16,256,4096, the FFN block at d = 4096, f = 11008 and
+14336; `tiny`: d = 64, f = 96, tokens 1,16,64, 5 runs (CPU smoke tests). Methods are the crate's
+standard set plus adapter serving (`methods.STANDARD`), then MixLoRA's FFN-expert block
+(`methods.FFN_STANDARD`: E = 8, r = 16, k = 2, SiLU unless --ffn-activation; its rows carry
+`"block": "ffn"`, d, f and the activation, and `tflops`); `--methods` selects by preset name in
+both, `--blocks` which of the two to run. Baselines are described in `formulations.py`, the
+tolerance and near-tie rules in `check.py`.
 Pairs a baseline cannot express get no row (`formulations.unsupported` says why): FlyLoRA in
 `loop` and `grouped_mm` (its router reads h of every rank, so the shrink is dense by
 construction), CoMoL in `grouped_mm` (shrink and expand are shared by every core; only r x r core
@@ -26,6 +31,15 @@ routing is inside every call. `time_us` is the median; `gbs` the floor bytes (x 
 and written, A, B, router weight and cores read once) over it; `copy_gbs` a device-to-device copy
 (bytes read plus written); `input_sets` how many sets rotated. Exit 0 when every row is ok or
 skipped, 1 if any failed.
+
+The FFN block: its check set has FFN_CHECK_TOKENS tokens (the f64 reference runs three d x f
+projections per token and expert); the reference is `mole eval` when the binary takes the block,
+else a float64 PyTorch recomputation (`check.ffn_reference`; the row's `check.reference` says
+which). Its floor bytes: x read and y written once, the three base weights once, the gate, up and
+down LoRA banks of every expert that received a token once, the base gate and up outputs and a_mix
+each written and read once (`methods.FfnBlock.floor_elements`); `tflops` counts 2 T (3 d f) for
+the base projections plus the routed slots' LoRA products (`useful_flops`); `experts_used` the
+mean over the input sets of the experts that received a token.
 """
 
 import argparse
@@ -40,16 +54,18 @@ try:
     import torch
 
     import check
-    from formulations import BASELINES, PREPARE, Skip, grouped_mm_unsupported, unsupported
-    from methods import STANDARD, Layer, inputs
+    from formulations import BASELINES, FFN_BASELINES, FFN_PREPARE, PREPARE, Skip, grouped_mm_unsupported, unsupported
+    from methods import FFN_STANDARD, STANDARD, FfnBlock, Layer, ffn_inputs, inputs
 except ImportError as e:  # reported as every row skipped: the kit's machine may lack PyTorch
     torch, IMPORT_ERROR = None, e
 
 CHECK_TOKENS = 256
+FFN_CHECK_TOKENS = 64
 WARMUP = 3
 MAX_SETS = 256
-# shapes: (d_in = d_out, default token counts, default timed runs)
-SHAPES = {"standard": (4096, [1, 16, 256, 4096], 20), "tiny": (64, [1, 16, 64], 5)}
+BLOCKS = ("layer", "ffn")
+# shapes: (d_in = d_out = the block's d, default token counts, default timed runs, the block's f)
+SHAPES = {"standard": (4096, [1, 16, 256, 4096], 20, [11008, 14336]), "tiny": (64, [1, 16, 64], 5, [96])}
 
 
 def parse_args(argv):
@@ -60,15 +76,27 @@ def parse_args(argv):
     p.add_argument("--shapes", choices=sorted(SHAPES), required=True)
     p.add_argument("--tokens", help="comma-separated token counts (default: the shapes' own)")
     p.add_argument("--runs", type=int, help="timed calls per row, median reported (20; tiny: 5)")
-    p.add_argument("--methods", help="comma-separated subset of the standard methods")
+    p.add_argument("--methods", help="comma-separated subset of the standard methods and block presets")
+    p.add_argument("--blocks", default=",".join(BLOCKS), help="comma-separated: layer (the projection "
+                   "layer's methods), ffn (the FFN-expert block); default both")
+    p.add_argument("--ffn-f", help="comma-separated intermediate widths f of the FFN block (default: the shapes')")
+    p.add_argument("--ffn-activation", choices=["silu", "gelu"], default="silu", help="the FFN block's activation")
     p.add_argument("--out", required=True, help="JSON results")
     a = p.parse_args(argv)
-    d, tokens, runs = SHAPES[a.shapes]
+    d, tokens, runs, ffn_f = SHAPES[a.shapes]
     a.d, a.runs = d, runs if a.runs is None else a.runs
     a.token_counts = [int(s) for s in a.tokens.split(",")] if a.tokens else tokens
-    if a.runs < 1 or any(t < 1 for t in a.token_counts):
-        p.error("--runs and every token count must be >= 1")
+    a.ffn_f = [int(s) for s in a.ffn_f.split(",")] if a.ffn_f else ffn_f
+    a.blocks = a.blocks.split(",")
+    if a.runs < 1 or any(t < 1 for t in a.token_counts) or any(f < 1 for f in a.ffn_f):
+        p.error("--runs, every token count and every --ffn-f must be >= 1")
+    if any(b not in BLOCKS for b in a.blocks):
+        p.error(f"--blocks takes {', '.join(BLOCKS)}")
     return a
+
+
+def selected(args, name):
+    return not args.methods or name in args.methods.split(",")
 
 
 def main(argv=None):
@@ -76,11 +104,13 @@ def main(argv=None):
     if torch is None:
         reason = f"PyTorch is not importable: {IMPORT_ERROR}"
         return finish(args, {"device": args.device, "torch": None}, skipped_rows(args, reason))
-    methods = [m for m in STANDARD if not args.methods or m[0] in args.methods.split(",")]
-    layers = [Layer(m, args.d, args.d, e, r, k) for m, e, r, k in methods]
+    layers = [Layer(m, args.d, args.d, e, r, k) for m, e, r, k in STANDARD
+              if "layer" in args.blocks and selected(args, m)]
+    blocks = [FfnBlock(m, args.d, f, args.ffn_activation, e, r, k) for f in args.ffn_f for m, e, r, k in FFN_STANDARD
+              if "ffn" in args.blocks and selected(args, m)]
     if args.device == "cuda" and not torch.cuda.is_available():
         meta = {"device": "cuda (not available)", "torch": torch.__version__}
-        return finish(args, meta, skipped_rows(args, "CUDA is not available to this PyTorch", layers))
+        return finish(args, meta, skipped_rows(args, "CUDA is not available to this PyTorch", layers, blocks))
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # f32 baselines compute in f32 (PyTorch's default)
@@ -91,6 +121,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="mole-peers-") as work:
         for seed, layer in enumerate(layers):
             rows += bench.method_rows(layer, seed, work)
+        for seed, block in enumerate(blocks, start=len(STANDARD)):
+            rows += bench.ffn_rows(block, seed, work)
     return finish(args, meta, rows)
 
 
@@ -146,11 +178,13 @@ class Bench:
         us = self.time_us([lambda: dst.copy_(src)], 10)
         return 2.0 * n / (us * 1e-6) / 1e9
 
-    def sets_for(self, layer, tokens):
-        """Input sets to rotate (2 on a CPU): enough to exceed the rotation target, so that a set
-        comes back only after more than twice the L2 of others, but no more than the calls use."""
-        el = torch.tensor([], dtype=self.dtype).element_size()
-        per_set = el * (tokens * (layer.d_in + layer.d_out) + layer.weight_elements())
+    def element_size(self):
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+    def sets_for(self, per_set):
+        """Input sets of `per_set` bytes to rotate (2 on a CPU): enough to exceed the rotation
+        target, so that a set comes back only after more than twice the L2 of others, but no more
+        than the calls use."""
         if not self.rotate_bytes:
             return 2
         return min(MAX_SETS, WARMUP + self.args.runs, max(2, math.ceil(self.rotate_bytes / per_set) + 1))
@@ -185,7 +219,7 @@ class Bench:
         return rows
 
     def check_one(self, prepare, layer, t, ref_y, tie, tol):
-        tc = dict(t, y=t["y"].clone())
+        tc = dict(t, y=t["y"].clone()) if "y" in t else dict(t)
         try:
             y = prepare(layer, tc)()
             self.sync()
@@ -203,7 +237,8 @@ class Bench:
                "time_us": None, "gbs": None, "check": record}
         if status != "ok":
             return row
-        n = self.sets_for(layer, tokens)
+        el = self.element_size()
+        n = self.sets_for(el * (tokens * (layer.d_in + layer.d_out) + layer.weight_elements()))
         try:
             calls = [prepare(layer, inputs(layer, tokens, self.dtype, self.device, 1000 * seed + i)) for i in range(n)]
             self.evict_l2()
@@ -211,22 +246,77 @@ class Bench:
         except Exception as e:
             row["status"] = f"failed: timing: {type(e).__name__}: {str(e)[:300]}"
             return row
-        el = torch.tensor([], dtype=self.dtype).element_size()
         floor = el * (tokens * (layer.d_in + 2 * layer.d_out) + layer.weight_elements())
         row.update(time_us=us, gbs=floor / (us * 1e-6) / 1e9, input_sets=n)
         return row
 
+    def ffn_rows(self, block, seed, work):
+        """The FFN block's rows: checked on FFN_CHECK_TOKENS tokens, then timed per token count."""
+        t = ffn_inputs(block, FFN_CHECK_TOKENS, self.dtype, self.device, seed)
+        fail_all, source = None, None
+        try:
+            ref, source = check.ffn_reference(self.args.mole, block, t, work)
+            problems = check.spec_problems(block, t, ref)
+            fail_all = f"failed: spec disagrees with the method: {'; '.join(problems)}" if problems else None
+            tie = check.near_ties(block, t, ref, self.dtype)
+        except Exception as e:
+            fail_all = f"failed: reference: {type(e).__name__}: {str(e)[:300]}"
+        tol = check.tolerance_ffn(block, self.dtype)
+        rows = []
+        for name in FFN_BASELINES:
+            status, record = fail_all, None
+            if status is None:
+                status, record = self.check_one(FFN_PREPARE[name], block, t, ref["y"], tie, tol)
+                if record is not None:
+                    record["reference"] = source
+            for tokens in self.args.token_counts:
+                rows.append(self.ffn_row(block, tokens, name, status, record, seed))
+        return rows
 
-def skipped_rows(args, reason, layers=None):
+    def ffn_row(self, block, tokens, name, status, record, seed):
+        row = dict(ffn_shape(block), tokens=tokens, baseline=name, status=status, time_us=None, gbs=None,
+                   tflops=None, check=record)
+        if status != "ok":
+            return row
+        el = self.element_size()
+        n = self.sets_for(el * block.floor_elements(tokens, block.experts))
+        try:
+            sets = [ffn_inputs(block, tokens, self.dtype, self.device, 1000 * seed + i) for i in range(n)]
+            used = statistics.mean(experts_used(block, s) for s in sets)
+            calls = [FFN_PREPARE[name](block, s) for s in sets]
+            self.evict_l2()
+            us = self.time_us(calls, self.args.runs)
+        except Exception as e:
+            row["status"] = f"failed: timing: {type(e).__name__}: {str(e)[:300]}"
+            return row
+        floor = el * block.floor_elements(tokens, used)
+        row.update(time_us=us, gbs=floor / (us * 1e-6) / 1e9, tflops=block.useful_flops(tokens) / (us * 1e-6) / 1e12,
+                   input_sets=n, experts_used=used)
+        return row
+
+
+def experts_used(block, t):
+    """How many experts receive a token of `t` (top-k of the router's f32 scores)."""
+    scores = t["x"].float() @ t["router_weight"].float()
+    return int(scores.topk(block.k, dim=-1).indices.unique().numel())
+
+
+def ffn_shape(block):
+    return {"block": "ffn", "method": block.method, "d": block.d, "f": block.f, "activation": block.activation,
+            "experts": block.experts, "rank": block.rank, "k": block.k}
+
+
+def skipped_rows(args, reason, layers=None, blocks=()):
     """Every row the run would have, skipped for `reason` (without torch the layers are unknown)."""
     if layers is None:
         return [{"method": None, "baseline": None, "status": f"skipped: {reason}"}]
+    empty = {"status": f"skipped: {reason}", "time_us": None, "gbs": None, "check": None}
     return [
         {"method": ly.method, "d_in": ly.d_in, "d_out": ly.d_out, "experts": ly.experts, "rank": ly.rank,
-         "k": ly.k, "tokens": tok, "baseline": b, "status": f"skipped: {reason}", "time_us": None, "gbs": None,
-         "check": None}
+         "k": ly.k, "tokens": tok, "baseline": b, **empty}
         for ly in layers for b in BASELINES if not unsupported(b, ly) for tok in args.token_counts
-    ]
+    ] + [dict(ffn_shape(bl), tokens=tok, baseline=b, tflops=None, **empty)
+         for bl in blocks for b in FFN_BASELINES for tok in args.token_counts]
 
 
 def finish(args, meta, rows):
@@ -247,7 +337,8 @@ def print_table(out):
     for r in out["rows"]:
         c = r.get("check") or {}
         num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{str(r['method']):<18} {num(r.get('tokens'), 'd'):>5} {str(r['baseline']):<11} "
+        name = f"{r['method']} ffn {r['f']}" if r.get("block") == "ffn" else str(r["method"])
+        print(f"{name:<18} {num(r.get('tokens'), 'd'):>5} {str(r['baseline']):<11} "
               f"{num(r.get('time_us'), '.1f'):>10} {num(r.get('gbs'), '.1f'):>8} {num(c.get('rel_err'), '.2e'):>9} "
               f"{num(c.get('tol'), '.2e'):>9} {num(c.get('near_tie_tokens'), 'd'):>4}  {r['status']}")
 

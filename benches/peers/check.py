@@ -28,16 +28,36 @@ Near-tie: the keys of a kept and a dropped expert overlap within their dkey; for
 a cumulative probability within dcum = 2 sum_i p_i dz_i of its threshold (|dp_i| <= p_i (dz_i +
 sum_j p_j dz_j)); for DynMoLE a normalised Tsallis entropy within sum_i |dH/dp_i| |dp_i| of its
 threshold. Given weights are exact in both computations: a tie there is an exact tie.
+
+The FFN-expert block (MixLoRA's) chains two reductions: over d (base gate/up and the gate/up
+shrinks, then their expands over R) and over f (base down and the down shrink, then the down
+expand over R). Its tolerance is
+
+    tol = 2 * (sqrt(FFN_ROUNDINGS) * u + (sqrt(d + R) + sqrt(f + R)) * u_acc)
+
+with FFN_ROUNDINGS = 12, the storage roundings on the way to y of the baseline that rounds most
+(`ffn_trick`: router scores, gate weight, base gate|up outputs, the shrink h, g and u after their
+expands, act(g), a = act(g) * u, w * a, its sum into a_mix, the down shrink, its scaling by w s_d,
+y); each reaches y with relative size about u: a relative error of g passes through the activation
+with the factor g act'(g) / act(g), which is about 1 where act(g) is large (SiLU, GELU) and grows
+only where act(g) is small, so it hardly moves a Frobenius norm. The two f32 reductions add
+their random walks (bounded by the sum of square roots). The factor 2 covers the gate weights'
+error and the activation's factor. Its near-ties are the x router's (d as the reduction length).
+When `mole eval` does not take the block (a binary that parses every spec as a layer spec), the
+reference is `ffn_reference_f64`: the block by its definition in float64 (each expert's whole FFN
+on its tokens, mixed by the routed weights), and the check record says so.
 """
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
 import torch
 
 ROUNDINGS = 8
+FFN_ROUNDINGS = 12
 U_ACC = 2.0**-24
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
@@ -46,6 +66,13 @@ def tolerance(layer, dtype):
     """The tolerance of the module docstring for `layer` in `dtype`."""
     u = UNIT_ROUNDOFF[dtype]
     return 2.0 * (math.sqrt(ROUNDINGS) * u + math.sqrt(layer.d_in + layer.total_rank) * U_ACC)
+
+
+def tolerance_ffn(block, dtype):
+    """The FFN block's tolerance of the module docstring for `block` in `dtype`."""
+    u, big_r = UNIT_ROUNDOFF[dtype], block.total_rank
+    acc = (math.sqrt(block.d + big_r) + math.sqrt(block.f + big_r)) * U_ACC
+    return 2.0 * (math.sqrt(FFN_ROUNDINGS) * u + acc)
 
 
 def reference(mole, layer, t, workdir):
@@ -61,6 +88,59 @@ def reference(mole, layer, t, workdir):
     if done.returncode != 0:
         raise RuntimeError(f"mole eval exited {done.returncode}: {(done.stderr or done.stdout).strip()[:300]}")
     return load_file(str(out_path))
+
+
+# How `mole eval` rejects a spec it parses as a layer spec: a binary without the FFN block.
+_NO_FFN_EVAL = re.compile(r"layer spec: .*(unknown field|missing field)")
+
+
+def ffn_reference(mole, block, t, workdir):
+    """(outputs, source): the block through `mole eval` when the binary takes it, else
+    `ffn_reference_f64` (source says which, and why). Outputs are f64 CPU tensors with the router
+    scores (computed here in f64 when `mole eval` does not write them) for the near-tie rule."""
+    try:
+        ref, source = reference(mole, block, t, workdir), "mole eval"
+    except RuntimeError as e:
+        if not _NO_FFN_EVAL.search(str(e)):
+            raise
+        why = str(e).split(": ", 1)[-1][:160]
+        ref, source = ffn_reference_f64(block, t), f"float64 PyTorch (mole eval does not take the FFN block: {why})"
+    if "scores" not in ref:
+        ref["scores"] = t["x"].double().cpu() @ t["router_weight"].double().cpu()
+    return ref, source
+
+
+def ffn_reference_f64(block, t):
+    """y, ids, weights, a_mix and the router's scores and probabilities of the block in float64
+    (on t's device, returned on the CPU), by its definition: softmax top-k renormalised over the x
+    router's scores; each expert's whole FFN with its LoRA on the tokens routed to it (the others
+    have weight 0); y = sum_e w_e out_e."""
+    import torch.nn.functional as F
+
+    x = {k: v.double() for k, v in t.items()}
+    rule, spec = block.rule(), block.spec()
+    act = {"silu": F.silu, "gelu": F.gelu}[block.activation]
+    scores = x["x"] @ x["router_weight"]
+    probs = torch.softmax(scores / rule["temperature"], dim=-1)
+    weights, ids = probs.topk(rule["k"], dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter_(1, ids, weights)
+    base_g, base_u = x["x"] @ x["base.gate"], x["x"] @ x["base.up"]
+    y = torch.zeros(x["x"].shape[0], block.d, dtype=torch.float64, device=scores.device)
+    a_mix = torch.zeros_like(base_g)
+
+    def delta(proj, inp, cols):
+        return spec[proj]["scale"] * (inp @ x[f"{proj}.A"][:, cols]) @ x[f"{proj}.B"][cols]
+
+    for e in range(block.experts):
+        cols = slice(e * block.rank, (e + 1) * block.rank)
+        tok = (gates[:, e] != 0).nonzero().squeeze(1)  # the rows of the other tokens have weight 0
+        xe, we = x["x"][tok], gates[tok, e:e + 1]
+        a = act(base_g[tok] + delta("gate", xe, cols)) * (base_u[tok] + delta("up", xe, cols))
+        y.index_add_(0, tok, we * (a @ x["base.down"] + delta("down", a, cols)))
+        a_mix.index_add_(0, tok, we * a)
+    out = {"y": y, "ids": ids.int(), "weights": weights, "a_mix": a_mix, "scores": scores, "probs": probs}
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def spec_problems(layer, t, ref):

@@ -23,11 +23,29 @@ Pairs a baseline cannot express (`unsupported` says why; no row is written for t
 - CoMoL in `grouped_mm`: its shrink and expand are shared by every core; grouping would only cover
   the r x r core products, which the loop already runs per core.
 - `peft_mixed` serves one adapter per token: it expresses `adapter-serving` only.
+
+The FFN-expert block (MixLoRA's; `methods.FfnBlock`): `prepare(block, t) -> run`, `run()` returns y
+(the block has no base output input). Expert e is the whole gated FFN with its LoRA on gate, up
+and down over shared base weights; `t` holds `x`, `router_weight`, `base.gate`, `base.up`,
+`base.down` and the banks `gate.A`, `gate.B`, `up.A`, `up.B`, `down.A`, `down.B`.
+- `ffn_loop`: what MoE-PEFT runs for MixLoRA (`MixtralSparseMoe.forward` with
+  `LlamaMLP._mixlora_forward`), in its precisions: router and LoRA in f32, base projections in the
+  storage dtype, gate and up once per token, then per expert its tokens' gate/up deltas, act,
+  product, the expert's whole down projection (base + LoRA) on its rows, weighted `index_add_`
+  into an f32 sum.
+- `ffn_trick`: the linearity trick a user could write, in the storage dtype: one base gate|up
+  GEMM and one shrink of both A banks per token; per expert the gate/up expands on its rows, act,
+  product, `a_mix += w a`, the down shrink `w s (a A_d)` into its rank columns; then a single GEMM
+  `[a_mix | h_d] @ [W_down; B_down]` (the base down projection once, on a_mix).
+- `ffn_dense`: every expert on every token (batched matmuls over [E, T, f]), masked by the gate
+  matrix, then the same single down GEMM.
 """
 
 import torch
+import torch.nn.functional as F
 
 BASELINES = ("dense", "loop", "grouped_mm", "peft_mixed")
+FFN_BASELINES = ("ffn_loop", "ffn_trick", "ffn_dense")
 
 
 class Skip(Exception):
@@ -270,3 +288,139 @@ PREPARE = {
     "grouped_mm": prepare_grouped_mm,
     "peft_mixed": prepare_peft_mixed,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The FFN-expert block.
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}  # F.gelu: exact (erf), as the crate's
+
+
+def _bank(t, proj, block, e):
+    """Expert e's (A [n_in, r], B [r, n_out]) of one projection's concatenated bank."""
+    cols = slice(e * block.rank, (e + 1) * block.rank)
+    return t[f"{proj}.A"][:, cols], t[f"{proj}.B"][cols]
+
+
+def _scales(block):
+    spec = block.spec()
+    return spec["gate"]["scale"], spec["up"]["scale"], spec["down"]["scale"]
+
+
+def prepare_ffn_loop(block, t):
+    """MoE-PEFT's MixLoRA forward, structure and precisions as in TUDB-Labs/MoE-PEFT:
+    `moe_peft/adapters/mixlora/model.py` (`MixtralSparseMoe.forward`: f32 router, softmax in f32,
+    top-k, renormalise, one-hot expert mask, per-expert states, weighted `index_add_` into an f32
+    sum, cast back), `moe_peft/models/modeling_llama.py` (`LlamaMLP._mixlora_forward`: base gate and
+    up once per token, kept in f32; per expert its rows cast back, LoRA delta added, act, product,
+    the down projection base + LoRA on the expert's rows) and `moe_peft/common/lora_linear.py`
+    (`Lora.forward`: `residual + (lora_b(lora_a(x.float())) * scaling).to(residual.dtype)`, f32
+    LoRA weights). Inference: dropout is the identity, no jitter noise. Departures: the base
+    weights are used in the given input-major layout (`x @ W`, the same GEMM as `nn.Linear`'s
+    `x @ W.T`), and the profiler's `print` is left out."""
+    x, e, dtype = t["x"], block.experts, t["x"].dtype
+    act = ACTIVATIONS[block.activation]
+    scaling = dict(zip(("gate", "up", "down"), _scales(block)))
+    w_gate, w_up, w_down = t["base.gate"], t["base.up"], t["base.down"]
+    # Held in f32 as MoE-PEFT holds them (its gate_ and lora_a_ / lora_b_ are f32 nn.Linear
+    # weights, [out, in]): converted once, as loading the adapter does.
+    router = t["router_weight"].float().T.contiguous()
+    loras = {p: [tuple(m.float().T.contiguous() for m in _bank(t, p, block, i)) for i in range(e)]
+             for p in ("gate", "up", "down")}
+
+    def lora(proj, i, residual, data):
+        lora_a, lora_b = loras[proj][i]
+        delta = F.linear(F.linear(data.to(torch.float32), lora_a), lora_b) * scaling[proj]
+        return residual + delta.to(residual.dtype)
+
+    def run():
+        hidden = x.view(-1, block.d).to(torch.float32)
+        router_logits = F.linear(hidden, router)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float32)
+        routing_weights, selected = torch.topk(routing_weights, block.k, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        final = torch.zeros((hidden.shape[0], block.d), dtype=torch.float32, device=x.device)
+        expert_mask = F.one_hot(selected, num_classes=e).permute(2, 1, 0)
+        common_gate = (hidden.to(dtype) @ w_gate).to(hidden.dtype)
+        common_up = (hidden.to(dtype) @ w_up).to(hidden.dtype)
+        states = []
+        for i in range(e):
+            _, top_x = torch.where(expert_mask[i])
+            data = hidden[top_x].to(dtype)
+            gate = lora("gate", i, common_gate[top_x].to(dtype), data)
+            up = lora("up", i, common_up[top_x].to(dtype), data)
+            a = act(gate) * up
+            states.append(lora("down", i, a @ w_down, a))
+        for i in range(e):
+            idx, top_x = torch.where(expert_mask[i])
+            final.index_add_(0, top_x, (states[i] * routing_weights[top_x, idx, None]).to(torch.float32))
+        return final.to(dtype)
+
+    return run
+
+
+def _down_stacked(block, t):
+    """[W_down; B_down] [f + R, d]: the base down projection and the down expand as one GEMM
+    over [a_mix | h_d] (a layout choice made once)."""
+    return torch.cat([t["base.down"], t["down.B"]], dim=0)
+
+
+def prepare_ffn_trick(block, t):
+    x, e, r, f, big_r = t["x"], block.experts, block.rank, block.f, block.total_rank
+    s_g, s_u, s_d = _scales(block)
+    act = ACTIVATIONS[block.activation]
+    # Layout choices made once: gate and up side by side (one GEMM, a fused gate_up projection),
+    # both A banks side by side (one shrink), the down weights stacked.
+    w_gu = torch.cat([t["base.gate"], t["base.up"]], dim=1)
+    a_gu = torch.cat([t["gate.A"], t["up.A"]], dim=1)
+    b_g, b_u, a_d = t["gate.B"], t["up.B"], t["down.A"]
+    down = _down_stacked(block, t)
+
+    def run():
+        ids, w = route(block, t)
+        gu = x @ w_gu
+        h = x @ a_gu
+        # [a_mix | h_d]: a_mix = sum_e w_e a_e, h_d's expert columns w_e s_d (a_e A_d,e).
+        mixed = torch.zeros(x.shape[0], f + big_r, dtype=x.dtype, device=x.device)
+        a_mix = mixed[:, :f]
+        for i in range(e):
+            tok, slot = torch.where(ids == i)
+            cols = slice(i * r, (i + 1) * r)
+            hx = h[tok]
+            g = torch.addmm(gu[tok, :f], hx[:, cols], b_g[cols], alpha=s_g)
+            u = torch.addmm(gu[tok, f:], hx[:, big_r + i * r:big_r + (i + 1) * r], b_u[cols], alpha=s_u)
+            a = act(g) * u
+            we = w[tok, slot, None]
+            a_mix.index_add_(0, tok, a * we)
+            mixed[tok, f + i * r:f + (i + 1) * r] = (a @ a_d[:, cols]) * (we * s_d)
+        return mixed @ down
+
+    return run
+
+
+def prepare_ffn_dense(block, t):
+    x, e, r, f, big_r = t["x"], block.experts, block.rank, block.f, block.total_rank
+    s_g, s_u, s_d = _scales(block)
+    act = ACTIVATIONS[block.activation]
+    w_gu = torch.cat([t["base.gate"], t["base.up"]], dim=1)
+    a_gu = torch.cat([t["gate.A"], t["up.A"]], dim=1)
+    # Per-expert stacks (layout made once): B [E, r, f], A_d [E, f, r].
+    b_g, b_u = t["gate.B"].view(e, r, f), t["up.B"].view(e, r, f)
+    a_d = t["down.A"].view(f, e, r).permute(1, 0, 2).contiguous()
+    down = _down_stacked(block, t)
+
+    def run():
+        tokens = x.shape[0]
+        gates = gate_matrix(*route(block, t), e).T.unsqueeze(2)  # [E, T, 1], 0 where not routed
+        gu = x @ w_gu
+        h = (x @ a_gu).view(tokens, 2, e, r).permute(1, 2, 0, 3)  # [gate|up, E, T, r]
+        g = torch.baddbmm(gu[:, :f].unsqueeze(0), h[0], b_g, alpha=s_g)  # [E, T, f]
+        u = torch.baddbmm(gu[:, f:].unsqueeze(0), h[1], b_u, alpha=s_u)
+        a = act(g) * u * gates
+        h_d = torch.bmm(a, a_d) * s_d  # [E, T, r]
+        return torch.cat([a.sum(0), h_d.permute(1, 0, 2).reshape(tokens, big_r)], dim=1) @ down
+
+    return run
+
+
+FFN_PREPARE = {"ffn_loop": prepare_ffn_loop, "ffn_trick": prepare_ffn_trick, "ffn_dense": prepare_ffn_dense}

@@ -154,3 +154,95 @@ def inputs(layer, tokens, dtype, device, seed):
     if layer.comol:
         t["cores"] = randn(e, r, r, std=r**-0.5)
     return t
+
+
+# ---------------------------------------------------------------------------------------------
+# The FFN-expert block (MixLoRA; `FfnSpec` in src/model/ffn.rs).
+
+# (preset, experts, rank, k): MixLoRA's block, LoRA of rank r on gate, up and down of each expert.
+FFN_STANDARD = [("mix-lora", 8, 16, 2)]
+
+
+@dataclass(frozen=True)
+class FfnBlock:
+    """One FFN-expert block: expert e is the whole gated FFN with its own LoRA (rank `rank`,
+    scale 2 = alpha / r with alpha = 2 r) on the gate, up and down projections of shared base
+    weights; the x router picks `k` of `experts`, softmax top-k renormalised (MixLoRA)."""
+
+    method: str
+    d: int
+    f: int
+    activation: str
+    experts: int
+    rank: int
+    k: int
+
+    SCALE = 2.0
+
+    @property
+    def d_in(self):
+        """The router's input width (the near-tie rule reads it as the layer's)."""
+        return self.d
+
+    @property
+    def total_rank(self):
+        """R: columns of each projection's A bank."""
+        return self.experts * self.rank
+
+    def router(self):
+        return "x"
+
+    def rule(self):
+        return self.spec()["gating"]["rule"]
+
+    def spec(self):
+        """The FfnSpec JSON (`mole eval` reads it)."""
+        if self.method != "mix-lora":
+            raise ValueError(f"unknown FFN block preset {self.method!r}")
+        lora = {"ranks": {"experts": self.experts, "rank": self.rank}, "scale": self.SCALE}
+        return {"d": self.d, "f": self.f, "activation": self.activation, "experts": self.experts,
+                "gating": _routed(X_ROUTER, _topk(self.k, "renormalized")),
+                "gate": dict(lora), "up": dict(lora), "down": dict(lora)}
+
+    def lora_elements(self, experts_used):
+        """Elements of the gate, up and down LoRA banks of `experts_used` experts."""
+        return experts_used * 3 * self.rank * (self.d + self.f)
+
+    def floor_elements(self, tokens, experts_used):
+        """Elements a forward must move at least: x read, y written, the three base weights and the
+        used experts' LoRA banks read once, the base gate and up outputs and a_mix each written and
+        read once (the router weight, d * E, is left out: negligible)."""
+        t, d, f = tokens, self.d, self.f
+        return 2 * t * d + 3 * d * f + self.lora_elements(experts_used) + 6 * t * f
+
+    def useful_flops(self, tokens):
+        """2 T (3 d f) for the base projections, once per token, plus each routed (token, slot)'s
+        LoRA shrinks and expands on gate, up and down: 6 r (d + f) per slot (router left out)."""
+        return 2 * tokens * 3 * self.d * self.f + tokens * self.k * 6 * self.rank * (self.d + self.f)
+
+
+def ffn_inputs(block, tokens, dtype, device, seed):
+    """Random inputs of the block named as `mole eval` reads them, in the storage dtype: unit-scale
+    x; base and A weights scaled by 1/sqrt(fan-in), so g, u, the LoRA activations and the router
+    logits are of unit scale; each B scaled by 1 / (scale sqrt(r)), so each projection's LoRA delta
+    is of the order of its base output (an error in any expert's delta shows in y)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    d, f, e, big_r = block.d, block.f, block.experts, block.total_rank
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
+
+    b_std = 1.0 / (block.SCALE * block.rank**0.5)
+    return {
+        "x": randn(tokens, d),
+        "router_weight": randn(d, e, std=d**-0.5),
+        "base.gate": randn(d, f, std=d**-0.5),
+        "base.up": randn(d, f, std=d**-0.5),
+        "base.down": randn(f, d, std=f**-0.5),
+        "gate.A": randn(d, big_r, std=d**-0.5),
+        "gate.B": randn(big_r, f, std=b_std),
+        "up.A": randn(d, big_r, std=d**-0.5),
+        "up.B": randn(big_r, f, std=b_std),
+        "down.A": randn(f, big_r, std=f**-0.5),
+        "down.B": randn(big_r, d, std=b_std),
+    }

@@ -73,6 +73,9 @@ class Kit:
         if step.gpu and self.no_gpu_reason:
             step.status, step.detail = "skipped", self.no_gpu_reason
             return step
+        if not step.argv:  # nothing to run here: its detail says why
+            step.status = "skipped"
+            return step
         left = self.deadline - time.monotonic()
         if left < 5:
             step.status, step.detail = "skipped", f"the {self.set_name} set's {BUDGET_S[self.set_name]} s budget is spent"
@@ -202,6 +205,20 @@ def parse_methods(help_text):
     return [v.strip() for v in m.group(1).split(",")] if m else []
 
 
+def bench_kinds():
+    """The subcommands of `mole bench`, from its help."""
+    try:
+        text = subprocess.run([MOLE, "bench", "-h"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_subcommands(text)
+
+
+def parse_subcommands(help_text):
+    block = re.search(r"^Commands:\n((?:  \S.*\n?)+)", help_text, re.M)
+    return [line.split()[0] for line in block.group(1).splitlines()] if block else []
+
+
 def steps_for(kit):
     w = kit.work
     tests = gpu_test_binaries()
@@ -249,15 +266,28 @@ def steps_for(kit):
                                  os.path.join(w, "bench_layer.json")], 150, json_out="bench_layer.json"),
             Step("bench grouped", [MOLE, "bench", "grouped", "--runs", "20", "--json",
                                    os.path.join(w, "bench_grouped.json")], 60, json_out="bench_grouped.json"),
+            bench_ffn_step(w),
+            # The layer's methods and the FFN block (d = 4096, f = 11008 and 14336).
             Step("PyTorch baselines", [sys.executable, "benches/peers/baselines.py", "--mole", MOLE, "--device", "cuda",
                                        "--dtype", "bf16", "--shapes", "standard", "--tokens", "1,16,256,4096",
-                                       "--runs", "20", "--out", os.path.join(w, "peers.json")], 110,
+                                       "--runs", "20", "--out", os.path.join(w, "peers.json")], 150,
                  json_out="peers.json"),
             Step("autotune (Llama-3-8B, MixLoRA and SMoRA, 60 s budget)",
                  [MOLE, "autotune", "--model", "llama3-8b", "--method", "mix-lora-per-linear,smora", "--budget", "60", "--runs",
                   "20", "--out", os.path.join(w, "tuning")], 110),
         ]
     return correctness, timing
+
+
+def bench_ffn_step(work):
+    """`mole bench ffn` (the FFN-expert block), skipped with the reason where the packed mole has
+    no such subcommand."""
+    step = Step("bench ffn", [MOLE, "bench", "ffn", "--json", os.path.join(work, "ffn.json")], 60, json_out="ffn.json")
+    kinds = bench_kinds()
+    if "ffn" not in kinds:
+        step.argv = []
+        step.detail = f"this mole has no `bench ffn` (`mole bench -h` lists: {', '.join(kinds) or 'nothing'})"
+    return step
 
 
 def dry_run_peers(kit):
@@ -280,25 +310,46 @@ def load(path):
         return None
 
 
+def layer_key(r):
+    return (r.get("method"), r.get("d_in"), r.get("d_out"), r.get("tokens"))
+
+
+def ffn_key(r):
+    return (r.get("method"), r.get("tokens"), r.get("d"), r.get("f"))
+
+
+def crate_us(r):
+    """A crate row's time (`time_us` as `bench layer` writes it; `us` accepted)."""
+    return r.get("time_us") if r.get("time_us") is not None else r.get("us")
+
+
+def with_baselines(r, peers, key):
+    """A crate row with the baselines of the same key: each one's time and ratio, the fastest
+    checked one and the speed-up over it (a failed or skipped baseline is never the fastest)."""
+    us, base = crate_us(r), {}
+    for p in peers:
+        if key(p) == key(r):
+            entry = {"status": p["status"], "time_us": p.get("time_us")}
+            if us and p.get("time_us"):
+                entry["ratio"] = p["time_us"] / us
+            base[p["baseline"]] = entry
+    timed = [b["time_us"] for b in base.values() if b["status"] == "ok" and b.get("time_us")]
+    fastest = min(timed) if timed else None
+    return dict(r, time_us=us, baselines=base, fastest_baseline_us=fastest,
+                speedup_vs_fastest=(fastest / us) if fastest and us else None)
+
+
 def results(kit, env):
-    """results.json: the steps, then one entry per (method, shape) with the baselines' ratios."""
+    """results.json: the steps, then one entry per (method, shape) with the baselines' ratios: the
+    layers (`mole bench layer`, matched by method, d_in, d_out, tokens) and the FFN block (`mole
+    bench ffn`, matched by method, tokens, d, f), and every FFN block baseline row."""
     layer = load(os.path.join(kit.work, "bench_layer.json")) or {"rows": []}
     grouped = load(os.path.join(kit.work, "bench_grouped.json")) or {"rows": []}
+    ffn = load(os.path.join(kit.work, "ffn.json")) or {"rows": []}
     peers = load(os.path.join(kit.work, "peers.json")) or {"rows": []}
-    shapes = []
-    for r in layer["rows"]:
-        key = (r["method"], r["d_in"], r["d_out"], r["tokens"])
-        base = {}
-        for p in peers["rows"]:
-            if (p.get("method"), p.get("d_in"), p.get("d_out"), p.get("tokens")) == key:
-                entry = {"status": p["status"], "time_us": p.get("time_us")}
-                if r.get("time_us") and p.get("time_us"):
-                    entry["ratio"] = p["time_us"] / r["time_us"]
-                base[p["baseline"]] = entry
-        timed = [b["time_us"] for b in base.values() if b["status"] == "ok" and b.get("time_us")]
-        fastest = min(timed) if timed else None
-        shapes.append(dict(r, baselines=base, fastest_baseline_us=fastest,
-                           speedup_vs_fastest=(fastest / r["time_us"]) if fastest and r.get("time_us") else None))
+    layer_peers = [p for p in peers["rows"] if p.get("block") != "ffn"]
+    ffn_peers = [p for p in peers["rows"] if p.get("block") == "ffn"]
+    shapes = [with_baselines(r, layer_peers, layer_key) for r in layer["rows"]]
     return {
         "set": kit.set_name,
         "dry_run": kit.dry_run,
@@ -307,7 +358,9 @@ def results(kit, env):
         "steps": [s.record() for s in kit.steps],
         "layers": shapes,
         "grouped": grouped["rows"],
-        "peers_unmatched": [p for p in peers["rows"] if p.get("method") not in {r["method"] for r in layer["rows"]}],
+        "ffn": [with_baselines(r, ffn_peers, ffn_key) for r in ffn["rows"]],
+        "ffn_baselines": ffn_peers,
+        "peers_unmatched": [p for p in layer_peers if p.get("method") not in {r["method"] for r in layer["rows"]}],
     }
 
 
@@ -345,6 +398,28 @@ def report(res):
             frac = None if r.get("fraction_of_copy") is None else 100 * r["fraction_of_copy"]
             lines.append(f"| {r['d_in']} | {r['d_out']} | {r['rank']} | {r['experts']} | {r['k']} | {r['tokens']} | "
                          f"{fmt(r.get('time_us'), '.1f')} | {fmt(r.get('gbs'), '.0f')} | {fmt(frac, '.0f')} |")
+    if res.get("ffn"):
+        lines += ["", "## FFN block (MixLoRA: every expert a whole FFN with LoRA)", "",
+                  "| method | d | f | act | T | µs | GB/s | % copy | check | fastest baseline µs | speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["ffn"]:
+            check = r.get("check") or {}
+            ok = "-" if not check else ("ok" if check.get("ok") else "FAIL")
+            frac = None if r.get("fraction_of_copy") is None else 100 * r["fraction_of_copy"]
+            lines.append(
+                f"| {r.get('method')} | {r.get('d')} | {r.get('f')} | {r.get('activation', '-')} | {r.get('tokens')} | "
+                f"{fmt(r.get('time_us'), '.1f')} | {fmt(r.get('gbs'), '.0f')} | {fmt(frac, '.0f')} | {ok} | "
+                f"{fmt(r['fastest_baseline_us'], '.1f')} | {fmt(r['speedup_vs_fastest'], '.2f')}x |")
+    if res.get("ffn_baselines"):
+        lines += ["", "## FFN block baselines (PyTorch)", "",
+                  "| method | f | act | T | baseline | status | µs | GB/s | TFLOP/s | reference |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in res["ffn_baselines"]:
+            ref = ((p.get("check") or {}).get("reference") or "-").split(" (")[0]
+            status = str(p.get("status")).replace("|", "/")
+            lines.append(f"| {p.get('method')} | {p.get('f', '-')} | {p.get('activation', '-')} | "
+                         f"{p.get('tokens', '-')} | {p.get('baseline')} | {status} | {fmt(p.get('time_us'), '.1f')} | "
+                         f"{fmt(p.get('gbs'), '.0f')} | {fmt(p.get('tflops'), '.1f')} | {ref} |")
     if res["peers_unmatched"]:
         lines += ["", "## Baselines without a crate row", "", "| method | T | baseline | status | µs |",
                   "|---|---|---|---|---|"]

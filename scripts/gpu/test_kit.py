@@ -23,11 +23,28 @@ def peer_row(method, tokens, baseline, status, time_us):
             "baseline": baseline, "status": status, "time_us": time_us, "gbs": None, "check": None}
 
 
+def ffn_row(tokens, f, time_us, time_field="time_us"):
+    """A row of `mole bench ffn --json` (the fields of `bench layer`'s rows, with d, f, activation)."""
+    return {"method": "mix-lora", "tokens": tokens, "d": 4096, "f": f, "activation": "silu", "experts": 8,
+            "rank": 16, "k": 2, "dtype": "bf16", time_field: time_us, "gbs": 1500.0, "fraction_of_copy": 0.5,
+            "check": {"error": 1e-3, "tolerance": 1e-2, "ok": True}, "error": None}
+
+
+def ffn_peer_row(tokens, f, baseline, status, time_us):
+    """A row of baselines.py for the FFN block."""
+    return {"block": "ffn", "method": "mix-lora", "d": 4096, "f": f, "activation": "silu", "experts": 8, "rank": 16,
+            "k": 2, "tokens": tokens, "baseline": baseline, "status": status, "time_us": time_us, "gbs": 900.0,
+            "tflops": 80.0, "check": {"rel_err": 5e-3, "tol": 2.7e-2, "near_tie_tokens": 0,
+                                      "reference": "float64 PyTorch (mole eval does not take the FFN block: x)"}}
+
+
 class ResultsTest(unittest.TestCase):
-    def make(self, layer_rows, peer_rows):
+    def make(self, layer_rows, peer_rows, ffn_rows=None):
         work = tempfile.mkdtemp()
         json.dump({"copy_gbs": 3000.0, "rows": layer_rows}, open(os.path.join(work, "bench_layer.json"), "w"))
         json.dump({"rows": peer_rows}, open(os.path.join(work, "peers.json"), "w"))
+        if ffn_rows is not None:
+            json.dump({"copy_gbs": 3000.0, "rows": ffn_rows}, open(os.path.join(work, "ffn.json"), "w"))
         k = kit.Kit("default", work, dry_run=False)
         passed = kit.Step("a step", [], 0)
         passed.status = "pass"
@@ -70,6 +87,69 @@ class ResultsTest(unittest.TestCase):
                          {"method": "comol", "baseline": "loop", "status": "skipped: no torch"}])
         self.assertIsNone(res["layers"][0]["fastest_baseline_us"])
         self.assertIn("| comol | - | loop | skipped: no torch |", kit.report(res))
+
+    def test_ffn_rows_take_the_block_baselines_of_the_same_method_tokens_d_and_f(self):
+        res = self.make(
+            [layer_row("mix-lora", 256, 10.0)],
+            # The layer's baseline of the same method and tokens is not the block's, and vice versa.
+            [peer_row("mix-lora", 256, "loop", "ok", 30.0),
+             ffn_peer_row(256, 11008, "ffn_loop", "ok", 900.0), ffn_peer_row(256, 11008, "ffn_trick", "ok", 600.0),
+             ffn_peer_row(256, 11008, "ffn_dense", "failed: rel_err", 1.0),
+             ffn_peer_row(256, 14336, "ffn_trick", "ok", 700.0), ffn_peer_row(16, 11008, "ffn_trick", "ok", 50.0)],
+            [ffn_row(256, 11008, 300.0), ffn_row(256, 14336, 350.0, time_field="us")])
+        self.assertEqual(res["layers"][0]["fastest_baseline_us"], 30.0)
+        self.assertEqual(set(res["layers"][0]["baselines"]), {"loop"})
+        first, second = res["ffn"]
+        self.assertEqual(set(first["baselines"]), {"ffn_loop", "ffn_trick", "ffn_dense"})
+        self.assertEqual(first["fastest_baseline_us"], 600.0)
+        self.assertAlmostEqual(first["speedup_vs_fastest"], 2.0)
+        self.assertAlmostEqual(first["baselines"]["ffn_loop"]["ratio"], 3.0)
+        self.assertEqual(set(second["baselines"]), {"ffn_trick"})
+        self.assertEqual(second["time_us"], 350.0)
+        self.assertAlmostEqual(second["speedup_vs_fastest"], 2.0)
+        self.assertEqual(len(res["ffn_baselines"]), 5)
+        self.assertEqual(res["peers_unmatched"], [])
+        text = kit.report(res)
+        self.assertIn("| mix-lora | 4096 | 11008 | silu | 256 | 300.0 | 1500 | 50 | ok | 600.0 | 2.00x |", text)
+        self.assertIn("| mix-lora | 11008 | silu | 256 | ffn_trick | ok | 600.0 | 900 | 80.0 | float64 PyTorch |", text)
+
+    def test_block_baselines_without_a_bench_ffn_still_reach_the_report(self):
+        res = self.make([layer_row("mix-lora", 16, 5.0)], [ffn_peer_row(16, 11008, "ffn_loop", "ok", 40.0)])
+        self.assertEqual(res["ffn"], [])
+        self.assertIsNone(res["layers"][0]["fastest_baseline_us"])
+        self.assertEqual(res["peers_unmatched"], [])
+        text = kit.report(res)
+        self.assertIn("## FFN block baselines (PyTorch)", text)
+        self.assertIn("| mix-lora | 11008 | silu | 16 | ffn_loop | ok | 40.0 |", text)
+        self.assertNotIn("## FFN block (MixLoRA", text)
+
+    def test_bench_ffn_is_skipped_in_a_dry_run_and_where_mole_lacks_it(self):
+        original = kit.bench_kinds
+        try:
+            kit.bench_kinds = lambda: ["grouped", "layer", "help"]
+            dry = kit.Kit("default", tempfile.mkdtemp(), dry_run=True)
+            dry.no_gpu_reason = "dry run: no GPU"
+            names = [s.name for s in kit.steps_for(dry)[1]]
+            self.assertIn("bench ffn", names)
+            self.assertLess(names.index("bench ffn"), names.index("PyTorch baselines"))
+            step = dry.run(kit.bench_ffn_step(dry.work))
+            self.assertEqual((step.status, step.detail), ("skipped", "dry run: no GPU"))
+            gpu = kit.Kit("default", tempfile.mkdtemp(), dry_run=False)
+            step = gpu.run(kit.bench_ffn_step(gpu.work))
+            self.assertEqual(step.status, "skipped")
+            self.assertIn("no `bench ffn`", step.detail)
+            kit.bench_kinds = lambda: ["grouped", "layer", "ffn"]
+            step = kit.bench_ffn_step("/w")
+            self.assertEqual(step.argv[1:], ["bench", "ffn", "--json", "/w/ffn.json"])
+            self.assertEqual(step.json_out, "ffn.json")
+        finally:
+            kit.bench_kinds = original
+
+    def test_bench_subcommands_are_parsed_from_help(self):
+        text = ("Usage: mole bench <COMMAND>\n\nCommands:\n  grouped  The grouped shrink + expand\n"
+                "  layer    Whole layers\n  help     Print this message\n\nOptions:\n  -h, --help  Print help\n")
+        self.assertEqual(kit.parse_subcommands(text), ["grouped", "layer", "help"])
+        self.assertEqual(kit.parse_subcommands("no commands"), [])
 
     def test_a_step_without_its_json_fails_and_a_budget_cut_is_not_a_failure(self):
         work = tempfile.mkdtemp()
