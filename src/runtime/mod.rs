@@ -17,9 +17,11 @@
 //! work of its context first.
 
 mod choice;
+mod ffn;
 mod plan;
 
 pub use choice::{choose, default_build, heuristic, Choice, ChoiceSource};
+pub use ffn::{CompiledFfn, FfnLayerPlan, FfnPlanner, FfnPointers, FfnStageBuffers};
 pub use plan::{LayerPlan, LayerPlanner, Path};
 /// What the runtime binds itself (the caller's buffers, the workspace regions and their
 /// alignment), public API with the `internals` feature.
