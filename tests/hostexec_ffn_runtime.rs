@@ -77,7 +77,9 @@ fn run<T: KernelElement + Scalar + bytemuck::Pod>(spec: &FfnSpec, tokens: usize,
     let (_, wu) = rounded::<T>(&gen(d * f, 0.3));
     let (_, wd) = rounded::<T>(&gen(f * d, 0.3));
     let dims = [(d, f), (d, f), (f, d)];
-    let banks: Vec<(Vec<T>, Vec<f64>, Vec<T>, Vec<f64>)> = spec
+    // (A as T, A, B as T, B) of each projection.
+    type Bank<T> = (Vec<T>, Vec<f64>, Vec<T>, Vec<f64>);
+    let banks: Vec<Bank<T>> = spec
         .projections()
         .iter()
         .zip(dims)
