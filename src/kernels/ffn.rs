@@ -116,6 +116,10 @@ impl FfnConfig {
         {
             return Err(MoleError::param("block_threads", t, "must tile BM x BN and BM x MAX_RANK exactly"));
         }
+        // The act grid's `y` extent.
+        if self.f_splits > 65_535 {
+            return Err(MoleError::param("f_splits", self.f_splits, "at most 65535 (a grid's y extent)"));
+        }
         if !self.max_rank.is_multiple_of(self.kc) {
             return Err(MoleError::param("max_rank", self.max_rank, "must be a multiple of kc"));
         }
@@ -315,6 +319,20 @@ pub fn plan(sgmv_build: &KernelBuild, ffn_build: &KernelBuild, shape: FfnShape<'
             return Err(MoleError::ZeroDimension { name });
         }
     }
+    // What the SGMV plans check for banks that are present, checked here for a block without.
+    if slots > sgmv::MAX_SLOTS {
+        return Err(MoleError::param("slots", slots, "at most 4096"));
+    }
+    if experts > sgmv::MAX_EXPERTS {
+        return Err(MoleError::param("experts", experts, "at most 4096"));
+    }
+    let elems = |name: &'static str, a: usize, b: usize| {
+        (a as u64)
+            .checked_mul(b as u64)
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| MoleError::param(name, a, "the tensor exceeds the address space"))
+    };
+    let (td, tf) = (elems("tokens", tokens, d)?, elems("tokens", tokens, f)?);
     let banks = [("gate.rank_offsets", gate), ("up.rank_offsets", up), ("down.rank_offsets", down)];
     let mut ranks = [0u32; 3];
     for (i, (name, bank)) in banks.iter().enumerate() {
@@ -348,10 +366,13 @@ pub fn plan(sgmv_build: &KernelBuild, ffn_build: &KernelBuild, shape: FfnShape<'
             let mut p = sgmv::plan(sgmv_build, s, b.rank_offsets, entry_stride)?;
             // The expand reads the act passes' f-slices as its split-K partials.
             p.params.splits = f_splits as u32;
-            p.params.k_per_split = per as u32;
+            p.params.k_per_split = u32::try_from(per).map_err(|_| MoleError::param("f", f, "must fit in 32 bits"))?;
             p.shrink = None;
-            let partials = usize::try_from(f_splits * rows * p.params.r_max as u64)
-                .map_err(|_| MoleError::param("tokens", tokens, "down workspace exceeds the address space"))?;
+            let partials = f_splits
+                .checked_mul(rows)
+                .and_then(|v| v.checked_mul(p.params.r_max as u64))
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| MoleError::param("tokens", tokens, "down workspace exceeds the address space"))?;
             p.lens.set(Buf::Partials, partials);
             Ok(p)
         })
@@ -374,7 +395,7 @@ pub fn plan(sgmv_build: &KernelBuild, ffn_build: &KernelBuild, shape: FfnShape<'
         r_down_total: f32_("down rank", r_total(down))?,
         r_down_max: ranks[2],
         f_splits: f_splits as u32,
-        f_per_split: per as u32,
+        f_per_split: u32::try_from(per).map_err(|_| MoleError::param("f", f, "must fit in 32 bits"))?,
         entry_stride: f32_("entry_stride", entry_stride)?,
         slot: 0,
         activation: activation_code(activation),
@@ -384,12 +405,8 @@ pub fn plan(sgmv_build: &KernelBuild, ffn_build: &KernelBuild, shape: FfnShape<'
     if tokens > i32::MAX as usize {
         return Err(MoleError::param("tokens", tokens, "must be below 2^31"));
     }
-    let tf = (tokens as u64)
-        .checked_mul(f as u64)
-        .and_then(|v| usize::try_from(v).ok())
-        .ok_or_else(|| MoleError::param("tokens", tokens, "T·f exceeds the address space"))?;
     let lens = BufLens::new()
-        .with(Buf::X, tokens * d)
+        .with(Buf::X, td)
         .with(Buf::GateA, d * r_total(gate))
         .with(Buf::GateB, r_total(gate) * f)
         .with(Buf::UpA, d * r_total(up))
@@ -408,7 +425,7 @@ pub fn plan(sgmv_build: &KernelBuild, ffn_build: &KernelBuild, shape: FfnShape<'
         .with(Buf::GatePartials, partials_of(&gate_plan))
         .with(Buf::UpPartials, partials_of(&up_plan))
         .with(Buf::DownPartials, partials_of(&down_plan))
-        .with(Buf::Y, tokens * d);
+        .with(Buf::Y, td);
     let tiles = (entry_stride as u64).div_ceil(config.bm as u64);
     if tiles > i32::MAX as u64 {
         return Err(MoleError::param("entry_stride", entry_stride, "more tiles than a grid holds"));

@@ -48,6 +48,11 @@ fn defaults_and_activation_codes_match_the_cu_file() {
     for c in CONFIG_CANDIDATES {
         c.validate().unwrap_or_else(|e| panic!("{c:?}: {e}"));
     }
+    // A grid's y extent bounds the f-slices; shared memory bounds the tiles.
+    let e = FfnConfig { f_splits: 70_000, ..c }.validate().unwrap_err().to_string();
+    assert!(e.contains("f_splits"), "{e}");
+    let e = FfnConfig { max_rank: 128, ..c }.validate().unwrap_err().to_string();
+    assert!(e.contains("48 KiB"), "{e}");
 }
 
 fn builds() -> (KernelBuild, KernelBuild) {
@@ -119,6 +124,10 @@ fn plan_names_what_it_refuses() {
     assert!(e.contains("gate.rank_offsets"), "{e}");
     let e = err(FfnShape { f: 0, ..shape }, &s, &f);
     assert!(e.contains('f'), "{e}");
+    // Without any bank the SGMV plans check nothing: the block's own checks name the input.
+    let bare = FfnShape { gate: None, down: None, ..shape };
+    assert!(err(FfnShape { slots: 5000, ..bare }, &s, &f).contains("slots"));
+    assert!(err(FfnShape { tokens: usize::MAX / 2, ..bare }, &s, &f).contains("tokens"));
     let e = err(FfnShape { gate: Some(FfnBank { rank_offsets: &offs, scale: f32::NAN }), ..shape }, &s, &f);
     assert!(e.contains("scale"), "{e}");
     let small = build(DType::BF16, CONFIG_CANDIDATES[2]);
