@@ -1,8 +1,10 @@
-//! Deterministic synthetic layer data: random non-zero inputs of the right shapes for any spec,
-//! for the main job, tests and benchmarks (never all-zero data).
+//! Deterministic synthetic layer and FFN-block data: random non-zero inputs of the right shapes
+//! for any layer spec and the block presets, for the main job, tests and benchmarks (never
+//! all-zero data).
 
 use crate::dtype::Scalar;
-use crate::model::{Gating, LayerInputs, LayerSpec, Mix, Router};
+use crate::model::{FfnSpec, Gating, LayerInputs, LayerSpec, Mix, Router};
+use crate::reference::FfnInputs;
 
 /// SplitMix64: small, fast, deterministic, good enough for test data.
 #[derive(Clone, Debug)]
@@ -133,5 +135,77 @@ impl<T: Scalar> SyntheticLayer<T> {
             selection_bias: self.selection_bias.as_deref(),
             cores: self.cores.as_deref(),
         }
+    }
+}
+
+/// Owned random inputs for one FFN-expert block call with an `x` router without bias (the block
+/// presets, [`crate::model::FfnMethod`]), with a trained layer's magnitudes: unit-scale
+/// activations, weights scaled by `1/sqrt(fan_in)`, router logits spread over a few units.
+#[derive(Clone, Debug)]
+pub struct SyntheticFfn<T> {
+    /// Number of tokens.
+    pub tokens: usize,
+    /// `x [T, d]`.
+    pub x: Vec<T>,
+    /// `router_weight [d, E]`.
+    pub router_weight: Vec<T>,
+    /// `base_gate [d, f]`, `base_up [d, f]`, `base_down [f, d]`.
+    pub base: [Vec<T>; 3],
+    /// `(A, B)` of the gate, up and down projections that have LoRA.
+    pub banks: [Option<(Vec<T>, Vec<T>)>; 3],
+}
+
+impl<T: Scalar> SyntheticFfn<T> {
+    /// The bytes [`SyntheticFfn::new`] allocates (checked arithmetic; check it with
+    /// [`crate::limits::check_host`] before calling `new` on sizes that come from a user).
+    pub fn bytes(spec: &FfnSpec, tokens: usize) -> crate::Result<u64> {
+        let el = std::mem::size_of::<T>();
+        let rank = spec.projections().iter().filter_map(|(_, l)| *l).map(|l| l.ranks.total_rank()).sum::<usize>();
+        Ok(crate::limits::Footprint::new()
+            .add("x [T, d]", &[tokens, spec.d], el)?
+            .add("router [d, E]", &[spec.d, spec.experts], el)?
+            .add("base weights", &[3, spec.d, spec.f], el)?
+            .add("LoRA banks", &[rank, spec.d + spec.f], el)?
+            .bytes())
+    }
+
+    /// Random inputs for `spec` on `tokens` tokens from `seed`.
+    pub fn new(spec: &FfnSpec, tokens: usize, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let (d, f) = (spec.d, spec.f);
+        let amp = |fan_in: usize| 3f64.sqrt() / (fan_in.max(1) as f64).sqrt();
+        let x = rng.fill(tokens * d, 1.0);
+        let router_weight = rng.fill(d * spec.experts, 4.0 / (d as f64).sqrt());
+        let base = [rng.fill(d * f, amp(d)), rng.fill(d * f, amp(d)), rng.fill(f * d, amp(f))];
+        let banks = spec.projections().map(|(name, lora)| {
+            let (n_in, n_out) = if name == "down" { (f, d) } else { (d, f) };
+            lora.map(|l| {
+                let r = l.ranks.total_rank();
+                (rng.fill(n_in * r, amp(n_in)), rng.fill(r * n_out, amp(r)))
+            })
+        });
+        Self { tokens, x, router_weight, base, banks }
+    }
+
+    /// Borrowed view for the reference, on `x`, a `[tokens, d]` slice (these tokens' rows or
+    /// others) with this block's weights.
+    pub fn inputs_on<'a>(&'a self, tokens: usize, x: &'a [T]) -> FfnInputs<'a, T> {
+        let [gate, up, down] = self.banks.each_ref().map(|b| b.as_ref().map(|(a, b)| (&a[..], &b[..])));
+        let [base_gate, base_up, base_down] = &self.base;
+        FfnInputs {
+            router_weight: Some(&self.router_weight),
+            gate_a: gate.map(|b| b.0),
+            gate_b: gate.map(|b| b.1),
+            up_a: up.map(|b| b.0),
+            up_b: up.map(|b| b.1),
+            down_a: down.map(|b| b.0),
+            down_b: down.map(|b| b.1),
+            ..FfnInputs::new(tokens, x, base_gate, base_up, base_down)
+        }
+    }
+
+    /// Borrowed view for the reference.
+    pub fn inputs(&self) -> FfnInputs<'_, T> {
+        self.inputs_on(self.tokens, &self.x)
     }
 }

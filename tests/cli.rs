@@ -26,7 +26,7 @@ fn info_and_bench_never_panic() {
     let (ok, text) = mole(&["info"]);
     assert!(ok && text.contains("CUDA driver:") && text.contains("NVRTC:"), "{text}");
     if mole::cuda::Device::new(0).is_err() {
-        for kind in ["grouped", "layer"] {
+        for kind in ["grouped", "layer", "ffn"] {
             let (ok, text) = mole(&["bench", kind]);
             assert!(ok && text.contains("no usable GPU"), "{kind}: {text}");
         }

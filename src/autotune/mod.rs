@@ -8,12 +8,18 @@
 //! - [`measure`](mod@measure): timing on the device through [`TunableRun`] (warm-up, L2 flush, CUDA events,
 //!   median) and [`prepare_run`], where each strategy plugs in.
 //! - [`tuner`]: [`tune_shape`], the search of one shape with its per-candidate [`Outcome`]s.
+//!
+//! Beside the search, what `mole run` and `mole bench` time on the device: [`DeviceLayer`] (a
+//! layer's synthetic tensors through the layer runtime) and [`DeviceFfn`] (an FFN-expert block's
+//! through the block runtime).
 
+mod device_ffn;
 mod device_layer;
 pub mod measure;
 pub mod space;
 pub mod tuner;
 
+pub use device_ffn::{block_work, BlockWork, DeviceFfn, FfnCheck, CHECK_TOKENS};
 pub use device_layer::DeviceLayer;
 pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};
 pub use space::{candidates, candidates_for, Pruner};

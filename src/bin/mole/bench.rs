@@ -13,6 +13,9 @@ pub enum BenchKind {
     /// Whole layers of every method through the chosen strategy, with the grouped path's time
     /// in the same run for the ratio.
     Layer(crate::bench_layer::LayerArgs),
+    /// MixLoRA's FFN-expert block (E = 8, r = 16, k = 2, SiLU) through the block runtime, with
+    /// the dense base FFN (its three cuBLAS products) timed in the same run for the overhead.
+    Ffn(crate::bench_ffn::FfnArgs),
 }
 
 #[derive(Args)]
@@ -47,6 +50,7 @@ pub fn run(kind: &BenchKind) -> Result<()> {
     match kind {
         BenchKind::Grouped(args) => grouped(&device, args, copy),
         BenchKind::Layer(args) => crate::bench_layer::layer(&device, args, copy),
+        BenchKind::Ffn(args) => crate::bench_ffn::ffn(&device, args, copy),
     }
 }
 

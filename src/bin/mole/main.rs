@@ -3,6 +3,7 @@
 
 mod autotune;
 mod bench;
+mod bench_ffn;
 mod bench_layer;
 mod check_kernels;
 mod gen_ptx;

@@ -202,6 +202,14 @@ pub(crate) fn report(o: &Outcome, tokens: usize, flops: f64, bytes: f64, referen
         bytes / o.time / 1e9,
         bytes / 1e6
     );
+    if let Some(copy) = o.copy_gbs {
+        let gbs = bytes / o.time / 1e9;
+        println!(
+            "throughput: {:.2} TFLOP/s useful; {gbs:.1} GB/s = {:.1}% of the measured copy bandwidth ({copy:.0} GB/s)",
+            flops / o.time / 1e12,
+            100.0 * gbs / copy
+        );
+    }
     println!("reference ({}): {:.3} ms", reference.0, reference.1 * 1e3);
     let Some(max_err) = o.max_err else {
         println!("check: none (this path is the f64 reference itself; a GPU runs the kernels)");
@@ -229,6 +237,9 @@ pub(crate) struct Outcome {
     pub(crate) tol: f64,
     /// Bytes per element of the data the path moves (the storage dtype, or 8 for f64).
     pub(crate) element_bytes: usize,
+    /// The device's measured copy bandwidth (GB/s), where the path reports its bandwidth and
+    /// TFLOP/s against it.
+    pub(crate) copy_gbs: Option<f64>,
 }
 
 /// The CPU path: the grouped formulation (per-expert segments of the routing plan, the strategy
@@ -243,7 +254,7 @@ fn cpu_path<T: KernelElement>(
     let tol = reference::tolerance_with(f64::EPSILON / 2.0, f64::EPSILON / 2.0, spec.d_in + spec.total_rank()) * 16.0;
     if spec.mix != Mix::ExpertScale {
         let path = "CPU dense reference (f64)".into();
-        return Ok(Outcome { path, max_err: None, time: ref_time, tol, element_bytes: 8 });
+        return Ok(Outcome { path, max_err: None, time: ref_time, tol, element_bytes: 8, copy_gbs: None });
     }
     let f = |v: &[T]| mole::dtype::to_f64_vec(v);
     let (x, a, b, y0) = (f(&data.x), f(&data.a), f(&data.b), f(&data.y));
@@ -262,7 +273,7 @@ fn cpu_path<T: KernelElement>(
     let y = reference::grouped_forward(&x, &y0, bank, routing, &plan);
     let time = start.elapsed().as_secs_f64();
     let max_err = Some(max_scaled_error(&y, &reference.y));
-    Ok(Outcome { path: "CPU grouped (f64)".into(), max_err, time, tol, element_bytes: 8 })
+    Ok(Outcome { path: "CPU grouped (f64)".into(), max_err, time, tol, element_bytes: 8, copy_gbs: None })
 }
 
 /// The GPU path: the layer runtime ([`mole::runtime`], through `DeviceLayer`) with the strategy
@@ -287,5 +298,5 @@ fn gpu_layer<T: KernelElement + DeviceRepr>(
     let (err, tol) = layer.check()?;
     let timing = mole::cuda::time_on_device(device, 3, 20, || layer.forward())?;
     let element_bytes = std::mem::size_of::<T>();
-    Ok(Outcome { path, max_err: Some(err), time: timing.median_ms() * 1e-3, tol, element_bytes })
+    Ok(Outcome { path, max_err: Some(err), time: timing.median_ms() * 1e-3, tol, element_bytes, copy_gbs: None })
 }

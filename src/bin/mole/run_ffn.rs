@@ -1,15 +1,21 @@
 //! `mole run --method mix-lora` (or `mix-lora-dynamic`): MixLoRA's FFN-expert block on synthetic
-//! inputs. On the CPU the f64 reference (`ffn_forward`: base gate and up once per token, the base
-//! down projection once on `a_mix`) is checked against the block as MixLoRA's code runs it (per
-//! expert: the tokens routed to it, its whole LoRA FFN, a weighted add; f64, no trick).
+//! inputs. With a GPU the block runtime (`CompiledFfn::forward_raw`: cuBLAS for the three dense
+//! projections, mole's kernels for the routing, the activation and the LoRA) is checked against
+//! the f64 reference and timed. On the CPU the f64 reference (`ffn_forward`: base gate and up
+//! once per token, the base down projection once on `a_mix`) is checked against the block as
+//! MixLoRA's code runs it (per expert: the tokens routed to it, its whole LoRA FFN, a weighted
+//! add; f64, no trick).
 
 use crate::run::{not_taken, report, Outcome, RunArgs};
+use cudarc::driver::DeviceRepr;
+use mole::autotune::DeviceFfn;
+use mole::cuda::{copy_bandwidth_gbs, time_on_device, Device};
 use mole::dtype::to_f64_vec;
 use mole::model::{FfnMethod, FfnShape, FfnSpec};
 use mole::reference::linalg::matmul;
-use mole::reference::{ffn_forward, max_scaled_error, tolerance_with, FfnInputs, Routing};
-use mole::synth::Rng;
-use mole::{limits, DType, Result, Scalar};
+use mole::reference::{ffn_forward, max_scaled_error, tolerance_with, Routing};
+use mole::synth::SyntheticFfn;
+use mole::{limits, DType, KernelElement, Result, Scalar};
 use std::time::Instant;
 
 /// The multiply-adds a default CPU run spends on the block, about 20 s on 2 cores: the
@@ -42,12 +48,20 @@ fn cpu_tokens(method: FfnMethod, shape: &FfnShape) -> usize {
     ((CPU_RUN_MADDS / per_token) as usize).clamp(1, 2048)
 }
 
+/// Tokens of a GPU run without `--tokens`.
+const GPU_TOKENS: usize = 2048;
+
 pub fn run(method: FfnMethod, args: &RunArgs) -> Result<()> {
     let shape = block_shape(method, args)?;
     let spec = method.spec(shape)?;
-    let tokens = match args.tokens {
-        Some(t) => t,
-        None => {
+    let device = mole::cuda::Device::new(0);
+    let tokens = match (args.tokens, &device) {
+        (Some(t), _) => t,
+        (None, Ok(_)) => {
+            println!("tokens: {GPU_TOKENS} (no --tokens: the GPU default)");
+            GPU_TOKENS
+        }
+        (None, Err(_)) => {
             let t = cpu_tokens(method, &shape);
             println!(
                 "tokens: {t} (no --tokens: on the CPU the f64 reference and its per-expert check run \
@@ -71,24 +85,71 @@ pub fn run(method: FfnMethod, args: &RunArgs) -> Result<()> {
         println!("tokens = 0: nothing to run (a no-op), so no time or throughput to report");
         return Ok(());
     }
-    // GPU: the block runtime (added with the kernels)
-    println!("backend: CPU (the f64 block; the block's GPU path is not in this build)");
-    match args.dtype {
-        DType::F32 => run_typed::<f32>(&spec, tokens, args),
-        DType::F16 => run_typed::<half::f16>(&spec, tokens, args),
-        DType::BF16 => run_typed::<half::bf16>(&spec, tokens, args),
+    match device {
+        Ok(device) => {
+            println!(
+                "backend: GPU {} (the block runtime: cuBLAS for the dense projections, mole kernels)",
+                device.name()
+            );
+            match args.dtype {
+                DType::F32 => gpu_typed::<f32>(&device, &spec, tokens, args),
+                DType::F16 => gpu_typed::<half::f16>(&device, &spec, tokens, args),
+                DType::BF16 => gpu_typed::<half::bf16>(&device, &spec, tokens, args),
+            }
+        }
+        Err(e) => {
+            println!("backend: CPU ({e})");
+            match args.dtype {
+                DType::F32 => run_typed::<f32>(&spec, tokens, args),
+                DType::F16 => run_typed::<half::f16>(&spec, tokens, args),
+                DType::BF16 => run_typed::<half::bf16>(&spec, tokens, args),
+            }
+        }
     }
+}
+
+/// The GPU path: the block runtime on device copies of the synthetic inputs, checked against the
+/// f64 reference on at most `mole::autotune::CHECK_TOKENS` tokens spread over the batch (`DeviceFfn::check`:
+/// tolerance from the dtype and the reductions over d and f), timed as the median of 20
+/// event-timed forwards.
+fn gpu_typed<T: KernelElement + DeviceRepr>(
+    device: &Device,
+    spec: &FfnSpec,
+    tokens: usize,
+    args: &RunArgs,
+) -> Result<()> {
+    let what = format!("mole run --tokens {tokens} --d {} --f {} (the block's inputs)", spec.d, spec.f);
+    limits::check_host(&what, SyntheticFfn::<T>::bytes(spec, tokens)?)?;
+    let data = SyntheticFfn::<T>::new(spec, tokens, args.seed);
+    let mut block = DeviceFfn::new(device, spec, &data, tokens)?;
+    let check = block.check()?;
+    let work = block.work()?;
+    let timing = time_on_device(device, 3, 20, || block.forward())?;
+    let copy_gbs = copy_bandwidth_gbs(device, 1 << 30)?;
+    let outcome = Outcome {
+        path: "GPU FFN block (cuBLAS + mole kernels)".into(),
+        max_err: Some(check.error),
+        time: timing.median_ms() * 1e-3,
+        tol: check.tolerance,
+        element_bytes: T::DTYPE.size_bytes(),
+        copy_gbs: Some(copy_gbs),
+    };
+    let label = format!(
+        "f64 on {} of the {tokens} tokens, spread over the batch; the worst {} left out",
+        check.tokens, check.left_out
+    );
+    report(&outcome, tokens, work.flops, work.bytes, (&label, check.reference_seconds))
 }
 
 fn run_typed<T: Scalar>(spec: &FfnSpec, tokens: usize, args: &RunArgs) -> Result<()> {
     // The synthetic inputs, then the f64 copies of the reference and of the check, before any.
-    let f64_copies = BlockData::<f64>::bytes(spec, tokens)?.saturating_mul(2);
+    let f64_copies = SyntheticFfn::<f64>::bytes(spec, tokens)?.saturating_mul(2);
     let outputs = limits::Footprint::new().add("y and a_mix, twice", &[4, tokens, spec.d + spec.f], 8)?.bytes();
-    let need = BlockData::<T>::bytes(spec, tokens)?.saturating_add(f64_copies).saturating_add(outputs);
+    let need = SyntheticFfn::<T>::bytes(spec, tokens)?.saturating_add(f64_copies).saturating_add(outputs);
     let what =
         format!("mole run --tokens {tokens} --d {} --f {} (inputs, the f64 reference and its check)", spec.d, spec.f);
     limits::check_host(&what, need)?;
-    let data = BlockData::<T>::new(spec, tokens, args.seed);
+    let data = SyntheticFfn::<T>::new(spec, tokens, args.seed);
 
     let start = Instant::now();
     let reference = ffn_forward(spec, &data.inputs())?;
@@ -99,8 +160,8 @@ fn run_typed<T: Scalar>(spec: &FfnSpec, tokens: usize, args: &RunArgs) -> Result
     let max_err = Some(max_scaled_error(&y, &reference.y));
     // Both sides are f64: the bound is f64 roundoff over the longest reduction.
     let tol = tolerance_with(f64::EPSILON / 2.0, f64::EPSILON / 2.0, spec.d + spec.f) * 16.0;
-    let outcome =
-        Outcome { path: "CPU per expert, as MixLoRA runs it (f64)".into(), max_err, time, tol, element_bytes: 8 };
+    let path = "CPU per expert, as MixLoRA runs it (f64)".into();
+    let outcome = Outcome { path, max_err, time, tol, element_bytes: 8, copy_gbs: None };
 
     // Useful work: the base gate, up and down once per token, every selected expert's LoRA.
     let (t, d, f) = (tokens as f64, spec.d as f64, spec.f as f64);
@@ -112,68 +173,10 @@ fn run_typed<T: Scalar>(spec: &FfnSpec, tokens: usize, args: &RunArgs) -> Result
     report(&outcome, tokens, flops, bytes, ("f64, base down once on a_mix", ref_time))
 }
 
-/// Random block inputs with a trained layer's magnitudes: unit-scale activations, weights scaled
-/// by `1/sqrt(fan_in)`, router logits spread over a few units. The presets' router has no bias.
-struct BlockData<T> {
-    tokens: usize,
-    x: Vec<T>,
-    router_weight: Vec<T>,
-    /// `base.gate [d, f]`, `base.up [d, f]`, `base.down [f, d]`.
-    base: [Vec<T>; 3],
-    /// `(A, B)` of the gate, up and down projections that have LoRA.
-    banks: [Option<(Vec<T>, Vec<T>)>; 3],
-}
-
-impl<T: Scalar> BlockData<T> {
-    /// The bytes [`BlockData::new`] allocates (checked arithmetic).
-    fn bytes(spec: &FfnSpec, tokens: usize) -> Result<u64> {
-        let el = std::mem::size_of::<T>();
-        let rank = spec.projections().iter().filter_map(|(_, l)| *l).map(|l| l.ranks.total_rank()).sum::<usize>();
-        Ok(limits::Footprint::new()
-            .add("x [T, d]", &[tokens, spec.d], el)?
-            .add("router [d, E]", &[spec.d, spec.experts], el)?
-            .add("base weights", &[3, spec.d, spec.f], el)?
-            .add("LoRA banks", &[rank, spec.d + spec.f], el)?
-            .bytes())
-    }
-
-    fn new(spec: &FfnSpec, tokens: usize, seed: u64) -> Self {
-        let mut rng = Rng::new(seed);
-        let (d, f) = (spec.d, spec.f);
-        let amp = |fan_in: usize| 3f64.sqrt() / (fan_in.max(1) as f64).sqrt();
-        let x = rng.fill(tokens * d, 1.0);
-        let router_weight = rng.fill(d * spec.experts, 4.0 / (d as f64).sqrt());
-        let base = [rng.fill(d * f, amp(d)), rng.fill(d * f, amp(d)), rng.fill(f * d, amp(f))];
-        let banks = spec.projections().map(|(name, lora)| {
-            let (n_in, n_out) = if name == "down" { (f, d) } else { (d, f) };
-            lora.map(|l| {
-                let r = l.ranks.total_rank();
-                (rng.fill(n_in * r, amp(n_in)), rng.fill(r * n_out, amp(r)))
-            })
-        });
-        Self { tokens, x, router_weight, base, banks }
-    }
-
-    fn inputs(&self) -> FfnInputs<'_, T> {
-        let [gate, up, down] = self.banks.each_ref().map(|b| b.as_ref().map(|(a, b)| (&a[..], &b[..])));
-        let [base_gate, base_up, base_down] = &self.base;
-        FfnInputs {
-            router_weight: Some(&self.router_weight),
-            gate_a: gate.map(|b| b.0),
-            gate_b: gate.map(|b| b.1),
-            up_a: up.map(|b| b.0),
-            up_b: up.map(|b| b.1),
-            down_a: down.map(|b| b.0),
-            down_b: down.map(|b| b.1),
-            ..FfnInputs::new(self.tokens, &self.x, base_gate, base_up, base_down)
-        }
-    }
-}
-
 /// The block as MixLoRA's code runs it (`MixtralSparseMoe.forward`): per expert, the tokens routed
 /// to it, its whole LoRA FFN on them (`act(x·W_g + s·x·A_g·B_g) ⊙ (x·W_u + ...)`, then the down
 /// projection with its LoRA), and `y[token] += w · out`; f64, the base down once per slot.
-fn per_expert<T: Scalar>(spec: &FfnSpec, data: &BlockData<T>, routing: &Routing) -> Vec<f64> {
+fn per_expert<T: Scalar>(spec: &FfnSpec, data: &SyntheticFfn<T>, routing: &Routing) -> Vec<f64> {
     let (d, f) = (spec.d, spec.f);
     let x = to_f64_vec(&data.x);
     let base = data.base.each_ref().map(|w| to_f64_vec(w));
