@@ -47,9 +47,23 @@ pub fn tolerance(dtype: DType, reduction_len: usize) -> f64 {
     tolerance_with(dtype.unit_roundoff(), f64::powi(2.0, -24), reduction_len)
 }
 
-/// Max of `|got - want| / (1 + |want|)`.
+/// Max of `|got - want| / (1 + |want|)`: 0 where the two are equal (infinities included) or both
+/// NaN, infinite where only one is NaN or they are different infinities (a NaN never hides).
 pub fn max_scaled_error(got: &[f64], want: &[f64]) -> f64 {
-    got.iter().zip(want).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0.0, f64::max)
+    let err = |g: f64, w: f64| {
+        if g == w || (g.is_nan() && w.is_nan()) {
+            0.0 // equal, infinities included
+        } else {
+            let e = (g - w).abs() / (1.0 + w.abs());
+            // A NaN where a number (or another infinity) was expected is as wrong as it gets.
+            if e.is_nan() {
+                f64::INFINITY
+            } else {
+                e
+            }
+        }
+    };
+    got.iter().zip(want).map(|(&g, &w)| err(g, w)).fold(0.0, f64::max)
 }
 
 /// [`tolerance`] for explicit storage (`u_store`) and accumulation (`u_acc`) unit roundoffs.
@@ -62,6 +76,15 @@ pub fn tolerance_with(u_store: f64, u_acc: f64, reduction_len: usize) -> f64 {
 mod tests {
     use super::layer::host_bytes;
     use super::*;
+
+    #[test]
+    fn a_nan_or_a_wrong_infinity_is_an_infinite_error() {
+        assert_eq!(max_scaled_error(&[1.0, 3.0], &[1.0, 1.0]), 1.0);
+        assert_eq!(max_scaled_error(&[f64::NAN, 1.0], &[1.0, 1.0]), f64::INFINITY);
+        assert_eq!(max_scaled_error(&[1.0], &[f64::NAN]), f64::INFINITY);
+        assert_eq!(max_scaled_error(&[f64::INFINITY], &[f64::NEG_INFINITY]), f64::INFINITY);
+        assert_eq!(max_scaled_error(&[f64::INFINITY, f64::NAN], &[f64::INFINITY, f64::NAN]), 0.0);
+    }
 
     #[test]
     fn tolerance_grows_with_length_and_coarser_dtype() {
