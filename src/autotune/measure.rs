@@ -172,6 +172,9 @@ pub fn prepare_run<'d>(
     let family = match strategy {
         Strategy::Grouped => Family::Sgmv,
         Strategy::Fused | Strategy::FusedSplit => Family::Fused,
+        Strategy::FfnBlock => {
+            return Err(MoleError::param("strategy", strategy, "runs an FFN-expert block, not a layer"))
+        }
     };
     if build.family() != family {
         return Err(MoleError::param("build", build, "is not a build of the strategy's kernel family"));
