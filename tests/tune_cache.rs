@@ -332,7 +332,7 @@ fn autotune_without_a_gpu_says_so_and_exits_cleanly() {
     }
     let cache = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mole"))
-        .args(["autotune", "--model", "llama3-8b", "--method", "mix-lora-per-linear,comol"])
+        .args(["autotune", "--model", "llama3-8b", "--method", "mix-lora-per-linear,comol,mix-lora"])
         .env("MOLE_CACHE_DIR", cache.path())
         .output()
         .unwrap();
@@ -342,5 +342,7 @@ fn autotune_without_a_gpu_says_so_and_exits_cleanly() {
     assert!(!cache.path().join(TUNING_SUBDIR).exists(), "nothing may be written without a GPU");
     // Bad input is still an error.
     let out = Command::new(env!("CARGO_BIN_EXE_mole")).args(["autotune", "--model", "gpt-5"]).output().unwrap();
+    assert!(!out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_mole")).args(["autotune", "--method", "mix-lora-x"]).output().unwrap();
     assert!(!out.status.success());
 }

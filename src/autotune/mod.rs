@@ -7,14 +7,17 @@
 //!   default) and their pruning before any timing.
 //! - [`measure`](mod@measure): timing on the device through [`TunableRun`] (warm-up, L2 flush, CUDA events,
 //!   median) and [`prepare_run`], where each strategy plugs in.
-//! - [`tuner`]: [`tune_shape`], the search of one shape with its per-candidate [`Outcome`]s.
+//! - [`tuner`]: [`tune_shape`] (a layer) and [`tune_block`] (an FFN-expert block, through
+//!   [`DeviceFfn`]), the search of one shape with its per-candidate [`Outcome`]s.
 
+mod device_ffn;
 mod device_layer;
 pub mod measure;
 pub mod space;
 pub mod tuner;
 
+pub use device_ffn::{check_tokens, DeviceFfn};
 pub use device_layer::DeviceLayer;
 pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};
-pub use space::{candidates, candidates_for, Pruner};
-pub use tuner::{tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};
+pub use space::{block_candidates, candidates, candidates_for, Pruner};
+pub use tuner::{tune_block, tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};

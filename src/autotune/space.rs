@@ -167,11 +167,17 @@ impl Pruner {
 
     /// The verdict on `candidate`: a verbose cubin compile with NVRTC, then [`prune_compiled`].
     pub fn screen(&mut self, candidate: &Candidate) -> Screen {
-        if let Some(s) = self.seen.get(&candidate.build) {
+        self.screen_build(&candidate.build)
+    }
+
+    /// The verdict on one build (a block candidate's SGMV pair is screened as well as its ffn
+    /// build).
+    pub fn screen_build(&mut self, build: &KernelBuild) -> Screen {
+        if let Some(s) = self.seen.get(build) {
             return s.clone();
         }
-        let verdict = screen_build(&candidate.build, self.arch);
-        self.seen.insert(candidate.build.clone(), verdict.clone());
+        let verdict = screen_build(build, self.arch);
+        self.seen.insert(build.clone(), verdict.clone());
         verdict
     }
 }
