@@ -1,6 +1,5 @@
-//! Deterministic synthetic layer and FFN-block data: random non-zero inputs of the right shapes
-//! for any layer spec and the block presets, for the main job, tests and benchmarks (never
-//! all-zero data).
+//! Deterministic synthetic layer data: random non-zero inputs of the right shapes for any spec,
+//! for the main job, tests and benchmarks (never all-zero data).
 
 use crate::dtype::Scalar;
 use crate::model::{FfnSpec, Gating, LayerInputs, LayerSpec, Mix, Router};
@@ -46,6 +45,42 @@ impl Rng {
     }
 }
 
+/// Random inputs of a gating over `e` experts, drawn from `rng` in field order: the router's
+/// weight (`[d_in, E]` for an x router, `[r, E]` for an h router) and bias, logits, given
+/// weights, adapter ids (about one token in eight has none), selection bias.
+struct GatingData<T> {
+    router_weight: Option<Vec<T>>,
+    router_bias: Option<Vec<T>>,
+    logits: Option<Vec<T>>,
+    weights: Option<Vec<T>>,
+    adapter_ids: Option<Vec<i32>>,
+    selection_bias: Option<Vec<T>>,
+}
+
+impl<T: Scalar> GatingData<T> {
+    fn new(rng: &mut Rng, gating: Gating, tokens: usize, d_in: usize, r: usize, e: usize) -> Self {
+        let inv_sqrt = |n: usize| 1.0 / (n.max(1) as f64).sqrt();
+        let (router, rule) = match gating {
+            Gating::Routed { router, rule } => (Some(router), Some(rule)),
+            _ => (None, None),
+        };
+        let router_weight = match router {
+            Some(Router::X { .. }) => Some(rng.fill(d_in * e, 4.0 * inv_sqrt(d_in))),
+            Some(Router::H { .. }) => Some(rng.fill(r * e, 4.0 * inv_sqrt(r))),
+            _ => None,
+        };
+        let router_bias =
+            matches!(router, Some(Router::X { bias: true } | Router::H { bias: true })).then(|| rng.fill(e, 0.5));
+        let logits = (router == Some(Router::Logits)).then(|| rng.fill(tokens * e, 3.0));
+        let weights = matches!(gating, Gating::Given { .. })
+            .then(|| (0..tokens * e).map(|_| T::from_f64(rng.range(0.0, 1.0))).collect());
+        let adapter_ids = (gating == Gating::AdapterIds)
+            .then(|| (0..tokens).map(|_| if rng.below(8) == 0 { -1 } else { rng.below(e) as i32 }).collect());
+        let selection_bias = rule.filter(|r| r.uses_selection_bias()).map(|_| rng.fill(e, 0.1));
+        GatingData { router_weight, router_bias, logits, weights, adapter_ids, selection_bias }
+    }
+}
+
 /// Owned random inputs for one layer call.
 #[derive(Clone, Debug)]
 pub struct SyntheticLayer<T> {
@@ -86,20 +121,8 @@ impl<T: Scalar> SyntheticLayer<T> {
         let a = rng.fill(spec.d_in * r, 3f64.sqrt() * inv_sqrt(spec.d_in));
         let b = rng.fill(r * spec.d_out, 3f64.sqrt() * inv_sqrt(r));
         let y = rng.fill(tokens * spec.d_out, 1.0);
-        let router = spec.router();
-        let router_weight = match router {
-            Some(Router::X { .. }) => Some(rng.fill(spec.d_in * e, 4.0 * inv_sqrt(spec.d_in))),
-            Some(Router::H { .. }) => Some(rng.fill(r * e, 4.0 * inv_sqrt(r))),
-            _ => None,
-        };
-        let router_bias =
-            matches!(router, Some(Router::X { bias: true } | Router::H { bias: true })).then(|| rng.fill(e, 0.5));
-        let logits = (router == Some(Router::Logits)).then(|| rng.fill(tokens * e, 3.0));
-        let weights = matches!(spec.gating, Gating::Given { .. })
-            .then(|| (0..tokens * e).map(|_| T::from_f64(rng.range(0.0, 1.0))).collect());
-        let adapter_ids = (spec.gating == Gating::AdapterIds)
-            .then(|| (0..tokens).map(|_| if rng.below(8) == 0 { -1 } else { rng.below(e) as i32 }).collect());
-        let selection_bias = spec.rule().filter(|r| r.uses_selection_bias()).map(|_| rng.fill(e, 0.1));
+        let GatingData { router_weight, router_bias, logits, weights, adapter_ids, selection_bias } =
+            GatingData::new(&mut rng, spec.gating, tokens, spec.d_in, r, e);
         let cores = matches!(spec.mix, Mix::CoreMerge { .. })
             .then(|| rng.fill(spec.core_count() * r * r, 3f64.sqrt() * inv_sqrt(r)));
         Self { tokens, x, a, b, y, router_weight, router_bias, logits, weights, adapter_ids, selection_bias, cores }
@@ -138,44 +161,43 @@ impl<T: Scalar> SyntheticLayer<T> {
     }
 }
 
-/// Owned random inputs for one FFN-expert block call with an `x` router without bias (the block
-/// presets, [`crate::model::FfnMethod`]), with a trained layer's magnitudes: unit-scale
-/// activations, weights scaled by `1/sqrt(fan_in)`, router logits spread over a few units.
+/// Owned random inputs for one FFN-expert block call ([`FfnSpec`]'s tensor contract), with a
+/// trained block's magnitudes: unit-scale activations, weights scaled by `1/sqrt(fan_in)`,
+/// router logits spread over a few units.
 #[derive(Clone, Debug)]
 pub struct SyntheticFfn<T> {
     /// Number of tokens.
     pub tokens: usize,
     /// `x [T, d]`.
     pub x: Vec<T>,
-    /// `router_weight [d, E]`.
-    pub router_weight: Vec<T>,
     /// `base_gate [d, f]`, `base_up [d, f]`, `base_down [f, d]`.
     pub base: [Vec<T>; 3],
     /// `(A, B)` of the gate, up and down projections that have LoRA.
     pub banks: [Option<(Vec<T>, Vec<T>)>; 3],
+    /// Router weight when the gating has an x router.
+    pub router_weight: Option<Vec<T>>,
+    /// Router bias when the router asks for one.
+    pub router_bias: Option<Vec<T>>,
+    /// Logits for the logits router.
+    pub logits: Option<Vec<T>>,
+    /// Given weights for given gating.
+    pub weights: Option<Vec<T>>,
+    /// Adapter ids for adapter gating.
+    pub adapter_ids: Option<Vec<i32>>,
+    /// Selection bias when the rule asks for one.
+    pub selection_bias: Option<Vec<T>>,
+    /// `d` and `E`, to slice per-token tensors.
+    d: usize,
+    experts: usize,
 }
 
 impl<T: Scalar> SyntheticFfn<T> {
-    /// The bytes [`SyntheticFfn::new`] allocates (checked arithmetic; check it with
-    /// [`crate::limits::check_host`] before calling `new` on sizes that come from a user).
-    pub fn bytes(spec: &FfnSpec, tokens: usize) -> crate::Result<u64> {
-        let el = std::mem::size_of::<T>();
-        let rank = spec.projections().iter().filter_map(|(_, l)| *l).map(|l| l.ranks.total_rank()).sum::<usize>();
-        Ok(crate::limits::Footprint::new()
-            .add("x [T, d]", &[tokens, spec.d], el)?
-            .add("router [d, E]", &[spec.d, spec.experts], el)?
-            .add("base weights", &[3, spec.d, spec.f], el)?
-            .add("LoRA banks", &[rank, spec.d + spec.f], el)?
-            .bytes())
-    }
-
-    /// Random inputs for `spec` on `tokens` tokens from `seed`.
+    /// Random inputs of `spec` over `tokens` tokens.
     pub fn new(spec: &FfnSpec, tokens: usize, seed: u64) -> Self {
-        let mut rng = Rng::new(seed);
-        let (d, f) = (spec.d, spec.f);
+        let (d, f, e) = (spec.d, spec.f, spec.experts);
         let amp = |fan_in: usize| 3f64.sqrt() / (fan_in.max(1) as f64).sqrt();
+        let mut rng = Rng::new(seed);
         let x = rng.fill(tokens * d, 1.0);
-        let router_weight = rng.fill(d * spec.experts, 4.0 / (d as f64).sqrt());
         let base = [rng.fill(d * f, amp(d)), rng.fill(d * f, amp(d)), rng.fill(f * d, amp(f))];
         let banks = spec.projections().map(|(name, lora)| {
             let (n_in, n_out) = if name == "down" { (f, d) } else { (d, f) };
@@ -184,28 +206,96 @@ impl<T: Scalar> SyntheticFfn<T> {
                 (rng.fill(n_in * r, amp(n_in)), rng.fill(r * n_out, amp(r)))
             })
         });
-        Self { tokens, x, router_weight, base, banks }
+        let GatingData { router_weight, router_bias, logits, weights, adapter_ids, selection_bias } =
+            GatingData::new(&mut rng, spec.gating, tokens, d, 0, e);
+        Self {
+            tokens,
+            x,
+            base,
+            banks,
+            router_weight,
+            router_bias,
+            logits,
+            weights,
+            adapter_ids,
+            selection_bias,
+            d,
+            experts: e,
+        }
     }
 
-    /// Borrowed view for the reference, on `x`, a `[tokens, d]` slice (these tokens' rows or
-    /// others) with this block's weights.
-    pub fn inputs_on<'a>(&'a self, tokens: usize, x: &'a [T]) -> FfnInputs<'a, T> {
+    /// The bytes [`SyntheticFfn::new`] allocates for `spec` on `tokens` tokens (checked
+    /// arithmetic).
+    pub fn bytes(spec: &FfnSpec, tokens: usize) -> crate::Result<u64> {
+        let el = std::mem::size_of::<T>();
+        let rank: usize = spec.projections().iter().filter_map(|(_, l)| *l).map(|l| l.ranks.total_rank()).sum();
+        Ok(crate::limits::Footprint::new()
+            .add("x [T, d]", &[tokens, spec.d], el)?
+            .add("base weights", &[3, spec.d, spec.f], el)?
+            .add("LoRA banks", &[rank, spec.d + spec.f], el)?
+            .add("router weight, logits or weights", &[tokens.max(spec.d), spec.experts], el)?
+            .add("adapter ids", &[tokens], 4)?
+            .bytes())
+    }
+
+    /// The first `tokens` tokens (at most [`SyntheticFfn::tokens`]) with the same weights: the
+    /// data of a smaller batch without drawing the weights again.
+    pub fn prefix(&self, tokens: usize) -> Self {
+        let (t, e) = (tokens.min(self.tokens), self.experts);
+        let rows = |v: &Option<Vec<T>>, width: usize| v.as_ref().map(|v| v[..t * width].to_vec());
+        SyntheticFfn {
+            tokens: t,
+            x: self.x[..t * self.d].to_vec(),
+            logits: rows(&self.logits, e),
+            weights: rows(&self.weights, e),
+            adapter_ids: self.adapter_ids.as_ref().map(|v| v[..t].to_vec()),
+            ..self.clone()
+        }
+    }
+
+    /// Borrowed view of the first `tokens` tokens (at most [`SyntheticFfn::tokens`]) for the
+    /// reference: a token's output depends on its own inputs only, so the reference of a prefix
+    /// is the prefix of the whole's.
+    pub fn inputs(&self, tokens: usize) -> FfnInputs<'_, T> {
+        let (t, e) = (tokens.min(self.tokens), self.experts);
         let [gate, up, down] = self.banks.each_ref().map(|b| b.as_ref().map(|(a, b)| (&a[..], &b[..])));
         let [base_gate, base_up, base_down] = &self.base;
         FfnInputs {
-            router_weight: Some(&self.router_weight),
+            router_weight: self.router_weight.as_deref(),
+            router_bias: self.router_bias.as_deref(),
+            logits: self.logits.as_deref().map(|v| &v[..t * e]),
+            weights: self.weights.as_deref().map(|v| &v[..t * e]),
+            adapter_ids: self.adapter_ids.as_deref().map(|v| &v[..t]),
+            selection_bias: self.selection_bias.as_deref(),
             gate_a: gate.map(|b| b.0),
             gate_b: gate.map(|b| b.1),
             up_a: up.map(|b| b.0),
             up_b: up.map(|b| b.1),
             down_a: down.map(|b| b.0),
             down_b: down.map(|b| b.1),
-            ..FfnInputs::new(tokens, x, base_gate, base_up, base_down)
+            ..FfnInputs::new(t, &self.x[..t * self.d], base_gate, base_up, base_down)
         }
     }
+}
 
-    /// Borrowed view for the reference.
-    pub fn inputs(&self) -> FfnInputs<'_, T> {
-        self.inputs_on(self.tokens, &self.x)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Activation, FfnMethod, FfnShape};
+
+    /// The reference of the first `n` tokens is the first `n` rows of the whole batch's (what
+    /// the autotuner's block check relies on), and the data is not all zero.
+    #[test]
+    fn a_block_prefix_has_the_prefix_of_the_reference() {
+        for method in FfnMethod::ALL {
+            let shape = FfnShape { d: 24, f: 40, experts: 4, rank: 4, k: 2, alpha: 8.0, activation: Activation::Gelu };
+            let spec = method.spec(shape).unwrap();
+            let data = SyntheticFfn::<f32>::new(&spec, 30, 7);
+            let whole = crate::reference::ffn_forward(&spec, &data.inputs(30)).unwrap().y;
+            let part = crate::reference::ffn_forward(&spec, &data.inputs(11)).unwrap().y;
+            assert_eq!(part, whole[..11 * 24], "{method}");
+            assert!(whole.iter().any(|v| v.abs() > 0.1), "{method}");
+            assert_eq!(data.inputs(100).tokens, 30);
+        }
     }
 }

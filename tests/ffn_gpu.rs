@@ -51,7 +51,7 @@ impl<T: KernelElement + DeviceRepr> OnDevice<T> {
     fn new(stream: &Arc<CudaStream>, data: &SyntheticFfn<T>, workspace_bytes: usize) -> Self {
         let put = |v: &[T]| stream.clone_htod(v).unwrap();
         let ptr = |s: &CudaSlice<T>| s.device_ptr(stream).0;
-        let mut inputs = vec![put(&data.x), put(&data.router_weight)];
+        let mut inputs = vec![put(&data.x), put(data.router_weight.as_deref().expect("the block presets route on x"))];
         let base: Vec<CudaSlice<T>> = data.base.iter().map(|w| put(w)).collect();
         let mut banks = [(0, 0); 3];
         for (i, bank) in data.banks.iter().enumerate() {
@@ -128,7 +128,7 @@ fn forward_matches<T: KernelElement + DeviceRepr>(device: &Device, spec: &FfnSpe
     let ffn = CompiledFfn::new(device, spec, T::DTYPE).unwrap();
     for tokens in token_counts() {
         let data = SyntheticFfn::<T>::new(spec, tokens, seed + tokens as u64);
-        let want = ffn_forward(spec, &data.inputs()).unwrap();
+        let want = ffn_forward(spec, &data.inputs(data.tokens)).unwrap();
         let mut u = OnDevice::new(stream, &data, ffn.workspace_bytes(tokens).unwrap());
         // SAFETY: every pointer is a live allocation of the device's context holding its tensor;
         // the workspace has the bytes the plan needs; all on the device's stream.
@@ -198,7 +198,7 @@ fn caller_gemm_is_bitwise_the_forward<T: KernelElement + DeviceRepr>(device: &De
         caller_gemm(device, blas, &ffn, tokens, &u);
         let what = format!("{} {} T={tokens}", spec.activation, T::DTYPE);
         assert_eq!(bits(&u.y(stream)), bits(&forward), "{what}: the caller-GEMM path differs");
-        let want = ffn_forward(spec, &data.inputs()).unwrap();
+        let want = ffn_forward(spec, &data.inputs(data.tokens)).unwrap();
         assert_matches(spec, &forward, &want, &what);
     }
 }
@@ -238,7 +238,7 @@ fn reruns_are_bit_identical() {
                 Some(f) => assert_eq!(&y, f, "{method}: run {run} differs from the first"),
             }
         }
-        let want = ffn_forward(&spec, &data.inputs()).unwrap();
+        let want = ffn_forward(&spec, &data.inputs(data.tokens)).unwrap();
         assert_matches(&spec, &u.y(stream), &want, &format!("{method} reruns"));
     }
 }

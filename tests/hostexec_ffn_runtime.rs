@@ -170,3 +170,40 @@ fn both_block_presets_run_through_the_runtime_sequence() {
         }
     }
 }
+
+/// A tuning file holding the bm-16 ffn build for the block's bucket: the planner plans with it
+/// and its SGMV pair (the host execution layer compiles default builds only, so the plan's
+/// contents are checked here, not its execution); the other buckets keep the defaults that the
+/// sequence above runs.
+#[test]
+fn a_tuned_block_plans_with_the_cached_build_and_its_sgmv_pair() {
+    use mole::kernels::{ffn, sgmv};
+    use mole::tune::{Candidate, GpuId, Provenance, ShapeKey, Strategy, TunedEntry, TuningCache, TuningFile};
+    use mole::DType;
+    let s = spec(FfnMethod::MixLora, Activation::Gelu);
+    let small = ffn::build(DType::BF16, ffn::CONFIG_CANDIDATES.into_iter().find(|c| c.bm == 16).unwrap());
+    let gpu = GpuId { name: "NVIDIA H100 80GB HBM3".into(), compute_capability: (9, 0), sm_count: 132 };
+    let p = Provenance::current();
+    let key = ShapeKey::for_ffn(&s, DType::BF16, 45);
+    let entry =
+        TunedEntry::new(key, Candidate { strategy: Strategy::FfnBlock, build: small.clone() }, 1.0, None, 1.0, &p);
+    let file = TuningFile { format_version: mole::tune::FORMAT_VERSION, gpu: gpu.clone(), entries: vec![entry] };
+    let text = serde_json::to_string(&file).unwrap();
+    let (cache, warnings) = TuningCache::load_with(&gpu, None, &[(gpu.file_name().as_str(), text.as_str())], &p);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let planner = FfnPlanner::new(&s, DType::BF16).unwrap().with_tuning(Some(cache));
+    let pair = sgmv::build(DType::BF16, sgmv::CONFIG_CANDIDATES.into_iter().find(|c| c.bm == 16).unwrap());
+    for tokens in [33, 45, 64] {
+        let plan = planner.plan(tokens).unwrap();
+        assert_eq!((&plan.ffn.0, &plan.sgmv_build), (&small, &pair), "T={tokens}");
+        assert_eq!(plan.source, mole::runtime::ChoiceSource::Tuned);
+        // The builds the plan launches are the pair, the plans padded to its tile.
+        assert!(plan.builds().contains(&&small) && plan.builds().contains(&&pair));
+        assert_eq!(plan.grouping.1.entry_stride, sgmv::entry_capacity(tokens, s.experts, 16));
+        assert_eq!(plan.ffn.1.gate.as_ref().unwrap().config.bm, 16);
+    }
+    // T = 9 is another bucket: the defaults, as the sequence test runs them.
+    let plan = planner.plan(9).unwrap();
+    assert_eq!(plan.ffn.0, ffn::build(DType::BF16, ffn::FfnConfig::DEFAULT));
+    assert_eq!(plan.sgmv_build, sgmv::build(DType::BF16, sgmv::SgmvConfig::DEFAULT));
+}

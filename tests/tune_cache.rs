@@ -76,6 +76,43 @@ fn round_trip_through_the_user_folder() {
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
 }
 
+/// A block's entry and a layer's of the same dimensions live side by side in one file, each
+/// found under its own key (the token bucket as for layers), never under the other's.
+#[test]
+fn block_and_layer_entries_share_the_file_under_distinct_keys() {
+    use mole::autotune::space::block_candidates;
+    use mole::model::{Activation, FfnMethod, FfnShape};
+    let dir = tempfile::tempdir().unwrap();
+    let p = provenance();
+    let shape = FfnShape { d: 64, f: 48, experts: 8, rank: 4, k: 2, alpha: 8.0, activation: Activation::Silu };
+    let block = FfnMethod::MixLora.spec(shape).unwrap();
+    let block_key = ShapeKey::for_ffn(&block, DType::BF16, 100);
+    let layer_key = ShapeKey::new(
+        &Method::MixLoraPerLinear
+            .spec(MethodShape { d_in: 64, d_out: 48, experts: 8, rank: 4, k: 2, alpha: 8.0 })
+            .unwrap(),
+        DType::BF16,
+        100,
+    );
+    let block_entry = TunedEntry::new(block_key.clone(), block_candidates(DType::BF16)[2].clone(), 1.0, None, 1.0, &p);
+    let layer_entry = TunedEntry::new(layer_key.clone(), candidates(DType::BF16)[1].clone(), 2.0, None, 1.0, &p);
+    assert_eq!(store(dir.path(), &gpu(), &[block_entry.clone(), layer_entry.clone()]).unwrap().entries, 2);
+    let text = std::fs::read_to_string(dir.path().join(gpu().file_name())).unwrap();
+    assert!(text.contains("\"strategy\": \"ffn_block\"") && text.contains("\"family\": \"ffn\""), "{text}");
+    let (cache, warnings) = load(Some(dir.path()), &[]);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(cache.lookup(&block_key), Some(&block_entry));
+    assert_eq!(cache.lookup(&layer_key), Some(&layer_entry));
+    // Any count of the bucket (65..=128) finds the block's entry; the next bucket does not.
+    assert_eq!(cache.lookup(&ShapeKey::for_ffn(&block, DType::BF16, 65)), Some(&block_entry));
+    assert_eq!(cache.lookup(&ShapeKey::for_ffn(&block, DType::BF16, 129)), None);
+    // Another activation or f is another shape.
+    let gelu = FfnMethod::MixLora.spec(FfnShape { activation: Activation::Gelu, ..shape }).unwrap();
+    assert_eq!(cache.lookup(&ShapeKey::for_ffn(&gelu, DType::BF16, 100)), None);
+    let wider = FfnMethod::MixLora.spec(FfnShape { f: 56, ..shape }).unwrap();
+    assert_eq!(cache.lookup(&ShapeKey::for_ffn(&wider, DType::BF16, 100)), None);
+}
+
 #[test]
 fn stale_entries_are_ignored_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
@@ -295,7 +332,7 @@ fn autotune_without_a_gpu_says_so_and_exits_cleanly() {
     }
     let cache = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mole"))
-        .args(["autotune", "--model", "llama3-8b", "--method", "mix-lora-per-linear,comol"])
+        .args(["autotune", "--model", "llama3-8b", "--method", "mix-lora-per-linear,comol,mix-lora"])
         .env("MOLE_CACHE_DIR", cache.path())
         .output()
         .unwrap();
@@ -305,5 +342,7 @@ fn autotune_without_a_gpu_says_so_and_exits_cleanly() {
     assert!(!cache.path().join(TUNING_SUBDIR).exists(), "nothing may be written without a GPU");
     // Bad input is still an error.
     let out = Command::new(env!("CARGO_BIN_EXE_mole")).args(["autotune", "--model", "gpt-5"]).output().unwrap();
+    assert!(!out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_mole")).args(["autotune", "--method", "mix-lora-x"]).output().unwrap();
     assert!(!out.status.success());
 }

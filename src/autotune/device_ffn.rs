@@ -1,21 +1,38 @@
 //! [`DeviceFfn`]: one FFN-expert block's synthetic tensors on the device, run through the block
-//! runtime ([`CompiledFfn::forward_raw`]: cuBLAS for the three dense projections, mole's kernels
-//! for the rest) and checked against the f64 reference; [`block_work`], the useful flops and the
-//! floor bytes of a forward. What `mole run --method mix-lora` and `mole bench ffn` time.
+//! runtime ([`CompiledFfn::forward_raw`]: cuBLAS for the three dense projections, the block's
+//! kernels for the rest) with its chosen build or a fixed one (the autotuner's candidates), and
+//! checked against the f64 reference; [`block_work`], the useful flops and floor bytes of a
+//! forward. What `mole run --method mix-lora`, `mole bench ffn` and the autotuner time.
 
+use super::device_layer::{row_error, upload, upload_opt};
 use crate::cuda::{cuda_err, Blas, Device, DeviceMatrix, Gemm};
 use crate::kernels::exec::Buf;
+use crate::kernels::KernelBuild;
 use crate::model::{FfnSpec, ProjectionLora};
 use crate::reference::{self, ffn_forward};
-use crate::runtime::{CompiledFfn, FfnPointers};
+use crate::runtime::{CompiledFfn, FfnLayerPlan, FfnPointers};
 use crate::synth::SyntheticFfn;
 use crate::{KernelElement, MoleError, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use std::sync::Arc;
 use std::time::Instant;
 
-/// Most tokens [`DeviceFfn::check`] compares with the f64 reference, spread evenly over the batch
-/// (the reference streams the three `d x f` weights per token, in f64).
+/// Multiply-adds the f64 reference of a check may spend (about 20 s on 2 cores): the reference
+/// streams the three `d x f` base weights once per token, so large blocks are checked on their
+/// first [`check_tokens`] tokens.
+const CHECK_MADDS: f64 = 1.6e10;
+
+/// Most tokens a block's check compares, whatever the budget.
 pub const CHECK_TOKENS: usize = 256;
+
+/// Tokens a block's check compares: the first `min(T, CHECK_TOKENS)` while the reference stays
+/// within `CHECK_MADDS`, else the first `CHECK_MADDS / (3·d·f)` (at least 1). Every token is
+/// routed and computed on its own, so the rows of a prefix are exact rows of the whole batch.
+pub fn check_tokens(spec: &FfnSpec, tokens: usize) -> usize {
+    let per_token = 3.0 * spec.d as f64 * spec.f as f64;
+    ((CHECK_MADDS / per_token.max(1.0)) as usize).clamp(1, CHECK_TOKENS).min(tokens)
+}
 
 /// What a forward must do at the least: `flops` useful (`2·T·3·d·f` for the base projections,
 /// `2·r_e·(n_in + n_out)` per selected token and adapted projection for the LoRA), `bytes` that
@@ -54,16 +71,16 @@ pub fn block_work(spec: &FfnSpec, tokens: usize, ids: &[i32], element_bytes: usi
 /// The comparison of one forward with the f64 reference ([`DeviceFfn::check`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FfnCheck {
-    /// Largest scaled error (`|got - want| / (1 + |want|)`, infinite for a non-finite output)
-    /// over the checked tokens after the worst ones left out.
+    /// Largest scaled error (`|got - want| / (1 + |want|)`, infinite for a non-finite row) over
+    /// the checked tokens after the worst ones left out.
     pub error: f64,
     /// Its bound ([`DeviceFfn::tolerance`]).
     pub tolerance: f64,
-    /// Tokens compared.
+    /// Tokens compared (the first [`check_tokens`]).
     pub tokens: usize,
     /// Of those, the worst left out (near-tie routing, see [`DeviceFfn::check`]).
     pub left_out: usize,
-    /// Seconds the f64 reference took on the compared tokens.
+    /// Seconds the f64 reference took (0 when it was given).
     pub reference_seconds: f64,
 }
 
@@ -74,112 +91,149 @@ impl FfnCheck {
     }
 }
 
-/// One block on the device: the first `tokens` tokens of a [`SyntheticFfn`] uploaded once, `y`
-/// overwritten by every [`DeviceFfn::forward`].
-pub struct DeviceFfn<'a, T: DeviceRepr> {
-    device: &'a Device,
+/// One block on the device: inputs uploaded once, `y` overwritten by every
+/// [`DeviceFfn::forward`].
+pub struct DeviceFfn<'d, T: DeviceRepr> {
+    device: &'d Device,
     spec: FfnSpec,
-    data: &'a SyntheticFfn<T>,
-    tokens: usize,
-    ffn: CompiledFfn,
-    // The device tensors `ptrs` points into (kept alive, never read from the host but `y`).
-    _inputs: Vec<CudaSlice<T>>,
+    data: SyntheticFfn<T>,
+    block: CompiledFfn,
+    plan: Arc<FfnLayerPlan>,
+    /// The device tensors (kept alive: `ptrs` points into them).
+    _tensors: Vec<CudaSlice<T>>,
+    _adapter_ids: Option<CudaSlice<i32>>,
     y: CudaSlice<T>,
     workspace: CudaSlice<u8>,
     ptrs: FfnPointers,
     /// The dense products of [`DeviceFfn::base_forward`], created on first use.
     blas: Option<Blas>,
+    /// The f64 reference `y` of the first [`check_tokens`] tokens, computed on first use (or
+    /// given, see [`DeviceFfn::with_reference`]).
+    reference: Option<Arc<Vec<f64>>>,
 }
 
-fn upload<T: DeviceRepr>(device: &Device, v: &[T]) -> Result<CudaSlice<T>> {
-    device.stream().clone_htod(v).map_err(cuda_err("cuMemcpyHtoD"))
-}
-
-impl<'a, T: KernelElement + DeviceRepr> DeviceFfn<'a, T> {
-    /// Uploads the first `tokens` tokens of `data` with its weights and prepares the block
-    /// (kernels loaded, workspace allocated).
+impl<'d, T: KernelElement + DeviceRepr> DeviceFfn<'d, T> {
+    /// Uploads `data` and prepares the block (kernels loaded, workspace allocated) to run
+    /// `ffn_build`, or the block's own choice when `None` (the default build).
     ///
-    /// Errors, before anything reaches the device: zero tokens (nothing to run or time), more
-    /// tokens than `data` has, tensors that do not fit `spec`, and the device memory they need.
-    pub fn new(device: &'a Device, spec: &FfnSpec, data: &'a SyntheticFfn<T>, tokens: usize) -> Result<Self> {
-        if tokens == 0 {
+    /// Errors, before anything reaches the device: zero tokens, data that does not fit `spec`
+    /// (checked by the reference's input rules), a build the block cannot run
+    /// ([`crate::runtime::FfnPlanner::with_build`]), and the device memory it needs.
+    pub fn new(
+        device: &'d Device,
+        spec: &FfnSpec,
+        data: SyntheticFfn<T>,
+        ffn_build: Option<KernelBuild>,
+    ) -> Result<Self> {
+        let t = data.tokens;
+        if t == 0 {
             return Err(MoleError::ZeroDimension { name: "tokens" });
         }
-        if tokens > data.tokens {
-            return Err(MoleError::ShapeMismatch {
-                what: "tokens (at most the data's)",
-                expected: vec![data.tokens],
-                got: tokens,
-            });
-        }
-        let (d, f) = (spec.d, spec.f);
-        crate::limits::check_len("router_weight", &data.router_weight, &[d, spec.experts])?;
-        for (name, w) in ["base_gate", "base_up", "base_down"].into_iter().zip(&data.base) {
-            crate::limits::check_len(name, w, &[d, f])?;
-        }
-        for ((name, lora), bank) in spec.projections().iter().zip(&data.banks) {
-            let (n_in, n_out) = if *name == "down" { (f, d) } else { (d, f) };
-            match (lora, bank) {
-                (Some(l), Some((a, b))) => {
-                    crate::limits::check_len("LoRA A", a, &[n_in, l.ranks.total_rank()])?;
-                    crate::limits::check_len("LoRA B", b, &[l.ranks.total_rank(), n_out])?;
-                }
-                (None, None) => {}
-                (Some(_), None) => return Err(MoleError::MissingInput { name, needed_by: "its LoRA in the spec" }),
-                (None, Some(_)) => return Err(MoleError::UnexpectedInput { name, reason: "no LoRA in the spec" }),
-            }
-        }
-        let ffn = CompiledFfn::new(device, spec, T::DTYPE)?;
-        let ws = ffn.prepare(tokens)?.workspace_bytes;
-        let inputs =
-            SyntheticFfn::<T>::bytes(spec, tokens)?.saturating_add((tokens * d * T::DTYPE.size_bytes()) as u64);
-        device.check_memory(&format!("the block's tensors on {tokens} tokens"), inputs.saturating_add(ws as u64))?;
+        reference::check_ffn_inputs(spec, &data.inputs(t))?;
+        let block = CompiledFfn::new(device, spec, T::DTYPE)?;
+        let block = match ffn_build {
+            Some(b) => block.with_build(b),
+            None => block,
+        };
+        let plan = block.prepare(t)?;
+        let inputs = SyntheticFfn::<T>::bytes(spec, t)?;
+        device.check_memory(&format!("the block's inputs on {t} tokens"), inputs)?;
+        let ws = plan.workspace_bytes.max(1);
+        device.check_memory(&format!("a workspace of {ws} bytes"), ws as u64)?;
         let stream = device.stream();
-        let x = upload(device, &data.x[..tokens * d])?;
-        let router = upload(device, &data.router_weight)?;
-        let base = data.base.iter().map(|w| upload(device, w)).collect::<Result<Vec<_>>>()?;
+        let workspace = stream.alloc_zeros::<u8>(ws).map_err(cuda_err("cuMemAlloc"))?;
+        // Poisoned: the block overwrites `y`, so a row it misses is NaN and fails the check.
+        let y = upload(device, &vec![T::from_f64(f64::NAN); t * spec.d])?;
+        // The addresses are taken once: the slices live as long as `self`, and every use is on
+        // the device's stream, in order.
+        let ptr = |s: &CudaSlice<T>| -> CUdeviceptr { s.device_ptr(stream).0 };
+        let mut tensors = Vec::new();
+        let mut keep = |s: Option<CudaSlice<T>>| -> CUdeviceptr {
+            s.map_or(0, |s| {
+                let p = ptr(&s);
+                tensors.push(s);
+                p
+            })
+        };
+        let x = keep(Some(upload(device, &data.x)?));
+        let gating = [
+            keep(upload_opt(device, data.router_weight.as_deref())?),
+            keep(upload_opt(device, data.router_bias.as_deref())?),
+            keep(upload_opt(device, data.logits.as_deref().or(data.weights.as_deref()))?),
+            0,
+            keep(upload_opt(device, data.selection_bias.as_deref())?),
+        ];
+        let base = [
+            keep(Some(upload(device, &data.base[0])?)),
+            keep(Some(upload(device, &data.base[1])?)),
+            keep(Some(upload(device, &data.base[2])?)),
+        ];
         let mut banks = [(0, 0); 3];
-        let mut inputs = vec![x, router];
-        let ptr = |s: &CudaSlice<T>| s.device_ptr(stream).0;
-        for (i, bank) in data.banks.iter().enumerate() {
+        for (slot, bank) in banks.iter_mut().zip(&data.banks) {
             if let Some((a, b)) = bank {
-                let (a, b) = (upload(device, a)?, upload(device, b)?);
-                banks[i] = (ptr(&a), ptr(&b));
-                inputs.extend([a, b]);
+                *slot = (keep(Some(upload(device, a)?)), keep(Some(upload(device, b)?)));
             }
         }
-        // NaN until the first forward writes it.
-        let mut y = upload(device, &vec![T::from_f64(f64::NAN); tokens * d])?;
-        let mut workspace = stream.alloc_zeros::<u8>(ws.max(1)).map_err(cuda_err("cuMemAlloc"))?;
-        let ptrs = FfnPointers {
-            x: ptr(&inputs[0]),
-            gating: [ptr(&inputs[1]), 0, 0, 0, 0],
-            base: [ptr(&base[0]), ptr(&base[1]), ptr(&base[2])],
+        let adapter_ids = upload_opt(device, data.adapter_ids.as_deref())?;
+        let mut ptrs = FfnPointers {
+            x,
+            gating,
+            base,
             banks,
-            y: y.device_ptr_mut(stream).0,
-            workspace: workspace.device_ptr_mut(stream).0,
+            y: ptr(&y),
+            workspace: workspace.device_ptr(stream).0,
             workspace_bytes: ws,
         };
-        inputs.extend(base);
-        Ok(DeviceFfn { device, spec: spec.clone(), data, tokens, ffn, _inputs: inputs, y, workspace, ptrs, blas: None })
+        ptrs.gating[3] = adapter_ids.as_ref().map_or(0, |s| s.device_ptr(stream).0);
+        Ok(DeviceFfn {
+            device,
+            spec: spec.clone(),
+            data,
+            block,
+            plan,
+            _tensors: tensors,
+            _adapter_ids: adapter_ids,
+            y,
+            workspace,
+            ptrs,
+            reference: None,
+            blas: None,
+        })
     }
 
     /// The block runtime this runs.
     pub fn block(&self) -> &CompiledFfn {
-        &self.ffn
+        &self.block
     }
 
     /// The tokens of a forward.
     pub fn tokens(&self) -> usize {
-        self.tokens
+        self.data.tokens
     }
 
-    /// Enqueues one forward on the device's stream: `y = block(x)`.
+    /// The ffn build this block runs.
+    pub fn build(&self) -> &KernelBuild {
+        &self.plan.ffn.0
+    }
+
+    /// Enqueues one forward (cuBLAS base projections and the block's kernels) on the device's
+    /// stream.
     pub fn forward(&mut self) -> Result<()> {
-        // SAFETY: every pointer is a live allocation of the device's context owned by `self`
-        // with its tensor's length for `self.tokens` tokens, the workspace of the plan's size
-        // (allocations are 256-byte aligned); all work runs on the device's stream.
-        unsafe { self.ffn.forward_raw(self.device.stream().cu_stream(), self.tokens, self.ptrs) }
+        let stream = self.device.stream().cu_stream();
+        // SAFETY: every pointer is a live allocation of this struct on the device's context,
+        // uploaded from data checked against the spec for `tokens` tokens; the workspace holds
+        // the plan's bytes (256-byte aligned, as every allocation); `y` and the workspace overlap
+        // nothing; all work runs on the device's stream.
+        unsafe { self.block.forward_raw(stream, self.data.tokens, self.ptrs) }
+    }
+
+    /// Uses `y` as the f64 reference output of the first [`check_tokens`] tokens (shared between
+    /// the candidates of one tuned shape, so the reference runs once).
+    pub fn with_reference(mut self, y: Arc<Vec<f64>>) -> Result<Self> {
+        let n = check_tokens(&self.spec, self.data.tokens);
+        crate::limits::check_len("reference y", &y, &[n, self.spec.d])?;
+        self.reference = Some(y);
+        Ok(self)
     }
 
     /// Enqueues the dense base FFN alone on the same buffers: `G = x·W_gate`, `U = x·W_up` into
@@ -189,9 +243,9 @@ impl<'a, T: KernelElement + DeviceRepr> DeviceFfn<'a, T> {
         if self.blas.is_none() {
             self.blas = Some(Blas::new(self.device)?);
         }
-        let blas = self.blas.as_ref().expect("created above");
-        let (t, d, f, dtype) = (self.tokens, self.spec.d, self.spec.f, T::DTYPE);
-        let stage = self.ffn.stage_buffers(t, self.ptrs.workspace)?;
+        let blas = self.blas.as_ref().ok_or_else(|| MoleError::Unsupported("no cuBLAS handle".into()))?;
+        let (t, d, f, dtype) = (self.data.tokens, self.spec.d, self.spec.f, T::DTYPE);
+        let stage = self.block.stage_buffers(t, self.ptrs.workspace)?;
         let m = |ptr: u64, rows: usize, cols: usize| DeviceMatrix { ptr, len: rows * cols, ld: cols };
         let up_proj = Gemm { dtype, m: t, n: f, k: d, alpha: 1.0, beta: 0.0 };
         let down_proj = Gemm { dtype, m: t, n: d, k: f, alpha: 1.0, beta: 0.0 };
@@ -208,14 +262,14 @@ impl<'a, T: KernelElement + DeviceRepr> DeviceFfn<'a, T> {
     /// empty slot), read back from the workspace.
     pub fn routed_ids(&mut self) -> Result<Vec<i32>> {
         self.forward()?;
-        let plan = self.ffn.prepare(self.tokens)?;
-        let (_, off) = plan
+        let (_, off) = self
+            .plan
             .regions
             .iter()
             .find(|(b, _)| *b == Buf::Ids)
             .copied()
             .ok_or_else(|| MoleError::Unsupported("the FFN block's workspace has no routing ids".into()))?;
-        let len = plan.lens.get(Buf::Ids);
+        let len = self.plan.lens.get(Buf::Ids);
         let bytes = self.device.stream().clone_dtoh(&self.workspace.slice(off..off + 4 * len));
         let bytes = bytes.map_err(cuda_err("cuMemcpyDtoH"))?;
         Ok(bytes.chunks_exact(4).map(bytemuck::pod_read_unaligned).collect())
@@ -224,7 +278,32 @@ impl<'a, T: KernelElement + DeviceRepr> DeviceFfn<'a, T> {
     /// [`block_work`] of a forward, on the routing the device chose (runs one forward).
     pub fn work(&mut self) -> Result<BlockWork> {
         let ids = self.routed_ids()?;
-        Ok(block_work(&self.spec, self.tokens, &ids, T::DTYPE.size_bytes()))
+        Ok(block_work(&self.spec, self.data.tokens, &ids, T::DTYPE.size_bytes()))
+    }
+
+    /// Poisons `y` (NaN), runs one forward and compares the first [`check_tokens`] rows with
+    /// the f64 reference (computed once, or given by [`DeviceFfn::with_reference`]). The worst
+    /// `ceil(n / 512)` of `n >= 100` compared tokens are left out, as in the layer's check:
+    /// router scores are f32 sums on the device, so a token whose deciding scores tie within f32
+    /// rounding may be routed differently from the f64 reference.
+    pub fn check(&mut self) -> Result<FfnCheck> {
+        let (t, d) = (self.data.tokens, self.spec.d);
+        let stream = self.device.stream();
+        let nan = vec![T::from_f64(f64::NAN); t * d];
+        stream.memcpy_htod(&nan, &mut self.y).map_err(cuda_err("cuMemcpyHtoD"))?;
+        self.forward()?;
+        let got = crate::dtype::to_f64_vec(&stream.clone_dtoh(&self.y).map_err(cuda_err("cuMemcpyDtoH"))?);
+        let n = check_tokens(&self.spec, t);
+        let start = Instant::now();
+        let want = match &self.reference {
+            Some(y) => y.clone(),
+            None => Arc::new(ffn_forward(&self.spec, &self.data.inputs(n))?.y),
+        };
+        let reference_seconds = if self.reference.is_some() { 0.0 } else { start.elapsed().as_secs_f64() };
+        self.reference = Some(want.clone());
+        let left_out = if n >= 100 { n.div_ceil(512) } else { 0 };
+        let error = row_error(&got[..n * d], &want, d, n);
+        Ok(FfnCheck { error, tolerance: self.tolerance(), tokens: n, left_out, reference_seconds })
     }
 
     /// The tolerance of [`DeviceFfn::check`]: f32 accumulation over the chained reductions
@@ -238,41 +317,26 @@ impl<'a, T: KernelElement + DeviceRepr> DeviceFfn<'a, T> {
         reference::tolerance(T::DTYPE, s.d + s.f + rank) * (2.0 * s.slots() as f64 + 2.0)
     }
 
-    /// Poisons `y` (NaN), runs one forward and compares it with the f64 reference on at most
-    /// [`CHECK_TOKENS`] tokens spread evenly over the batch (every token up to that many; a
-    /// block's tokens are independent of each other, so a strided sample reaches every tile).
-    /// The worst `ceil(n / 512)` of `n >= 100` compared tokens are left out, as in the layer's
-    /// check: router scores are f32 sums on the device, so a token whose deciding scores tie to
-    /// within f32 rounding may be routed differently from the f64 reference.
-    pub fn check(&mut self) -> Result<FfnCheck> {
-        let (t, d) = (self.tokens, self.spec.d);
-        let stream = self.device.stream();
-        let nan = vec![T::from_f64(f64::NAN); t * d];
-        stream.memcpy_htod(&nan, &mut self.y).map_err(cuda_err("cuMemcpyHtoD"))?;
-        self.forward()?;
-        let got = stream.clone_dtoh(&self.y).map_err(cuda_err("cuMemcpyDtoH"))?;
-        let n = t.min(CHECK_TOKENS);
-        let rows: Vec<usize> = (0..n).map(|i| i * t / n).collect();
-        let x: Vec<T> = rows.iter().flat_map(|&r| self.data.x[r * d..(r + 1) * d].iter().copied()).collect();
-        let start = Instant::now();
-        let want = ffn_forward(&self.spec, &self.data.inputs_on(n, &x))?.y;
-        let reference_seconds = start.elapsed().as_secs_f64();
-        let mut errors: Vec<f64> = rows
-            .iter()
-            .zip(want.chunks(d))
-            .map(|(&r, w)| {
-                let g: Vec<f64> = got[r * d..(r + 1) * d].iter().map(|v| v.to_f64()).collect();
-                if g.iter().all(|v| v.is_finite()) {
-                    reference::max_scaled_error(&g, w)
-                } else {
-                    f64::INFINITY
-                }
-            })
-            .collect();
-        errors.sort_by(|a, b| b.total_cmp(a));
-        let left_out = if n >= 100 { n.div_ceil(512) } else { 0 };
-        let error = errors.get(left_out).copied().unwrap_or(0.0);
-        Ok(FfnCheck { error, tolerance: self.tolerance(), tokens: n, left_out, reference_seconds })
+    /// [`block_work`]'s bytes with every expert receiving tokens (an upper bound of the floor
+    /// when the routing is not read back; [`DeviceFfn::work`] counts the routing's experts).
+    pub fn bytes(&self) -> f64 {
+        let all: Vec<i32> = (0..self.spec.experts as i32).collect();
+        block_work(&self.spec, self.data.tokens, &all, T::DTYPE.size_bytes()).bytes
+    }
+}
+
+impl<T: KernelElement + DeviceRepr> super::TunableRun for DeviceFfn<'_, T> {
+    fn run(&mut self) -> Result<()> {
+        self.forward()
+    }
+
+    /// See [`DeviceFfn::check`].
+    fn check(&mut self) -> Result<(f64, f64)> {
+        DeviceFfn::check(self).map(|c| (c.error, c.tolerance))
+    }
+
+    fn bytes(&self) -> f64 {
+        DeviceFfn::bytes(self)
     }
 }
 
@@ -280,6 +344,23 @@ impl<'a, T: KernelElement + DeviceRepr> DeviceFfn<'a, T> {
 mod tests {
     use super::*;
     use crate::model::{FfnMethod, FfnShape};
+
+    #[test]
+    fn large_blocks_are_checked_on_a_prefix() {
+        let spec = |d, f| {
+            let s = FfnShape { d, f, experts: 8, rank: 16, k: 2, alpha: 32.0, activation: Default::default() };
+            FfnMethod::MixLora.spec(s).unwrap()
+        };
+        // Small: every token.
+        assert_eq!(check_tokens(&spec(256, 704), 200), 200);
+        assert_eq!(check_tokens(&spec(256, 704), 1), 1);
+        // LLaMA-3-8B: 1.6e10 / (3 · 4096 · 14336) = 90 tokens.
+        assert_eq!(check_tokens(&spec(4096, 14336), 4096), 90);
+        assert_eq!(check_tokens(&spec(4096, 14336), 16), 16);
+        assert!(check_tokens(&spec(4096, 14336), 4096) as f64 * 3.0 * 4096.0 * 14336.0 <= CHECK_MADDS);
+        // Never more than CHECK_TOKENS.
+        assert_eq!(check_tokens(&spec(64, 96), 4096), CHECK_TOKENS);
+    }
 
     #[test]
     fn the_work_counts_the_selected_experts_only() {

@@ -35,12 +35,32 @@ pub struct DeviceLayer<'d, T: DeviceRepr> {
     reference: Option<Arc<Vec<f64>>>,
 }
 
-fn upload<T: DeviceRepr>(device: &Device, v: &[T]) -> Result<CudaSlice<T>> {
+pub(super) fn upload<T: DeviceRepr>(device: &Device, v: &[T]) -> Result<CudaSlice<T>> {
     device.stream().clone_htod(v).map_err(cuda_err("cuMemcpyHtoD"))
 }
 
-fn upload_opt<T: DeviceRepr>(device: &Device, v: Option<&[T]>) -> Result<Option<CudaSlice<T>>> {
+pub(super) fn upload_opt<T: DeviceRepr>(device: &Device, v: Option<&[T]>) -> Result<Option<CudaSlice<T>>> {
     v.map(|v| upload(device, v)).transpose()
+}
+
+/// The check's error of `got` against `want` (`tokens` rows of `width`): the largest scaled
+/// error (`|got - want| / (1 + |want|)`) over the rows, after dropping the worst `ceil(T / 512)`
+/// rows from batches of 100 tokens or more: router scores are f32 sums on the device, so a token
+/// whose deciding scores are tied to within f32 rounding may be routed differently from the f64
+/// reference. A row with a non-finite value has an infinite error (`max_scaled_error` alone
+/// would pass over a NaN).
+pub(super) fn row_error(got: &[f64], want: &[f64], width: usize, tokens: usize) -> f64 {
+    let row = |(g, w): (&[f64], &[f64])| {
+        if g.iter().all(|v| v.is_finite()) {
+            max_scaled_error(g, w)
+        } else {
+            f64::INFINITY
+        }
+    };
+    let mut rows: Vec<f64> = got.chunks(width.max(1)).zip(want.chunks(width.max(1))).map(row).collect();
+    rows.sort_by(|a, b| b.total_cmp(a));
+    let skip = if tokens >= 100 { tokens.div_ceil(512) } else { 0 };
+    rows.get(skip).copied().unwrap_or(0.0)
 }
 
 impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
@@ -140,13 +160,7 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceLayer<'d, T> {
     /// tied to within f32 rounding may be routed differently from the f64 reference.
     pub fn check(&mut self) -> Result<(f64, f64)> {
         let (got, want) = self.run_and_reference()?;
-        let d_out = self.spec.d_out.max(1);
-        let mut rows: Vec<f64> =
-            got.chunks(d_out).zip(want.chunks(d_out)).map(|(g, w)| max_scaled_error(g, w)).collect();
-        rows.sort_by(|a, b| b.total_cmp(a));
-        let t = self.data.tokens;
-        let skip = if t >= 100 { t.div_ceil(512) } else { 0 };
-        Ok((rows.get(skip).copied().unwrap_or(0.0), self.tolerance()))
+        Ok((row_error(&got, &want, self.spec.d_out, self.data.tokens), self.tolerance()))
     }
 
     /// The tolerance of [`DeviceLayer::check`]: f32 accumulation over `d_in + R`, and `y`
@@ -183,5 +197,26 @@ impl<T: KernelElement + DeviceRepr> crate::autotune::TunableRun for DeviceLayer<
 
     fn bytes(&self) -> f64 {
         DeviceLayer::bytes(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_error;
+
+    #[test]
+    fn row_error_drops_a_few_rows_of_large_batches_and_never_a_nan() {
+        let want = vec![1.0; 200 * 2];
+        let mut got = want.clone();
+        got[3] = 1.5; // row 1: 0.25
+        assert_eq!(row_error(&got[..20], &want[..20], 2, 10), 0.25);
+        // 200 tokens: the worst ceil(200 / 512) = 1 row is dropped.
+        assert_eq!(row_error(&got, &want, 2, 200), 0.0);
+        got[7] = 1.2; // row 3: 0.1
+        assert!((row_error(&got, &want, 2, 200) - 0.1).abs() < 1e-12);
+        // NaN is an infinite error, even where a row may be dropped.
+        got[9] = f64::NAN;
+        got[11] = f64::NAN;
+        assert_eq!(row_error(&got, &want, 2, 200), f64::INFINITY);
     }
 }

@@ -2,12 +2,12 @@
 //! an L2 flush before every timed run (outside the event pair), CUDA events around the run only,
 //! and the median of many runs. Every strategy plugs in through [`TunableRun`].
 
-use crate::autotune::DeviceLayer;
+use crate::autotune::{check_tokens, DeviceFfn, DeviceLayer};
 use crate::cuda::{cuda_err, Device};
 use crate::kernels::{Family, KernelBuild};
-use crate::model::LayerSpec;
+use crate::model::{FfnSpec, LayerSpec};
 use crate::runtime::{Choice, ChoiceSource};
-use crate::synth::SyntheticLayer;
+use crate::synth::{SyntheticFfn, SyntheticLayer};
 use crate::tune::Strategy;
 use crate::{DType, KernelElement, MoleError, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
@@ -172,6 +172,9 @@ pub fn prepare_run<'d>(
     let family = match strategy {
         Strategy::Grouped => Family::Sgmv,
         Strategy::Fused | Strategy::FusedSplit => Family::Fused,
+        Strategy::FfnBlock => {
+            return Err(MoleError::param("strategy", strategy, "runs an FFN-expert block, not a layer"))
+        }
     };
     if build.family() != family {
         return Err(MoleError::param("build", build, "is not a build of the strategy's kernel family"));
@@ -181,6 +184,53 @@ pub fn prepare_run<'d>(
         DType::F32 => device_layer::<f32>(device, spec, tokens, choice, reference),
         DType::F16 => device_layer::<half::f16>(device, spec, tokens, choice, reference),
         DType::BF16 => device_layer::<half::bf16>(device, spec, tokens, choice, reference),
+    }
+}
+
+/// The f64 reference `y` of a block's data over its first [`check_tokens`] tokens (what
+/// [`prepare_block_run`] checks every candidate against; computed once per shape).
+pub fn block_reference_y(spec: &FfnSpec, dtype: DType, tokens: usize) -> Result<Arc<Vec<f64>>> {
+    fn typed<T: KernelElement>(spec: &FfnSpec, tokens: usize) -> Result<Arc<Vec<f64>>> {
+        let data = SyntheticFfn::<T>::new(spec, tokens, DATA_SEED);
+        Ok(Arc::new(crate::reference::ffn_forward(spec, &data.inputs(check_tokens(spec, tokens)))?.y))
+    }
+    match dtype {
+        DType::F32 => typed::<f32>(spec, tokens),
+        DType::F16 => typed::<half::f16>(spec, tokens),
+        DType::BF16 => typed::<half::bf16>(spec, tokens),
+    }
+}
+
+fn device_ffn<'d, T: KernelElement + DeviceRepr>(
+    device: &'d Device,
+    spec: &FfnSpec,
+    tokens: usize,
+    build: &KernelBuild,
+    reference: Option<Arc<Vec<f64>>>,
+) -> Result<Box<dyn TunableRun + 'd>> {
+    let block = DeviceFfn::new(device, spec, SyntheticFfn::<T>::new(spec, tokens, DATA_SEED), Some(build.clone()))?;
+    Ok(Box::new(match reference {
+        Some(y) => block.with_reference(y)?,
+        None => block,
+    }))
+}
+
+/// Prepares the FFN-expert block `spec` over `tokens` tokens to run the ffn build `build` (with
+/// its SGMV pair, `kernels::ffn::sgmv_build_for`) on `device`: the whole block ([`DeviceFfn`]:
+/// routing, slot plans, cuBLAS base projections, the block's kernels), on the same data for every
+/// candidate. `reference` is the shape's [`block_reference_y`] (computed by the first check when
+/// `None`). Errors for a build the block cannot run.
+pub fn prepare_block_run<'d>(
+    device: &'d Device,
+    spec: &FfnSpec,
+    build: &KernelBuild,
+    tokens: usize,
+    reference: Option<Arc<Vec<f64>>>,
+) -> Result<Box<dyn TunableRun + 'd>> {
+    match build.dtype {
+        DType::F32 => device_ffn::<f32>(device, spec, tokens, build, reference),
+        DType::F16 => device_ffn::<half::f16>(device, spec, tokens, build, reference),
+        DType::BF16 => device_ffn::<half::bf16>(device, spec, tokens, build, reference),
     }
 }
 

@@ -7,7 +7,8 @@
 //!   default) and their pruning before any timing.
 //! - [`measure`](mod@measure): timing on the device through [`TunableRun`] (warm-up, L2 flush, CUDA events,
 //!   median) and [`prepare_run`], where each strategy plugs in.
-//! - [`tuner`]: [`tune_shape`], the search of one shape with its per-candidate [`Outcome`]s.
+//! - [`tuner`]: [`tune_shape`] (a layer) and [`tune_block`] (an FFN-expert block), the search of
+//!   one shape with its per-candidate [`Outcome`]s.
 //!
 //! Beside the search, what `mole run` and `mole bench` time on the device: [`DeviceLayer`] (a
 //! layer's synthetic tensors through the layer runtime) and [`DeviceFfn`] (an FFN-expert block's
@@ -19,8 +20,8 @@ pub mod measure;
 pub mod space;
 pub mod tuner;
 
-pub use device_ffn::{block_work, BlockWork, DeviceFfn, FfnCheck, CHECK_TOKENS};
+pub use device_ffn::{block_work, check_tokens, BlockWork, DeviceFfn, FfnCheck, CHECK_TOKENS};
 pub use device_layer::DeviceLayer;
 pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};
-pub use space::{candidates, candidates_for, Pruner};
-pub use tuner::{tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};
+pub use space::{block_candidates, candidates, candidates_for, Pruner};
+pub use tuner::{tune_block, tune_shape, CandidateReport, Outcome, ShapeResult, TuneOptions};

@@ -21,17 +21,29 @@ use std::collections::HashMap;
 pub fn strategy_of(family: Family) -> &'static [Strategy] {
     match family {
         Family::Sgmv => &[Strategy::Grouped],
-        Family::Gating | Family::Ffn => &[],
+        Family::Gating => &[],
         Family::Fused => &[Strategy::Fused, Strategy::FusedSplit],
+        Family::Ffn => &[Strategy::FfnBlock],
     }
 }
 
-/// Every candidate of `dtype`, candidate 0 the default. Within a strategy the family's default
-/// build comes first, then its other candidates in registry order; strategies follow
-/// [`Strategy::ALL`]. No two candidates are equal.
+/// Every candidate of a layer in `dtype`, candidate 0 the default. Within a strategy the
+/// family's default build comes first, then its other candidates in registry order; strategies
+/// follow [`Strategy::LAYER`]. No two candidates are equal, and none is a block's.
 pub fn candidates(dtype: DType) -> Vec<Candidate> {
+    candidates_of(&Strategy::LAYER, dtype)
+}
+
+/// Every candidate of an FFN-expert block in `dtype` ([`Strategy::FfnBlock`] with each ffn
+/// build; each runs with the SGMV build of its tile height, `kernels::ffn::sgmv_build_for`),
+/// candidate 0 the default build (what runs untuned). None is a layer's.
+pub fn block_candidates(dtype: DType) -> Vec<Candidate> {
+    candidates_of(&[Strategy::FfnBlock], dtype)
+}
+
+fn candidates_of(strategies: &[Strategy], dtype: DType) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = Vec::new();
-    for strategy in Strategy::ALL {
+    for &strategy in strategies {
         for family in Family::ALL.into_iter().filter(|f| strategy_of(*f).contains(&strategy)) {
             let defaults = family.default_builds().into_iter().filter(|b| b.dtype == dtype);
             let rest = family.candidates().into_iter().filter(|b| b.dtype == dtype);
@@ -155,11 +167,17 @@ impl Pruner {
 
     /// The verdict on `candidate`: a verbose cubin compile with NVRTC, then [`prune_compiled`].
     pub fn screen(&mut self, candidate: &Candidate) -> Screen {
-        if let Some(s) = self.seen.get(&candidate.build) {
+        self.screen_build(&candidate.build)
+    }
+
+    /// The verdict on one build (a block candidate's SGMV pair is screened as well as its ffn
+    /// build).
+    pub fn screen_build(&mut self, build: &KernelBuild) -> Screen {
+        if let Some(s) = self.seen.get(build) {
             return s.clone();
         }
-        let verdict = screen_build(&candidate.build, self.arch);
-        self.seen.insert(candidate.build.clone(), verdict.clone());
+        let verdict = screen_build(build, self.arch);
+        self.seen.insert(build.clone(), verdict.clone());
         verdict
     }
 }
@@ -226,8 +244,29 @@ mod tests {
     }
 
     #[test]
+    fn layers_and_blocks_have_disjoint_spaces() {
+        use crate::kernels::ffn;
+        for dtype in DType::ALL {
+            let layer = candidates(dtype);
+            let block = block_candidates(dtype);
+            assert!(layer.iter().all(|c| !c.strategy.is_block() && c.build.family() != Family::Ffn), "{dtype}");
+            assert!(block.iter().all(|c| c.strategy == Strategy::FfnBlock && c.build.family() == Family::Ffn));
+            assert_eq!(block[0].build, ffn::build(dtype, ffn::FfnConfig::DEFAULT), "{dtype}");
+            assert_eq!(block.len(), ffn::CONFIG_CANDIDATES.len(), "{dtype}");
+            // Every block candidate has its SGMV pair.
+            assert!(block.iter().all(|c| ffn::sgmv_build_for(&c.build).is_ok()), "{dtype}");
+        }
+        // A layer's per-shape space holds no block candidate.
+        use crate::model::{Method, MethodShape};
+        let s = MethodShape { d_in: 256, d_out: 256, experts: 8, rank: 16, k: 2, alpha: 32.0 };
+        let spec = Method::MixLoraPerLinear.spec(s).unwrap();
+        assert!(candidates_for(&spec, DType::BF16, 64, 132).iter().all(|c| !c.strategy.is_block()));
+    }
+
+    #[test]
     fn strategies_map_families() {
         assert_eq!(strategy_of(Family::Sgmv), &[Strategy::Grouped]);
+        assert_eq!(strategy_of(Family::Ffn), &[Strategy::FfnBlock]);
         assert!(strategy_of(Family::Gating).is_empty());
         assert!(candidates(DType::F16).iter().all(|c| c.build.family() != Family::Gating));
         // Every candidate's family maps to its strategy.

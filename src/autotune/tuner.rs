@@ -2,11 +2,12 @@
 //! choose the fastest correct one. A candidate that is pruned, fails or is wrong is recorded and
 //! skipped; it never aborts the search and is never chosen.
 
-use super::measure::{measure, prepare_run, reference_y, MeasureOptions};
-use super::space::{candidates_for, Pruner, Screen};
+use super::measure::{block_reference_y, measure, prepare_block_run, prepare_run, reference_y, MeasureOptions};
+use super::space::{block_candidates, candidates_for, Pruner, Screen};
+use super::TunableRun;
 use crate::cuda::{nvrtc_present, Device};
-use crate::kernels::Family;
-use crate::model::LayerSpec;
+use crate::kernels::{ffn, Family, KernelBuild};
+use crate::model::{FfnSpec, LayerSpec};
 use crate::tune::{Candidate, Provenance, ShapeKey, TunedEntry};
 use crate::{DType, MoleError, Result};
 use std::cmp::Ordering;
@@ -190,29 +191,77 @@ pub fn tune_shape(
     if space.is_empty() {
         return Err(MoleError::Unsupported(format!("no kernel candidates for {dtype}")));
     }
-    let nvrtc = nvrtc_present();
     let reference = reference_y(spec, dtype, tokens)?;
     let reports = search(&space, opts.budget, |_, c| {
-        if nvrtc {
-            match pruner.screen(c) {
-                Screen::Keep => {}
-                Screen::Prune(why) => return Ok(Evaluation::Pruned(why)),
-                Screen::Error(e) => return Ok(Evaluation::Failed(e)),
-            }
-        } else if !Family::ALL.iter().any(|f| f.default_builds().contains(&c.build)) {
-            return Ok(Evaluation::Failed("NVRTC is not available: only the shipped default builds run".into()));
-        }
-        let mut run = prepare_run(device, spec, c.strategy, &c.build, tokens, Some(reference.clone()))?;
-        let (err, tol) = run.check()?;
-        // NaN is not correct.
-        if !matches!(err.partial_cmp(&tol), Some(Ordering::Less | Ordering::Equal)) {
-            return Ok(Evaluation::Wrong { err, tol });
-        }
-        let m = measure(device, run.as_mut(), &opts.measure)?;
-        Ok(Evaluation::Timed { median_ms: m.median_ms, gbs: m.gbs(run.bytes()) })
+        let run = || prepare_run(device, spec, c.strategy, &c.build, tokens, Some(reference.clone()));
+        evaluate(device, pruner, std::slice::from_ref(&c.build), &opts.measure, run)
     });
     let entry = entry_of(&key, &reports, provenance);
     Ok(ShapeResult { key, tokens, reports, entry })
+}
+
+/// Tunes the FFN-expert block `spec` in `dtype` at `tokens` tokens on `device`, as
+/// [`tune_shape`] a layer: every candidate of [`block_candidates`] (the default ffn build first),
+/// its ffn build and SGMV pair ([`ffn::sgmv_build_for`]) screened by `pruner`, the whole block
+/// prepared ([`prepare_block_run`]), checked against the shape's f64 reference
+/// ([`block_reference_y`], once) and timed. The entry is keyed by [`ShapeKey::for_ffn`].
+pub fn tune_block(
+    device: &Device,
+    pruner: &mut Pruner,
+    spec: &FfnSpec,
+    dtype: DType,
+    tokens: usize,
+    opts: &TuneOptions,
+    provenance: &Provenance,
+) -> Result<ShapeResult> {
+    if tokens == 0 {
+        return Err(MoleError::ZeroDimension { name: "tokens" });
+    }
+    spec.validate()?;
+    let key = ShapeKey::for_ffn(spec, dtype, tokens);
+    let space = block_candidates(dtype);
+    if space.is_empty() {
+        return Err(MoleError::Unsupported(format!("no block candidates for {dtype}")));
+    }
+    let reference = block_reference_y(spec, dtype, tokens)?;
+    let reports = search(&space, opts.budget, |_, c| {
+        let builds = [c.build.clone(), ffn::sgmv_build_for(&c.build)?];
+        let run = || prepare_block_run(device, spec, &c.build, tokens, Some(reference.clone()));
+        evaluate(device, pruner, &builds, &opts.measure, run)
+    });
+    let entry = entry_of(&key, &reports, provenance);
+    Ok(ShapeResult { key, tokens, reports, entry })
+}
+
+/// One candidate of a search: `builds` (every build it compiles that may differ from a default)
+/// screened by `pruner` (or, without NVRTC, required to be shipped default builds), then the
+/// run from `prepare` checked and, when correct, timed.
+fn evaluate<'r>(
+    device: &Device,
+    pruner: &mut Pruner,
+    builds: &[KernelBuild],
+    measure_opts: &MeasureOptions,
+    prepare: impl FnOnce() -> Result<Box<dyn TunableRun + 'r>>,
+) -> Result<Evaluation> {
+    if nvrtc_present() {
+        for build in builds {
+            match pruner.screen_build(build) {
+                Screen::Keep => {}
+                Screen::Prune(why) => return Ok(Evaluation::Pruned(format!("{}: {why}", build.family()))),
+                Screen::Error(e) => return Ok(Evaluation::Failed(e)),
+            }
+        }
+    } else if !builds.iter().all(|b| Family::ALL.iter().any(|f| f.default_builds().contains(b))) {
+        return Ok(Evaluation::Failed("NVRTC is not available: only the shipped default builds run".into()));
+    }
+    let mut run = prepare()?;
+    let (err, tol) = run.check()?;
+    // NaN is not correct.
+    if !matches!(err.partial_cmp(&tol), Some(Ordering::Less | Ordering::Equal)) {
+        return Ok(Evaluation::Wrong { err, tol });
+    }
+    let m = measure(device, run.as_mut(), measure_opts)?;
+    Ok(Evaluation::Timed { median_ms: m.median_ms, gbs: m.gbs(run.bytes()) })
 }
 
 #[cfg(test)]

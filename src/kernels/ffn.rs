@@ -169,6 +169,23 @@ pub fn default_builds() -> Vec<KernelBuild> {
     DType::ALL.iter().map(|&d| build(d, FfnConfig::DEFAULT)).collect()
 }
 
+/// The SGMV build a block runs with the ffn build `ffn_build` (its shrinks and down expand): the
+/// first of [`sgmv::CONFIG_CANDIDATES`] with the same tile height `bm` (the plans' block, which
+/// [`plan`] requires to match), in the same dtype. So `bm` 32 pairs with [`SgmvConfig::DEFAULT`]
+/// and 16 with the small-tile candidate. The one rule that turns a block choice (an ffn build)
+/// into the block's builds.
+///
+/// Errors: a build of another family or with an invalid configuration, and a `bm` no SGMV
+/// candidate has.
+pub fn sgmv_build_for(ffn_build: &KernelBuild) -> Result<KernelBuild> {
+    let config = FfnConfig::of(ffn_build)?;
+    sgmv::CONFIG_CANDIDATES
+        .iter()
+        .find(|c| c.bm == config.bm)
+        .map(|&c| sgmv::build(ffn_build.dtype, c))
+        .ok_or_else(|| MoleError::param("ffn_build", ffn_build, "no SGMV candidate has its bm (the plans' tile height)"))
+}
+
 /// `MOLE_FFN_SILU` / `MOLE_FFN_GELU`.
 fn activation_code(a: Activation) -> u32 {
     match a {

@@ -103,7 +103,7 @@ fn need<U>(v: Option<&[U]>, name: &'static str, needed: bool, by: &'static str) 
 
 /// Checks that exactly the tensors the spec needs are present, each of the right length
 /// (adapter ids are checked by the routing).
-fn check_inputs<T>(spec: &FfnSpec, inputs: &FfnInputs<'_, T>) -> Result<()> {
+pub(crate) fn check_inputs<T>(spec: &FfnSpec, inputs: &FfnInputs<'_, T>) -> Result<()> {
     crate::limits::check_max("tokens", inputs.tokens, crate::limits::MAX_TOKENS)?;
     let (t, d, f, e) = (inputs.tokens, spec.d, spec.f, spec.experts);
     check_len("x", inputs.x, &[t, d])?;

@@ -22,6 +22,8 @@ crate::internal_mod!(mix);
 crate::internal_mod!(routing);
 crate::internal_mod!(stats);
 
+#[cfg_attr(not(feature = "cli"), allow(unused_imports))]
+pub(crate) use ffn::check_inputs as check_ffn_inputs;
 pub use ffn::{ffn_forward, FfnInputs, FfnOutput};
 // The grouped formulation checks the grouped kernels: public with `internals`.
 #[cfg(feature = "internals")]

@@ -15,8 +15,9 @@
 //! Both paths apply per-expert scales ([`LayerSpec::expert_scales`]) in their expands; the
 //! strategy does not depend on them.
 
+use crate::kernels::ffn::{self, FfnConfig};
 use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedVariant};
-use crate::kernels::{sgmv, KernelBuild};
+use crate::kernels::{sgmv, Family, KernelBuild};
 use crate::model::{LayerSpec, Mix};
 use crate::tune::{ShapeKey, Strategy, TuningCache};
 use crate::{DType, MoleError, Result};
@@ -63,11 +64,13 @@ pub fn heuristic(spec: &LayerSpec, dtype: DType, tokens: usize, sm_count: u32) -
     Ok(Strategy::Grouped)
 }
 
-/// The default build of `strategy` for `dtype`.
+/// The default build of `strategy` for `dtype` (for [`Strategy::FfnBlock`], the block's ffn
+/// build).
 pub fn default_build(strategy: Strategy, dtype: DType) -> KernelBuild {
     match strategy {
         Strategy::Grouped => sgmv::build(dtype, sgmv::SgmvConfig::DEFAULT),
         Strategy::Fused | Strategy::FusedSplit => fused::build(dtype, FusedConfig::DEFAULT),
+        Strategy::FfnBlock => ffn::build(dtype, FfnConfig::DEFAULT),
     }
 }
 
@@ -81,7 +84,17 @@ pub fn choose(
     cache: Option<&TuningCache>,
 ) -> Result<Choice> {
     let key = ShapeKey::new(spec, dtype, tokens);
-    if let Some(entry) = cache.and_then(|c| c.lookup(&key)) {
+    // An entry that cannot be a layer's choice of this dtype (a block strategy, a build of
+    // another family or dtype: a hand-edited file) is passed over for the heuristic.
+    let usable = |e: &&crate::tune::TunedEntry| {
+        let family = match e.strategy {
+            Strategy::Grouped => Family::Sgmv,
+            Strategy::Fused | Strategy::FusedSplit => Family::Fused,
+            Strategy::FfnBlock => return false,
+        };
+        e.build.dtype == dtype && e.build.family() == family
+    };
+    if let Some(entry) = cache.and_then(|c| c.lookup(&key)).filter(usable) {
         return Ok(Choice { strategy: entry.strategy, build: entry.build.clone(), source: ChoiceSource::Tuned });
     }
     let strategy = heuristic(spec, dtype, tokens, sm_count)?;
@@ -154,6 +167,31 @@ mod tests {
         comol.expert_scales = None;
         let p = fused::plan(&build, &comol, 64, FusedVariant::Single, FusedOutputs::default()).unwrap();
         assert_eq!(p.lens.get(Buf::ExpertScales), 0);
+    }
+
+    #[test]
+    fn a_layer_takes_only_a_layer_entry_of_its_dtype() {
+        use crate::tune::cache::Provenance;
+        use crate::tune::{Candidate, GpuId, TunedEntry};
+        let spec = Method::MixLoraPerLinear.spec(shape(8, 16)).unwrap();
+        let gpu = GpuId { name: "test".into(), compute_capability: (9, 0), sm_count: 132 };
+        let with = |strategy, build| {
+            let key = ShapeKey::new(&spec, DType::BF16, 4096);
+            let e = TunedEntry::new(key, Candidate { strategy, build }, 1.0, None, 1.0, &Provenance::current());
+            choose(&spec, DType::BF16, 4096, 132, Some(&TuningCache::from_entries(gpu.clone(), vec![e]))).unwrap()
+        };
+        let grouped = sgmv::build(DType::BF16, sgmv::SgmvConfig::DEFAULT);
+        assert_eq!((with(Strategy::Grouped, grouped.clone()).source), ChoiceSource::Tuned);
+        let ffn_default = ffn::build(DType::BF16, FfnConfig::DEFAULT);
+        for (strategy, build) in [
+            (Strategy::FfnBlock, ffn_default.clone()),
+            (Strategy::Fused, ffn_default),
+            (Strategy::Fused, grouped),
+            (Strategy::Grouped, sgmv::build(DType::F16, sgmv::SgmvConfig::DEFAULT)),
+        ] {
+            let c = with(strategy, build.clone());
+            assert_eq!((c.strategy, c.source), (Strategy::Fused, ChoiceSource::Heuristic), "{strategy} {build}");
+        }
     }
 
     #[test]

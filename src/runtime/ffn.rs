@@ -11,15 +11,25 @@
 //! ([`CompiledFfn::stage_buffers`]). `y` is the block's output (overwritten, as MixLoRA's block
 //! returns it). The same guarantees as [`super::CompiledLayer`]: no allocation, no host copy, no
 //! synchronisation in a forward; deterministic for a given token count.
+//!
+//! **The block's builds**: the ffn build is chosen per token bucket, as a layer's strategy is:
+//! a fresh tuning-cache entry for the block's key ([`crate::tune::ShapeKey::for_ffn`], looked up
+//! at the bucket's largest count) with the [`Strategy::FfnBlock`] strategy and a usable build
+//! (the block's dtype, a valid ffn configuration whose `max_rank` holds every expert's rank and
+//! whose tile height has an SGMV pair), else [`FfnConfig::DEFAULT`]. The SGMV build follows from
+//! the ffn build ([`ffn::sgmv_build_for`]); the routing launch and the slot plans use their
+//! families' defaults.
 
 use crate::cuda::{cuda_err, Blas, Device, DeviceMatrix, Gemm};
 use crate::kernels::exec::{Backend, Bindings, Buf, BufLens, CudaBackend, LoadedBuild};
 use crate::kernels::ffn::{self, FfnBank, FfnConfig, FfnPlan, FfnShape};
 use crate::kernels::fused::{self, FusedConfig, FusedOutputs, FusedPlan};
 use crate::kernels::gating::{self, SlotGroupingPlan};
-use crate::kernels::sgmv::{self, SgmvConfig};
+use crate::kernels::sgmv::SgmvConfig;
 use crate::kernels::KernelBuild;
 use crate::model::{FfnSpec, LayerSpec, Mix, RankLayout};
+use crate::runtime::ChoiceSource;
+use crate::tune::{token_bucket, ShapeKey, Strategy, TuningCache};
 use crate::{DType, MoleError, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use std::sync::{Arc, Mutex};
@@ -62,6 +72,9 @@ pub struct FfnLayerPlan {
     pub sgmv_build: KernelBuild,
     /// The ffn build and the block's launches.
     pub ffn: (KernelBuild, FfnPlan),
+    /// Whether a tuning entry chose the ffn build ([`ChoiceSource::Tuned`]; also for a build
+    /// forced with [`FfnPlanner::with_build`]) or it is the default ([`ChoiceSource::Heuristic`]).
+    pub source: ChoiceSource,
     /// Every buffer the launches take, with its length.
     pub lens: BufLens,
     /// `(buffer, byte offset)` of each workspace region.
@@ -93,11 +106,16 @@ impl FfnLayerPlan {
     }
 }
 
-/// Plans of one block, memoised per token count (the builds are the defaults of each family).
+/// Plans of one block, memoised: the ffn build per token bucket (see the module documentation),
+/// the launches per token count.
 #[derive(Debug)]
 pub struct FfnPlanner {
     spec: FfnSpec,
     dtype: DType,
+    tuning: Option<TuningCache>,
+    forced: Option<KernelBuild>,
+    /// The ffn build of each token bucket.
+    choices: Mutex<Vec<(u32, (KernelBuild, ChoiceSource))>>,
     /// The routing as a layer spec (the block's gating on `x`; its bank is never read).
     route_spec: LayerSpec,
     /// Rank offsets of the gate, up and down banks.
@@ -106,7 +124,7 @@ pub struct FfnPlanner {
 }
 
 impl FfnPlanner {
-    /// The planner of `spec` in `dtype`: validates the spec.
+    /// The planner of `spec` in `dtype` with the default builds: validates the spec.
     pub fn new(spec: &FfnSpec, dtype: DType) -> Result<Self> {
         spec.validate()?;
         let route_spec = LayerSpec {
@@ -122,7 +140,66 @@ impl FfnPlanner {
             l.map(|l| l.ranks.offsets().iter().map(|&o| o as u32).collect::<Vec<u32>>())
         };
         let offsets = [offs(spec.gate.as_ref()), offs(spec.up.as_ref()), offs(spec.down.as_ref())];
-        Ok(FfnPlanner { spec: spec.clone(), dtype, route_spec, offsets, plans: Mutex::new(Vec::new()) })
+        Ok(FfnPlanner {
+            spec: spec.clone(),
+            dtype,
+            tuning: None,
+            forced: None,
+            choices: Mutex::new(Vec::new()),
+            route_spec,
+            offsets,
+            plans: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The planner choosing each token bucket's ffn build from `tuning` where it has a usable
+    /// entry for the block (the default otherwise; see the module documentation).
+    pub fn with_tuning(self, tuning: Option<TuningCache>) -> Self {
+        FfnPlanner { tuning, choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self }
+    }
+
+    /// The planner with every token count run by the ffn build `ffn_build` and its SGMV pair
+    /// (the autotuner and the benchmarks time one build at a time). Errors at planning time when
+    /// the build cannot run the block (another family or dtype, an invalid configuration, a
+    /// `max_rank` below an expert's rank, a tile height without an SGMV pair).
+    pub fn with_build(self, ffn_build: KernelBuild) -> Self {
+        FfnPlanner { forced: Some(ffn_build), choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self }
+    }
+
+    /// Why `ffn_build` cannot run this block, or `Ok` with its SGMV pair.
+    fn usable(&self, ffn_build: &KernelBuild) -> Result<KernelBuild> {
+        if ffn_build.dtype != self.dtype {
+            return Err(MoleError::param("ffn_build", ffn_build, "its dtype differs from the block's"));
+        }
+        let config = FfnConfig::of(ffn_build)?;
+        let rank = self.offsets.iter().flatten().flat_map(|o| o.windows(2).map(|w| w[1] - w[0])).max().unwrap_or(0);
+        if rank > config.max_rank {
+            return Err(MoleError::param("ffn_build", ffn_build, "its max_rank is below an expert's rank"));
+        }
+        ffn::sgmv_build_for(ffn_build)
+    }
+
+    /// The ffn build of `tokens`' bucket and where it came from (memoised per bucket).
+    fn choice(&self, tokens: usize) -> Result<(KernelBuild, ChoiceSource)> {
+        if let Some(b) = &self.forced {
+            self.usable(b)?;
+            return Ok((b.clone(), ChoiceSource::Tuned));
+        }
+        let bucket = token_bucket(tokens);
+        let mut choices = self.choices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = choices.iter().find(|(b, _)| *b == bucket) {
+            return Ok(c.clone());
+        }
+        // Every count of a bucket runs what its largest would (as a layer's strategy): the
+        // build, and so every reduction order, does not depend on which count came first.
+        let key = ShapeKey::for_ffn(&self.spec, self.dtype, bucket as usize);
+        let tuned = self.tuning.as_ref().and_then(|t| t.lookup(&key)).filter(|e| e.strategy == Strategy::FfnBlock);
+        let c = match tuned.filter(|e| self.usable(&e.build).is_ok()) {
+            Some(e) => (e.build.clone(), ChoiceSource::Tuned),
+            None => (ffn::build(self.dtype, FfnConfig::DEFAULT), ChoiceSource::Heuristic),
+        };
+        choices.push((bucket, c.clone()));
+        Ok(c)
     }
 
     /// The block.
@@ -172,9 +249,9 @@ impl FfnPlanner {
             .into_iter()
             .find(|b| b.dtype == dtype)
             .ok_or_else(|| MoleError::Unsupported(format!("no gating build for {dtype}")))?;
-        let sgmv_build = sgmv::build(dtype, SgmvConfig::DEFAULT);
-        let ffn_build = ffn::build(dtype, FfnConfig::DEFAULT);
-        let bm = SgmvConfig::DEFAULT.bm as usize;
+        let (ffn_build, source) = self.choice(tokens)?;
+        let sgmv_build = self.usable(&ffn_build)?;
+        let bm = SgmvConfig::of(&sgmv_build)?.bm as usize;
         let e = spec.experts;
         let grouping = gating::plan_slot_grouping(tokens, slots, 0..e, e, bm, gating_build.block_threads())?;
         let bank = |i: usize, scale: Option<f64>| {
@@ -213,6 +290,7 @@ impl FfnPlanner {
             grouping: (gating_build, grouping),
             sgmv_build,
             ffn: (ffn_build, ffn_plan),
+            source,
             lens,
             regions,
             workspace_bytes: bytes,
@@ -356,6 +434,17 @@ impl CompiledFfn {
             loaded: Mutex::new(Vec::new()),
             blas: Mutex::new(None),
         })
+    }
+
+    /// The block choosing its ffn build per token bucket from `tuning` (see
+    /// [`FfnPlanner::with_tuning`]; [`CompiledFfn::new`] runs the defaults).
+    pub fn with_tuning(self, tuning: Option<TuningCache>) -> Self {
+        CompiledFfn { planner: self.planner.with_tuning(tuning), ..self }
+    }
+
+    /// The block with every token count run by `ffn_build` (see [`FfnPlanner::with_build`]).
+    pub fn with_build(self, ffn_build: KernelBuild) -> Self {
+        CompiledFfn { planner: self.planner.with_build(ffn_build), ..self }
     }
 
     /// The planner (plans and workspace sizes; no GPU needed).
@@ -516,11 +605,89 @@ impl CompiledFfn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::sgmv;
     use crate::model::{FfnMethod, FfnShape as Shape};
+    use crate::tune::cache::Provenance;
+    use crate::tune::{Candidate, GpuId, TunedEntry};
+
+    fn spec() -> FfnSpec {
+        let shape = Shape { d: 256, f: 704, experts: 8, rank: 16, k: 2, alpha: 32.0, activation: Default::default() };
+        FfnMethod::MixLora.spec(shape).unwrap()
+    }
 
     fn planner() -> FfnPlanner {
-        let shape = Shape { d: 256, f: 704, experts: 8, rank: 16, k: 2, alpha: 32.0, activation: Default::default() };
-        FfnPlanner::new(&FfnMethod::MixLora.spec(shape).unwrap(), DType::BF16).unwrap()
+        FfnPlanner::new(&spec(), DType::BF16).unwrap()
+    }
+
+    /// The bm-16 ffn candidate.
+    fn small_tile(dtype: DType) -> KernelBuild {
+        ffn::build(dtype, ffn::CONFIG_CANDIDATES.into_iter().find(|c| c.bm == 16).unwrap())
+    }
+
+    /// A cache with one entry per `(tokens, strategy, build)` under the block's key.
+    fn cache(entries: &[(usize, Strategy, KernelBuild)]) -> TuningCache {
+        let p = Provenance::current();
+        let entries = entries
+            .iter()
+            .map(|(t, strategy, build)| {
+                let key = ShapeKey::for_ffn(&spec(), DType::BF16, *t);
+                TunedEntry::new(key, Candidate { strategy: *strategy, build: build.clone() }, 1.0, None, 1.0, &p)
+            })
+            .collect();
+        TuningCache::from_entries(GpuId { name: "test".into(), compute_capability: (9, 0), sm_count: 132 }, entries)
+    }
+
+    #[test]
+    fn a_tuned_entry_chooses_the_ffn_build_and_its_sgmv_pair_per_bucket() {
+        let tuned = small_tile(DType::BF16);
+        let p = planner().with_tuning(Some(cache(&[(128, Strategy::FfnBlock, tuned.clone())])));
+        let bm16 = sgmv::CONFIG_CANDIDATES.into_iter().find(|c| c.bm == 16).unwrap();
+        // Every count of the bucket (65..=128) runs the entry's build.
+        for t in [65, 100, 128] {
+            let plan = p.plan(t).unwrap();
+            assert_eq!((&plan.ffn.0, plan.source), (&tuned, ChoiceSource::Tuned), "T={t}");
+            assert_eq!(plan.sgmv_build, sgmv::build(DType::BF16, bm16), "T={t}");
+            assert_eq!(plan.ffn.1.config.bm, 16);
+            // The slot plans are padded to the pair's tile height (segments of 16, not 32).
+            assert_eq!(plan.grouping.1.entry_stride, sgmv::entry_capacity(t, 8, 16), "T={t}");
+            assert_eq!(plan.ffn.1.params.entry_stride as usize, plan.grouping.1.entry_stride);
+        }
+        // Other buckets have no entry: the defaults.
+        for t in [64, 129] {
+            let plan = p.plan(t).unwrap();
+            assert_eq!(plan.ffn.0, ffn::build(DType::BF16, FfnConfig::DEFAULT), "T={t}");
+            assert_eq!(
+                (plan.sgmv_build.clone(), plan.source),
+                (sgmv::build(DType::BF16, SgmvConfig::DEFAULT), ChoiceSource::Heuristic)
+            );
+        }
+        // Without a cache, the defaults everywhere.
+        assert_eq!(planner().plan(100).unwrap().ffn.0, ffn::build(DType::BF16, FfnConfig::DEFAULT));
+    }
+
+    #[test]
+    fn unusable_entries_are_passed_over_for_the_default() {
+        let default = ffn::build(DType::BF16, FfnConfig::DEFAULT);
+        let tiny_rank = ffn::build(DType::BF16, FfnConfig { max_rank: 8, kc: 8, ..FfnConfig::DEFAULT });
+        let no_pair = ffn::build(DType::BF16, FfnConfig { bm: 8, ..FfnConfig::DEFAULT });
+        let bad = [
+            (Strategy::FfnBlock, small_tile(DType::F16)),
+            (Strategy::FfnBlock, tiny_rank.clone()),
+            (Strategy::FfnBlock, no_pair.clone()),
+            (Strategy::Grouped, sgmv::build(DType::BF16, SgmvConfig::DEFAULT)),
+            (Strategy::Grouped, small_tile(DType::BF16)),
+        ];
+        for (strategy, build) in bad {
+            let p = planner().with_tuning(Some(cache(&[(128, strategy, build.clone())])));
+            let plan = p.plan(100).unwrap();
+            assert_eq!((&plan.ffn.0, plan.source), (&default, ChoiceSource::Heuristic), "{strategy} {build}");
+        }
+        // Forced, the same builds are errors, not silent substitutes.
+        for build in [small_tile(DType::F16), tiny_rank, no_pair, sgmv::build(DType::BF16, SgmvConfig::DEFAULT)] {
+            assert!(planner().with_build(build.clone()).plan(100).is_err(), "{build}");
+        }
+        let forced = planner().with_build(small_tile(DType::BF16)).plan(3).unwrap();
+        assert_eq!((forced.ffn.0.clone(), forced.ffn.1.config.bm), (small_tile(DType::BF16), 16));
     }
 
     #[test]

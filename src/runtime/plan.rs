@@ -296,6 +296,11 @@ impl LayerPlanner {
                 let sgmv = sgmv::plan(&choice.build, shape, &offsets, grouping.entry_stride)?;
                 Path::Grouped { route_build, route, gating_build, grouping, sgmv_build: choice.build.clone(), sgmv }
             }
+            Strategy::FfnBlock => {
+                return Err(MoleError::Unsupported(
+                    "the ffn_block strategy runs an FFN-expert block (runtime::CompiledFfn), not a layer".into(),
+                ))
+            }
         };
         let lens = path.lens();
         let mut regions = Vec::new();

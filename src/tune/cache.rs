@@ -278,6 +278,13 @@ impl TuningCache {
         }
     }
 
+    /// A cache of `entries` as given (no file, no freshness check), for tests of the choices.
+    #[cfg(test)]
+    pub(crate) fn from_entries(gpu: GpuId, entries: Vec<TunedEntry>) -> TuningCache {
+        let entries = entries.into_iter().map(|e| (e.key.clone(), (e, EntrySource::User))).collect();
+        TuningCache { gpu, entries }
+    }
+
     /// The GPU.
     pub fn gpu(&self) -> &GpuId {
         &self.gpu

@@ -1,7 +1,9 @@
 //! Shape keys: what a tuning result is valid for. Exact dimensions, expert count, slots per
-//! token (k), dtype and method; the token count bucketed to a power of two.
+//! token (k), dtype and method; the token count bucketed to a power of two. A layer's key is
+//! [`ShapeKey::new`], an FFN-expert block's [`ShapeKey::for_ffn`] (with `f` and the activation);
+//! their method tags never coincide, so a layer and a block never share a key.
 
-use crate::model::{Gating, LayerSpec, Mix, Router, RoutingRule};
+use crate::model::{FfnSpec, Gating, LayerSpec, Mix, Router, RoutingRule};
 use crate::DType;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -25,7 +27,8 @@ pub struct ShapeKey {
     /// Storage dtype.
     pub dtype: DType,
     /// Stable tag of the gating and mix, e.g. `routed.x.softmax_topk.expert_scale`
-    /// (see `method_tag`).
+    /// (see `method_tag`); a block's is `ffn.<activation>.<gating>` (see
+    /// [`ShapeKey::for_ffn`]).
     pub method: String,
     /// Tokens rounded up to a power of two (see [`token_bucket`]).
     pub token_bucket: u32,
@@ -42,6 +45,26 @@ impl ShapeKey {
             slots: spec.slots(),
             dtype,
             method: method_tag(spec),
+            token_bucket: token_bucket(tokens),
+        }
+    }
+
+    /// The key of the FFN-expert block `spec` run in `dtype` over `tokens` tokens: `d_in = d`,
+    /// `d_out = f`, `total_rank` the largest of the gate, up and down banks' total ranks (0 when
+    /// no projection is adapted; the three share one layout in the presets), the routed experts,
+    /// the slots, and the method tag `ffn.<activation>.<gating>` (e.g.
+    /// `ffn.silu.routed.x.softmax_topk`, the gating part of `method_tag`). Layer tags start with
+    /// the gating, never with `ffn.`, so no layer key equals a block key.
+    pub fn for_ffn(spec: &FfnSpec, dtype: DType, tokens: usize) -> ShapeKey {
+        let total_rank = spec.projections().iter().filter_map(|(_, l)| *l).map(|l| l.ranks.total_rank()).max();
+        ShapeKey {
+            d_in: spec.d,
+            d_out: spec.f,
+            total_rank: total_rank.unwrap_or(0),
+            experts: spec.experts,
+            slots: spec.slots(),
+            dtype,
+            method: format!("ffn.{}.{}", spec.activation, gating_tag(spec.gating)),
             token_bucket: token_bucket(tokens),
         }
     }
@@ -100,20 +123,26 @@ fn rule_tag(rule: RoutingRule) -> &'static str {
     }
 }
 
-/// The stable method tag of `spec`: `<gating>[.<router>.<rule>].<mix>`, e.g.
-/// `routed.x.softmax_topk.expert_scale`, `routed.h.softmax_topk.core_merge`,
-/// `given.topk_softmax.expert_scale`, `adapter_ids.expert_scale`. Only what changes the work
-/// of a kernel takes part: numeric parameters of the rules (temperature, p, k) do not (`k` is in
-/// [`ShapeKey::slots`]).
-pub fn method_tag(spec: &LayerSpec) -> String {
-    let gating = match spec.gating {
+/// The gating part of a method tag: `routed.<router>.<rule>`, `given.<selection>` or
+/// `adapter_ids`.
+fn gating_tag(gating: Gating) -> String {
+    match gating {
         Gating::Routed { router, rule } => format!("routed.{}.{}", router_tag(router), rule_tag(rule)),
         Gating::Given { top_k, softmax_topk } => {
             let sel = if top_k.is_some() { "topk" } else { "dense" };
             format!("given.{sel}{}", if softmax_topk { "_softmax" } else { "" })
         }
         Gating::AdapterIds => "adapter_ids".to_string(),
-    };
+    }
+}
+
+/// The stable method tag of `spec`: `<gating>[.<router>.<rule>].<mix>`, e.g.
+/// `routed.x.softmax_topk.expert_scale`, `routed.h.softmax_topk.core_merge`,
+/// `given.topk_softmax.expert_scale`, `adapter_ids.expert_scale`. Only what changes the work
+/// of a kernel takes part: numeric parameters of the rules (temperature, p, k) do not (`k` is in
+/// [`ShapeKey::slots`]).
+pub fn method_tag(spec: &LayerSpec) -> String {
+    let gating = gating_tag(spec.gating);
     let mix = match spec.mix {
         Mix::ExpertScale => "expert_scale",
         Mix::CoreMerge { .. } => "core_merge",
@@ -124,7 +153,7 @@ pub fn method_tag(spec: &LayerSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Method, MethodShape};
+    use crate::model::{Activation, FfnMethod, Method, MethodShape};
 
     #[test]
     fn tokens_bucket_to_the_next_power_of_two() {
@@ -192,6 +221,66 @@ mod tests {
         }
         // Methods that differ only in numeric parameters share a tag; the rest are distinct.
         assert!(tags.len() >= 9, "{tags:?}");
+    }
+
+    fn block(method: FfnMethod, f: usize, activation: Activation) -> FfnSpec {
+        let s = crate::model::FfnShape { d: 64, f, experts: 8, rank: 16, k: 2, alpha: 32.0, activation };
+        method.spec(s).unwrap()
+    }
+
+    #[test]
+    fn block_keys_hold_f_and_the_activation() {
+        let spec = block(FfnMethod::MixLora, 176, Activation::Silu);
+        let key = ShapeKey::for_ffn(&spec, DType::BF16, 100);
+        assert_eq!(
+            key,
+            ShapeKey {
+                d_in: 64,
+                d_out: 176,
+                total_rank: 128,
+                experts: 8,
+                slots: 2,
+                dtype: DType::BF16,
+                method: "ffn.silu.routed.x.softmax_topk".into(),
+                token_bucket: 128,
+            }
+        );
+        assert_eq!(key.to_string(), "64x176 R=128 E=8 k=2 bf16 T<=128 ffn.silu.routed.x.softmax_topk");
+        // f and the activation each change the key; so do the rule, the dtype and the bucket.
+        assert_ne!(ShapeKey::for_ffn(&block(FfnMethod::MixLora, 192, Activation::Silu), DType::BF16, 100), key);
+        let gelu = ShapeKey::for_ffn(&block(FfnMethod::MixLora, 176, Activation::Gelu), DType::BF16, 100);
+        assert_eq!(gelu.method, "ffn.gelu.routed.x.softmax_topk");
+        assert_ne!(gelu, key);
+        let dynamic = ShapeKey::for_ffn(&block(FfnMethod::MixLoraDynamic, 176, Activation::Silu), DType::BF16, 100);
+        assert_eq!((dynamic.method.as_str(), dynamic.slots), ("ffn.silu.routed.x.top_p", 8));
+        assert_ne!(ShapeKey::for_ffn(&spec, DType::F16, 100), key);
+        assert_eq!(ShapeKey::for_ffn(&spec, DType::BF16, 128), key);
+        assert_ne!(ShapeKey::for_ffn(&spec, DType::BF16, 129), key);
+        // The largest bank's total rank.
+        let mut uneven = spec.clone();
+        uneven.down = Some(crate::model::ProjectionLora {
+            ranks: crate::model::RankLayout::uniform(8, 24).unwrap(),
+            scale: 1.0,
+        });
+        uneven.gate = None;
+        assert_eq!(ShapeKey::for_ffn(&uneven, DType::BF16, 100).total_rank, 192);
+    }
+
+    #[test]
+    fn a_layer_key_never_equals_a_block_key() {
+        // MixLoRA per linear on the block's up projection: the same d_in, d_out, R, E, k, dtype
+        // and tokens as the block; only the method tag tells them apart.
+        let block_spec = block(FfnMethod::MixLora, 176, Activation::Silu);
+        let layer =
+            Method::MixLoraPerLinear.spec(MethodShape { d_in: 64, d_out: 176, experts: 8, rank: 16, k: 2, alpha: 32.0 });
+        let (l, b) = (ShapeKey::new(&layer.unwrap(), DType::BF16, 100), ShapeKey::for_ffn(&block_spec, DType::BF16, 100));
+        assert_eq!((l.d_in, l.d_out, l.total_rank, l.experts, l.slots), (b.d_in, b.d_out, b.total_rank, b.experts, b.slots));
+        assert_ne!(l, b);
+        // No layer preset's tag is a block tag.
+        for m in Method::ALL {
+            let rank = if m.single_rank_experts() { 1 } else { 8 };
+            assert!(!method_tag(&m.spec(shape(8, rank, 2)).unwrap()).starts_with("ffn."), "{m}");
+        }
     }
 
     #[test]

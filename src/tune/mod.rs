@@ -3,10 +3,11 @@
 //! layers; the search that fills the cache is `mole::autotune` (feature `cli`).
 //!
 //! - `key`: `ShapeKey`, what a result is valid for (exact dimensions, E, k, dtype, method;
-//!   tokens bucketed to powers of two).
+//!   tokens bucketed to powers of two); a block's key has `f` and the activation.
 //! - `cache`: `TuningCache` and `store`, one file per GPU, user results over shipped ones,
 //!   stale and corrupt data ignored with a warning, atomic merged writes.
-//! - [`Strategy`] and [`Candidate`]: how a layer is computed, and a strategy with its build.
+//! - [`Strategy`] and [`Candidate`]: how a layer (or an FFN-expert block) is computed, and a
+//!   strategy with its build.
 
 crate::internal_mod!(cache);
 crate::internal_mod!(key);
@@ -21,7 +22,7 @@ use crate::kernels::KernelBuild;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// How a layer is computed on the device.
+/// How a layer (or an FFN-expert block) is computed on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
@@ -31,11 +32,22 @@ pub enum Strategy {
     Fused,
     /// The fused layer in two launches, for small token counts.
     FusedSplit,
+    /// The FFN-expert block (`runtime::CompiledFfn`): its build is the block's ffn build
+    /// (`Family::Ffn`); the SGMV build follows from it (`kernels::ffn::sgmv_build_for`). Never a
+    /// layer's strategy, and a block has no other.
+    FfnBlock,
 }
 
 impl Strategy {
     /// Every strategy, in search order.
-    pub const ALL: [Strategy; 3] = [Strategy::Grouped, Strategy::Fused, Strategy::FusedSplit];
+    pub const ALL: [Strategy; 4] = [Strategy::Grouped, Strategy::Fused, Strategy::FusedSplit, Strategy::FfnBlock];
+    /// The strategies of a layer (every one but [`Strategy::FfnBlock`]), in search order.
+    pub const LAYER: [Strategy; 3] = [Strategy::Grouped, Strategy::Fused, Strategy::FusedSplit];
+
+    /// Whether this strategy computes an FFN-expert block rather than a layer.
+    pub fn is_block(self) -> bool {
+        self == Strategy::FfnBlock
+    }
 
     /// The snake_case name, as in JSON.
     pub fn name(self) -> &'static str {
@@ -43,6 +55,7 @@ impl Strategy {
             Strategy::Grouped => "grouped",
             Strategy::Fused => "fused",
             Strategy::FusedSplit => "fused_split",
+            Strategy::FfnBlock => "ffn_block",
         }
     }
 }
@@ -79,5 +92,9 @@ mod tests {
             assert_eq!(serde_json::from_str::<Strategy>(&format!("\"{}\"", s.name())).unwrap(), s);
         }
         assert_eq!(Strategy::FusedSplit.name(), "fused_split");
+        assert_eq!(Strategy::FfnBlock.name(), "ffn_block");
+        // The layer strategies are every strategy but the block's.
+        let layer: Vec<Strategy> = Strategy::ALL.into_iter().filter(|s| !s.is_block()).collect();
+        assert_eq!(layer, Strategy::LAYER);
     }
 }

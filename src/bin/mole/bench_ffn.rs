@@ -160,7 +160,7 @@ fn measure<T: KernelElement + DeviceRepr>(
     tokens: usize,
     runs: usize,
 ) -> Result<Measured> {
-    let mut block = DeviceFfn::new(device, spec, data, tokens)?;
+    let mut block = DeviceFfn::new(device, spec, data.prefix(tokens), None)?;
     let check = if tokens <= CHECK_TOKENS { Some(block.check()?) } else { None };
     let work = block.work()?;
     let ms = time_on_device(device, 3, runs, || block.forward())?.median_ms();

@@ -121,7 +121,7 @@ fn gpu_typed<T: KernelElement + DeviceRepr>(
     let what = format!("mole run --tokens {tokens} --d {} --f {} (the block's inputs)", spec.d, spec.f);
     limits::check_host(&what, SyntheticFfn::<T>::bytes(spec, tokens)?)?;
     let data = SyntheticFfn::<T>::new(spec, tokens, args.seed);
-    let mut block = DeviceFfn::new(device, spec, &data, tokens)?;
+    let mut block = DeviceFfn::new(device, spec, data, None)?;
     let check = block.check()?;
     let work = block.work()?;
     let timing = time_on_device(device, 3, 20, || block.forward())?;
@@ -152,7 +152,7 @@ fn run_typed<T: Scalar>(spec: &FfnSpec, tokens: usize, args: &RunArgs) -> Result
     let data = SyntheticFfn::<T>::new(spec, tokens, args.seed);
 
     let start = Instant::now();
-    let reference = ffn_forward(spec, &data.inputs())?;
+    let reference = ffn_forward(spec, &data.inputs(tokens))?;
     let ref_time = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let y = per_expert(spec, &data, &reference.routing);

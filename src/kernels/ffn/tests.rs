@@ -136,3 +136,40 @@ fn plan_names_what_it_refuses() {
     assert!(err(shape, &f32_sgmv, &f).contains("dtype"));
     assert!(err(shape, &f, &f).contains("sgmv"));
 }
+
+#[test]
+fn every_candidate_pairs_with_the_sgmv_build_of_its_tile_height() {
+    let bm16 = sgmv::CONFIG_CANDIDATES.iter().copied().find(|c| c.bm == 16).unwrap();
+    for dtype in DType::ALL {
+        let default = sgmv_build_for(&build(dtype, FfnConfig::DEFAULT)).unwrap();
+        assert_eq!(default, sgmv::build(dtype, SgmvConfig::DEFAULT), "{dtype}");
+        let small = CONFIG_CANDIDATES.iter().copied().find(|c| c.bm == 16).unwrap();
+        assert_eq!(sgmv_build_for(&build(dtype, small)).unwrap(), sgmv::build(dtype, bm16), "{dtype}");
+        for c in CONFIG_CANDIDATES {
+            let ffn = build(dtype, c);
+            let paired = sgmv_build_for(&ffn).unwrap();
+            assert_eq!((SgmvConfig::of(&paired).unwrap().bm, paired.dtype), (c.bm, dtype));
+            // What `plan` accepts: the pair plans a forward.
+            let offs = [0u32, 4, 8];
+            let bank = Some(FfnBank { rank_offsets: &offs, scale: 1.0 });
+            let shape = FfnShape {
+                tokens: 5,
+                slots: 1,
+                experts: 2,
+                d: 64,
+                f: 96,
+                activation: Activation::Silu,
+                gate: bank,
+                up: bank,
+                down: bank,
+            };
+            assert!(plan(&paired, &ffn, shape, 64).is_ok(), "{c:?}");
+        }
+    }
+    // A tile height no SGMV candidate has, and a build of another family, are refused.
+    let bm8 = FfnConfig { bm: 8, ..FfnConfig::DEFAULT };
+    assert!(bm8.validate().is_ok());
+    let e = sgmv_build_for(&build(DType::BF16, bm8)).unwrap_err().to_string();
+    assert!(e.contains("no SGMV candidate"), "{e}");
+    assert!(sgmv_build_for(&sgmv::build(DType::BF16, SgmvConfig::DEFAULT)).is_err());
+}
