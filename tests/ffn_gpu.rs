@@ -258,6 +258,10 @@ fn bad_calls_are_typed_errors_before_any_launch() {
     let short = FfnPointers { workspace_bytes: bytes - 1, ..u.ptrs };
     let shifted = FfnPointers { workspace: u.ptrs.workspace + 4, ..u.ptrs };
     let no_base = FfnPointers { base: [u.ptrs.base[0], 0, u.ptrs.base[2]], ..u.ptrs };
+    // Inputs only the last stages read: refused before the first product runs too.
+    let no_y = FfnPointers { y: 0, ..u.ptrs };
+    let no_down_b = FfnPointers { banks: [u.ptrs.banks[0], u.ptrs.banks[1], (u.ptrs.banks[2].0, 0)], ..u.ptrs };
+    let odd_down = FfnPointers { base: [u.ptrs.base[0], u.ptrs.base[1], u.ptrs.base[2] + 1], ..u.ptrs };
     // SAFETY: the pointers are live allocations (the shifted workspace still has `bytes` bytes
     // after its start); every call below is refused before it launches anything.
     unsafe {
@@ -273,6 +277,12 @@ fn bad_calls_are_typed_errors_before_any_launch() {
         assert_eq!(err, MoleError::ZeroDimension { name: "tokens" });
         let err = ffn.forward_raw(s, tokens, no_base).unwrap_err();
         assert!(matches!(err, MoleError::MissingInput { name: "base_up", .. }), "{err}");
+        let err = ffn.forward_raw(s, tokens, no_y).unwrap_err();
+        assert!(matches!(err, MoleError::MissingInput { name: "y", .. }), "{err}");
+        let err = ffn.forward_raw(s, tokens, no_down_b).unwrap_err();
+        assert!(matches!(err, MoleError::MissingInput { name: "down_b", .. }), "{err}");
+        let err = ffn.forward_raw(s, tokens, odd_down).unwrap_err();
+        assert!(matches!(err, MoleError::InvalidOperand { .. }), "{err}");
     }
     // Nothing ran: y and the workspace hold their poison bytes.
     stream.synchronize().unwrap();

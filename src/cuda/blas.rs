@@ -419,13 +419,8 @@ impl Blas {
         b: DeviceMatrix,
         c: DeviceMatrix,
     ) -> Result<()> {
-        let Some(checked) = op.check(&a, &b, &c)? else { return Ok(()) };
+        let Some(checked) = self.validate(stream, op, &a, &b, &c)? else { return Ok(()) };
         let api = api()?;
-        self.device.bind()?;
-        self.check_stream(stream)?;
-        for (name, span) in checked.spans {
-            check_mapped(name, span)?;
-        }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (workspace, workspace_len) = self.workspace(&mut inner, stream)?;
         let handle = inner.handle;
@@ -475,6 +470,35 @@ impl Blas {
         check("cublasGemmEx", status)
     }
 
+    /// Every check [`Blas::gemm`] makes before calling cuBLAS, alone: a composed forward checks
+    /// all its products before it enqueues the first. `None` for an empty product.
+    pub(crate) fn validate(
+        &self,
+        stream: CUstream,
+        op: &Gemm,
+        a: &DeviceMatrix,
+        b: &DeviceMatrix,
+        c: &DeviceMatrix,
+    ) -> Result<Option<Checked>> {
+        let Some(checked) = op.check(a, b, c)? else { return Ok(None) };
+        self.device.bind()?;
+        self.check_stream(stream)?;
+        for (name, span) in checked.spans {
+            check_mapped(name, span)?;
+        }
+        Ok(Some(checked))
+    }
+
+    /// Allocates `stream`'s workspace now (it is otherwise allocated by the first product on
+    /// `stream`): what a CUDA graph capture of a forward on `stream` needs first, since a capture
+    /// cannot allocate.
+    pub fn reserve(&self, stream: CUstream) -> Result<()> {
+        self.device.bind()?;
+        self.check_stream(stream)?;
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.workspace(&mut inner, stream).map(|_| ())
+    }
+
     /// `stream`'s workspace, allocated on its first use.
     fn workspace(&self, inner: &mut Inner, stream: CUstream) -> Result<(CUdeviceptr, usize)> {
         let bytes = workspace_bytes(self.device.compute_capability());
@@ -489,8 +513,17 @@ impl Blas {
         Ok((ptr, bytes))
     }
 
-    /// `stream` must be in the device's context (the legacy default stream, null, always is).
+    /// `stream` must be in the device's context (the legacy default stream, null, always is),
+    /// and not the per-thread default stream's handle, which names a different stream on every
+    /// thread: workspaces are kept per stream handle, and two threads' streams must not share one.
     fn check_stream(&self, stream: CUstream) -> Result<()> {
+        if stream as usize == PER_THREAD_STREAM {
+            return Err(MoleError::InvalidOperand {
+                operand: "stream".into(),
+                reason: "the per-thread default stream (CU_STREAM_PER_THREAD) is not supported: pass a created stream"
+                    .into(),
+            });
+        }
         let mut ctx: sys::CUcontext = std::ptr::null_mut();
         // SAFETY: the out-pointer is valid for a write; a stream the caller keeps alive (the
         // contract of `gemm`) is a valid argument.
@@ -504,6 +537,9 @@ impl Blas {
         Ok(())
     }
 }
+
+/// `CU_STREAM_PER_THREAD`'s handle value.
+const PER_THREAD_STREAM: usize = 0x2;
 
 /// Every byte of `span` must be device memory mapped in the current context: the check walks
 /// the allocations the driver reports from the span's start. A span may cross from one into the

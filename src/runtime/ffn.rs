@@ -10,7 +10,10 @@
 //! [`CompiledFfn::down_delta_raw`]); `G`, `U` and `a_mix` live in the workspace
 //! ([`CompiledFfn::stage_buffers`]). `y` is the block's output (overwritten, as MixLoRA's block
 //! returns it). The same guarantees as [`super::CompiledLayer`]: no allocation, no host copy, no
-//! synchronisation in a forward; deterministic for a given token count.
+//! synchronisation in a forward once [`CompiledFfn::prepare`] (and, for the cuBLAS forward on a
+//! stream, [`CompiledFfn::prepare_cublas`]) ran, so a forward can be captured in a CUDA graph;
+//! deterministic for a given token count. Every input of a forward is checked before its first
+//! launch.
 //!
 //! **The block's builds**: the ffn build is chosen per token bucket, as a layer's strategy is:
 //! a fresh tuning-cache entry for the block's key ([`crate::tune::ShapeKey::for_ffn`], looked up
@@ -470,6 +473,9 @@ impl CompiledFfn {
     /// `workspace` (for the caller-GEMM path).
     pub fn stage_buffers(&self, tokens: usize, workspace: CUdeviceptr) -> Result<FfnStageBuffers> {
         let plan = self.planner.plan(tokens)?;
+        if !workspace.is_multiple_of(WORKSPACE_ALIGN as u64) {
+            return Err(MoleError::param("workspace", format!("{workspace:#x}"), "must be 256-byte aligned"));
+        }
         let at = |buf: Buf| plan.offset(buf).map(|o| workspace + o as u64).unwrap_or(0);
         Ok(FfnStageBuffers { gate_out: at(Buf::GateOut), up_out: at(Buf::UpOut), a_mix: at(Buf::AMix) })
     }
@@ -482,6 +488,15 @@ impl CompiledFfn {
         let l = Arc::new(LoadedBuild::load(&self.device, build, build.kernels())?);
         loaded.push(l.clone());
         Ok(l)
+    }
+
+    /// Loads cuBLAS for the cuBLAS forward and allocates `stream`'s cuBLAS workspace, which the
+    /// first [`CompiledFfn::forward_raw`] on `stream` would otherwise do: with
+    /// [`CompiledFfn::prepare`] for the token count, what a CUDA graph capture of `forward_raw`
+    /// on `stream` needs first (a capture cannot allocate). The workspace lives as long as the
+    /// block.
+    pub fn prepare_cublas(&self, stream: CUstream) -> Result<()> {
+        self.blas()?.reserve(stream)
     }
 
     fn blas(&self) -> Result<Arc<Blas>> {
@@ -585,18 +600,29 @@ impl CompiledFfn {
                 return Err(MoleError::MissingInput { name, needed_by: "the cuBLAS forward of the FFN block" });
             }
         }
+        // Everything both halves and the three products take, before the first launch.
+        b.check(&plan.lens, "the FFN block")?;
         let blas = self.blas()?;
         let m = |ptr: u64, rows: usize, cols: usize| DeviceMatrix { ptr, len: rows * cols, ld: cols };
         let up_proj = Gemm { dtype, m: tokens, n: f, k: d, alpha: 1.0, beta: 0.0 };
         let down_proj = Gemm { dtype, m: tokens, n: d, k: f, alpha: 1.0, beta: 0.0 };
         let (x, gate_out, up_out, a_mix) = (b.ptr(Buf::X), b.ptr(Buf::GateOut), b.ptr(Buf::UpOut), b.ptr(Buf::AMix));
+        let products = [
+            (&up_proj, m(x, tokens, d), m(ptrs.base[0], d, f), m(gate_out, tokens, f)),
+            (&up_proj, m(x, tokens, d), m(ptrs.base[1], d, f), m(up_out, tokens, f)),
+            (&down_proj, m(a_mix, tokens, f), m(ptrs.base[2], f, d), m(ptrs.y, tokens, d)),
+        ];
+        for (op, a, w, c) in &products {
+            blas.validate(stream, op, a, w, c)?;
+        }
+        let [gate, up, down] = products;
         // SAFETY: the caller's contract for x, the base weights and y; the stage buffers are
         // workspace regions of T·f elements each, bound above; all on `stream`, in order.
         unsafe {
-            blas.gemm(stream, &up_proj, m(x, tokens, d), m(ptrs.base[0], d, f), m(gate_out, tokens, f))?;
-            blas.gemm(stream, &up_proj, m(x, tokens, d), m(ptrs.base[1], d, f), m(up_out, tokens, f))?;
+            blas.gemm(stream, gate.0, gate.1, gate.2, gate.3)?;
+            blas.gemm(stream, up.0, up.1, up.2, up.3)?;
             self.run_half(&plan, &b, stream, true)?;
-            blas.gemm(stream, &down_proj, m(a_mix, tokens, f), m(ptrs.base[2], f, d), m(ptrs.y, tokens, d))?;
+            blas.gemm(stream, down.0, down.1, down.2, down.3)?;
             self.run_half(&plan, &b, stream, false)
         }
     }
