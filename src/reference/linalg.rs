@@ -22,6 +22,12 @@ pub fn matmul(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
     c
 }
 
+/// `Aᵀ [n, m]` of `A [m, n]`, row-major (the backward's products take transposed operands).
+pub fn transpose(a: &[f64], m: usize, n: usize) -> Vec<f64> {
+    debug_assert_eq!(a.len(), m * n);
+    (0..n).flat_map(|j| (0..m).map(move |i| a[i * n + j])).collect()
+}
+
 /// Shrink: `h [T, R] = x [T, d_in] · A [d_in, R]`.
 pub fn shrink(x: &[f64], a: &[f64], tokens: usize, d_in: usize, rank: usize) -> Vec<f64> {
     matmul(x, a, tokens, d_in, rank)
@@ -43,6 +49,7 @@ mod tests {
         assert_eq!(matmul(&[1., 2., 3., 4.], &[5., 6., 7., 8.], 2, 2, 2), vec![19., 22., 43., 50.]);
         // [1 2 3] · [1; 0; -1] = [-2]
         assert_eq!(matmul(&[1., 2., 3.], &[1., 0., -1.], 1, 3, 1), vec![-2.]);
+        assert_eq!(transpose(&[1., 2., 3., 4., 5., 6.], 2, 3), vec![1., 4., 2., 5., 3., 6.]);
         assert_eq!(expand(&[1., 2.], &[1., 1., 1., -1.], &[10., 20.], 0.5, 1, 2, 2), vec![11.5, 19.5]);
     }
 }

@@ -10,10 +10,12 @@
 //! - `mix`: the low-rank mix (expert scaling, CoMoL core merge).
 //! - `grouped`: the same layer computed per expert segment of the routing plan.
 //! - `layer`: the composed forward (of a whole layer or of an expert shard).
+//! - `backward`: the gradients of the expert-scale layer (selection held constant).
 //! - `ffn`: the FFN-expert block (MixLoRA), experts that are whole LoRA-adapted FFNs.
 
 // The building blocks are public API with the `internals` feature; the composed forwards,
 // routing and statistics below are what a framework cross-checks against.
+crate::internal_mod!(backward);
 crate::internal_mod!(ffn);
 crate::internal_mod!(grouped);
 crate::internal_mod!(layer);
@@ -22,6 +24,9 @@ crate::internal_mod!(mix);
 crate::internal_mod!(routing);
 crate::internal_mod!(stats);
 
+// The reference backward: public with `internals` (the default build's item count is spent).
+#[cfg(feature = "internals")]
+pub use backward::{backward, LayerGrads};
 #[cfg_attr(not(feature = "cli"), allow(unused_imports))]
 pub(crate) use ffn::check_inputs as check_ffn_inputs;
 pub use ffn::{ffn_forward, FfnInputs, FfnOutput};
