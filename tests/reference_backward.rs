@@ -168,6 +168,8 @@ fn cases(rng: &mut Rng) -> Vec<(String, LayerSpec)> {
     let h_router = |bias, rule| Gating::Routed { router: Router::H { bias }, rule };
     with("h router with bias, renormalised top-2", h_router(true, renorm(2, 1.0)), uniform.clone());
     with("h router, dense softmax", h_router(false, RoutingRule::DenseSoftmax { temperature: 1.0 }), uniform);
+    let low_rank = Gating::Routed { router: Router::LowRank, rule: renorm(2, 1.0) };
+    with("low-rank router (z = h), renormalised top-2", low_rank, RankLayout::uniform(5, 1).unwrap());
     let dynmole = RoutingRule::DynMole { q: 1.1, top_p: 0.5, keep_top_k: 1, entropy_threshold: 1.0, entropy_eps: 1e-5 };
     with("dynmole's top-p branch (threshold 1)", Gating::Routed { router: Router::X { bias: true }, rule: dynmole }, {
         let mut r = Rng::new(5);
