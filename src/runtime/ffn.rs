@@ -59,9 +59,6 @@ const FFN_WORKSPACE_BUFS: [Buf; 15] = [
     Buf::AMix,
 ];
 
-/// Plans memoised per block before the memo is cleared.
-const MEMO_PLANS: usize = 64;
-
 /// A forward of a given token count: the launches and the workspace layout.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FfnLayerPlan {
@@ -123,7 +120,7 @@ pub struct FfnPlanner {
     route_spec: LayerSpec,
     /// Rank offsets of the gate, up and down banks.
     offsets: [Option<Vec<u32>>; 3],
-    plans: Mutex<Vec<Arc<FfnLayerPlan>>>,
+    plans: super::memo::PlanMemo<FfnLayerPlan>,
 }
 
 impl FfnPlanner {
@@ -151,14 +148,14 @@ impl FfnPlanner {
             choices: Mutex::new(Vec::new()),
             route_spec,
             offsets,
-            plans: Mutex::new(Vec::new()),
+            plans: Default::default(),
         })
     }
 
     /// The planner choosing each token bucket's ffn build from `tuning` where it has a usable
     /// entry for the block (the default otherwise; see the module documentation).
     pub fn with_tuning(self, tuning: Option<TuningCache>) -> Self {
-        FfnPlanner { tuning, choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self }
+        FfnPlanner { tuning, choices: Mutex::new(Vec::new()), plans: Default::default(), ..self }
     }
 
     /// The planner with every token count run by the ffn build `ffn_build` and its SGMV pair
@@ -166,7 +163,7 @@ impl FfnPlanner {
     /// the build cannot run the block (another family or dtype, an invalid configuration, a
     /// `max_rank` below an expert's rank, a tile height without an SGMV pair).
     pub fn with_build(self, ffn_build: KernelBuild) -> Self {
-        FfnPlanner { forced: Some(ffn_build), choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self }
+        FfnPlanner { forced: Some(ffn_build), choices: Mutex::new(Vec::new()), plans: Default::default(), ..self }
     }
 
     /// Why `ffn_build` cannot run this block, or `Ok` with its SGMV pair.
@@ -222,19 +219,7 @@ impl FfnPlanner {
 
     /// The plan of a forward over `tokens` tokens (memoised).
     pub fn plan(&self, tokens: usize) -> Result<Arc<FfnLayerPlan>> {
-        if tokens == 0 {
-            return Err(MoleError::ZeroDimension { name: "tokens" });
-        }
-        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = plans.iter().find(|p| p.tokens == tokens) {
-            return Ok(p.clone());
-        }
-        let plan = Arc::new(self.make_plan(tokens)?);
-        if plans.len() >= MEMO_PLANS {
-            plans.clear();
-        }
-        plans.push(plan.clone());
-        Ok(plan)
+        self.plans.get(tokens, || self.make_plan(tokens))
     }
 
     /// Workspace bytes a forward over `tokens` tokens needs.
@@ -401,7 +386,7 @@ pub struct CompiledFfn {
     device: Device,
     planner: FfnPlanner,
     constants: Constants,
-    loaded: Mutex<Vec<Arc<LoadedBuild>>>,
+    loaded: super::memo::LoadedBuilds,
     blas: Mutex<Option<Arc<Blas>>>,
 }
 
@@ -434,7 +419,7 @@ impl CompiledFfn {
             device: device.clone(),
             planner,
             constants: Constants { slices, ptrs },
-            loaded: Mutex::new(Vec::new()),
+            loaded: super::memo::LoadedBuilds::default(),
             blas: Mutex::new(None),
         })
     }
@@ -481,13 +466,7 @@ impl CompiledFfn {
     }
 
     fn loaded(&self, build: &KernelBuild) -> Result<Arc<LoadedBuild>> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = loaded.iter().find(|l| l.build() == build) {
-            return Ok(l.clone());
-        }
-        let l = Arc::new(LoadedBuild::load(&self.device, build, build.kernels())?);
-        loaded.push(l.clone());
-        Ok(l)
+        self.loaded.get(&self.device, build)
     }
 
     /// Loads cuBLAS for the cuBLAS forward and allocates `stream`'s cuBLAS workspace, which the

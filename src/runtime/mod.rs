@@ -18,6 +18,7 @@
 
 mod choice;
 mod ffn;
+mod memo;
 mod plan;
 
 pub use choice::{choose, default_build, heuristic, Choice, ChoiceSource};
@@ -36,7 +37,7 @@ use crate::tune::TuningCache;
 use crate::{DType, KernelElement, MoleError, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The caller's tensors of a forward, as cudarc views (a `CudaSlice` gives one with `as_view()`,
 /// a part of a larger buffer with `slice(..)`). Optional tensors are those the spec may take
@@ -194,7 +195,7 @@ pub struct CompiledLayer {
     rank_offsets: DeviceConstant<u32>,
     /// The per-expert scales on the device, when the spec has them.
     expert_scales: Option<DeviceConstant<f32>>,
-    loaded: Mutex<Vec<Arc<LoadedBuild>>>,
+    loaded: memo::LoadedBuilds,
 }
 
 impl std::fmt::Debug for CompiledLayer {
@@ -217,7 +218,7 @@ impl CompiledLayer {
             planner,
             rank_offsets,
             expert_scales,
-            loaded: Mutex::new(Vec::new()),
+            loaded: memo::LoadedBuilds::default(),
         })
     }
 
@@ -257,13 +258,7 @@ impl CompiledLayer {
     }
 
     fn loaded(&self, build: &KernelBuild) -> Result<Arc<LoadedBuild>> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = loaded.iter().find(|l| l.build() == build) {
-            return Ok(l.clone());
-        }
-        let l = Arc::new(LoadedBuild::load(&self.device, build, build.kernels())?);
-        loaded.push(l.clone());
-        Ok(l)
+        self.loaded.get(&self.device, build)
     }
 
     /// Runs `plan` on `bindings` (caller buffers and workspace bound) on `stream`.

@@ -145,11 +145,8 @@ pub struct LayerPlanner {
     forced: Option<Choice>,
     shard: Option<ExpertShard>,
     choices: Mutex<Vec<(u32, Choice)>>,
-    plans: Mutex<Vec<Arc<LayerPlan>>>,
+    plans: super::memo::PlanMemo<LayerPlan>,
 }
-
-/// Token counts whose plans are kept; past it the memo starts over (a decode loop reuses a few).
-const MEMO_PLANS: usize = 64;
 
 impl LayerPlanner {
     /// A planner for `spec` in `dtype` on a GPU with `sm_count` SMs, choosing from `tuning` where
@@ -164,7 +161,7 @@ impl LayerPlanner {
             forced: None,
             shard: None,
             choices: Mutex::new(Vec::new()),
-            plans: Mutex::new(Vec::new()),
+            plans: Default::default(),
         })
     }
 
@@ -172,7 +169,7 @@ impl LayerPlanner {
     /// one strategy and build at a time). Errors at planning time when `choice` cannot run the
     /// layer.
     pub fn with_choice(self, choice: Choice) -> Self {
-        LayerPlanner { forced: Some(choice), choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self }
+        LayerPlanner { forced: Some(choice), choices: Mutex::new(Vec::new()), plans: Default::default(), ..self }
     }
 
     /// The planner of the expert shard `shard` of the layer (expert parallelism, see
@@ -184,7 +181,7 @@ impl LayerPlanner {
     pub fn with_shard(self, shard: ExpertShard) -> Result<Self> {
         shard.validate(&self.spec)?;
         shard.ranks(&self.spec.ranks)?;
-        Ok(LayerPlanner { shard: Some(shard), choices: Mutex::new(Vec::new()), plans: Mutex::new(Vec::new()), ..self })
+        Ok(LayerPlanner { shard: Some(shard), choices: Mutex::new(Vec::new()), plans: Default::default(), ..self })
     }
 
     /// The expert shard the planner plans for (`None`: the whole layer).
@@ -215,20 +212,7 @@ impl LayerPlanner {
     /// The plan of a forward over `tokens` tokens (memoised). Errors: zero tokens, and every
     /// error of the chosen strategy's plans.
     pub fn plan(&self, tokens: usize) -> Result<Arc<LayerPlan>> {
-        if tokens == 0 {
-            return Err(MoleError::ZeroDimension { name: "tokens" });
-        }
-        // A poisoned lock only means a panic elsewhere; the memo is still a valid memo.
-        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = plans.iter().find(|p| p.tokens == tokens) {
-            return Ok(p.clone());
-        }
-        let plan = Arc::new(self.make_plan(tokens)?);
-        if plans.len() >= MEMO_PLANS {
-            plans.clear();
-        }
-        plans.push(plan.clone());
-        Ok(plan)
+        self.plans.get(tokens, || self.make_plan(tokens))
     }
 
     fn choice(&self, tokens: usize) -> Result<Choice> {
