@@ -91,13 +91,7 @@ impl FfnLayerPlan {
 
     /// Binds the workspace regions at `base` (256-byte aligned) into `bindings`.
     pub fn bind_workspace(&self, bindings: &mut Bindings, base: u64) -> Result<()> {
-        if !base.is_multiple_of(WORKSPACE_ALIGN as u64) {
-            return Err(MoleError::param("workspace", format!("{base:#x}"), "must be 256-byte aligned"));
-        }
-        for &(buf, offset) in &self.regions {
-            bindings.sized(buf, base + offset as u64, self.lens.get(buf));
-        }
-        Ok(())
+        super::plan::bind_regions(&self.regions, &self.lens, bindings, base)
     }
 
     /// Byte offset of `buf`'s workspace region.
@@ -263,15 +257,7 @@ impl FfnPlanner {
                 lens.set(buf, lens.get(buf).max(n));
             }
         }
-        let mut regions = Vec::new();
-        let mut bytes = 0usize;
-        for buf in FFN_WORKSPACE_BUFS {
-            let n = lens.bytes(buf, dtype);
-            if n > 0 {
-                regions.push((buf, bytes));
-                bytes = (bytes + n).div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN;
-            }
-        }
+        let (regions, bytes) = super::plan::carve_workspace(&lens, dtype, &FFN_WORKSPACE_BUFS);
         Ok(FfnLayerPlan {
             tokens,
             route: (route_build, route),

@@ -125,14 +125,36 @@ impl LayerPlan {
     /// and the kernels read them with aligned vector and 8-byte accesses) and the plan has a
     /// workspace.
     pub fn bind_workspace(&self, bindings: &mut Bindings, base: u64) -> Result<()> {
-        if !self.regions.is_empty() && !base.is_multiple_of(WORKSPACE_ALIGN as u64) {
-            return Err(MoleError::param("workspace", format!("{base:#x}"), "must be 256-byte aligned"));
-        }
-        for &(buf, offset) in &self.regions {
-            bindings.sized(buf, base + offset as u64, self.lens.get(buf));
-        }
-        Ok(())
+        bind_regions(&self.regions, &self.lens, bindings, base)
     }
+}
+
+/// The workspace regions of `bufs` (in carving order) that `lens` takes, each at a
+/// [`WORKSPACE_ALIGN`]-aligned byte offset: `(regions, total bytes)`. Shared by both runtimes.
+pub(crate) fn carve_workspace(lens: &BufLens, dtype: DType, bufs: &[Buf]) -> (Vec<(Buf, usize)>, usize) {
+    let mut regions = Vec::new();
+    let mut bytes = 0usize;
+    for &buf in bufs {
+        let n = lens.bytes(buf, dtype);
+        if n > 0 {
+            regions.push((buf, bytes));
+            bytes = (bytes + n).div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN;
+        }
+    }
+    (regions, bytes)
+}
+
+/// Binds `regions` at `base` into `bindings` with their lengths from `lens`. Errors when there
+/// are regions and `base` is not [`WORKSPACE_ALIGN`]-byte aligned (the regions' alignment is
+/// relative to it).
+pub(crate) fn bind_regions(regions: &[(Buf, usize)], lens: &BufLens, bindings: &mut Bindings, base: u64) -> Result<()> {
+    if !regions.is_empty() && !base.is_multiple_of(WORKSPACE_ALIGN as u64) {
+        return Err(MoleError::param("workspace", format!("{base:#x}"), "must be 256-byte aligned"));
+    }
+    for &(buf, offset) in regions {
+        bindings.sized(buf, base + offset as u64, lens.get(buf));
+    }
+    Ok(())
 }
 
 /// Plans of one layer, memoised: the strategy per token bucket, the launches per token count.
@@ -287,15 +309,7 @@ impl LayerPlanner {
             }
         };
         let lens = path.lens();
-        let mut regions = Vec::new();
-        let mut bytes = 0usize;
-        for buf in WORKSPACE_BUFS {
-            let n = lens.bytes(buf, dtype);
-            if n > 0 {
-                regions.push((buf, bytes));
-                bytes = (bytes + n).div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN;
-            }
-        }
+        let (regions, bytes) = carve_workspace(&lens, dtype, &WORKSPACE_BUFS);
         Ok(LayerPlan { tokens, choice, path, lens, regions, workspace_bytes: bytes })
     }
 
