@@ -132,7 +132,7 @@ proptest! {
         let spec = LayerSpec {
             d_in, d_out, ranks: ranks.clone(), scale: 0.75,
             gating: Gating::Routed { router: Router::X { bias: true }, rule }, mix: Mix::ExpertScale,
-            expert_scales: scales.clone(),
+            expert_scales: scales.clone(), training: Default::default(),
         };
         let data = SyntheticLayer::<f64>::new(&spec, tokens, seed);
         let dense = forward(&spec, &data.inputs()).unwrap();
@@ -252,7 +252,7 @@ proptest! {
         let spec = LayerSpec {
             d_in, d_out, ranks: ranks.clone(), scale: 1.5,
             gating: Gating::Given { top_k: None, softmax_topk: false }, mix: Mix::ExpertScale,
-            expert_scales: None,
+            expert_scales: None, training: Default::default(),
         };
         let data = SyntheticLayer::<f64>::new(&spec, tokens, seed);
         let one_hot: Vec<f64> = (0..tokens * e).map(|i| if i % e == target { 1.0 } else { 0.0 }).collect();

@@ -155,7 +155,7 @@ fn router_stats_hand_values() {
 }
 
 fn tiny_spec(gating: Gating, mix: Mix, ranks: RankLayout, scale: f64) -> LayerSpec {
-    LayerSpec { d_in: 2, d_out: 2, ranks, scale, gating, mix, expert_scales: None }
+    LayerSpec { d_in: 2, d_out: 2, ranks, scale, gating, mix, expert_scales: None, training: Default::default() }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The layer descriptor: `y += scale · (mix(x · A) ⊙ s) · B`, with its gating, mix and optional
 //! per-expert scales `s`.
 
-use super::{Gating, RankLayout, Router, RoutingRule};
+use super::{Gating, RankLayout, Router, RoutingRule, Training};
 use crate::{limits, MoleError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,11 @@ pub struct LayerSpec {
     /// grouped kernels and the layer runtime ([`crate::runtime`]) apply them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_scales: Option<Vec<f64>>,
+    /// Frozen parameters and the router's auxiliary losses, for the backward
+    /// ([`crate::reference::backward`], [`crate::runtime::CompiledLayer::backward`]). The default
+    /// (everything trained, no loss) is left out of the JSON.
+    #[serde(default, skip_serializing_if = "Training::is_default")]
+    pub training: Training,
 }
 
 /// PEFT's per-adapter scale `lora_alpha_e / r_e` for a bank of adapters with their own alphas
@@ -185,7 +190,8 @@ impl LayerSpec {
                 ));
             }
         }
-        self.gating.validate(self.routed_experts())
+        self.gating.validate(self.routed_experts())?;
+        self.training.validate(self)
     }
 }
 
@@ -206,6 +212,7 @@ mod tests {
             },
             mix: Mix::ExpertScale,
             expert_scales: None,
+            training: Default::default(),
         }
     }
 

@@ -1,6 +1,8 @@
 //! Presets: the published MoLE methods expressed as [`LayerSpec`]s.
 
-use super::{Gating, LayerSpec, Mix, RankLayout, RankSelection, Router, RoutingRule, TopKWeights};
+use super::{
+    Gating, LayerParam, LayerSpec, Mix, RankLayout, RankSelection, Router, RoutingRule, TopKWeights, Training,
+};
 use crate::{MoleError, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -204,6 +206,11 @@ impl Method {
             gating,
             mix: mix.unwrap_or_default(),
             expert_scales: options.expert_scales,
+            // FlyLoRA's A is a fixed sparse random projection: never trained.
+            training: Training {
+                frozen: if self.single_rank_experts() { vec![LayerParam::A] } else { vec![] },
+                ..Training::default()
+            },
         };
         spec.validate()?;
         Ok(spec)

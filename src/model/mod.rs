@@ -13,6 +13,7 @@ mod method;
 mod ranks;
 mod shard;
 mod spec_json;
+mod training;
 
 pub use ffn::{Activation, FfnMethod, FfnShape, FfnSpec, ProjectionLora};
 pub use gating::{Entropy, Gating, RankSelection, Router, RoutingRule, TopKWeights};
@@ -26,3 +27,4 @@ pub use method::STANDARD_METHODS;
 pub(crate) use method::STANDARD_METHODS;
 pub use ranks::RankLayout;
 pub use shard::ExpertShard;
+pub use training::{AuxLosses, Balance, LayerParam, Training};

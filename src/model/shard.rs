@@ -136,6 +136,7 @@ mod tests {
             gating: Gating::Routed { router, rule },
             mix,
             expert_scales: None,
+            training: Default::default(),
         }
     }
 

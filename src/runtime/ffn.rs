@@ -129,6 +129,7 @@ impl FfnPlanner {
             gating: spec.gating,
             mix: Mix::ExpertScale,
             expert_scales: None,
+            training: Default::default(),
         };
         let offs = |l: Option<&crate::model::ProjectionLora>| {
             l.map(|l| l.ranks.offsets().iter().map(|&o| o as u32).collect::<Vec<u32>>())
