@@ -1,17 +1,19 @@
 //! The f64 reference backward against central finite differences of the f64 forward, loss
-//! `Σ dy · y`: every preset of the expert-scale mix, given weights (all, top-k, softmaxed top-k),
-//! the logits router and the h router, on small random shapes with ragged ranks (a rank-0 expert
-//! included) and per-expert scales. Inputs whose selection changes within the step or the tie
+//! `Σ dy · y + aux_loss`: every preset (CoMoL's core merge included), given weights (all, top-k,
+//! softmaxed top-k), the logits router and the h router, every auxiliary loss in each form, and
+//! frozen parameters, on small random shapes with ragged ranks (a rank-0 expert included) and
+//! per-expert scales. Inputs whose selection changes within the step or the tie
 //! margin are drawn again with another seed (the backward holds the selection constant).
 
 use mole::model::{
-    Gating, LayerSpec, Method, MethodOptions, MethodShape, RankLayout, Router, RoutingRule, TopKWeights,
+    AuxLosses, Balance, Gating, LayerParam, LayerSpec, Method, MethodOptions, MethodShape, RankLayout, Router,
+    RoutingRule, TopKWeights,
 };
 use mole::reference::{backward, forward, LayerGrads};
 use mole::synth::{Rng, SyntheticLayer};
 
 /// The differentiable inputs, each with its gradient.
-const INPUTS: [&str; 7] = ["x", "A", "B", "router_weight", "router_bias", "logits", "weights"];
+const INPUTS: [&str; 8] = ["x", "A", "B", "router_weight", "router_bias", "logits", "weights", "cores"];
 
 fn input_mut<'a>(data: &'a mut SyntheticLayer<f64>, name: &str) -> Option<&'a mut Vec<f64>> {
     match name {
@@ -21,36 +23,51 @@ fn input_mut<'a>(data: &'a mut SyntheticLayer<f64>, name: &str) -> Option<&'a mu
         "router_weight" => data.router_weight.as_mut(),
         "router_bias" => data.router_bias.as_mut(),
         "logits" => data.logits.as_mut(),
+        "cores" => data.cores.as_mut(),
         _ => data.weights.as_mut(),
+    }
+}
+
+/// The parameter an input is, where the spec can freeze it.
+fn param(name: &str) -> Option<LayerParam> {
+    match name {
+        "A" => Some(LayerParam::A),
+        "B" => Some(LayerParam::B),
+        "router_weight" | "router_bias" => Some(LayerParam::Router),
+        "cores" => Some(LayerParam::Cores),
+        _ => None,
     }
 }
 
 fn grad<'a>(g: &'a LayerGrads, name: &str) -> Option<&'a Vec<f64>> {
     match name {
         "x" => Some(&g.x),
-        "A" => Some(&g.a),
-        "B" => Some(&g.b),
+        "A" => g.a.as_ref(),
+        "B" => g.b.as_ref(),
         "router_weight" => g.router_weight.as_ref(),
         "router_bias" => g.router_bias.as_ref(),
         "logits" => g.logits.as_ref(),
+        "cores" => g.cores.as_ref(),
         _ => g.weights.as_ref(),
     }
 }
 
-/// `(Σ dy · y, Σ |dy · y|, the routing ids)`.
+/// `(Σ dy · y + aux_loss, Σ |dy · y| + |aux_loss|, the routing ids)`.
 fn loss(spec: &LayerSpec, data: &SyntheticLayer<f64>, dy: &[f64]) -> (f64, f64, Vec<i32>) {
     let out = forward(spec, &data.inputs()).unwrap();
-    let l = out.y.iter().zip(dy).map(|(y, d)| y * d).sum();
-    let abs = out.y.iter().zip(dy).map(|(y, d)| (y * d).abs()).sum();
+    let l = out.y.iter().zip(dy).map(|(y, d)| y * d).sum::<f64>() + out.aux_loss;
+    let abs = out.y.iter().zip(dy).map(|(y, d)| (y * d).abs()).sum::<f64>() + out.aux_loss.abs();
     (l, abs, out.routing.ids)
 }
 
-/// Whether the rule's weights depend on the scores (else the router gets no gradient).
+/// Whether the loss depends on the scores (else the router gets no gradient): the rule's weights
+/// do, or an auxiliary loss reads them.
 fn weights_follow_scores(spec: &LayerSpec) -> bool {
-    !matches!(
-        spec.rule(),
-        Some(RoutingRule::SoftmaxTopK { weights: TopKWeights::Unit, .. } | RoutingRule::MagnitudeTopK { .. })
-    )
+    spec.training.aux_losses.any()
+        || !matches!(
+            spec.rule(),
+            Some(RoutingRule::SoftmaxTopK { weights: TopKWeights::Unit, .. } | RoutingRule::MagnitudeTopK { .. })
+        )
 }
 
 /// Compares every gradient entry with the central difference; `Err` where a perturbation
@@ -59,6 +76,11 @@ fn weights_follow_scores(spec: &LayerSpec) -> bool {
 fn check(spec: &LayerSpec, data: &SyntheticLayer<f64>, dy: &[f64]) -> Result<(f64, Option<String>), String> {
     let grads = backward(spec, &data.inputs(), dy).unwrap();
     let (_, _, ids) = loss(spec, data, dy);
+    // All tokens without an expert (or only experts of rank 0): nothing to check on this draw
+    // (a backward that zeroes `dx` fails every draw, so the case still fails).
+    if grads.x.iter().all(|&v| v == 0.0) {
+        return Err("no token's delta reaches the output".into());
+    }
     let mut worst = 0f64;
     let mut mismatch = None;
     for name in INPUTS {
@@ -70,13 +92,17 @@ fn check(spec: &LayerSpec, data: &SyntheticLayer<f64>, dy: &[f64]) -> Result<(f6
                 continue;
             }
         };
+        if param(name).is_some_and(|p| !spec.training.trains(p)) {
+            assert!(grad(&grads, name).is_none(), "{name}: a gradient for a frozen parameter");
+            continue;
+        }
         let g = grad(&grads, name).unwrap_or_else(|| panic!("{name}: no gradient"));
         assert_eq!(g.len(), len, "{name}");
         let router = matches!(name, "router_weight" | "router_bias" | "logits");
         if router && !weights_follow_scores(spec) {
             assert!(g.iter().all(|&v| v == 0.0), "{name}: weights that ignore the scores pass a gradient");
         } else {
-            assert!(g.iter().any(|&v| v.abs() > 1e-6), "{name}: an all-zero gradient");
+            assert!(g.iter().any(|&v| v.abs() > 1e-6), "{name}: an all-zero gradient ({:?})", spec.gating);
         }
         for i in 0..len {
             let v = input_mut(&mut probe, name).unwrap()[i];
@@ -126,6 +152,7 @@ fn ragged(rng: &mut Rng, experts: usize) -> RankLayout {
 /// The cases: `(name, spec)` on random small shapes.
 fn cases(rng: &mut Rng) -> Vec<(String, LayerSpec)> {
     let mut out = Vec::new();
+    let k_of = |experts: usize| 2.min(experts);
     let shape = |rng: &mut Rng, experts: usize, rank: usize, k: usize| MethodShape {
         d_in: 5 + rng.below(8),
         d_out: 5 + rng.below(8),
@@ -134,9 +161,21 @@ fn cases(rng: &mut Rng) -> Vec<(String, LayerSpec)> {
         k,
         alpha: 2.0,
     };
-    for (i, method) in Method::ALL.into_iter().filter(|&m| m != Method::Comol).enumerate() {
+    for (i, method) in Method::ALL.into_iter().enumerate() {
         let experts = 3 + rng.below(4);
         let rank = if method.single_rank_experts() { 1 } else { 2 };
+        if method == Method::Comol {
+            let mut spec = method.spec(shape(rng, experts, 3, k_of(experts))).unwrap();
+            out.push((format!("{method}"), spec.clone()));
+            spec.expert_scales = Some(vec![-1.5]);
+            spec.training.frozen = vec![LayerParam::Router];
+            out.push((format!("{method}, scaled, router frozen"), spec.clone()));
+            spec.training.frozen = vec![LayerParam::Cores, LayerParam::A];
+            spec.training.aux_losses =
+                AuxLosses { load_balancing: 0.3, z_loss: 0.2, entropy: 0.5, ..Default::default() };
+            out.push((format!("{method}, cores and A frozen, every loss"), spec));
+            continue;
+        }
         let k = 2.min(experts);
         let mut spec = method.spec_with(shape(rng, experts, rank, k), MethodOptions::default()).unwrap();
         out.push((format!("{method}"), spec.clone()));
@@ -171,10 +210,37 @@ fn cases(rng: &mut Rng) -> Vec<(String, LayerSpec)> {
     let low_rank = Gating::Routed { router: Router::LowRank, rule: renorm(2, 1.0) };
     with("low-rank router (z = h), renormalised top-2", low_rank, RankLayout::uniform(5, 1).unwrap());
     let dynmole = RoutingRule::DynMole { q: 1.1, top_p: 0.5, keep_top_k: 1, entropy_threshold: 1.0, entropy_eps: 1e-5 };
-    with("dynmole's top-p branch (threshold 1)", Gating::Routed { router: Router::X { bias: true }, rule: dynmole }, {
+    let dynmole_gating = Gating::Routed { router: Router::X { bias: true }, rule: dynmole };
+    with("dynmole's top-p branch (threshold 1)", dynmole_gating, {
         let mut r = Rng::new(5);
         ragged(&mut r, 5)
     });
+    // The auxiliary losses, each form, on the rules that train with them.
+    let mut aux = |name: &str, gating: Gating, losses: AuxLosses| {
+        let mut spec = LayerSpec { gating, ranks: RankLayout::uniform(5, 2).unwrap(), ..base.clone() };
+        spec.expert_scales = None;
+        spec.training.aux_losses = losses;
+        spec.validate().unwrap();
+        out.push((name.to_string(), spec));
+    };
+    let lb = |balance| AuxLosses { load_balancing: 0.7, balance, ..Default::default() };
+    let x_router = |rule| Gating::Routed { router: Router::X { bias: true }, rule };
+    aux("switch balance, renormalised top-2", x_router(renorm(2, 1.0)), lb(Balance::Switch));
+    aux("dynmole balance and Tsallis entropy", dynmole_gating, AuxLosses { entropy: 0.4, ..lb(Balance::DynMole) });
+    let dense = RoutingRule::DenseSoftmax { temperature: 0.8 };
+    aux("llava-mole balance, dense softmax at t = 0.8", x_router(dense), lb(Balance::LlavaMole));
+    let unit = RoutingRule::SoftmaxTopK { k: 1, temperature: 1.0, weights: TopKWeights::Unit };
+    let balance_and_z = |balance| AuxLosses { z_loss: 0.05, ..lb(balance) };
+    aux("llava-mole sparse (unit weights): balance and z-loss only", x_router(unit), balance_and_z(Balance::LlavaMole));
+    let sigmoid = logits(RoutingRule::SigmoidTopK { k: 2, bias: false });
+    aux("z-loss and switch balance, sigmoid top-2", sigmoid, balance_and_z(Balance::Switch));
+    let top_p = logits(RoutingRule::TopP { p: 0.7, temperature: 1.0 });
+    aux("shannon entropy, top-p on logits", top_p, AuxLosses { entropy: 0.9, ..Default::default() });
+    // Frozen parameters: no gradient, the others unchanged.
+    let mut frozen = LayerSpec { gating: x_router(renorm(2, 1.0)), ..base.clone() };
+    frozen.expert_scales = None;
+    frozen.training.frozen = vec![LayerParam::Router, LayerParam::B];
+    out.push(("router and B frozen".into(), frozen));
     out
 }
 

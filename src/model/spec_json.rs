@@ -24,6 +24,8 @@ enum Kind {
     Bool,
     /// One of these strings.
     OneOf(&'static [&'static str]),
+    /// An array of these strings.
+    ListOf(&'static [&'static str]),
     /// An object with a `type` tag choosing among variants, each with its fields.
     Tagged(&'static [Variant]),
     /// The bank layout: offsets `[0, ...]` or `{"experts": E, "rank": r}`.
@@ -96,7 +98,18 @@ const LAYER: &[Field] = &[
     req("gating", Kind::Tagged(GATINGS)),
     opt("mix", Kind::Tagged(MIXES)),
     opt("expert_scales", Kind::Numbers),
+    opt("training", Kind::OptObject(TRAINING)),
 ];
+
+const AUX_LOSSES: &[Field] = &[
+    opt("load_balancing", Kind::Number),
+    opt("balance", Kind::OneOf(&["switch", "dynmole", "llava_mole"])),
+    opt("z_loss", Kind::Number),
+    opt("entropy", Kind::Number),
+];
+
+const TRAINING: &[Field] =
+    &[opt("frozen", Kind::ListOf(&["a", "b", "router", "cores"])), opt("aux_losses", Kind::OptObject(AUX_LOSSES))];
 
 const PROJECTION_LORA: &[Field] = &[req("ranks", Kind::Ranks), req("scale", Kind::Number)];
 
@@ -200,6 +213,13 @@ fn check_value(path: &str, kind: &Kind, v: &Value) -> Result<()> {
             Some(s) if values.contains(&s) => Ok(()),
             Some(s) => Err(err(path, unknown("value", s, values))),
             None => Err(err(path, format!("expected a string, got {}", describe(v)))),
+        },
+        Kind::ListOf(values) => match v {
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, item)| check_value(&format!("{path}[{i}]"), &Kind::OneOf(values), item)),
+            other => Err(err(path, format!("expected an array of strings, got {}", type_name(other)))),
         },
         Kind::Tagged(variants) => check_tagged(path, variants, v),
         Kind::OptObject(_) if v.is_null() => Ok(()),

@@ -28,6 +28,7 @@ pub enum Balance {
     #[default]
     Switch,
     /// `E · Σ_e M_e · P_e`, `M_e` the mean of `e`'s probability where selected (DynMoLE).
+    #[serde(rename = "dynmole")]
     DynMole,
     /// `Σ_e f¹_e · P_e`, `f¹_e` the fraction of tokens whose first choice is `e` (LLaVA-MoLE).
     LlavaMole,
@@ -154,7 +155,7 @@ mod tests {
     use crate::model::{Method, MethodShape};
 
     fn shape() -> MethodShape {
-        MethodShape { d_in: 8, d_out: 8, experts: 4, rank: 2, k: 2, alpha: 2.0 }
+        MethodShape { d_in: 8, d_out: 8, experts: 4, rank: 1, k: 2, alpha: 2.0 }
     }
 
     #[test]
@@ -169,6 +170,12 @@ mod tests {
         assert!(json.contains(r#""frozen":["router"]"#), "{json}");
         assert_eq!(serde_json::from_str::<LayerSpec>(&json).unwrap(), trained);
         assert!(serde_json::from_str::<Training>(r#"{"frozen":["bias"]}"#).is_err());
+        let strict = LayerSpec::from_json;
+        let base = json.trim_end_matches('}').split(r#","training""#).next().unwrap().to_string();
+        let err = strict(&format!(r#"{base},"training":{{"frozen":["routr"]}}}}"#)).unwrap_err().to_string();
+        assert!(err.contains("training.frozen[0]") && err.contains("did you mean `router`"), "{err}");
+        let ok = strict(&format!(r#"{base},"training":{{"aux_losses":{{"balance":"dynmole","z_loss":0.001}}}}}}"#));
+        assert_eq!(ok.unwrap().training.aux_losses.balance, Balance::DynMole);
         assert!(serde_json::from_str::<Training>(r#"{"aux_losses":{"z":1}}"#).is_err());
     }
 

@@ -6,7 +6,7 @@ use super::mix::{core_merge, expert_scale, scale_experts};
 use super::routing::{route, GateInput, Routing};
 use super::stats::{router_stats, RouterStats};
 use crate::dtype::{to_f64_vec, Scalar};
-use crate::model::{ExpertShard, Gating, LayerInputs, LayerSpec, Mix, Router};
+use crate::model::{Balance, ExpertShard, Gating, LayerInputs, LayerSpec, Mix, Router};
 use crate::{MoleError, Result};
 
 /// Everything one layer call produces, in f64.
@@ -25,6 +25,9 @@ pub struct LayerOutput {
     pub routing: Routing,
     /// Auxiliary-loss statistics.
     pub stats: RouterStats,
+    /// The weighted sum of the auxiliary losses the spec declares
+    /// ([`crate::model::AuxLosses`]); 0 without any.
+    pub aux_loss: f64,
 }
 
 /// The bytes the f64 reference ([`forward`]) allocates for `spec` on `tokens`
@@ -117,7 +120,21 @@ pub fn forward<T: Scalar>(spec: &LayerSpec, inputs: &LayerInputs<'_, T>) -> Resu
 
     // Expand.
     let y = expand(&h_mixed, &to_f64_vec(inputs.b), &to_f64_vec(inputs.y), spec.scale, t, r, spec.d_out);
-    Ok(LayerOutput { y, h, h_mixed, scores, routing, stats })
+    let aux_loss = aux_loss(spec, &stats);
+    Ok(LayerOutput { y, h, h_mixed, scores, routing, stats, aux_loss })
+}
+
+/// The weighted sum of the auxiliary losses `spec` declares, from one call's statistics (each
+/// loss the statistics lack counts 0: the spec's validation refuses such declarations).
+pub fn aux_loss(spec: &LayerSpec, stats: &RouterStats) -> f64 {
+    let l = spec.training.aux_losses;
+    let balance = match l.balance {
+        Balance::Switch => stats.switch_load_balancing_loss(),
+        Balance::DynMole => stats.dynmole_load_balancing_loss(),
+        Balance::LlavaMole => stats.llava_mole_load_balancing_loss(),
+    };
+    let term = |coef: f64, v: Option<f64>| if coef == 0.0 { 0.0 } else { coef * v.unwrap_or(0.0) };
+    term(l.load_balancing, balance) + term(l.z_loss, stats.z_loss) + term(l.entropy, stats.entropy)
 }
 
 /// The f64 reference forward of the expert shard `shard` of `spec` (see [`ExpertShard`]):
