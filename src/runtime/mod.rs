@@ -27,7 +27,7 @@ pub use plan::{LayerPlan, LayerPlanner, Path};
 /// What the runtime binds itself (the caller's buffers, the workspace regions and their
 /// alignment), public API with the `internals` feature.
 #[cfg(feature = "internals")]
-pub use plan::{CALLER_BUFS, WORKSPACE_ALIGN, WORKSPACE_BUFS};
+pub use plan::{CALLER_BUFS, SAVED_BUFS, WORKSPACE_ALIGN, WORKSPACE_BUFS};
 
 use crate::cuda::{cuda_err, Device};
 use crate::kernels::exec::{Bindings, Buf, CudaBackend, LoadedBuild, TypedBindings};
@@ -66,6 +66,10 @@ pub struct LayerIo<'a, T> {
     /// The workspace, at least [`CompiledLayer::workspace_bytes`] bytes (need not be
     /// initialised; may be shared by layers that do not run concurrently).
     pub workspace: CudaViewMut<'a, u8>,
+    /// For training: the buffer the forward saves the routing into for the backward, at least
+    /// [`CompiledLayer::saved_bytes`] bytes, kept by the caller until the backward of this call
+    /// (one per layer and call, unlike the workspace). `None`: inference.
+    pub saved: Option<CudaViewMut<'a, u8>>,
 }
 
 impl<'a, T> LayerIo<'a, T> {
@@ -89,6 +93,7 @@ impl<'a, T> LayerIo<'a, T> {
             selection_bias: None,
             cores: None,
             workspace,
+            saved: None,
         }
     }
 }
@@ -120,6 +125,10 @@ pub struct LayerPointers {
     pub workspace: CUdeviceptr,
     /// Its size in bytes.
     pub workspace_bytes: usize,
+    /// The saved buffer of a training forward (0: inference; see [`LayerIo::saved`]).
+    pub saved: CUdeviceptr,
+    /// Its size in bytes.
+    pub saved_bytes: usize,
 }
 
 impl LayerPointers {
@@ -257,6 +266,12 @@ impl CompiledLayer {
         self.planner.workspace_bytes(tokens)
     }
 
+    /// Bytes of the saved buffer a training forward over `tokens` tokens writes for the backward
+    /// ([`LayerIo::saved`]): the routing, `8 · T · slots` bytes plus alignment.
+    pub fn saved_bytes(&self, tokens: usize) -> Result<usize> {
+        Ok(self.planner.plan_training(tokens)?.saved_bytes)
+    }
+
     fn loaded(&self, build: &KernelBuild) -> Result<Arc<LoadedBuild>> {
         self.loaded.get(&self.device, build)
     }
@@ -292,7 +307,10 @@ impl CompiledLayer {
         if stream.context().cu_ctx() != self.ctx.cu_ctx() {
             return Err(MoleError::Unsupported("the stream belongs to another context than the layer's".into()));
         }
-        let plan = self.planner.plan(tokens)?;
+        let plan = match io.saved {
+            Some(_) => self.planner.plan_training(tokens)?,
+            None => self.planner.plan(tokens)?,
+        };
         let LayerIo {
             x,
             a,
@@ -305,13 +323,11 @@ impl CompiledLayer {
             selection_bias,
             cores,
             mut workspace,
+            mut saved,
         } = io;
-        if workspace.len() < plan.workspace_bytes {
-            return Err(MoleError::ShapeMismatch {
-                what: "workspace",
-                expected: vec![plan.workspace_bytes],
-                got: workspace.len(),
-            });
+        check_bytes("workspace", workspace.len(), plan.workspace_bytes)?;
+        if let Some(saved) = &saved {
+            check_bytes("saved", saved.len(), plan.saved_bytes)?;
         }
         let mut tb = TypedBindings::new(stream, T::DTYPE);
         tb.input(Buf::X, &x).input(Buf::A, &a).input(Buf::B, &b).output(Buf::Y, &mut y);
@@ -322,13 +338,18 @@ impl CompiledLayer {
             .input_opt(Buf::SelectionBias, selection_bias.as_ref())
             .input_opt(Buf::Cores, cores.as_ref());
         let (base, workspace_guard) = workspace.device_ptr_mut(stream);
+        let saved_guard = saved.as_mut().map(|s| s.device_ptr_mut(stream));
         let mut bindings = *tb.bindings()?;
         plan.bind_workspace(&mut bindings, base)?;
+        if let Some((saved_base, _)) = &saved_guard {
+            plan.bind_saved(&mut bindings, *saved_base)?;
+        }
         // SAFETY: every address comes from a live view of the stream's context with its length
-        // bound and checked against the plan; `y` and the workspace are distinct `&mut` views;
-        // the guards in `tb` keep each view's stream ordering until the launches are enqueued.
+        // bound and checked against the plan; `y`, the workspace and the saved buffer are
+        // distinct `&mut` views; the guards keep each view's stream ordering until the launches
+        // are enqueued.
         let r = unsafe { self.launch(&plan, &mut bindings, stream.cu_stream()) };
-        drop((tb, workspace_guard));
+        drop((tb, workspace_guard, saved_guard));
         r
     }
 
@@ -342,23 +363,37 @@ impl CompiledLayer {
     /// context (or null for the legacy default stream), and the buffers stay alive and untouched
     /// by other work until the kernels have finished.
     pub unsafe fn forward_raw(&self, stream: CUstream, tokens: usize, ptrs: LayerPointers) -> Result<()> {
-        let plan = self.planner.plan(tokens)?;
-        if ptrs.workspace_bytes < plan.workspace_bytes {
-            return Err(MoleError::ShapeMismatch {
-                what: "workspace",
-                expected: vec![plan.workspace_bytes],
-                got: ptrs.workspace_bytes,
-            });
-        }
-        if plan.workspace_bytes > 0 && ptrs.workspace == 0 {
-            return Err(MoleError::MissingInput { name: "workspace", needed_by: "the layer" });
-        }
+        let plan = match ptrs.saved {
+            0 => self.planner.plan(tokens)?,
+            _ => self.planner.plan_training(tokens)?,
+        };
+        check_region("workspace", ptrs.workspace, ptrs.workspace_bytes, plan.workspace_bytes)?;
+        check_region("saved", ptrs.saved, ptrs.saved_bytes, plan.saved_bytes)?;
         let mut bindings = Bindings::new();
         ptrs.bind(&mut bindings);
         plan.bind_workspace(&mut bindings, ptrs.workspace)?;
+        plan.bind_saved(&mut bindings, ptrs.saved)?;
         // SAFETY: forwarded from the caller's contract.
         unsafe { self.launch(&plan, &mut bindings, stream) }
     }
+}
+
+/// `got` bytes of the caller's `what` buffer against the `need` of a plan.
+fn check_bytes(what: &'static str, got: usize, need: usize) -> Result<()> {
+    if got < need {
+        return Err(MoleError::ShapeMismatch { what, expected: vec![need], got });
+    }
+    Ok(())
+}
+
+/// A raw buffer `what` at `ptr` of `bytes` bytes against the `need` of a plan: large enough, and
+/// present where needed.
+fn check_region(what: &'static str, ptr: CUdeviceptr, bytes: usize, need: usize) -> Result<()> {
+    check_bytes(what, bytes, need)?;
+    if need > 0 && ptr == 0 {
+        return Err(MoleError::MissingInput { name: what, needed_by: "the layer" });
+    }
+    Ok(())
 }
 
 /// Uploads `planner`'s [`LayerConstants`] on the device's stream and waits for them: forwards on

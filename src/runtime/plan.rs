@@ -27,6 +27,11 @@ pub const WORKSPACE_BUFS: [Buf; 9] = [
     Buf::StatsWorkspace,
 ];
 
+/// What a training forward saves for the backward ([`LayerPlanner::plan_training`]), in the
+/// caller's saved buffer instead of the workspace: the routing, `ids [T, slots]` (i32) and
+/// `weights [T, slots]` (f32).
+pub const SAVED_BUFS: [Buf; 2] = [Buf::Ids, Buf::RouteWeights];
+
 /// Alignment of each workspace region, bytes (what the tensor-core kernels' 16-byte loads and
 /// the allocator's own alignment give every buffer).
 pub const WORKSPACE_ALIGN: usize = 256;
@@ -117,6 +122,11 @@ pub struct LayerPlan {
     pub regions: Vec<(Buf, usize)>,
     /// Workspace bytes.
     pub workspace_bytes: usize,
+    /// `(buffer, byte offset)` of each region of the saved buffer (a training forward's
+    /// [`SAVED_BUFS`]; empty for inference).
+    pub saved: Vec<(Buf, usize)>,
+    /// Saved-buffer bytes (0 for inference).
+    pub saved_bytes: usize,
 }
 
 impl LayerPlan {
@@ -126,6 +136,12 @@ impl LayerPlan {
     /// workspace.
     pub fn bind_workspace(&self, bindings: &mut Bindings, base: u64) -> Result<()> {
         bind_regions(&self.regions, &self.lens, bindings, base)
+    }
+
+    /// Binds the saved buffer's regions at `base` (a training plan's; nothing for inference).
+    /// Errors as [`LayerPlan::bind_workspace`].
+    pub fn bind_saved(&self, bindings: &mut Bindings, base: u64) -> Result<()> {
+        bind_regions(&self.saved, &self.lens, bindings, base)
     }
 }
 
@@ -168,6 +184,7 @@ pub struct LayerPlanner {
     shard: Option<ExpertShard>,
     choices: Mutex<Vec<(u32, Choice)>>,
     plans: super::memo::PlanMemo<LayerPlan>,
+    training_plans: super::memo::PlanMemo<LayerPlan>,
 }
 
 impl LayerPlanner {
@@ -184,6 +201,7 @@ impl LayerPlanner {
             shard: None,
             choices: Mutex::new(Vec::new()),
             plans: Default::default(),
+            training_plans: Default::default(),
         })
     }
 
@@ -191,7 +209,13 @@ impl LayerPlanner {
     /// one strategy and build at a time). Errors at planning time when `choice` cannot run the
     /// layer.
     pub fn with_choice(self, choice: Choice) -> Self {
-        LayerPlanner { forced: Some(choice), choices: Mutex::new(Vec::new()), plans: Default::default(), ..self }
+        LayerPlanner {
+            forced: Some(choice),
+            choices: Mutex::new(Vec::new()),
+            plans: Default::default(),
+            training_plans: Default::default(),
+            ..self
+        }
     }
 
     /// The planner of the expert shard `shard` of the layer (expert parallelism, see
@@ -203,7 +227,13 @@ impl LayerPlanner {
     pub fn with_shard(self, shard: ExpertShard) -> Result<Self> {
         shard.validate(&self.spec)?;
         shard.ranks(&self.spec.ranks)?;
-        Ok(LayerPlanner { shard: Some(shard), choices: Mutex::new(Vec::new()), plans: Default::default(), ..self })
+        Ok(LayerPlanner {
+            shard: Some(shard),
+            choices: Mutex::new(Vec::new()),
+            plans: Default::default(),
+            training_plans: Default::default(),
+            ..self
+        })
     }
 
     /// The expert shard the planner plans for (`None`: the whole layer).
@@ -234,7 +264,14 @@ impl LayerPlanner {
     /// The plan of a forward over `tokens` tokens (memoised). Errors: zero tokens, and every
     /// error of the chosen strategy's plans.
     pub fn plan(&self, tokens: usize) -> Result<Arc<LayerPlan>> {
-        self.plans.get(tokens, || self.make_plan(tokens))
+        self.plans.get(tokens, || self.make_plan(tokens, false))
+    }
+
+    /// The plan of a training forward over `tokens` tokens (memoised): the same launches as
+    /// [`LayerPlanner::plan`]'s, which also write the routing into the caller's saved buffer
+    /// ([`SAVED_BUFS`], [`LayerPlan::saved`]) for the backward. Errors: as [`LayerPlanner::plan`].
+    pub fn plan_training(&self, tokens: usize) -> Result<Arc<LayerPlan>> {
+        self.training_plans.get(tokens, || self.make_plan(tokens, true))
     }
 
     fn choice(&self, tokens: usize) -> Result<Choice> {
@@ -267,7 +304,7 @@ impl LayerPlanner {
         Ok(c)
     }
 
-    fn make_plan(&self, tokens: usize) -> Result<LayerPlan> {
+    fn make_plan(&self, tokens: usize, training: bool) -> Result<LayerPlan> {
         let (spec, dtype) = (&self.spec, self.dtype);
         let choice = self.choice(tokens)?;
         let path = match choice.strategy {
@@ -278,7 +315,8 @@ impl LayerPlanner {
                 } else {
                     FusedVariant::split_for(config, tokens, spec.d_in, spec.d_out, self.sm_count)
                 };
-                let plan = fused::plan(&choice.build, spec, tokens, variant, FusedOutputs::default())?;
+                let outputs = FusedOutputs { routing: training, ..FusedOutputs::default() };
+                let plan = fused::plan(&choice.build, spec, tokens, variant, outputs)?;
                 Path::Fused { build: choice.build.clone(), plan }
             }
             Strategy::Grouped => {
@@ -309,8 +347,13 @@ impl LayerPlanner {
             }
         };
         let lens = path.lens();
-        let (regions, bytes) = carve_workspace(&lens, dtype, &WORKSPACE_BUFS);
-        Ok(LayerPlan { tokens, choice, path, lens, regions, workspace_bytes: bytes })
+        let (workspace_bufs, saved_bufs): (Vec<Buf>, Vec<Buf>) = match training {
+            true => WORKSPACE_BUFS.iter().partition(|b| !SAVED_BUFS.contains(b)),
+            false => (WORKSPACE_BUFS.to_vec(), vec![]),
+        };
+        let (regions, workspace_bytes) = carve_workspace(&lens, dtype, &workspace_bufs);
+        let (saved, saved_bytes) = carve_workspace(&lens, dtype, &saved_bufs);
+        Ok(LayerPlan { tokens, choice, path, lens, regions, workspace_bytes, saved, saved_bytes })
     }
 
     /// Workspace bytes a forward over `tokens` tokens needs (0 when it needs none).
@@ -383,5 +426,26 @@ mod tests {
             end = offset + p.lens.bytes(buf, DType::BF16);
         }
         assert!(end <= p.workspace_bytes && p.regions.len() >= 6);
+    }
+
+    /// A training plan launches what the inference plan does, and moves the routing out of the
+    /// workspace into the saved buffer, for both strategies.
+    #[test]
+    fn a_training_plan_saves_the_routing_outside_the_workspace() {
+        for experts in [8, 64] {
+            let spec = Method::MixLoraPerLinear
+                .spec(MethodShape { d_in: 256, d_out: 256, experts, rank: 16, k: 2, alpha: 32.0 })
+                .unwrap();
+            let planner = LayerPlanner::new(&spec, DType::BF16, 132, None).unwrap();
+            let (inference, training) = (planner.plan(37).unwrap(), planner.plan_training(37).unwrap());
+            assert_eq!(inference.choice, training.choice);
+            assert!(inference.saved.is_empty() && inference.saved_bytes == 0);
+            let saved: Vec<Buf> = training.saved.iter().map(|&(b, _)| b).collect();
+            assert_eq!(saved, SAVED_BUFS, "{:?}", training.choice.strategy);
+            assert!(training.regions.iter().all(|(b, _)| !SAVED_BUFS.contains(b)));
+            // i32 ids and f32 weights of 37 tokens x 2 slots, each region aligned.
+            assert_eq!(training.saved_bytes, 2 * (37 * 2 * 4usize).div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN);
+            assert!(training.workspace_bytes <= inference.workspace_bytes);
+        }
     }
 }
