@@ -276,15 +276,35 @@ impl CompiledLayer {
         self.loaded.get(&self.device, build)
     }
 
+    /// Refuses tensors of another element type than the layer's, and a stream of another context.
+    fn check_stream<T: KernelElement>(&self, stream: &CudaStream) -> Result<()> {
+        if T::DTYPE != self.planner.dtype() {
+            return Err(MoleError::Unsupported(format!(
+                "the layer was built for {}, the tensors are {}",
+                self.planner.dtype(),
+                T::DTYPE
+            )));
+        }
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(MoleError::Unsupported("the stream belongs to another context than the layer's".into()));
+        }
+        Ok(())
+    }
+
+    /// Binds the layer's device constants (rank offsets, per-expert scales).
+    fn bind_constants(&self, bindings: &mut Bindings) {
+        bindings.sized(Buf::RankOffsets, self.rank_offsets.ptr, self.rank_offsets.slice.len());
+        if let Some(DeviceConstant { slice, ptr }) = &self.expert_scales {
+            bindings.sized(Buf::ExpertScales, *ptr, slice.len());
+        }
+    }
+
     /// Runs `plan` on `bindings` (caller buffers and workspace bound) on `stream`.
     ///
     /// # Safety
     /// [`LayerPlanner::launch`]'s contract, with `stream` a live stream of the layer's context.
     unsafe fn launch(&self, plan: &LayerPlan, bindings: &mut Bindings, stream: CUstream) -> Result<()> {
-        bindings.sized(Buf::RankOffsets, self.rank_offsets.ptr, self.rank_offsets.slice.len());
-        if let Some(DeviceConstant { slice, ptr }) = &self.expert_scales {
-            bindings.sized(Buf::ExpertScales, *ptr, slice.len());
-        }
+        self.bind_constants(bindings);
         let builds: Vec<Arc<LoadedBuild>> =
             plan.path.builds().into_iter().map(|b| self.loaded(b)).collect::<Result<_>>()?;
         let refs: Vec<&LoadedBuild> = builds.iter().map(|b| b.as_ref()).collect();
@@ -297,16 +317,7 @@ impl CompiledLayer {
     /// belong to the layer's context): `y += delta`. Checks every view's length and element type
     /// against the plan before launching anything.
     pub fn forward<T: KernelElement>(&self, stream: &CudaStream, tokens: usize, io: LayerIo<'_, T>) -> Result<()> {
-        if T::DTYPE != self.planner.dtype() {
-            return Err(MoleError::Unsupported(format!(
-                "the layer was built for {}, the tensors are {}",
-                self.planner.dtype(),
-                T::DTYPE
-            )));
-        }
-        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(MoleError::Unsupported("the stream belongs to another context than the layer's".into()));
-        }
+        self.check_stream::<T>(stream)?;
         let plan = match io.saved {
             Some(_) => self.planner.plan_training(tokens)?,
             None => self.planner.plan(tokens)?,

@@ -256,6 +256,11 @@ impl LayerPlanner {
         &self.spec
     }
 
+    /// The SMs of the GPU the planner plans for.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
     /// The element type of `x`, `A`, `B`, `y` and the router tensors.
     pub fn dtype(&self) -> DType {
         self.dtype
