@@ -2,12 +2,13 @@
 //! recomputed here by plain loops (routing included, not through `ffn_forward`), and errors that
 //! name the tensor.
 
+mod eval_io;
+
+use eval_io::{floats, mole_eval, scaled, write};
 use mole::model::{FfnSpec, ProjectionLora};
 use mole::synth::Rng;
-use mole::tensors::{load, EvalSpec, HostTensor, TensorMap, Values};
-use safetensors::tensor::TensorView;
+use mole::tensors::{EvalSpec, HostTensor, TensorMap, Values};
 use safetensors::Dtype;
-use std::process::Command;
 
 /// Top-2 renormalised, SiLU, a router with bias, ragged gate and down ranks (expert 1 has no
 /// gate columns, expert 4 no down columns).
@@ -68,13 +69,6 @@ fn inputs(spec: &FfnSpec, seed: u64, round: fn(f64) -> f64) -> TensorMap {
         }
     }
     m
-}
-
-fn floats<'a>(m: &'a TensorMap, name: &str) -> &'a [f64] {
-    match &m.get(name).unwrap_or_else(|| panic!("no `{name}`")).values {
-        Values::Float(v) => v,
-        Values::Int(_) => panic!("{name} is not float"),
-    }
 }
 
 /// What the block must compute, by plain loops: `(y, a_mix, ids, weights)`.
@@ -141,55 +135,6 @@ fn naive(spec: &FfnSpec, m: &TensorMap) -> (Vec<f64>, Vec<f64>, Vec<i64>, Vec<f6
         out.3.extend(weights.iter().cloned().chain(std::iter::repeat(0.0)).take(slots));
     }
     out
-}
-
-/// The inputs as a safetensors file in `dtype` (their values are exact in it).
-fn write(m: &TensorMap, dtype: Dtype, path: &std::path::Path) {
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = m
-        .iter()
-        .map(|(name, t)| {
-            let bytes = floats(m, name)
-                .iter()
-                .flat_map(|&v| match dtype {
-                    Dtype::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
-                    Dtype::F32 => (v as f32).to_le_bytes().to_vec(),
-                    _ => unreachable!(),
-                })
-                .collect();
-            (name.clone(), t.shape.clone(), bytes)
-        })
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> =
-        encoded.iter().map(|(n, s, b)| (n.clone(), TensorView::new(dtype, s.clone(), b).unwrap())).collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
-}
-
-/// `mole eval` on a spec and an input file: the outputs, or stderr.
-fn mole_eval(spec: &str, input: &std::path::Path) -> Result<TensorMap, String> {
-    let dir = input.parent().unwrap();
-    let spec_path = dir.join("block.json");
-    std::fs::write(&spec_path, spec).unwrap();
-    let out_path = dir.join("out.safetensors");
-    let out = Command::new(env!("CARGO_BIN_EXE_mole"))
-        .args(["eval", "--spec"])
-        .arg(&spec_path)
-        .arg("--inputs")
-        .arg(input)
-        .arg("--out")
-        .arg(&out_path)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(load(&out_path).unwrap())
-}
-
-/// Max of `|got - want| / (1 + max|want|)`.
-fn scaled(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = 1.0 + want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max) / scale
 }
 
 #[test]

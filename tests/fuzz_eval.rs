@@ -1,13 +1,14 @@
 //! Fuzzing `mole eval`'s inputs: safetensors files of every preset's tensors in every float
 //! dtype (ids as i32 or i64), with NaN and infinities, then truncated, corrupted, given foreign
 //! headers (unsupported dtypes, huge or mismatched shapes), missing, extra or misshapen tensors
-//! and out-of-range ids. Each case must give a typed error or a correct result (`h = x · A` and
-//! `y = y0 + scale · h' · B`, recomputed here); nothing may panic or allocate beyond the bound.
+//! and out-of-range ids, with and without `dy` (the backward). Each case must give a typed error
+//! or a correct result (`h = x · A` and `y = y0 + scale · h' · B`, recomputed here; with `dy`, a
+//! `grad.x` shaped like `x`); nothing may panic or allocate beyond the bound.
 
 mod fuzz;
 
 use mole::model::LayerSpec;
-use mole::synth::SyntheticLayer;
+use mole::synth::{Rng, SyntheticLayer};
 use mole::tensors::{eval, load, Values};
 use mole::MoleError;
 use proptest::prelude::*;
@@ -47,16 +48,18 @@ fn encode(name: &str, shape: Vec<usize>, v: &[f32], dtype: Dtype) -> Stored {
 /// A float tensor of a synthetic layer: name, shape, values where the spec has it.
 type Named<'a> = (&'a str, Vec<usize>, Option<&'a Vec<f32>>);
 
-/// The tensors `spec` needs on `tokens` tokens, each float one in `dtypes[i % 4]`, with a NaN or
-/// an infinity planted where `poison` says.
+/// The tensors `spec` needs on `tokens` tokens (and `dy` when `with_dy`), each float one in
+/// `dtypes[i % 4]`, with a NaN or an infinity planted where `poison` says.
 fn layer_tensors(
     spec: &LayerSpec,
     tokens: usize,
     seed: u64,
     dtypes: &[Dtype; 4],
     poison: Option<(usize, usize)>,
+    with_dy: bool,
 ) -> Vec<Stored> {
     let d = SyntheticLayer::<f32>::new(spec, tokens, seed);
+    let dy = with_dy.then(|| Rng::new(seed ^ 1).fill::<f32>(tokens * spec.d_out, 1.0));
     let (r, e) = (spec.total_rank(), spec.routed_experts());
     let rows = if matches!(spec.router(), Some(mole::model::Router::H { .. })) { r } else { spec.d_in };
     let named: Vec<Named<'_>> = vec![
@@ -70,6 +73,7 @@ fn layer_tensors(
         ("weights", vec![tokens, e], d.weights.as_ref()),
         ("selection_bias", vec![e], d.selection_bias.as_ref()),
         ("cores", vec![e, r, r], d.cores.as_ref()),
+        ("dy", vec![tokens, spec.d_out], dy.as_ref()),
     ];
     let mut out: Vec<Stored> = named
         .into_iter()
@@ -77,7 +81,7 @@ fn layer_tensors(
         .enumerate()
         .map(|(i, (name, shape, mut v))| {
             if let Some((which, at)) = poison {
-                if which % 10 == i && !v.is_empty() {
+                if which % 11 == i && !v.is_empty() {
                     let len = v.len();
                     v[at % len] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][at % 3];
                 }
@@ -159,7 +163,8 @@ proptest! {
         tokens in 0usize..5,
         seed in any::<u64>(),
         dtypes in [0usize..4, 0usize..4, 0usize..4, 0usize..4],
-        poison in prop::option::weighted(0.2, (0usize..10, any::<usize>())),
+        poison in prop::option::weighted(0.2, (0usize..11, any::<usize>())),
+        with_dy in any::<bool>(),
         mutation in 0usize..8,
         at in any::<prop::sample::Index>(),
         cut in any::<prop::sample::Index>(),
@@ -167,7 +172,7 @@ proptest! {
         foreign in (0usize..FOREIGN_DTYPES.len(), prop::collection::vec(prop::sample::select(vec![0usize, 1, 3, 1 << 20, 1 << 31, 1 << 40, usize::MAX]), 0..4), 0usize..64),
     ) {
         let dtypes = dtypes.map(|i| DTYPES[i]);
-        let mut tensors = layer_tensors(&spec, tokens, seed, &dtypes, poison);
+        let mut tensors = layer_tensors(&spec, tokens, seed, &dtypes, poison, with_dy);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in.safetensors");
         // What the outcome must be, where the mutation decides it.
@@ -197,7 +202,7 @@ proptest! {
             4 => {
                 let i = at.index(tensors.len());
                 let gone = tensors.remove(i);
-                if gone.name != "y" {
+                if gone.name != "y" && gone.name != "dy" {
                     must_fail_naming = Some(format!("`{}`", gone.name));
                 }
                 serialize(&tensors)
@@ -239,6 +244,8 @@ proptest! {
                 let ids = match &out["ids"].values { Values::Int(v) => v.clone(), _ => panic!("ids") };
                 prop_assert!(ids.iter().all(|&i| (-1..e as i64).contains(&i)), "{ids:?}");
                 prop_assert_eq!(&out["y"].shape, &vec![t, spec.d_out]);
+                let has_dy = tensors.iter().any(|s| s.name == "dy");
+                prop_assert_eq!(out.get("grad.x").map(|g| g.shape.clone()), has_dy.then(|| vec![t, spec.d_in]));
                 if poison.is_none() {
                     let (h, mag) = matmul(&value("x"), &value("A"), t, spec.d_in, r);
                     prop_assert!(close(floats(out, "h"), &h, &mag), "h differs");
@@ -286,7 +293,7 @@ proptest! {
             .spec(mole::model::MethodShape { d_in: 3, d_out: 2, experts, rank: 2, k: 1, alpha: 2.0 })
             .unwrap();
         let tokens = ids.len();
-        let mut tensors = layer_tensors(&spec, tokens, 7, &DTYPES, None);
+        let mut tensors = layer_tensors(&spec, tokens, 7, &DTYPES, None, false);
         let fits = ids.iter().all(|&i| i32::try_from(i).is_ok());
         let t = tensors.iter_mut().find(|t| t.name == "adapter_ids").unwrap();
         (t.dtype, t.bytes) = if wide || !fits {

@@ -33,6 +33,13 @@ enum Command {
     /// Run one layer spec (or an FFN-expert block: a spec with "f") through the f64 reference on
     /// tensors from a safetensors file and write `y`, the routing ids and weights, the router
     /// statistics and `h` (`a_mix` for a block).
+    ///
+    /// For a layer, an input `dy [T, d_out]` also runs the f64 reference backward: it writes the
+    /// gradients of `Σ dy · y + aux_loss`, with the routing selection held constant, as `grad.x`,
+    /// `grad.A`, `grad.B`, `grad.router_weight`, `grad.router_bias`, `grad.logits`,
+    /// `grad.weights` and `grad.cores`, each where the spec takes that input and does not freeze
+    /// it (`training.frozen`). `aux_loss` (a scalar) is written with `dy` or when the spec
+    /// declares `training.aux_losses`.
     Eval {
         /// Layer or FFN-block spec (JSON; see the README).
         #[arg(long)]
