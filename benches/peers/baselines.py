@@ -4,7 +4,8 @@ against the crate's f64 reference (`mole eval`) on the same inputs before it is 
 
     python3 benches/peers/baselines.py --mole PATH --device cuda|cpu --dtype bf16|f16|f32 \\
         --shapes standard|tiny [--tokens 1,16,256,4096] [--runs 20] [--methods LIST] \\
-        [--blocks layer,ffn] [--ffn-f 11008,14336] [--ffn-activation silu|gelu] --out FILE.json
+        [--blocks layer,ffn] [--ffn-f 11008,14336] [--ffn-activation silu|gelu] [--backward] \\
+        --out FILE.json
 
 `standard`: d_in = d_out = 4096, tokens 1,16,256,4096, the FFN block at d = 4096, f = 11008 and
 14336; `tiny`: d = 64, f = 96, tokens 1,16,64, 5 runs (CPU smoke tests). Methods are the crate's
@@ -32,6 +33,20 @@ and written, A, B, router weight and cores read once) over it; `copy_gbs` a devi
 (bytes read plus written); `input_sets` how many sets rotated. Exit 0 when every row is ok or
 skipped, 1 if any failed.
 
+`--backward` adds, for the layer's methods, the backward of each baseline that autograd
+differentiates (rows with `"pass": "backward"`; the forward's rows say `"pass": "forward"`):
+`dense`, `loop` and `grouped_mm` where autograd takes `torch._grouped_mm` (probed with its
+gradients; skipped with the reason otherwise); `peft_mixed` is skipped (PEFT refuses its mixed
+batch in training mode: probed). Its check set is the forward's, with a unit-scale dy that is zero
+on the near-tie tokens; each gradient (`Layer.grad_inputs`: x, A unless frozen, B, the router
+weight, CoMoL's cores, given weights) is checked against `mole eval`'s `grad.*` when the binary
+writes them, else a float64 autograd recomputation on the CPU (`check.grad_reference`; the row's
+`check.reference` says which, `check.grads` each gradient's error and tolerance). Timing as the
+forward's, each input set a graph built by one forward: only `torch.autograd.grad(y, leaves, dy,
+retain_graph=True)` is timed. Floor bytes (`backward.floor_elements`): x and dy read and dx
+written; A, B, the router weight and the cores read, and each trained one's gradient written;
+given weights read and their gradient written. The FFN block has no backward rows.
+
 The FFN block: its check set has FFN_CHECK_TOKENS tokens (the f64 reference runs three d x f
 projections per token and expert); the reference is `mole eval` when the binary takes the block,
 else a float64 PyTorch recomputation (`check.ffn_reference`; the row's `check.reference` says
@@ -53,8 +68,10 @@ import time
 try:
     import torch
 
+    import backward
     import check
-    from formulations import BASELINES, FFN_BASELINES, FFN_PREPARE, PREPARE, Skip, grouped_mm_unsupported, unsupported
+    from formulations import (BASELINES, FFN_BASELINES, FFN_PREPARE, PREPARE, Skip, grouped_mm_backward_unsupported,
+                              grouped_mm_unsupported, peft_mixed_backward_unsupported, unsupported)
     from methods import FFN_STANDARD, STANDARD, FfnBlock, Layer, ffn_inputs, inputs
 except ImportError as e:  # reported as every row skipped: the kit's machine may lack PyTorch
     torch, IMPORT_ERROR = None, e
@@ -81,6 +98,7 @@ def parse_args(argv):
                    "layer's methods), ffn (the FFN-expert block); default both")
     p.add_argument("--ffn-f", help="comma-separated intermediate widths f of the FFN block (default: the shapes')")
     p.add_argument("--ffn-activation", choices=["silu", "gelu"], default="silu", help="the FFN block's activation")
+    p.add_argument("--backward", action="store_true", help="also the layer methods' backward (autograd)")
     p.add_argument("--out", required=True, help="JSON results")
     a = p.parse_args(argv)
     d, tokens, runs, ffn_f = SHAPES[a.shapes]
@@ -136,6 +154,13 @@ class Bench:
         # say; none on a CPU, where two sets alternate).
         self.rotate_bytes = 2 * (self.l2_bytes or 128 << 20) if self.cuda else None
         self.scratch = torch.empty(self.rotate_bytes, dtype=torch.uint8, device=device) if self.cuda else None
+        self.probes = {}
+
+    def probe(self, fn):
+        """`fn(device, dtype)`'s reason (or None), run once per run."""
+        if fn not in self.probes:
+            self.probes[fn] = fn(self.device, self.dtype)
+        return self.probes[fn]
 
     def device_name(self):
         if self.cuda:
@@ -210,13 +235,76 @@ class Bench:
                 continue
             status, record = fail_all, None
             if status is None and name == "grouped_mm":
-                reason = grouped_mm_unsupported(self.device, self.dtype)
+                reason = self.probe(grouped_mm_unsupported)
                 status = f"skipped: {reason}" if reason else None
             if status is None:
                 status, record = self.check_one(PREPARE[name], layer, t, ref["y"], tie, tol)
             for tokens in self.args.token_counts:
                 rows.append(self.row(layer, tokens, name, status, record, PREPARE[name], seed))
+        if self.args.backward:
+            rows += self.backward_rows(layer, t, None if fail_all else (ref, tie), fail_all, seed, work)
         return rows
+
+    def backward_rows(self, layer, t, checked, fail_all, seed, work):
+        """The backward's rows of `layer`: each baseline's gradients checked on the check set `t`
+        (`checked`: the forward's reference outputs and near-ties, None where they failed), then
+        timed per token count."""
+        status_all, grad_ref, source = fail_all, None, None
+        if checked:
+            ref, tie = checked
+            dy = backward.random_dy(layer, CHECK_TOKENS, self.dtype, self.device, 7919 + seed)
+            dy[tie.to(self.device)] = 0  # near-ties reach no gradient (check.py)
+            try:
+                grad_ref, source = check.grad_reference(self.args.mole, layer, t, dy, ref, work)
+            except Exception as e:
+                status_all = f"failed: gradient reference: {type(e).__name__}: {str(e)[:300]}"
+        probes = {"grouped_mm": grouped_mm_backward_unsupported, "peft_mixed": peft_mixed_backward_unsupported}
+        rows = []
+        for name in BASELINES:
+            if unsupported(name, layer):
+                continue
+            status, record = status_all, None
+            if status is None and name in probes:
+                reason = self.probe(probes[name])
+                status = f"skipped: {reason}" if reason else None
+            if status is None:
+                status, record = self.check_backward(name, layer, t, dy, grad_ref, int(tie.sum()))
+                if record is not None:
+                    record["reference"] = source
+            for tokens in self.args.token_counts:
+                rows.append(self.backward_row(layer, tokens, name, status, record, seed))
+        return rows
+
+    def check_backward(self, name, layer, t, dy, grad_ref, ties):
+        try:
+            grads = backward.Graph(name, layer, t, dy).gradients()
+            self.sync()
+        except Skip as e:
+            return f"skipped: {e}", None
+        except Exception as e:
+            return f"failed: {type(e).__name__}: {str(e)[:300]}", None
+        tol = lambda n: check.tolerance_grad(layer, self.dtype, n, CHECK_TOKENS)  # noqa: E731
+        record, problems = check.compare_grads(grads, grad_ref, tol, ties)
+        return ("ok" if not problems else f"failed: {'; '.join(problems)[:300]}"), record
+
+    def backward_row(self, layer, tokens, name, status, record, seed):
+        row = layer_row(layer, tokens, name, status, record, "backward")
+        if status != "ok":
+            return row
+        el = self.element_size()
+        floor = el * backward.floor_elements(layer, tokens)
+        n = self.sets_for(floor)
+        try:
+            graphs = [backward.Graph(name, layer, inputs(layer, tokens, self.dtype, self.device, 1000 * seed + i),
+                                     backward.random_dy(layer, tokens, self.dtype, self.device, 1000 * seed + 500 + i))
+                      for i in range(n)]
+            self.evict_l2()
+            us = self.time_us([g.backward for g in graphs], self.args.runs)
+        except Exception as e:
+            row["status"] = f"failed: timing: {type(e).__name__}: {str(e)[:300]}"
+            return row
+        row.update(time_us=us, gbs=floor / (us * 1e-6) / 1e9, input_sets=n)
+        return row
 
     def check_one(self, prepare, layer, t, ref_y, tie, tol):
         tc = dict(t, y=t["y"].clone()) if "y" in t else dict(t)
@@ -232,9 +320,7 @@ class Bench:
         return ("ok" if ok else f"failed: rel_err {record['rel_err']:.3e} > tol {tol:.3e}"), record
 
     def row(self, layer, tokens, name, status, record, prepare, seed):
-        row = {"method": layer.method, "d_in": layer.d_in, "d_out": layer.d_out, "experts": layer.experts,
-               "rank": layer.rank, "k": layer.k, "tokens": tokens, "baseline": name, "status": status,
-               "time_us": None, "gbs": None, "check": record}
+        row = layer_row(layer, tokens, name, status, record, "forward")
         if status != "ok":
             return row
         el = self.element_size()
@@ -295,6 +381,13 @@ class Bench:
         return row
 
 
+def layer_row(layer, tokens, name, status, record, pass_):
+    """A layer row's fields before timing (`pass`: forward or backward)."""
+    return {"method": layer.method, "d_in": layer.d_in, "d_out": layer.d_out, "experts": layer.experts,
+            "rank": layer.rank, "k": layer.k, "tokens": tokens, "baseline": name, "pass": pass_, "status": status,
+            "time_us": None, "gbs": None, "check": record}
+
+
 def experts_used(block, t):
     """How many experts receive a token of `t` (top-k of the router's f32 scores)."""
     scores = t["x"].float() @ t["router_weight"].float()
@@ -311,10 +404,10 @@ def skipped_rows(args, reason, layers=None, blocks=()):
     if layers is None:
         return [{"method": None, "baseline": None, "status": f"skipped: {reason}"}]
     empty = {"status": f"skipped: {reason}", "time_us": None, "gbs": None, "check": None}
+    passes = ("forward", "backward") if args.backward else ("forward",)
     return [
-        {"method": ly.method, "d_in": ly.d_in, "d_out": ly.d_out, "experts": ly.experts, "rank": ly.rank,
-         "k": ly.k, "tokens": tok, "baseline": b, **empty}
-        for ly in layers for b in BASELINES if not unsupported(b, ly) for tok in args.token_counts
+        layer_row(ly, tok, b, f"skipped: {reason}", None, p)
+        for p in passes for ly in layers for b in BASELINES if not unsupported(b, ly) for tok in args.token_counts
     ] + [dict(ffn_shape(bl), tokens=tok, baseline=b, tflops=None, **empty)
          for bl in blocks for b in FFN_BASELINES for tok in args.token_counts]
 
@@ -338,6 +431,7 @@ def print_table(out):
         c = r.get("check") or {}
         num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         name = f"{r['method']} ffn {r['f']}" if r.get("block") == "ffn" else str(r["method"])
+        name += " bwd" if r.get("pass") == "backward" else ""
         print(f"{name:<18} {num(r.get('tokens'), 'd'):>5} {str(r['baseline']):<11} "
               f"{num(r.get('time_us'), '.1f'):>10} {num(r.get('gbs'), '.1f'):>8} {num(c.get('rel_err'), '.2e'):>9} "
               f"{num(c.get('tol'), '.2e'):>9} {num(c.get('near_tie_tokens'), 'd'):>4}  {r['status']}")

@@ -24,6 +24,12 @@ Pairs a baseline cannot express (`unsupported` says why; no row is written for t
   the r x r core products, which the loop already runs per core.
 - `peft_mixed` serves one adapter per token: it expresses `adapter-serving` only.
 
+The backward (`backward.py`) differentiates `dense`, `loop` and `grouped_mm` as they are, with the
+experts' weights of `loop` and `grouped_mm` given as the per-expert tensors their users hold
+(`expert_weights`; `A3`, `B3`). `grouped_mm_backward_unsupported` and
+`peft_mixed_backward_unsupported` probe whether autograd takes `torch._grouped_mm` and whether PEFT
+trains its mixed batch (it refuses `adapter_names` in training mode).
+
 The FFN-expert block (MixLoRA's; `methods.FfnBlock`): `prepare(block, t) -> run`, `run()` returns y
 (the block has no base output input). Expert e is the whole gated FFN with its LoRA on gate, up
 and down over shared base weights; `t` holds `x`, `router_weight`, `base.gate`, `base.up`,
@@ -101,7 +107,7 @@ def route(layer, t, h=None):
         p = torch.softmax(z / rule["temperature"], dim=-1)
         top_w, top_i = p.topk(rule["k"], dim=-1)
         if rule["weights"] == "renormalized":
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            top_w = _renormalize(top_w)
         elif rule["weights"] == "unit":
             top_w = torch.ones_like(top_w)
         return top_i, top_w.to(dtype)
@@ -126,11 +132,16 @@ def route(layer, t, h=None):
         s = torch.sigmoid(z)
         top_i = (s + bias).topk(rule["k"], dim=-1).indices
         top_s = s.gather(1, top_i)
-        return top_i, (rule["k"] * top_s / top_s.sum(dim=-1, keepdim=True)).to(dtype)
+        return top_i, (rule["k"] * _renormalize(top_s)).to(dtype)
     if kind == "magnitude_topk":
         top_i = (z + bias).abs().topk(rule["k"], dim=-1).indices
         return top_i, torch.ones(top_i.shape, dtype=dtype, device=x.device)
     raise ValueError(f"unknown routing rule {kind!r}")
+
+
+def _renormalize(w):
+    """Each token's weights over their sum (MixLoRA's top-k, SMoRA's sigmoid gates)."""
+    return w / w.sum(dim=-1, keepdim=True)
 
 
 def gate_matrix(ids, w, experts):
@@ -163,8 +174,19 @@ def prepare_dense(layer, t):
     return run
 
 
+def expert_weights(layer, t):
+    """Each expert's (A_e [d_in, r], B_e [r, d_out]): the separate tensors of a user's per-expert
+    modules where `t` holds them (`A_experts`, `B_experts`: the backward's leaves, so that no
+    gradient is scattered into a whole bank), else column and row slices of the banks (views)."""
+    if "A_experts" in t:
+        return list(zip(t["A_experts"], t["B_experts"]))
+    r = layer.rank
+    return [(t["A"][:, e * r:(e + 1) * r], t["B"][e * r:(e + 1) * r]) for e in range(layer.experts)]
+
+
 def prepare_loop(layer, t):
-    x, y, A, B, r, scale = t["x"], t["y"], t["A"], t["B"], layer.rank, _scale(layer)
+    x, y, A, B, scale = t["x"], t["y"], t["A"], t["B"], _scale(layer)
+    experts = None if layer.comol else expert_weights(layer, t)
 
     def run():
         if layer.comol:
@@ -176,10 +198,9 @@ def prepare_loop(layer, t):
                 hm.index_add_(0, tok, (h[tok] @ t["cores"][c]) * w[tok, slot, None])
             return y.addmm_(hm, B, alpha=scale)
         ids, w = route(layer, t)
-        for e in range(layer.experts):
+        for e, (a_e, b_e) in enumerate(experts):
             tok, slot = torch.where(ids == e)
-            cols = slice(e * r, (e + 1) * r)
-            out = (x.index_select(0, tok) @ A[:, cols]) @ B[cols]
+            out = (x.index_select(0, tok) @ a_e) @ b_e
             y.index_add_(0, tok, out * scale * w[tok, slot, None])
         return y
 
@@ -202,13 +223,57 @@ def grouped_mm_unsupported(device, dtype):
     return None
 
 
+def grouped_mm_backward_unsupported(device, dtype):
+    """Why autograd does not differentiate `torch._grouped_mm` here, or None: the forward probe,
+    then the gradients of its known problem (ones; groups of 8, 0 and 16 rows; dout ones), which
+    are 16 for every element of a, and 8, 0 and 16 for the elements of b's three groups."""
+    reason = grouped_mm_unsupported(device, dtype)
+    if reason:
+        return reason
+    try:
+        a = torch.ones(24, 32, dtype=dtype, device=device, requires_grad=True)
+        b = torch.ones(3, 32, 16, dtype=dtype, device=device, requires_grad=True)
+        offs = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)
+        out = torch._grouped_mm(a, b, offs=offs)
+        da, db = torch.autograd.grad(out, (a, b), torch.ones_like(out))
+        want = torch.tensor([8.0, 0.0, 16.0], device=device).view(3, 1, 1).expand(3, 32, 16)
+        if not (bool((da.float() == 16.0).all()) and torch.equal(db.float(), want)):
+            return "autograd of torch._grouped_mm gave wrong gradients on a probe"
+    except Exception as e:  # any refusal (no derivative, architecture, dtype) is a reason to skip
+        return f"autograd of torch._grouped_mm on {device} {dtype}: {str(e).splitlines()[0][:160]}"
+    return None
+
+
+def peft_mixed_backward_unsupported(device, dtype):
+    """Why PEFT's mixed batch cannot be trained here, or None: a LoraModel of two adapters on a
+    Linear, in training mode, called with `adapter_names` (PEFT refuses it: the mixed batch is an
+    inference feature)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except Exception as e:
+        return f"peft is not importable: {str(e).splitlines()[0][:120]}"
+    try:
+        model = _Wrapper(torch.nn.Linear(8, 8).to(device=device, dtype=dtype))
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], lora_dropout=0.0)
+        model = get_peft_model(model, config, adapter_name="a0")
+        model.add_adapter("a1", config)
+        model.train()
+        model(torch.ones(2, 8, device=device, dtype=dtype), adapter_names=["a0", "a1"]).sum().backward()
+    except Exception as e:
+        return f"PEFT refuses a mixed batch in training mode: {str(e).splitlines()[0][:160]}"
+    # Were PEFT to accept it, its gradients would land in its own per-adapter parameters, which
+    # the check does not map back to A and B.
+    return "PEFT's mixed batch trains its own per-adapter parameters (not mapped to A and B here)"
+
+
 def prepare_grouped_mm(layer, t):
     x, y, e, r = t["x"], t["y"], layer.experts, layer.rank
     if (r * x.element_size()) % 16:
         raise Skip(f"rank {r}: torch._grouped_mm needs 16-byte aligned rows ({r * x.element_size()} B)")
-    # The weights stored per expert, [E, d_in, r] and [E, r, d_out]: a layout choice made once.
-    A3 = t["A"].view(layer.d_in, e, r).permute(1, 0, 2).contiguous()
-    B3 = t["B"].view(e, r, layer.d_out)
+    # The weights stored per expert, [E, d_in, r] and [E, r, d_out]: a layout choice made once
+    # (given as `A3`, `B3` where they are the backward's leaves).
+    A3 = t["A3"] if "A3" in t else t["A"].view(layer.d_in, e, r).permute(1, 0, 2).contiguous()
+    B3 = t["B3"] if "B3" in t else t["B"].view(e, r, layer.d_out)
     slots_tok = torch.arange(x.shape[0], device=x.device)
 
     def run():

@@ -95,7 +95,10 @@ class Layer:
             gating = {"type": "adapter_ids"}
         else:
             raise ValueError(f"unknown method {m!r}")
-        return {"d_in": self.d_in, "d_out": self.d_out, "ranks": ranks, "scale": scale, "gating": gating, "mix": mix}
+        spec = {"d_in": self.d_in, "d_out": self.d_out, "ranks": ranks, "scale": scale, "gating": gating, "mix": mix}
+        if m == "fly-lora":
+            spec["training"] = {"frozen": ["a"]}  # FlyLoRA's A is a fixed random projection
+        return spec
 
     def rule(self):
         """The routing rule of a routed gating, else None."""
@@ -105,6 +108,15 @@ class Layer:
     def router(self):
         g = self.spec()["gating"]
         return g["router"]["type"] if g["type"] == "routed" else None
+
+    def grad_inputs(self):
+        """The inputs that get a gradient, named as `mole eval` names them after `grad.`: x, A
+        unless the spec freezes it, B, the weight of an x or h router, CoMoL's cores, the given
+        weights (the selection bias steers selection only; adapter ids are integers)."""
+        names = ["x"] + [p for p in ("A", "B") if p.lower() not in self.spec().get("training", {}).get("frozen", [])]
+        names += ["router_weight"] if self.router() in ("x", "h") else []
+        names += ["cores"] if self.comol else []
+        return names + (["weights"] if self.method == "x-lora" else [])
 
     def weight_elements(self):
         """Elements of A, B, the router weight and the cores: what a forward reads once."""

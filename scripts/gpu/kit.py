@@ -9,7 +9,7 @@ needs a GPU is reported as skipped with the reason. Writes into OUTDIR exactly:
   logs.tar.gz   every step's log and raw JSON
   tuning.json   the autotuner's file for this GPU (when the autotune step ran)
 
-Sets: `quick` (correctness only, <= 2 min), `default` (everything, <= 6 min). A failing step is
+Sets: `quick` (correctness only, <= 2 min), `default` (everything, <= 7 min). A failing step is
 reported and the kit goes on; the exit code is 1 when any step failed.
 
 Usage: python3 scripts/gpu/kit.py {quick,default} OUTDIR [--dry-run]
@@ -33,7 +33,7 @@ KIT = os.path.join(ROOT, ".gpu")
 BIN = os.path.join(KIT, "bin")
 MOLE = os.path.join(BIN, "mole")
 # Whole-run budgets (seconds): a step never runs past what is left of its set's budget.
-BUDGET_S = {"quick": 110, "default": 345}
+BUDGET_S = {"quick": 110, "default": 420}
 SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck", "initcheck"]
 # The determinism test runs as a step of its own, not inside the GPU test step.
 DETERMINISM_TEST = "every_strategy_is_bit_identical_over_20_runs"
@@ -214,6 +214,19 @@ def bench_kinds():
     return parse_subcommands(text)
 
 
+def bench_layer_options():
+    """The long options of `mole bench layer`, from its help."""
+    try:
+        text = subprocess.run([MOLE, "bench", "layer", "-h"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_options(text)
+
+
+def parse_options(help_text):
+    return re.findall(r"^\s+(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", help_text, re.M)
+
+
 def parse_subcommands(help_text):
     block = re.search(r"^Commands:\n((?:  \S.*\n?)+)", help_text, re.M)
     return [line.split()[0] for line in block.group(1).splitlines()] if block else []
@@ -264,13 +277,15 @@ def steps_for(kit):
         timing = [
             Step("bench layer", [MOLE, "bench", "layer", "--tokens", "1,16,256,4096", "--runs", "20", "--json",
                                  os.path.join(w, "bench_layer.json")], 150, json_out="bench_layer.json"),
+            bench_layer_backward_step(w),
             Step("bench grouped", [MOLE, "bench", "grouped", "--runs", "20", "--json",
                                    os.path.join(w, "bench_grouped.json")], 60, json_out="bench_grouped.json"),
             bench_ffn_step(w),
-            # The layer's methods and the FFN block (d = 4096, f = 11008 and 14336).
+            # The layer's methods, forward and backward (autograd), and the FFN block (d = 4096,
+            # f = 11008 and 14336): one run, one check set and `mole eval` per method for both passes.
             Step("PyTorch baselines", [sys.executable, "benches/peers/baselines.py", "--mole", MOLE, "--device", "cuda",
                                        "--dtype", "bf16", "--shapes", "standard", "--tokens", "1,16,256,4096",
-                                       "--runs", "20", "--out", os.path.join(w, "peers.json")], 150,
+                                       "--runs", "20", "--backward", "--out", os.path.join(w, "peers.json")], 240,
                  json_out="peers.json"),
             Step("autotune (Llama-3-8B, MixLoRA and SMoRA, 60 s budget)",
                  [MOLE, "autotune", "--model", "llama3-8b", "--method", "mix-lora-per-linear,smora", "--budget", "60", "--runs",
@@ -290,6 +305,18 @@ def bench_ffn_step(work):
     return step
 
 
+def bench_layer_backward_step(work):
+    """`mole bench layer --backward` (the layers' backward), skipped with the reason where the
+    packed mole's `bench layer` has no `--backward`."""
+    step = Step("bench layer backward", [MOLE, "bench", "layer", "--backward", "--tokens", "1,16,256,4096", "--runs",
+                                         "20", "--json", os.path.join(work, "layer_backward.json")], 150,
+                json_out="layer_backward.json")
+    if "--backward" not in bench_layer_options():
+        step.argv = []
+        step.detail = "this mole's `bench layer` has no `--backward` (`mole bench layer -h`)"
+    return step
+
+
 def dry_run_peers(kit):
     """On a machine without a GPU the baselines still run their tiny CPU set, where torch exists."""
     try:
@@ -297,9 +324,9 @@ def dry_run_peers(kit):
     except ImportError:
         return Step("PyTorch baselines (tiny, CPU)", [], 0, gpu=False)
     return Step("PyTorch baselines (tiny, CPU)", [sys.executable, "benches/peers/baselines.py", "--mole", MOLE,
-                                                  "--device", "cpu", "--dtype", "bf16", "--shapes", "tiny", "--out",
-                                                  os.path.join(kit.work, "peers.json")], 120, gpu=False,
-                json_out="peers.json")
+                                                  "--device", "cpu", "--dtype", "bf16", "--shapes", "tiny",
+                                                  "--backward", "--out", os.path.join(kit.work, "peers.json")], 180,
+                gpu=False, json_out="peers.json")
 
 
 def load(path):
@@ -339,17 +366,26 @@ def with_baselines(r, peers, key):
                 speedup_vs_fastest=(fastest / us) if fastest and us else None)
 
 
+def pass_of(r):
+    """A layer row's pass: `pass` where it says, else forward (rows written before the backward)."""
+    return r.get("pass") or "forward"
+
+
 def results(kit, env):
     """results.json: the steps, then one entry per (method, shape) with the baselines' ratios: the
-    layers (`mole bench layer`, matched by method, d_in, d_out, tokens) and the FFN block (`mole
-    bench ffn`, matched by method, tokens, d, f), and every FFN block baseline row."""
+    layers (`mole bench layer`, matched by method, d_in, d_out, tokens), their backward (`mole
+    bench layer --backward` with the baselines' backward rows, matched alike) and the FFN block
+    (`mole bench ffn`, matched by method, tokens, d, f), and every FFN block baseline row."""
     layer = load(os.path.join(kit.work, "bench_layer.json")) or {"rows": []}
+    layer_bwd = load(os.path.join(kit.work, "layer_backward.json")) or {"rows": []}
     grouped = load(os.path.join(kit.work, "bench_grouped.json")) or {"rows": []}
     ffn = load(os.path.join(kit.work, "ffn.json")) or {"rows": []}
     peers = load(os.path.join(kit.work, "peers.json")) or {"rows": []}
-    layer_peers = [p for p in peers["rows"] if p.get("block") != "ffn"]
+    layer_peers = [p for p in peers["rows"] if p.get("block") != "ffn" and pass_of(p) == "forward"]
+    bwd_peers = [p for p in peers["rows"] if p.get("block") != "ffn" and pass_of(p) == "backward"]
     ffn_peers = [p for p in peers["rows"] if p.get("block") == "ffn"]
     shapes = [with_baselines(r, layer_peers, layer_key) for r in layer["rows"]]
+    crate_bwd = [r for r in layer_bwd["rows"] if r.get("pass", "backward") == "backward"]
     return {
         "set": kit.set_name,
         "dry_run": kit.dry_run,
@@ -357,10 +393,13 @@ def results(kit, env):
         "copy_gbs": layer.get("copy_gbs"),
         "steps": [s.record() for s in kit.steps],
         "layers": shapes,
+        "backward_copy_gbs": layer_bwd.get("copy_gbs"),
+        "layers_backward": [with_baselines(r, bwd_peers, layer_key) for r in crate_bwd],
         "grouped": grouped["rows"],
         "ffn": [with_baselines(r, ffn_peers, ffn_key) for r in ffn["rows"]],
         "ffn_baselines": ffn_peers,
-        "peers_unmatched": [p for p in layer_peers if p.get("method") not in {r["method"] for r in layer["rows"]}],
+        "peers_unmatched": [p for p in layer_peers if p.get("method") not in {r["method"] for r in layer["rows"]}]
+        + [p for p in bwd_peers if p.get("method") not in {r["method"] for r in crate_bwd}],
     }
 
 
@@ -380,17 +419,12 @@ def report(res):
         detail = s["detail"].replace("|", "/")
         lines.append(f"| {s['step']} | {s['status'].upper()} | {s['seconds']} | {detail} |")
     if res["layers"]:
-        lines += ["", f"## Layers (bf16, d = 4096; copy bandwidth {fmt(res['copy_gbs'], '.0f')} GB/s)", "",
-                  "| method | T | strategy | µs | GB/s | % copy | check | fastest baseline µs | speed-up |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in res["layers"]:
-            check = r.get("check") or {}
-            ok = "-" if not check else ("ok" if check["ok"] else "FAIL")
-            frac = None if r.get("fraction_of_copy") is None else 100 * r["fraction_of_copy"]
-            lines.append(
-                f"| {r['method']} | {r['tokens']} | {r.get('strategy') or r.get('error', '-')} | "
-                f"{fmt(r.get('time_us'), '.1f')} | {fmt(r.get('gbs'), '.0f')} | {fmt(frac, '.0f')} | {ok} | "
-                f"{fmt(r['fastest_baseline_us'], '.1f')} | {fmt(r['speedup_vs_fastest'], '.2f')}x |")
+        lines += layer_table(f"Layers (bf16, d = 4096; copy bandwidth {fmt(res['copy_gbs'], '.0f')} GB/s)",
+                             res["layers"])
+    if res.get("layers_backward"):
+        title = (f"Layers, backward (bf16, d = 4096; copy bandwidth {fmt(res.get('backward_copy_gbs'), '.0f')} GB/s; "
+                 "baselines: PyTorch autograd)")
+        lines += layer_table(title, res["layers_backward"])
     if res["grouped"]:
         lines += ["", "## Grouped (SGMV)", "", "| d_in | d_out | r | E | k | T | µs | GB/s | % copy |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -421,12 +455,28 @@ def report(res):
                          f"{p.get('tokens', '-')} | {p.get('baseline')} | {status} | {fmt(p.get('time_us'), '.1f')} | "
                          f"{fmt(p.get('gbs'), '.0f')} | {fmt(p.get('tflops'), '.1f')} | {ref} |")
     if res["peers_unmatched"]:
-        lines += ["", "## Baselines without a crate row", "", "| method | T | baseline | status | µs |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Baselines without a crate row", "", "| method | T | baseline | status | µs | pass |",
+                  "|---|---|---|---|---|---|"]
         for p in res["peers_unmatched"]:
             lines.append(f"| {p.get('method')} | {p.get('tokens', '-')} | {p.get('baseline')} | {p.get('status')} | "
-                         f"{fmt(p.get('time_us'), '.1f')} |")
+                         f"{fmt(p.get('time_us'), '.1f')} | {pass_of(p)} |")
     return "\n".join(lines) + "\n"
+
+
+def layer_table(title, rows):
+    """The report's lines of one table of crate layer rows joined with their baselines."""
+    lines = ["", f"## {title}", "",
+             "| method | T | strategy | µs | GB/s | % copy | check | fastest baseline µs | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        check = r.get("check") or {}
+        ok = "-" if not check else ("ok" if check.get("ok") else "FAIL")
+        frac = None if r.get("fraction_of_copy") is None else 100 * r["fraction_of_copy"]
+        lines.append(
+            f"| {r['method']} | {r['tokens']} | {r.get('strategy') or r.get('error', '-')} | "
+            f"{fmt(r.get('time_us'), '.1f')} | {fmt(r.get('gbs'), '.0f')} | {fmt(frac, '.0f')} | {ok} | "
+            f"{fmt(r['fastest_baseline_us'], '.1f')} | {fmt(r['speedup_vs_fastest'], '.2f')}x |")
+    return lines
 
 
 def environment(kit):

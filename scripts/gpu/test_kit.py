@@ -18,9 +18,15 @@ def layer_row(method, tokens, time_us, ok=True):
             "check": {"error": 1e-3, "tolerance": 1e-2, "ok": ok}, "error": None}
 
 
-def peer_row(method, tokens, baseline, status, time_us):
-    return {"method": method, "d_in": 4096, "d_out": 4096, "experts": 8, "rank": 16, "k": 2, "tokens": tokens,
-            "baseline": baseline, "status": status, "time_us": time_us, "gbs": None, "check": None}
+def peer_row(method, tokens, baseline, status, time_us, pass_=None):
+    row = {"method": method, "d_in": 4096, "d_out": 4096, "experts": 8, "rank": 16, "k": 2, "tokens": tokens,
+           "baseline": baseline, "status": status, "time_us": time_us, "gbs": None, "check": None}
+    return row if pass_ is None else dict(row, **{"pass": pass_})
+
+
+def backward_row(method, tokens, time_us):
+    """A row of `mole bench layer --backward --json`: `bench layer`'s fields and the pass."""
+    return dict(layer_row(method, tokens, time_us), strategy="backward", **{"pass": "backward"})
 
 
 def ffn_row(tokens, f, time_us, time_field="time_us"):
@@ -39,12 +45,14 @@ def ffn_peer_row(tokens, f, baseline, status, time_us):
 
 
 class ResultsTest(unittest.TestCase):
-    def make(self, layer_rows, peer_rows, ffn_rows=None):
+    def make(self, layer_rows, peer_rows, ffn_rows=None, backward_rows=None):
         work = tempfile.mkdtemp()
         json.dump({"copy_gbs": 3000.0, "rows": layer_rows}, open(os.path.join(work, "bench_layer.json"), "w"))
         json.dump({"rows": peer_rows}, open(os.path.join(work, "peers.json"), "w"))
         if ffn_rows is not None:
             json.dump({"copy_gbs": 3000.0, "rows": ffn_rows}, open(os.path.join(work, "ffn.json"), "w"))
+        if backward_rows is not None:
+            json.dump({"copy_gbs": 2900.0, "rows": backward_rows}, open(os.path.join(work, "layer_backward.json"), "w"))
         k = kit.Kit("default", work, dry_run=False)
         passed = kit.Step("a step", [], 0)
         passed.status = "pass"
@@ -144,6 +152,80 @@ class ResultsTest(unittest.TestCase):
             self.assertEqual(step.json_out, "ffn.json")
         finally:
             kit.bench_kinds = original
+
+    def test_backward_rows_take_the_backward_baselines_of_the_same_key_only(self):
+        res = self.make(
+            [layer_row("mix-lora-per-linear", 256, 10.0)],
+            [peer_row("mix-lora-per-linear", 256, "loop", "ok", 90.0, "backward"),
+             peer_row("mix-lora-per-linear", 256, "dense", "ok", 60.0, "backward"),
+             peer_row("mix-lora-per-linear", 16, "dense", "ok", 5.0, "backward"),
+             # A method the crate's backward has no row of is listed, as the forward's are.
+             peer_row("adapter-serving", 256, "peft_mixed", "skipped: PEFT refuses", None, "backward"),
+             # The forward's rows of the same key: the backward takes none of them (grouped_mm has
+             # a forward row only, as where the backward ran with other baselines).
+             peer_row("mix-lora-per-linear", 256, "loop", "ok", 30.0, "forward"),
+             peer_row("mix-lora-per-linear", 256, "dense", "ok", 20.0),  # no pass: a forward row
+             peer_row("mix-lora-per-linear", 256, "grouped_mm", "ok", 8.0, "forward")],
+            backward_rows=[backward_row("mix-lora-per-linear", 256, 20.0)])
+        fwd, = res["layers"]
+        self.assertEqual(fwd["fastest_baseline_us"], 8.0)
+        self.assertAlmostEqual(fwd["baselines"]["loop"]["ratio"], 3.0)
+        bwd, = res["layers_backward"]
+        self.assertEqual(set(bwd["baselines"]), {"loop", "dense"})
+        self.assertEqual(bwd["fastest_baseline_us"], 60.0)
+        self.assertAlmostEqual(bwd["speedup_vs_fastest"], 3.0)
+        self.assertAlmostEqual(bwd["baselines"]["loop"]["ratio"], 4.5)
+        self.assertEqual([(p["method"], p["pass"]) for p in res["peers_unmatched"]], [("adapter-serving", "backward")])
+        self.assertEqual(res["backward_copy_gbs"], 2900.0)
+        text = kit.report(res)
+        self.assertIn("## Layers, backward (bf16, d = 4096; copy bandwidth 2900 GB/s; baselines: PyTorch autograd)",
+                      text)
+        self.assertIn("| mix-lora-per-linear | 256 | backward | 20.0 | 2000 | 60 | ok | 60.0 | 3.00x |", text)
+        self.assertIn("| adapter-serving | 256 | peft_mixed | skipped: PEFT refuses | - | backward |", text)
+
+    def test_backward_baselines_without_a_crate_backward_reach_the_report(self):
+        res = self.make([layer_row("smora", 16, 5.0)],
+                        [peer_row("smora", 16, "dense", "ok", 20.0, "forward"),
+                         peer_row("smora", 16, "dense", "ok", 70.0, "backward")])
+        self.assertEqual(res["layers_backward"], [])
+        self.assertEqual(res["layers"][0]["fastest_baseline_us"], 20.0)
+        self.assertEqual(len(res["peers_unmatched"]), 1)
+        text = kit.report(res)
+        self.assertNotIn("## Layers, backward", text)
+        self.assertIn("| smora | 16 | dense | ok | 70.0 | backward |", text)
+
+    def test_bench_layer_backward_is_skipped_in_a_dry_run_and_where_mole_lacks_it(self):
+        original = kit.bench_layer_options
+        try:
+            kit.bench_layer_options = lambda: ["--tokens", "--runs", "--json", "--help"]
+            dry = kit.Kit("default", tempfile.mkdtemp(), dry_run=True)
+            dry.no_gpu_reason = "dry run: no GPU"
+            timing = kit.steps_for(dry)[1]
+            names = [s.name for s in timing]
+            self.assertLess(names.index("bench layer"), names.index("bench layer backward"))
+            self.assertLess(names.index("bench layer backward"), names.index("PyTorch baselines"))
+            peers = timing[names.index("PyTorch baselines")]
+            self.assertIn("--backward", peers.argv)
+            step = dry.run(kit.bench_layer_backward_step(dry.work))
+            self.assertEqual((step.status, step.detail), ("skipped", "dry run: no GPU"))
+            gpu = kit.Kit("default", tempfile.mkdtemp(), dry_run=False)
+            step = gpu.run(kit.bench_layer_backward_step(gpu.work))
+            self.assertEqual(step.status, "skipped")
+            self.assertIn("has no `--backward`", step.detail)
+            kit.bench_layer_options = lambda: ["--tokens", "--backward", "--json"]
+            step = kit.bench_layer_backward_step("/w")
+            self.assertEqual(step.argv[1:], ["bench", "layer", "--backward", "--tokens", "1,16,256,4096", "--runs",
+                                             "20", "--json", "/w/layer_backward.json"])
+            self.assertEqual(step.json_out, "layer_backward.json")
+        finally:
+            kit.bench_layer_options = original
+
+    def test_bench_layer_options_are_parsed_from_help(self):
+        text = ("Usage: mole bench layer [OPTIONS]\n\nOptions:\n      --tokens <TOKENS>  Token counts [default: 1]\n"
+                "      --backward         Time the backward\n      --json <JSON>      JSON rows\n"
+                "  -h, --help             Print help (see more with '--help')\n")
+        self.assertEqual(kit.parse_options(text), ["--tokens", "--backward", "--json", "--help"])
+        self.assertNotIn("--backward", kit.parse_options(text.replace("--backward", "--forward ")))
 
     def test_bench_subcommands_are_parsed_from_help(self):
         text = ("Usage: mole bench <COMMAND>\n\nCommands:\n  grouped  The grouped shrink + expand\n"
