@@ -21,7 +21,7 @@ use std::collections::HashMap;
 pub fn strategy_of(family: Family) -> &'static [Strategy] {
     match family {
         Family::Sgmv => &[Strategy::Grouped],
-        Family::Gating => &[],
+        Family::Gating | Family::Backward => &[],
         Family::Fused => &[Strategy::Fused, Strategy::FusedSplit],
         Family::Ffn => &[Strategy::FfnBlock],
     }

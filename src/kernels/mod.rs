@@ -1,5 +1,5 @@
 //! The kernels: [`exec`], the description of every entry point and the one launch path;
-//! [`gating`], [`sgmv`], [`fused`] and [`ffn`], one module per op family; and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
+//! [`gating`], [`sgmv`], [`fused`], [`ffn`] and [`backward`], one module per op family; and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
 //! which configurations of each are compiled ([`KernelBuild`]).
 //!
 //! A build is typed: an element type and a [`BuildConfig`] (one tiling struct per family). The
@@ -11,6 +11,7 @@
 //!   ([`BLOCK_THREADS_DEFINE`]), and a build that adds dynamic shared memory declares the bytes
 //!   ([`DYNAMIC_SMEM_DEFINE`]); `mole check-kernels` checks both against the architecture.
 
+pub mod backward;
 pub mod exec;
 pub mod ffn;
 pub mod fused;
@@ -18,6 +19,7 @@ pub mod gating;
 pub mod sgmv;
 pub mod shipped;
 
+pub use backward::BackwardConfig;
 pub use ffn::FfnConfig;
 pub use fused::FusedConfig;
 pub use gating::GatingConfig;
@@ -47,11 +49,14 @@ pub enum Family {
     /// The FFN-expert block's activation and down shrink between the dense projections
     /// (`kernels/ffn.cu`).
     Ffn,
+    /// The backward pass's per-token stages: the mix and router gradients and `dx`
+    /// (`kernels/backward.cu`).
+    Backward,
 }
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 4] = [Family::Gating, Family::Sgmv, Family::Fused, Family::Ffn];
+    pub const ALL: [Family; 5] = [Family::Gating, Family::Sgmv, Family::Fused, Family::Ffn, Family::Backward];
 
     /// The source file, relative to `kernels/`.
     pub fn source_file(self) -> &'static str {
@@ -60,6 +65,7 @@ impl Family {
             Family::Sgmv => "sgmv.cu",
             Family::Fused => "fused.cu",
             Family::Ffn => "ffn.cu",
+            Family::Backward => "backward.cu",
         }
     }
 
@@ -70,6 +76,7 @@ impl Family {
             Family::Sgmv => "sgmv",
             Family::Fused => "fused",
             Family::Ffn => "ffn",
+            Family::Backward => "backward",
         }
     }
 
@@ -80,6 +87,7 @@ impl Family {
             Family::Sgmv => sgmv::candidates(),
             Family::Fused => fused::candidates(),
             Family::Ffn => ffn::candidates(),
+            Family::Backward => backward::candidates(),
         }
     }
 
@@ -90,6 +98,7 @@ impl Family {
             Family::Sgmv => sgmv::default_builds(),
             Family::Fused => fused::default_builds(),
             Family::Ffn => ffn::default_builds(),
+            Family::Backward => backward::default_builds(),
         }
     }
 }
@@ -113,6 +122,8 @@ pub enum BuildConfig {
     Fused(FusedConfig),
     /// `kernels/ffn.cu`.
     Ffn(FfnConfig),
+    /// `kernels/backward.cu`.
+    Backward(BackwardConfig),
 }
 
 impl BuildConfig {
@@ -123,6 +134,7 @@ impl BuildConfig {
             BuildConfig::Sgmv(_) => Family::Sgmv,
             BuildConfig::Fused(_) => Family::Fused,
             BuildConfig::Ffn(_) => Family::Ffn,
+            BuildConfig::Backward(_) => Family::Backward,
         }
     }
 
@@ -133,6 +145,7 @@ impl BuildConfig {
             BuildConfig::Sgmv(c) => c.block_threads,
             BuildConfig::Fused(c) => c.block_threads,
             BuildConfig::Ffn(c) => c.block_threads,
+            BuildConfig::Backward(c) => c.block_threads,
         }
     }
 
@@ -141,7 +154,7 @@ impl BuildConfig {
     pub fn dynamic_shared_bytes(&self) -> u64 {
         match self {
             BuildConfig::Gating(c) => c.dynamic_shared_bytes() as u64,
-            BuildConfig::Sgmv(_) | BuildConfig::Fused(_) | BuildConfig::Ffn(_) => 0,
+            BuildConfig::Sgmv(_) | BuildConfig::Fused(_) | BuildConfig::Ffn(_) | BuildConfig::Backward(_) => 0,
         }
     }
 
@@ -175,6 +188,7 @@ impl BuildConfig {
                 ("MOLE_FFN_KC", c.kc),
                 ("MOLE_FFN_MAX_RANK", c.max_rank),
             ],
+            BuildConfig::Backward(c) => vec![(BLOCK_THREADS_DEFINE, c.block_threads)],
         }
     }
 
@@ -185,6 +199,7 @@ impl BuildConfig {
             BuildConfig::Sgmv(c) => c.validate_for(dtype),
             BuildConfig::Fused(c) => c.validate(),
             BuildConfig::Ffn(c) => c.validate(),
+            BuildConfig::Backward(c) => c.validate(),
         }
     }
 }
@@ -204,6 +219,12 @@ impl From<SgmvConfig> for BuildConfig {
 impl From<FfnConfig> for BuildConfig {
     fn from(c: FfnConfig) -> Self {
         BuildConfig::Ffn(c)
+    }
+}
+
+impl From<BackwardConfig> for BuildConfig {
+    fn from(c: BackwardConfig) -> Self {
+        BuildConfig::Backward(c)
     }
 }
 
@@ -269,6 +290,7 @@ impl KernelBuild {
             BuildConfig::Sgmv(_) => sgmv::kernel::for_dtype(self.dtype),
             BuildConfig::Fused(c) => fused::kernel::for_config(self.dtype, c),
             BuildConfig::Ffn(_) => &ffn::kernel::ALL,
+            BuildConfig::Backward(_) => &backward::kernel::ALL,
         }
     }
 

@@ -143,6 +143,36 @@ buffers! {
     UpPartials = "up_partials", F32, true;
     /// FFN block: the down shrink's per-f-slice partials (f32 workspace).
     DownPartials = "down_partials", F32, true;
+    /// Backward: the loss gradient of the layer's output, `dy [T, d_out]`.
+    Dy = "dy", Data, false;
+    /// Backward: `dL/dx [T, d_in]` (overwritten).
+    DX = "dx", Data, false;
+    /// Backward: `dL/d gate_input [T, E]`, the logits' or the given weights' gradient (overwritten).
+    DGateInput = "d_gate_input", Data, false;
+    /// Backward workspace: `h = x·A [T, R]` (f32), recomputed.
+    BwH = "bw_h", F32, true;
+    /// Backward workspace: `g = scale·s_e·dy·Bᵀ [T, R]` (f32), the gradient of the mixed
+    /// activations (0 on the columns of experts a token did not select, expert-scale mix).
+    BwG = "bw_g", F32, true;
+    /// Backward workspace: `dh = dL/dh [T, R]` (f32), the mix's and the router's.
+    BwDh = "bw_dh", F32, true;
+    /// Backward workspace: `hm [T, R]` (f32), the mixed activations times the per-expert scales
+    /// (what `dB = hmᵀ·(scale·dy)` multiplies).
+    BwHm = "bw_hm", F32, true;
+    /// Backward workspace: `dw = dL/dw [T, E]` (f32), dense per routed expert, 0 where not selected.
+    BwDw = "bw_dw", F32, true;
+    /// Backward workspace: the routing weights, dense `[T, E]` (f32), 0 where not selected.
+    BwW = "bw_w", F32, true;
+    /// Backward workspace: the router scores `z [T, E]` (f32, NaN as `-inf`).
+    BwZ = "bw_z", F32, true;
+    /// Backward workspace: `dz = dL/dz [T, E]` (f32): the scores' gradient (given weights: the
+    /// weights').
+    BwDz = "bw_dz", F32, true;
+    /// Backward workspace: the router statistics' per-chunk partial sums `[chunks, 4E]` (f32).
+    BwStatsPartials = "bw_stats_partials", F32, true;
+    /// Backward workspace: the router statistics `[4E]` (f32): selected fraction, top-1 fraction,
+    /// mean probability, masked mean probability.
+    BwStats = "bw_stats", F32, true;
 }
 
 /// How a kernel uses a pointer argument.
