@@ -1,5 +1,5 @@
 //! The kernels: [`exec`], the description of every entry point and the one launch path;
-//! [`gating`], [`sgmv`], [`fused`] and [`ffn`], one module per op family; and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
+//! [`gating`], [`sgmv`], [`fused`], [`ffn`] and [`wgrad`], one module per op family; and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
 //! which configurations of each are compiled ([`KernelBuild`]).
 //!
 //! A build is typed: an element type and a [`BuildConfig`] (one tiling struct per family). The
@@ -17,11 +17,13 @@ pub mod fused;
 pub mod gating;
 pub mod sgmv;
 pub mod shipped;
+pub mod wgrad;
 
 pub use ffn::FfnConfig;
 pub use fused::FusedConfig;
 pub use gating::GatingConfig;
 pub use sgmv::SgmvConfig;
+pub use wgrad::WgradConfig;
 
 use crate::cuda::{sources, CompileUnit, ModuleSource};
 use crate::kernels::exec::KernelDesc;
@@ -47,11 +49,14 @@ pub enum Family {
     /// The FFN-expert block's activation and down shrink between the dense projections
     /// (`kernels/ffn.cu`).
     Ffn,
+    /// The backward pass's weight gradients, token-split sums and their fixed-order reduction
+    /// (`kernels/wgrad.cu`).
+    Wgrad,
 }
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 4] = [Family::Gating, Family::Sgmv, Family::Fused, Family::Ffn];
+    pub const ALL: [Family; 5] = [Family::Gating, Family::Sgmv, Family::Fused, Family::Ffn, Family::Wgrad];
 
     /// The source file, relative to `kernels/`.
     pub fn source_file(self) -> &'static str {
@@ -60,6 +65,7 @@ impl Family {
             Family::Sgmv => "sgmv.cu",
             Family::Fused => "fused.cu",
             Family::Ffn => "ffn.cu",
+            Family::Wgrad => "wgrad.cu",
         }
     }
 
@@ -70,6 +76,7 @@ impl Family {
             Family::Sgmv => "sgmv",
             Family::Fused => "fused",
             Family::Ffn => "ffn",
+            Family::Wgrad => "wgrad",
         }
     }
 
@@ -80,6 +87,7 @@ impl Family {
             Family::Sgmv => sgmv::candidates(),
             Family::Fused => fused::candidates(),
             Family::Ffn => ffn::candidates(),
+            Family::Wgrad => wgrad::candidates(),
         }
     }
 
@@ -90,6 +98,7 @@ impl Family {
             Family::Sgmv => sgmv::default_builds(),
             Family::Fused => fused::default_builds(),
             Family::Ffn => ffn::default_builds(),
+            Family::Wgrad => wgrad::default_builds(),
         }
     }
 }
@@ -113,6 +122,8 @@ pub enum BuildConfig {
     Fused(FusedConfig),
     /// `kernels/ffn.cu`.
     Ffn(FfnConfig),
+    /// `kernels/wgrad.cu`.
+    Wgrad(WgradConfig),
 }
 
 impl BuildConfig {
@@ -123,6 +134,7 @@ impl BuildConfig {
             BuildConfig::Sgmv(_) => Family::Sgmv,
             BuildConfig::Fused(_) => Family::Fused,
             BuildConfig::Ffn(_) => Family::Ffn,
+            BuildConfig::Wgrad(_) => Family::Wgrad,
         }
     }
 
@@ -133,6 +145,7 @@ impl BuildConfig {
             BuildConfig::Sgmv(c) => c.block_threads,
             BuildConfig::Fused(c) => c.block_threads,
             BuildConfig::Ffn(c) => c.block_threads,
+            BuildConfig::Wgrad(c) => c.block_threads,
         }
     }
 
@@ -141,7 +154,7 @@ impl BuildConfig {
     pub fn dynamic_shared_bytes(&self) -> u64 {
         match self {
             BuildConfig::Gating(c) => c.dynamic_shared_bytes() as u64,
-            BuildConfig::Sgmv(_) | BuildConfig::Fused(_) | BuildConfig::Ffn(_) => 0,
+            BuildConfig::Sgmv(_) | BuildConfig::Fused(_) | BuildConfig::Ffn(_) | BuildConfig::Wgrad(_) => 0,
         }
     }
 
@@ -175,6 +188,12 @@ impl BuildConfig {
                 ("MOLE_FFN_KC", c.kc),
                 ("MOLE_FFN_MAX_RANK", c.max_rank),
             ],
+            BuildConfig::Wgrad(c) => vec![
+                (BLOCK_THREADS_DEFINE, c.block_threads),
+                ("MOLE_WGRAD_BM", c.bm),
+                ("MOLE_WGRAD_BN", c.bn),
+                ("MOLE_WGRAD_TK", c.tk),
+            ],
         }
     }
 
@@ -185,6 +204,7 @@ impl BuildConfig {
             BuildConfig::Sgmv(c) => c.validate_for(dtype),
             BuildConfig::Fused(c) => c.validate(),
             BuildConfig::Ffn(c) => c.validate(),
+            BuildConfig::Wgrad(c) => c.validate(),
         }
     }
 }
@@ -204,6 +224,12 @@ impl From<SgmvConfig> for BuildConfig {
 impl From<FfnConfig> for BuildConfig {
     fn from(c: FfnConfig) -> Self {
         BuildConfig::Ffn(c)
+    }
+}
+
+impl From<WgradConfig> for BuildConfig {
+    fn from(c: WgradConfig) -> Self {
+        BuildConfig::Wgrad(c)
     }
 }
 
@@ -269,6 +295,7 @@ impl KernelBuild {
             BuildConfig::Sgmv(_) => sgmv::kernel::for_dtype(self.dtype),
             BuildConfig::Fused(c) => fused::kernel::for_config(self.dtype, c),
             BuildConfig::Ffn(_) => &ffn::kernel::ALL,
+            BuildConfig::Wgrad(_) => &wgrad::kernel::ALL,
         }
     }
 
