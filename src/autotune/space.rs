@@ -24,6 +24,7 @@ pub fn strategy_of(family: Family) -> &'static [Strategy] {
         Family::Gating | Family::Backward => &[],
         Family::Fused => &[Strategy::Fused, Strategy::FusedSplit],
         Family::Ffn => &[Strategy::FfnBlock],
+        Family::Wgrad => &[],
     }
 }
 

@@ -1,5 +1,6 @@
 //! The kernels: [`exec`], the description of every entry point and the one launch path;
-//! [`gating`], [`sgmv`], [`fused`], [`ffn`] and [`backward`], one module per op family; and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
+//! [`gating`], [`sgmv`], [`fused`], [`ffn`], [`backward`] and [`wgrad`], one module per op family;
+//! and the registry: which CUDA sources exist (one [`Family`] per file under `kernels/`) and
 //! which configurations of each are compiled ([`KernelBuild`]).
 //!
 //! A build is typed: an element type and a [`BuildConfig`] (one tiling struct per family). The
@@ -18,12 +19,14 @@ pub mod fused;
 pub mod gating;
 pub mod sgmv;
 pub mod shipped;
+pub mod wgrad;
 
 pub use backward::BackwardConfig;
 pub use ffn::FfnConfig;
 pub use fused::FusedConfig;
 pub use gating::GatingConfig;
 pub use sgmv::SgmvConfig;
+pub use wgrad::WgradConfig;
 
 use crate::cuda::{sources, CompileUnit, ModuleSource};
 use crate::kernels::exec::KernelDesc;
@@ -52,11 +55,15 @@ pub enum Family {
     /// The backward pass's per-token stages: the mix and router gradients and `dx`
     /// (`kernels/backward.cu`).
     Backward,
+    /// The backward pass's weight gradients, token-split sums and their fixed-order reduction
+    /// (`kernels/wgrad.cu`).
+    Wgrad,
 }
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 5] = [Family::Gating, Family::Sgmv, Family::Fused, Family::Ffn, Family::Backward];
+    pub const ALL: [Family; 6] =
+        [Family::Gating, Family::Sgmv, Family::Fused, Family::Ffn, Family::Backward, Family::Wgrad];
 
     /// The source file, relative to `kernels/`.
     pub fn source_file(self) -> &'static str {
@@ -66,6 +73,7 @@ impl Family {
             Family::Fused => "fused.cu",
             Family::Ffn => "ffn.cu",
             Family::Backward => "backward.cu",
+            Family::Wgrad => "wgrad.cu",
         }
     }
 
@@ -77,6 +85,7 @@ impl Family {
             Family::Fused => "fused",
             Family::Ffn => "ffn",
             Family::Backward => "backward",
+            Family::Wgrad => "wgrad",
         }
     }
 
@@ -88,6 +97,7 @@ impl Family {
             Family::Fused => fused::candidates(),
             Family::Ffn => ffn::candidates(),
             Family::Backward => backward::candidates(),
+            Family::Wgrad => wgrad::candidates(),
         }
     }
 
@@ -99,6 +109,7 @@ impl Family {
             Family::Fused => fused::default_builds(),
             Family::Ffn => ffn::default_builds(),
             Family::Backward => backward::default_builds(),
+            Family::Wgrad => wgrad::default_builds(),
         }
     }
 }
@@ -124,6 +135,8 @@ pub enum BuildConfig {
     Ffn(FfnConfig),
     /// `kernels/backward.cu`.
     Backward(BackwardConfig),
+    /// `kernels/wgrad.cu`.
+    Wgrad(WgradConfig),
 }
 
 impl BuildConfig {
@@ -135,6 +148,7 @@ impl BuildConfig {
             BuildConfig::Fused(_) => Family::Fused,
             BuildConfig::Ffn(_) => Family::Ffn,
             BuildConfig::Backward(_) => Family::Backward,
+            BuildConfig::Wgrad(_) => Family::Wgrad,
         }
     }
 
@@ -146,6 +160,7 @@ impl BuildConfig {
             BuildConfig::Fused(c) => c.block_threads,
             BuildConfig::Ffn(c) => c.block_threads,
             BuildConfig::Backward(c) => c.block_threads,
+            BuildConfig::Wgrad(c) => c.block_threads,
         }
     }
 
@@ -154,7 +169,11 @@ impl BuildConfig {
     pub fn dynamic_shared_bytes(&self) -> u64 {
         match self {
             BuildConfig::Gating(c) => c.dynamic_shared_bytes() as u64,
-            BuildConfig::Sgmv(_) | BuildConfig::Fused(_) | BuildConfig::Ffn(_) | BuildConfig::Backward(_) => 0,
+            BuildConfig::Sgmv(_)
+            | BuildConfig::Fused(_)
+            | BuildConfig::Ffn(_)
+            | BuildConfig::Backward(_)
+            | BuildConfig::Wgrad(_) => 0,
         }
     }
 
@@ -189,6 +208,12 @@ impl BuildConfig {
                 ("MOLE_FFN_MAX_RANK", c.max_rank),
             ],
             BuildConfig::Backward(c) => vec![(BLOCK_THREADS_DEFINE, c.block_threads)],
+            BuildConfig::Wgrad(c) => vec![
+                (BLOCK_THREADS_DEFINE, c.block_threads),
+                ("MOLE_WGRAD_BM", c.bm),
+                ("MOLE_WGRAD_BN", c.bn),
+                ("MOLE_WGRAD_TK", c.tk),
+            ],
         }
     }
 
@@ -200,6 +225,7 @@ impl BuildConfig {
             BuildConfig::Fused(c) => c.validate(),
             BuildConfig::Ffn(c) => c.validate(),
             BuildConfig::Backward(c) => c.validate(),
+            BuildConfig::Wgrad(c) => c.validate(),
         }
     }
 }
@@ -225,6 +251,12 @@ impl From<FfnConfig> for BuildConfig {
 impl From<BackwardConfig> for BuildConfig {
     fn from(c: BackwardConfig) -> Self {
         BuildConfig::Backward(c)
+    }
+}
+
+impl From<WgradConfig> for BuildConfig {
+    fn from(c: WgradConfig) -> Self {
+        BuildConfig::Wgrad(c)
     }
 }
 
@@ -291,6 +323,7 @@ impl KernelBuild {
             BuildConfig::Fused(c) => fused::kernel::for_config(self.dtype, c),
             BuildConfig::Ffn(_) => &ffn::kernel::ALL,
             BuildConfig::Backward(_) => &backward::kernel::ALL,
+            BuildConfig::Wgrad(_) => &wgrad::kernel::ALL,
         }
     }
 

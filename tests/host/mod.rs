@@ -12,12 +12,14 @@ pub struct HostBackend {
     pub schedule: Schedule,
     /// Launches run.
     pub launches: usize,
+    /// Blocks in flight at once (`None`: the schedule's default).
+    pub resident_blocks: Option<u32>,
 }
 
 impl HostBackend {
     /// Launches in index order.
     pub fn new(schedule: Schedule) -> Self {
-        HostBackend { schedule, launches: 0 }
+        HostBackend { schedule, launches: 0, resident_blocks: None }
     }
 }
 
@@ -32,7 +34,10 @@ impl Backend for HostBackend {
         let kernel = Kernel::find(desc.family.source_file(), build.dtype.name(), &name)
             .map_err(|e| MoleError::Unsupported(e.to_string()))?;
         let d = launch.dims();
-        let cfg = LaunchConfig::new(d.grid, d.block).shared(d.shared_bytes).schedule(self.schedule);
+        let mut cfg = LaunchConfig::new(d.grid, d.block).shared(d.shared_bytes).schedule(self.schedule);
+        if let Some(n) = self.resident_blocks {
+            cfg = cfg.resident_blocks(n);
+        }
         let args: Vec<Arg<'_>> = std::iter::once(Arg::bytes(launch.params()))
             .chain(launch.ptrs().iter().map(|&p| Arg::pointer(p)))
             .collect();

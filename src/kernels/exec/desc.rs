@@ -173,6 +173,22 @@ buffers! {
     /// Backward workspace: the router statistics `[4E]` (f32): selected fraction, top-1 fraction,
     /// mean probability, masked mean probability.
     BwStats = "bw_stats", F32, true;
+    /// Weight gradient: the left operand `P` in the dtype, a `[T, stride]` matrix (a block of its
+    /// columns is read).
+    WgradP = "wgrad_p", Data, false;
+    /// Weight gradient: the left operand `P` in f32, a `[T, stride]` matrix.
+    WgradPFloat = "wgrad_p_float", F32, false;
+    /// Weight gradient: the right operand `Q` in the dtype, a `[T, stride]` matrix.
+    WgradQ = "wgrad_q", Data, false;
+    /// Weight gradient: the right operand `Q` in f32, a `[T, stride]` matrix.
+    WgradQFloat = "wgrad_q_float", F32, false;
+    /// Weight gradient: the per-token row weights, a `[T, stride]` f32 matrix (one column per
+    /// output).
+    WgradRowWeight = "wgrad_row_weight", F32, false;
+    /// Weight gradient: the token splits' partial sums `[splits, outputs, M, N]` (f32 workspace).
+    WgradPartials = "wgrad_partials", F32, true;
+    /// Weight gradient: the result `[outputs, M, N]`, overwritten.
+    WgradOut = "wgrad_out", Data, false;
 }
 
 /// How a kernel uses a pointer argument.

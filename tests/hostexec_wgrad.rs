@@ -1,0 +1,312 @@
+//! The weight-gradient kernels (`kernels/wgrad.cu`) through the host execution layer against an
+//! f64 computation of `out[b, m, n] = scale · Σ_t rw[t, b] · P[t, m] · Q[t, n]`: odd `M`, `N`
+//! and `T` (0, 1, 31, 33, 257, ...), 1 to 300 token splits, `P` ones, in the dtype or f32, `Q` in
+//! the dtype or f32, with and without row weights (one output per weight column), column blocks
+//! at offsets inside wider matrices, rows of `Q` that are zero (a sparse top-k's `dh`), every
+//! dtype, random thread schedules, and the output and the partials workspace poisoned.
+//!
+//! Tolerance, per element: `tolerance(dtype, T + splits + 3) · Σ_t |scale · rw · P · Q|` plus half
+//! the dtype's smallest subnormal spacing. A product's longest chain of f32 roundings is the row
+//! weight's multiply, the product, at most `T` additions within its split, `splits` additions in
+//! the reduction and the scale; the output is rounded to the dtype once (the `u_dtype` part of
+//! [`tolerance`]); the subnormal term covers that rounding's absolute error near zero (f16).
+
+use half::{bf16, f16};
+use mole::kernels::exec::{Bindings, Buf};
+use mole::kernels::wgrad::{self, WgradConfig, WgradOperand, WgradRowWeight, WgradShape};
+use mole::reference::tolerance;
+use mole::synth::Rng;
+use mole::{DType, Scalar};
+use mole_hostexec::{Buffer, Schedule};
+
+mod host;
+use host::HostBackend;
+use proptest::prelude::*;
+
+/// How an operand is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `P = 1`.
+    Ones,
+    /// The dtype.
+    Data,
+    /// f32.
+    Float,
+}
+
+/// A block of `count` columns at `col` of a `[T, col + count + after]` matrix.
+#[derive(Clone, Copy, Debug)]
+struct Cols {
+    col: usize,
+    after: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    tokens: usize,
+    m: usize,
+    n: usize,
+    splits: usize,
+    p: Kind,
+    q: Kind,
+    p_cols: Cols,
+    q_cols: Cols,
+    /// Row weights: their columns and the number of outputs.
+    rw: Option<(Cols, usize)>,
+    scale: f32,
+    /// About half the rows of `Q` are zero.
+    sparse: bool,
+    dtype: DType,
+    seed: u64,
+    schedule: Schedule,
+    /// Blocks in flight at once (`None`: the schedule's default).
+    resident: Option<u32>,
+}
+
+fn dim() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), Just(31), Just(33), Just(65), 1usize..80]
+}
+
+fn cols() -> impl Strategy<Value = Cols> {
+    (0usize..3, 0usize..3).prop_map(|(col, after)| Cols { col, after })
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    let tokens = prop_oneof![Just(0usize), Just(1), Just(31), Just(33), Just(257), 0usize..300];
+    let splits = prop_oneof![1usize..=4, 5usize..=40, Just(300)];
+    let rw = prop::option::of((cols(), 1usize..=3));
+    (tokens, dim(), dim(), splits, 0usize..3, 0usize..2, (cols(), cols(), rw), 0usize..3, any::<u64>(), 0u8..4)
+        .prop_map(|(tokens, m, n, splits, p, q, (p_cols, q_cols, rw), dt, seed, sch)| {
+            let p = [Kind::Ones, Kind::Data, Kind::Float][p];
+            Case {
+                tokens,
+                m: if p == Kind::Ones { 1 } else { m },
+                n,
+                splits,
+                p,
+                q: [Kind::Data, Kind::Float][q],
+                p_cols,
+                q_cols,
+                rw,
+                scale: [1.0, 0.5, -1.25, 3.0][(seed % 4) as usize],
+                sparse: seed & 16 != 0,
+                dtype: DType::ALL[dt],
+                seed,
+                schedule: match sch {
+                    0 => Schedule::Forward,
+                    1 => Schedule::Reverse,
+                    _ => Schedule::Seeded(seed),
+                },
+                resident: None,
+            }
+        })
+}
+
+/// What fills the columns a call must not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outside {
+    /// Random values like the rest.
+    Random,
+    /// NaN and infinities.
+    NonFinite,
+}
+
+/// One operand's matrix `[T, stride]` as stored (in the dtype or f32) and as read back in f64.
+struct Matrix<T> {
+    data: Vec<T>,
+    float: Vec<f32>,
+    values: Vec<f64>,
+    stride: usize,
+}
+
+fn matrix<T: Scalar>(rng: &mut Rng, kind: Kind, tokens: usize, count: usize, c: Cols, outside: Outside) -> Matrix<T> {
+    let stride = c.col + count + c.after;
+    let mut raw = vec![0.0f64; tokens * stride];
+    for (i, v) in raw.iter_mut().enumerate() {
+        let inside = (c.col..c.col + count).contains(&(i % stride));
+        let r = rng.range(-1.0, 1.0);
+        *v = match (inside, outside) {
+            (true, _) | (false, Outside::Random) => r,
+            (false, Outside::NonFinite) => [f64::NAN, f64::INFINITY, f64::NEG_INFINITY][i % 3],
+        };
+    }
+    let (data, float, values) = match kind {
+        Kind::Data => {
+            let d: Vec<T> = raw.iter().map(|&v| T::from_f64(v)).collect();
+            let back = d.iter().map(|v| v.to_f64()).collect();
+            (d, Vec::new(), back)
+        }
+        _ => {
+            let f: Vec<f32> = raw.iter().map(|&v| v as f32).collect();
+            let back = f.iter().map(|&v| v as f64).collect();
+            (Vec::new(), f, back)
+        }
+    };
+    Matrix { data, float, values, stride }
+}
+
+fn buffer<T: bytemuck::Pod>(name: &str, v: &[T]) -> Buffer<T> {
+    if v.is_empty() {
+        Buffer::poisoned(name, 1)
+    } else {
+        Buffer::from_slice(name, v)
+    }
+}
+
+fn operand(kind: Kind, m: &Matrix<impl Scalar>, col: usize) -> WgradOperand {
+    match kind {
+        Kind::Ones => WgradOperand::Ones,
+        Kind::Data => WgradOperand::Data { stride: m.stride, col },
+        Kind::Float => WgradOperand::Float { stride: m.stride, col },
+    }
+}
+
+/// Runs `c` with the columns outside the call's blocks filled as `outside`, checks the result
+/// against the f64 sum and returns it (`[outputs, M, N]` in f64).
+fn run_case(c: &Case, outside: Outside) -> Result<Vec<f64>, TestCaseError> {
+    match c.dtype {
+        DType::F32 => run_typed::<f32>(c, outside),
+        DType::F16 => run_typed::<f16>(c, outside),
+        DType::BF16 => run_typed::<bf16>(c, outside),
+    }
+}
+
+fn run_typed<T: Scalar + bytemuck::Pod>(c: &Case, outside: Outside) -> Result<Vec<f64>, TestCaseError> {
+    let fail = |e: String| TestCaseError::fail(format!("{e}\n{c:?}"));
+    let mut rng = Rng::new(c.seed);
+    let (t_n, m_n, n_n) = (c.tokens, c.m, c.n);
+    let p = matrix::<T>(&mut rng, c.p, t_n, m_n, c.p_cols, outside);
+    let mut q = matrix::<T>(&mut rng, c.q, t_n, n_n, c.q_cols, outside);
+    if c.sparse {
+        // Whole rows of zeros (outside columns kept), as dh outside the selected experts.
+        for t in (0..t_n).filter(|_| rng.below(2) == 0) {
+            for j in c.q_cols.col..c.q_cols.col + n_n {
+                let i = t * q.stride + j;
+                q.values[i] = 0.0;
+                match c.q {
+                    Kind::Data => q.data[i] = T::from_f64(0.0),
+                    _ => q.float[i] = 0.0,
+                }
+            }
+        }
+    }
+    let (rw_cols, outputs) = c.rw.unwrap_or((Cols { col: 0, after: 0 }, 1));
+    let rw = c.rw.map(|(cols, count)| matrix::<f32>(&mut rng, Kind::Float, t_n, count, cols, outside));
+
+    let build = wgrad::build(c.dtype, WgradConfig::DEFAULT);
+    let shape = WgradShape {
+        tokens: t_n,
+        m: m_n,
+        n: n_n,
+        splits: c.splits,
+        p: operand(c.p, &p, c.p_cols.col),
+        q: operand(c.q, &q, c.q_cols.col),
+        row_weight: rw.as_ref().map(|w| WgradRowWeight { stride: w.stride, col: rw_cols.col, count: outputs }),
+        scale: c.scale,
+    };
+    let plan = wgrad::plan(&build, shape).map_err(|e| fail(e.to_string()))?;
+
+    let bufs = (
+        buffer("wgrad_p", &p.data),
+        buffer("wgrad_p_float", &p.float),
+        buffer("wgrad_q", &q.data),
+        buffer("wgrad_q_float", &q.float),
+        buffer("wgrad_row_weight", rw.as_ref().map_or(&[][..], |w| &w.float[..])),
+    );
+    let partials = Buffer::<f32>::poisoned("wgrad_partials", plan.partials_len());
+    let out = Buffer::<T>::poisoned("wgrad_out", plan.out_len());
+    let mut binds = Bindings::new();
+    binds
+        .sized(Buf::WgradP, bufs.0.device_ptr(), p.data.len())
+        .sized(Buf::WgradPFloat, bufs.1.device_ptr(), p.float.len())
+        .sized(Buf::WgradQ, bufs.2.device_ptr(), q.data.len())
+        .sized(Buf::WgradQFloat, bufs.3.device_ptr(), q.float.len())
+        .sized(Buf::WgradRowWeight, bufs.4.device_ptr(), rw.as_ref().map_or(0, |w| w.float.len()))
+        .sized(Buf::WgradPartials, partials.device_ptr(), partials.len())
+        .sized(Buf::WgradOut, out.device_ptr(), out.len());
+    let mut host = HostBackend::new(c.schedule);
+    host.resident_blocks = c.resident;
+    // SAFETY: every bound address is a live host-execution buffer of the bound length.
+    unsafe { wgrad::run(&build, &plan, &binds, &mut host) }.map_err(|e| fail(e.to_string()))?;
+    prop_assert_eq!(host.launches, 2);
+    let got: Vec<f64> = out.read().iter().map(|v| v.to_f64()).collect();
+
+    let tol = tolerance(c.dtype, t_n + plan.splits() + 3);
+    let tiny = match c.dtype {
+        DType::F16 => f64::powi(2.0, -25),
+        DType::BF16 => f64::powi(2.0, -134),
+        DType::F32 => f64::powi(2.0, -150),
+    };
+    let scale = c.scale as f64;
+    for b in 0..outputs {
+        for i in 0..m_n {
+            for j in 0..n_n {
+                let (mut want, mut abs) = (0.0f64, 0.0f64);
+                for t in 0..t_n {
+                    let pv = if c.p == Kind::Ones { 1.0 } else { p.values[t * p.stride + c.p_cols.col + i] };
+                    let w = rw.as_ref().map_or(1.0, |w| w.values[t * w.stride + rw_cols.col + b]);
+                    let term = scale * w * pv * q.values[t * q.stride + c.q_cols.col + j];
+                    want += term;
+                    abs += term.abs();
+                }
+                let g = got[(b * m_n + i) * n_n + j];
+                let lim = tol * abs + tiny;
+                prop_assert!(
+                    (g - want).abs() <= lim,
+                    "out[{b},{i},{j}] = {g}, want {want} (|err| {:.3e} > {lim:.3e}, splits {})\n{c:?}",
+                    (g - want).abs(),
+                    plan.splits()
+                );
+            }
+        }
+    }
+    Ok(got)
+}
+
+fn same_bits(a: &[f64], b: &[f64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn wgrad_matches_the_f64_sum(c in case_strategy()) {
+        run_case(&c, Outside::NonFinite)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// One thread per output element and split, splits added in order: for the same number of
+    /// splits the result is bit-identical whatever the thread and block order and however many
+    /// blocks run interleaved.
+    #[test]
+    fn wgrad_is_deterministic_across_schedules(c in case_strategy()) {
+        let first = run_case(&Case { schedule: Schedule::Forward, resident: None, ..c.clone() }, Outside::Random)?;
+        for (schedule, resident) in [
+            (Schedule::Reverse, None),
+            (Schedule::Seeded(c.seed.wrapping_add(7)), None),
+            (Schedule::Seeded(c.seed.wrapping_add(9)), Some(16)),
+        ] {
+            let again = run_case(&Case { schedule, resident, ..c.clone() }, Outside::Random)?;
+            prop_assert!(same_bits(&first, &again), "{schedule:?} x {resident:?} differs\n{c:?}");
+        }
+    }
+
+    /// Only the given column blocks are read: the result is bit-identical whether the other
+    /// columns of `P`, `Q` and the row weights hold random numbers or NaN and infinities.
+    #[test]
+    fn wgrad_reads_only_its_columns(c in case_strategy()) {
+        let c = Case {
+            p_cols: Cols { col: c.p_cols.col + 1, after: c.p_cols.after + 1 },
+            q_cols: Cols { col: c.q_cols.col + 1, after: c.q_cols.after + 1 },
+            tokens: c.tokens.max(1),
+            ..c
+        };
+        let random = run_case(&c, Outside::Random)?;
+        let poisoned = run_case(&c, Outside::NonFinite)?;
+        prop_assert!(same_bits(&random, &poisoned), "the result depends on other columns\n{c:?}");
+    }
+}
