@@ -16,11 +16,13 @@
 //! reads the layer's constants, so it must not outlive the layer; dropping a layer waits for the
 //! work of its context first.
 
+mod backward;
 mod choice;
 mod ffn;
 mod memo;
 mod plan;
 
+pub use backward::{BackwardIo, BackwardLayerPlan, BackwardPointers, WgradJob};
 pub use choice::{choose, default_build, heuristic, Choice, ChoiceSource};
 pub use ffn::{CompiledFfn, FfnLayerPlan, FfnPlanner, FfnPointers, FfnStageBuffers};
 pub use plan::{LayerPlan, LayerPlanner, Path};

@@ -185,6 +185,7 @@ pub struct LayerPlanner {
     choices: Mutex<Vec<(u32, Choice)>>,
     plans: super::memo::PlanMemo<LayerPlan>,
     training_plans: super::memo::PlanMemo<LayerPlan>,
+    pub(super) backward_plans: super::memo::PlanMemo<super::BackwardLayerPlan>,
 }
 
 impl LayerPlanner {
@@ -202,6 +203,7 @@ impl LayerPlanner {
             choices: Mutex::new(Vec::new()),
             plans: Default::default(),
             training_plans: Default::default(),
+            backward_plans: Default::default(),
         })
     }
 
@@ -214,6 +216,7 @@ impl LayerPlanner {
             choices: Mutex::new(Vec::new()),
             plans: Default::default(),
             training_plans: Default::default(),
+            backward_plans: Default::default(),
             ..self
         }
     }
@@ -232,6 +235,7 @@ impl LayerPlanner {
             choices: Mutex::new(Vec::new()),
             plans: Default::default(),
             training_plans: Default::default(),
+            backward_plans: Default::default(),
             ..self
         })
     }

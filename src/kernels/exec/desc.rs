@@ -189,6 +189,16 @@ buffers! {
     WgradPartials = "wgrad_partials", F32, true;
     /// Weight gradient: the result `[outputs, M, N]`, overwritten.
     WgradOut = "wgrad_out", Data, false;
+    /// Backward: `dL/dA [d_in, R]` (overwritten).
+    DA = "d_a", Data, false;
+    /// Backward: `dL/dB [R, d_out]` (overwritten).
+    DB = "d_b", Data, false;
+    /// Backward: `dL/d router_weight` (`[d_in, E]` or `[R, E]`, overwritten).
+    DRouterWeight = "d_router_weight", Data, false;
+    /// Backward: `dL/d router_bias [E]` (overwritten).
+    DRouterBias = "d_router_bias", Data, false;
+    /// Backward: `dL/d cores [C, R, R]` (overwritten).
+    DCores = "d_cores", Data, false;
 }
 
 /// How a kernel uses a pointer argument.
