@@ -11,15 +11,17 @@
 //!   one shape with its per-candidate [`Outcome`]s.
 //!
 //! Beside the search, what `mole run` and `mole bench` time on the device: [`DeviceLayer`] (a
-//! layer's synthetic tensors through the layer runtime) and [`DeviceFfn`] (an FFN-expert block's
-//! through the block runtime).
+//! layer's synthetic tensors through the layer runtime), [`DeviceBackward`] (its backward) and
+//! [`DeviceFfn`] (an FFN-expert block's through the block runtime).
 
+mod device_backward;
 mod device_ffn;
 mod device_layer;
 pub mod measure;
 pub mod space;
 pub mod tuner;
 
+pub use device_backward::DeviceBackward;
 pub use device_ffn::{block_work, check_tokens, BlockWork, DeviceFfn, FfnCheck, CHECK_TOKENS};
 pub use device_layer::DeviceLayer;
 pub use measure::{measure, prepare_run, reference_y, MeasureOptions, Measurement, TunableRun};

@@ -1,10 +1,11 @@
 //! `mole bench layer`: every method's layer at d = 4096 over the token counts, through
 //! the strategy the library chooses (tuning cache, else heuristic), with the grouped path timed
-//! in the same run for the ratio.
+//! in the same run for the ratio. With `--backward`, the layer backward instead (after one
+//! training forward through the chosen strategy), checked against the f64 reference backward.
 
 use clap::Args;
 use cudarc::driver::DeviceRepr;
-use mole::autotune::DeviceLayer;
+use mole::autotune::{DeviceBackward, DeviceLayer};
 use mole::cuda::{time_on_device, Device};
 use mole::model::STANDARD_METHODS;
 use mole::model::{LayerSpec, MethodShape, Mix, Router};
@@ -30,12 +31,16 @@ pub struct LayerArgs {
     /// Also write every row, machine-readable, to this JSON file (the GPU kit's results).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Time the backward (every gradient of `Σ dy · y`) instead of the forward.
+    #[arg(long)]
+    backward: bool,
 }
 
 /// One measured shape, as written by `--json`.
 #[derive(serde::Serialize)]
 struct JsonRow {
     method: String,
+    pass: &'static str,
     d_in: usize,
     d_out: usize,
     experts: usize,
@@ -84,13 +89,17 @@ pub fn layer(device: &Device, args: &LayerArgs, copy_gbs: f64) -> Result<()> {
         let shape = MethodShape { d_in: args.d, d_out: args.d, experts, rank, k, alpha: 2.0 * rank as f64 };
         let spec = method.spec(shape)?;
         for &t in &args.tokens {
-            let measured = match args.dtype {
-                DType::F32 => measure::<f32>(device, &spec, t, args, &cache),
-                DType::F16 => measure::<half::f16>(device, &spec, t, args, &cache),
-                DType::BF16 => measure::<half::bf16>(device, &spec, t, args, &cache),
+            let measured = match (args.dtype, args.backward) {
+                (DType::F32, false) => measure::<f32>(device, &spec, t, args, &cache),
+                (DType::F16, false) => measure::<half::f16>(device, &spec, t, args, &cache),
+                (DType::BF16, false) => measure::<half::bf16>(device, &spec, t, args, &cache),
+                (DType::F32, true) => measure_backward::<f32>(device, &spec, t, args, &cache),
+                (DType::F16, true) => measure_backward::<half::f16>(device, &spec, t, args, &cache),
+                (DType::BF16, true) => measure_backward::<half::bf16>(device, &spec, t, args, &cache),
             };
             let mut json = JsonRow {
                 method: method.to_string(),
+                pass: if args.backward { "backward" } else { "forward" },
                 d_in: args.d,
                 d_out: args.d,
                 experts,
@@ -181,6 +190,31 @@ fn measure<T: KernelElement + DeviceRepr>(
         None
     };
     Ok(Measured { choice, ms, gbs, grouped_ms: grouped, check })
+}
+
+/// The backward of `spec` on `tokens` tokens after a training forward through the chosen
+/// strategy: checked against the f64 reference backward (up to 256 tokens), then timed. The
+/// check's error is reported as the worst error over its tolerance (tolerance 1).
+fn measure_backward<T: KernelElement + DeviceRepr>(
+    device: &Device,
+    spec: &LayerSpec,
+    tokens: usize,
+    args: &LayerArgs,
+    cache: &TuningCache,
+) -> Result<Measured> {
+    let choice = choose(spec, T::DTYPE, tokens, device.sm_count(), Some(cache))?;
+    let data = SyntheticLayer::<T>::new(spec, tokens, 7);
+    let mut layer = DeviceBackward::new(device, spec, data, choice.clone(), 8)?;
+    // The f64 reference backward costs several of the forward's: checked up to 256 tokens.
+    let check = if tokens <= 256 {
+        let (ratio, _) = layer.check()?;
+        Some(Check { error: ratio, tolerance: 1.0, ok: ratio <= 1.0 })
+    } else {
+        None
+    };
+    let ms = time_on_device(device, 3, args.runs, || layer.backward())?.median_ms();
+    let gbs = layer.bytes() / (ms * 1e-3) / 1e9;
+    Ok(Measured { choice, ms, gbs, grouped_ms: None, check })
 }
 
 fn format_row(m: &Measured, copy_gbs: f64) -> String {
