@@ -24,12 +24,13 @@ if cargo tree -e normal -p mole --prefix none | grep -E '^(clap|indicatif|safete
   echo "the library's default build depends on the command line's crates (above)" >&2
   exit 1
 fi
-# What a framework sees: the default build's public items (rustdoc's list of all items) stay few.
+# What a framework sees: the default build's public items (rustdoc's list of all items) stay few
+# (90: the forward and backward runtimes, the reference, the model and the tuning cache).
 cargo doc --no-deps -p mole --quiet
 items=$(grep -o '<li><a href="[^"]*">' target/doc/mole/all.html | wc -l)
 echo "public items in the default build: $items"
-if [ "$items" -gt 80 ]; then
-  echo "the default build exposes $items public items (at most 80): put internals behind the \`internals\` feature" >&2
+if [ "$items" -gt 90 ]; then
+  echo "the default build exposes $items public items (at most 90): put internals behind the \`internals\` feature" >&2
   exit 1
 fi
 cargo run --release --features cli -- check-kernels --arch sm_80,sm_90

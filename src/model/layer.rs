@@ -55,7 +55,7 @@ pub struct LayerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_scales: Option<Vec<f64>>,
     /// Frozen parameters and the router's auxiliary losses, for the backward
-    /// ([`crate::reference::backward`], [`crate::runtime::CompiledLayer::backward`]). The default
+    /// ([`crate::reference::backward()`], [`crate::runtime::CompiledLayer::backward`]). The default
     /// (everything trained, no loss) is left out of the JSON.
     #[serde(default, skip_serializing_if = "Training::is_default")]
     pub training: Training,

@@ -24,8 +24,6 @@ crate::internal_mod!(mix);
 crate::internal_mod!(routing);
 crate::internal_mod!(stats);
 
-// The reference backward: public with `internals` (the default build's item count is spent).
-#[cfg(feature = "internals")]
 pub use backward::{backward, LayerGrads};
 #[cfg_attr(not(feature = "cli"), allow(unused_imports))]
 pub(crate) use ffn::check_inputs as check_ffn_inputs;

@@ -45,7 +45,7 @@ pub struct WgradJob {
     pub output: Buf,
     /// The reduction.
     pub plan: WgradPlan,
-    /// `(operand, layer buffer)` pairs bound for it ([`Bindings::aliased`]).
+    /// `(operand, layer buffer)` pairs bound for it (`Bindings::aliased`).
     pub aliases: Vec<(Buf, Buf)>,
 }
 
@@ -365,7 +365,7 @@ impl CompiledLayer {
 
     /// The backward of a training forward over `tokens` tokens on the caller's typed views and
     /// `stream`: overwrites `dx` and the gradients of the trained parameters and gating inputs
-    /// (see [`crate::reference::backward`] for what each is). Checks every view's length and
+    /// (see [`crate::reference::backward()`] for what each is). Checks every view's length and
     /// element type against the plan before launching anything.
     pub fn backward<T: KernelElement>(&self, stream: &CudaStream, tokens: usize, io: BackwardIo<'_, T>) -> Result<()> {
         self.check_stream::<T>(stream)?;

@@ -123,7 +123,7 @@ pub struct LayerPlan {
     /// Workspace bytes.
     pub workspace_bytes: usize,
     /// `(buffer, byte offset)` of each region of the saved buffer (a training forward's
-    /// [`SAVED_BUFS`]; empty for inference).
+    /// `SAVED_BUFS`; empty for inference).
     pub saved: Vec<(Buf, usize)>,
     /// Saved-buffer bytes (0 for inference).
     pub saved_bytes: usize,
@@ -278,7 +278,7 @@ impl LayerPlanner {
 
     /// The plan of a training forward over `tokens` tokens (memoised): the same launches as
     /// [`LayerPlanner::plan`]'s, which also write the routing into the caller's saved buffer
-    /// ([`SAVED_BUFS`], [`LayerPlan::saved`]) for the backward. Errors: as [`LayerPlanner::plan`].
+    /// (`SAVED_BUFS`, [`LayerPlan::saved`]) for the backward. Errors: as [`LayerPlanner::plan`].
     pub fn plan_training(&self, tokens: usize) -> Result<Arc<LayerPlan>> {
         self.training_plans.get(tokens, || self.make_plan(tokens, true))
     }
