@@ -3,9 +3,10 @@
 // selection (ids [T, slots], route_weights [T, slots]) held constant. The weight gradients
 // (stage 5) read the f32 workspace these kernels leave: h, g, dh, hm [T, R] and w, dz [T, E].
 //
-//   bw_token (stage 1; one block per token, grid-stride): h = x A (recomputed); w [E], the
-//     token's weights made dense; g = scale s_e dy B^T on the columns the mix uses (the selected
-//     experts' for the expert-scale mix, every column for CoMoL; 0 elsewhere); the mix backward:
+//   bw_token (stage 1; one block per token, grid-stride): h = x A (recomputed, a thread per
+//     column); w [E], the token's weights made dense; g = scale s_e dy B^T (a warp per column)
+//     on the columns the mix uses (the selected experts' for the expert-scale mix, every column
+//     for CoMoL; 0 elsewhere); the mix backward:
 //       expert scale: dh = w_e g, hm = s_e w_e h, dw_e = sum_{c in cols(e)} h_c g_c (selected e);
 //       CoMoL:        dh = sum_c w_c C_c g, hm = s_0 h sum_c w_c C_c, dw_c = h^T C_c g
 //     (dw_c by a fixed-order block tree reduction).
@@ -200,15 +201,18 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
             float hv = 0.0f;
             for (mole_u32 k = 0u; k < p.d_in; ++k) hv += load_f32(xt + k) * load_f32(a + (mole_u64)k * R + c);
             h[c] = hv;
+            dh[c] = 0.0f;
+        }
+        // g: one warp per column, its lanes along the row of B (coalesced), a butterfly sum.
+        for (mole_u32 c = mole_warp_id(); c < R; c += mole_warps_per_block()) {
             const mole_u32 e = bw_expert_of(rank_offsets, p.bank_experts, c);
             float gv = 0.0f;
-            if (core_merge ? any : bw_selected(it, p.slots, e)) {
+            if (core_merge ? any : bw_selected(it, p.slots, e)) {  // uniform over the warp
                 const elem_t* bc = b + (mole_u64)c * p.d_out;
-                for (mole_u32 j = 0u; j < p.d_out; ++j) gv += load_f32(dyt + j) * load_f32(bc + j);
-                gv *= p.scale * (expert_scales ? expert_scales[e] : 1.0f);
+                for (mole_u32 j = mole_lane(); j < p.d_out; j += MOLE_WARP_SIZE) gv += load_f32(dyt + j) * load_f32(bc + j);
+                gv = mole_warp_sum(gv) * p.scale * (expert_scales ? expert_scales[e] : 1.0f);
             }
-            g[c] = gv;
-            dh[c] = 0.0f;
+            if (mole_lane() == 0) g[c] = gv;
         }
         __syncthreads();  // h, g and w of the token written
         if (!core_merge) {
