@@ -580,3 +580,48 @@ fn the_backwards_weight_gradients_match_the_reference() {
         check_backward::<f16>(DType::F16, spec, tokens, 5);
     }
 }
+
+/// Tokens whose products in a tile are all zero are skipped (a sparse top-k's `dh` and `hm`), but
+/// a zero times an infinity or NaN is not a zero: such a token's row or column stays NaN, as in
+/// the f64 sum, and every other element matches it.
+#[test]
+fn zero_rows_do_not_hide_non_finite_products() {
+    let (t_n, m, n) = (70, 5, 7);
+    let mut rng = Rng::new(8);
+    let mut p: Vec<f64> = (0..t_n * m).map(|_| rng.range(-1.0, 1.0)).collect();
+    let mut q: Vec<f64> = (0..t_n * n).map(|_| rng.range(-1.0, 1.0)).collect();
+    for t in 0..t_n {
+        if t % 3 == 0 {
+            q[t * n..(t + 1) * n].fill(0.0);
+        }
+        if t % 5 == 1 {
+            p[t * m..(t + 1) * m].fill(0.0);
+        }
+    }
+    // Q zero on tokens 3 and 66 (the last step), P zero on token 11.
+    (p[3 * m + 1], p[66 * m + 2], q[11 * n + 4]) = (f64::INFINITY, f64::NAN, f64::NEG_INFINITY);
+    let (p32, p) = to_f32(&p);
+    let (q32, q) = to_f32(&q);
+    let mut want = vec![0.0f64; m * n];
+    for t in 0..t_n {
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] += p[t * m + i] * q[t * n + j];
+            }
+        }
+    }
+    let abs = abs_sums(&p, &q, None, (t_n, m, n, 1), 1.0);
+    for splits in [1, 2, 7] {
+        let got = gradient::<f32>(DType::F32, t_n, (m, n), Src::Float(&p32, m), Src::Float(&q32, n), None, 1.0, splits);
+        for (k, ((g, w), a)) in got.iter().zip(&want).zip(&abs).enumerate() {
+            let (i, j) = (k / n, k % n);
+            assert_eq!(w.is_nan(), i == 1 || i == 2 || j == 4, "the f64 sum at [{i},{j}]");
+            if w.is_nan() {
+                assert!(g.is_nan(), "[{i},{j}] = {g}, want NaN (splits {splits})");
+            } else {
+                let lim = tolerance(DType::F32, t_n + splits + 3) * a;
+                assert!((g - w).abs() <= lim, "[{i},{j}] = {g}, want {w} (splits {splits})");
+            }
+        }
+    }
+}
