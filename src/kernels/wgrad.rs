@@ -29,9 +29,11 @@
 //! and rounds to the dtype. No float is ever added by two threads: for a given number of splits
 //! two runs are bit-identical whatever the schedule. A token whose products in a block's tile are
 //! all zero (its `Q` row zero there and its `P` row finite, or the reverse: a sparse top-k's `dh`
-//! and `hm` outside the selected experts) is skipped, which changes no bit of the result. Bytes moved: `P` and `Q` are read
-//! `⌈N/BN⌉` and `⌈M/BM⌉` times (the row weight `⌈N/BN⌉` times per output), the partials
-//! written and read once (`2·splits·outputs·M·N·4`), the output written once.
+//! and `hm` outside the selected experts) is skipped, which changes no bit of the result.
+//!
+//! Bytes moved: per output, `P` (and the row weight) is read `⌈N/BN⌉` times and `Q` `⌈M/BM⌉`
+//! times; the partials are written and read once (`2·splits·outputs·M·N·4`), the output written
+//! once.
 //!
 //! [`plan`] validates a call and computes both launches and every buffer length without a GPU.
 //!
