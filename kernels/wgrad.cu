@@ -13,7 +13,9 @@
 //     [s * tokens_per_split, min(T, (s + 1) * tokens_per_split)); one thread per output element
 //     sums them in ascending token order, staged TK tokens at a time in shared memory (P as
 //     rw * P, so a product is (rw * P) * Q), into partials[s, b, m, n] (f32). Every element of
-//     the workspace is written, an empty split's as 0.
+//     the workspace is written, an empty split's as 0. A staged token whose products in the
+//     block's tile are all +-0 (its Q row zero and P row finite there, or the reverse: dh and hm
+//     outside the selected experts) is skipped, which leaves every sum bit-identical.
 //   wgrad_reduce: out[b, m, n] = round(scale * sum_s partials[s, b, m, n]), splits in order.
 // A result depends on the number of splits (the plan's), never on the thread schedule.
 //
@@ -93,6 +95,9 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
                               float* __restrict__ partials) {
     __shared__ float ps[MOLE_WGRAD_TK][MOLE_WGRAD_BM];
     __shared__ float qs[MOLE_WGRAD_TK][MOLE_WGRAD_BN];
+    // Per staged token, double-buffered by step parity: [P nonzero, P non-finite, Q nonzero,
+    // Q non-finite] over the tile's live rows and columns (set by any thread that sees one).
+    __shared__ int marks[2][4][MOLE_WGRAD_TK];
     constexpr int ROW_STEP = MOLE_BLOCK_THREADS / MOLE_WGRAD_BN;
     constexpr int PER_THREAD = MOLE_WGRAD_BM * MOLE_WGRAD_BN / MOLE_BLOCK_THREADS;
     const mole_u32 split = blockIdx.z / p.batch;
@@ -106,10 +111,13 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
     const int row0 = (int)threadIdx.x / MOLE_WGRAD_BN;
     float acc[PER_THREAD];
     for (int j = 0; j < PER_THREAD; ++j) acc[j] = 0.0f;
+    for (int i = (int)threadIdx.x; i < 4 * MOLE_WGRAD_TK; i += (int)blockDim.x)
+        marks[0][i / MOLE_WGRAD_TK][i % MOLE_WGRAD_TK] = 0;
 
+    int par = 0;
     MOLE_NO_UNROLL
-    for (mole_u64 t0 = t_begin; t0 < t_end; t0 += MOLE_WGRAD_TK) {
-        __syncthreads();  // the previous step's tiles consumed
+    for (mole_u64 t0 = t_begin; t0 < t_end; t0 += MOLE_WGRAD_TK, par ^= 1) {
+        __syncthreads();  // the previous step's tiles consumed, this step's marks cleared
         for (int i = (int)threadIdx.x; i < MOLE_WGRAD_TK * MOLE_WGRAD_BM; i += (int)blockDim.x) {
             const int k = i / MOLE_WGRAD_BM, r = i % MOLE_WGRAD_BM;
             const mole_u64 t = t0 + (mole_u64)k, m = m0 + (mole_u64)r;
@@ -118,20 +126,38 @@ MOLE_GLOBAL void MOLE_BOUNDS(MOLE_BLOCK_THREADS)
                 v = p.p_kind == MOLE_WGRAD_ONES ? 1.0f
                                                 : wgrad_load(p.p_kind, p_data, p_float, t * p.p_stride + p.p_col + m);
                 if (row_weight) v *= row_weight[t * p.rw_stride + p.rw_col + b];
+                if (v != 0.0f) marks[par][0][k] = 1;
+                if (!(mole_fabsf(v) < mole_inf())) marks[par][1][k] = 1;
             }
             ps[k][r] = v;
         }
         for (int i = (int)threadIdx.x; i < MOLE_WGRAD_TK * MOLE_WGRAD_BN; i += (int)blockDim.x) {
             const int k = i / MOLE_WGRAD_BN, c = i % MOLE_WGRAD_BN;
             const mole_u64 t = t0 + (mole_u64)k, nn = n0 + (mole_u64)c;
-            qs[k][c] = (t < t_end && nn < p.n) ? wgrad_load(p.q_kind, q_data, q_float, t * p.q_stride + p.q_col + nn)
-                                               : 0.0f;
+            float v = 0.0f;
+            if (t < t_end && nn < p.n) {
+                v = wgrad_load(p.q_kind, q_data, q_float, t * p.q_stride + p.q_col + nn);
+                if (v != 0.0f) marks[par][2][k] = 1;
+                if (!(mole_fabsf(v) < mole_inf())) marks[par][3][k] = 1;
+            }
+            qs[k][c] = v;
         }
         __syncthreads();
+        // The next step's marks, cleared here: every thread is past this step's staging, and the
+        // next step's staging waits at its first barrier.
+        for (int i = (int)threadIdx.x; i < 4 * MOLE_WGRAD_TK; i += (int)blockDim.x)
+            marks[par ^ 1][i / MOLE_WGRAD_TK][i % MOLE_WGRAD_TK] = 0;
         // Only the step's live tokens: the sum is over the split's tokens and nothing else.
         const mole_u64 left = t_end - t0;
         const int live = left < (mole_u64)MOLE_WGRAD_TK ? (int)left : MOLE_WGRAD_TK;
         for (int k = 0; k < live; ++k) {
+            // A token whose tile products are all +-0 (one side all zero, the other finite; a
+            // sparse top-k's dh or hm) is skipped for the whole block: acc + (+-0) is acc, bit for
+            // bit, as acc starts at +0 and is never -0. A zero times an infinity or NaN is not
+            // skipped, so it stays NaN.
+            const bool p_zero = !marks[par][0][k] && !marks[par][3][k];
+            const bool q_zero = !marks[par][2][k] && !marks[par][1][k];
+            if (p_zero || q_zero) continue;
             const float qv = qs[k][col];
             for (int j = 0; j < PER_THREAD; ++j) acc[j] += ps[k][row0 + j * ROW_STEP] * qv;
         }

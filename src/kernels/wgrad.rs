@@ -27,9 +27,13 @@
 //! ascending token order, one thread per output element, into f32 partials
 //! `[splits, outputs, M, N]`; [`kernel::REDUCE`] adds the splits in order, multiplies by `scale`
 //! and rounds to the dtype. No float is ever added by two threads: for a given number of splits
-//! two runs are bit-identical whatever the schedule. Bytes moved: `P` and `Q` are read
-//! `⌈N/BN⌉` and `⌈M/BM⌉` times (the row weight `⌈N/BN⌉` times per output), the partials
-//! written and read once (`2·splits·outputs·M·N·4`), the output written once.
+//! two runs are bit-identical whatever the schedule. A token whose products in a block's tile are
+//! all zero (its `Q` row zero there and its `P` row finite, or the reverse: a sparse top-k's `dh`
+//! and `hm` outside the selected experts) is skipped, which changes no bit of the result.
+//!
+//! Bytes moved: per output, `P` (and the row weight) is read `⌈N/BN⌉` times and `Q` `⌈M/BM⌉`
+//! times; the partials are written and read once (`2·splits·outputs·M·N·4`), the output written
+//! once.
 //!
 //! [`plan`] validates a call and computes both launches and every buffer length without a GPU.
 //!
@@ -115,9 +119,9 @@ impl WgradConfig {
     }
 
     /// Static shared memory of [`kernel::PARTIAL`]: a `TK x BM` tile of `P` and a `TK x BN` tile
-    /// of `Q`, f32.
+    /// of `Q`, f32, and two steps' four zero / non-finite marks per token (i32).
     pub fn shared_bytes(self) -> u64 {
-        4 * self.tk as u64 * (self.bm as u64 + self.bn as u64)
+        4 * self.tk as u64 * (self.bm as u64 + self.bn as u64 + 8)
     }
 
     /// The configuration of a wgrad `build`, checked; an error for a build of another family.

@@ -38,6 +38,8 @@ fn defaults_and_operand_kinds_match_the_cu_file() {
     for (name, v) in [("ONES", KIND_ONES), ("DATA", KIND_DATA), ("F32", KIND_F32)] {
         assert!(cu.contains(&format!("#define MOLE_WGRAD_{name} {v}u")), "{name}");
     }
+    // What ptxas reports for the default tiling (mole check-kernels).
+    assert_eq!(c.shared_bytes(), 17_408);
     for c in CONFIG_CANDIDATES {
         c.validate().unwrap_or_else(|e| panic!("{c:?}: {e}"));
     }
