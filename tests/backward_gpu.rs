@@ -5,6 +5,8 @@
 //! test prints a note and returns.
 
 mod gpu;
+#[path = "backward_gpu/wgrad.rs"]
+mod wgrad;
 
 use half::bf16;
 use mole::autotune::DeviceBackward;

@@ -1,4 +1,5 @@
-//! The weight-gradient kernels (`kernels/wgrad.cu`) on the GPU, through the launch path
+//! (A module of `tests/backward_gpu.rs`: one GPU test binary for the backward, so the GPU kit's
+//! pack stays under the device tool's limit.) The weight-gradient kernels (`kernels/wgrad.cu`) on the GPU, through the launch path
 //! ([`CudaBackend`]): `out[b, m, n] = scale · Σ_t rw[t, b] · P[t, m] · Q[t, n]` at the backward's
 //! shapes (`dA = xᵀ·dh` with a sparse `dh`, `dB = scale · hmᵀ·dy`, the bias's column sums,
 //! CoMoL's cores through row weights, a router weight read from a column block) against the f64
@@ -6,8 +7,7 @@
 //! `tests/hostexec_wgrad.rs`; every dtype and tiling; the output and the partials poisoned with
 //! NaN; and a second run, poisoned again, bit-identical to the first.
 
-mod gpu;
-
+use super::gpu;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use mole::cuda::Device;
 use mole::kernels::exec::{Buf, CudaBackend, LoadedBuild, TypedBindings};
