@@ -330,6 +330,48 @@ fn every_method_through_both_strategies_matches_the_reference_backward() {
     }
 }
 
+/// Gatings and layouts the presets above leave out: adapter ids, per-expert scales, an h router
+/// with bias on CoMoL, and enough tokens for the weight gradients to sum several token splits.
+#[test]
+fn adapter_ids_scales_h_router_bias_and_many_token_splits() {
+    use mole::model::{Gating, Method};
+    let shape = MethodShape { d_in: 24, d_out: 20, experts: 6, rank: 3, k: 2, alpha: 8.0 };
+    let serving = Method::AdapterServing.spec(shape).unwrap();
+    let mut scaled = Method::MixLoraPerLinear.spec(shape).unwrap();
+    scaled.expert_scales = Some(vec![0.5, -1.0, 0.0, 2.0, 1.25, 0.75]);
+    let mut comol = Method::Comol.spec(shape).unwrap();
+    if let Gating::Routed { rule, .. } = comol.gating {
+        comol.gating = Gating::Routed { router: Router::H { bias: true }, rule };
+    }
+    comol.expert_scales = Some(vec![-1.5]);
+    let many = with_training(Method::MixLoraPerLinear.spec(shape).unwrap(), 0);
+    for (name, spec, tokens) in [
+        ("adapter serving", serving, 37),
+        ("scaled", scaled, 37),
+        ("comol, h bias", comol, 37),
+        ("700 tokens", many, 700),
+    ] {
+        spec.validate().unwrap();
+        let strategies: Vec<Strategy> =
+            Strategy::LAYER.into_iter().filter(|&s| grouped_runs(&spec) || s != Strategy::Grouped).collect();
+        for strategy in strategies {
+            let choice =
+                Some(Choice { strategy, build: default_build(strategy, DType::F32), source: ChoiceSource::Heuristic });
+            let (r, data, dy) = run::<f32>(&spec, tokens, choice, 5, Schedule::Seeded(5));
+            check(&spec, &r, &data, &dy, &format!("{name}, {strategy}"));
+        }
+    }
+    // 700 tokens take several token splits in every weight gradient.
+    let planner =
+        LayerPlanner::new(&with_training(Method::MixLoraPerLinear.spec(shape).unwrap(), 0), DType::F32, 132, None);
+    let plan = planner.unwrap().plan_backward(700).unwrap();
+    assert!(
+        plan.wgrads.iter().all(|j| j.plan.splits() > 1),
+        "{:?}",
+        plan.wgrads.iter().map(|j| j.plan.splits()).collect::<Vec<_>>()
+    );
+}
+
 /// One writer per element and fixed-order sums: the gradients are bit-identical under another
 /// thread schedule.
 #[test]
@@ -345,8 +387,7 @@ fn the_backward_is_bit_identical_across_schedules() {
     }
 }
 
-/// A gradient the backward would not write, a short saved buffer or a missing `dy` is refused
-/// before any launch.
+/// A gradient the backward would not write, or a missing `dy`, is refused before any launch.
 #[test]
 fn a_gradient_of_a_frozen_parameter_or_a_missing_input_is_refused() {
     let (method, experts, rank, k) = STANDARD_METHODS[0];

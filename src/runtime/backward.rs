@@ -106,6 +106,18 @@ impl LayerPlanner {
         let forward = self.plan_training(tokens)?;
         let stages_build = stages::build(dtype, BackwardConfig::DEFAULT);
         let stages = stages::plan(&stages_build, spec, tokens)?;
+        // The stages read the routing the training forward saved: the same lengths, or an error
+        // here rather than reads past the saved regions.
+        for buf in [Buf::Ids, Buf::RouteWeights] {
+            if stages.lens.get(buf) != forward.lens.get(buf) {
+                return Err(MoleError::Unsupported(format!(
+                    "the backward reads {} of {} elements, the training forward saves {}",
+                    buf.name(),
+                    stages.lens.get(buf),
+                    forward.lens.get(buf)
+                )));
+            }
+        }
         let wgrad_build = wgrad::build(dtype, WgradConfig::DEFAULT);
         let (d_in, d_out, r, e) = (spec.d_in, spec.d_out, spec.total_rank(), spec.routed_experts());
         let trains = |p| spec.training.trains(p);
@@ -409,7 +421,10 @@ impl CompiledLayer {
         plan.bind(&mut bindings, base, saved_base)?;
         // SAFETY: every address comes from a live view of the stream's context with its length
         // bound and checked against the plan; the gradients and the workspace are distinct `&mut`
-        // views; the guards keep each view's stream ordering until the launches are enqueued.
+        // views; the guards keep each view's stream ordering until the launches are enqueued. The
+        // saved routing cannot be checked, but every kernel bounds-checks the ids it reads: a
+        // saved buffer the forward did not write gives wrong gradients, never an access outside
+        // a buffer.
         let r = unsafe { self.launch_backward(&plan, &mut bindings, stream.cu_stream()) };
         drop((tb, saved_guard, workspace_guard));
         r
@@ -455,6 +470,59 @@ impl CompiledLayer {
         // SAFETY: forwarded from the caller's contract; the constants are the layer's own.
         unsafe {
             self.planner.launch_backward(plan, bindings, &mut crate::kernels::exec::CudaBackend::new(&refs, stream))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field of `BackwardPointers` lands on its own buffer.
+    #[test]
+    fn raw_pointers_bind_to_their_buffers() {
+        let ptrs = BackwardPointers {
+            x: 1,
+            a: 2,
+            b: 3,
+            dy: 4,
+            router_weight: 5,
+            router_bias: 6,
+            gate_input: 7,
+            cores: 8,
+            saved: 9,
+            saved_bytes: 0,
+            dx: 10,
+            da: 11,
+            db: 12,
+            d_router_weight: 13,
+            d_router_bias: 14,
+            d_gate_input: 15,
+            d_cores: 16,
+            workspace: 17,
+            workspace_bytes: 0,
+        };
+        let mut b = Bindings::new();
+        ptrs.bind(&mut b);
+        let want = [
+            (Buf::X, 1),
+            (Buf::A, 2),
+            (Buf::B, 3),
+            (Buf::Dy, 4),
+            (Buf::RouterWeight, 5),
+            (Buf::RouterBias, 6),
+            (Buf::GateInput, 7),
+            (Buf::Cores, 8),
+            (Buf::DX, 10),
+            (Buf::DA, 11),
+            (Buf::DB, 12),
+            (Buf::DRouterWeight, 13),
+            (Buf::DRouterBias, 14),
+            (Buf::DGateInput, 15),
+            (Buf::DCores, 16),
+        ];
+        for (buf, ptr) in want {
+            assert_eq!(b.ptr(buf), ptr, "{}", buf.name());
         }
     }
 }

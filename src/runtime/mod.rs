@@ -371,8 +371,9 @@ impl CompiledLayer {
     /// # Safety
     /// Every non-zero pointer is a device allocation of the layer's context holding at least the
     /// plan's element count of its buffer ([`LayerPlan::lens`], element types as [`LayerIo`]);
-    /// the workspace holds `workspace_bytes >= ` [`CompiledLayer::workspace_bytes`] bytes;
-    /// `y` and the workspace overlap nothing else; `stream` is a live stream of the layer's
+    /// the workspace holds `workspace_bytes >= ` [`CompiledLayer::workspace_bytes`] bytes and
+    /// a non-zero saved buffer `saved_bytes >=` [`CompiledLayer::saved_bytes`] bytes; `y`, the
+    /// workspace and the saved buffer overlap nothing else; `stream` is a live stream of the layer's
     /// context (or null for the legacy default stream), and the buffers stay alive and untouched
     /// by other work until the kernels have finished.
     pub unsafe fn forward_raw(&self, stream: CUstream, tokens: usize, ptrs: LayerPointers) -> Result<()> {
