@@ -33,13 +33,14 @@ class DeviceArray:
     as PyTorch for bfloat16. The caller keeps the memory alive during the call."""
 
     def __init__(self, ptr, shape, dtype, strides=None, readonly=False):
-        self.ptr, self.shape, self.dtype = int(ptr), tuple(int(s) for s in shape), dtype_name(dtype)
+        self.ptr, self.shape = int(ptr), tuple(int(s) for s in shape)
+        self.dtype = "i32" if str(dtype).lower().rsplit(".", 1)[-1] in ("i32", "int32") else dtype_name(dtype)
         self.strides = None if strides is None else tuple(int(s) for s in strides)
         self.readonly = bool(readonly)
 
     @property
     def __cuda_array_interface__(self):
-        typestr = {"f32": "<f4", "f16": "<f2", "bf16": "bfloat16"}[self.dtype]
+        typestr = {"f32": "<f4", "f16": "<f2", "bf16": "bfloat16", "i32": "<i4"}[self.dtype]
         return {"shape": self.shape, "typestr": typestr, "data": (self.ptr, self.readonly),
                 "strides": self.strides, "version": 3}
 

@@ -38,7 +38,15 @@ pub fn presets() -> Vec<&'static str> {
 
 /// The spec of preset `method` at a shape, in JSON.
 #[pyfunction]
-pub fn preset_json(method: &str, d_in: usize, d_out: usize, experts: usize, rank: usize, k: usize, alpha: f64) -> PyResult<String> {
+pub fn preset_json(
+    method: &str,
+    d_in: usize,
+    d_out: usize,
+    experts: usize,
+    rank: usize,
+    k: usize,
+    alpha: f64,
+) -> PyResult<String> {
     let Some(&m) = Method::ALL.iter().find(|m| m.name() == method) else {
         return Err(crate::errors::to_py(MoleError::InvalidParameter {
             name: "method",

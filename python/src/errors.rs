@@ -33,14 +33,12 @@ fn class_of(e: &MoleError) -> &'static str {
 /// Raises `e` as its `mole.errors` class (a `RuntimeError` if that module cannot be imported,
 /// which only a broken installation does).
 pub fn to_py(e: MoleError) -> PyErr {
-    Python::attach(|py| {
-        match py.import("mole.errors").and_then(|m| m.getattr(class_of(&e))) {
-            Ok(cls) => match cls.call1((e.to_string(),)) {
-                Ok(obj) => PyErr::from_value(obj),
-                Err(err) => err,
-            },
-            Err(_) => PyRuntimeError::new_err(e.to_string()),
-        }
+    Python::attach(|py| match py.import("mole.errors").and_then(|m| m.getattr(class_of(&e))) {
+        Ok(cls) => match cls.call1((e.to_string(),)) {
+            Ok(obj) => PyErr::from_value(obj),
+            Err(err) => err,
+        },
+        Err(_) => PyRuntimeError::new_err(e.to_string()),
     })
 }
 

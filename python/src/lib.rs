@@ -1,8 +1,8 @@
 //! `mole._native`: the extension module under the `mole` Python package (`python/mole`). It
 //! parses specs, states each tensor's shape, runs the f64 reference on host buffers and runs
 //! compiled layers on device pointers; the Python layer reads the callers' arrays, checks them
-//! against [`contract`] and turns every [`mole::MoleError`] into the exception classes of
-//! `mole/errors.py` ([`errors`]).
+//! against `contract` and turns every [`mole::MoleError`] into the exception classes of
+//! `mole/errors.py` (`errors`).
 
 mod contract;
 mod errors;

@@ -13,24 +13,23 @@ use std::collections::HashMap;
 /// One result array: its bytes, its shape and its NumPy type string.
 type Array<'py> = (Bound<'py, PyBytes>, Vec<usize>, &'static str);
 
-fn f64s(name: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
-    if bytes.len() % 8 != 0 {
+/// The little-endian values of `N` bytes each in `bytes` (the caller's array `name`).
+fn decode<const N: usize, T>(name: &str, bytes: &[u8], what: &str, from: fn([u8; N]) -> T) -> PyResult<Vec<T>> {
+    if !bytes.len().is_multiple_of(N) {
         return Err(crate::errors::to_py(MoleError::InvalidOperand {
             operand: name.to_string(),
-            reason: format!("{} bytes is not a whole number of f64", bytes.len()),
+            reason: format!("{} bytes is not a whole number of {what}", bytes.len()),
         }));
     }
-    Ok(bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk"))).collect())
+    Ok(bytes.chunks_exact(N).map(|c| from(c.try_into().expect("chunks_exact gives N bytes"))).collect())
+}
+
+fn f64s(name: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
+    decode(name, bytes, "f64", f64::from_le_bytes)
 }
 
 fn i32s(name: &str, bytes: &[u8]) -> PyResult<Vec<i32>> {
-    if bytes.len() % 4 != 0 {
-        return Err(crate::errors::to_py(MoleError::InvalidOperand {
-            operand: name.to_string(),
-            reason: format!("{} bytes is not a whole number of int32", bytes.len()),
-        }));
-    }
-    Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4-byte chunk"))).collect())
+    decode(name, bytes, "int32", i32::from_le_bytes)
 }
 
 fn f64_array<'py>(py: Python<'py>, v: &[f64], shape: Vec<usize>) -> Array<'py> {
