@@ -142,7 +142,8 @@ class Layer:
         inputs = bind(contract, self.dtype, given, writable=set())
         inputs.update(bind([("dy", (tokens, self.spec["d_out"]), False)], self.dtype, {"dy": dy}, set()))
         grad_contract = [(n, s, False) for n, s in self._native.gradients(tokens)]
-        outs = bind(grad_contract, self.dtype, dict(grads), writable={n for n, _, _ in grad_contract})
+        outs = bind(grad_contract, self.dtype, dict(grads), writable={n for n, _, _ in grad_contract},
+                    role="gradient")
         kept = region("saved", saved, self.saved_bytes(tokens))
         ws = region("backward workspace", workspace, self.backward_workspace_bytes(tokens))
         handle = stream_handle(stream, inputs["x"])

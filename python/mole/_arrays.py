@@ -99,18 +99,22 @@ def stream_handle(stream, first):
     return int(stream)
 
 
-def bind(contract, dtype, given, writable):
+def bind(contract, dtype, given, writable, role="input"):
     """Checks ``given`` (name -> array or None) against ``contract`` (name, shape, is_int32):
     exactly the contract's tensors, each of its shape and dtype (int32 where the contract says
-    so), C-contiguous, and writable where ``writable`` names it. Returns name -> Described."""
+    so), C-contiguous, and writable where ``writable`` names it. ``role`` says what the arrays
+    are in messages (``"gradient"`` for a backward's outputs). Returns name -> Described."""
+    why = {"input": ("this layer's spec needs it", "this layer's spec does not take it"),
+           "gradient": ("this layer's backward writes it",
+                        "this layer's backward does not write it (a frozen parameter, or one the spec lacks)")}[role]
     want = {name: (tuple(shape), "i32" if is_int else dtype) for name, shape, is_int in contract}
     present = {n: a for n, a in given.items() if a is not None}
     for name in want:
         if name not in present:
-            raise ShapeError(f"missing input `{name}`: this layer's spec needs it")
+            raise ShapeError(f"missing {role} `{name}`: {why[0]}")
     for name in present:
         if name not in want:
-            raise ShapeError(f"unexpected input `{name}`: this layer's spec does not take it")
+            raise ShapeError(f"unexpected {role} `{name}`: {why[1]}")
     out = {}
     for name, obj in present.items():
         d = Described(name, obj)

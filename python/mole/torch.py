@@ -34,12 +34,8 @@ def _arrays(**tensors):
     return {n: (None if t is None else device_array(t, n)) for n, t in tensors.items()}
 
 
-def _scratch(nbytes, device):
-    # At least one byte so the address is a real allocation (the caching allocator aligns to 512).
-    return device_array(torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device).view(-1), "workspace")
-
-
 def _bytes(nbytes, device):
+    # At least one byte, so the address is a real allocation (the caching allocator aligns it).
     return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
 
 

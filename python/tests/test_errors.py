@@ -139,3 +139,15 @@ def test_workspace_regions_and_streams():
 
     assert _arrays.stream_handle(TorchLike(), first(0xABC0)) == 0x1230
     assert _arrays.stream_handle(77, first(0xABC0)) == 77
+
+
+def test_gradients_of_frozen_parameters_are_refused():
+    s = spec()
+    s["training"] = {"frozen": ["a"]}
+    contract = [(n, sh, False) for n, sh in mole._native.gradients(json.dumps(s), "bf16", 3)]
+    grads = dict(x=described((3, 6)), b=described((8, 4)), router_weight=described((6, 4)))
+    assert set(_arrays.bind(contract, "bf16", grads, writable=set(grads), role="gradient")) == set(grads)
+    with pytest.raises(mole.ShapeError, match="unexpected gradient `a`: .*frozen"):
+        _arrays.bind(contract, "bf16", dict(grads, a=described((6, 8))), writable=set(), role="gradient")
+    with pytest.raises(mole.ShapeError, match="missing gradient `b`"):
+        _arrays.bind(contract, "bf16", dict(grads, b=None), writable=set(), role="gradient")
