@@ -56,7 +56,10 @@ fn check_pointer(name: &str, ptr: u64, ordinal: usize) -> PyResult<()> {
 }
 
 impl NativeLayer {
+    /// Checks every pointer of `ptrs` with [`check_pointer`], the layer's context current (the
+    /// driver resolves addresses in it).
     fn pointers(&self, ptrs: &HashMap<String, u64>) -> PyResult<()> {
+        self.device.bind().py()?;
         for (name, &p) in ptrs {
             check_pointer(name, p, self.device.ordinal())?;
         }
