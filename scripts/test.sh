@@ -36,6 +36,8 @@ fi
 cargo run --release --features cli -- check-kernels --arch sm_80,sm_90
 MOLE_NVRTC_PATH="$NVRTC13/libnvrtc.so.13" cargo run --release --features cli -- check-kernels --arch sm_80,sm_90,sm_100
 MOLE_NVRTC_PATH="$NVRTC12" cargo run --release --features cli -- gen-ptx --check
+# The Python package: built from source with pip, its pytest suite (NumPy only).
+bash scripts/test-python.sh
 # The GPU kit: its report builder's tests, pack (release builds into .gpu/), and a dry run of the
 # default set (exits non-zero when a step that needs no GPU fails).
 python3 scripts/gpu/test_kit.py

@@ -272,6 +272,7 @@ def steps_for(kit):
             correctness.append(Step("list methods from `mole run -h`", ["false"], 5, gpu=False))
         for m in names:
             correctness.append(Step(f"mole run --method {m}", [MOLE, "run", "--method", m], 120))
+    correctness.append(python_step(w))
     timing = []
     if kit.set_name == "default":
         timing = [
@@ -292,6 +293,23 @@ def steps_for(kit):
                   "20", "--out", os.path.join(w, "tuning")], 110),
         ]
     return correctness, timing
+
+
+def python_step(work):
+    """The Python package on this machine's PyTorch (python/gpu_check.py: forward and backward
+    against autograd, a CUDA-graph capture, a training loop) from the wheel pack.sh built;
+    skipped with the reason where the wheel or torch is absent."""
+    wheel_dir = os.path.join(KIT, "wheel")
+    step = Step("python: PyTorch check", [sys.executable, os.path.join(ROOT, "python", "gpu_check.py"), "--wheel-dir",
+                                         wheel_dir, "--json", os.path.join(work, "python.json")], 180,
+                json_out="python.json")
+    import importlib.util
+
+    if not (os.path.isdir(wheel_dir) and any(f.endswith(".whl") for f in os.listdir(wheel_dir))):
+        step.argv, step.detail = [], "no wheel in .gpu/wheel (pack.sh builds it where maturin is installed)"
+    elif importlib.util.find_spec("torch") is None:
+        step.argv, step.detail = [], "torch is not installed here"
+    return step
 
 
 def bench_ffn_step(work):

@@ -80,6 +80,19 @@ for name, f in files.items():
 print(f"{manifest['total_bytes'] / 2**20:8.1f} MiB  in all, commit {manifest['commit']}{' (dirty)' if manifest['dirty'] else ''}")
 PY
 
+# The Python package's wheel (abi3, manylinux, stripped) for the kit's PyTorch check, built with
+# the maturin of scripts/test-python.sh's virtual environment (else of PATH); without maturin it
+# is left out and the kit reports that step as skipped.
+MATURIN=target/pyvenv/bin/maturin
+[ -x "$MATURIN" ] || MATURIN="$(command -v maturin || true)"
+if [ -n "$MATURIN" ]; then
+  "$MATURIN" build --release --strip --manifest-path python/Cargo.toml --out "$KIT/wheel" 2>&1 \
+    | grep -v '^\s*\(Compiling\|Finished\)' >&2
+  ls -l "$KIT"/wheel/*.whl | awk '{printf "%8.1f MiB  %s\n", $5 / 1048576, $NF}'
+else
+  echo "pack: no maturin (run scripts/test-python.sh first): the wheel is left out" >&2
+fi
+
 total=$(du -sb "$KIT" | cut -f1)
 if [ "$total" -gt "$LIMIT_BYTES" ]; then
   echo "pack: $KIT is $((total / 1024 / 1024)) MiB, over the $((LIMIT_BYTES / 1024 / 1024)) MiB left of the device's 64 MiB by the rest of the tree ($((TREE_BYTES / 1024 / 1024)) MiB, 1 MiB margin)" >&2

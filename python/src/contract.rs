@@ -1,0 +1,135 @@
+//! What a layer takes and gives back, from its spec: the spec itself (JSON or a method preset),
+//! the shape of every tensor a forward reads (the tensor contract of [`LayerSpec`]) and of every
+//! gradient a backward writes.
+
+use crate::errors::IntoPy;
+use mole::kernels::exec::Buf;
+use mole::model::{LayerSpec, Method, MethodShape, Router};
+use mole::runtime::LayerPlanner;
+use mole::{DType, MoleError};
+use pyo3::prelude::*;
+
+/// One tensor of a call: its name (as `mole eval` files and [`mole::model::LayerInputs`] name
+/// it), its shape, and whether it holds int32 (`adapter_ids`) rather than the layer's dtype.
+pub type TensorShape = (&'static str, Vec<usize>, bool);
+
+/// Parses a spec (strict: errors name the field).
+pub fn parse(spec_json: &str) -> PyResult<LayerSpec> {
+    LayerSpec::from_json(spec_json).py()
+}
+
+/// Parses a dtype name (`f32`, `f16`, `bf16` and their long names).
+pub fn parse_dtype(dtype: &str) -> PyResult<DType> {
+    dtype.parse::<DType>().py()
+}
+
+/// The spec in canonical JSON, after parsing and validating it.
+#[pyfunction]
+pub fn spec_json(spec: &str) -> PyResult<String> {
+    let spec = parse(spec)?;
+    serde_json::to_string(&spec).map_err(|e| crate::errors::to_py(MoleError::Unsupported(e.to_string())))
+}
+
+/// Every method preset's name.
+#[pyfunction]
+pub fn presets() -> Vec<&'static str> {
+    Method::ALL.iter().map(|m| m.name()).collect()
+}
+
+/// The spec of preset `method` at a shape, in JSON.
+#[pyfunction]
+pub fn preset_json(
+    method: &str,
+    d_in: usize,
+    d_out: usize,
+    experts: usize,
+    rank: usize,
+    k: usize,
+    alpha: f64,
+) -> PyResult<String> {
+    let Some(&m) = Method::ALL.iter().find(|m| m.name() == method) else {
+        return Err(crate::errors::to_py(MoleError::InvalidParameter {
+            name: "method",
+            value: method.to_string(),
+            reason: "not a method preset (mole.presets() lists them)",
+        }));
+    };
+    let spec = m.spec(MethodShape { d_in, d_out, experts, rank, k, alpha }).py()?;
+    serde_json::to_string(&spec).map_err(|e| crate::errors::to_py(MoleError::Unsupported(e.to_string())))
+}
+
+/// The tensors a forward of `tokens` tokens reads, each with its shape: `x`, `a`, `b`, `y`, then
+/// the optional ones the spec takes, as [`mole::model::LayerInputs::validate`] requires them.
+pub fn input_shapes(spec: &LayerSpec, tokens: usize) -> Vec<TensorShape> {
+    let (t, r, e) = (tokens, spec.total_rank(), spec.routed_experts());
+    let mut out = vec![
+        ("x", vec![t, spec.d_in], false),
+        ("a", vec![spec.d_in, r], false),
+        ("b", vec![r, spec.d_out], false),
+        ("y", vec![t, spec.d_out], false),
+    ];
+    let router = spec.router();
+    match router {
+        Some(Router::X { bias }) | Some(Router::H { bias }) => {
+            let rows = if matches!(router, Some(Router::X { .. })) { spec.d_in } else { r };
+            out.push(("router_weight", vec![rows, e], false));
+            if bias {
+                out.push(("router_bias", vec![e], false));
+            }
+        }
+        Some(Router::Logits) => out.push(("logits", vec![t, e], false)),
+        _ => {}
+    }
+    if matches!(spec.gating, mole::model::Gating::Given { .. }) {
+        out.push(("weights", vec![t, e], false));
+    }
+    if spec.gating == mole::model::Gating::AdapterIds {
+        out.push(("adapter_ids", vec![t], true));
+    }
+    if spec.rule().is_some_and(|r| r.uses_selection_bias()) {
+        out.push(("selection_bias", vec![e], false));
+    }
+    if spec.core_count() > 0 {
+        out.push(("cores", vec![e, r, r], false));
+    }
+    out
+}
+
+/// The gradients a backward of `tokens` tokens writes (`planner`'s backward plan), named and
+/// shaped as the tensors they are the gradients of.
+pub fn gradient_shapes(planner: &LayerPlanner, tokens: usize) -> PyResult<Vec<(&'static str, Vec<usize>)>> {
+    let spec = planner.spec();
+    let inputs = input_shapes(spec, tokens);
+    let plan = planner.plan_backward(tokens).py()?;
+    let gate = inputs.iter().find(|(n, _, _)| *n == "logits" || *n == "weights").map_or("logits", |(n, _, _)| *n);
+    let mut out = Vec::new();
+    for (buf, _) in plan.outputs() {
+        let name = match buf {
+            Buf::DX => "x",
+            Buf::DA => "a",
+            Buf::DB => "b",
+            Buf::DRouterWeight => "router_weight",
+            Buf::DRouterBias => "router_bias",
+            Buf::DGateInput => gate,
+            Buf::DCores => "cores",
+            _ => continue,
+        };
+        if let Some((_, shape, _)) = inputs.iter().find(|(n, _, _)| *n == name) {
+            out.push((name, shape.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// [`input_shapes`] of a spec in JSON.
+#[pyfunction]
+pub fn tensors(spec: &str, tokens: usize) -> PyResult<Vec<TensorShape>> {
+    Ok(input_shapes(&parse(spec)?, tokens))
+}
+
+/// [`gradient_shapes`] of a spec in JSON at `dtype` (no GPU needed).
+#[pyfunction]
+pub fn gradients(spec: &str, dtype: &str, tokens: usize) -> PyResult<Vec<(&'static str, Vec<usize>)>> {
+    let planner = LayerPlanner::new(&parse(spec)?, parse_dtype(dtype)?, 1, None).py()?;
+    gradient_shapes(&planner, tokens)
+}
