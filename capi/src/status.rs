@@ -215,3 +215,39 @@ pub unsafe fn write_out<T>(out: *mut T, what: &str, value: T) -> Result<(), Fail
     unsafe { out.write(value) };
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_caught_and_reported() {
+        let status = guard(|| panic!("planted"));
+        assert_eq!(status, mole_status::MOLE_ERROR_PANIC);
+        // SAFETY: a NUL-terminated string valid until the next call on this thread.
+        let msg = unsafe { CStr::from_ptr(mole_last_error_message()) }.to_str().unwrap().to_string();
+        assert!(msg.contains("planted") && msg.contains("bug in mole"), "{msg}");
+    }
+
+    #[test]
+    fn every_error_family_has_its_own_status() {
+        let cases = [
+            (MoleError::InvalidSpec { path: "d_in".into(), message: "missing".into() }, "MOLE_ERROR_INVALID_SPEC"),
+            (MoleError::ZeroDimension { name: "d_in" }, "MOLE_ERROR_INVALID_ARGUMENT"),
+            (MoleError::ShapeMismatch { what: "x", expected: vec![2], got: 1 }, "MOLE_ERROR_SHAPE_MISMATCH"),
+            (MoleError::MissingInput { name: "x", needed_by: "y" }, "MOLE_ERROR_MISSING_INPUT"),
+            (MoleError::UnexpectedInput { name: "x", reason: "y" }, "MOLE_ERROR_UNEXPECTED_INPUT"),
+            (MoleError::DuplicateExpert { token: 0, id: 1 }, "MOLE_ERROR_INVALID_ROUTING"),
+            (MoleError::Unsupported("x".into()), "MOLE_ERROR_UNSUPPORTED"),
+            (MoleError::CudaDriverNotFound { detail: "x".into() }, "MOLE_ERROR_NO_CUDA_DRIVER"),
+            (MoleError::NvrtcNotFound { detail: "x".into() }, "MOLE_ERROR_NO_NVRTC"),
+            (MoleError::Cuda { call: "cuInit", message: "x".into() }, "MOLE_ERROR_CUDA"),
+        ];
+        for (e, name) in cases {
+            let status = status_of(&e);
+            // SAFETY: a static NUL-terminated string.
+            let got = unsafe { CStr::from_ptr(mole_status_name(status as i32)) }.to_str().unwrap();
+            assert_eq!(got, name, "{e}");
+        }
+    }
+}
