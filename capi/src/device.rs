@@ -85,10 +85,12 @@ pub unsafe extern "C" fn mole_device_from_context(context: *mut c_void, out: *mu
                 ordinal = Some(o as usize);
             }
         }
-        let ordinal = ordinal.ok_or_else(|| Failure::from(MoleError::Cuda {
-            call: "cuDeviceGet",
-            message: format!("the context's device {dev} is none of the {count} devices"),
-        }))?;
+        let ordinal = ordinal.ok_or_else(|| {
+            Failure::from(MoleError::Cuda {
+                call: "cuDeviceGet",
+                message: format!("the context's device {dev} is none of the {count} devices"),
+            })
+        })?;
         let primary = CudaContext::new(ordinal).map_err(cuda("cuDevicePrimaryCtxRetain"))?;
         if primary.cu_ctx() != ctx {
             return Err(MoleError::Unsupported(format!(

@@ -13,6 +13,13 @@ pub struct MoleLayer {
     layer: CompiledLayer,
 }
 
+// What "calls may come from several threads" rests on.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<CompiledLayer>();
+    shared::<mole_core::cuda::Device>();
+};
+
 /// Device addresses (`CUdeviceptr`) of a forward's tensors, 0 for an absent one, each of the
 /// layer's dtype and row-major: `x [T, d_in]`, `a [d_in, R]`, `b [R, d_out]`, `y [T, d_out]`
 /// (updated in place), `router_weight` (`[d_in, E]` for the x router, `[R, E]` for the h router),
@@ -228,7 +235,11 @@ unsafe fn bytes_query(
 /// # Safety
 /// `layer` is null or live; `out` is null or valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn mole_layer_workspace_bytes(layer: *const MoleLayer, tokens: usize, out: *mut usize) -> mole_status {
+pub unsafe extern "C" fn mole_layer_workspace_bytes(
+    layer: *const MoleLayer,
+    tokens: usize,
+    out: *mut usize,
+) -> mole_status {
     // SAFETY: forwarded from the caller's contract.
     unsafe { bytes_query(layer, out, |l| l.workspace_bytes(tokens)) }
 }
@@ -239,7 +250,11 @@ pub unsafe extern "C" fn mole_layer_workspace_bytes(layer: *const MoleLayer, tok
 /// # Safety
 /// `layer` is null or live; `out` is null or valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn mole_layer_saved_bytes(layer: *const MoleLayer, tokens: usize, out: *mut usize) -> mole_status {
+pub unsafe extern "C" fn mole_layer_saved_bytes(
+    layer: *const MoleLayer,
+    tokens: usize,
+    out: *mut usize,
+) -> mole_status {
     // SAFETY: forwarded from the caller's contract.
     unsafe { bytes_query(layer, out, |l| l.saved_bytes(tokens)) }
 }

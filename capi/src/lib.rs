@@ -7,6 +7,8 @@
 //! GPU. Every call returns a [`mole_status`]; `mole_last_error_message()` gives the text of the
 //! last failure on the calling thread; no Rust panic crosses the boundary.
 
+#![warn(missing_docs)]
+
 mod device;
 mod layer;
 mod reference;
@@ -15,8 +17,8 @@ mod status;
 pub use device::{mole_device_create, mole_device_destroy, mole_device_from_context, MoleDevice};
 pub use layer::{
     mole_layer_backward, mole_layer_backward_workspace_bytes, mole_layer_create, mole_layer_destroy,
-    mole_layer_forward, mole_layer_prepare, mole_layer_saved_bytes, mole_layer_workspace_bytes,
-    MoleBackwardPointers, MoleLayer, MoleLayerPointers,
+    mole_layer_forward, mole_layer_prepare, mole_layer_saved_bytes, mole_layer_workspace_bytes, MoleBackwardPointers,
+    MoleLayer, MoleLayerPointers,
 };
 pub use reference::{mole_reference_backward, mole_reference_forward, MoleHostGrads, MoleHostInputs};
 pub use status::{mole_last_error_message, mole_status, mole_status_name};

@@ -113,7 +113,10 @@ unsafe fn host<'a, T>(ptr: *const T, len: usize, what: &str) -> Result<Option<&'
     if ptr.is_null() {
         return match len {
             0 => Ok(None),
-            _ => Err(Failure::new(mole_status::MOLE_ERROR_NULL_POINTER, format!("`{what}` is null but its count is {len}"))),
+            _ => Err(Failure::new(
+                mole_status::MOLE_ERROR_NULL_POINTER,
+                format!("`{what}` is null but its count is {len}"),
+            )),
         };
     }
     check_span::<T>(ptr as usize, len, what)?;
@@ -124,14 +127,19 @@ unsafe fn host<'a, T>(ptr: *const T, len: usize, what: &str) -> Result<Option<&'
 
 /// A host buffer's address is aligned for `T` and its bytes fit `isize::MAX`.
 fn check_span<T>(addr: usize, len: usize, what: &str) -> Result<(), Failure> {
-    if addr % std::mem::align_of::<T>() != 0 {
+    if !addr.is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Failure::new(
             mole_status::MOLE_ERROR_INVALID_ARGUMENT,
             format!("`{what}` is not aligned to {} bytes", std::mem::align_of::<T>()),
         ));
     }
     if len.checked_mul(std::mem::size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) {
-        return Err(MoleError::TooLarge { what: what.into(), value: len.to_string(), limit: "isize::MAX bytes".into() }.into());
+        return Err(MoleError::TooLarge {
+            what: what.into(),
+            value: len.to_string(),
+            limit: "isize::MAX bytes".into(),
+        }
+        .into());
     }
     Ok(())
 }

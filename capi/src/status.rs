@@ -198,9 +198,9 @@ pub unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure
         return Err(null(what));
     }
     // SAFETY: non-null and NUL-terminated by the caller's contract.
-    unsafe { CStr::from_ptr(p) }.to_str().map_err(|e| {
-        Failure::new(mole_status::MOLE_ERROR_INVALID_ARGUMENT, format!("`{what}` is not UTF-8: {e}"))
-    })
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|e| Failure::new(mole_status::MOLE_ERROR_INVALID_ARGUMENT, format!("`{what}` is not UTF-8: {e}")))
 }
 
 /// Writes `value` through the out-pointer `out` (named `what`), refusing a null one.

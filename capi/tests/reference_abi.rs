@@ -129,12 +129,14 @@ fn every_preset_matches_the_rust_reference_field_for_field() {
         let mut aux = f64::NAN;
         let inputs = tensors.c();
         // SAFETY: every pointer holds its count of elements and outlives the call.
-        let status =
-            unsafe { mole_reference_forward(json.as_ptr(), t, &inputs, y.as_mut_ptr(), y.len(), &mut aux) };
+        let status = unsafe { mole_reference_forward(json.as_ptr(), t, &inputs, y.as_mut_ptr(), y.len(), &mut aux) };
         assert_eq!(status, mole_status::MOLE_OK, "{method:?}: {}", message());
         assert_eq!(y, rounded(&want.y), "{method:?}: y");
         assert_eq!(aux.to_bits(), want.aux_loss.to_bits(), "{method:?}: aux_loss");
-        assert!(want.y.iter().zip(&tensors.y).any(|(&w, &y0)| w != y0 as f64), "{method:?}: a zero delta tests nothing");
+        assert!(
+            want.y.iter().zip(&tensors.y).any(|(&w, &y0)| w != y0 as f64),
+            "{method:?}: a zero delta tests nothing"
+        );
 
         let dy = data(t * spec.d_out, 0.31, 0.9);
         let grads = mole_core::reference::backward(&spec, &tensors.rust(t), &dy).unwrap();
