@@ -67,43 +67,61 @@ pub unsafe extern "C" fn mole_device_from_context(context: *mut c_void, out: *mu
             return Err(no_driver());
         }
         drv::init().map_err(cuda("cuInit"))?;
-        let ctx = context as sys::CUcontext;
-        let mut dev: sys::CUdevice = 0;
-        // SAFETY: `ctx` is a live context by the caller's contract; it is pushed, queried and popped
-        // again, leaving the thread's context stack as it was.
-        unsafe {
-            sys::cuCtxPushCurrent_v2(ctx).result().map_err(cuda("cuCtxPushCurrent"))?;
-            let got = sys::cuCtxGetDevice(&mut dev).result();
-            let mut popped = std::ptr::null_mut();
-            sys::cuCtxPopCurrent_v2(&mut popped).result().map_err(cuda("cuCtxPopCurrent"))?;
-            got.map_err(cuda("cuCtxGetDevice"))?;
-        }
-        let count = drv::device::get_count().map_err(cuda("cuDeviceGetCount"))?;
-        let mut ordinal = None;
-        for o in 0..count {
-            if drv::device::get(o).map_err(cuda("cuDeviceGet"))? == dev {
-                ordinal = Some(o as usize);
-            }
-        }
-        let ordinal = ordinal.ok_or_else(|| {
-            Failure::from(MoleError::Cuda {
-                call: "cuDeviceGet",
-                message: format!("the context's device {dev} is none of the {count} devices"),
-            })
-        })?;
-        let primary = CudaContext::new(ordinal).map_err(cuda("cuDevicePrimaryCtxRetain"))?;
-        if primary.cu_ctx() != ctx {
-            return Err(MoleError::Unsupported(format!(
-                "the context is not GPU {ordinal}'s primary context: mole adopts primary contexts only \
-                 (cudarc takes no other without owning it); use the primary one (cuDevicePrimaryCtxRetain, \
-                 or the CUDA runtime's) or mole_device_create"
-            ))
-            .into());
-        }
-        let device = Device::from_context(primary)?;
+        // Opening the primary context makes it current (cudarc): the caller's current context is
+        // put back whatever happens.
+        let mut current: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: writes the calling thread's current context (or null) to a local.
+        unsafe { sys::cuCtxGetCurrent(&mut current) }.result().map_err(cuda("cuCtxGetCurrent"))?;
+        // SAFETY: a live context by the caller's contract.
+        let adopted = unsafe { adopt(context as sys::CUcontext) };
+        // SAFETY: `current` was the thread's current context (or null) on entry and is still live:
+        // nothing here destroys a context the caller holds.
+        let restored = unsafe { sys::cuCtxSetCurrent(current) }.result().map_err(cuda("cuCtxSetCurrent"));
+        let device = adopted?;
+        restored?;
         // SAFETY: `out` is non-null and valid for a write by the caller's contract.
         unsafe { write_out(out, "out", Box::into_raw(Box::new(MoleDevice { device }))) }
     })
+}
+
+/// The device of the context `ctx`, when it is its GPU's primary context.
+///
+/// # Safety
+/// `ctx` is a live context.
+unsafe fn adopt(ctx: sys::CUcontext) -> Result<Device, Failure> {
+    let mut dev: sys::CUdevice = 0;
+    // SAFETY: `ctx` is a live context by the caller's contract; it is pushed, queried and popped
+    // again, leaving the thread's context stack as it was.
+    unsafe {
+        sys::cuCtxPushCurrent_v2(ctx).result().map_err(cuda("cuCtxPushCurrent"))?;
+        let got = sys::cuCtxGetDevice(&mut dev).result();
+        let mut popped = std::ptr::null_mut();
+        sys::cuCtxPopCurrent_v2(&mut popped).result().map_err(cuda("cuCtxPopCurrent"))?;
+        got.map_err(cuda("cuCtxGetDevice"))?;
+    }
+    let count = drv::device::get_count().map_err(cuda("cuDeviceGetCount"))?;
+    let mut ordinal = None;
+    for o in 0..count {
+        if drv::device::get(o).map_err(cuda("cuDeviceGet"))? == dev {
+            ordinal = Some(o as usize);
+        }
+    }
+    let ordinal = ordinal.ok_or_else(|| {
+        Failure::from(MoleError::Cuda {
+            call: "cuDeviceGet",
+            message: format!("the context's device {dev} is none of the {count} devices"),
+        })
+    })?;
+    let primary = CudaContext::new(ordinal).map_err(cuda("cuDevicePrimaryCtxRetain"))?;
+    if primary.cu_ctx() != ctx {
+        return Err(MoleError::Unsupported(format!(
+            "the context is not GPU {ordinal}'s primary context: mole adopts primary contexts only \
+             (cudarc takes no other without owning it); use the primary one (cuDevicePrimaryCtxRetain, \
+             or the CUDA runtime's) or mole_device_create"
+        ))
+        .into());
+    }
+    Ok(Device::from_context(primary)?)
 }
 
 /// Frees a device from `mole_device_create` or `mole_device_from_context` (null: nothing).

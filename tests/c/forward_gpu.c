@@ -25,6 +25,7 @@ static CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
 static CUresult (*cuCtxCreate)(CUcontext *, unsigned, CUdevice);
 static CUresult (*cuCtxDestroy)(CUcontext);
 static CUresult (*cuCtxSetCurrent)(CUcontext);
+static CUresult (*cuCtxGetCurrent)(CUcontext *);
 static CUresult (*cuMemAlloc)(CUdeviceptr *, size_t);
 static CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
 static CUresult (*cuMemcpyDtoH)(void *, CUdeviceptr, size_t);
@@ -91,6 +92,7 @@ static void load_driver(void) {
   *(void **)&cuCtxCreate = sym(lib, "cuCtxCreate_v2");
   *(void **)&cuCtxDestroy = sym(lib, "cuCtxDestroy_v2");
   *(void **)&cuCtxSetCurrent = sym(lib, "cuCtxSetCurrent");
+  *(void **)&cuCtxGetCurrent = sym(lib, "cuCtxGetCurrent");
   *(void **)&cuMemAlloc = sym(lib, "cuMemAlloc_v2");
   *(void **)&cuMemcpyHtoD = sym(lib, "cuMemcpyHtoD_v2");
   *(void **)&cuMemcpyDtoH = sym(lib, "cuMemcpyDtoH_v2");
@@ -151,6 +153,9 @@ int main(void) {
   mole_status st = mole_device_from_context(other, &dev);
   if (st != MOLE_ERROR_UNSUPPORTED || strstr(mole_last_error_message(), "primary") == NULL)
     FAIL("a non-primary context: %s (%s)", mole_status_name(st), mole_last_error_message());
+  CUcontext current = NULL;
+  CU(cuCtxGetCurrent(&current));
+  if (current != other) FAIL("mole_device_from_context changed the thread's current context");
   CU(cuCtxDestroy(other));
   CU(cuDevicePrimaryCtxRetain(&primary, cu_dev));
   CU(cuCtxSetCurrent(primary));
