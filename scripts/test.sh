@@ -19,6 +19,10 @@ cargo test --all-targets --features cli
 MOLE_HOSTEXEC_MMA=exact cargo test --features cli --test hostexec_fused --test hostexec_sgmv --test hostexec_probes
 MOLE_HOSTEXEC_MMA=exact cargo test -p mole-hostexec --test mma
 cargo test --doc --features cli
+# The C ABI (capi/): the checked-in header is what cbindgen generates from the crate, and the
+# crate's tests (tests/c/reference.c runs below, against the release build).
+cargo run -q -p mole-c --features gen-header --bin gen-header -- --check
+cargo test -p mole-c
 # A framework links the library alone: no command-line dependency may reach its build.
 if cargo tree -e normal -p mole --prefix none | grep -E '^(clap|indicatif|safetensors) '; then
   echo "the library's default build depends on the command line's crates (above)" >&2
@@ -38,6 +42,13 @@ MOLE_NVRTC_PATH="$NVRTC13/libnvrtc.so.13" cargo run --release --features cli -- 
 MOLE_NVRTC_PATH="$NVRTC12" cargo run --release --features cli -- gen-ptx --check
 # The Python package: built from source with pip, its pytest suite (NumPy only).
 bash scripts/test-python.sh
+# tests/c/reference.c compiled with the system C compiler against the static library and run (no
+# GPU: the reference against a naive loop, the error paths, device creation refused). Built with
+# the command line's features, so the release library crate built above is reused (as pack.sh does).
+cargo build --release -p mole-c --lib --features mole-core/cli
+cc -std=c11 -Wall -Wextra -Werror -Iinclude tests/c/reference.c target/release/libmole.a -lpthread -ldl -lm \
+  -o target/c-reference
+target/c-reference
 # The GPU kit: its report builder's tests, pack (release builds into .gpu/), and a dry run of the
 # default set (exits non-zero when a step that needs no GPU fails).
 python3 scripts/gpu/test_kit.py

@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
@@ -38,6 +39,10 @@ SANITIZER_TOOLS = ["memcheck", "racecheck", "synccheck", "initcheck"]
 # The determinism test runs as a step of its own, not inside the GPU test step.
 DETERMINISM_TEST = "every_strategy_is_bit_identical_over_20_runs"
 GPU_ENV = {"MOLE_REQUIRE_GPU": "1"}
+# The C ABI's GPU test and what it is built from (pack.sh packs the library).
+C_TEST = os.path.join(ROOT, "tests", "c", "forward_gpu.c")
+C_INCLUDE = os.path.join(ROOT, "include")
+PACKED_LIB = os.path.join(KIT, "lib", "libmole.so.xz")
 
 
 class Step:
@@ -143,7 +148,7 @@ def check_manifest():
             return False, f"{name} is missing"
         if hashlib.sha256(open(p, "rb").read()).hexdigest() != f["sha256"]:
             return False, f"{name} differs from the manifest"
-        if not os.access(p, os.X_OK):
+        if name.startswith("bin/") and not os.access(p, os.X_OK):
             return False, f"{name} is not executable"
     return True, f"{len(manifest['files'])} files, {manifest['total_bytes'] / 2**20:.1f} MiB, commit {manifest['commit']}"
 
@@ -310,6 +315,31 @@ def python_step(work):
     elif importlib.util.find_spec("torch") is None:
         step.argv, step.detail = [], "torch is not installed here"
     return step
+def c_abi_steps(kit):
+    """tests/c/forward_gpu.c: compiled with the machine's gcc against the packed libmole.so
+    (unpacked into the work folder; no GPU needed, so a dry run compiles it too), then run on the
+    GPU; both skipped with the reason where gcc or the library is absent."""
+    exe, libdir = os.path.join(kit.work, "forward_gpu_c"), os.path.join(kit.work, "lib")
+    build = Step("compile tests/c/forward_gpu.c (gcc, the packed libmole.so)",
+                 ["gcc", "-std=c11", "-O1", "-Wall", "-Wextra", "-I", C_INCLUDE, C_TEST, "-o", exe, "-L", libdir,
+                  "-lmole", "-Wl,-rpath," + libdir, "-ldl", "-lm"], 60, gpu=False)
+    run = Step("C ABI: tests/c/forward_gpu.c", [exe], 120, env=GPU_ENV)
+    reason = None
+    if shutil.which("gcc") is None:
+        reason = "gcc not found on this machine"
+    elif not os.path.exists(PACKED_LIB):
+        reason = "no .gpu/lib/libmole.so.xz: this pack has no C library (scripts/gpu/pack.sh builds it)"
+    else:
+        try:
+            os.makedirs(libdir, exist_ok=True)
+            with lzma.open(PACKED_LIB) as z, open(os.path.join(libdir, "libmole.so"), "wb") as f:
+                shutil.copyfileobj(z, f)
+        except (OSError, lzma.LZMAError) as e:
+            reason = f"cannot unpack .gpu/lib/libmole.so.xz: {e}"
+    if reason:
+        build.argv, build.detail = [], reason
+        run.argv, run.detail = [], reason
+    return build, run
 
 
 def bench_ffn_step(work):
@@ -540,6 +570,11 @@ def main():
     for t in gpu_test_binaries():
         kit.run(Step(f"list {os.path.basename(t)}", [t, "--list", "--ignored"], 30, gpu=False))
     correctness, timing = steps_for(kit)
+    c_build, c_run = c_abi_steps(kit)
+    kit.run(c_build)
+    if c_build.status not in ("pass", "skipped"):
+        c_run.argv, c_run.detail = [], f"tests/c/forward_gpu.c did not compile ({c_build.status})"
+    correctness.append(c_run)
     # One compiler run fills the kit's kernel cache (MOLE_CACHE_DIR) before the parallel steps,
     # so they load cubins instead of each compiling the same builds.
     kit.run(correctness.pop(0))
@@ -563,7 +598,7 @@ def main():
     # The logs first: whatever happens to the report, the evidence comes back.
     with tarfile.open(os.path.join(args.outdir, "logs.tar.gz"), "w:gz") as tar:
         # The kernel cache's cubins are not evidence, and would crowd the 16 MiB a file may take back.
-        tar.add(work, arcname="kit", filter=lambda info: None if info.name.startswith("kit/cache") else info)
+        tar.add(work, arcname="kit", filter=lambda info: None if info.name.startswith(("kit/cache", "kit/lib")) else info)
     try:
         res = results(kit, environment(kit))
         tuning = os.path.join(work, "tuning")

@@ -251,6 +251,30 @@ class ResultsTest(unittest.TestCase):
         self.assertEqual(kit.parse_methods(text), ["mix-lora-per-linear", "dyn-mole", "smora"])
         self.assertEqual(kit.parse_methods("no such option"), [])
 
+    def test_the_c_test_is_skipped_with_the_reason_without_its_library_and_built_with_it(self):
+        work, libdir = tempfile.mkdtemp(), tempfile.mkdtemp()
+        k = kit.Kit("quick", work, dry_run=True)
+        saved = kit.PACKED_LIB
+        try:
+            kit.PACKED_LIB = os.path.join(libdir, "libmole.so.xz")
+            build, run = kit.c_abi_steps(k)
+            self.assertEqual((build.argv, run.argv), ([], []))
+            self.assertIn("libmole.so.xz", build.detail)
+            self.assertEqual(run.detail, build.detail)
+            with kit.lzma.open(kit.PACKED_LIB, "wb") as z:
+                z.write(b"not really a library")
+            build, run = kit.c_abi_steps(k)
+        finally:
+            kit.PACKED_LIB = saved
+        with open(os.path.join(work, "lib", "libmole.so"), "rb") as f:
+            self.assertEqual(f.read(), b"not really a library")
+        if kit.shutil.which("gcc"):
+            self.assertEqual(build.argv[0], "gcc")
+            self.assertIn("-lmole", build.argv)
+            self.assertFalse(build.gpu)
+            self.assertTrue(run.gpu)
+            self.assertEqual(run.argv, [build.argv[build.argv.index("-o") + 1]])
+
 
 if __name__ == "__main__":
     unittest.main()
