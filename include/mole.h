@@ -148,6 +148,18 @@ typedef struct MoleBackwardPointers {
   size_t workspace_bytes;
 } MoleBackwardPointers;
 
+// The bytes of the device buffers a layer's calls over one token count take, each 256-byte
+// aligned by the caller: the forward's workspace, the routing a training forward saves for the
+// backward, and the backward's workspace.
+typedef struct MoleLayerSizes {
+  // Workspace of a forward (inference or training).
+  size_t workspace_bytes;
+  // The saved buffer a training forward writes.
+  size_t saved_bytes;
+  // Workspace of a backward.
+  size_t backward_workspace_bytes;
+} MoleLayerSizes;
+
 // The host tensors of a reference call (row-major, f32 except `adapter_ids`), each a pointer and
 // its element count. An absent optional tensor is a null pointer with count 0; which ones a
 // spec takes, and their shapes, are those of `MoleLayerPointers`, plus `y`: the base output
@@ -260,6 +272,12 @@ enum mole_status mole_device_create(int32_t ordinal, struct MoleDevice **out);
 // `context` is null or a live `CUcontext`; `out` is null or valid for a write.
 enum mole_status mole_device_from_context(void *context, struct MoleDevice **out);
 
+// The number of SMs of the device into `*out`: what `mole_plan_sizes` plans for.
+//
+// # Safety
+// `device` is null or live; `out` is null or valid for a write.
+enum mole_status mole_device_sm_count(const struct MoleDevice *device, uint32_t *out);
+
 // Frees a device from `mole_device_create` or `mole_device_from_context` (null: nothing).
 //
 // # Safety
@@ -343,6 +361,21 @@ enum mole_status mole_layer_backward(const struct MoleLayer *layer,
                                      void *stream,
                                      size_t tokens,
                                      const struct MoleBackwardPointers *pointers);
+
+// The sizes of a layer's buffers over `tokens` tokens into `*out`, for the spec JSON, a dtype
+// name and a GPU with `sm_count` SMs, without a GPU: the numbers `mole_layer_workspace_bytes`,
+// `mole_layer_saved_bytes` and `mole_layer_backward_workspace_bytes` give for a layer created
+// from the same spec and dtype on such a GPU (the strategy, and so the workspace, depends on
+// the token count and the SM count). Errors: the spec's, an unknown dtype, zero SMs or tokens,
+// a token count past the limits.
+//
+// # Safety
+// `spec_json` and `dtype` are null or NUL-terminated; `out` is null or valid for a write.
+enum mole_status mole_plan_sizes(const char *spec_json,
+                                 const char *dtype,
+                                 uint32_t sm_count,
+                                 size_t tokens,
+                                 struct MoleLayerSizes *out);
 
 // The f64 reference forward of the layer `spec_json` over `tokens` tokens on host f32 tensors:
 // writes `y + delta` (`[T, d_out]`, rounded to f32) to `y_out` (`y_out_len` elements, exactly

@@ -124,6 +124,20 @@ unsafe fn adopt(ctx: sys::CUcontext) -> Result<Device, Failure> {
     Ok(Device::from_context(primary)?)
 }
 
+/// The number of SMs of the device into `*out`: what `mole_plan_sizes` plans for.
+///
+/// # Safety
+/// `device` is null or live; `out` is null or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn mole_device_sm_count(device: *const MoleDevice, out: *mut u32) -> mole_status {
+    guard(|| {
+        // SAFETY: forwarded from the caller's contract.
+        let device = unsafe { crate::status::arg(device, "device") }?;
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { write_out(out, "out", device.device.sm_count()) }
+    })
+}
+
 /// Frees a device from `mole_device_create` or `mole_device_from_context` (null: nothing).
 ///
 /// # Safety

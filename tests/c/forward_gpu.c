@@ -188,6 +188,15 @@ int main(void) {
   MOLE(mole_layer_saved_bytes(layer, T, &saved_bytes));
   MOLE(mole_layer_backward_workspace_bytes(layer, T, &bws_bytes));
   printf("T = %d: workspace %zu bytes, saved %zu, backward workspace %zu\n", T, ws_bytes, saved_bytes, bws_bytes);
+  /* The planner without a GPU gives the layer's sizes, from the device's SM count. */
+  uint32_t sms = 0;
+  MOLE(mole_device_sm_count(dev, &sms));
+  MoleLayerSizes planned;
+  MOLE(mole_plan_sizes(SPEC, "f32", sms, T, &planned));
+  if (planned.workspace_bytes != ws_bytes || planned.saved_bytes != saved_bytes ||
+      planned.backward_workspace_bytes != bws_bytes)
+    FAIL("mole_plan_sizes on %u SMs gives %zu/%zu/%zu bytes, the layer %zu/%zu/%zu", sms, planned.workspace_bytes,
+         planned.saved_bytes, planned.backward_workspace_bytes, ws_bytes, saved_bytes, bws_bytes);
   MOLE(mole_layer_prepare(layer, T, 1));
   CUstream stream = NULL;
   /* A blocking stream: ordered after the legacy stream's copies and memsets. */

@@ -2,7 +2,8 @@
  * it): the f64 reference of a small MixLoRA-style layer against a naive C loop, its backward's dB
  * against the naive product, every error path (bad JSON naming the field, wrong sizes, null
  * pointers, missing and unexpected tensors, a frozen parameter's gradient) with nothing written on
- * failure, and device creation failing with a clear status where there is no GPU. */
+ * failure, the buffer sizes of a layer planned without a GPU, and device creation failing with a
+ * clear status where there is no GPU. */
 #include "mole.h"
 
 #include <math.h>
@@ -220,6 +221,33 @@ int main(void) {
   g.a = ga, g.a_len = D_IN * R, g.b = NULL, g.b_len = 0;
   EXPECT(mole_reference_backward(SPEC, T, &in, dy, T * D_OUT, &g), MOLE_ERROR_NULL_POINTER, "grads.b");
 
+  /* The planner without a GPU: the sizes a layer on a 132-SM GPU asks for. The saved routing
+   * holds an int32 expert id and an f32 weight per token and slot; every size is a whole number of
+   * 256-byte regions; the saved routing and the backward's workspace grow with the tokens (the
+   * forward's workspace depends on the strategy: the single fused kernel needs none); a failed
+   * call writes nothing. */
+  MoleLayerSizes sizes, big, kept = {7, 7, 7};
+  EXPECT(mole_plan_sizes(SPEC, "bf16", 132, T, &sizes), MOLE_OK, "");
+  EXPECT(mole_plan_sizes(SPEC, "bf16", 132, 4096, &big), MOLE_OK, "");
+  printf("planned on 132 SMs: T = %d: workspace %zu bytes, saved %zu, backward workspace %zu;"
+         " T = 4096: %zu, %zu, %zu\n", T, sizes.workspace_bytes, sizes.saved_bytes,
+         sizes.backward_workspace_bytes, big.workspace_bytes, big.saved_bytes, big.backward_workspace_bytes);
+  if (sizes.saved_bytes < 8 * T * K || big.saved_bytes < 8 * 4096 * K) FAIL("the saved routing does not fit");
+  if (sizes.backward_workspace_bytes == 0) FAIL("a backward workspace of 0 bytes");
+  if ((sizes.workspace_bytes | sizes.saved_bytes | sizes.backward_workspace_bytes | big.workspace_bytes |
+       big.saved_bytes | big.backward_workspace_bytes) % 256 != 0)
+    FAIL("a size is not a whole number of 256-byte regions");
+  if (big.saved_bytes <= sizes.saved_bytes || big.backward_workspace_bytes <= sizes.backward_workspace_bytes)
+    FAIL("4096 tokens need less than %d", T);
+  MoleLayerSizes out = kept;
+  EXPECT(mole_plan_sizes(SPEC, "f64", 132, T, &out), MOLE_ERROR_INVALID_ARGUMENT, "dtype");
+  EXPECT(mole_plan_sizes(SPEC, "bf16", 0, T, &out), MOLE_ERROR_INVALID_ARGUMENT, "sm_count");
+  EXPECT(mole_plan_sizes(SPEC, "bf16", 132, 0, &out), MOLE_ERROR_INVALID_ARGUMENT, "tokens");
+  EXPECT(mole_plan_sizes(SPEC_TYPO, "bf16", 132, T, &out), MOLE_ERROR_INVALID_SPEC, "gating.rule.weigths");
+  EXPECT(mole_plan_sizes(SPEC, NULL, 132, T, &out), MOLE_ERROR_NULL_POINTER, "dtype");
+  EXPECT(mole_plan_sizes(SPEC, "bf16", 132, T, NULL), MOLE_ERROR_NULL_POINTER, "out");
+  if (memcmp(&out, &kept, sizeof out) != 0) FAIL("a failed mole_plan_sizes wrote its output");
+
   /* A device: without a GPU a clear status, never a crash; a layer needs a device. */
   MoleDevice *dev = NULL;
   mole_status st = mole_device_create(0, &dev);
@@ -241,6 +269,8 @@ int main(void) {
   EXPECT(mole_device_from_context(NULL, &dev), MOLE_ERROR_NULL_POINTER, "context");
   size_t bytes = 0;
   EXPECT(mole_layer_workspace_bytes(NULL, T, &bytes), MOLE_ERROR_NULL_POINTER, "layer");
+  uint32_t sms = 0;
+  EXPECT(mole_device_sm_count(NULL, &sms), MOLE_ERROR_NULL_POINTER, "device");
   EXPECT(mole_layer_forward(NULL, NULL, T, NULL), MOLE_ERROR_NULL_POINTER, "layer");
   mole_layer_destroy(NULL);
   mole_device_destroy(NULL);
