@@ -57,6 +57,15 @@ def spec(spec, *, d_in=None, d_out=None, experts=None, rank=None, k=2, alpha=Non
     return json.loads(_native.spec_json(text))
 
 
+def plan_sizes(spec, tokens, sm_count, dtype="bf16", **shape):
+    """The bytes of a layer's device buffers over ``tokens`` tokens, without a GPU:
+    ``{"workspace_bytes", "saved_bytes", "backward_workspace_bytes"}``, what ``Layer(spec, dtype)``
+    on a GPU with ``sm_count`` SMs gives (the strategy, and so the workspace, depends on both
+    counts). ``spec`` as :func:`spec` takes it."""
+    sizes = _native.plan_sizes(_spec_text(spec, shape), dtype_name(dtype), int(sm_count), int(tokens))
+    return dict(zip(("workspace_bytes", "saved_bytes", "backward_workspace_bytes"), sizes))
+
+
 def _spec_text(s, shape):
     return json.dumps(spec(s, **shape))
 
@@ -239,6 +248,7 @@ __all__ = [
     "DeviceArray",
     "presets",
     "spec",
+    "plan_sizes",
     "reference",
     "reference_backward",
     "MoleError",

@@ -133,3 +133,23 @@ pub fn gradients(spec: &str, dtype: &str, tokens: usize) -> PyResult<Vec<(&'stat
     let planner = LayerPlanner::new(&parse(spec)?, parse_dtype(dtype)?, 1, None).py()?;
     gradient_shapes(&planner, tokens)
 }
+
+/// The sizes of a layer's buffers over `tokens` tokens in `dtype` on a GPU with `sm_count` SMs,
+/// without a GPU: `(workspace, saved, backward workspace)` bytes, what a layer on such a GPU
+/// gives (`CompiledLayer::workspace_bytes`, `saved_bytes`, `backward_workspace_bytes`).
+#[pyfunction]
+pub fn plan_sizes(spec: &str, dtype: &str, sm_count: u32, tokens: usize) -> PyResult<(usize, usize, usize)> {
+    if sm_count == 0 {
+        return Err(crate::errors::to_py(MoleError::InvalidParameter {
+            name: "sm_count",
+            value: "0".into(),
+            reason: "a GPU has at least one SM",
+        }));
+    }
+    let planner = LayerPlanner::new(&parse(spec)?, parse_dtype(dtype)?, sm_count, None).py()?;
+    Ok((
+        planner.workspace_bytes(tokens).py()?,
+        planner.plan_training(tokens).py()?.saved_bytes,
+        planner.plan_backward(tokens).py()?.workspace_bytes,
+    ))
+}

@@ -18,6 +18,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(contract::presets, m)?)?;
     m.add_function(wrap_pyfunction!(contract::tensors, m)?)?;
     m.add_function(wrap_pyfunction!(contract::gradients, m)?)?;
+    m.add_function(wrap_pyfunction!(contract::plan_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(reference::reference_forward, m)?)?;
     m.add_function(wrap_pyfunction!(reference::reference_backward, m)?)?;
     m.add_class::<layer::NativeLayer>()?;
