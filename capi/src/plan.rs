@@ -3,9 +3,9 @@
 //! memory pools before it opens a device, and a test can check them on a machine without one.
 
 use crate::layer::spec_arg;
-use crate::status::{c_str, guard, mole_status, write_out, Failure};
+use crate::status::{c_str, guard, mole_status, write_out};
 use mole_core::runtime::LayerPlanner;
-use mole_core::{DType, MoleError};
+use mole_core::DType;
 use std::ffi::c_char;
 
 /// The bytes of the device buffers a layer's calls over one token count take, each 256-byte
@@ -44,13 +44,6 @@ pub unsafe extern "C" fn mole_plan_sizes(
         let (spec, dtype) = unsafe { (spec_arg(spec_json)?, c_str(dtype, "dtype")?) };
         if out.is_null() {
             return Err(crate::status::null("out"));
-        }
-        if sm_count == 0 {
-            return Err(Failure::from(MoleError::InvalidParameter {
-                name: "sm_count",
-                value: "0".into(),
-                reason: "a GPU has at least one SM",
-            }));
         }
         let dtype: DType = dtype.parse()?;
         let planner = LayerPlanner::new(&spec, dtype, sm_count, None)?;

@@ -139,13 +139,6 @@ pub fn gradients(spec: &str, dtype: &str, tokens: usize) -> PyResult<Vec<(&'stat
 /// gives (`CompiledLayer::workspace_bytes`, `saved_bytes`, `backward_workspace_bytes`).
 #[pyfunction]
 pub fn plan_sizes(spec: &str, dtype: &str, sm_count: u32, tokens: usize) -> PyResult<(usize, usize, usize)> {
-    if sm_count == 0 {
-        return Err(crate::errors::to_py(MoleError::InvalidParameter {
-            name: "sm_count",
-            value: "0".into(),
-            reason: "a GPU has at least one SM",
-        }));
-    }
     let planner = LayerPlanner::new(&parse(spec)?, parse_dtype(dtype)?, sm_count, None).py()?;
     Ok((
         planner.workspace_bytes(tokens).py()?,

@@ -190,9 +190,12 @@ pub struct LayerPlanner {
 
 impl LayerPlanner {
     /// A planner for `spec` in `dtype` on a GPU with `sm_count` SMs, choosing from `tuning` where
-    /// it has an entry and by the heuristic otherwise. Errors: an invalid spec.
+    /// it has an entry and by the heuristic otherwise. Errors: an invalid spec, zero SMs.
     pub fn new(spec: &LayerSpec, dtype: DType, sm_count: u32, tuning: Option<TuningCache>) -> Result<Self> {
         spec.validate()?;
+        if sm_count == 0 {
+            return Err(MoleError::param("sm_count", 0, "a GPU has at least one SM"));
+        }
         Ok(LayerPlanner {
             spec: spec.clone(),
             dtype,
