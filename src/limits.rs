@@ -54,9 +54,13 @@ pub fn elements(what: &str, dims: &[usize]) -> Result<usize> {
 /// Checks that `data` holds exactly `shape.iter().product()` elements (a product that
 /// overflows is [`MoleError::TooLarge`], never a wrapped length).
 pub fn check_len<T>(what: &'static str, data: &[T], shape: &[usize]) -> Result<()> {
-    let expected = elements(what, shape)?;
-    if data.len() != expected {
-        return Err(MoleError::ShapeMismatch { what, expected: shape.to_vec(), got: data.len() });
+    check_count(what, data.len(), shape)
+}
+
+/// [`check_len`] of a buffer's element count `len`.
+pub fn check_count(what: &'static str, len: usize, shape: &[usize]) -> Result<()> {
+    if len != elements(what, shape)? {
+        return Err(MoleError::ShapeMismatch { what, expected: shape.to_vec(), got: len });
     }
     Ok(())
 }

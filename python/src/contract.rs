@@ -4,7 +4,7 @@
 
 use crate::errors::IntoPy;
 use mole::kernels::exec::Buf;
-use mole::model::{LayerSpec, Method, MethodShape, Router};
+use mole::model::{LayerSpec, Method, MethodShape};
 use mole::runtime::LayerPlanner;
 use mole::{DType, MoleError};
 use pyo3::prelude::*;
@@ -58,41 +58,10 @@ pub fn preset_json(
     serde_json::to_string(&spec).map_err(|e| crate::errors::to_py(MoleError::Unsupported(e.to_string())))
 }
 
-/// The tensors a forward of `tokens` tokens reads, each with its shape: `x`, `a`, `b`, `y`, then
-/// the optional ones the spec takes, as [`mole::model::LayerInputs::validate`] requires them.
+/// The tensors a forward of `tokens` tokens reads, each with its shape ([`LayerSpec::input_shapes`],
+/// what [`mole::model::LayerInputs::validate`] requires), `adapter_ids` marked int32.
 pub fn input_shapes(spec: &LayerSpec, tokens: usize) -> Vec<TensorShape> {
-    let (t, r, e) = (tokens, spec.total_rank(), spec.routed_experts());
-    let mut out = vec![
-        ("x", vec![t, spec.d_in], false),
-        ("a", vec![spec.d_in, r], false),
-        ("b", vec![r, spec.d_out], false),
-        ("y", vec![t, spec.d_out], false),
-    ];
-    let router = spec.router();
-    match router {
-        Some(Router::X { bias }) | Some(Router::H { bias }) => {
-            let rows = if matches!(router, Some(Router::X { .. })) { spec.d_in } else { r };
-            out.push(("router_weight", vec![rows, e], false));
-            if bias {
-                out.push(("router_bias", vec![e], false));
-            }
-        }
-        Some(Router::Logits) => out.push(("logits", vec![t, e], false)),
-        _ => {}
-    }
-    if matches!(spec.gating, mole::model::Gating::Given { .. }) {
-        out.push(("weights", vec![t, e], false));
-    }
-    if spec.gating == mole::model::Gating::AdapterIds {
-        out.push(("adapter_ids", vec![t], true));
-    }
-    if spec.rule().is_some_and(|r| r.uses_selection_bias()) {
-        out.push(("selection_bias", vec![e], false));
-    }
-    if spec.core_count() > 0 {
-        out.push(("cores", vec![e, r, r], false));
-    }
-    out
+    spec.input_shapes(tokens).into_iter().map(|(name, shape)| (name, shape, name == "adapter_ids")).collect()
 }
 
 /// The gradients a backward of `tokens` tokens writes (`planner`'s backward plan), named and
