@@ -122,14 +122,18 @@ impl NativeLayer {
 
     /// Loads the kernels of a forward (and with `backward`, of a training forward and the
     /// backward) over `tokens` tokens: afterwards such calls compile nothing (graph capture).
+    /// Compiling takes seconds: other Python threads run meanwhile (the GIL is released).
     #[pyo3(signature = (tokens, backward = false))]
-    fn prepare(&self, tokens: usize, backward: bool) -> PyResult<()> {
-        self.layer.prepare(tokens).py()?;
-        if backward {
-            self.layer.planner().plan_training(tokens).py()?;
-            self.layer.prepare_backward(tokens).py()?;
-        }
-        Ok(())
+    fn prepare(&self, py: Python<'_>, tokens: usize, backward: bool) -> PyResult<()> {
+        py.detach(|| -> mole::Result<()> {
+            self.layer.prepare(tokens)?;
+            if backward {
+                self.layer.planner().plan_training(tokens)?;
+                self.layer.prepare_backward(tokens)?;
+            }
+            Ok(())
+        })
+        .py()
     }
 
     /// The forward inputs of `tokens` tokens: `(name, shape, is_int32)`.
@@ -143,10 +147,12 @@ impl NativeLayer {
     }
 
     /// `y += delta` over `tokens` tokens on `stream`: `ptrs` maps each input's name to its
-    /// device address; `saved` (training) receives the routing.
+    /// device address; `saved` (training) receives the routing. The GIL is released while the
+    /// layer plans, compiles (the first call of a token count) and enqueues.
     #[pyo3(signature = (stream, tokens, ptrs, workspace, saved = None))]
     fn forward(
         &self,
+        py: Python<'_>,
         stream: usize,
         tokens: usize,
         ptrs: HashMap<String, u64>,
@@ -176,16 +182,19 @@ impl NativeLayer {
         };
         // SAFETY: the Python layer checked every tensor against this layer's contract (shape,
         // dtype, C-contiguity, writable `y`) and passes the addresses of live arrays the caller
-        // holds during the call; each is device memory of the layer's GPU (checked above), whose
-        // primary context the layer uses; the stream is the caller's, of that context.
-        unsafe { self.layer.forward_raw(stream_of(stream), tokens, p) }.py()
+        // holds during the call (its frame keeps them alive while the GIL is released); each is
+        // device memory of the layer's GPU (checked above), whose primary context the layer uses;
+        // the stream is the caller's, of that context.
+        py.detach(|| unsafe { self.layer.forward_raw(stream_of(stream), tokens, p) }).py()
     }
 
     /// The backward of a training forward over `tokens` tokens on `stream`: `inputs` maps the
     /// forward's inputs and `dy` to addresses, `grads` each gradient's name to its output.
     #[pyo3(signature = (stream, tokens, inputs, grads, saved, workspace))]
+    #[allow(clippy::too_many_arguments)] // the Python call's arguments, and the GIL token
     fn backward(
         &self,
+        py: Python<'_>,
         stream: usize,
         tokens: usize,
         inputs: HashMap<String, u64>,
@@ -221,6 +230,6 @@ impl NativeLayer {
         // SAFETY: as in `forward`; the saved buffer is the one the training forward of these
         // inputs wrote (the Python layer passes the routing it kept), the gradients are distinct
         // writable arrays the caller holds during the call.
-        unsafe { self.layer.backward_raw(stream_of(stream), tokens, p) }.py()
+        py.detach(|| unsafe { self.layer.backward_raw(stream_of(stream), tokens, p) }).py()
     }
 }
