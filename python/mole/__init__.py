@@ -211,6 +211,8 @@ def _decode(result):
         if isinstance(value, tuple):
             data, shape, typestr = value
             out[name] = np.frombuffer(data, dtype=typestr).reshape(shape).copy()
+        elif isinstance(value, dict):
+            out[name] = _decode(value)
         else:
             out[name] = value
     return out
@@ -220,8 +222,11 @@ def reference(spec, **arrays):
     """The f64 reference forward on NumPy arrays (any real dtype; ``adapter_ids`` integer):
     ``x``, ``a``, ``b``, ``y`` and the optional inputs the spec takes. Returns a dict of NumPy
     arrays: ``y`` (``y + delta``), ``h``, ``h_mixed``, ``ids`` (int32, -1 for an empty slot),
-    ``weights`` (per slot), ``scores`` and ``probs`` where the gating has them, and ``aux_loss``
-    (a float). ``spec`` as :func:`spec` takes it (a preset: ``mole.spec(name, d_in=..., ...)``)."""
+    ``weights`` (per slot), ``scores`` and ``probs`` where the gating has them, ``aux_loss``
+    (a float), and ``stats``: the router statistics the auxiliary losses are made of
+    (``selected_fraction`` and ``top1_fraction`` per expert, ``mean_prob`` and
+    ``masked_mean_prob`` where the rule has probabilities, ``z_loss`` and ``entropy`` where it
+    has scores). ``spec`` as :func:`spec` takes it (a preset: ``mole.spec(name, d_in=..., ...)``)."""
     text = _spec_text(spec, {})
     tokens, encoded = _host_arrays(text, arrays)
     return _decode(_native.reference_forward(text, tokens, encoded))

@@ -85,7 +85,8 @@ impl Decoded {
 
 /// The reference forward of `spec` (JSON) over `tokens` tokens: a dict of `y`, `h`, `h_mixed`,
 /// `ids`, `weights`, and `scores` and `probs` where the gating has them, each
-/// `(bytes, shape, typestr)`, and `aux_loss` as a float.
+/// `(bytes, shape, typestr)`, `aux_loss` as a float, and `stats`: the router statistics the
+/// auxiliary losses are made of ([`mole::reference::RouterStats`], the per-expert ones `[E]`).
 #[pyfunction]
 pub fn reference_forward<'py>(
     py: Python<'py>,
@@ -110,6 +111,21 @@ pub fn reference_forward<'py>(
         dict.set_item("probs", f64_array(py, p, vec![t, e]))?;
     }
     dict.set_item("aux_loss", out.aux_loss)?;
+    let stats = PyDict::new(py);
+    let st = &out.stats;
+    stats.set_item("selected_fraction", f64_array(py, &st.selected_fraction, vec![e]))?;
+    stats.set_item("top1_fraction", f64_array(py, &st.top1_fraction, vec![e]))?;
+    for (name, v) in [("mean_prob", &st.mean_prob), ("masked_mean_prob", &st.masked_mean_prob)] {
+        if let Some(v) = v {
+            stats.set_item(name, f64_array(py, v, vec![e]))?;
+        }
+    }
+    for (name, v) in [("z_loss", st.z_loss), ("entropy", st.entropy)] {
+        if let Some(v) = v {
+            stats.set_item(name, v)?;
+        }
+    }
+    dict.set_item("stats", stats)?;
     Ok(dict)
 }
 

@@ -64,6 +64,29 @@ def test_forward_matches_numpy_mixlora():
     np.testing.assert_allclose(out["h"], arrays["x"] @ arrays["a"], rtol=1e-12, atol=1e-12)
 
 
+def test_router_statistics_match_numpy():
+    rng = np.random.default_rng(11)
+    s = mixlora()
+    arrays = inputs(16, rng)
+    out = mole.reference(s, **arrays)
+    _, top = numpy_mixlora(s, **arrays)
+    z = arrays["x"] @ arrays["router_weight"] + arrays["router_bias"]
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    chosen = np.zeros_like(p)
+    np.put_along_axis(chosen, top, 1.0, axis=1)
+    stats = out["stats"]
+    np.testing.assert_allclose(stats["selected_fraction"], chosen.mean(axis=0), rtol=1e-12)
+    assert stats["selected_fraction"].sum() == pytest.approx(K)
+    np.testing.assert_allclose(stats["top1_fraction"], np.bincount(top[:, 0], minlength=E) / 16, rtol=1e-12)
+    np.testing.assert_allclose(stats["mean_prob"], p.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats["masked_mean_prob"], (p * chosen).mean(axis=0), rtol=1e-12)
+    lse = np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
+    assert stats["z_loss"] == pytest.approx((lse**2).mean(), rel=1e-12)
+    shannon = -(p * np.log(p)).sum(axis=1) / np.log(E)
+    assert stats["entropy"] == pytest.approx(shannon.mean(), rel=1e-12)
+
+
 def test_forward_takes_any_real_dtype_and_json():
     rng = np.random.default_rng(1)
     s = mixlora(bias=False)
