@@ -346,3 +346,25 @@ fn autotune_without_a_gpu_says_so_and_exits_cleanly() {
     let out = Command::new(env!("CARGO_BIN_EXE_mole")).args(["autotune", "--method", "mix-lora-x"]).output().unwrap();
     assert!(!out.status.success());
 }
+
+/// `nearest`: the exact bucket first, then one power of two away (the larger first at equal
+/// distance), then two; nothing farther, nothing of another shape, nothing `usable` refuses.
+#[test]
+fn nearest_takes_the_closest_bucket_of_the_same_shape() {
+    let p = provenance();
+    // key(i): bucket 2^(i % 20) of one shape for i < 20; key(24): bucket 16 of another d_out.
+    let (b16, b64, other) = (entry(4, 0, &p), entry(6, 1, &p), entry(24, 1, &p));
+    let dir = tempfile::tempdir().unwrap();
+    store(dir.path(), &gpu(), &[b16, b64, other]).unwrap();
+    let (cache, warnings) = load(Some(dir.path()), &[]);
+    assert!(warnings.is_empty() && cache.len() == 3, "{warnings:?}");
+    let near = |i: usize| cache.nearest(&key(i), |_| true).map(|e| e.key.token_bucket);
+    assert_eq!((near(4), near(6)), (Some(16), Some(64)), "exact buckets");
+    assert_eq!(near(5), Some(64), "32: 16 and 64 are one power of two away, the larger first");
+    assert_eq!((near(3), near(2)), (Some(16), Some(16)), "8 and 4: 16 is one and two away");
+    assert_eq!((near(7), near(8)), (Some(64), Some(64)), "128 and 256");
+    assert_eq!((near(1), near(9)), (None, None), "2 and 512: three powers of two from the nearest");
+    assert_eq!(cache.nearest(&key(5), |e| e.key.token_bucket != 64).map(|e| e.key.token_bucket), Some(16));
+    assert_eq!(cache.nearest(&key(25), |_| true).map(|e| e.key.token_bucket), Some(16), "the other shape's own");
+    assert_eq!(cache.nearest(&key(27), |_| true), None, "the other shape at 128: 16 is three away");
+}

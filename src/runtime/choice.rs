@@ -2,7 +2,8 @@
 //! path (route-only fused launch, device slot plans, SGMV kernels), chosen per GPU and shape.
 //!
 //! **How the strategy is chosen** ([`choose`]): a fresh entry of the tuning cache for the shape
-//! key ([`crate::tune::ShapeKey`]) wins; without one, the documented heuristic
+//! key ([`crate::tune::ShapeKey`]) wins, else one of the same shape tuned for up to 4 times fewer
+//! or more tokens ([`TuningCache::nearest`]); without one, the documented heuristic
 //! ([`heuristic`]):
 //! - **fused** while the layer fits the fused build (`R`, plus `E` for an x router, at most the
 //!   build's 256 shrink columns, and its tile within 48 KiB of shared memory): it reads `x` once
@@ -25,10 +26,25 @@ use crate::{DType, MoleError, Result};
 /// Where a choice came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChoiceSource {
-    /// A fresh tuning-cache entry.
+    /// A fresh tuning-cache entry for the shape and token bucket (or a build forced by the
+    /// caller).
     Tuned,
+    /// A fresh tuning-cache entry for the shape at a nearby token bucket
+    /// ([`TuningCache::nearest`]: up to 4 times fewer or more tokens).
+    TunedNearby,
     /// The heuristic (no entry for this GPU and shape).
     Heuristic,
+}
+
+impl ChoiceSource {
+    /// `tuned`, `tuned nearby` or `heuristic`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChoiceSource::Tuned => "tuned",
+            ChoiceSource::TunedNearby => "tuned nearby",
+            ChoiceSource::Heuristic => "heuristic",
+        }
+    }
 }
 
 /// The strategy and build a layer call runs with.
@@ -94,8 +110,12 @@ pub fn choose(
         };
         e.build.dtype == dtype && e.build.family() == family
     };
-    if let Some(entry) = cache.and_then(|c| c.lookup(&key)).filter(usable) {
-        return Ok(Choice { strategy: entry.strategy, build: entry.build.clone(), source: ChoiceSource::Tuned });
+    if let Some(entry) = cache.and_then(|c| c.nearest(&key, |e| usable(&e))) {
+        let source = match entry.key.token_bucket == key.token_bucket {
+            true => ChoiceSource::Tuned,
+            false => ChoiceSource::TunedNearby,
+        };
+        return Ok(Choice { strategy: entry.strategy, build: entry.build.clone(), source });
     }
     let strategy = heuristic(spec, dtype, tokens, sm_count)?;
     Ok(Choice { strategy, build: default_build(strategy, dtype), source: ChoiceSource::Heuristic })
@@ -200,5 +220,42 @@ mod tests {
         let c = choose(&spec, DType::F16, 4096, 132, None).unwrap();
         assert_eq!((c.strategy, c.source), (Strategy::Fused, ChoiceSource::Heuristic));
         assert_eq!(c.build, fused::build(DType::F16, FusedConfig::DEFAULT));
+    }
+
+    /// An entry tuned at 4096 tokens serves 1024 to 16384 (two powers of two either way) as
+    /// "tuned nearby", its own bucket as "tuned", and nothing farther: T = 512 and 32768 go to
+    /// the heuristic. An unusable entry at the exact bucket does not hide a usable nearby one.
+    #[test]
+    fn a_nearby_token_bucket_serves_within_two_powers_of_two() {
+        use crate::tune::cache::Provenance;
+        use crate::tune::{Candidate, GpuId, TunedEntry};
+        let spec = Method::MixLoraPerLinear.spec(shape(8, 16)).unwrap();
+        let gpu = GpuId { name: "test".into(), compute_capability: (9, 0), sm_count: 132 };
+        let grouped = sgmv::build(DType::BF16, sgmv::SgmvConfig::DEFAULT);
+        let entry = |tokens, strategy, build| {
+            let key = ShapeKey::new(&spec, DType::BF16, tokens);
+            TunedEntry::new(key, Candidate { strategy, build }, 1.0, None, 1.0, &Provenance::current())
+        };
+        let cache = TuningCache::from_entries(gpu.clone(), vec![entry(4096, Strategy::Grouped, grouped.clone())]);
+        for (tokens, want) in [
+            (4096, (Strategy::Grouped, ChoiceSource::Tuned)),
+            (3000, (Strategy::Grouped, ChoiceSource::Tuned)),
+            (1024, (Strategy::Grouped, ChoiceSource::TunedNearby)),
+            (1025, (Strategy::Grouped, ChoiceSource::TunedNearby)),
+            (16384, (Strategy::Grouped, ChoiceSource::TunedNearby)),
+            (512, (Strategy::FusedSplit, ChoiceSource::Heuristic)),
+            (16385, (Strategy::Fused, ChoiceSource::Heuristic)),
+        ] {
+            let c = choose(&spec, DType::BF16, tokens, 132, Some(&cache)).unwrap();
+            assert_eq!((c.strategy, c.source), want, "T={tokens}");
+        }
+        // An f16 build at 4096 (unusable for bf16) and a usable one at 2048: T = 4096 takes 2048's.
+        let f16 = sgmv::build(DType::F16, sgmv::SgmvConfig::DEFAULT);
+        let cache = TuningCache::from_entries(
+            gpu,
+            vec![entry(4096, Strategy::Grouped, f16), entry(2048, Strategy::Grouped, grouped.clone())],
+        );
+        let c = choose(&spec, DType::BF16, 4096, 132, Some(&cache)).unwrap();
+        assert_eq!((c.strategy, c.build, c.source), (Strategy::Grouped, grouped, ChoiceSource::TunedNearby));
     }
 }

@@ -32,7 +32,7 @@ use crate::kernels::sgmv::SgmvConfig;
 use crate::kernels::KernelBuild;
 use crate::model::{FfnSpec, LayerSpec, Mix, RankLayout};
 use crate::runtime::ChoiceSource;
-use crate::tune::{token_bucket, ShapeKey, Strategy, TuningCache};
+use crate::tune::{token_bucket, ShapeKey, Strategy, TunedEntry, TuningCache};
 use crate::{DType, MoleError, Result};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use std::sync::{Arc, Mutex};
@@ -188,9 +188,10 @@ impl FfnPlanner {
         // Every count of a bucket runs what its largest would (as a layer's strategy): the
         // build, and so every reduction order, does not depend on which count came first.
         let key = ShapeKey::for_ffn(&self.spec, self.dtype, bucket as usize);
-        let tuned = self.tuning.as_ref().and_then(|t| t.lookup(&key)).filter(|e| e.strategy == Strategy::FfnBlock);
-        let c = match tuned.filter(|e| self.usable(&e.build).is_ok()) {
-            Some(e) => (e.build.clone(), ChoiceSource::Tuned),
+        let usable = |e: &TunedEntry| e.strategy == Strategy::FfnBlock && self.usable(&e.build).is_ok();
+        let c = match self.tuning.as_ref().and_then(|t| t.nearest(&key, usable)) {
+            Some(e) if e.key.token_bucket == key.token_bucket => (e.build.clone(), ChoiceSource::Tuned),
+            Some(e) => (e.build.clone(), ChoiceSource::TunedNearby),
             None => (ffn::build(self.dtype, FfnConfig::DEFAULT), ChoiceSource::Heuristic),
         };
         choices.push((bucket, c.clone()));

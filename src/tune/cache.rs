@@ -295,6 +295,22 @@ impl TuningCache {
         self.entries.get(key).map(|(e, _)| e)
     }
 
+    /// The entry for `key`'s shape tuned at the nearest token bucket that `usable` accepts:
+    /// `key`'s own bucket, else one or two powers of two away (up to 4 times fewer or more
+    /// tokens), nearer first and, at equal distance, the larger bucket first; `None` beyond.
+    /// What vLLM's per-GPU configurations do with the nearest batch size, bounded: a
+    /// configuration tuned for decode says nothing of prefill. Probes at most five keys.
+    pub fn nearest(&self, key: &ShapeKey, usable: impl Fn(&TunedEntry) -> bool) -> Option<&TunedEntry> {
+        let b = key.token_bucket;
+        let up = |d: u32| b.checked_shl(d).filter(|&u| u <= super::key::MAX_TOKEN_BUCKET);
+        let down = |d: u32| (b >> d >= 1).then_some(b >> d);
+        [Some(b), up(1), down(1), up(2), down(2)]
+            .into_iter()
+            .flatten()
+            .filter_map(|bucket| self.lookup(&ShapeKey { token_bucket: bucket, ..key.clone() }))
+            .find(|e| usable(e))
+    }
+
     /// Where the entry for `key` came from.
     pub fn source(&self, key: &ShapeKey) -> Option<EntrySource> {
         self.entries.get(key).map(|(_, s)| *s)

@@ -9,7 +9,7 @@ use mole::autotune::{DeviceBackward, DeviceLayer};
 use mole::cuda::{time_on_device, Device};
 use mole::model::STANDARD_METHODS;
 use mole::model::{LayerSpec, MethodShape, Mix, Router};
-use mole::runtime::{choose, default_build, Choice, ChoiceSource};
+use mole::runtime::{choose, default_build, Choice};
 use mole::synth::SyntheticLayer;
 use mole::tune::{GpuId, Strategy, TuningCache};
 use mole::{DType, KernelElement, Result};
@@ -120,7 +120,7 @@ pub fn layer(device: &Device, args: &LayerArgs, copy_gbs: f64) -> Result<()> {
                 Ok(m) => {
                     println!("{:<18} {t:>6} | {}", method.to_string(), format_row(&m, copy_gbs));
                     json.strategy = Some(m.choice.strategy.to_string());
-                    json.source = Some(source_name(m.choice.source).to_string());
+                    json.source = Some(m.choice.source.name().to_string());
                     json.time_us = Some(m.ms * 1e3);
                     json.gbs = Some(m.gbs);
                     json.fraction_of_copy = Some(m.gbs / copy_gbs);
@@ -146,14 +146,6 @@ pub fn layer(device: &Device, args: &LayerArgs, copy_gbs: f64) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn source_name(source: ChoiceSource) -> &'static str {
-    if source == ChoiceSource::Tuned {
-        "tuned"
-    } else {
-        "heuristic"
-    }
 }
 
 /// Median ms of `layer`'s forward.
@@ -218,7 +210,7 @@ fn measure_backward<T: KernelElement + DeviceRepr>(
 }
 
 fn format_row(m: &Measured, copy_gbs: f64) -> String {
-    let label = format!("{} ({})", m.choice.strategy, source_name(m.choice.source));
+    let label = format!("{} ({})", m.choice.strategy, m.choice.source.name());
     let (g_ms, ratio) = match m.grouped_ms {
         Some(g) => (format!("{g:>9.4}"), format!("{:>6.2}x", g / m.ms)),
         None => (format!("{:>9}", "-"), format!("{:>7}", "-")),

@@ -12,7 +12,6 @@ use mole::plan::RoutingPlan;
 use mole::reference::max_scaled_error;
 use mole::reference::LayerOutput;
 use mole::reference::{self, Bank};
-use mole::runtime::ChoiceSource;
 use mole::synth::SyntheticLayer;
 use mole::{limits, DType, KernelElement, MoleError, Result};
 use std::sync::Arc;
@@ -289,8 +288,7 @@ fn gpu_layer<T: KernelElement + DeviceRepr>(
     let (cache, warnings) = mole::tune::TuningCache::load_for(&gpu);
     warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     let choice = mole::runtime::choose(spec, T::DTYPE, data.tokens, device.sm_count(), Some(&cache))?;
-    let source = if choice.source == ChoiceSource::Tuned { "tuned" } else { "heuristic" };
-    let path = format!("GPU {} ({source}; {})", choice.strategy, choice.build);
+    let path = format!("GPU {} ({}; {})", choice.strategy, choice.source.name(), choice.build);
     let mut layer =
         DeviceLayer::new(device, spec, data.clone(), choice)?.with_reference(Arc::new(reference_y.to_vec()))?;
     // Over all tokens but the worst ceil(T / 512) of large batches: f32 router scores may route
