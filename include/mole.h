@@ -1,6 +1,8 @@
 /* The C ABI of mole: MoLE layers on raw CUDA device pointers and a CUstream, and the f64
  * reference on host f32 buffers. Generated from capi/ by cbindgen: do not edit (regenerate with
  * `cargo run -p mole-c --features gen-header --bin gen-header`).
+ * Every call returns a mole_status (mole_last_error_message() says why, per thread); a call
+ * that touches a GPU leaves the calling thread's current CUDA context as it found it.
  * Link: -lmole (libmole.so, or libmole.a with -lpthread -ldl -lm). See the README's "C" section. */
 
 #ifndef MOLE_H

@@ -263,3 +263,34 @@ fn bad_calls_are_typed_errors_before_any_launch() {
     let untouched: Vec<f64> = data.y.iter().map(|v| v.to_f64()).collect();
     assert_eq!(u.y(&stream), untouched);
 }
+
+/// `Device::restoring_current` (what the C and Python bindings wrap every GPU call in) puts back
+/// the thread's current context, none included, after calls that make the layer's current.
+#[test]
+#[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
+fn restoring_current_puts_back_the_callers_context() {
+    use cudarc::driver::sys;
+    let Some((device, stream)) = adopted() else { return };
+    let current = || {
+        let mut c: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: writes the thread's current context (or null) into a local.
+        unsafe { sys::cuCtxGetCurrent(&mut c) }.result().unwrap();
+        c
+    };
+    let spec = spec(Method::MixLoraPerLinear);
+    let unbind = || {
+        // SAFETY: unbinds the thread's context; nothing else runs on this thread meanwhile.
+        unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) }.result().unwrap()
+    };
+    // Without the wrapper, uploading the layer's constants leaves its context current.
+    unbind();
+    let bare = CompiledLayer::new(&device, &spec, DType::BF16, None).unwrap();
+    assert_eq!(current(), stream.context().cu_ctx());
+    unbind();
+    let layer = Device::restoring_current(|| CompiledLayer::new(&device, &spec, DType::BF16, None)).unwrap();
+    assert!(current().is_null(), "creating a layer left a context current");
+    Device::restoring_current(|| layer.prepare(16)).unwrap();
+    assert!(current().is_null(), "preparing a layer left a context current");
+    Device::restoring_current(|| drop((bare, layer)));
+    assert!(current().is_null(), "dropping layers left a context current");
+}

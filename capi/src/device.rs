@@ -1,6 +1,6 @@
 //! `MoleDevice`: a GPU opened by ordinal, or adopted from the caller's CUDA context.
 
-use crate::status::{guard, mole_status, write_out, Failure};
+use crate::status::{guard, guard_gpu, mole_status, write_out, Failure};
 use cudarc::driver::{result as drv, sys, CudaContext};
 use mole_core::cuda::{driver_present, Device};
 use mole_core::MoleError;
@@ -28,7 +28,7 @@ fn cuda(call: &'static str) -> impl Fn(drv::DriverError) -> Failure {
 /// `out` is null or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn mole_device_create(ordinal: i32, out: *mut *mut MoleDevice) -> mole_status {
-    guard(|| {
+    guard_gpu(|| {
         if out.is_null() {
             return Err(crate::status::null("out"));
         }
@@ -55,7 +55,7 @@ pub unsafe extern "C" fn mole_device_create(ordinal: i32, out: *mut *mut MoleDev
 /// `context` is null or a live `CUcontext`; `out` is null or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn mole_device_from_context(context: *mut c_void, out: *mut *mut MoleDevice) -> mole_status {
-    guard(|| {
+    guard_gpu(|| {
         if context.is_null() {
             return Err(crate::status::null("context"));
         }
@@ -67,18 +67,8 @@ pub unsafe extern "C" fn mole_device_from_context(context: *mut c_void, out: *mu
             return Err(no_driver());
         }
         drv::init().map_err(cuda("cuInit"))?;
-        // Opening the primary context makes it current (cudarc): the caller's current context is
-        // put back whatever happens.
-        let mut current: sys::CUcontext = std::ptr::null_mut();
-        // SAFETY: writes the calling thread's current context (or null) to a local.
-        unsafe { sys::cuCtxGetCurrent(&mut current) }.result().map_err(cuda("cuCtxGetCurrent"))?;
         // SAFETY: a live context by the caller's contract.
-        let adopted = unsafe { adopt(context as sys::CUcontext) };
-        // SAFETY: `current` was the thread's current context (or null) on entry and is still live:
-        // nothing here destroys a context the caller holds.
-        let restored = unsafe { sys::cuCtxSetCurrent(current) }.result().map_err(cuda("cuCtxSetCurrent"));
-        let device = adopted?;
-        restored?;
+        let device = unsafe { adopt(context as sys::CUcontext) }?;
         // SAFETY: `out` is non-null and valid for a write by the caller's contract.
         unsafe { write_out(out, "out", Box::into_raw(Box::new(MoleDevice { device }))) }
     })
@@ -144,7 +134,7 @@ pub unsafe extern "C" fn mole_device_sm_count(device: *const MoleDevice, out: *m
 /// `device` is null or a device from those calls, not yet destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn mole_device_destroy(device: *mut MoleDevice) {
-    guard(|| {
+    guard_gpu(|| {
         if !device.is_null() {
             // SAFETY: a pointer from `Box::into_raw` in the calls above, freed once.
             drop(unsafe { Box::from_raw(device) });

@@ -1,7 +1,7 @@
 //! `MoleLayer`: one compiled MoLE layer, run on the caller's device pointers and stream.
 
 use crate::device::MoleDevice;
-use crate::status::{arg, c_str, guard, mole_status, write_out, Failure};
+use crate::status::{arg, c_str, guard, guard_gpu, mole_status, write_out, Failure};
 use mole_core::model::LayerSpec;
 use mole_core::runtime::{BackwardPointers, CompiledLayer, LayerPointers};
 use mole_core::DType;
@@ -181,7 +181,7 @@ pub unsafe extern "C" fn mole_layer_create(
     dtype: *const c_char,
     out: *mut *mut MoleLayer,
 ) -> mole_status {
-    guard(|| {
+    guard_gpu(|| {
         // SAFETY: each pointer is null or valid by the caller's contract.
         let (device, spec, dtype) = unsafe { (arg(device, "device")?, spec_arg(spec_json)?, c_str(dtype, "dtype")?) };
         if out.is_null() {
@@ -200,7 +200,7 @@ pub unsafe extern "C" fn mole_layer_create(
 /// `layer` is null or a layer from `mole_layer_create`, not yet destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn mole_layer_destroy(layer: *mut MoleLayer) {
-    guard(|| {
+    guard_gpu(|| {
         if !layer.is_null() {
             // SAFETY: a pointer from `Box::into_raw` in `mole_layer_create`, freed once.
             drop(unsafe { Box::from_raw(layer) });
@@ -281,7 +281,7 @@ pub unsafe extern "C" fn mole_layer_backward_workspace_bytes(
 /// `layer` is null or live.
 #[no_mangle]
 pub unsafe extern "C" fn mole_layer_prepare(layer: *const MoleLayer, tokens: usize, backward: i32) -> mole_status {
-    guard(|| {
+    guard_gpu(|| {
         // SAFETY: forwarded from the caller's contract.
         let layer = &unsafe { arg(layer, "layer") }?.layer;
         layer.prepare(tokens)?;
@@ -309,7 +309,7 @@ pub unsafe extern "C" fn mole_layer_forward(
     tokens: usize,
     pointers: *const MoleLayerPointers,
 ) -> mole_status {
-    guard(|| {
+    guard_gpu(|| {
         // SAFETY: each pointer is null or valid by the caller's contract.
         let (layer, pointers) = unsafe { (arg(layer, "layer")?, arg(pointers, "pointers")?) };
         // SAFETY: the device memory and the stream are the caller's contract (above).
@@ -333,7 +333,7 @@ pub unsafe extern "C" fn mole_layer_backward(
     tokens: usize,
     pointers: *const MoleBackwardPointers,
 ) -> mole_status {
-    guard(|| {
+    guard_gpu(|| {
         // SAFETY: each pointer is null or valid by the caller's contract.
         let (layer, pointers) = unsafe { (arg(layer, "layer")?, arg(pointers, "pointers")?) };
         // SAFETY: the device memory and the stream are the caller's contract (above).

@@ -6,7 +6,8 @@
 //! their buffers without a GPU; the f64 reference runs on host f32 buffers ([`MoleHostInputs`],
 //! [`MoleHostGrads`]), so a C program can test against it without a GPU. Every call returns a
 //! [`mole_status`]; `mole_last_error_message()` gives the text of the last failure on the calling
-//! thread; no Rust panic crosses the boundary.
+//! thread; no Rust panic crosses the boundary; a call that touches a GPU leaves the calling
+//! thread's current CUDA context as it found it (the CUDA runtime's current device follows it).
 
 #![warn(missing_docs)]
 

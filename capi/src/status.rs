@@ -112,7 +112,14 @@ thread_local! {
 fn set_last_error(message: &str) {
     // A message with an interior NUL would be cut there by C: drop the NULs instead.
     let text = CString::new(message.replace('\0', "")).unwrap_or_default();
-    LAST_ERROR.with(|m| *m.borrow_mut() = text);
+    // `try_with`: during the thread's teardown the slot may be gone; never panic across C.
+    let _ = LAST_ERROR.try_with(|m| *m.borrow_mut() = text);
+}
+
+/// [`guard`] for an entry point that touches a GPU: the calling thread's current CUDA context is
+/// put back afterwards, whatever happens ([`mole_core::cuda::Device::restoring_current`]).
+pub fn guard_gpu(body: impl FnOnce() -> Result<(), Failure>) -> mole_status {
+    guard(|| mole_core::cuda::Device::restoring_current(body))
 }
 
 /// Runs the body of an entry point: `MOLE_OK` on success (and an empty message), the failure's

@@ -11,17 +11,32 @@ use mole::runtime::{BackwardPointers, CompiledLayer, LayerPointers};
 use mole::{DType, MoleError};
 use pyo3::prelude::*;
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 
 /// A buffer the caller passes: device address and size in bytes.
 type Region = (u64, usize);
 
 /// `mole._native.NativeLayer(spec_json, dtype, device)`: one compiled layer (see
 /// [`CompiledLayer`]).
+/// Every call that touches the GPU, and the drop, leaves the calling thread's current CUDA
+/// context as it found it ([`Device::restoring_current`]): PyTorch's current device follows it.
 #[pyclass(module = "mole._native", frozen)]
 pub struct NativeLayer {
-    layer: CompiledLayer,
-    device: Device,
+    layer: ManuallyDrop<CompiledLayer>,
+    device: ManuallyDrop<Device>,
     dtype: DType,
+}
+
+impl Drop for NativeLayer {
+    fn drop(&mut self) {
+        Device::restoring_current(|| {
+            // SAFETY: dropped once, here; the fields are not used after.
+            unsafe {
+                ManuallyDrop::drop(&mut self.layer);
+                ManuallyDrop::drop(&mut self.device);
+            }
+        })
+    }
 }
 
 /// The device pointer `ptr` of tensor `name` must be memory of GPU `ordinal` (a host pointer, or
@@ -56,14 +71,23 @@ fn check_pointer(name: &str, ptr: u64, ordinal: usize) -> PyResult<()> {
 }
 
 impl NativeLayer {
-    /// Checks every pointer of `ptrs` with [`check_pointer`], the layer's context current (the
-    /// driver resolves addresses in it).
-    fn pointers(&self, ptrs: &HashMap<String, u64>) -> PyResult<()> {
+    /// Checks every pointer of `ptrs` and `more` with [`check_pointer`], the layer's context
+    /// current (the driver resolves addresses in it). Inside a CUDA-graph capture in global mode
+    /// (PyTorch's default) a driver call deemed unsafe would invalidate the capture: the checks
+    /// run in relaxed mode, and the thread's mode is put back after them.
+    fn pointers(&self, ptrs: &HashMap<String, u64>, more: &[(&str, u64)]) -> PyResult<()> {
         self.device.bind().py()?;
-        for (name, &p) in ptrs {
-            check_pointer(name, p, self.device.ordinal())?;
+        let mut mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        // SAFETY: exchanges the calling thread's capture mode with a local (put back below).
+        let relaxed = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) } == sys::CUresult::CUDA_SUCCESS;
+        let ordinal = self.device.ordinal();
+        let mut all = ptrs.iter().map(|(n, &p)| (n.as_str(), p)).chain(more.iter().copied());
+        let checked = all.try_for_each(|(name, p)| check_pointer(name, p, ordinal));
+        if relaxed {
+            // SAFETY: puts back the mode the exchange above returned.
+            unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) };
         }
-        Ok(())
+        checked
     }
 }
 
@@ -84,9 +108,11 @@ impl NativeLayer {
     fn new(spec: &str, dtype: &str, device: usize) -> PyResult<Self> {
         let spec = parse(spec)?;
         let dtype = parse_dtype(dtype)?;
-        let device = Device::new(device).py()?;
-        let layer = CompiledLayer::new(&device, &spec, dtype, None).py()?;
-        Ok(NativeLayer { layer, device, dtype })
+        Device::restoring_current(|| {
+            let device = Device::new(device).py()?;
+            let layer = CompiledLayer::new(&device, &spec, dtype, None).py()?;
+            Ok(NativeLayer { layer: ManuallyDrop::new(layer), device: ManuallyDrop::new(device), dtype })
+        })
     }
 
     /// The GPU's ordinal.
@@ -125,13 +151,15 @@ impl NativeLayer {
     /// Compiling takes seconds: other Python threads run meanwhile (the GIL is released).
     #[pyo3(signature = (tokens, backward = false))]
     fn prepare(&self, py: Python<'_>, tokens: usize, backward: bool) -> PyResult<()> {
-        py.detach(|| -> mole::Result<()> {
-            self.layer.prepare(tokens)?;
-            if backward {
-                self.layer.planner().plan_training(tokens)?;
-                self.layer.prepare_backward(tokens)?;
-            }
-            Ok(())
+        py.detach(|| {
+            Device::restoring_current(|| -> mole::Result<()> {
+                self.layer.prepare(tokens)?;
+                if backward {
+                    self.layer.planner().plan_training(tokens)?;
+                    self.layer.prepare_backward(tokens)?;
+                }
+                Ok(())
+            })
         })
         .py()
     }
@@ -159,10 +187,7 @@ impl NativeLayer {
         workspace: Region,
         saved: Option<Region>,
     ) -> PyResult<()> {
-        self.pointers(&ptrs)?;
-        check_pointer("workspace", workspace.0, self.device.ordinal())?;
         let saved = saved.unwrap_or((0, 0));
-        check_pointer("saved", saved.0, self.device.ordinal())?;
         let gate = ptr(&ptrs, "logits") | ptr(&ptrs, "weights");
         let p = LayerPointers {
             x: ptr(&ptrs, "x"),
@@ -180,12 +205,15 @@ impl NativeLayer {
             saved: saved.0,
             saved_bytes: saved.1,
         };
-        // SAFETY: the Python layer checked every tensor against this layer's contract (shape,
-        // dtype, C-contiguity, writable `y`) and passes the addresses of live arrays the caller
-        // holds during the call (its frame keeps them alive while the GIL is released); each is
-        // device memory of the layer's GPU (checked above), whose primary context the layer uses;
-        // the stream is the caller's, of that context.
-        py.detach(|| unsafe { self.layer.forward_raw(stream_of(stream), tokens, p) }).py()
+        Device::restoring_current(|| {
+            self.pointers(&ptrs, &[("workspace", workspace.0), ("saved", saved.0)])?;
+            // SAFETY: the Python layer checked every tensor against this layer's contract (shape,
+            // dtype, C-contiguity, writable `y`) and passes the addresses of live arrays the caller
+            // holds during the call (its frame keeps them alive while the GIL is released); each is
+            // device memory of the layer's GPU (checked above), whose primary context the layer uses;
+            // the stream is the caller's, of that context.
+            py.detach(|| unsafe { self.layer.forward_raw(stream_of(stream), tokens, p) }).py()
+        })
     }
 
     /// The backward of a training forward over `tokens` tokens on `stream`: `inputs` maps the
@@ -202,10 +230,6 @@ impl NativeLayer {
         saved: Region,
         workspace: Region,
     ) -> PyResult<()> {
-        self.pointers(&inputs)?;
-        self.pointers(&grads)?;
-        check_pointer("workspace", workspace.0, self.device.ordinal())?;
-        check_pointer("saved", saved.0, self.device.ordinal())?;
         let p = BackwardPointers {
             x: ptr(&inputs, "x"),
             a: ptr(&inputs, "a"),
@@ -227,9 +251,13 @@ impl NativeLayer {
             workspace: workspace.0,
             workspace_bytes: workspace.1,
         };
-        // SAFETY: as in `forward`; the saved buffer is the one the training forward of these
-        // inputs wrote (the Python layer passes the routing it kept), the gradients are distinct
-        // writable arrays the caller holds during the call.
-        py.detach(|| unsafe { self.layer.backward_raw(stream_of(stream), tokens, p) }).py()
+        Device::restoring_current(|| {
+            self.pointers(&inputs, &[])?;
+            self.pointers(&grads, &[("workspace", workspace.0), ("saved", saved.0)])?;
+            // SAFETY: as in `forward`; the saved buffer is the one the training forward of these
+            // inputs wrote (the Python layer passes the routing it kept), the gradients are distinct
+            // writable arrays the caller holds during the call.
+            py.detach(|| unsafe { self.layer.backward_raw(stream_of(stream), tokens, p) }).py()
+        })
     }
 }

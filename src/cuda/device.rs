@@ -198,6 +198,33 @@ impl Device {
         self.ctx.bind_to_thread().map_err(cuda_err("cuCtxSetCurrent"))
     }
 
+    /// Runs `f`, then makes the calling thread's current CUDA context the one that was current
+    /// before (or none), even when `f` fails or panics. mole's CUDA calls (cudarc's) make the
+    /// device's context current and leave it so; a caller on the CUDA runtime (a C++ engine,
+    /// PyTorch), whose current device follows the current context, would otherwise find its
+    /// device changed after a call on another GPU. The C and Python bindings run every call
+    /// that touches a GPU through this. Without a driver, or when the current context cannot be
+    /// read, just `f`.
+    pub fn restoring_current<R>(f: impl FnOnce() -> R) -> R {
+        use cudarc::driver::sys;
+        struct Restore(sys::CUcontext);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // SAFETY: the context was current on entry and the caller keeps it alive for the
+                // call (null: none was); setting it touches only this thread's binding.
+                let _ = unsafe { sys::cuCtxSetCurrent(self.0) };
+            }
+        }
+        if !driver_present() {
+            return f();
+        }
+        let mut saved: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: writes the calling thread's current context (or null) into a local.
+        let read = unsafe { sys::cuCtxGetCurrent(&mut saved) };
+        let _restore = (read == sys::CUresult::CUDA_SUCCESS).then_some(Restore(saved));
+        f()
+    }
+
     /// The disk cache in use, if any.
     pub fn disk_cache(&self) -> Option<&DiskCache> {
         self.disk.as_ref()

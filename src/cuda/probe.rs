@@ -20,10 +20,11 @@ pub struct GpuInfo {
     pub total_memory: usize,
 }
 
-/// Whether libcuda can be loaded.
+/// Whether libcuda can be loaded (probed once per process: the bindings ask on every call).
 pub fn driver_present() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // SAFETY: only tries to dlopen the library under its usual names; nothing is called.
-    unsafe { drv_sys::is_culib_present() }
+    *PRESENT.get_or_init(|| unsafe { drv_sys::is_culib_present() })
 }
 
 /// Every GPU the driver sees. Errors (not panics) when libcuda is missing or fails to init.

@@ -167,7 +167,13 @@ int main(void) {
   MoleLayer *layer = NULL;
   st = mole_layer_create(dev, SPEC, "f64", &layer);
   if (st != MOLE_ERROR_INVALID_ARGUMENT) FAIL("dtype f64: %s", mole_status_name(st));
+  /* Calls leave the thread's current context as they found it (the CUDA runtime's current
+   * device follows it): none here. */
+  CU(cuCtxSetCurrent(NULL));
   MOLE(mole_layer_create(dev, SPEC, "f32", &layer));
+  CU(cuCtxGetCurrent(&current));
+  if (current != NULL) FAIL("mole_layer_create left a context current");
+  CU(cuCtxSetCurrent(primary));
   mole_device_destroy(dev); /* the layer keeps what it needs */
 
   fill(x, T * D_IN, 0.37, 0.1);
@@ -208,12 +214,21 @@ int main(void) {
   p.x = upload(x, T * D_IN), p.a = upload(a, D_IN * R), p.b = upload(b, R * D_OUT);
   p.y = upload(y0, T * D_OUT), p.router_weight = upload(wg, D_IN * E);
   p.workspace = poisoned(ws_bytes), p.workspace_bytes = ws_bytes;
-  MoleLayerPointers short_ws = p;
-  short_ws.workspace_bytes = ws_bytes - 1;
-  st = mole_layer_forward(layer, stream, T, &short_ws);
-  if (ws_bytes > 0 && (st != MOLE_ERROR_SHAPE_MISMATCH || strstr(mole_last_error_message(), "workspace") == NULL))
-    FAIL("a short workspace: %s (%s)", mole_status_name(st), mole_last_error_message());
+  if (ws_bytes > 0) {
+    MoleLayerPointers short_ws = p;
+    short_ws.workspace_bytes = ws_bytes - 1;
+    st = mole_layer_forward(layer, stream, T, &short_ws);
+    if (st != MOLE_ERROR_SHAPE_MISMATCH || strstr(mole_last_error_message(), "workspace") == NULL)
+      FAIL("a short workspace: %s (%s)", mole_status_name(st), mole_last_error_message());
+  }
+  /* The forward with another context current: launched in the layer's, that one current after. */
+  CUcontext bystander = NULL;
+  CU(cuCtxCreate(&bystander, 0, cu_dev));
   MOLE(mole_layer_forward(layer, stream, T, &p));
+  CU(cuCtxGetCurrent(&current));
+  if (current != bystander) FAIL("mole_layer_forward changed the thread's current context");
+  CU(cuCtxDestroy(bystander));
+  CU(cuCtxSetCurrent(primary));
   CU(cuStreamSynchronize(stream));
   CU(cuMemcpyDtoH(got, p.y, sizeof(float) * T * D_OUT));
   compare("forward y", got, want_y, T * D_OUT, D_IN + R);
