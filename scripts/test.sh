@@ -49,6 +49,12 @@ cargo build --release -p mole-c --lib --features mole-core/cli
 cc -std=c11 -Wall -Wextra -Werror -Iinclude tests/c/reference.c target/release/libmole.a -lpthread -ldl -lm \
   -o target/c-reference
 target/c-reference
+# The README's C example, compiled and linked against the static library (not run: it needs a GPU).
+awk '/^## C$/,/^## The model/' README.md | sed -n '/^```c$/,/^```$/p' | sed '1d;$d' > target/readme-example.c
+grep -q mole_layer_forward target/readme-example.c
+printf 'int main(void) { return 0; }\n' >> target/readme-example.c
+cc -std=c11 -Wall -Wextra -Werror -Iinclude target/readme-example.c target/release/libmole.a -lpthread -ldl -lm \
+  -o target/readme-example
 # The GPU kit: its report builder's tests, pack (release builds into .gpu/), and a dry run of the
 # default set (exits non-zero when a step that needs no GPU fails).
 python3 scripts/gpu/test_kit.py
