@@ -29,12 +29,17 @@ def inputs(tokens, rng, bias=True):
     return arrays
 
 
+def router(x, router_weight, router_bias):
+    """The router's logits and softmax probabilities."""
+    z = x @ router_weight + router_bias
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return z, p / p.sum(axis=1, keepdims=True)
+
+
 def numpy_mixlora(s, x, a, b, y, router_weight, router_bias):
     """MixLoRA by hand: softmax router, top-k, weights renormalised over the k, rank columns of
     each selected expert scaled by its weight, expanded, scaled."""
-    z = x @ router_weight + router_bias
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    _, p = router(x, router_weight, router_bias)
     top = np.argsort(-p, axis=1, kind="stable")[:, :K]
     h = x @ a
     mixed = np.zeros_like(h)
@@ -70,9 +75,7 @@ def test_router_statistics_match_numpy():
     arrays = inputs(16, rng)
     out = mole.reference(s, **arrays)
     _, top = numpy_mixlora(s, **arrays)
-    z = arrays["x"] @ arrays["router_weight"] + arrays["router_bias"]
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    z, p = router(arrays["x"], arrays["router_weight"], arrays["router_bias"])
     chosen = np.zeros_like(p)
     np.put_along_axis(chosen, top, 1.0, axis=1)
     stats = out["stats"]

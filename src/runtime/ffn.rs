@@ -645,8 +645,14 @@ mod tests {
             assert_eq!(plan.grouping.1.entry_stride, sgmv::entry_capacity(t, 8, 16), "T={t}");
             assert_eq!(plan.ffn.1.params.entry_stride as usize, plan.grouping.1.entry_stride);
         }
-        // Other buckets have no entry: the defaults.
-        for t in [64, 129] {
+        // Buckets up to two powers of two away (32 ..= 512) run it as "tuned nearby"; farther
+        // ones have no entry: the defaults.
+        for t in [17, 64, 129, 512] {
+            let plan = p.plan(t).unwrap();
+            assert_eq!((&plan.ffn.0, plan.source), (&tuned, ChoiceSource::TunedNearby), "T={t}");
+            assert_eq!(plan.sgmv_build, sgmv::build(DType::BF16, bm16), "T={t}");
+        }
+        for t in [16, 513] {
             let plan = p.plan(t).unwrap();
             assert_eq!(plan.ffn.0, ffn::build(DType::BF16, FfnConfig::DEFAULT), "T={t}");
             assert_eq!(
