@@ -202,8 +202,10 @@ fn a_tuned_block_plans_with_the_cached_build_and_its_sgmv_pair() {
         assert_eq!(plan.grouping.1.entry_stride, sgmv::entry_capacity(tokens, s.experts, 16));
         assert_eq!(plan.ffn.1.gate.as_ref().unwrap().config.bm, 16);
     }
-    // T = 9 is another bucket: the defaults, as the sequence test runs them.
-    let plan = planner.plan(9).unwrap();
+    // T = 16 (bucket 16, two powers of two away) runs the entry as "tuned nearby"; T = 8
+    // (three away) the defaults, as the sequence test runs them.
+    assert_eq!(planner.plan(16).unwrap().source, mole::runtime::ChoiceSource::TunedNearby);
+    let plan = planner.plan(8).unwrap();
     assert_eq!(plan.ffn.0, ffn::build(DType::BF16, ffn::FfnConfig::DEFAULT));
     assert_eq!(plan.sgmv_build, sgmv::build(DType::BF16, sgmv::SgmvConfig::DEFAULT));
 }
