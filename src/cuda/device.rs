@@ -219,8 +219,16 @@ impl Device {
             return f();
         }
         let mut saved: sys::CUcontext = std::ptr::null_mut();
-        // SAFETY: writes the calling thread's current context (or null) into a local.
-        let read = unsafe { sys::cuCtxGetCurrent(&mut saved) };
+        // SAFETY: writes the calling thread's current context (or null) into a local; before the
+        // driver's initialisation (which `f` would do) none is current, after it, once.
+        let read = unsafe {
+            match sys::cuCtxGetCurrent(&mut saved) {
+                sys::CUresult::CUDA_ERROR_NOT_INITIALIZED if sys::cuInit(0) == sys::CUresult::CUDA_SUCCESS => {
+                    sys::cuCtxGetCurrent(&mut saved)
+                }
+                read => read,
+            }
+        };
         let _restore = (read == sys::CUresult::CUDA_SUCCESS).then_some(Restore(saved));
         f()
     }
