@@ -115,7 +115,12 @@ def test_forward_allows_adjacent_buffers_and_reads_sharing_memory():
 def test_backward_refuses_a_written_buffer_overlapping_another(written, other):
     lay, mem = layer(), Memory()
     args = backward_args(mem)
-    slot = lambda n: (args["grads"], n[7:-2]) if n.startswith("grads") else (args, {"backward workspace": "workspace"}.get(n, n))  # noqa: E731
+
+    def slot(name):  # the dict and key holding the buffer a message calls `name`
+        if name.startswith("grads"):
+            return args["grads"], name[len("grads['"):-2]
+        return args, {"backward workspace": "workspace"}.get(name, name)
+
     src_dict, src_key = slot(other)
     dst_dict, dst_key = slot(written)
     src, dst = src_dict[src_key], dst_dict[dst_key]
