@@ -82,12 +82,20 @@ def check_graph(torch, mole_torch, mole):
     y = torch.zeros(t, 96, device="cuda", dtype=torch.bfloat16)
     ws = torch.empty(max(layer.workspace_bytes(t), 1), dtype=torch.uint8, device="cuda")
     arr = mole_torch.device_array
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
+
+    def run():
         layer.forward(arr(x, "x"), arr(a, "a"), arr(b, "b"), arr(y, "y"), arr(ws, "workspace"),
                       router_weight=arr(wg, "router_weight"), stream=torch.cuda.current_stream())
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    # One eager call on the capture's stream and buffers first, as PyTorch recommends before a capture.
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        run()
     results = []
     for _ in range(2):
         x.copy_(mk(t, 128))

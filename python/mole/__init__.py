@@ -11,7 +11,7 @@ Every error is a :class:`mole.MoleError`; bad input is also a ``ValueError`` (se
 import json
 
 from . import _native
-from ._arrays import DeviceArray, bind, dtype_name, region, stream_handle
+from ._arrays import DeviceArray, bind, check_disjoint, dtype_name, interface, nonnegative, region, stream_handle
 from .errors import (
     CompileError,
     DeviceError,
@@ -62,7 +62,8 @@ def plan_sizes(spec, tokens, sm_count, dtype="bf16", **shape):
     ``{"workspace_bytes", "saved_bytes", "backward_workspace_bytes"}``, what ``Layer(spec, dtype)``
     on a GPU with ``sm_count`` SMs gives (the strategy, and so the workspace, depends on both
     counts). ``spec`` as :func:`spec` takes it."""
-    sizes = _native.plan_sizes(_spec_text(spec, shape), dtype_name(dtype), int(sm_count), int(tokens))
+    sizes = _native.plan_sizes(_spec_text(spec, shape), dtype_name(dtype), nonnegative("sm_count", sm_count, 32),
+                               nonnegative("tokens", tokens))
     return dict(zip(("workspace_bytes", "saved_bytes", "backward_workspace_bytes"), sizes))
 
 
@@ -78,15 +79,16 @@ class Layer:
     Calls take the caller's arrays (C-contiguous, of the layer's dtype; ``adapter_ids`` int32) and
     launch on the caller's stream: the ``stream`` argument (an int ``CUstream``, a
     ``torch.cuda.Stream`` or a CuPy stream), else the ``stream`` entry of ``x``'s
-    ``__cuda_array_interface__`` (version 3, as CuPy fills it), else the legacy default stream.
-    PyTorch's interface has no stream entry: pass ``stream=torch.cuda.current_stream()`` (what
-    ``mole.torch`` does). Nothing is allocated, copied or synchronised; every shape, dtype,
-    layout and device is checked before any launch."""
+    ``__cuda_array_interface__`` (version 3, as CuPy fills it), else the current stream of ``x``'s
+    library (``torch.cuda.current_stream(x.device)`` for a PyTorch tensor, whose interface has no
+    stream entry; ``cupy.cuda.get_current_stream()`` for a CuPy array), else the legacy default
+    stream. Nothing is allocated, copied or synchronised; every shape, dtype, layout and device is
+    checked before any launch, and no buffer the call writes may overlap another it uses."""
 
     def __init__(self, spec, dtype="bf16", device=0, **shape):
         self.spec = json.loads(_spec_text(spec, shape))
         self.dtype = dtype_name(dtype)
-        self._native = _native.NativeLayer(json.dumps(self.spec), self.dtype, int(device))
+        self._native = _native.NativeLayer(json.dumps(self.spec), self.dtype, nonnegative("device", device))
 
     @property
     def device(self):
@@ -95,45 +97,51 @@ class Layer:
 
     def workspace_bytes(self, tokens):
         """Bytes of the workspace a forward over ``tokens`` tokens needs (shareable by layers)."""
-        return self._native.workspace_bytes(int(tokens))
+        return self._native.workspace_bytes(nonnegative("tokens", tokens))
 
     def saved_bytes(self, tokens):
         """Bytes of the routing a training forward saves for its backward (one buffer per call)."""
-        return self._native.saved_bytes(int(tokens))
+        return self._native.saved_bytes(nonnegative("tokens", tokens))
 
     def backward_workspace_bytes(self, tokens):
         """Bytes of the workspace a backward over ``tokens`` tokens needs."""
-        return self._native.backward_workspace_bytes(int(tokens))
+        return self._native.backward_workspace_bytes(nonnegative("tokens", tokens))
 
     def prepare(self, tokens, backward=False):
         """Compiles and loads the kernels of ``tokens``-token calls (with ``backward``, the
         training forward's and the backward's too): afterwards those calls compile nothing."""
-        self._native.prepare(int(tokens), bool(backward))
+        self._native.prepare(nonnegative("tokens", tokens), bool(backward))
 
     def tensors(self, tokens):
         """The inputs a forward takes: ``{name: shape}``."""
-        return {n: tuple(s) for n, s, _ in self._native.tensors(int(tokens))}
+        return {n: tuple(s) for n, s, _ in self._native.tensors(nonnegative("tokens", tokens))}
 
     def gradients(self, tokens):
         """The gradients a backward writes: ``{name: shape}`` (frozen parameters have none)."""
-        return {n: tuple(s) for n, s in self._native.gradients(int(tokens))}
+        return {n: tuple(s) for n, s in self._native.gradients(nonnegative("tokens", tokens))}
 
     def forward(self, x, a, b, y, workspace, router_weight=None, router_bias=None, logits=None, weights=None,
                 adapter_ids=None, selection_bias=None, cores=None, saved=None, stream=None):
         """``y += delta`` in place, over ``T = x.shape[0]`` tokens. ``saved`` (a device buffer of
         ``saved_bytes(T)`` bytes) makes it a training forward that keeps the routing for
-        :meth:`backward`."""
+        :meth:`backward`. ``stream`` as the class says: PyTorch tensors and CuPy arrays launch on
+        their library's current stream by default."""
         tokens = _tokens(x)
         given = {"x": x, "a": a, "b": b, "y": y, "router_weight": router_weight, "router_bias": router_bias,
                  "logits": logits, "weights": weights, "adapter_ids": adapter_ids,
                  "selection_bias": selection_bias, "cores": cores}
         arrays = bind(self._native.tensors(tokens), self.dtype, given, writable={"y"})
-        ws = region("workspace", workspace, self.workspace_bytes(tokens)) if tokens else (0, 0)
-        kept = None
-        if saved is not None and tokens:
-            kept = region("saved", saved, self.saved_bytes(tokens))
         if tokens == 0:
             return
+        need = self.workspace_bytes(tokens)
+        ws = region("workspace", workspace, need)
+        written = [("y", arrays["y"].ptr, arrays["y"].nbytes), ("workspace", ws[0], need)]
+        kept = None
+        if saved is not None:
+            saved_need = self.saved_bytes(tokens)
+            kept = region("saved", saved, saved_need)
+            written.append(("saved", kept[0], saved_need))
+        check_disjoint(written, [(n, d.ptr, d.nbytes) for n, d in arrays.items() if n != "y"])
         handle = stream_handle(stream, arrays["x"])
         self._native.forward(handle, tokens, {n: d.ptr for n, d in arrays.items()}, ws, kept)
 
@@ -153,8 +161,12 @@ class Layer:
         grad_contract = [(n, s, False) for n, s in self._native.gradients(tokens)]
         outs = bind(grad_contract, self.dtype, dict(grads), writable={n for n, _, _ in grad_contract},
                     role="gradient")
-        kept = region("saved", saved, self.saved_bytes(tokens))
-        ws = region("backward workspace", workspace, self.backward_workspace_bytes(tokens))
+        saved_need, need = self.saved_bytes(tokens), self.backward_workspace_bytes(tokens)
+        kept = region("saved", saved, saved_need)
+        ws = region("backward workspace", workspace, need)
+        written = [(f"grads[{n!r}]", d.ptr, d.nbytes) for n, d in outs.items()] + [("backward workspace", ws[0], need)]
+        read = [(n, d.ptr, d.nbytes) for n, d in inputs.items()] + [("saved", kept[0], saved_need)]
+        check_disjoint(written, read)
         handle = stream_handle(stream, inputs["x"])
         self._native.backward(handle, tokens, {n: d.ptr for n, d in inputs.items()},
                               {n: d.ptr for n, d in outs.items()}, kept, ws)
@@ -162,8 +174,9 @@ class Layer:
 
 def _tokens(x):
     shape = getattr(x, "shape", None)
-    if shape is None and hasattr(x, "__cuda_array_interface__"):
-        shape = x.__cuda_array_interface__.get("shape")
+    if shape is None:
+        cai = interface("x", x)
+        shape = cai.get("shape") if isinstance(cai, dict) else None
     if shape is None or len(shape) != 2:
         raise ShapeError(f"tensor `x`: expected shape [T, d_in], got {None if shape is None else list(shape)}")
     return int(shape[0])
@@ -199,6 +212,10 @@ def _host_arrays(spec_text, arrays, extra=()):
         if arr.dtype.kind not in kind:
             want = "an integer array" if is_int else "a real array"
             raise DTypeError(f"tensor `{name}`: expected {want}, got dtype {arr.dtype}")
+        # Integers are sent as int32: a wider value would wrap around into another (valid) id.
+        if is_int and arr.size and not (-(1 << 31) <= int(arr.min()) and int(arr.max()) < 1 << 31):
+            raise InvalidValueError(
+                f"tensor `{name}`: values from {int(arr.min())} to {int(arr.max())} do not fit int32")
         encoded[name] = np.ascontiguousarray(arr, dtype="<i4" if is_int else "<f8").tobytes()
     return tokens, encoded
 

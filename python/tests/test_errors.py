@@ -141,6 +141,86 @@ def test_workspace_regions_and_streams():
     assert _arrays.stream_handle(77, first(0xABC0)) == 77
 
 
+def test_byte_buffers_are_regions_but_no_tensor():
+    # What mole.torch allocates workspaces and the saved routing as (torch.uint8).
+    assert _arrays.region("workspace", described((4096,), "u8"), 4096) == (1 << 20, 4096)
+    assert _arrays.region("saved", described((300,), "uint8"), 300) == (1 << 20, 300)
+    with pytest.raises(mole.ShapeError, match="saved.*300 bytes, the call needs 301"):
+        _arrays.region("saved", described((300,), "u8"), 301)
+
+    class CupyBytes:  # the interface's own type string for bytes
+        __cuda_array_interface__ = {"shape": (512,), "typestr": "|u1", "data": (1 << 21, False), "version": 3}
+
+    assert _arrays.region("workspace", CupyBytes(), 512) == (1 << 21, 512)
+    with pytest.raises(mole.DTypeError, match="tensor `x`: expected bf16, got u8"):
+        bind(device_inputs(x=DeviceArray(1 << 20, (3, 6), "u8")))
+
+
+def test_an_interface_that_raises_is_a_layout_error():
+    class RequiresGrad:
+        shape = (3, 6)
+
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+    with pytest.raises(mole.LayoutError, match=r"`a`: .*RuntimeError.*requires grad.*\.detach\(\).*DeviceArray"):
+        bind(device_inputs(a=RequiresGrad()))
+
+    class NoShape:
+        @property
+        def __cuda_array_interface__(self):
+            raise KeyError("bfloat16")
+
+    with pytest.raises(mole.LayoutError, match="`x`: .*KeyError"):
+        mole._tokens(NoShape())
+    with pytest.raises(mole.LayoutError, match="`workspace`: .*KeyError"):
+        _arrays.region("workspace", NoShape(), 16)
+
+
+def test_negative_integers_are_invalid_values():
+    for name, value in (("device", -1), ("tokens", -3), ("stream", -5)):
+        with pytest.raises(mole.InvalidValueError, match=f"`{name}`: .*non-negative.*{value}"):
+            _arrays.nonnegative(name, value)
+    with pytest.raises(mole.InvalidValueError, match="`stream`: .*2\\*\\*64"):
+        _arrays.nonnegative("stream", 1 << 64)
+    with pytest.raises(mole.InvalidValueError, match="`tokens`"):
+        _arrays.nonnegative("tokens", "many")
+    assert _arrays.nonnegative("tokens", np.int64(7)) == 7
+    first = _arrays.Described("x", described((3, 6)))
+    with pytest.raises(mole.InvalidValueError, match="`stream`: .*-1"):
+        _arrays.stream_handle(-1, first)
+
+    class NegativeTorchStream:
+        cuda_stream = -2
+
+    with pytest.raises(mole.InvalidValueError, match="`stream`: .*-2"):
+        _arrays.stream_handle(NegativeTorchStream(), first)
+    with pytest.raises(mole.InvalidValueError, match="`tokens`: .*-1"):
+        mole.plan_sizes(spec(), -1, 132)
+    with pytest.raises(mole.InvalidValueError, match="`sm_count`: .*-1"):
+        mole.plan_sizes(spec(), 8, -1)
+    # Checked before the driver is looked for.
+    with pytest.raises(mole.InvalidValueError, match="`device`: .*-1"):
+        mole.Layer(spec(), "bf16", device=-1)
+
+
+def test_adapter_ids_wider_than_int32_are_refused():
+    s = dict(spec(), gating={"type": "adapter_ids"})
+    s.pop("aux_loss", None)
+    given = arrays()
+    del given["router_weight"]
+    ids = np.array([0, 3, -1], dtype=np.int64)
+    out = mole.reference(s, adapter_ids=ids, **given)["ids"]
+    assert out[:, 0].tolist() == [0, 3, -1]
+    # 2**32 + 1 would wrap around to expert 1, an id in range.
+    for bad in (np.int64((1 << 32) + 1), np.int64(-(1 << 31) - 1)):
+        with pytest.raises(mole.InvalidValueError, match="`adapter_ids`: .*int32"):
+            mole.reference(s, adapter_ids=np.array([0, bad, 1], dtype=np.int64), **given)
+    with pytest.raises(mole.InvalidValueError, match="`adapter_ids`"):
+        mole.reference(s, adapter_ids=np.array([0, 1 << 63, 1], dtype=np.uint64), **given)
+
+
 def test_gradients_of_frozen_parameters_are_refused():
     s = spec()
     s["training"] = {"frozen": ["a"]}
