@@ -4,7 +4,9 @@
 1. forward and backward of ``mole.torch.MoleFunction`` (MixLoRA, f32 and bf16) against PyTorch
    autograd of a dense formulation in f64 (top-k selection held constant, as the layer does);
 2. a CUDA-graph capture of the forward, replayed on new inputs, against the eager forward;
-3. a short training loop of ``MoleLinear`` toward a fixed teacher: the loss must decrease.
+3. the calls leave the thread's current CUDA context as they found it, and the sizes planned
+   without a GPU (``mole.plan_sizes``) are the layer's;
+4. a short training loop of ``MoleLinear`` toward a fixed teacher: the loss must decrease.
 
 Writes JSON results (``--json``); exits 1 when a check fails. The package comes from the wheel
 in ``--wheel-dir`` (unzipped into a temporary folder: no pip, no network) or the environment."""
@@ -110,6 +112,37 @@ def check_graph(torch, mole_torch, mole):
     return {"replays_bit_identical_to_eager": results, "pass": all(results)}
 
 
+def check_context(torch, mole):
+    """Calls leave the thread's current CUDA context as they found it (PyTorch's current device
+    follows it): none current before a layer's creation and first forward, none after."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    before, seen = ctypes.c_void_p(), ctypes.c_void_p()
+    torch.cuda.synchronize()
+    cuda.cuCtxGetCurrent(ctypes.byref(before))
+    spec = mole.spec("mix-lora-per-linear", d_in=64, d_out=48, experts=4, rank=4, k=2)
+    x, a, b, y, wg = (torch.randn(*s, device="cuda") for s in ((8, 64), (64, 16), (16, 48), (8, 48), (64, 4)))
+    # Sized by the planner without a GPU (no allocation may run between the calls checked).
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    planned = mole.plan_sizes(spec, 8, sm_count=sms, dtype="f32")
+    ws = torch.empty(max(planned["workspace_bytes"], 1), dtype=torch.uint8, device="cuda")
+    arrays = [mole.torch.device_array(t, n) for t, n in ((x, "x"), (a, "a"), (b, "b"), (y, "y"), (ws, "workspace"))]
+    torch.cuda.synchronize()
+    cuda.cuCtxSetCurrent(None)
+    try:
+        layer = mole.Layer(spec, "f32")
+        layer.forward(*arrays, router_weight=mole.torch.device_array(wg, "router_weight"), stream=0)
+        cuda.cuCtxGetCurrent(ctypes.byref(seen))
+    finally:
+        cuda.cuCtxSetCurrent(before)
+    torch.cuda.synchronize()
+    sizes = {"workspace_bytes": layer.workspace_bytes(8), "saved_bytes": layer.saved_bytes(8),
+             "backward_workspace_bytes": layer.backward_workspace_bytes(8)}
+    return {"current_context_after_calls": seen.value, "planned_sizes": planned, "layer_sizes": sizes,
+            "pass": seen.value is None and planned == sizes}
+
+
 def check_training(torch, mole_torch):
     torch.manual_seed(3)
     d, t = 96, 256
@@ -160,6 +193,7 @@ def main():
         "forward_backward_f32": lambda: check_forward_backward(torch, mole_torch, mole, torch.float32, 1e-4),
         "forward_backward_bf16": lambda: check_forward_backward(torch, mole_torch, mole, torch.bfloat16, 3e-2),
         "cuda_graph": lambda: check_graph(torch, mole_torch, mole),
+        "current_context_kept": lambda: check_context(torch, mole),
         "training": lambda: check_training(torch, mole_torch),
     }
     for name, fn in checks.items():
