@@ -7,10 +7,10 @@ use crate::cuda::{cuda_err, Device};
 use crate::kernels::exec::Buf;
 use crate::model::LayerSpec;
 use crate::reference::{self, max_scaled_error, LayerGrads};
-use crate::runtime::{BackwardIo, BackwardLayerPlan, Choice, CompiledLayer, LayerIo};
+use crate::runtime::{BackwardIo, BackwardLayerPlan, BackwardPointers, Choice, CompiledLayer, LayerIo};
 use crate::synth::{Rng, SyntheticLayer};
 use crate::{DType, KernelElement, MoleError, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
 use std::sync::Arc;
 
 /// One layer's backward on the device: inputs, `dy` and the saved routing uploaded or computed
@@ -158,11 +158,59 @@ impl<'d, T: KernelElement + DeviceRepr> DeviceBackward<'d, T> {
     /// Runs one backward and returns every gradient it wrote, in f64, by buffer.
     pub fn gradients(&mut self) -> Result<Vec<(Buf, Vec<f64>)>> {
         self.backward()?;
+        self.written()
+    }
+
+    /// Every gradient buffer as it holds now, in f64, by buffer (after the device's stream).
+    pub fn written(&self) -> Result<Vec<(Buf, Vec<f64>)>> {
         let stream = self.device.stream();
         self.grads
             .iter()
             .map(|(b, s)| Ok((*b, crate::dtype::to_f64_vec(&stream.clone_dtoh(s).map_err(cuda_err("cuMemcpyDtoH"))?))))
             .collect()
+    }
+
+    /// Fills every gradient buffer with NaN (a gradient a backward fails to write reads as NaN).
+    pub fn poison(&mut self) -> Result<()> {
+        let stream = self.device.stream();
+        for (_, s) in &mut self.grads {
+            let nan = vec![T::from_f64(f64::NAN); s.len()];
+            stream.memcpy_htod(&nan, s).map_err(cuda_err("cuMemcpyHtoD"))?;
+        }
+        stream.synchronize().map_err(cuda_err("cuStreamSynchronize"))
+    }
+
+    /// The layer and the device addresses of the buffers [`DeviceBackward::backward`] runs on,
+    /// for a caller that enqueues the backward itself ([`CompiledLayer::backward_raw`]), e.g.
+    /// inside a CUDA-graph capture, where the typed views' stream bookkeeping may not run.
+    pub fn raw(&self) -> (&CompiledLayer, BackwardPointers) {
+        let stream = self.device.stream();
+        let ptr = |list: &[(Buf, CudaSlice<T>)], b: Buf| {
+            list.iter().find(|(x, _)| *x == b).map_or(0, |(_, s)| s.device_ptr(stream).0)
+        };
+        let (input, grad) = (|b| ptr(&self.inputs, b), |b| ptr(&self.grads, b));
+        let pointers = BackwardPointers {
+            x: input(Buf::X),
+            a: input(Buf::A),
+            b: input(Buf::B),
+            dy: self.dy_dev.device_ptr(stream).0,
+            router_weight: input(Buf::RouterWeight),
+            router_bias: input(Buf::RouterBias),
+            gate_input: input(Buf::GateInput),
+            cores: input(Buf::Cores),
+            saved: self.saved.device_ptr(stream).0,
+            saved_bytes: self.saved.len(),
+            dx: grad(Buf::DX),
+            da: grad(Buf::DA),
+            db: grad(Buf::DB),
+            d_router_weight: grad(Buf::DRouterWeight),
+            d_router_bias: grad(Buf::DRouterBias),
+            d_gate_input: grad(Buf::DGateInput),
+            d_cores: grad(Buf::DCores),
+            workspace: self.workspace.device_ptr(stream).0,
+            workspace_bytes: self.workspace.len(),
+        };
+        (&self.layer, pointers)
     }
 
     /// Runs one backward and compares every gradient with the f64 reference backward:
