@@ -219,8 +219,8 @@ impl Device {
             return f();
         }
         let mut saved: sys::CUcontext = std::ptr::null_mut();
-        // SAFETY: writes the calling thread's current context (or null) into a local; before the
-        // driver's initialisation (which `f` would do) none is current, after it, once.
+        // SAFETY: writes the calling thread's current context (or null) into a local. Before the
+        // driver is initialised the read fails: initialise it (what `f` would do first), read again.
         let read = unsafe {
             match sys::cuCtxGetCurrent(&mut saved) {
                 sys::CUresult::CUDA_ERROR_NOT_INITIALIZED if sys::cuInit(0) == sys::CUresult::CUDA_SUCCESS => {
