@@ -73,7 +73,8 @@ fn two_backward_runs_are_bit_identical_and_frozen_parameters_get_nothing() {
 
 /// A backward captured in a CUDA graph (after the eager one, as a training framework's graphs
 /// are): nothing runs during the capture, and each replay writes the eager run's gradients bit
-/// for bit.
+/// for bit. Run it with `--test-threads=1` (as the kit does): another test's module loads on the
+/// same context during the capture could invalidate it.
 #[test]
 #[ignore = "needs a GPU: run by the GPU kit (scripts/gpu)"]
 fn a_captured_backward_replays_the_eager_gradients() {

@@ -368,3 +368,36 @@ fn nearest_takes_the_closest_bucket_of_the_same_shape() {
     assert_eq!(cache.nearest(&key(25), |_| true).map(|e| e.key.token_bucket), Some(16), "the other shape's own");
     assert_eq!(cache.nearest(&key(27), |_| true), None, "the other shape at 128: 16 is three away");
 }
+
+/// At the top of the token range `nearest` neither wraps nor passes the largest bucket: from
+/// 2^30 and 2^31 the only buckets probed above are 2^31 itself; an entry at a bucket no count
+/// makes (0, a corrupt file's) is never reached by shifting.
+#[test]
+fn nearest_stops_at_the_largest_bucket() {
+    use mole::tune::key::MAX_TOKEN_BUCKET;
+    let p = provenance();
+    let at = |bucket: u32, candidate: usize| {
+        let mut e = entry(0, candidate, &p);
+        e.key.token_bucket = bucket;
+        e
+    };
+    let dir = tempfile::tempdir().unwrap();
+    store(dir.path(), &gpu(), &[at(0, 0), at(MAX_TOKEN_BUCKET, 1)]).unwrap();
+    let (cache, _) = load(Some(dir.path()), &[]);
+    let near = |bucket: u32| {
+        let key = ShapeKey { token_bucket: bucket, ..key(0) };
+        cache.nearest(&key, |_| true).map(|e| e.key.token_bucket)
+    };
+    for (from, want) in [(1 << 31, Some(1 << 31)), (1 << 30, Some(1 << 31)), (1 << 29, Some(1 << 31)), (1 << 28, None)]
+    {
+        assert_eq!(near(from), want, "from bucket {from}");
+    }
+    // Without the entry at the top, the shifted buckets wrap to nothing: no entry at 0 is found.
+    let dir = tempfile::tempdir().unwrap();
+    store(dir.path(), &gpu(), &[at(0, 0)]).unwrap();
+    let (cache, _) = load(Some(dir.path()), &[]);
+    for from in [1u32 << 31, 1 << 30] {
+        let key = ShapeKey { token_bucket: from, ..key(0) };
+        assert_eq!(cache.nearest(&key, |_| true), None, "from bucket {from}");
+    }
+}

@@ -90,8 +90,9 @@ pub fn default_build(strategy: Strategy, dtype: DType) -> KernelBuild {
     }
 }
 
-/// The strategy and build for `spec`: the cache's entry for the shape when it has a fresh one,
-/// else the heuristic with the default build.
+/// The strategy and build for `spec`: the cache's fresh entry for the shape at the token bucket
+/// of `tokens`, else at the nearest bucket up to two powers of two away
+/// ([`TuningCache::nearest`]), else the heuristic with the default build.
 pub fn choose(
     spec: &LayerSpec,
     dtype: DType,

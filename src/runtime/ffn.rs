@@ -73,7 +73,8 @@ pub struct FfnLayerPlan {
     /// The ffn build and the block's launches.
     pub ffn: (KernelBuild, FfnPlan),
     /// Whether a tuning entry chose the ffn build ([`ChoiceSource::Tuned`]; also for a build
-    /// forced with [`FfnPlanner::with_build`]) or it is the default ([`ChoiceSource::Heuristic`]).
+    /// forced with [`FfnPlanner::with_build`]), an entry at a nearby token bucket did
+    /// ([`ChoiceSource::TunedNearby`]), or it is the default ([`ChoiceSource::Heuristic`]).
     pub source: ChoiceSource,
     /// Every buffer the launches take, with its length.
     pub lens: BufLens,

@@ -302,7 +302,8 @@ impl TuningCache {
     /// configuration tuned for decode says nothing of prefill. Probes at most five keys.
     pub fn nearest(&self, key: &ShapeKey, usable: impl Fn(&TunedEntry) -> bool) -> Option<&TunedEntry> {
         let b = key.token_bucket;
-        let up = |d: u32| b.checked_shl(d).filter(|&u| u <= super::key::MAX_TOKEN_BUCKET);
+        // In u64: a shift out of u32's range is a bucket past the largest, not a wrapped one.
+        let up = |d: u32| u32::try_from(u64::from(b) << d).ok().filter(|&u| u <= super::key::MAX_TOKEN_BUCKET);
         let down = |d: u32| (b >> d >= 1).then_some(b >> d);
         [Some(b), up(1), down(1), up(2), down(2)]
             .into_iter()

@@ -174,6 +174,8 @@ int main(void) {
   CU(cuCtxGetCurrent(&current));
   if (current != NULL) FAIL("mole_layer_create left a context current");
   CU(cuCtxSetCurrent(primary));
+  uint32_t sms = 0;
+  MOLE(mole_device_sm_count(dev, &sms));
   mole_device_destroy(dev); /* the layer keeps what it needs */
 
   fill(x, T * D_IN, 0.37, 0.1);
@@ -195,8 +197,6 @@ int main(void) {
   MOLE(mole_layer_backward_workspace_bytes(layer, T, &bws_bytes));
   printf("T = %d: workspace %zu bytes, saved %zu, backward workspace %zu\n", T, ws_bytes, saved_bytes, bws_bytes);
   /* The planner without a GPU gives the layer's sizes, from the device's SM count. */
-  uint32_t sms = 0;
-  MOLE(mole_device_sm_count(dev, &sms));
   MoleLayerSizes planned;
   MOLE(mole_plan_sizes(SPEC, "f32", sms, T, &planned));
   if (planned.workspace_bytes != ws_bytes || planned.saved_bytes != saved_bytes ||
