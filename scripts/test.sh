@@ -49,6 +49,9 @@ cargo build --release -p mole-c --lib --features mole-core/cli
 cc -std=c11 -Wall -Wextra -Werror -Iinclude tests/c/reference.c target/release/libmole.a -lpthread -ldl -lm \
   -o target/c-reference
 target/c-reference
+# The header from C++ (engines are C++): it compiles warning-free as C++17.
+printf '#include "mole.h"\nint main() { MoleLayerSizes s{}; return s.saved_bytes != 0; }\n' |
+  c++ -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only -
 # The README's C example, compiled and linked against the static library (not run: it needs a GPU).
 awk '/^## C$/,/^## The model/' README.md | sed -n '/^```c$/,/^```$/p' | sed '1d;$d' > target/readme-example.c
 grep -q mole_layer_forward target/readme-example.c
