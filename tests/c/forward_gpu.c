@@ -5,6 +5,7 @@
  * backward rerun bit for bit; a short workspace refused before any launch. The CUDA driver API is
  * loaded with dlopen, so no CUDA header or toolkit is needed to build it. */
 #include "mole.h"
+#include "check.h"
 
 #include <dlfcn.h>
 #include <float.h>
@@ -40,14 +41,6 @@ static CUresult (*cuStreamSynchronize)(CUstream);
 #define RANK 8
 #define R (E * RANK)
 
-static int failures = 0;
-#define FAIL(...)                                                                                  \
-  do {                                                                                             \
-    fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                           \
-    fprintf(stderr, __VA_ARGS__);                                                                  \
-    fprintf(stderr, "\n");                                                                         \
-    failures++;                                                                                    \
-  } while (0)
 #define CU(call)                                                                                   \
   do {                                                                                             \
     CUresult r_ = (call);                                                                          \
@@ -279,10 +272,5 @@ int main(void) {
   }
 
   mole_layer_destroy(layer);
-  if (failures) {
-    fprintf(stderr, "tests/c/forward_gpu.c: %d failure(s)\n", failures);
-    return 1;
-  }
-  printf("tests/c/forward_gpu.c: all checks passed\n");
-  return 0;
+  return finish("tests/c/forward_gpu.c");
 }

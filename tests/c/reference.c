@@ -5,6 +5,7 @@
  * failure, the buffer sizes of a layer planned without a GPU, and device creation failing with a
  * clear status where there is no GPU. */
 #include "mole.h"
+#include "check.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -19,16 +20,6 @@
 #define R (E * RANK)
 #define K 2
 #define SCALE 0.5
-
-static int failures = 0;
-
-#define FAIL(...)                                                                                  \
-  do {                                                                                             \
-    fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                           \
-    fprintf(stderr, __VA_ARGS__);                                                                  \
-    fprintf(stderr, "\n");                                                                         \
-    failures++;                                                                                    \
-  } while (0)
 
 /* `call` returns `want` and the last message contains `needle` (empty after MOLE_OK). */
 #define EXPECT(call, want, needle)                                                                 \
@@ -278,10 +269,5 @@ int main(void) {
       strcmp(mole_status_name(999), "MOLE_UNKNOWN_STATUS") != 0)
     FAIL("mole_status_name");
 
-  if (failures) {
-    fprintf(stderr, "tests/c/reference.c: %d failure(s)\n", failures);
-    return 1;
-  }
-  printf("tests/c/reference.c: all checks passed\n");
-  return 0;
+  return finish("tests/c/reference.c");
 }
